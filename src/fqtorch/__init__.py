@@ -1,0 +1,43 @@
+"""fqtorch: fully quantized training for PyTorch.
+
+An FQT gradient is an unbiased random estimator of the QAT gradient (Chen et al., NeurIPS 2020):
+gradient quantization only adds variance, which fqtorch measures and reduces.
+
+    cfg = fqtorch.FQTConfig(grad_bits=5, grad_quantizer="bhq", seed=0)
+    fqtorch.quantize_model(model, cfg)
+"""
+
+from .config import FQTConfig
+from .convert import (
+    dequantize_model,
+    fqt_modules,
+    generator_states,
+    load_generator_states,
+    quantize_model,
+    reseed,
+)
+from .quantizers import (
+    QuantizedTensor,
+    Quantizer,
+    get_quantizer,
+    list_quantizers,
+    register_quantizer,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FQTConfig",
+    "QuantizedTensor",
+    "Quantizer",
+    "__version__",
+    "dequantize_model",
+    "fqt_modules",
+    "generator_states",
+    "get_quantizer",
+    "list_quantizers",
+    "load_generator_states",
+    "quantize_model",
+    "register_quantizer",
+    "reseed",
+]

@@ -1,0 +1,230 @@
+"""The FQT autograd plan: one Function for the three GEMMs of every layer (PAPER.md §2).
+
+    output      = Q_input(input) @ Q_weight(weight).T        (+ bias)
+    grad_input  = Q_grad(grad_output) @ Q_weight(weight)
+    grad_weight = Q_grad_weight(grad_output).T @ Q_input(input)   (bias grad: same branch)
+
+``grad_output`` is quantized twice, independently: per row (sample) for ``grad_input``, where row
+scales and row transforms factor out of the product; per column (output feature or channel) for
+``grad_weight``, which sums over rows. Linear and convolution differ only in the GEMM ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import FQTConfig
+from ..quantizers.base import Quantizer
+from ..quantizers.uniform import Identity
+
+__all__ = ["ConvOps", "FQTPlan", "GemmOps", "LinearOps", "fqt_conv", "fqt_linear"]
+
+
+@dataclass(frozen=True)
+class FQTPlan:
+    """The quantizer objects of one layer, by the tensor role they act on."""
+
+    input: Quantizer
+    weight: Quantizer
+    grad_output: Quantizer
+    grad_output_weight: Quantizer
+    check_finite: bool = False
+
+    @classmethod
+    def from_config(cls, config: FQTConfig) -> FQTPlan:
+        return cls(**config.build_quantizers(), check_finite=config.check_finite)
+
+
+class GemmOps(Protocol):
+    """How one layer type runs the three GEMMs on (already quantized) operands."""
+
+    def prepare(self, input: Tensor) -> Tensor: ...
+    def output(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+    def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
+    def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
+    def grad_bias(self, grad_output: Tensor) -> Tensor: ...
+    def columns(self, grad_output: Tensor) -> Tensor: ...
+    def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor: ...
+
+
+class LinearOps:
+    """``input`` (M, in), ``weight`` (out, in), ``grad_output`` (M, out)."""
+
+    def prepare(self, input: Tensor) -> Tensor:
+        return input
+
+    def output(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(input, weight, bias)
+
+    def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        return grad_output @ weight  # (M, out) @ (out, in)
+
+    def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        return grad_output.T @ input  # (out, M) @ (M, in)
+
+    def grad_bias(self, grad_output: Tensor) -> Tensor:
+        return grad_output.sum(0)
+
+    def columns(self, grad_output: Tensor) -> Tensor:
+        return grad_output
+
+    def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor:
+        return columns
+
+    def __repr__(self) -> str:
+        return "linear"
+
+
+@dataclass(frozen=True)
+class ConvOps:
+    """N-d convolution with integer padding; ``pad`` is an extra zero pad (asymmetric ``"same"``)
+    applied to the quantized input, whose adjoint is a crop of ``grad_input``."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    pad: tuple[int, ...] | None = None
+
+    def prepare(self, input: Tensor) -> Tensor:
+        return input if self.pad is None else F.pad(input, self.pad)
+
+    def output(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        conv = F.conv1d if len(self.stride) == 1 else F.conv2d
+        return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _backward(self, grad_output: Tensor, input: Tensor, weight: Tensor, which: int) -> Tensor:
+        mask = [which == 0, which == 1, False]
+        grads = torch.ops.aten.convolution_backward(
+            grad_output, input, weight, None, self.stride, self.padding, self.dilation,
+            False, [0] * len(self.stride), self.groups, mask,
+        )  # fmt: skip
+        return grads[which]
+
+    def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        grad = self._backward(grad_output, input, weight, 0)
+        return grad if self.pad is None else F.pad(grad, [-p for p in self.pad])
+
+    def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        return self._backward(grad_output, input, weight, 1)
+
+    def grad_bias(self, grad_output: Tensor) -> Tensor:
+        return grad_output.sum([0, *range(2, grad_output.dim())])
+
+    def columns(self, grad_output: Tensor) -> Tensor:
+        # (N, C, *S) -> (N·S, C): the weight-gradient GEMM sums over samples and positions, so a
+        # scale can factor out of it only per output channel.
+        return grad_output.movedim(1, -1).reshape(-1, grad_output.shape[1])
+
+    def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor:
+        spatial = like.shape[2:]
+        return columns.reshape(like.shape[0], *spatial, like.shape[1]).movedim(-1, 1)
+
+
+def _check_finite(grad_output: Tensor, name: str) -> None:
+    if not bool(torch.isfinite(grad_output).all()):
+        raise FloatingPointError(
+            f"FQT layer {name!r}: grad_output holds NaN or Inf; cannot quantize it "
+            "(set FQTConfig(check_finite=False) to let it propagate as NaN instead)"
+        )
+
+
+def _quantize_grad(quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None) -> Tensor:
+    return grad if isinstance(quantizer, Identity) else quantizer(grad, generator)
+
+
+class _FQTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ops: GemmOps,
+        plan: FQTPlan,
+        generator: torch.Generator | None,
+        name: str,
+    ) -> Tensor:
+        input_q = ops.prepare(plan.input(input))
+        weight_q = plan.weight(weight)
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            # Run the GEMMs in the autocast dtype, as autocast would, and the backward with them.
+            dtype = torch.get_autocast_dtype(device_type)
+            input_q, weight_q = input_q.to(dtype), weight_q.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            output = ops.output(input_q, weight_q, bias)
+        ctx.save_for_backward(input_q, weight_q)
+        ctx.ops, ctx.plan, ctx.generator, ctx.name = ops, plan, generator, name
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input_q, weight_q = ctx.saved_tensors
+        ops: GemmOps = ctx.ops
+        plan: FQTPlan = ctx.plan
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if plan.check_finite:
+            _check_finite(grad_output, ctx.name)
+        grad_output = grad_output.to(weight_q.dtype)
+        grad_input = grad_weight = grad_bias = None
+        with torch.autocast(grad_output.device.type, enabled=False):
+            if need_input:
+                grad = _quantize_grad(plan.grad_output, grad_output, ctx.generator)
+                grad_input = ops.grad_input(grad, input_q, weight_q)
+            if need_weight or need_bias:
+                grad = grad_output
+                if not isinstance(plan.grad_output_weight, Identity):
+                    columns = plan.grad_output_weight(ops.columns(grad_output), ctx.generator)
+                    grad = ops.uncolumns(columns, grad_output)
+                if need_weight:
+                    grad_weight = ops.grad_weight(grad, input_q, weight_q)
+                if need_bias:
+                    grad_bias = ops.grad_bias(grad)
+        return grad_input, grad_weight, grad_bias, None, None, None, None
+
+
+def fqt_gemm(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ops: GemmOps,
+    plan: FQTPlan,
+    generator: torch.Generator | None = None,
+    name: str = "",
+) -> Tensor:
+    """Run one layer's three GEMMs under ``plan`` (the shared core of every FQT layer)."""
+    return _FQTFunction.apply(input, weight, bias, ops, plan, generator, name)
+
+
+def fqt_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    plan: FQTPlan,
+    generator: torch.Generator | None = None,
+    name: str = "",
+) -> Tensor:
+    """``F.linear`` under an FQT plan; ``input`` is ``(*, in_features)``."""
+    flat = input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input  # (M, in)
+    output = fqt_gemm(flat, weight, bias, LinearOps(), plan, generator, name)  # (M, out)
+    return output.reshape(*input.shape[:-1], weight.shape[0])
+
+
+def fqt_conv(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ops: ConvOps,
+    plan: FQTPlan,
+    generator: torch.Generator | None = None,
+    name: str = "",
+) -> Tensor:
+    """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``."""
+    return fqt_gemm(input, weight, bias, ops, plan, generator, name)

@@ -1,0 +1,28 @@
+"""Quantizer families, each registered by name (``fqtorch.list_quantizers()``)."""
+
+from . import householder, uniform
+from .base import (
+    MAX_BITS,
+    MIN_BITS,
+    ROUNDINGS,
+    QuantizedTensor,
+    Quantizer,
+    RowTransform,
+    get_quantizer,
+    list_quantizers,
+    register_quantizer,
+)
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "ROUNDINGS",
+    "QuantizedTensor",
+    "Quantizer",
+    "RowTransform",
+    "get_quantizer",
+    "householder",
+    "list_quantizers",
+    "register_quantizer",
+    "uniform",
+]

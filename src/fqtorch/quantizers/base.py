@@ -1,0 +1,208 @@
+"""The quantizer interface and the registry every tool looks quantizers up in.
+
+A quantizer maps a floating-point tensor onto a grid of ``2**bits`` levels and back. Rows are dim 0:
+a tensor of more dims is viewed as ``(rows, -1)`` (one row per sample), a 1-D tensor as a column.
+
+Every quantizer can hand out its integer codes (:meth:`Quantizer.encode`) as a
+:class:`QuantizedTensor` whose value is ``transform.inverse(codes * scale + bias)``: ``scale`` and
+``bias`` broadcast over the 2-D view (one per tensor, row or column), and ``transform`` is an
+optional invertible row-mixing map (BHQ's block Householder reflection, PAPER.md §4). An integer
+backend runs its GEMM on ``codes`` and applies ``scale``, ``bias`` and ``transform`` outside it.
+"""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, TypeVar
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "MAX_BITS",
+    "MIN_BITS",
+    "ROUNDINGS",
+    "QuantizedTensor",
+    "Quantizer",
+    "RowTransform",
+    "get_quantizer",
+    "list_quantizers",
+    "register_quantizer",
+]
+
+MIN_BITS = 2
+MAX_BITS = 8
+ROUNDINGS = ("stochastic", "nearest")
+
+
+class RowTransform(Protocol):
+    """An invertible map that mixes rows (a left multiplication ``T @ x``)."""
+
+    def forward(self, x: Tensor) -> Tensor: ...
+
+    def inverse(self, y: Tensor) -> Tensor: ...
+
+    def inverse_column_norms_sq(self) -> Tensor:
+        """``‖T⁻¹ e_i‖²`` for every row ``i``: how much noise on row ``i`` of ``T x`` costs."""
+        ...
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """Integer codes with what it takes to turn them back into values.
+
+    ``value = transform.inverse(codes * scale + bias)`` reshaped to ``shape``; ``codes`` is the
+    2-D ``(rows, cols)`` view in an ``int8`` container whatever the bit width.
+    """
+
+    codes: Tensor  # (rows, cols) int8
+    scale: Tensor  # broadcasts to codes: (1, 1), (rows, 1) or (1, cols)
+    bias: Tensor  # same shape as scale
+    bits: int
+    shape: torch.Size
+    dtype: torch.dtype
+    transform: RowTransform | None = None
+
+    def dequantize(self) -> Tensor:
+        values = self.codes.to(self.scale.dtype) * self.scale + self.bias
+        if self.transform is not None:
+            values = self.transform.inverse(values)
+        return values.reshape(self.shape).to(self.dtype)
+
+
+def as_rows(x: Tensor) -> Tensor:
+    """The 2-D ``(rows, -1)`` view a quantizer works on (a 1-D tensor is a column)."""
+    if x.dim() == 0:
+        return x.reshape(1, 1)
+    if x.dim() == 1:
+        return x.reshape(-1, 1)
+    return x.reshape(x.shape[0], -1)
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """Statistics and rounding run in float32 (float64 stays float64, for gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def check_bits(bits: object, what: str = "bits") -> int:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{what} must be an int in {MIN_BITS}..{MAX_BITS}, got {bits!r}")
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise ValueError(
+            f"{what} must be in {MIN_BITS}..{MAX_BITS} (integer codes in an int8 container), "
+            f"got {bits}"
+        )
+    return bits
+
+
+def check_rounding(rounding: object) -> str:
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    return rounding  # type: ignore[return-value]
+
+
+class Quantizer(abc.ABC):
+    """Base class: ``q(x, generator=None) -> Tensor`` of the same shape and dtype.
+
+    Subclasses implement :meth:`encode` and :meth:`variance_bound`; calling the quantizer returns
+    the dequantized values. With ``rounding="stochastic"`` the quantizer is unbiased,
+    ``E[q(x)] = x``; with ``"nearest"`` it is deterministic and biased.
+    """
+
+    name: str = "?"
+
+    def __init__(self, bits: int = 8, *, rounding: str = "stochastic") -> None:
+        self.bits = check_bits(bits)
+        self.rounding = check_rounding(rounding)
+
+    @property
+    def unbiased(self) -> bool:
+        """Whether ``E[q(x)] = x`` for every ``x`` (stochastic rounding gives this)."""
+        return self.rounding == "stochastic"
+
+    @property
+    def levels(self) -> int:
+        """Number of grid points of the code, ``2**bits``; ``B = levels - 1`` bins."""
+        return 2**self.bits
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        check_float(x, self.name)
+        return self.encode(x, generator).dequantize()
+
+    @abc.abstractmethod
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
+        """Quantize ``x`` to integer codes; the random draws come from ``generator``."""
+
+    @abc.abstractmethod
+    def variance_bound(self, x: Tensor) -> Tensor:
+        """A 0-d tensor bounding ``E‖q(x) − x‖²_F`` (PAPER.md §4)."""
+
+    def __repr__(self) -> str:
+        return f"{self.name}({self.bits}, {self.rounding})"
+
+
+def check_float(x: object, who: str) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{who} expects a floating-point tensor, got dtype {x.dtype}")
+
+
+def uniform_bound(count_per_group: int | Tensor, steps: Tensor) -> Tensor:
+    """``Σ_groups count · Δ²/4``: the rounding-noise bound of a uniform grid with step ``Δ``.
+
+    Stochastic rounding of a value at fraction ``f`` of a step has variance ``f(1 − f)Δ² ≤ Δ²/4``;
+    nearest rounding errs by at most ``Δ/2``, so the same bound holds for it.
+    """
+    steps = torch.nan_to_num(steps, nan=math.inf)
+    return (count_per_group * steps.square() / 4).sum()
+
+
+_REGISTRY: dict[str, type[Quantizer]] = {}
+
+Q = TypeVar("Q", bound=type[Quantizer])
+
+
+def register_quantizer(name: str) -> Callable[[Q], Q]:
+    """Class decorator: make a :class:`Quantizer` subclass available under ``name``.
+
+    Every tool (layers, variance analysis, CLI) then picks it up. A duplicate name raises.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"quantizer name must be a Python identifier, got {name!r}")
+
+    def decorate(cls: Q) -> Q:
+        if name in _REGISTRY:
+            raise ValueError(
+                f"a quantizer named {name!r} is already registered ({_REGISTRY[name].__qualname__})"
+            )
+        if not (isinstance(cls, type) and issubclass(cls, Quantizer)):
+            raise TypeError(f"@register_quantizer({name!r}) expects a Quantizer subclass")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+def list_quantizers() -> list[str]:
+    """Names of all registered quantizers, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_quantizer(name: str, bits: int = 8, **options: object) -> Quantizer:
+    """Build the quantizer registered as ``name`` (``rounding=...`` and quantizer options)."""
+    try:
+        cls = _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown quantizer {name!r}; known quantizers: {', '.join(list_quantizers())}"
+        ) from None
+    return cls(bits, **options)  # type: ignore[arg-type]
+
+
+def is_registered(name: str) -> bool:
+    return name in _REGISTRY

@@ -1,0 +1,178 @@
+"""Uniform quantizers: one grid per tensor, per row or per column (PAPER.md §4, ``T = I``).
+
+Asymmetric quantizers map each group's range ``[min, max]`` onto the ``B = 2**bits - 1`` bins of
+``[0, B]`` (``ptq``: one group, ``psq``: one per row (sample), ``per_column``: one per column).
+Symmetric quantizers map ``[-max|x|, max|x|]`` onto ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` so
+that real zero is exactly a code (the forward weight quantizers).
+
+Non-finite input: a group (tensor, row or column) that holds a NaN or ±Inf gets a NaN scale, so its
+output is NaN: never finite garbage. Training loops and ``GradScaler`` see it and skip the step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import (
+    QuantizedTensor,
+    Quantizer,
+    as_rows,
+    check_float,
+    compute_dtype,
+    register_quantizer,
+    uniform_bound,
+)
+from .rounding import round_to_grid, to_codes
+
+__all__ = [
+    "Identity",
+    "PerColumn",
+    "PerRow",
+    "PerTensor",
+    "SymmetricPerRow",
+    "SymmetricPerTensor",
+    "affine_encode",
+]
+
+_REDUCE_DIM = {"tensor": None, "row": 1, "column": 0}
+
+
+def group_minmax(x2d: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
+    """Min and max of each group, shaped to broadcast over ``x2d``."""
+    dim = _REDUCE_DIM[granularity]
+    if dim is None:
+        low, high = torch.aminmax(x2d)
+        return low.reshape(1, 1), high.reshape(1, 1)
+    return torch.aminmax(x2d, dim=dim, keepdim=True)
+
+
+def _live_steps(span: Tensor, bins: int) -> tuple[Tensor, Tensor]:
+    """(step used for dequantization, step safe to divide by) for groups of range ``span``."""
+    finite = torch.isfinite(span)
+    step = span / bins
+    live = finite & (span > 0)
+    divisor = torch.where(live, step, torch.ones_like(step))
+    # A constant group keeps step 0, so it decodes exactly to its value; a non-finite one is NaN.
+    step = torch.where(live, step, torch.zeros_like(step))
+    step = torch.where(finite, step, torch.full_like(step, float("nan")))
+    return step, divisor
+
+
+def affine_encode(
+    x2d: Tensor,
+    low: Tensor,
+    high: Tensor,
+    bits: int,
+    rounding: str,
+    generator: torch.Generator | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes, scale and bias of the asymmetric grid ``[low, high] -> [0, B]`` (shifted to int8)."""
+    bins = 2**bits - 1
+    half = 2 ** (bits - 1)
+    step, divisor = _live_steps(high - low, bins)
+    grid = round_to_grid((x2d - low) / divisor, rounding, 0, bins, generator)
+    # value = (grid) * step + low = (grid - half) * step + (low + half * step)
+    return to_codes(grid, half), step, low + half * step
+
+
+def symmetric_encode(
+    x2d: Tensor, absmax: Tensor, bits: int, rounding: str, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Codes, scale and (zero) bias of the grid ``[-absmax, absmax] -> [-L, L]``."""
+    limit = 2 ** (bits - 1) - 1
+    step, divisor = _live_steps(absmax, limit)
+    grid = round_to_grid(x2d / divisor, rounding, -limit, limit, generator)
+    return to_codes(grid, 0), step, torch.zeros_like(step)
+
+
+class _Uniform(Quantizer):
+    """A uniform grid per group; subclasses choose the group and the grid's symmetry."""
+
+    granularity = "tensor"
+    symmetric = False
+
+    def _steps(self, x2d: Tensor) -> Tensor:
+        low, high = group_minmax(x2d, self.granularity)
+        if self.symmetric:
+            return torch.maximum(-low, high) / (2 ** (self.bits - 1) - 1)
+        return (high - low) / (2**self.bits - 1)
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
+        check_float(x, self.name)
+        x2d = as_rows(x).to(compute_dtype(x))
+        low, high = group_minmax(x2d, self.granularity)
+        if self.symmetric:
+            absmax = torch.maximum(-low, high)
+            codes, scale, bias = symmetric_encode(x2d, absmax, self.bits, self.rounding, generator)
+        else:
+            codes, scale, bias = affine_encode(
+                x2d, low, high, self.bits, self.rounding, generator
+            )
+        return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype)
+
+    def variance_bound(self, x: Tensor) -> Tensor:
+        check_float(x, self.name)
+        x2d = as_rows(x).to(compute_dtype(x))
+        steps = self._steps(x2d)
+        return uniform_bound(x2d.numel() // steps.numel(), steps)
+
+
+@register_quantizer("ptq")
+class PerTensor(_Uniform):
+    """PTQ: one scale and zero point for the whole tensor; bound ``N·D·R(x)²/(4B²)``."""
+
+    granularity = "tensor"
+
+
+@register_quantizer("psq")
+class PerRow(_Uniform):
+    """PSQ: one scale and zero point per row (sample); bound ``D/(4B²)·Σ_i R_i²``."""
+
+    granularity = "row"
+
+
+@register_quantizer("per_column")
+class PerColumn(_Uniform):
+    """One scale and zero point per column: the weight-gradient branch's ``grad_output``."""
+
+    granularity = "column"
+
+
+@register_quantizer("symmetric")
+class SymmetricPerTensor(_Uniform):
+    """Per-tensor symmetric grid with real zero exactly on a code: the forward weight default."""
+
+    granularity = "tensor"
+    symmetric = True
+
+
+@register_quantizer("symmetric_per_row")
+class SymmetricPerRow(_Uniform):
+    """Per-row symmetric grid: per output channel for a ``(out, in, ...)`` weight."""
+
+    granularity = "row"
+    symmetric = True
+
+
+@register_quantizer("identity")
+class Identity(Quantizer):
+    """The null quantizer: returns its input unchanged (exact, unbiased, zero variance)."""
+
+    @property
+    def unbiased(self) -> bool:
+        return True
+
+    def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        check_float(x, self.name)
+        return x
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
+        raise NotImplementedError("the identity quantizer has no integer codes")
+
+    def variance_bound(self, x: Tensor) -> Tensor:
+        check_float(x, self.name)
+        return torch.zeros((), dtype=compute_dtype(x), device=x.device)
+
+    def __repr__(self) -> str:
+        return "identity"
