@@ -11,6 +11,7 @@ scales and row transforms factor out of the product; per column (output feature 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,7 +23,17 @@ from ..config import FQTConfig
 from ..quantizers.base import Quantizer
 from ..quantizers.uniform import Identity
 
-__all__ = ["ConvOps", "FQTPlan", "GemmOps", "LinearOps", "fqt_conv", "fqt_linear"]
+__all__ = [
+    "ConvOps",
+    "FQTPlan",
+    "FixedPlan",
+    "GemmOps",
+    "LinearOps",
+    "PlanSource",
+    "fqt_conv",
+    "fqt_gemm",
+    "fqt_linear",
+]
 
 
 @dataclass(frozen=True)
@@ -38,6 +49,11 @@ class FQTPlan:
     @classmethod
     def from_config(cls, config: FQTConfig) -> FQTPlan:
         return cls(**config.build_quantizers(), check_finite=config.check_finite)
+
+    def exact_backward(self) -> FQTPlan:
+        """The same forward with an exact backward (QAT)."""
+        identity = Identity()
+        return dataclasses.replace(self, grad_output=identity, grad_output_weight=identity)
 
 
 class GemmOps(Protocol):
@@ -126,12 +142,36 @@ class ConvOps:
         return columns.reshape(like.shape[0], *spatial, like.shape[1]).movedim(-1, 1)
 
 
+_LINEAR = LinearOps()
+
+
 def _check_finite(grad_output: Tensor, name: str) -> None:
     if not bool(torch.isfinite(grad_output).all()):
         raise FloatingPointError(
             f"FQT layer {name!r}: grad_output holds NaN or Inf; cannot quantize it "
             "(set FQTConfig(check_finite=False) to let it propagate as NaN instead)"
         )
+
+
+class PlanSource(Protocol):
+    """Where the autograd Function reads its plan: at forward for the forward quantizers, and
+    again at backward for the gradient quantizers (so a measurement can switch a layer to exact
+    backward between backward passes of one forward, see ``FQTModule.exact_backward``)."""
+
+    plan: FQTPlan
+
+    def generator(self, device: torch.device) -> torch.Generator | None: ...
+
+
+@dataclass(frozen=True)
+class FixedPlan:
+    """A plan and generator that never change (the functional forms use it)."""
+
+    plan: FQTPlan
+    fixed_generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        return self.fixed_generator
 
 
 def _quantize_grad(quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -146,10 +186,10 @@ class _FQTFunction(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         ops: GemmOps,
-        plan: FQTPlan,
-        generator: torch.Generator | None,
+        source: PlanSource,
         name: str,
     ) -> Tensor:
+        plan = source.plan
         input_q = ops.prepare(plan.input(input))
         weight_q = plan.weight(weight)
         device_type = input.device.type
@@ -161,14 +201,15 @@ class _FQTFunction(torch.autograd.Function):
         with torch.autocast(device_type, enabled=False):
             output = ops.output(input_q, weight_q, bias)
         ctx.save_for_backward(input_q, weight_q)
-        ctx.ops, ctx.plan, ctx.generator, ctx.name = ops, plan, generator, name
+        ctx.ops, ctx.source, ctx.name = ops, source, name
         return output
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         input_q, weight_q = ctx.saved_tensors
         ops: GemmOps = ctx.ops
-        plan: FQTPlan = ctx.plan
+        plan: FQTPlan = ctx.source.plan  # read now: a measurement may have switched it
+        generator = ctx.source.generator(grad_output.device)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if plan.check_finite:
             _check_finite(grad_output, ctx.name)
@@ -176,18 +217,18 @@ class _FQTFunction(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(grad_output.device.type, enabled=False):
             if need_input:
-                grad = _quantize_grad(plan.grad_output, grad_output, ctx.generator)
+                grad = _quantize_grad(plan.grad_output, grad_output, generator)
                 grad_input = ops.grad_input(grad, input_q, weight_q)
             if need_weight or need_bias:
                 grad = grad_output
                 if not isinstance(plan.grad_output_weight, Identity):
-                    columns = plan.grad_output_weight(ops.columns(grad_output), ctx.generator)
+                    columns = plan.grad_output_weight(ops.columns(grad_output), generator)
                     grad = ops.uncolumns(columns, grad_output)
                 if need_weight:
                     grad_weight = ops.grad_weight(grad, input_q, weight_q)
                 if need_bias:
                     grad_bias = ops.grad_bias(grad)
-        return grad_input, grad_weight, grad_bias, None, None, None, None
+        return grad_input, grad_weight, grad_bias, None, None, None
 
 
 def fqt_gemm(
@@ -195,25 +236,25 @@ def fqt_gemm(
     weight: Tensor,
     bias: Tensor | None,
     ops: GemmOps,
-    plan: FQTPlan,
-    generator: torch.Generator | None = None,
+    source: PlanSource,
     name: str = "",
 ) -> Tensor:
-    """Run one layer's three GEMMs under ``plan`` (the shared core of every FQT layer)."""
-    return _FQTFunction.apply(input, weight, bias, ops, plan, generator, name)
+    """Run one layer's three GEMMs under ``source.plan`` (the shared core of every FQT layer)."""
+    return _FQTFunction.apply(input, weight, bias, ops, source, name)
 
 
 def fqt_linear(
     input: Tensor,
     weight: Tensor,
     bias: Tensor | None,
-    plan: FQTPlan,
+    plan: FQTPlan | PlanSource,
     generator: torch.Generator | None = None,
     name: str = "",
 ) -> Tensor:
     """``F.linear`` under an FQT plan; ``input`` is ``(*, in_features)``."""
+    source = FixedPlan(plan, generator) if isinstance(plan, FQTPlan) else plan
     flat = input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input  # (M, in)
-    output = fqt_gemm(flat, weight, bias, LinearOps(), plan, generator, name)  # (M, out)
+    output = fqt_gemm(flat, weight, bias, _LINEAR, source, name)  # (M, out)
     return output.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -222,9 +263,10 @@ def fqt_conv(
     weight: Tensor,
     bias: Tensor | None,
     ops: ConvOps,
-    plan: FQTPlan,
+    plan: FQTPlan | PlanSource,
     generator: torch.Generator | None = None,
     name: str = "",
 ) -> Tensor:
     """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``."""
-    return fqt_gemm(input, weight, bias, ops, plan, generator, name)
+    source = FixedPlan(plan, generator) if isinstance(plan, FQTPlan) else plan
+    return fqt_gemm(input, weight, bias, ops, source, name)

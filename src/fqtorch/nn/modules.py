@@ -8,6 +8,8 @@ layers, and successive backward passes of one layer, draw different noise.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -46,6 +48,17 @@ class FQTModule(nn.Module):
             self._generator = torch.Generator(device=device)
             self._generator.manual_seed(self._seed)
         return self._generator
+
+    @contextmanager
+    def exact_backward(self) -> Iterator[None]:
+        """Within the block, this layer's backward is exact (its gradient quantizers are off),
+        also for graphs built before the block: the backward reads the plan when it runs."""
+        saved = self.plan
+        self.plan = saved.exact_backward()
+        try:
+            yield
+        finally:
+            self.plan = saved
 
     def reseed(self, seed: int) -> None:
         """Restart the layer's noise stream from ``seed`` (mixed with the layer's name)."""
@@ -89,8 +102,7 @@ class FQTLinear(FQTModule):
                 f"FQTLinear {self.name!r} expects input of shape (*, {self.in_features}), "
                 f"got {tuple(input.shape)}"
             )
-        generator = self.generator(input.device)
-        return fqt_linear(input, self.weight, self.bias, self.plan, generator, self.name)
+        return fqt_linear(input, self.weight, self.bias, self, name=self.name)
 
     def to_float(self) -> nn.Linear:
         """The plain ``nn.Linear`` on the same Parameters."""
@@ -156,8 +168,7 @@ class _FQTConvNd(FQTModule):
             )
         if self.padding_mode != "zeros":
             input = F.pad(input, self._pre_pad, mode=self.padding_mode)
-        generator = self.generator(input.device)
-        output = fqt_conv(input, self.weight, self.bias, self.ops, self.plan, generator, self.name)
+        output = fqt_conv(input, self.weight, self.bias, self.ops, self, name=self.name)
         return output if batched else output.squeeze(0)
 
     def to_float(self) -> nn.Module:

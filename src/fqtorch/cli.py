@@ -1,0 +1,120 @@
+"""``fqtorch train | variance``: the command line (argparse, tqdm progress on rank 0)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from .config import FQTConfig
+from .quantizers import list_quantizers
+
+__all__ = ["main"]
+
+log = logging.getLogger("fqtorch")
+
+
+def _tqdm_progress(iterable: Iterable, total: int, description: str) -> Iterable:
+    from tqdm.auto import tqdm
+
+    # disable=None: no bar when stderr is not a terminal (CI logs stay clean).
+    return tqdm(iterable, total=total, desc=description, leave=False, disable=None,
+                dynamic_ncols=True)  # fmt: skip
+
+
+def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("quantization (override the preset's FQTConfig fields)")
+    names = ", ".join(list_quantizers())
+    for flag in ("input-bits", "weight-bits", "grad-bits", "grad-weight-bits"):
+        group.add_argument(f"--{flag}", type=int, metavar="B", help="2..8")
+    for flag in ("input-quantizer", "weight-quantizer", "grad-quantizer", "grad-weight-quantizer"):
+        group.add_argument(f"--{flag}", metavar="NAME", help=f"one of: {names}")
+    group.add_argument("--grad-rounding", choices=["stochastic", "nearest"])
+    group.add_argument("--backend", choices=["simulate"])
+
+
+def _train_parser(sub: Any) -> None:
+    from .data import list_datasets
+    from .models import get_model_info, list_models
+
+    models = "\n".join(f"  {m:<18}{get_model_info(m).summary}" for m in list_models())
+    p = sub.add_parser(
+        "train",
+        help="train a model with FQT",
+        description="Train a built-in model with fully quantized training. With no arguments: "
+        "the digits CNN on the digits data set shipped with scikit-learn, BHQ 5-bit gradients.",
+        epilog=f"models:\n{models}\n\npresets: {', '.join(FQTConfig.presets())}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    p.add_argument("--config", help="YAML or JSON file of options; flags given here override it")
+    p.add_argument("--dataset", choices=list_datasets())
+    p.add_argument("--data-dir", help="where the data set lies (not needed for digits)")
+    p.add_argument("--model", choices=list_models())
+    p.add_argument("--preset", help="an FQTConfig preset, or 'exact' for no quantization (default bhq5)")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per process")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", metavar="DIR", help="run directory (default runs/latest)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument("--variance-every", type=int, metavar="K",
+                   help="every K steps, log the quantization/sampling variance ratio per layer")
+    p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument("--block-size", type=int, help="context length for --dataset text")
+    p.add_argument("--image-size", type=int, help="crop size for --dataset imagenet")
+    p.add_argument("--workers", type=int, help="data loader worker processes")
+    p.add_argument("--nonfinite", choices=["stop", "skip"],
+                   help="on a NaN/Inf loss or gradient: stop the run (default) or skip the step")
+    p.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _add_fqt_flags(p)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, load_config_file, train
+
+    values: dict[str, Any] = load_config_file(args.config) if "config" in args else {}
+    values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
+    cfg = TrainConfig.from_dict(values)
+    final = train(cfg, progress=_tqdm_progress)
+    log.info("final: val_acc %.4f val_loss %.4f after %d epochs -> %s",
+             final["val_acc"], final["val_loss"], final["epochs"], cfg.out)  # fmt: skip
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fqtorch", description="Fully quantized training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _train_parser(sub)
+    from .stats.cli import add_variance_parser
+
+    add_variance_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        if args.command == "train":
+            return _run_train(args)
+        from .stats.cli import run_variance
+
+        return run_variance(args)
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
+        # Bad input and stopped runs: one clear line, not a traceback.
+        print(f"fqtorch {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,14 @@
+"""Data sets for training, read from standard formats on disk (nothing is downloaded).
+
+- ``digits``: the 8×8 digits that ship inside scikit-learn (1797 images, 10 classes), split
+  80/20 by a fixed permutation.
+- ``cifar10``: the standard python batches (``data_batch_1..5``, ``test_batch``) in
+  ``--data-dir`` or ``--data-dir/cifar-10-batches-py``; random crop (pad 4) + flip.
+- ``imagenet``: an ImageFolder tree, ``--data-dir/{train,val}/<class>/<image>``;
+  random-resized-crop 224 + flip, validation resize 256 + centre crop 224 (needs Pillow).
+- ``text``: a character corpus, one ``.txt`` file or a folder of them; 90/10 split.
+"""
+
+from .datasets import DataSpec, DatasetError, build_datasets, list_datasets
+
+__all__ = ["DataSpec", "DatasetError", "build_datasets", "list_datasets"]

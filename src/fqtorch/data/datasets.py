@@ -1,0 +1,322 @@
+"""The data sets ``fqtorch train`` and ``fqtorch variance`` read (see the package docstring).
+
+Augmentation draws from a generator the data set owns; :meth:`set_epoch` reseeds it from
+``(seed, epoch, rank)``, so a resumed run sees exactly the same augmented batches.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+
+__all__ = ["DataSpec", "DatasetError", "build_datasets", "list_datasets"]
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff"}
+
+
+class DatasetError(ValueError):
+    """A data path is missing or not in the expected format."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What a trainer needs to know about a data set."""
+
+    name: str
+    train: Dataset
+    val: Dataset
+    num_classes: int
+    task: str  # "image" or "text"
+    in_channels: int = 3
+    block_size: int = 0
+    vocab: str = ""
+
+
+class Augmented(Dataset):
+    """Base for data sets whose training augmentation draws from an owned generator."""
+
+    def __init__(self, augment: bool, seed: int) -> None:
+        self.augment = augment
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def set_epoch(self, epoch: int, rank: int = 0) -> None:
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch * 1009 + rank)
+
+    def _uniform(self) -> float:
+        return float(torch.rand((), generator=self.generator))
+
+    def _randint(self, high: int) -> int:
+        return int(torch.randint(high, (), generator=self.generator))
+
+
+# ---------------------------------------------------------------------------------------- digits
+class TensorImages(Augmented):
+    """Images held in memory as a normalized float tensor (no augmentation)."""
+
+    def __init__(self, images: Tensor, labels: Tensor) -> None:
+        super().__init__(False, 0)
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.images[i], self.labels[i]
+
+
+def _digits(seed: int) -> DataSpec:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = torch.tensor(data.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (1797, 1, 8, 8)
+    labels = torch.tensor(data.target, dtype=torch.long)
+    # The split is fixed (not the run's seed): every run validates on the same 20%.
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(0))
+    cut = int(0.8 * len(labels))
+    train_idx, val_idx = order[:cut], order[cut:]
+    mean, std = images[train_idx].mean(), images[train_idx].std()
+    images = (images - mean) / std
+    return DataSpec(
+        "digits",
+        TensorImages(images[train_idx], labels[train_idx]),
+        TensorImages(images[val_idx], labels[val_idx]),
+        num_classes=10,
+        task="image",
+        in_channels=1,
+    )
+
+
+# --------------------------------------------------------------------------------------- cifar10
+class CifarImages(Augmented):
+    """CIFAR images as uint8 (N, 3, 32, 32); training adds random crop (pad 4) and flip."""
+
+    def __init__(self, images: Tensor, labels: Tensor, augment: bool, seed: int) -> None:
+        super().__init__(augment, seed)
+        self.images, self.labels = images, labels
+        self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        image = (self.images[i].float() / 255 - self.mean) / self.std  # (3, 32, 32)
+        if self.augment:
+            padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+            top, left = self._randint(9), self._randint(9)
+            image = padded[:, top : top + 32, left : left + 32]
+            if self._uniform() < 0.5:
+                image = image.flip(2)
+        return image, self.labels[i]
+
+
+def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with path.open("rb") as f:
+            batch = pickle.load(f, encoding="bytes")  # the official format is a pickle
+        data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as exc:
+        raise DatasetError(
+            f"{path} is not a CIFAR-10 python batch (a pickled dict with b'data' of shape "
+            f"(N, 3072) uint8 and b'labels'): {exc}"
+        ) from exc
+    if len(data) != len(labels):
+        raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
+    return data, labels
+
+
+def _cifar10(data_dir: Path | None, seed: int) -> DataSpec:
+    layout = "data_batch_1 .. data_batch_5 and test_batch (the CIFAR-10 python version)"
+    if data_dir is None:
+        raise DatasetError(f"--dataset cifar10 needs --data-dir holding {layout}")
+    root = data_dir / "cifar-10-batches-py" if (data_dir / "cifar-10-batches-py").is_dir() else data_dir
+    train_files = sorted(root.glob("data_batch_*"))
+    if not train_files or not (root / "test_batch").is_file():
+        raise DatasetError(f"{root} must hold {layout}; found {sorted(p.name for p in root.glob('*'))[:10]}")
+    parts = [_read_cifar_batch(p) for p in train_files]
+    train_x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    train_y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
+    val_x, val_y = (torch.from_numpy(a) for a in _read_cifar_batch(root / "test_batch"))
+    return DataSpec(
+        "cifar10",
+        CifarImages(train_x, train_y, True, seed),
+        CifarImages(val_x, val_y, False, seed),
+        num_classes=10,
+        task="image",
+    )
+
+
+# -------------------------------------------------------------------------------------- imagenet
+class ImageFolder(Augmented):
+    """``root/<class>/<image>``; training: random-resized-crop + flip; validation: resize
+    ``1.143 × size`` (256 for 224) and centre crop."""
+
+    def __init__(self, root: Path, classes: list[str], augment: bool, seed: int, size: int) -> None:
+        super().__init__(augment, seed)
+        self.size = size
+        self.samples = [
+            (path, label)
+            for label, name in enumerate(classes)
+            for path in sorted((root / name).iterdir())
+            if path.suffix.lower() in IMAGE_SUFFIXES
+        ]
+        if not self.samples:
+            raise DatasetError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self.mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self.std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def _crop_box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        area = width * height
+        for _ in range(10):
+            target = area * (0.08 + 0.92 * self._uniform())
+            log_ratio = math.log(3 / 4) + (math.log(4 / 3) - math.log(3 / 4)) * self._uniform()
+            ratio = math.exp(log_ratio)
+            w, h = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < w <= width and 0 < h <= height:
+                left, top = self._randint(width - w + 1), self._randint(height - h + 1)
+                return left, top, left + w, top + h
+        side = min(width, height)  # fall back to a centre crop
+        return (width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        from PIL import Image
+
+        path, label = self.samples[i]
+        with Image.open(path) as img:
+            img = img.convert("RGB")
+            if self.augment:
+                img = img.resize((self.size, self.size), Image.BILINEAR, box=self._crop_box(*img.size))
+                if self._uniform() < 0.5:
+                    img = img.transpose(Image.FLIP_LEFT_RIGHT)
+            else:
+                short = round(self.size * 256 / 224)
+                w, h = img.size
+                scale = short / min(w, h)
+                img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+                w, h = img.size
+                left, top = (w - self.size) // 2, (h - self.size) // 2
+                img = img.crop((left, top, left + self.size, top + self.size))
+            array = np.asarray(img, dtype=np.float32) / 255  # (H, W, 3)
+        image = torch.from_numpy(array).permute(2, 0, 1)
+        return (image - self.mean) / self.std, torch.tensor(label)
+
+
+def _imagenet(data_dir: Path | None, seed: int, size: int) -> DataSpec:
+    layout = "train/<class>/<image> and val/<class>/<image> (an ImageFolder tree)"
+    if data_dir is None:
+        raise DatasetError(f"--dataset imagenet needs --data-dir holding {layout}")
+    try:
+        import PIL  # noqa: F401
+    except ImportError as exc:
+        raise DatasetError("--dataset imagenet needs Pillow: pip install 'fqtorch[vision]'") from exc
+    train_root, val_root = data_dir / "train", data_dir / "val"
+    if not train_root.is_dir() or not val_root.is_dir():
+        raise DatasetError(f"{data_dir} must hold {layout}")
+    classes = sorted(p.name for p in train_root.iterdir() if p.is_dir())
+    if not classes:
+        raise DatasetError(f"{train_root} has no class folders; expected {layout}")
+    missing = [c for c in classes if not (val_root / c).is_dir()]
+    if missing:
+        raise DatasetError(f"{val_root} lacks class folders {missing[:5]}; expected {layout}")
+    return DataSpec(
+        "imagenet",
+        ImageFolder(train_root, classes, True, seed, size),
+        ImageFolder(val_root, classes, False, seed, size),
+        num_classes=len(classes),
+        task="image",
+    )
+
+
+# ------------------------------------------------------------------------------------------ text
+class CharWindows(Dataset):
+    """Non-overlapping windows of a character stream: ``x = s[o:o+T]``, ``y = s[o+1:o+T+1]``."""
+
+    def __init__(self, codes: Tensor, block_size: int) -> None:
+        self.codes, self.block_size = codes, block_size
+
+    def __len__(self) -> int:
+        return (len(self.codes) - 1) // self.block_size
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        start = i * self.block_size
+        chunk = self.codes[start : start + self.block_size + 1].long()
+        return chunk[:-1], chunk[1:]
+
+
+def _text(data_dir: Path | None, block_size: int) -> DataSpec:
+    layout = "a UTF-8 .txt file, or a folder of .txt files (concatenated in name order)"
+    if data_dir is None:
+        raise DatasetError(f"--dataset text needs --data-dir: {layout}")
+    if data_dir.is_file():
+        files = [data_dir]
+    elif data_dir.is_dir():
+        files = sorted(data_dir.glob("*.txt"))
+    else:
+        raise DatasetError(f"{data_dir} does not exist; expected {layout}")
+    if not files:
+        raise DatasetError(f"{data_dir} holds no .txt files; expected {layout}")
+    try:
+        text = "".join(f.read_text(encoding="utf-8") for f in files)
+    except UnicodeDecodeError as exc:
+        raise DatasetError(f"{data_dir}: not UTF-8 text ({exc})") from exc
+    vocab = "".join(sorted(set(text)))
+    lookup = {c: i for i, c in enumerate(vocab)}
+    codes = torch.tensor([lookup[c] for c in text], dtype=torch.int32)
+    cut = int(0.9 * len(codes))
+    if cut <= 2 * block_size or len(codes) - cut <= block_size + 1:
+        raise DatasetError(
+            f"{data_dir}: {len(codes)} characters is too short for block_size {block_size} "
+            f"(need more than {int(2.3 * block_size) * 10 // 9 + 20} for a 90/10 split)"
+        )
+    return DataSpec(
+        "text",
+        CharWindows(codes[:cut], block_size),
+        CharWindows(codes[cut:], block_size),
+        num_classes=len(vocab),
+        task="text",
+        block_size=block_size,
+        vocab=vocab,
+    )
+
+
+def list_datasets() -> list[str]:
+    return ["digits", "cifar10", "imagenet", "text"]
+
+
+def build_datasets(
+    name: str,
+    data_dir: str | Path | None = None,
+    *,
+    seed: int = 0,
+    block_size: int = 64,
+    image_size: int = 224,
+) -> DataSpec:
+    """Load the training and validation sets of ``name`` (see the package docstring)."""
+    path = None if data_dir is None else Path(data_dir).expanduser()
+    if path is not None and not path.exists():
+        raise DatasetError(f"--data-dir {path} does not exist")
+    if name == "digits":
+        return _digits(seed)
+    if name == "cifar10":
+        return _cifar10(path, seed)
+    if name == "imagenet":
+        return _imagenet(path, seed, image_size)
+    if name == "text":
+        return _text(path, block_size)
+    raise DatasetError(f"unknown dataset {name!r}; known: {', '.join(list_datasets())}")

@@ -1,0 +1,126 @@
+"""``TrainConfig``: everything a training run needs, resolved from defaults, a file and flags.
+
+Per-dataset defaults follow the paper's recipes (PAPER.md §6); the digits default is the small
+embedded job the README runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import FQTConfig
+
+__all__ = ["DATASET_DEFAULTS", "FQT_FIELDS", "TrainConfig", "load_config_file"]
+
+FQT_FIELDS = (
+    "input_bits", "weight_bits", "input_quantizer", "weight_quantizer", "grad_bits",
+    "grad_quantizer", "grad_weight_bits", "grad_weight_quantizer", "grad_rounding", "backend",
+)  # fmt: skip
+
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "digits": dict(model="digits_cnn", epochs=12, batch_size=64, lr=0.05, momentum=0.9,
+                   weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0, optimizer="sgd"),
+    "cifar10": dict(model="preact_resnet56", epochs=200, batch_size=128, lr=0.1, momentum=0.9,
+                    weight_decay=1e-4, warmup_epochs=0.0, label_smoothing=0.0, optimizer="sgd"),
+    "imagenet": dict(model="resnet18", epochs=90, batch_size=50, lr=0.4, momentum=0.875,
+                     weight_decay=2**-15, warmup_epochs=4.0, label_smoothing=0.1,
+                     optimizer="sgd"),
+    "text": dict(model="char_gpt", epochs=5, batch_size=32, lr=3e-3, momentum=0.9,
+                 weight_decay=0.1, warmup_epochs=0.2, label_smoothing=0.0, optimizer="adamw"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run. ``None`` fields take the dataset's default (``DATASET_DEFAULTS``)."""
+
+    dataset: str = "digits"
+    data_dir: str | None = None
+    model: str | None = None
+    preset: str = "bhq5"
+    fqt: dict[str, Any] = field(default_factory=dict)  # FQTConfig field overrides
+    epochs: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    momentum: float | None = None
+    weight_decay: float | None = None
+    warmup_epochs: float | None = None
+    label_smoothing: float | None = None
+    optimizer: str | None = None
+    seed: int = 0
+    out: str = "runs/latest"
+    resume: bool = False
+    variance_every: int = 0
+    device: str = "auto"
+    block_size: int = 64
+    image_size: int = 224
+    workers: int = 0
+    nonfinite: str = "stop"
+    max_steps_per_epoch: int | None = None
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.dataset not in DATASET_DEFAULTS:
+            raise ValueError(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASET_DEFAULTS)}")
+        for key, value in DATASET_DEFAULTS[self.dataset].items():
+            if getattr(self, key) is None:
+                object.__setattr__(self, key, value)
+        unknown = sorted(set(self.fqt) - set(FQT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown FQT fields {unknown}; known: {', '.join(FQT_FIELDS)}")
+        if self.optimizer not in ("sgd", "adamw"):
+            raise ValueError(f"optimizer must be 'sgd' or 'adamw', got {self.optimizer!r}")
+        if self.nonfinite not in ("stop", "skip"):
+            raise ValueError(f"nonfinite must be 'stop' or 'skip', got {self.nonfinite!r}")
+        for name in ("epochs", "batch_size"):
+            if int(getattr(self, name)) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.variance_every < 0:
+            raise ValueError(f"variance_every must be >= 0, got {self.variance_every}")
+        self.fqt_config()  # validate the quantization plan now
+
+    @property
+    def quantized(self) -> bool:
+        return self.preset != "exact" or bool(self.fqt)
+
+    def fqt_config(self) -> FQTConfig | None:
+        """The layers' plan, or ``None`` for ``--preset exact`` with no FQT overrides."""
+        if not self.quantized:
+            return None
+        base = "qat" if self.preset == "exact" else self.preset
+        return FQTConfig.preset(base, seed=self.seed, **self.fqt)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> TrainConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names - set(FQT_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; known: {', '.join(sorted(names))}")
+        fqt = dict(values.get("fqt") or {})
+        fqt.update({k: v for k, v in values.items() if k in FQT_FIELDS})
+        plain = {k: v for k, v in values.items() if k in names and k != "fqt"}
+        return cls(**plain, fqt=fqt)
+
+
+def load_config_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        values = yaml.safe_load(text)
+    else:
+        values = json.loads(text)
+    if not isinstance(values, dict):
+        raise ValueError(f"{path} must hold a mapping of option names to values")
+    return {k.replace("-", "_"): v for k, v in values.items()}

@@ -1,0 +1,316 @@
+"""FQT layers: exact fallback, QAT equivalence, unbiased FQT gradients, reproducible noise."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fqtorch
+from fqtorch import FQTConfig, get_quantizer, quantize_model
+from fqtorch.nn import FQTConv2d, FQTLinear, FQTPlan, fqt_linear
+from tests.helpers import projection_z, z_limit
+
+EXACT = FQTConfig(
+    input_quantizer="identity",
+    weight_quantizer="identity",
+    grad_quantizer="identity",
+    grad_weight_quantizer="identity",
+)
+
+CONVS = [
+    lambda: nn.Conv2d(3, 5, 3),
+    lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1, bias=False),
+    lambda: nn.Conv2d(6, 9, (3, 2), stride=(2, 1), padding=(2, 0), dilation=(2, 1), groups=3),
+    lambda: nn.Conv2d(3, 4, 3, padding="same", padding_mode="reflect"),
+    lambda: nn.Conv2d(3, 4, 4, padding="same"),  # even kernel: asymmetric padding
+    lambda: nn.Conv2d(3, 4, 5, padding="same", dilation=2, padding_mode="circular"),
+    lambda: nn.Conv2d(3, 4, 3, padding=2, padding_mode="replicate"),
+    lambda: nn.Conv2d(3, 4, 1, padding="valid"),
+    lambda: nn.Conv1d(3, 4, 5, stride=2, padding=1),
+    lambda: nn.Conv1d(3, 4, 4, padding="same"),
+]
+
+
+def conv_input(layer: nn.Module, n: int = 3) -> torch.Tensor:
+    spatial = (11,) if isinstance(layer, nn.Conv1d) else (9, 7)
+    return torch.randn(n, layer.in_channels, *spatial)
+
+
+def grads_of(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor | None = None):
+    x = x.detach().clone().requires_grad_(True)
+    module.zero_grad(set_to_none=True)
+    out = module(x)
+    out.backward(torch.ones_like(out) if grad_out is None else grad_out)
+    grads = [p.grad.clone() for p in module.parameters()]
+    return out.detach(), x.grad, grads
+
+
+def assert_same(a, b):
+    out_a, gx_a, gp_a = a
+    out_b, gx_b, gp_b = b
+    torch.testing.assert_close(out_a, out_b)
+    torch.testing.assert_close(gx_a, gx_b)
+    for u, v in zip(gp_a, gp_b, strict=True):
+        torch.testing.assert_close(u, v)
+
+
+class TestExactFallback:
+    """With every quantizer ``identity``, FQT layers equal the float layers in output and in
+    all gradients, on odd shapes, strides, dilation, groups and every padding mode."""
+
+    @pytest.mark.parametrize("shape", [(7, 5), (2, 3, 5), (5,)])
+    @pytest.mark.parametrize("bias", [True, False])
+    def test_linear(self, shape, bias):
+        ref = nn.Linear(5, 11, bias=bias)
+        fqt = FQTLinear(copy.deepcopy(ref), EXACT)
+        x = torch.randn(*shape)
+        g = torch.randn(*shape[:-1], 11)
+        assert_same(grads_of(ref, x, g), grads_of(fqt, x, g))
+
+    @pytest.mark.parametrize("make", CONVS)
+    def test_conv(self, make):
+        ref = make()
+        fqt = quantize_model(copy.deepcopy(ref), EXACT)
+        x = conv_input(ref)
+        out = ref(x)
+        g = torch.randn_like(out)
+        assert_same(grads_of(ref, x, g), grads_of(fqt, x, g))
+
+    def test_unbatched_conv(self):
+        ref = nn.Conv2d(3, 4, 3, padding=1)
+        fqt = quantize_model(copy.deepcopy(ref), EXACT)
+        x = torch.randn(3, 6, 6)
+        assert_same(grads_of(ref, x), grads_of(fqt, x))
+
+    def test_gradcheck_float64(self):
+        plan = FQTPlan.from_config(EXACT)
+        x = torch.randn(4, 3, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        b = torch.randn(5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(lambda x, w, b: fqt_linear(x, w, b, plan), (x, w, b))
+        conv = FQTConv2d(nn.Conv2d(2, 3, 3, stride=2, padding=1, groups=1).double(), EXACT)
+        xc = torch.randn(2, 2, 5, 5, dtype=torch.float64, requires_grad=True)
+        assert torch.autograd.gradcheck(conv, (xc,))
+
+
+def fake_quant_ste(x: torch.Tensor, quantizer) -> torch.Tensor:
+    return x + (quantizer(x.detach()) - x).detach()
+
+
+class TestQATEquivalence:
+    """``grad_quantizer=None`` gives exactly the autograd gradient of the fake-quantized forward
+    with straight-through rounding."""
+
+    def test_linear(self):
+        cfg = FQTConfig.preset("qat")
+        ref = nn.Linear(6, 4)
+        fqt = FQTLinear(copy.deepcopy(ref), cfg)
+        qi, qw = get_quantizer("ptq", 8, rounding="nearest"), get_quantizer("symmetric", 8, rounding="nearest")
+
+        class FakeQuant(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = ref
+
+            def forward(self, x):
+                return F.linear(fake_quant_ste(x, qi), fake_quant_ste(ref.weight, qw), ref.bias)
+
+        x = torch.randn(9, 6)
+        g = torch.randn(9, 4)
+        assert_same(grads_of(FakeQuant(), x, g), grads_of(fqt, x, g))
+
+    def test_conv(self):
+        cfg = FQTConfig.preset("qat", weight_quantizer="symmetric_per_row", input_bits=5)
+        ref = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        fqt = FQTConv2d(copy.deepcopy(ref), cfg)
+        qi = get_quantizer("ptq", 5, rounding="nearest")
+        qw = get_quantizer("symmetric_per_row", 8, rounding="nearest")
+
+        class FakeQuant(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.inner = ref
+
+            def forward(self, x):
+                w = fake_quant_ste(ref.weight, qw)
+                return F.conv2d(fake_quant_ste(x, qi), w, ref.bias, 2, 1)
+
+        x = torch.randn(2, 3, 8, 8)
+        g = torch.randn(2, 4, 4, 4)
+        assert_same(grads_of(FakeQuant(), x, g), grads_of(fqt, x, g))
+
+
+class SmallNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.fc1 = nn.Linear(4 * 6 * 6, 16)
+        self.fc2 = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x)).flatten(1)
+        return self.fc2(torch.tanh(self.fc1(h)))
+
+
+def net_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    F.cross_entropy(model(x), y).backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
+class TestUnbiasedNetworkGradient:
+    """PAPER.md §3: on a fixed batch, the mean FQT gradient equals the QAT gradient; the test is
+    a z-test with standard errors measured from the draws, and it catches a biased quantizer."""
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def setup(cls):
+        torch.manual_seed(0)
+        net = SmallNet()
+        x, y = torch.randn(12, 2, 6, 6), torch.randint(0, 5, (12,))
+        qat = net_gradient(quantize_model(copy.deepcopy(net), FQTConfig.preset("qat")), x, y)
+        return net, x, y, qat
+
+    def sample(self, setup, cfg, count):
+        net, x, y, _ = setup
+        model = quantize_model(copy.deepcopy(net), cfg)
+        return torch.stack([net_gradient(model, x, y) for _ in range(count)])
+
+    @pytest.mark.parametrize("preset", ["ptq4", "psq4", "bhq4", "bhq2"])
+    def test_fqt_mean_is_qat(self, setup, preset):
+        samples = self.sample(setup, FQTConfig.preset(preset, seed=3), 400)
+        z = projection_z(samples, setup[3])
+        assert z.abs().max() < z_limit(z.numel()), z
+        assert (samples.std(0) > 0).any()  # the gradient really was noisy
+
+    def test_nearest_rounding_is_caught(self, setup):
+        cfg = FQTConfig.preset("psq2", grad_rounding="nearest", grad_weight_bits=2)
+        z = projection_z(self.sample(setup, cfg, 20), setup[3])
+        assert z.abs().max() > z_limit(z.numel())
+
+
+class TestNoise:
+    """Each layer owns a generator seeded from the config seed and its name: the same seed gives
+    the same gradients, while layers and successive steps draw different noise."""
+
+    def test_same_seed_same_gradients(self):
+        net = SmallNet()
+        x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))
+        a = quantize_model(copy.deepcopy(net), FQTConfig.preset("bhq4", seed=7))
+        b = quantize_model(copy.deepcopy(net), FQTConfig.preset("bhq4", seed=7))
+        assert torch.equal(net_gradient(a, x, y), net_gradient(b, x, y))
+        c = quantize_model(copy.deepcopy(net), FQTConfig.preset("bhq4", seed=8))
+        assert not torch.equal(net_gradient(a, x, y), net_gradient(c, x, y))
+
+    def test_steps_and_layers_differ(self):
+        layer = nn.Linear(8, 8)
+        a = FQTLinear(layer, FQTConfig.preset("psq4"), name="a")
+        b = FQTLinear(layer, FQTConfig.preset("psq4"), name="b")
+        x, g = torch.randn(16, 8), torch.randn(16, 8)
+        g1, g2, g3 = (grads_of(m, x, g)[2][0] for m in (a, a, b))
+        assert not torch.equal(g1, g2)
+        assert not torch.equal(g1, g3)
+
+    def test_generator_state_roundtrip(self):
+        model = quantize_model(SmallNet(), FQTConfig.preset("psq4"))
+        x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))
+        net_gradient(model, x, y)
+        states = fqtorch.generator_states(model)
+        assert set(states) == {"conv", "fc1", "fc2"}
+        first = net_gradient(model, x, y)
+        fqtorch.load_generator_states(model, states)
+        assert torch.equal(first, net_gradient(model, x, y))
+        with pytest.raises(KeyError, match="not FQT layers"):
+            fqtorch.load_generator_states(model, {"nope": states["fc1"]})
+
+    def test_reseed_changes_stream(self):
+        model = quantize_model(SmallNet(), FQTConfig.preset("psq4"))
+        x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))
+        fqtorch.reseed(model, 1)
+        a = net_gradient(model, x, y)
+        fqtorch.reseed(model, 2)
+        b = net_gradient(model, x, y)
+        fqtorch.reseed(model, 1)
+        assert torch.equal(a, net_gradient(model, x, y)) and not torch.equal(a, b)
+
+
+class TestDtypesAndLayouts:
+    """float32, bfloat16 (cast and autocast), channels-last, a single sample."""
+
+    def test_bfloat16_model(self):
+        model = quantize_model(SmallNet(), FQTConfig.preset("bhq5")).to(torch.bfloat16)
+        x = torch.randn(4, 2, 6, 6, dtype=torch.bfloat16)
+        out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().logsumexp(-1).mean().backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+    def test_autocast(self):
+        model = quantize_model(SmallNet(), FQTConfig.preset("psq5"))
+        x = torch.randn(4, 2, 6, 6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(x)
+        assert out.dtype == torch.bfloat16
+        out.float().sum().backward()
+        assert all(p.grad.dtype == torch.float32 for p in model.parameters())
+
+    def test_channels_last(self):
+        conv = nn.Conv2d(3, 6, 3, padding=1)
+        a = FQTConv2d(conv, FQTConfig.preset("bhq4", seed=1), name="c")
+        b = FQTConv2d(copy.deepcopy(conv), FQTConfig.preset("bhq4", seed=1), name="c")
+        x = torch.randn(4, 3, 8, 8)
+        ga = grads_of(a, x)
+        gb = grads_of(b.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last))
+        assert_same(ga, gb)
+
+    @pytest.mark.parametrize("n", [1, 2])
+    def test_tiny_batches(self, n):
+        model = quantize_model(SmallNet(), FQTConfig.preset("bhq4"))
+        x, y = torch.randn(n, 2, 6, 6), torch.randint(0, 5, (n,))
+        assert torch.isfinite(net_gradient(model, x, y)).all()
+
+    def test_input_without_grad_skips_activation_branch(self):
+        layer = FQTLinear(nn.Linear(4, 3), FQTConfig.preset("psq4"))
+        out = layer(torch.randn(5, 4))
+        out.sum().backward()
+        assert layer.weight.grad is not None
+
+
+class TestNonFiniteGradients:
+    """Documented policy: by default NaN/Inf in ``grad_output`` propagates as NaN (never finite
+    garbage); with ``check_finite=True`` the layer raises and names itself."""
+
+    def test_propagates_as_nan(self):
+        layer = FQTLinear(nn.Linear(4, 3), FQTConfig.preset("psq4"), name="head")
+        x = torch.randn(5, 4, requires_grad=True)
+        g = torch.randn(5, 3)
+        g[1, 1] = float("inf")
+        layer(x).backward(g)
+        assert torch.isnan(x.grad[1]).all() and torch.isfinite(x.grad[0]).all()
+        assert torch.isnan(layer.weight.grad).any()
+
+    def test_raises_when_checked(self):
+        layer = FQTLinear(nn.Linear(4, 3), FQTConfig.preset("psq4", check_finite=True), name="head")
+        g = torch.full((5, 3), float("nan"))
+        with pytest.raises(FloatingPointError, match="'head'"):
+            layer(torch.randn(5, 4)).backward(g)
+
+    def test_wrong_input_shape(self):
+        layer = FQTLinear(nn.Linear(4, 3), FQTConfig(), name="fc")
+        with pytest.raises(ValueError, match=r"\(\*, 4\)"):
+            layer(torch.randn(2, 5))
+        conv = FQTConv2d(nn.Conv2d(3, 4, 3), FQTConfig(), name="c")
+        with pytest.raises(ValueError, match="3 input channels"):
+            conv(torch.randn(2, 2, 5, 5))
+
+
+@pytest.mark.cuda
+def test_cuda_layer_matches_cpu_plan():
+    model = quantize_model(SmallNet(), FQTConfig.preset("bhq4")).cuda()
+    x, y = torch.randn(8, 2, 6, 6, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
+    grad = net_gradient(model, x, y)
+    assert grad.is_cuda and torch.isfinite(grad).all()
