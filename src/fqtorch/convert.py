@@ -94,7 +94,7 @@ def quantize_model(
             f"quantize_model swapped no layer: {found} nn.Linear/nn.Conv1d/nn.Conv2d modules "
             f"found, and {why}"
         )
-    log.info("quantize_model: %d layers swapped for FQT layers", swapped)
+    log.debug("quantize_model: %d layers swapped for FQT layers", swapped)
     return model
 
 

@@ -49,7 +49,9 @@ class TestRegistryProperties:
         x = heavy_rows(9, 16, seed=1)
         encoded = q.encode(x, gen(5))
         assert isinstance(encoded, QuantizedTensor)
-        assert encoded.codes.dtype == torch.int8 and encoded.codes.shape == (9, 16)
+        assert encoded.codes.dtype == torch.int8 and encoded.codes.shape[1] == 16
+        # A row transform may pad rows (rht works on whole blocks); otherwise one code per entry.
+        assert encoded.codes.shape[0] == 9 or encoded.transform is not None
         codes = encoded.codes.int()
         assert codes.min() >= -(2 ** (bits - 1)) and codes.max() <= 2 ** (bits - 1) - 1
         assert torch.equal(encoded.dequantize(), q(x, gen(5)))
@@ -70,7 +72,7 @@ class TestRegistryProperties:
         assert torch.isfinite(out).all()
         torch.testing.assert_close(out, x)
 
-    @pytest.mark.parametrize("name", [n for n in CODED if n != "bhq"])
+    @pytest.mark.parametrize("name", [n for n in CODED if n not in ("bhq", "rht")])
     def test_nearest_is_idempotent(self, name):
         q = get_quantizer(name, 4, rounding="nearest")
         once = q(heavy_rows(8, 10, seed=2))
@@ -142,9 +144,10 @@ class TestVarianceBounds:
         bound = q.variance_bound(x).double()
         assert mean <= bound + 4 * se
 
-    @pytest.mark.parametrize("name", CODED)
+    @pytest.mark.parametrize("name", [n for n in CODED if n != "rht"])
     def test_bound_is_tight_for_spread_values(self, name):
         # Values uniform within their bins: E[f(1 − f)] = 1/6 against the bound's 1/4.
+        # (rht's bound holds for every sign draw, so it is looser by design.)
         q = get_quantizer(name, 3)
         x = torch.rand(32, 40, generator=gen(9)) * torch.linspace(1, 4, 32)[:, None]
         errors = (draws(q, x, 300) - x).square().sum((1, 2)).double()

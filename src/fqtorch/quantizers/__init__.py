@@ -1,6 +1,6 @@
 """Quantizer families, each registered by name (``fqtorch.list_quantizers()``)."""
 
-from . import householder, uniform
+from . import hadamard, householder, uniform
 from .base import (
     MAX_BITS,
     MIN_BITS,
@@ -21,6 +21,7 @@ __all__ = [
     "Quantizer",
     "RowTransform",
     "get_quantizer",
+    "hadamard",
     "householder",
     "list_quantizers",
     "register_quantizer",

@@ -1,0 +1,245 @@
+"""``fqtorch variance``: measure the variance decomposition of a model across quantizers and bits.
+
+Writes ``variance.json`` (schema below), ``variance_vs_bits.png`` and ``variance_profile.png``::
+
+    {"model", "dataset", "batch_size", "seed", "sampling_variance",
+     "results": [{"quantizer", "bits", "quantization_variance", "bias_z_rms", "bias_z_max",
+                  "layers": [{"name", "quantization_variance", "grad_output_error",
+                              "grad_output_error_bound"}]}]}
+
+A layer's ``quantization_variance`` is the quantization variance of that layer's own parameter
+gradients (all quantizers on); the profile shows where it comes from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, RandomSampler
+
+from ..config import FQTConfig
+from ..convert import dequantize_model, fqt_modules, quantize_model
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_variance_parser", "run_variance"]
+
+
+def add_variance_parser(sub: Any) -> None:
+    from ..data import list_datasets
+    from ..models import list_models
+
+    p = sub.add_parser(
+        "variance",
+        help="measure sampling vs quantization variance, bias and bounds",
+        description="Measure the FQT gradient's bias and variance decomposition (PAPER.md §3) for "
+        "each quantizer and bit width. Defaults: digits data, digits_cnn, ptq/psq/bhq/rht at 4..8 "
+        "bits.",
+    )
+    p.add_argument("--model", default=None, choices=list_models(), help="default: per dataset")
+    p.add_argument("--dataset", default="digits", choices=list_datasets())
+    p.add_argument("--data-dir")
+    p.add_argument("--quantizers", default="ptq,psq,bhq,rht", help="comma-separated names")
+    p.add_argument("--bits", default="4,5,6,7,8", help="comma-separated bit widths")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batches", type=int, default=4, help="minibatches measured")
+    p.add_argument("--samples", type=int, default=16, help="FQT backward passes per minibatch")
+    p.add_argument("--full-batches", type=int, default=None,
+                   help="cap on the batches used for the full-data gradient (default: all)")
+    p.add_argument("--profile", default=None, metavar="QUANTIZER:BITS",
+                   help="configuration of the variance profile (default: first quantizer, "
+                   "fewest bits)")
+    p.add_argument("--profile-samples", type=int, default=8)
+    p.add_argument("--checkpoint", help="a checkpoint.pt of fqtorch train, to measure a trained model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--out", default="runs/variance", metavar="DIR")
+
+
+def _parse_list(text: str, kind: type, what: str) -> list:
+    try:
+        values = [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"--{what} must be a comma-separated list, got {text!r}") from exc
+    if not values:
+        raise ValueError(f"--{what} is empty")
+    return values
+
+
+def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
+    from ..data import build_datasets
+    from ..models import build_model
+    from ..train.config import DATASET_DEFAULTS
+
+    spec = build_datasets(args.dataset, args.data_dir, seed=args.seed, block_size=args.block_size)
+    name = args.model or DATASET_DEFAULTS[args.dataset]["model"]
+    torch.manual_seed(args.seed)
+    if spec.task == "text":
+        model = build_model(name, num_classes=spec.num_classes, block_size=spec.block_size)
+    else:
+        model = build_model(name, num_classes=spec.num_classes, in_channels=spec.in_channels)
+    if args.checkpoint:
+        from ..train.checkpoint import load_checkpoint
+
+        state = load_checkpoint(args.checkpoint)
+        model.load_state_dict(state["model"])
+    return model.to(args.device).train(), spec, name
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
+
+
+def _measure_config(model: nn.Module, cfg: FQTConfig, batches: list, samples: int) -> dict:
+    from . import grad_output_errors, measure_quantization
+
+    quantize_model(model, cfg)
+    try:
+        report = measure_quantization(model, _loss, batches, samples)
+        errors = {e.name: e for e in grad_output_errors(model, _loss, batches[0])}
+        per_layer = report.variance.per_layer
+        layers = [{
+            "name": name,
+            "quantization_variance": per_layer.get(name, 0.0),
+            "grad_output_error": errors[name].error if name in errors else 0.0,
+            "grad_output_error_bound": errors[name].bound if name in errors else 0.0,
+        } for name in fqt_modules(model)]  # fmt: skip
+    finally:
+        dequantize_model(model)
+    return {
+        "quantizer": cfg.grad_quantizer,
+        "bits": cfg.grad_bits,
+        "quantization_variance": report.variance.total,
+        "bias_z_rms": report.bias.z_rms,
+        "bias_z_max": report.bias.z_max,
+        "bias_passed": report.bias.passed,
+        "layers": layers,
+    }
+
+
+def run_variance(args: argparse.Namespace) -> int:
+    from . import sampling_variance, variance_profile
+
+    quantizers = _parse_list(args.quantizers, str, "quantizers")
+    bits = _parse_list(args.bits, int, "bits")
+    for q in quantizers:
+        FQTConfig(grad_quantizer=q)  # validate names before any work
+    for b in bits:
+        FQTConfig(grad_bits=b)
+    model, spec, model_name = _model_and_data(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    gen = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(spec.train, args.batch_size, drop_last=True,
+                        sampler=RandomSampler(spec.train, generator=gen))  # fmt: skip
+    if len(loader) < args.batches:
+        raise ValueError(f"--batches {args.batches} × --batch-size {args.batch_size} exceeds the "
+                         f"{len(spec.train)} training samples")  # fmt: skip
+    device = torch.device(args.device)
+    batches = []
+    for x, y in loader:
+        batches.append((x.to(device), y.to(device)))
+        if len(batches) == args.batches:
+            break
+    full = DataLoader(spec.train, 256)
+    full_batches = [(x.to(device), y.to(device)) for i, (x, y) in enumerate(full)
+                    if args.full_batches is None or i < args.full_batches]  # fmt: skip
+
+    quantize_model(model, FQTConfig.preset("qat", seed=args.seed))
+    sampling = sampling_variance(model, _loss, batches, full_data=full_batches)
+    dequantize_model(model)
+    log.info("sampling variance %.4g (%d minibatches of %d)", sampling.total, len(batches),
+             args.batch_size)  # fmt: skip
+
+    results = []
+    log.info("%-8s %4s %14s %10s %10s %8s", "quant", "bits", "quant. var", "/ sampling", "RMS z",
+             "max |z|")  # fmt: skip
+    for q in quantizers:
+        for b in bits:
+            cfg = FQTConfig(grad_quantizer=q, grad_bits=b, seed=args.seed)
+            r = _measure_config(model, cfg, batches, args.samples)
+            results.append(r)
+            log.info("%-8s %4d %14.4g %10.3g %10.3f %8.2f%s", q, b, r["quantization_variance"],
+                     r["quantization_variance"] / sampling.total, r["bias_z_rms"], r["bias_z_max"],
+                     "" if r["bias_passed"] else "  BIASED?")  # fmt: skip
+
+    profile_q, profile_b = quantizers[0], min(bits)
+    if args.profile:
+        profile_q, _, b_text = args.profile.partition(":")
+        profile_b = int(b_text or min(bits))
+    quantize_model(model, FQTConfig(grad_quantizer=profile_q, grad_bits=profile_b, seed=args.seed))
+    profile = variance_profile(model, _loss, batches, args.profile_samples, sampling=sampling)
+    dequantize_model(model)
+
+    payload = {
+        "model": model_name,
+        "dataset": args.dataset,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "sampling_variance": sampling.total,
+        "results": [{k: v for k, v in r.items() if k != "bias_passed"} for r in results],
+    }
+    (out / "variance.json").write_text(json.dumps(payload, indent=2) + "\n")
+    extra = {"profile": {"quantizer": profile_q, "bits": profile_b, **profile.to_dict()},
+             "sampling_per_layer": sampling.per_layer, "batches": args.batches,
+             "samples": args.samples, "bias_passed": [r["bias_passed"] for r in results],
+             "seconds": time.perf_counter() - start}  # fmt: skip
+    (out / "variance_details.json").write_text(json.dumps(extra, indent=2) + "\n")
+    _plots(out, payload, profile, f"{profile_q}{profile_b}")
+    log.info("wrote %s/variance.json, variance_vs_bits.png, variance_profile.png (%.1fs)",
+             out, time.perf_counter() - start)  # fmt: skip
+    return 0
+
+
+def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is missing (pip install 'fqtorch[plot]'): no figures written")
+        return
+    import numpy as np
+
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    by_q: dict[str, list[tuple[int, float]]] = {}
+    for r in payload["results"]:
+        by_q.setdefault(r["quantizer"], []).append((r["bits"], r["quantization_variance"]))
+    for q, points in by_q.items():
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=q.upper())
+    ax.axhline(payload["sampling_variance"], color="k", linestyle="--", label="sampling (QAT)")
+    ax.set_yscale("log")
+    ax.set_xlabel("gradient bits")
+    ax.set_ylabel("variance of the gradient")
+    ax.set_title(f"{payload['model']} on {payload['dataset']}, batch {payload['batch_size']}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "variance_vs_bits.png", dpi=120)
+    plt.close(fig)
+
+    matrix = np.array(profile.matrix, dtype=float)
+    floor = matrix[matrix > 0].min() if (matrix > 0).any() else 1e-30
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(profile.columns), 1.2 + 0.4 * len(profile.rows)))
+    image = ax.imshow(np.log10(np.maximum(matrix, floor)), cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(profile.columns)), profile.columns, rotation=90, fontsize=7)
+    ax.set_yticks(range(len(profile.rows)), profile.rows, fontsize=7)
+    ax.set_xlabel("gradient of layer")
+    ax.set_ylabel("quantizers of layer")
+    ax.set_title(f"variance profile ({profile_name}), log10", fontsize=9)
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "variance_profile.png", dpi=120)
+    plt.close(fig)

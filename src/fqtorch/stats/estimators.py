@@ -1,0 +1,493 @@
+"""Estimators of the statistical framework (PAPER.md §3): QAT gradient, sampling and quantization
+variance, the bias z-test, grad_output error against its bound, and the variance profile.
+
+Conventions: a batch is an ``(inputs, targets)`` pair and the loss is
+``loss_fn(model(inputs), targets)``. ``Var[v]`` is ``E‖v − E v‖²`` (the trace of the
+covariance), reported per parameter tensor, per layer (the module that owns the parameters) and in
+total. The forward pass is deterministic, so one forward serves many stochastic backward passes
+(``retain_graph``); the model's buffers (BatchNorm statistics) are restored afterwards and no
+``.grad`` is touched.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..convert import fqt_modules
+from ..nn.modules import FQTLinear, FQTModule
+
+__all__ = [
+    "BiasReport",
+    "GradOutputError",
+    "GradientVariance",
+    "LossFn",
+    "QuantizationReport",
+    "VarianceProfile",
+    "bias_test",
+    "check_unbiased",
+    "exact_backward",
+    "grad_output_errors",
+    "measure_quantization",
+    "qat_gradient",
+    "quantization_variance",
+    "sampling_variance",
+    "variance_profile",
+]
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+Batch = tuple[Tensor, Tensor]
+
+
+# ------------------------------------------------------------------------------------ plumbing
+@dataclass(frozen=True)
+class _Params:
+    """The trainable parameters, flattened into one vector, with their names and layers."""
+
+    names: list[str]
+    layers: list[str]
+    tensors: list[Tensor]
+
+    @classmethod
+    def of(cls, model: nn.Module) -> _Params:
+        names, layers, tensors = [], [], []
+        for module_name, module in model.named_modules():
+            for pname, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    names.append(f"{module_name}.{pname}" if module_name else pname)
+                    layers.append(module_name)
+                    tensors.append(p)
+        return cls(names, layers, tensors)
+
+    @property
+    def sizes(self) -> list[int]:
+        return [p.numel() for p in self.tensors]
+
+    def per_parameter(self, per_entry: Tensor) -> dict[str, float]:
+        """Sum a per-entry quantity (a flat vector) over each parameter tensor."""
+        parts = per_entry.split(self.sizes)
+        return {n: float(part.sum()) for n, part in zip(self.names, parts, strict=True)}
+
+
+@contextmanager
+def _restored_buffers(model: nn.Module) -> Iterator[None]:
+    saved = {k: v.clone() for k, v in model.named_buffers()}
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for k, v in model.named_buffers():
+                v.copy_(saved[k])
+
+
+@contextmanager
+def exact_backward(model: nn.Module, keep: Sequence[str] = ()) -> Iterator[None]:
+    """Within the block, every FQT layer of ``model`` except those named in ``keep`` has an exact
+    backward (its gradient quantizers off); restored on exit."""
+    with ExitStack() as stack:
+        for name, layer in fqt_modules(model).items():
+            if name not in keep:
+                stack.enter_context(layer.exact_backward())
+        yield
+
+
+class _Forward:
+    """One forward pass of ``model`` on ``batch``, reused by many backward passes."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, batch: Batch, params: _Params) -> None:
+        inputs, targets = batch
+        self.params = params
+        self.loss = loss_fn(model(inputs), targets)
+
+    def gradient(self) -> Tensor:
+        """One (stochastic, under FQT) backward pass: the flat gradient in float64."""
+        grads = torch.autograd.grad(self.loss, self.params.tensors, retain_graph=True,
+                                    allow_unused=True)  # fmt: skip
+        flat = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params.tensors,
+                                                                       strict=True)]  # fmt: skip
+        return torch.cat([g.reshape(-1) for g in flat]).double()
+
+
+class _Moments:
+    """Streaming mean and variance per entry (Welford), in float64."""
+
+    def __init__(self) -> None:
+        self.count, self.mean, self.m2 = 0, None, None
+
+    def add(self, x: Tensor) -> None:
+        self.count += 1
+        if self.mean is None:
+            self.mean, self.m2 = x.clone(), torch.zeros_like(x)
+            return
+        delta = x - self.mean
+        self.mean += delta / self.count
+        self.m2 += delta * (x - self.mean)
+
+    def variance(self) -> Tensor:
+        return self.m2 / max(self.count - 1, 1)
+
+
+def _as_batches(batches: Batch | Iterable[Batch]) -> list[Batch]:
+    if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
+        return [batches]
+    return list(batches)
+
+
+# ---------------------------------------------------------------------------------- estimators
+@dataclass(frozen=True)
+class GradientVariance:
+    """``E‖g − E g‖²`` of a gradient, per parameter tensor; ``layers`` maps parameter to layer."""
+
+    per_parameter: dict[str, float]
+    layers: dict[str, str]
+
+    @property
+    def per_layer(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for name, value in self.per_parameter.items():
+            out[self.layers[name]] = out.get(self.layers[name], 0.0) + value
+        return out
+
+    @property
+    def total(self) -> float:
+        return float(sum(self.per_parameter.values()))
+
+
+def qat_gradient(model: nn.Module, loss_fn: LossFn, batch: Batch) -> dict[str, Tensor]:
+    """The QAT gradient (forward quantized, exact backward) per parameter name."""
+    params = _Params.of(model)
+    with _restored_buffers(model), exact_backward(model):
+        flat = _Forward(model, loss_fn, batch, params).gradient()
+    return dict(zip(params.names, flat.split(params.sizes), strict=True))
+
+
+def sampling_variance(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Iterable[Batch],
+    full_data: Iterable[Batch] | None = None,
+) -> GradientVariance:
+    """Variance of the QAT minibatch gradient around the full-data QAT gradient.
+
+    The full-data gradient is the sample-weighted mean over ``full_data`` (all the data, or as
+    much as you can afford); without it, the mean of ``batches`` is used and the variance gets the
+    ``B/(B − 1)`` correction.
+    """
+    params = _Params.of(model)
+    batches = _as_batches(batches)
+    with _restored_buffers(model), exact_backward(model):
+        grads = [_Forward(model, loss_fn, b, params).gradient() for b in batches]
+        if full_data is not None:
+            total, count = None, 0
+            for b in full_data:
+                n = len(b[1])
+                g = _Forward(model, loss_fn, b, params).gradient() * n
+                total, count = (g if total is None else total + g), count + n
+            center, dof = total / count, len(grads)
+        else:
+            center, dof = torch.stack(grads).mean(0), max(len(grads) - 1, 1)
+    per_entry = sum((g - center).square() for g in grads) / dof
+    return GradientVariance(params.per_parameter(per_entry), dict(zip(params.names, params.layers,
+                                                                      strict=True)))  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Draws:
+    qat: Tensor  # (P,) QAT gradient
+    mean: Tensor  # (P,) mean FQT gradient
+    variance: Tensor  # (P,) per-entry variance of the FQT gradient
+    samples: int
+
+
+def _draw(model: nn.Module, loss_fn: LossFn, batch: Batch, samples: int, params: _Params,
+          keep: Sequence[str] | None = None) -> _Draws:  # fmt: skip
+    """One forward; the QAT gradient and ``samples`` FQT backward passes (only the layers in
+    ``keep`` quantize their gradients when given)."""
+    if samples < 2:
+        raise ValueError(f"samples must be >= 2 to estimate a variance, got {samples}")
+    forward = _Forward(model, loss_fn, batch, params)
+    with exact_backward(model):
+        qat = forward.gradient()
+    moments = _Moments()
+    with exact_backward(model, keep) if keep is not None else ExitStack():
+        for _ in range(samples):
+            moments.add(forward.gradient())
+    return _Draws(qat, moments.mean, moments.variance(), samples)
+
+
+def _require_fqt(model: nn.Module) -> dict[str, FQTModule]:
+    layers = fqt_modules(model)
+    if not layers:
+        raise ValueError("the model has no FQT layers; call fqtorch.quantize_model first")
+    return layers
+
+
+@dataclass(frozen=True)
+class LayerBias:
+    name: str
+    z_rms: float
+    z_max: float
+    limit: float
+    entries: int
+
+    @property
+    def passed(self) -> bool:
+        return self.z_rms <= self.limit
+
+
+@dataclass(frozen=True)
+class BiasReport:
+    """z-scores of the mean FQT gradient against the QAT gradient, per layer.
+
+    ``z = (mean_s g_s − g_QAT) / (std_s / √S)``. Unbiased: ``E z² = (S−1)/(S−3)`` per entry. The
+    entries of one layer are strongly correlated (a few dominant samples' noise spreads to every
+    entry), so one batch's mean z² scatters by about ±0.3; the per-layer limit on the RMS z is
+    ``sqrt((S−1)/(S−3) + 4·max(0.3, √(2/n))/√B)`` for n entries and B batches.
+    """
+
+    layers: list[LayerBias]
+    samples: int
+    batches: int
+    z_rms: float
+    z_max: float
+    suspect: str | None = None  # the topmost failing layer: where the bias enters
+
+    @property
+    def passed(self) -> bool:
+        return all(layer.passed for layer in self.layers)
+
+    def failing(self) -> list[str]:
+        return [layer.name for layer in self.layers if not layer.passed]
+
+    def summary(self) -> str:
+        state = "passed" if self.passed else f"FAILED (suspect layer: {self.suspect!r})"
+        return (f"unbiasedness check {state}: RMS z {self.z_rms:.3f}, max |z| {self.z_max:.2f} "
+                f"over {self.batches} batch(es) × {self.samples} backward passes")  # fmt: skip
+
+
+class BiasError(AssertionError):
+    """``check_unbiased(..., raise_on_failure=True)`` found a biased FQT gradient."""
+
+
+def _forward_order(model: nn.Module, loss_fn: LossFn, batch: Batch) -> list[str]:
+    """FQT layer names in the order the forward pass calls them."""
+    order: list[str] = []
+    names = {id(m): n for n, m in fqt_modules(model).items()}
+    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[id(mod)]))
+             for m in fqt_modules(model).values()]  # fmt: skip
+    try:
+        with torch.no_grad(), _restored_buffers(model):
+            model(batch[0])
+    finally:
+        for h in hooks:
+            h.remove()
+    return list(dict.fromkeys(order))
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    """What repeated FQT backward passes on fixed minibatches tell: the quantization variance and
+    the bias z-test, from the same draws."""
+
+    variance: GradientVariance
+    bias: BiasReport
+
+
+def measure_quantization(
+    model: nn.Module, loss_fn: LossFn, batches: Batch | Iterable[Batch], samples: int = 16
+) -> QuantizationReport:
+    """Per minibatch: one forward, the QAT gradient, and ``samples`` FQT backward passes; the
+    per-entry variance (averaged over batches) and z-scores against the QAT gradient."""
+    _require_fqt(model)
+    params = _Params.of(model)
+    batches = _as_batches(batches)
+    var_sum = z2_sum = z_max = None
+    with _restored_buffers(model):
+        for b in batches:
+            d = _draw(model, loss_fn, b, samples, params)
+            z = _z_scores(d, params)
+            var_sum = d.variance if var_sum is None else var_sum + d.variance
+            z2_sum = z.square() if z2_sum is None else z2_sum + z.square()
+            z_max = z.abs() if z_max is None else torch.maximum(z_max, z.abs())
+    layer_of = dict(zip(params.names, params.layers, strict=True))
+    variance = GradientVariance(params.per_parameter(var_sum / len(batches)), layer_of)
+    order = _forward_order(model, loss_fn, batches[0])
+    bias = _bias_report(params, z2_sum / len(batches), z_max, samples, len(batches), order)
+    return QuantizationReport(variance, bias)
+
+
+def _z_scores(d: _Draws, params: _Params) -> Tensor:
+    se = (d.variance / d.samples).sqrt()
+    diff = d.mean - d.qat
+    # An entry whose spread is at float-rounding level (≤ 1e-7 of its tensor's largest gradient)
+    # is deterministic; it counts as right when it matches to 1e-4 of that scale (dequantizing an
+    # extreme of the grid costs ~1e-7 of the range), else as infinitely biased.
+    scale = torch.cat([t.abs().amax().expand(t.numel()) for t in d.qat.split(params.sizes)])
+    deterministic = se <= 1e-7 * scale
+    exact = diff.abs() <= 1e-4 * scale + 1e-30
+    flagged = torch.where(exact, torch.zeros_like(diff), torch.full_like(diff, math.inf))
+    return torch.where(deterministic, flagged, diff / se.clamp(min=1e-300))
+
+
+def _bias_report(params: _Params, z2: Tensor, z_max: Tensor, samples: int, batches: int,
+                 order: list[str]) -> BiasReport:  # fmt: skip
+    expected = (samples - 1) / (samples - 3) if samples > 3 else 3.0
+    grouped: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
+    for layer, part2, partm in zip(params.layers, z2.split(params.sizes),
+                                   z_max.split(params.sizes), strict=True):  # fmt: skip
+        grouped.setdefault(layer, ([], []))
+        grouped[layer][0].append(part2)
+        grouped[layer][1].append(partm)
+    reports = []
+    for name, (parts2, partsm) in grouped.items():
+        z2l = torch.cat(parts2)
+        n = z2l.numel()
+        limit = math.sqrt(expected + 4 * max(0.3, math.sqrt(2 / n)) / math.sqrt(batches))
+        reports.append(LayerBias(name, float(z2l.mean().sqrt()), float(torch.cat(partsm).max()),
+                                 limit, n))  # fmt: skip
+    failing = {r.name for r in reports if not r.passed}
+    suspect = next((n for n in reversed(order) if n in failing), None)
+    if suspect is None and failing:
+        suspect = sorted(failing)[0]
+    return BiasReport(reports, samples, batches, float(z2.mean().sqrt()), float(z_max.max()),
+                      suspect)  # fmt: skip
+
+
+def quantization_variance(
+    model: nn.Module, loss_fn: LossFn, batches: Batch | Iterable[Batch], samples: int = 16
+) -> GradientVariance:
+    """Variance of the FQT gradient over its quantization noise on fixed minibatches (``samples``
+    backward passes from one forward each), averaged over ``batches``."""
+    return measure_quantization(model, loss_fn, batches, samples).variance
+
+
+def bias_test(
+    model: nn.Module, loss_fn: LossFn, batches: Batch | Iterable[Batch], samples: int = 32
+) -> BiasReport:
+    """z-test of ``E[FQT gradient | batch] = QAT gradient`` (PAPER.md §3), per layer."""
+    return measure_quantization(model, loss_fn, batches, samples).bias
+
+
+def check_unbiased(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch | Iterable[Batch],
+    *,
+    samples: int = 32,
+    raise_on_failure: bool = False,
+) -> BiasReport:
+    """Self-test: is this model's FQT gradient an unbiased estimate of its QAT gradient?
+
+    ``batch`` is an ``(inputs, targets)`` pair or a list of them (several batches make the test
+    sharper). Returns a :class:`BiasReport` (``.passed``, per-layer z-scores); with
+    ``raise_on_failure`` a biased gradient raises :class:`BiasError` naming the layer where the
+    bias most likely enters (the topmost failing FQT layer).
+    """
+    report = bias_test(model, loss_fn, batch, samples)
+    if raise_on_failure and not report.passed:
+        raise BiasError(f"{report.summary()}; failing layers: {report.failing()}")
+    return report
+
+
+@dataclass(frozen=True)
+class GradOutputError:
+    """Measured ``E‖Q(G) − G‖²`` of a layer's activation-gradient quantizer on its actual
+    ``grad_output`` G, next to the quantizer's ``variance_bound(G)``."""
+
+    name: str
+    quantizer: str
+    error: float
+    bound: float
+
+
+def _grad_output_rows(layer: FQTModule, grad: Tensor) -> Tensor:
+    # The view the activation-gradient quantizer sees: tokens as rows for Linear.
+    return grad.reshape(-1, grad.shape[-1]) if isinstance(layer, FQTLinear) else grad
+
+
+def grad_output_errors(
+    model: nn.Module, loss_fn: LossFn, batch: Batch, repeats: int = 8, seed: int = 0
+) -> list[GradOutputError]:
+    """Record each FQT layer's ``grad_output`` in one FQT backward pass and measure its
+    activation-gradient quantizer on it (``repeats`` draws) against the bound."""
+    layers = _require_fqt(model)
+    recorded: dict[str, Tensor] = {}
+
+    def recorder(name: str) -> Callable:
+        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
+            if output.requires_grad:
+                output.register_hook(lambda g: recorded.__setitem__(name, g.detach()))
+
+        return hook
+
+    hooks = [m.register_forward_hook(recorder(n)) for n, m in layers.items()]
+    params = _Params.of(model)
+    try:
+        with _restored_buffers(model):
+            _Forward(model, loss_fn, batch, params).gradient()
+    finally:
+        for h in hooks:
+            h.remove()
+    gen = torch.Generator(device=batch[0].device).manual_seed(seed)
+    out = []
+    for name, layer in layers.items():
+        if name not in recorded:
+            continue
+        grad = _grad_output_rows(layer, recorded[name]).float()
+        q = layer.plan.grad_output
+        err = sum(float((q(grad, gen) - grad).double().square().sum()) for _ in range(repeats))
+        out.append(GradOutputError(name, repr(q), err / repeats, float(q.variance_bound(grad))))
+    return out
+
+
+@dataclass(frozen=True)
+class VarianceProfile:
+    """``matrix[l, k]``: the contribution of the quantizers of FQT layer ``rows[l]`` to the
+    gradient variance of layer ``columns[k]``; the last row is the sampling variance.
+    Lower-triangular in forward order (PAPER.md §3): a layer's quantizers only reach its own
+    weight gradient and those of the layers below it."""
+
+    rows: list[str]
+    columns: list[str]
+    matrix: list[list[float]] = field(repr=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"rows": self.rows, "columns": self.columns, "matrix": self.matrix}
+
+
+def variance_profile(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batch | Iterable[Batch],
+    samples: int = 8,
+    sampling: GradientVariance | None = None,
+) -> VarianceProfile:
+    """Measure each FQT layer's contribution by quantizing its gradients alone (all others exact)
+    and reading the spread of every layer's gradient; ``L × samples`` backward passes per batch,
+    from one forward each. ``sampling`` adds the sampling row."""
+    layers = _require_fqt(model)
+    params = _Params.of(model)
+    batches = _as_batches(batches)
+    order = _forward_order(model, loss_fn, batches[0])
+    order += [n for n in layers if n not in order]
+    columns = list(dict.fromkeys(params.layers))  # registration order: forward order, usually
+    matrix = []
+    with _restored_buffers(model):
+        for name in order:
+            per_entry = sum(_draw(model, loss_fn, b, samples, params, keep=[name]).variance
+                            for b in batches) / len(batches)  # fmt: skip
+            per_layer = GradientVariance(params.per_parameter(per_entry),
+                                         dict(zip(params.names, params.layers, strict=True))
+                                         ).per_layer  # fmt: skip
+            matrix.append([per_layer.get(c, 0.0) for c in columns])
+    rows = list(order)
+    if sampling is not None:
+        rows.append("sampling")
+        matrix.append([sampling.per_layer.get(c, 0.0) for c in columns])
+    return VarianceProfile(rows, columns, matrix)

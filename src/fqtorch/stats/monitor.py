@@ -1,0 +1,76 @@
+"""A cheap in-training probe: the ratio of quantization to sampling variance per layer.
+
+FQT behaves like QAT while quantization variance is small against sampling variance (PAPER.md
+§3). Every K steps the training loop hands the current batch to :meth:`VarianceMonitor.measure`:
+the quantization variance comes from ``samples`` backward passes of one forward; the sampling
+variance of a size-N minibatch is estimated from ``m`` micro-batches of size N/m of the same batch,
+as ``Var[micro-batch gradient] / m`` (a minibatch mean of m independent micro-batch means).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .estimators import Batch, LossFn, _Forward, _Params, _restored_buffers, exact_backward
+from .estimators import quantization_variance as _quantization_variance
+
+__all__ = ["VarianceMonitor", "VarianceRatio"]
+
+
+@dataclass(frozen=True)
+class VarianceRatio:
+    """Quantization and (estimated) sampling variance per layer, and their ratio."""
+
+    quantization: dict[str, float]
+    sampling: dict[str, float]
+
+    @property
+    def ratio(self) -> dict[str, float]:
+        return {k: v / self.sampling[k] if self.sampling.get(k) else float("inf")
+                for k, v in self.quantization.items()}  # fmt: skip
+
+    @property
+    def total_ratio(self) -> float:
+        s = sum(self.sampling.values())
+        return sum(self.quantization.values()) / s if s else float("inf")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"total_ratio": self.total_ratio, "ratio": self.ratio,
+                "quantization": self.quantization, "sampling": self.sampling}  # fmt: skip
+
+
+class VarianceMonitor:
+    """Measure quantization/sampling variance ratios on training batches (see module doc)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, *, samples: int = 4,
+                 micro_batches: int = 4) -> None:  # fmt: skip
+        if micro_batches < 2:
+            raise ValueError(f"micro_batches must be >= 2, got {micro_batches}")
+        self.model, self.loss_fn = model, loss_fn
+        self.samples, self.micro_batches = samples, micro_batches
+
+    def _sampling(self, batch: Batch) -> dict[str, float]:
+        inputs, targets = batch
+        m = min(self.micro_batches, len(targets))
+        params = _Params.of(self.model)
+        with _restored_buffers(self.model), exact_backward(self.model):
+            grads = [_Forward(self.model, self.loss_fn, (x, y), params).gradient()
+                     for x, y in zip(inputs.chunk(m), targets.chunk(m), strict=True)]  # fmt: skip
+        stacked = torch.stack(grads)
+        per_entry = stacked.var(0) / len(grads)
+        per_param = params.per_parameter(per_entry)
+        out: dict[str, float] = {}
+        for name, layer in zip(params.names, params.layers, strict=True):
+            out[layer] = out.get(layer, 0.0) + per_param[name]
+        return out
+
+    def measure(self, batch: Batch) -> VarianceRatio:
+        was_training = self.model.training
+        quant = _quantization_variance(self.model, self.loss_fn, batch, self.samples).per_layer
+        sampling = self._sampling(batch)
+        self.model.train(was_training)
+        return VarianceRatio(quant, sampling)
