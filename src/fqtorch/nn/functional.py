@@ -162,6 +162,10 @@ class PlanSource(Protocol):
 
     def generator(self, device: torch.device) -> torch.Generator | None: ...
 
+    def on_grad_output(self, grad_output: Tensor) -> None:
+        """Called in backward with the ``grad_output`` the quantizers see (for measurements)."""
+        ...
+
 
 @dataclass(frozen=True)
 class FixedPlan:
@@ -172,6 +176,9 @@ class FixedPlan:
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         return self.fixed_generator
+
+    def on_grad_output(self, grad_output: Tensor) -> None:
+        pass
 
 
 def _quantize_grad(quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -214,6 +221,7 @@ class _FQTFunction(torch.autograd.Function):
         if plan.check_finite:
             _check_finite(grad_output, ctx.name)
         grad_output = grad_output.to(weight_q.dtype)
+        ctx.source.on_grad_output(grad_output)
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(grad_output.device.type, enabled=False):
             if need_input:

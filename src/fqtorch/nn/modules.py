@@ -8,7 +8,7 @@ layers, and successive backward passes of one layer, draw different noise.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -39,6 +39,7 @@ class FQTModule(nn.Module):
         self.plan = FQTPlan.from_config(config)
         self._seed = layer_seed(config.seed, name)
         self._generator: torch.Generator | None = None
+        self._grad_output_observers: list[Callable[[Tensor], None]] = []
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The layer's generator on ``device`` (created and seeded on first use there)."""
@@ -59,6 +60,20 @@ class FQTModule(nn.Module):
             yield
         finally:
             self.plan = saved
+
+    @contextmanager
+    def observe_grad_output(self, observer: Callable[[Tensor], None]) -> Iterator[None]:
+        """Within the block, ``observer(grad_output)`` sees every ``grad_output`` this layer's
+        backward quantizes (the 2-D ``(tokens, out)`` view for Linear)."""
+        self._grad_output_observers.append(observer)
+        try:
+            yield
+        finally:
+            self._grad_output_observers.remove(observer)
+
+    def on_grad_output(self, grad_output: Tensor) -> None:
+        for observer in self._grad_output_observers:
+            observer(grad_output)
 
     def reseed(self, seed: int) -> None:
         """Restart the layer's noise stream from ``seed`` (mixed with the layer's name)."""

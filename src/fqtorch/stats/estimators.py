@@ -11,6 +11,7 @@ total. The forward pass is deterministic, so one forward serves many stochastic 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
@@ -21,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from ..convert import fqt_modules
-from ..nn.modules import FQTLinear, FQTModule
+from ..nn.modules import FQTModule
 
 __all__ = [
     "BiasReport",
@@ -256,7 +257,8 @@ class BiasReport:
     batches: int
     z_rms: float
     z_max: float
-    suspect: str | None = None  # the topmost failing layer: where the bias enters
+    suspect: str | None = None  # the topmost failing layer
+    culprits: list[str] | None = None  # layers whose quantizers alone bias (check_unbiased)
 
     @property
     def passed(self) -> bool:
@@ -266,7 +268,12 @@ class BiasReport:
         return [layer.name for layer in self.layers if not layer.passed]
 
     def summary(self) -> str:
-        state = "passed" if self.passed else f"FAILED (suspect layer: {self.suspect!r})"
+        if self.passed:
+            state = "passed"
+        elif self.culprits is not None:
+            state = f"FAILED: the gradient quantizers of {self.culprits} are biased"
+        else:
+            state = f"FAILED (topmost biased gradient: layer {self.suspect!r})"
         return (f"unbiasedness check {state}: RMS z {self.z_rms:.3f}, max |z| {self.z_max:.2f} "
                 f"over {self.batches} batch(es) × {self.samples} backward passes")  # fmt: skip
 
@@ -374,6 +381,25 @@ def bias_test(
     return measure_quantization(model, loss_fn, batches, samples).bias
 
 
+def _isolate_culprits(model: nn.Module, loss_fn: LossFn, batches: list[Batch],
+                      samples: int) -> list[str]:  # fmt: skip
+    """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient."""
+    params = _Params.of(model)
+    culprits = []
+    with _restored_buffers(model):
+        for name in fqt_modules(model):
+            z2 = None
+            z_max = None
+            for b in batches:
+                z = _z_scores(_draw(model, loss_fn, b, samples, params, keep=[name]), params)
+                z2 = z.square() if z2 is None else z2 + z.square()
+                z_max = z.abs() if z_max is None else torch.maximum(z_max, z.abs())
+            report = _bias_report(params, z2 / len(batches), z_max, samples, len(batches), [])
+            if not report.passed:
+                culprits.append(name)
+    return culprits
+
+
 def check_unbiased(
     model: nn.Module,
     loss_fn: LossFn,
@@ -385,13 +411,18 @@ def check_unbiased(
     """Self-test: is this model's FQT gradient an unbiased estimate of its QAT gradient?
 
     ``batch`` is an ``(inputs, targets)`` pair or a list of them (several batches make the test
-    sharper). Returns a :class:`BiasReport` (``.passed``, per-layer z-scores); with
-    ``raise_on_failure`` a biased gradient raises :class:`BiasError` naming the layer where the
-    bias most likely enters (the topmost failing FQT layer).
+    sharper). Returns a :class:`BiasReport` (``.passed``, per-layer z-scores). When the test
+    fails, each FQT layer's quantizers are switched on alone to find the layers whose quantizers
+    introduce the bias (``report.culprits``); with ``raise_on_failure`` a biased gradient raises
+    :class:`BiasError` naming them.
     """
-    report = bias_test(model, loss_fn, batch, samples)
+    batches = _as_batches(batch)
+    report = bias_test(model, loss_fn, batches, samples)
+    if not report.passed:
+        culprits = _isolate_culprits(model, loss_fn, batches, samples)
+        report = dataclasses.replace(report, culprits=culprits)
     if raise_on_failure and not report.passed:
-        raise BiasError(f"{report.summary()}; failing layers: {report.failing()}")
+        raise BiasError(f"{report.summary()}; biased gradients in layers {report.failing()}")
     return report
 
 
@@ -406,11 +437,6 @@ class GradOutputError:
     bound: float
 
 
-def _grad_output_rows(layer: FQTModule, grad: Tensor) -> Tensor:
-    # The view the activation-gradient quantizer sees: tokens as rows for Linear.
-    return grad.reshape(-1, grad.shape[-1]) if isinstance(layer, FQTLinear) else grad
-
-
 def grad_output_errors(
     model: nn.Module, loss_fn: LossFn, batch: Batch, repeats: int = 8, seed: int = 0
 ) -> list[GradOutputError]:
@@ -418,28 +444,18 @@ def grad_output_errors(
     activation-gradient quantizer on it (``repeats`` draws) against the bound."""
     layers = _require_fqt(model)
     recorded: dict[str, Tensor] = {}
-
-    def recorder(name: str) -> Callable:
-        def hook(module: nn.Module, inputs: Any, output: Tensor) -> None:
-            if output.requires_grad:
-                output.register_hook(lambda g: recorded.__setitem__(name, g.detach()))
-
-        return hook
-
-    hooks = [m.register_forward_hook(recorder(n)) for n, m in layers.items()]
     params = _Params.of(model)
-    try:
-        with _restored_buffers(model):
-            _Forward(model, loss_fn, batch, params).gradient()
-    finally:
-        for h in hooks:
-            h.remove()
+    with ExitStack() as stack, _restored_buffers(model):
+        for name, layer in layers.items():
+            stack.enter_context(layer.observe_grad_output(
+                lambda g, name=name: recorded.__setitem__(name, g.detach())))  # fmt: skip
+        _Forward(model, loss_fn, batch, params).gradient()
     gen = torch.Generator(device=batch[0].device).manual_seed(seed)
     out = []
     for name, layer in layers.items():
         if name not in recorded:
             continue
-        grad = _grad_output_rows(layer, recorded[name]).float()
+        grad = recorded[name].float()
         q = layer.plan.grad_output
         err = sum(float((q(grad, gen) - grad).double().square().sum()) for _ in range(repeats))
         out.append(GradOutputError(name, repr(q), err / repeats, float(q.variance_bound(grad))))

@@ -271,9 +271,10 @@ class _Run:
         self.optimizer.zero_grad(set_to_none=True)
         loss = self._loss_fn(self.ddp(x), y)
         loss.backward()
+        loss = loss.detach()
         # After DDP's all-reduce every rank sees the same norm, so all take the same branch.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
-        if not (torch.isfinite(norm) and torch.isfinite(loss.detach())):
+        if not (torch.isfinite(norm) and torch.isfinite(loss)):
             if self.cfg.nonfinite == "stop":
                 raise TrainingError(
                     f"non-finite loss or gradient at epoch {self.epoch + 1}, step {self.step} "

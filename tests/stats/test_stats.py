@@ -1,0 +1,263 @@
+"""fqtorch.stats: closed forms, the decomposition, 4× per bit, the bias test, the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fqtorch
+from fqtorch import FQTConfig, quantize_model
+from fqtorch.models import build_model
+from fqtorch.quantizers import Quantizer, register_quantizer
+from fqtorch.quantizers.uniform import PerRow
+from fqtorch.stats import (
+    BiasError,
+    VarianceMonitor,
+    check_unbiased,
+    exact_backward,
+    grad_output_errors,
+    measure_quantization,
+    qat_gradient,
+    quantization_variance,
+    sampling_variance,
+    variance_profile,
+)
+
+
+def digits_batches(count: int, size: int = 32, seed: int = 0):
+    from fqtorch.data import build_datasets
+
+    spec = build_datasets("digits")
+    order = torch.randperm(len(spec.train), generator=torch.Generator().manual_seed(seed))
+    batches = []
+    for i in range(count):
+        idx = order[i * size : (i + 1) * size]
+        batches.append((torch.stack([spec.train[j][0] for j in idx]),
+                        torch.stack([spec.train[j][1] for j in idx])))  # fmt: skip
+    return batches
+
+
+def small_cnn(preset: str, **overrides) -> nn.Module:
+    torch.manual_seed(0)
+    return quantize_model(build_model("digits_cnn"), FQTConfig.preset(preset, **overrides)).train()
+
+
+def linear_loss(output, target):
+    return (output * target).sum()  # grad_output = target exactly
+
+
+class TestClosedForms:
+    """A single Linear layer with a known grad_output: the quantization variance of its weight
+    and bias gradients is computable exactly, ``Σ_r x_ri² Δ_o² f(1 − f)``."""
+
+    def test_single_linear_weight_branch(self):
+        gen = torch.Generator().manual_seed(0)
+        rows, fan_in, fan_out = 24, 5, 3
+        x = torch.randn(rows, fan_in, generator=gen)
+        g = torch.randn(rows, fan_out, generator=gen)
+        layer = nn.Sequential(nn.Linear(fan_in, fan_out))
+        cfg = FQTConfig(input_quantizer="identity", weight_quantizer="identity",
+                        grad_quantizer="identity", grad_weight_quantizer="per_column",
+                        grad_weight_bits=3)  # fmt: skip
+        quantize_model(layer, cfg)
+        low, high = g.amin(0), g.amax(0)
+        step = (high - low) / 7
+        frac = torch.frac((g - low) / step)
+        per_elem = (step**2 * frac * (1 - frac)).double()  # (rows, out) SR variance
+        expected_w = (x.double().square().T @ per_elem).sum()  # Σ_o Σ_i Σ_r x² var
+        expected_b = per_elem.sum()
+        var = quantization_variance(layer, linear_loss, [(x, g)], samples=4000)
+        se_rel = math.sqrt(2 / 4000)
+        assert var.per_parameter["0.weight"] == pytest.approx(float(expected_w), rel=5 * se_rel)
+        assert var.per_parameter["0.bias"] == pytest.approx(float(expected_b), rel=5 * se_rel)
+
+    def test_stochastic_rounding_of_uniform_values(self):
+        # Values uniform within their bins: E[(Q(x) − x)²] = Δ²·E[f(1 − f)] = Δ²/6.
+        q = fqtorch.get_quantizer("psq", 4)
+        gen = torch.Generator().manual_seed(1)
+        x = torch.rand(200, 64, generator=gen)
+        x[:, 0], x[:, 1] = 0.0, 1.0  # every row has range exactly 1
+        step = 1 / 15
+        err = torch.stack([(q(x, gen) - x)[:, 2:].square().mean() for _ in range(50)]).double()
+        assert float(err.mean()) == pytest.approx(step**2 / 6, rel=0.03)
+
+
+class TestDecomposition:
+    """PAPER.md §3: Var[FQT] = sampling variance + quantization variance, within sampling error
+    (the cross term has zero mean because the FQT gradient is unbiased)."""
+
+    def test_total_is_sampling_plus_quantization(self):
+        model = small_cnn("psq3")
+        batches = digits_batches(12)
+        full = digits_batches(40, size=32, seed=1)
+        sampling = sampling_variance(model, F.cross_entropy, batches, full_data=full)
+        params = [p for p in model.parameters()]
+
+        def flat(loss):
+            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params,
+                                                                         retain_graph=True)]).double()  # fmt: skip
+
+        with exact_backward(model):
+            g_full = sum(flat(F.cross_entropy(model(x), y)) for x, y in full) / len(full)
+        totals, quants, samps = [], [], []
+        for x, y in batches:
+            loss = F.cross_entropy(model(x), y)
+            with exact_backward(model):
+                g_qat = flat(loss)
+            for _ in range(6):
+                g = flat(loss)
+                totals.append(float((g - g_full).square().sum()))
+                quants.append(float((g - g_qat).square().sum()))
+            samps.append(float((g_qat - g_full).square().sum()))
+        # Buffers changed by these forwards do not matter: sampling_variance restored its own.
+        total = torch.tensor(totals, dtype=torch.float64)
+        quant = torch.tensor(quants, dtype=torch.float64).mean()
+        cross = total - torch.tensor(quants, dtype=torch.float64) - torch.tensor(samps).repeat_interleave(6)
+        se = cross.std() / math.sqrt(len(cross))
+        assert abs(float(total.mean() - quant - torch.tensor(samps).mean())) < 4 * float(se) + 1e-12
+        assert sampling.total == pytest.approx(float(torch.tensor(samps).mean()), rel=1e-6)
+
+    def test_quantization_variance_falls_four_times_per_bit(self):
+        batches = digits_batches(2)
+        var = {}
+        for bits in (4, 5, 6):
+            model = small_cnn(f"psq{bits}", grad_weight_bits=bits)
+            var[bits] = quantization_variance(model, F.cross_entropy, batches, samples=24).total
+        for b in (4, 5):
+            assert 2.8 < var[b] / var[b + 1] < 6.0, var  # ((2^(b+1) − 1)/(2^b − 1))² ≈ 4.1–4.5
+
+
+class ShiftedRounding(PerRow):
+    """A deliberately biased quantizer: stochastic rounding that rounds up too rarely."""
+
+    def encode(self, x, generator=None):
+        return super().encode(x - 0.05 * x.abs().amax(), generator)
+
+
+if "test_biased_sr" not in fqtorch.list_quantizers():
+    register_quantizer("test_biased_sr")(ShiftedRounding)
+
+
+class TestBiasCheck:
+    """check_unbiased passes every unbiased quantizer and catches biased ones, naming the layer."""
+
+    @pytest.mark.parametrize("preset", ["ptq4", "psq4", "bhq4", "bhq3"])
+    def test_unbiased_pass(self, preset):
+        report = check_unbiased(small_cnn(preset), F.cross_entropy, digits_batches(3), samples=24)
+        assert report.passed, report.summary()
+        assert 0.7 < report.z_rms < 1.3
+
+    def test_rht_passes(self):
+        model = small_cnn("qat", grad_quantizer="rht", grad_bits=4)
+        assert check_unbiased(model, F.cross_entropy, digits_batches(3), samples=24).passed
+
+    def test_nearest_rounding_fails(self):
+        model = small_cnn("psq2", grad_rounding="nearest")
+        report = check_unbiased(model, F.cross_entropy, digits_batches(2), samples=8)
+        assert not report.passed
+
+    def test_biased_stochastic_quantizer_is_named(self):
+        model = small_cnn("qat")
+        layer = "classifier.1"
+
+        def config(module, name):
+            if name == layer:
+                return FQTConfig(grad_quantizer="test_biased_sr", grad_bits=4,
+                                 grad_weight_quantizer="identity")  # fmt: skip
+            return FQTConfig(grad_quantizer="psq", grad_bits=4)
+
+        fqtorch.dequantize_model(model)
+        quantize_model(model, config)
+        with pytest.raises(BiasError, match=layer):
+            check_unbiased(model, F.cross_entropy, digits_batches(3), samples=24,
+                           raise_on_failure=True)  # fmt: skip
+
+    def test_needs_fqt_layers(self):
+        with pytest.raises(ValueError, match="no FQT layers"):
+            check_unbiased(build_model("digits_cnn"), F.cross_entropy, digits_batches(1))
+
+
+class TestEstimatorsLeaveModelAlone:
+    """Estimators restore BatchNorm buffers and never touch .grad."""
+
+    def test_no_side_effects(self):
+        model = small_cnn("bhq4")
+        buffers = {k: v.clone() for k, v in model.named_buffers()}
+        measure_quantization(model, F.cross_entropy, digits_batches(1), samples=3)
+        sampling_variance(model, F.cross_entropy, digits_batches(2))
+        qat_gradient(model, F.cross_entropy, digits_batches(1)[0])
+        for k, v in model.named_buffers():
+            assert torch.equal(v, buffers[k])
+        assert all(p.grad is None for p in model.parameters())
+
+
+class TestGradOutputAndProfile:
+    def test_grad_output_error_below_bound(self):
+        errors = grad_output_errors(small_cnn("ptq4"), F.cross_entropy, digits_batches(1)[0], 16)
+        assert {e.name for e in errors} == {"features.0", "features.3", "classifier.1", "classifier.3"}
+        for e in errors:
+            assert 0 < e.error <= e.bound * 1.1
+
+    def test_profile_is_lower_triangular(self):
+        model = small_cnn("psq4")
+        batches = digits_batches(1)
+        sampling = sampling_variance(model, F.cross_entropy, digits_batches(3))
+        profile = variance_profile(model, F.cross_entropy, batches, samples=4, sampling=sampling)
+        assert profile.rows == ["features.0", "features.3", "classifier.1", "classifier.3", "sampling"]
+        m = {(r, c): profile.matrix[i][j] for i, r in enumerate(profile.rows)
+             for j, c in enumerate(profile.columns)}  # fmt: skip
+        # A layer's quantizers reach only itself and the layers below it.
+        assert m[("features.3", "classifier.1")] == 0 and m[("features.0", "features.3")] == 0
+        assert m[("classifier.3", "features.0")] > 0 and m[("features.3", "features.3")] > 0
+
+
+def test_variance_monitor():
+    model = small_cnn("psq4")
+    ratio = VarianceMonitor(model, F.cross_entropy).measure(digits_batches(1, size=64)[0])
+    assert 0 < ratio.total_ratio < 1
+    assert set(ratio.ratio) >= {"features.0", "classifier.3"}
+    assert json.dumps(ratio.to_dict())
+
+
+def test_variance_cli_schema(tmp_path):
+    out = tmp_path / "v"
+    cmd = [sys.executable, "-m", "fqtorch", "variance", "--quantizers", "psq,bhq", "--bits", "4,6",
+           "--batches", "2", "--samples", "4", "--profile-samples", "2", "--full-batches", "2",
+           "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    data = json.loads((out / "variance.json").read_text())
+    assert set(data) == {"model", "dataset", "batch_size", "seed", "sampling_variance", "results"}
+    assert len(data["results"]) == 4
+    for r in data["results"]:
+        assert set(r) == {"quantizer", "bits", "quantization_variance", "bias_z_rms",
+                          "bias_z_max", "layers"}  # fmt: skip
+        for layer in r["layers"]:
+            assert set(layer) == {"name", "quantization_variance", "grad_output_error",
+                                  "grad_output_error_bound"}  # fmt: skip
+    assert (out / "variance_vs_bits.png").stat().st_size > 1000
+    assert (out / "variance_profile.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, "-m", "fqtorch", "variance", "--quantizers", "nope"],
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "known quantizers" in bad.stderr
+
+
+def test_train_logs_variance(tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "fqtorch", "train", "--epochs", "1", "--max-steps-per-epoch", "4",
+           "--variance-every", "2", "--quiet", "--out", str(out)]  # fmt: skip
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    lines = [json.loads(x) for x in (out / "variance.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines] == [2, 4]
+    assert lines[0]["total_ratio"] > 0 and "classifier.3" in lines[0]["ratio"]
+
+
+_ = Quantizer
