@@ -24,7 +24,12 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> 
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return {"median": statistics.median(times), "min": min(times), "max": max(times), "runs": repeats}
+    return {
+        "median": statistics.median(times),
+        "min": min(times),
+        "max": max(times),
+        "runs": repeats,
+    }
 
 
 def cpu_model() -> str:
@@ -39,7 +44,9 @@ def cpu_model() -> str:
 
 def git_commit() -> str:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        )
         return out.stdout.strip() or "unknown"
     except OSError:
         return "unknown"

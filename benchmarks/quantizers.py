@@ -14,10 +14,10 @@ import argparse
 import copy
 
 import torch
-from common import environment, median_seconds, write_json
 from torch import nn
 
 import fqtorch
+from common import environment, median_seconds, write_json
 
 
 def quantizer_times(rows: int, cols: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -47,25 +47,40 @@ def layer_step_times(rows: int, fan_in: int, fan_out: int, repeats: int) -> dict
     variants = {
         "fp32": (base, False),
         "bf16_autocast": (base, True),
-        "qat": (fqtorch.quantize_model(copy.deepcopy(base), fqtorch.FQTConfig.preset("qat")), False),
+        "qat": (
+            fqtorch.quantize_model(copy.deepcopy(base), fqtorch.FQTConfig.preset("qat")),
+            False,
+        ),
     }
     for name in ("ptq5", "psq5", "bhq5"):
         layer = fqtorch.quantize_model(copy.deepcopy(base), fqtorch.FQTConfig.preset(name))
         variants[f"fqt_simulate_{name}"] = (layer, False)
-    return {k: median_seconds(lambda m=m, a=a: step(m, a), repeats) for k, (m, a) in variants.items()}
+    return {
+        k: median_seconds(lambda m=m, a=a: step(m, a), repeats) for k, (m, a) in variants.items()
+    }
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=8192)
     parser.add_argument("--cols", type=int, default=4096)
-    parser.add_argument("--layer", type=int, nargs=3, default=[8192, 1024, 4096],
-                        metavar=("ROWS", "IN", "OUT"), help="Linear layer step shape")
+    parser.add_argument(
+        "--layer",
+        type=int,
+        nargs=3,
+        default=[8192, 1024, 4096],
+        metavar=("ROWS", "IN", "OUT"),
+        help="Linear layer step shape",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     env = environment()
-    print(f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}")
+    print(
+        f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}"
+    )
 
     quant = quantizer_times(args.rows, args.cols, args.repeats)
     psq = quant["psq"]["median"]
@@ -81,7 +96,9 @@ def main() -> None:
     for name, t in steps.items():
         m = t["median"]
         print(f"{name:<24}{m * 1e3:>10.1f}{m / qat:>10.2f}{m / fp32:>10.2f}")
-    write_json(args.json, {"environment": env, "args": vars(args), "quantize": quant, "layer_step": steps})
+    write_json(
+        args.json, {"environment": env, "args": vars(args), "quantize": quant, "layer_step": steps}
+    )
 
 
 if __name__ == "__main__":

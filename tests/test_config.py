@@ -18,8 +18,9 @@ class TestDefaults:
         assert cfg.is_qat and cfg.input_bits == cfg.weight_bits == 8
         assert cfg.input_quantizer == "ptq" and cfg.weight_quantizer == "symmetric"
 
-    @pytest.mark.parametrize("grad,weight_branch", [("ptq", "ptq"), ("psq", "per_column"),
-                                                    ("bhq", "per_column")])  # fmt: skip
+    @pytest.mark.parametrize(
+        "grad,weight_branch", [("ptq", "ptq"), ("psq", "per_column"), ("bhq", "per_column")]
+    )
     def test_weight_branch_default(self, grad, weight_branch):
         cfg = FQTConfig(grad_quantizer=grad, grad_bits=5)
         assert cfg.grad_weight_quantizer == weight_branch and cfg.grad_weight_bits == 8
@@ -59,7 +60,9 @@ class TestPresets:
 class TestValidation:
     """Bad fields fail at construction with what was expected."""
 
-    @pytest.mark.parametrize("field", ["input_bits", "weight_bits", "grad_bits", "grad_weight_bits"])
+    @pytest.mark.parametrize(
+        "field", ["input_bits", "weight_bits", "grad_bits", "grad_weight_bits"]
+    )
     @pytest.mark.parametrize("bits", [1, 9])
     def test_bits(self, field, bits):
         with pytest.raises(ValueError, match=f"{field} must be in 2..8"):

@@ -110,8 +110,14 @@ class TestQuantizeModel:
 
 
 def test_public_api_names():
-    for name in ("FQTConfig", "quantize_model", "dequantize_model", "register_quantizer",
-                 "get_quantizer", "list_quantizers"):  # fmt: skip
+    for name in (
+        "FQTConfig",
+        "quantize_model",
+        "dequantize_model",
+        "register_quantizer",
+        "get_quantizer",
+        "list_quantizers",
+    ):
         assert hasattr(fqtorch, name)
 
 

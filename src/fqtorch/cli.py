@@ -20,8 +20,9 @@ def _tqdm_progress(iterable: Iterable, total: int, description: str) -> Iterable
     from tqdm.auto import tqdm
 
     # disable=None: no bar when stderr is not a terminal (CI logs stay clean).
-    return tqdm(iterable, total=total, desc=description, leave=False, disable=None,
-                dynamic_ncols=True)  # fmt: skip
+    return tqdm(
+        iterable, total=total, desc=description, leave=False, disable=None, dynamic_ncols=True
+    )
 
 
 def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +54,9 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--dataset", choices=list_datasets())
     p.add_argument("--data-dir", help="where the data set lies (not needed for digits)")
     p.add_argument("--model", choices=list_models())
-    p.add_argument("--preset", help="an FQTConfig preset, or 'exact' for no quantization (default bhq5)")
+    p.add_argument(
+        "--preset", help="an FQTConfig preset, or 'exact' for no quantization (default bhq5)"
+    )
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int, help="per process")
     p.add_argument("--lr", type=float)
@@ -65,14 +68,21 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--out", metavar="DIR", help="run directory (default runs/latest)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out")
-    p.add_argument("--variance-every", type=int, metavar="K",
-                   help="every K steps, log the quantization/sampling variance ratio per layer")
+    p.add_argument(
+        "--variance-every",
+        type=int,
+        metavar="K",
+        help="every K steps, log the quantization/sampling variance ratio per layer",
+    )
     p.add_argument("--device", help="auto (default), cpu, cuda")
     p.add_argument("--block-size", type=int, help="context length for --dataset text")
     p.add_argument("--image-size", type=int, help="crop size for --dataset imagenet")
     p.add_argument("--workers", type=int, help="data loader worker processes")
-    p.add_argument("--nonfinite", choices=["stop", "skip"],
-                   help="on a NaN/Inf loss or gradient: stop the run (default) or skip the step")
+    p.add_argument(
+        "--nonfinite",
+        choices=["stop", "skip"],
+        help="on a NaN/Inf loss or gradient: stop the run (default) or skip the step",
+    )
     p.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     _add_fqt_flags(p)
@@ -85,8 +95,13 @@ def _run_train(args: argparse.Namespace) -> int:
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
     cfg = TrainConfig.from_dict(values)
     final = train(cfg, progress=_tqdm_progress)
-    log.info("final: val_acc %.4f val_loss %.4f after %d epochs -> %s",
-             final["val_acc"], final["val_loss"], final["epochs"], cfg.out)  # fmt: skip
+    log.info(
+        "final: val_acc %.4f val_loss %.4f after %d epochs -> %s",
+        final["val_acc"],
+        final["val_loss"],
+        final["epochs"],
+        cfg.out,
+    )
     return 0
 
 

@@ -2,7 +2,7 @@
 
     output      = input @ weight.T           forward:  Q_input(input), Q_weight(weight)
     grad_input  = grad_output @ weight       backward: Q_grad(grad_output)         (grad_bits)
-    grad_weight = grad_output.T @ input      backward: Q_grad_weight(grad_output)  (grad_weight_bits)
+    grad_weight = grad_output.T @ input      backward: Q_grad_weight(grad_output) (grad_weight_bits)
 
 One frozen dataclass, validated on construction, passed explicitly to every layer.
 """
@@ -80,7 +80,9 @@ class FQTConfig:
         if self.grad_weight_quantizer is not None:
             _check_quantizer("grad_weight_quantizer", self.grad_weight_quantizer)
         if self.grad_rounding not in ROUNDINGS:
-            raise ValueError(f"grad_rounding must be one of {ROUNDINGS}, got {self.grad_rounding!r}")
+            raise ValueError(
+                f"grad_rounding must be one of {ROUNDINGS}, got {self.grad_rounding!r}"
+            )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

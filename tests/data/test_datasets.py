@@ -15,8 +15,10 @@ def write_cifar(root, per_batch=6, batches=2):
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for name in [f"data_batch_{i}" for i in range(1, batches + 1)] + ["test_batch"]:
-        batch = {b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
-                 b"labels": rng.integers(0, 10, per_batch).tolist()}  # fmt: skip
+        batch = {
+            b"data": rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8),
+            b"labels": rng.integers(0, 10, per_batch).tolist(),
+        }
         with (root / name).open("wb") as f:
             pickle.dump(batch, f)
     return root
@@ -87,7 +89,7 @@ class TestImageFolder:
         write_imagefolder(tmp_path)
         spec = build_datasets("imagenet", tmp_path, image_size=16)
         assert spec.num_classes == 2 and len(spec.train) == 6
-        x, y = spec.train[0]
+        x, _ = spec.train[0]
         assert x.shape == (3, 16, 16)
         assert spec.val[0][0].shape == (3, 16, 16)
 

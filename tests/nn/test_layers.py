@@ -109,7 +109,10 @@ class TestQATEquivalence:
         cfg = FQTConfig.preset("qat")
         ref = nn.Linear(6, 4)
         fqt = FQTLinear(copy.deepcopy(ref), cfg)
-        qi, qw = get_quantizer("ptq", 8, rounding="nearest"), get_quantizer("symmetric", 8, rounding="nearest")
+        qi, qw = (
+            get_quantizer("ptq", 8, rounding="nearest"),
+            get_quantizer("symmetric", 8, rounding="nearest"),
+        )
 
         class FakeQuant(nn.Module):
             def __init__(self):
@@ -264,7 +267,9 @@ class TestDtypesAndLayouts:
         b = FQTConv2d(copy.deepcopy(conv), FQTConfig.preset("bhq4", seed=1), name="c")
         x = torch.randn(4, 3, 8, 8)
         ga = grads_of(a, x)
-        gb = grads_of(b.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last))
+        gb = grads_of(
+            b.to(memory_format=torch.channels_last), x.to(memory_format=torch.channels_last)
+        )
         assert_same(ga, gb)
 
     @pytest.mark.parametrize("n", [1, 2])

@@ -157,10 +157,16 @@ class TestVarianceBounds:
     def test_identity_bound_is_zero(self):
         assert get_quantizer("identity").variance_bound(torch.randn(3, 4)) == 0
 
-    @pytest.mark.parametrize("name,closed_form", [
-        ("ptq", lambda x, b: x.numel() * ((x.max() - x.min()) / (2**b - 1)) ** 2 / 4),
-        ("psq", lambda x, b: x.shape[1] * (((x.amax(1) - x.amin(1)) / (2**b - 1)) ** 2).sum() / 4),
-    ])  # fmt: skip
+    @pytest.mark.parametrize(
+        "name,closed_form",
+        [
+            ("ptq", lambda x, b: x.numel() * ((x.max() - x.min()) / (2**b - 1)) ** 2 / 4),
+            (
+                "psq",
+                lambda x, b: x.shape[1] * (((x.amax(1) - x.amin(1)) / (2**b - 1)) ** 2).sum() / 4,
+            ),
+        ],
+    )
     def test_bound_closed_forms(self, name, closed_form):
         x = heavy_rows(8, 12)
         torch.testing.assert_close(get_quantizer(name, 5).variance_bound(x), closed_form(x, 5))
@@ -211,7 +217,9 @@ class TestBlockHouseholder:
 
     def test_at_most_two_rows_is_psq(self):
         x = heavy_rows(2, 30)
-        torch.testing.assert_close(get_quantizer("bhq", 4)(x, gen()), get_quantizer("psq", 4)(x, gen()))
+        torch.testing.assert_close(
+            get_quantizer("bhq", 4)(x, gen()), get_quantizer("psq", 4)(x, gen())
+        )
 
 
 class TestNonFinite:

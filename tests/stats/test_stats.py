@@ -39,8 +39,12 @@ def digits_batches(count: int, size: int = 32, seed: int = 0):
     batches = []
     for i in range(count):
         idx = order[i * size : (i + 1) * size]
-        batches.append((torch.stack([spec.train[j][0] for j in idx]),
-                        torch.stack([spec.train[j][1] for j in idx])))  # fmt: skip
+        batches.append(
+            (
+                torch.stack([spec.train[j][0] for j in idx]),
+                torch.stack([spec.train[j][1] for j in idx]),
+            )
+        )
     return batches
 
 
@@ -63,9 +67,13 @@ class TestClosedForms:
         x = torch.randn(rows, fan_in, generator=gen)
         g = torch.randn(rows, fan_out, generator=gen)
         layer = nn.Sequential(nn.Linear(fan_in, fan_out))
-        cfg = FQTConfig(input_quantizer="identity", weight_quantizer="identity",
-                        grad_quantizer="identity", grad_weight_quantizer="per_column",
-                        grad_weight_bits=3)  # fmt: skip
+        cfg = FQTConfig(
+            input_quantizer="identity",
+            weight_quantizer="identity",
+            grad_quantizer="identity",
+            grad_weight_quantizer="per_column",
+            grad_weight_bits=3,
+        )
         quantize_model(layer, cfg)
         low, high = g.amin(0), g.amax(0)
         step = (high - low) / 7
@@ -101,8 +109,9 @@ class TestDecomposition:
         params = [p for p in model.parameters()]
 
         def flat(loss):
-            return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, params,
-                                                                         retain_graph=True)]).double()  # fmt: skip
+            return torch.cat(
+                [g.reshape(-1) for g in torch.autograd.grad(loss, params, retain_graph=True)]
+            ).double()
 
         with exact_backward(model):
             g_full = sum(flat(F.cross_entropy(model(x), y)) for x, y in full) / len(full)
@@ -119,7 +128,11 @@ class TestDecomposition:
         # Buffers changed by these forwards do not matter: sampling_variance restored its own.
         total = torch.tensor(totals, dtype=torch.float64)
         quant = torch.tensor(quants, dtype=torch.float64).mean()
-        cross = total - torch.tensor(quants, dtype=torch.float64) - torch.tensor(samps).repeat_interleave(6)
+        cross = (
+            total
+            - torch.tensor(quants, dtype=torch.float64)
+            - torch.tensor(samps).repeat_interleave(6)
+        )
         se = cross.std() / math.sqrt(len(cross))
         assert abs(float(total.mean() - quant - torch.tensor(samps).mean())) < 4 * float(se) + 1e-12
         assert sampling.total == pytest.approx(float(torch.tensor(samps).mean()), rel=1e-6)
@@ -169,15 +182,17 @@ class TestBiasCheck:
 
         def config(module, name):
             if name == layer:
-                return FQTConfig(grad_quantizer="test_biased_sr", grad_bits=4,
-                                 grad_weight_quantizer="identity")  # fmt: skip
+                return FQTConfig(
+                    grad_quantizer="test_biased_sr", grad_bits=4, grad_weight_quantizer="identity"
+                )
             return FQTConfig(grad_quantizer="psq", grad_bits=4)
 
         fqtorch.dequantize_model(model)
         quantize_model(model, config)
         with pytest.raises(BiasError, match=layer):
-            check_unbiased(model, F.cross_entropy, digits_batches(3), samples=24,
-                           raise_on_failure=True)  # fmt: skip
+            check_unbiased(
+                model, F.cross_entropy, digits_batches(3), samples=24, raise_on_failure=True
+            )
 
     def test_needs_fqt_layers(self):
         with pytest.raises(ValueError, match="no FQT layers"):
@@ -201,7 +216,12 @@ class TestEstimatorsLeaveModelAlone:
 class TestGradOutputAndProfile:
     def test_grad_output_error_below_bound(self):
         errors = grad_output_errors(small_cnn("ptq4"), F.cross_entropy, digits_batches(1)[0], 16)
-        assert {e.name for e in errors} == {"features.0", "features.3", "classifier.1", "classifier.3"}
+        assert {e.name for e in errors} == {
+            "features.0",
+            "features.3",
+            "classifier.1",
+            "classifier.3",
+        }
         for e in errors:
             assert 0 < e.error <= e.bound * 1.1
 
@@ -210,9 +230,18 @@ class TestGradOutputAndProfile:
         batches = digits_batches(1)
         sampling = sampling_variance(model, F.cross_entropy, digits_batches(3))
         profile = variance_profile(model, F.cross_entropy, batches, samples=4, sampling=sampling)
-        assert profile.rows == ["features.0", "features.3", "classifier.1", "classifier.3", "sampling"]
-        m = {(r, c): profile.matrix[i][j] for i, r in enumerate(profile.rows)
-             for j, c in enumerate(profile.columns)}  # fmt: skip
+        assert profile.rows == [
+            "features.0",
+            "features.3",
+            "classifier.1",
+            "classifier.3",
+            "sampling",
+        ]
+        m = {
+            (r, c): profile.matrix[i][j]
+            for i, r in enumerate(profile.rows)
+            for j, c in enumerate(profile.columns)
+        }
         # A layer's quantizers reach only itself and the layers below it.
         assert m[("features.3", "classifier.1")] == 0 and m[("features.0", "features.3")] == 0
         assert m[("classifier.3", "features.0")] > 0 and m[("features.3", "features.3")] > 0
@@ -228,31 +257,74 @@ def test_variance_monitor():
 
 def test_variance_cli_schema(tmp_path):
     out = tmp_path / "v"
-    cmd = [sys.executable, "-m", "fqtorch", "variance", "--quantizers", "psq,bhq", "--bits", "4,6",
-           "--batches", "2", "--samples", "4", "--profile-samples", "2", "--full-batches", "2",
-           "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "fqtorch",
+        "variance",
+        "--quantizers",
+        "psq,bhq",
+        "--bits",
+        "4,6",
+        "--batches",
+        "2",
+        "--samples",
+        "4",
+        "--profile-samples",
+        "2",
+        "--full-batches",
+        "2",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     data = json.loads((out / "variance.json").read_text())
     assert set(data) == {"model", "dataset", "batch_size", "seed", "sampling_variance", "results"}
     assert len(data["results"]) == 4
     for r in data["results"]:
-        assert set(r) == {"quantizer", "bits", "quantization_variance", "bias_z_rms",
-                          "bias_z_max", "layers"}  # fmt: skip
+        assert set(r) == {
+            "quantizer",
+            "bits",
+            "quantization_variance",
+            "bias_z_rms",
+            "bias_z_max",
+            "layers",
+        }
         for layer in r["layers"]:
-            assert set(layer) == {"name", "quantization_variance", "grad_output_error",
-                                  "grad_output_error_bound"}  # fmt: skip
+            assert set(layer) == {
+                "name",
+                "quantization_variance",
+                "grad_output_error",
+                "grad_output_error_bound",
+            }
     assert (out / "variance_vs_bits.png").stat().st_size > 1000
     assert (out / "variance_profile.png").stat().st_size > 1000
-    bad = subprocess.run([sys.executable, "-m", "fqtorch", "variance", "--quantizers", "nope"],
-                         capture_output=True, text=True)  # fmt: skip
+    bad = subprocess.run(
+        [sys.executable, "-m", "fqtorch", "variance", "--quantizers", "nope"],
+        capture_output=True,
+        text=True,
+    )
     assert bad.returncode == 2 and "known quantizers" in bad.stderr
 
 
 def test_train_logs_variance(tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fqtorch", "train", "--epochs", "1", "--max-steps-per-epoch", "4",
-           "--variance-every", "2", "--quiet", "--out", str(out)]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "fqtorch",
+        "train",
+        "--epochs",
+        "1",
+        "--max-steps-per-epoch",
+        "4",
+        "--variance-every",
+        "2",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(x) for x in (out / "variance.jsonl").read_text().splitlines()]

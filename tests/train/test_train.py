@@ -21,8 +21,13 @@ ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
 def fqtorch_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, "-m", "fqtorch", *args], capture_output=True,
-                            text=True, env=ENV, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-m", "fqtorch", *args],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"fqtorch {' '.join(args)} failed:\n{result.stderr[-3000:]}")
     return result
@@ -52,8 +57,22 @@ class TestEndToEnd:
     def test_text_corpus(self, tmp_path):
         corpus = write_text(tmp_path / "corpus.txt", chars=6000)
         out = tmp_path / "lm"
-        fqtorch_cli("train", "--dataset", "text", "--data-dir", str(corpus), "--epochs", "1",
-                    "--block-size", "32", "--batch-size", "8", "--out", str(out), "--quiet")  # fmt: skip
+        fqtorch_cli(
+            "train",
+            "--dataset",
+            "text",
+            "--data-dir",
+            str(corpus),
+            "--epochs",
+            "1",
+            "--block-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--out",
+            str(out),
+            "--quiet",
+        )
         final = json.loads((out / "final.json").read_text())
         assert 0 < final["val_acc"] <= 1 and final["val_loss"] > 0
 
@@ -61,16 +80,38 @@ class TestEndToEnd:
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text("epochs: 3\nlr: 0.02\ngrad_quantizer: psq\ngrad_bits: 4\npreset: qat\n")
         out = tmp_path / "run"
-        fqtorch_cli("train", "--config", str(cfg), "--epochs", "1", "--grad-bits", "6",
-                    "--out", str(out), "--quiet", "--max-steps-per-epoch", "3")  # fmt: skip
+        fqtorch_cli(
+            "train",
+            "--config",
+            str(cfg),
+            "--epochs",
+            "1",
+            "--grad-bits",
+            "6",
+            "--out",
+            str(out),
+            "--quiet",
+            "--max-steps-per-epoch",
+            "3",
+        )
         resolved = json.loads((out / "config.json").read_text())
         assert resolved["config"]["epochs"] == 1 and resolved["config"]["lr"] == 0.02
         assert resolved["fqt"]["grad_quantizer"] == "psq" and resolved["fqt"]["grad_bits"] == 6
 
     def test_exact_preset_is_float(self, tmp_path):
         out = tmp_path / "run"
-        fqtorch_cli("train", "--preset", "exact", "--epochs", "1", "--out", str(out), "--quiet",
-                    "--max-steps-per-epoch", "3")  # fmt: skip
+        fqtorch_cli(
+            "train",
+            "--preset",
+            "exact",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+            "--max-steps-per-epoch",
+            "3",
+        )
         assert json.loads((out / "config.json").read_text())["fqt"] is None
 
     def test_help_lists_models(self):
@@ -85,16 +126,20 @@ class TestErrors:
     def test_bad_values(self, tmp_path):
         r = fqtorch_cli("train", "--grad-bits", "9", "--out", str(tmp_path / "x"), check=False)
         assert r.returncode == 2 and "grad_bits must be in 2..8" in r.stderr
-        r = fqtorch_cli("train", "--grad-quantizer", "nope", "--out", str(tmp_path / "x"),
-                        check=False)  # fmt: skip
+        r = fqtorch_cli(
+            "train", "--grad-quantizer", "nope", "--out", str(tmp_path / "x"), check=False
+        )
         assert r.returncode == 2 and "known quantizers" in r.stderr
-        r = fqtorch_cli("train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"),
-                        check=False)  # fmt: skip
+        r = fqtorch_cli(
+            "train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), check=False
+        )
         assert r.returncode == 2 and "does not exist" in r.stderr
 
     def test_existing_run_is_not_overwritten(self, tmp_path):
         out = tmp_path / "run"
-        fqtorch_cli("train", "--epochs", "1", "--out", str(out), "--quiet", "--max-steps-per-epoch", "2")
+        fqtorch_cli(
+            "train", "--epochs", "1", "--out", str(out), "--quiet", "--max-steps-per-epoch", "2"
+        )
         before = (out / "checkpoint.pt").read_bytes()
         r = fqtorch_cli("train", "--epochs", "1", "--out", str(out), check=False)
         assert r.returncode == 2 and "--resume" in r.stderr
@@ -108,11 +153,30 @@ class TestErrors:
         assert r.returncode == 2 and "truncated or corrupt" in r.stderr
 
     def test_nonfinite_loss_stops_or_skips(self, tmp_path):
-        r = fqtorch_cli("train", "--lr", "1e30", "--epochs", "1", "--out", str(tmp_path / "a"),
-                        "--quiet", check=False)  # fmt: skip
+        r = fqtorch_cli(
+            "train",
+            "--lr",
+            "1e30",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "a"),
+            "--quiet",
+            check=False,
+        )
         assert r.returncode == 2 and "non-finite loss or gradient" in r.stderr
-        fqtorch_cli("train", "--lr", "1e30", "--epochs", "1", "--out", str(tmp_path / "b"),
-                    "--quiet", "--nonfinite", "skip")  # fmt: skip
+        fqtorch_cli(
+            "train",
+            "--lr",
+            "1e30",
+            "--epochs",
+            "1",
+            "--out",
+            str(tmp_path / "b"),
+            "--quiet",
+            "--nonfinite",
+            "skip",
+        )
         assert read_metrics(tmp_path / "b")[0]["skipped_steps"] > 0
 
 
@@ -122,8 +186,14 @@ class TestCheckpoint:
 
     def test_roundtrip_and_failed_write(self, tmp_path):
         path = tmp_path / "ck.pt"
-        state = {"model": {"w": torch.ones(2)}, "optimizer": {}, "scheduler": {}, "epoch": 1,
-                 "step": 3, "rng": {"torch": torch.get_rng_state()}}  # fmt: skip
+        state = {
+            "model": {"w": torch.ones(2)},
+            "optimizer": {},
+            "scheduler": {},
+            "epoch": 1,
+            "step": 3,
+            "rng": {"torch": torch.get_rng_state()},
+        }
         save_checkpoint(state, path)
         assert load_checkpoint(path)["step"] == 3
         with pytest.raises(Exception):  # noqa: B017 - a lambda cannot be pickled
@@ -133,8 +203,9 @@ class TestCheckpoint:
 
     def test_truncated_and_foreign(self, tmp_path):
         path = tmp_path / "ck.pt"
-        save_checkpoint({"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 0,
-                         "rng": {}}, path)  # fmt: skip
+        save_checkpoint(
+            {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 0, "rng": {}}, path
+        )
         path.write_bytes(path.read_bytes()[:40])
         with pytest.raises(CheckpointError, match="truncated or corrupt"):
             load_checkpoint(path)
@@ -150,8 +221,12 @@ def test_sigkill_and_resume_match_uninterrupted(tmp_path):
     args = ["train", "--epochs", "4", "--quiet", "--seed", "3"]
     fqtorch_cli(*args, "--out", str(tmp_path / "full"))
     out = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "fqtorch", *args, "--out", str(out)], env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fqtorch", *args, "--out", str(out)],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 300
     while time.time() < deadline:
         metrics = out / "metrics.jsonl"
@@ -165,18 +240,37 @@ def test_sigkill_and_resume_match_uninterrupted(tmp_path):
     full = json.loads((tmp_path / "full" / "final.json").read_text())
     resumed = json.loads((out / "final.json").read_text())
     assert resumed["val_acc"] == full["val_acc"] and resumed["val_loss"] == full["val_loss"]
-    assert [m["val_loss"] for m in read_metrics(out)] == [m["val_loss"] for m in read_metrics(tmp_path / "full")]
+    assert [m["val_loss"] for m in read_metrics(out)] == [
+        m["val_loss"] for m in read_metrics(tmp_path / "full")
+    ]
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-                    reason="torchrun not installed")  # fmt: skip
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
+    reason="torchrun not installed",
+)
 def test_ddp_two_processes_stay_in_sync(tmp_path):
     """torchrun with 2 CPU processes (gloo): both ranks end with identical parameters."""
     torchrun = str(Path(sys.executable).with_name("torchrun"))
     out = tmp_path / "ddp"
-    cmd = [torchrun, "--standalone", "--nproc_per_node", "2", "-m", "fqtorch", "train",
-           "--epochs", "2", "--max-steps-per-epoch", "6", "--batch-size", "32", "--quiet",
-           "--out", str(out)]  # fmt: skip
+    cmd = [
+        torchrun,
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        "-m",
+        "fqtorch",
+        "train",
+        "--epochs",
+        "2",
+        "--max-steps-per-epoch",
+        "6",
+        "--batch-size",
+        "32",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     final = json.loads((out / "final.json").read_text())

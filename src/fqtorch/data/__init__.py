@@ -9,6 +9,6 @@
 - ``text``: a character corpus, one ``.txt`` file or a folder of them; 90/10 split.
 """
 
-from .datasets import DataSpec, DatasetError, build_datasets, list_datasets
+from .datasets import DatasetError, DataSpec, build_datasets, list_datasets
 
 __all__ = ["DataSpec", "DatasetError", "build_datasets", "list_datasets"]

@@ -142,10 +142,16 @@ def _cifar10(data_dir: Path | None, seed: int) -> DataSpec:
     layout = "data_batch_1 .. data_batch_5 and test_batch (the CIFAR-10 python version)"
     if data_dir is None:
         raise DatasetError(f"--dataset cifar10 needs --data-dir holding {layout}")
-    root = data_dir / "cifar-10-batches-py" if (data_dir / "cifar-10-batches-py").is_dir() else data_dir
+    root = (
+        data_dir / "cifar-10-batches-py"
+        if (data_dir / "cifar-10-batches-py").is_dir()
+        else data_dir
+    )
     train_files = sorted(root.glob("data_batch_*"))
     if not train_files or not (root / "test_batch").is_file():
-        raise DatasetError(f"{root} must hold {layout}; found {sorted(p.name for p in root.glob('*'))[:10]}")
+        raise DatasetError(
+            f"{root} must hold {layout}; found {sorted(p.name for p in root.glob('*'))[:10]}"
+        )
     parts = [_read_cifar_batch(p) for p in train_files]
     train_x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     train_y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
@@ -201,14 +207,18 @@ class ImageFolder(Augmented):
         with Image.open(path) as img:
             img = img.convert("RGB")
             if self.augment:
-                img = img.resize((self.size, self.size), Image.BILINEAR, box=self._crop_box(*img.size))
+                img = img.resize(
+                    (self.size, self.size), Image.BILINEAR, box=self._crop_box(*img.size)
+                )
                 if self._uniform() < 0.5:
                     img = img.transpose(Image.FLIP_LEFT_RIGHT)
             else:
                 short = round(self.size * 256 / 224)
                 w, h = img.size
                 scale = short / min(w, h)
-                img = img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR)
+                img = img.resize(
+                    (max(1, round(w * scale)), max(1, round(h * scale))), Image.BILINEAR
+                )
                 w, h = img.size
                 left, top = (w - self.size) // 2, (h - self.size) // 2
                 img = img.crop((left, top, left + self.size, top + self.size))
@@ -224,7 +234,9 @@ def _imagenet(data_dir: Path | None, seed: int, size: int) -> DataSpec:
     try:
         import PIL  # noqa: F401
     except ImportError as exc:
-        raise DatasetError("--dataset imagenet needs Pillow: pip install 'fqtorch[vision]'") from exc
+        raise DatasetError(
+            "--dataset imagenet needs Pillow: pip install 'fqtorch[vision]'"
+        ) from exc
     train_root, val_root = data_dir / "train", data_dir / "val"
     if not train_root.is_dir() or not val_root.is_dir():
         raise DatasetError(f"{data_dir} must hold {layout}")

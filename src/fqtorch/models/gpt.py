@@ -44,8 +44,15 @@ class Block(nn.Module):
 
 
 class CharGPT(nn.Module):
-    def __init__(self, vocab_size: int, block_size: int = 64, dim: int = 128, layers: int = 4,
-                 heads: int = 4, dropout: float = 0.0) -> None:  # fmt: skip
+    def __init__(
+        self,
+        vocab_size: int,
+        block_size: int = 64,
+        dim: int = 128,
+        layers: int = 4,
+        heads: int = 4,
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         if dim % heads:
             raise ValueError(f"dim ({dim}) must be a multiple of heads ({heads})")
@@ -57,7 +64,7 @@ class CharGPT(nn.Module):
         self.head = nn.Linear(dim, vocab_size, bias=False)
 
     def forward(self, idx: Tensor) -> Tensor:
-        n, t = idx.shape
+        t = idx.shape[1]
         if t > self.block_size:
             raise ValueError(f"sequence length {t} exceeds block_size {self.block_size}")
         pos = self.position.weight[:t]  # (T, D)
@@ -66,6 +73,13 @@ class CharGPT(nn.Module):
 
 
 @register_model("char_gpt", task="text", summary="small GPT-style character language model")
-def char_gpt(num_classes: int = 128, block_size: int = 64, dim: int = 128, layers: int = 4,
-             heads: int = 4, dropout: float = 0.0, **_: object) -> nn.Module:  # fmt: skip
+def char_gpt(
+    num_classes: int = 128,
+    block_size: int = 64,
+    dim: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    dropout: float = 0.0,
+    **_: object,
+) -> nn.Module:
     return CharGPT(num_classes, block_size, dim, layers, heads, dropout)

@@ -113,8 +113,9 @@ def _downsample(in_planes: int, out_planes: int, stride: int) -> nn.Module | Non
 
 
 class ResNet(nn.Module):
-    def __init__(self, block: type, counts: tuple[int, ...], num_classes: int = 1000,
-                 in_channels: int = 3) -> None:  # fmt: skip
+    def __init__(
+        self, block: type, counts: tuple[int, ...], num_classes: int = 1000, in_channels: int = 3
+    ) -> None:
         super().__init__()
         self.stem = nn.Sequential(
             nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False),  # (N, 64, 112, 112)

@@ -117,9 +117,18 @@ class ConvOps:
     def _backward(self, grad_output: Tensor, input: Tensor, weight: Tensor, which: int) -> Tensor:
         mask = [which == 0, which == 1, False]
         grads = torch.ops.aten.convolution_backward(
-            grad_output, input, weight, None, self.stride, self.padding, self.dilation,
-            False, [0] * len(self.stride), self.groups, mask,
-        )  # fmt: skip
+            grad_output,
+            input,
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0] * len(self.stride),
+            self.groups,
+            mask,
+        )
         return grads[which]
 
     def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:

@@ -140,8 +140,16 @@ class _FQTConvNd(FQTModule):
 
     def __init__(self, source: nn.Conv1d | nn.Conv2d, config: FQTConfig, name: str = "") -> None:
         super().__init__(config, name)
-        for attr in ("in_channels", "out_channels", "kernel_size", "stride", "padding",
-                     "dilation", "groups", "padding_mode"):  # fmt: skip
+        for attr in (
+            "in_channels",
+            "out_channels",
+            "kernel_size",
+            "stride",
+            "padding",
+            "dilation",
+            "groups",
+            "padding_mode",
+        ):
             setattr(self, attr, getattr(source, attr))
         self._pre_pad = list(source._reversed_padding_repeated_twice)
         self.weight = source.weight
@@ -189,9 +197,17 @@ class _FQTConvNd(FQTModule):
     def to_float(self) -> nn.Module:
         """The plain convolution on the same Parameters."""
         layer = self._float_type(
-            self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
-            self.dilation, self.groups, self.bias is not None, self.padding_mode, device="meta",
-        )  # fmt: skip
+            self.in_channels,
+            self.out_channels,
+            self.kernel_size,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.groups,
+            self.bias is not None,
+            self.padding_mode,
+            device="meta",
+        )
         layer.weight = self.weight
         layer.bias = self.bias
         return layer.train(self.training)

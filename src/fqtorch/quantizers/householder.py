@@ -6,9 +6,9 @@ rounding, so the group's independent rounding noises average out. With ``T`` tha
 ``Q(x) = T⁻¹ PSQ(T x)``, which is unbiased because ``T`` is a fixed (data-dependent but
 noise-independent) invertible map.
 
-``T = Pᵀ · blockdiag(H_n) · P · diag(s)`` is applied structurally, never as a dense N×N matrix: a row
-scaling, then per group ``x − 2v(vᵀx)/‖v‖²`` computed from group sums (``index_add``), so a transform
-costs a few passes over the N×D tensor, and nothing loops in Python or syncs with the device.
+``T = Pᵀ · blockdiag(H_n) · P · diag(s)`` is applied structurally, never as a dense N×N matrix:
+a row scaling, then per group ``x − 2v(vᵀx)/‖v‖²`` computed from group sums (``index_add``), so a
+transform costs a few passes over the N×D tensor; nothing loops in Python or syncs with the device.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class BlockHouseholderTransform:
         return self.reflect(y).div_(self.row_scale[:, None])
 
     def inverse_column_norms_sq(self) -> Tensor:
-        """``‖T⁻¹ e_i‖² = Σ_r (δ_ri − gain·v_r·v_i)² / s_r²`` from group sums, for every row ``i``."""
+        """``‖T⁻¹ e_i‖² = Σ_r (δ_ri − gain·v_r·v_i)² / s_r²`` from group sums, per row ``i``."""
         inv_s2 = self.row_scale.reciprocal().square()
         group_sum = torch.zeros_like(inv_s2).index_add_(0, self.group, self.v.square() * inv_s2)
         v2 = self.v.square()

@@ -106,9 +106,7 @@ class _Uniform(Quantizer):
             absmax = torch.maximum(-low, high)
             codes, scale, bias = symmetric_encode(x2d, absmax, self.bits, self.rounding, generator)
         else:
-            codes, scale, bias = affine_encode(
-                x2d, low, high, self.bits, self.rounding, generator
-            )
+            codes, scale, bias = affine_encode(x2d, low, high, self.bits, self.rounding, generator)
         return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype)
 
     def variance_bound(self, x: Tensor) -> Tensor:

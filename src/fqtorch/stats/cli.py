@@ -52,13 +52,22 @@ def add_variance_parser(sub: Any) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=4, help="minibatches measured")
     p.add_argument("--samples", type=int, default=16, help="FQT backward passes per minibatch")
-    p.add_argument("--full-batches", type=int, default=None,
-                   help="cap on the batches used for the full-data gradient (default: all)")
-    p.add_argument("--profile", default=None, metavar="QUANTIZER:BITS",
-                   help="configuration of the variance profile (default: first quantizer, "
-                   "fewest bits)")
+    p.add_argument(
+        "--full-batches",
+        type=int,
+        default=None,
+        help="cap on the batches used for the full-data gradient (default: all)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        metavar="QUANTIZER:BITS",
+        help="configuration of the variance profile (default: first quantizer, fewest bits)",
+    )
     p.add_argument("--profile-samples", type=int, default=8)
-    p.add_argument("--checkpoint", help="a checkpoint.pt of fqtorch train, to measure a trained model")
+    p.add_argument(
+        "--checkpoint", help="a checkpoint.pt of fqtorch train, to measure a trained model"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=int, default=64)
@@ -107,12 +116,15 @@ def _measure_config(model: nn.Module, cfg: FQTConfig, batches: list, samples: in
         report = measure_quantization(model, _loss, batches, samples)
         errors = {e.name: e for e in grad_output_errors(model, _loss, batches[0])}
         per_layer = report.variance.per_layer
-        layers = [{
-            "name": name,
-            "quantization_variance": per_layer.get(name, 0.0),
-            "grad_output_error": errors[name].error if name in errors else 0.0,
-            "grad_output_error_bound": errors[name].bound if name in errors else 0.0,
-        } for name in fqt_modules(model)]  # fmt: skip
+        layers = [
+            {
+                "name": name,
+                "quantization_variance": per_layer.get(name, 0.0),
+                "grad_output_error": errors[name].error if name in errors else 0.0,
+                "grad_output_error_bound": errors[name].bound if name in errors else 0.0,
+            }
+            for name in fqt_modules(model)
+        ]
     finally:
         dequantize_model(model)
     return {
@@ -141,11 +153,17 @@ def run_variance(args: argparse.Namespace) -> int:
     start = time.perf_counter()
 
     gen = torch.Generator().manual_seed(args.seed)
-    loader = DataLoader(spec.train, args.batch_size, drop_last=True,
-                        sampler=RandomSampler(spec.train, generator=gen))  # fmt: skip
+    loader = DataLoader(
+        spec.train,
+        args.batch_size,
+        drop_last=True,
+        sampler=RandomSampler(spec.train, generator=gen),
+    )
     if len(loader) < args.batches:
-        raise ValueError(f"--batches {args.batches} × --batch-size {args.batch_size} exceeds the "
-                         f"{len(spec.train)} training samples")  # fmt: skip
+        raise ValueError(
+            f"--batches {args.batches} × --batch-size {args.batch_size} exceeds the "
+            f"{len(spec.train)} training samples"
+        )
     device = torch.device(args.device)
     batches = []
     for x, y in loader:
@@ -153,26 +171,47 @@ def run_variance(args: argparse.Namespace) -> int:
         if len(batches) == args.batches:
             break
     full = DataLoader(spec.train, 256)
-    full_batches = [(x.to(device), y.to(device)) for i, (x, y) in enumerate(full)
-                    if args.full_batches is None or i < args.full_batches]  # fmt: skip
+    full_batches = [
+        (x.to(device), y.to(device))
+        for i, (x, y) in enumerate(full)
+        if args.full_batches is None or i < args.full_batches
+    ]
 
     quantize_model(model, FQTConfig.preset("qat", seed=args.seed))
     sampling = sampling_variance(model, _loss, batches, full_data=full_batches)
     dequantize_model(model)
-    log.info("sampling variance %.4g (%d minibatches of %d)", sampling.total, len(batches),
-             args.batch_size)  # fmt: skip
+    log.info(
+        "sampling variance %.4g (%d minibatches of %d)",
+        sampling.total,
+        len(batches),
+        args.batch_size,
+    )
 
     results = []
-    log.info("%-8s %4s %14s %10s %10s %8s", "quant", "bits", "quant. var", "/ sampling", "RMS z",
-             "max |z|")  # fmt: skip
+    log.info(
+        "%-8s %4s %14s %10s %10s %8s",
+        "quant",
+        "bits",
+        "quant. var",
+        "/ sampling",
+        "RMS z",
+        "max |z|",
+    )
     for q in quantizers:
         for b in bits:
             cfg = FQTConfig(grad_quantizer=q, grad_bits=b, seed=args.seed)
             r = _measure_config(model, cfg, batches, args.samples)
             results.append(r)
-            log.info("%-8s %4d %14.4g %10.3g %10.3f %8.2f%s", q, b, r["quantization_variance"],
-                     r["quantization_variance"] / sampling.total, r["bias_z_rms"], r["bias_z_max"],
-                     "" if r["bias_passed"] else "  BIASED?")  # fmt: skip
+            log.info(
+                "%-8s %4d %14.4g %10.3g %10.3f %8.2f%s",
+                q,
+                b,
+                r["quantization_variance"],
+                r["quantization_variance"] / sampling.total,
+                r["bias_z_rms"],
+                r["bias_z_max"],
+                "" if r["bias_passed"] else "  BIASED?",
+            )
 
     profile_q, profile_b = quantizers[0], min(bits)
     if args.profile:
@@ -191,14 +230,21 @@ def run_variance(args: argparse.Namespace) -> int:
         "results": [{k: v for k, v in r.items() if k != "bias_passed"} for r in results],
     }
     (out / "variance.json").write_text(json.dumps(payload, indent=2) + "\n")
-    extra = {"profile": {"quantizer": profile_q, "bits": profile_b, **profile.to_dict()},
-             "sampling_per_layer": sampling.per_layer, "batches": args.batches,
-             "samples": args.samples, "bias_passed": [r["bias_passed"] for r in results],
-             "seconds": time.perf_counter() - start}  # fmt: skip
+    extra = {
+        "profile": {"quantizer": profile_q, "bits": profile_b, **profile.to_dict()},
+        "sampling_per_layer": sampling.per_layer,
+        "batches": args.batches,
+        "samples": args.samples,
+        "bias_passed": [r["bias_passed"] for r in results],
+        "seconds": time.perf_counter() - start,
+    }
     (out / "variance_details.json").write_text(json.dumps(extra, indent=2) + "\n")
     _plots(out, payload, profile, f"{profile_q}{profile_b}")
-    log.info("wrote %s/variance.json, variance_vs_bits.png, variance_profile.png (%.1fs)",
-             out, time.perf_counter() - start)  # fmt: skip
+    log.info(
+        "wrote %s/variance.json, variance_vs_bits.png, variance_profile.png (%.1fs)",
+        out,
+        time.perf_counter() - start,
+    )
     return 0
 
 
@@ -232,7 +278,9 @@ def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> None:
 
     matrix = np.array(profile.matrix, dtype=float)
     floor = matrix[matrix > 0].min() if (matrix > 0).any() else 1e-30
-    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(profile.columns), 1.2 + 0.4 * len(profile.rows)))
+    fig, ax = plt.subplots(
+        figsize=(1.2 + 0.45 * len(profile.columns), 1.2 + 0.4 * len(profile.rows))
+    )
     image = ax.imshow(np.log10(np.maximum(matrix, floor)), cmap="viridis", aspect="auto")
     ax.set_xticks(range(len(profile.columns)), profile.columns, rotation=90, fontsize=7)
     ax.set_yticks(range(len(profile.rows)), profile.rows, fontsize=7)

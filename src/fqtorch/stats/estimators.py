@@ -108,10 +108,13 @@ class _Forward:
 
     def gradient(self) -> Tensor:
         """One (stochastic, under FQT) backward pass: the flat gradient in float64."""
-        grads = torch.autograd.grad(self.loss, self.params.tensors, retain_graph=True,
-                                    allow_unused=True)  # fmt: skip
-        flat = [torch.zeros_like(p) if g is None else g for g, p in zip(grads, self.params.tensors,
-                                                                       strict=True)]  # fmt: skip
+        grads = torch.autograd.grad(
+            self.loss, self.params.tensors, retain_graph=True, allow_unused=True
+        )
+        flat = [
+            torch.zeros_like(p) if g is None else g
+            for g, p in zip(grads, self.params.tensors, strict=True)
+        ]
         return torch.cat([g.reshape(-1) for g in flat]).double()
 
 
@@ -194,8 +197,9 @@ def sampling_variance(
         else:
             center, dof = torch.stack(grads).mean(0), max(len(grads) - 1, 1)
     per_entry = sum((g - center).square() for g in grads) / dof
-    return GradientVariance(params.per_parameter(per_entry), dict(zip(params.names, params.layers,
-                                                                      strict=True)))  # fmt: skip
+    return GradientVariance(
+        params.per_parameter(per_entry), dict(zip(params.names, params.layers, strict=True))
+    )
 
 
 @dataclass(frozen=True)
@@ -206,8 +210,14 @@ class _Draws:
     samples: int
 
 
-def _draw(model: nn.Module, loss_fn: LossFn, batch: Batch, samples: int, params: _Params,
-          keep: Sequence[str] | None = None) -> _Draws:  # fmt: skip
+def _draw(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batch: Batch,
+    samples: int,
+    params: _Params,
+    keep: Sequence[str] | None = None,
+) -> _Draws:
     """One forward; the QAT gradient and ``samples`` FQT backward passes (only the layers in
     ``keep`` quantize their gradients when given)."""
     if samples < 2:
@@ -274,8 +284,10 @@ class BiasReport:
             state = f"FAILED: the gradient quantizers of {self.culprits} are biased"
         else:
             state = f"FAILED (topmost biased gradient: layer {self.suspect!r})"
-        return (f"unbiasedness check {state}: RMS z {self.z_rms:.3f}, max |z| {self.z_max:.2f} "
-                f"over {self.batches} batch(es) × {self.samples} backward passes")  # fmt: skip
+        return (
+            f"unbiasedness check {state}: RMS z {self.z_rms:.3f}, max |z| {self.z_max:.2f} "
+            f"over {self.batches} batch(es) × {self.samples} backward passes"
+        )
 
 
 class BiasError(AssertionError):
@@ -286,8 +298,10 @@ def _forward_order(model: nn.Module, loss_fn: LossFn, batch: Batch) -> list[str]
     """FQT layer names in the order the forward pass calls them."""
     order: list[str] = []
     names = {id(m): n for n, m in fqt_modules(model).items()}
-    hooks = [m.register_forward_hook(lambda mod, i, o: order.append(names[id(mod)]))
-             for m in fqt_modules(model).values()]  # fmt: skip
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: order.append(names[id(mod)]))
+        for m in fqt_modules(model).values()
+    ]
     try:
         with torch.no_grad(), _restored_buffers(model):
             model(batch[0])
@@ -342,12 +356,14 @@ def _z_scores(d: _Draws, params: _Params) -> Tensor:
     return torch.where(deterministic, flagged, diff / se.clamp(min=1e-300))
 
 
-def _bias_report(params: _Params, z2: Tensor, z_max: Tensor, samples: int, batches: int,
-                 order: list[str]) -> BiasReport:  # fmt: skip
+def _bias_report(
+    params: _Params, z2: Tensor, z_max: Tensor, samples: int, batches: int, order: list[str]
+) -> BiasReport:
     expected = (samples - 1) / (samples - 3) if samples > 3 else 3.0
     grouped: dict[str, tuple[list[Tensor], list[Tensor]]] = {}
-    for layer, part2, partm in zip(params.layers, z2.split(params.sizes),
-                                   z_max.split(params.sizes), strict=True):  # fmt: skip
+    for layer, part2, partm in zip(
+        params.layers, z2.split(params.sizes), z_max.split(params.sizes), strict=True
+    ):
         grouped.setdefault(layer, ([], []))
         grouped[layer][0].append(part2)
         grouped[layer][1].append(partm)
@@ -356,14 +372,16 @@ def _bias_report(params: _Params, z2: Tensor, z_max: Tensor, samples: int, batch
         z2l = torch.cat(parts2)
         n = z2l.numel()
         limit = math.sqrt(expected + 4 * max(0.3, math.sqrt(2 / n)) / math.sqrt(batches))
-        reports.append(LayerBias(name, float(z2l.mean().sqrt()), float(torch.cat(partsm).max()),
-                                 limit, n))  # fmt: skip
+        reports.append(
+            LayerBias(name, float(z2l.mean().sqrt()), float(torch.cat(partsm).max()), limit, n)
+        )
     failing = {r.name for r in reports if not r.passed}
     suspect = next((n for n in reversed(order) if n in failing), None)
     if suspect is None and failing:
         suspect = sorted(failing)[0]
-    return BiasReport(reports, samples, batches, float(z2.mean().sqrt()), float(z_max.max()),
-                      suspect)  # fmt: skip
+    return BiasReport(
+        reports, samples, batches, float(z2.mean().sqrt()), float(z_max.max()), suspect
+    )
 
 
 def quantization_variance(
@@ -381,8 +399,9 @@ def bias_test(
     return measure_quantization(model, loss_fn, batches, samples).bias
 
 
-def _isolate_culprits(model: nn.Module, loss_fn: LossFn, batches: list[Batch],
-                      samples: int) -> list[str]:  # fmt: skip
+def _isolate_culprits(
+    model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int
+) -> list[str]:
     """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient."""
     params = _Params.of(model)
     culprits = []
@@ -447,8 +466,11 @@ def grad_output_errors(
     params = _Params.of(model)
     with ExitStack() as stack, _restored_buffers(model):
         for name, layer in layers.items():
-            stack.enter_context(layer.observe_grad_output(
-                lambda g, name=name: recorded.__setitem__(name, g.detach())))  # fmt: skip
+            stack.enter_context(
+                layer.observe_grad_output(
+                    lambda g, name=name: recorded.__setitem__(name, g.detach())
+                )
+            )
         _Forward(model, loss_fn, batch, params).gradient()
     gen = torch.Generator(device=batch[0].device).manual_seed(seed)
     out = []
@@ -496,11 +518,12 @@ def variance_profile(
     matrix = []
     with _restored_buffers(model):
         for name in order:
-            per_entry = sum(_draw(model, loss_fn, b, samples, params, keep=[name]).variance
-                            for b in batches) / len(batches)  # fmt: skip
-            per_layer = GradientVariance(params.per_parameter(per_entry),
-                                         dict(zip(params.names, params.layers, strict=True))
-                                         ).per_layer  # fmt: skip
+            per_entry = sum(
+                _draw(model, loss_fn, b, samples, params, keep=[name]).variance for b in batches
+            ) / len(batches)
+            per_layer = GradientVariance(
+                params.per_parameter(per_entry), dict(zip(params.names, params.layers, strict=True))
+            ).per_layer
             matrix.append([per_layer.get(c, 0.0) for c in columns])
     rows = list(order)
     if sampling is not None:

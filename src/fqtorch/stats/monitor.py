@@ -30,8 +30,10 @@ class VarianceRatio:
 
     @property
     def ratio(self) -> dict[str, float]:
-        return {k: v / self.sampling[k] if self.sampling.get(k) else float("inf")
-                for k, v in self.quantization.items()}  # fmt: skip
+        return {
+            k: v / self.sampling[k] if self.sampling.get(k) else float("inf")
+            for k, v in self.quantization.items()
+        }
 
     @property
     def total_ratio(self) -> float:
@@ -39,15 +41,20 @@ class VarianceRatio:
         return sum(self.quantization.values()) / s if s else float("inf")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"total_ratio": self.total_ratio, "ratio": self.ratio,
-                "quantization": self.quantization, "sampling": self.sampling}  # fmt: skip
+        return {
+            "total_ratio": self.total_ratio,
+            "ratio": self.ratio,
+            "quantization": self.quantization,
+            "sampling": self.sampling,
+        }
 
 
 class VarianceMonitor:
     """Measure quantization/sampling variance ratios on training batches (see module doc)."""
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, *, samples: int = 4,
-                 micro_batches: int = 4) -> None:  # fmt: skip
+    def __init__(
+        self, model: nn.Module, loss_fn: LossFn, *, samples: int = 4, micro_batches: int = 4
+    ) -> None:
         if micro_batches < 2:
             raise ValueError(f"micro_batches must be >= 2, got {micro_batches}")
         self.model, self.loss_fn = model, loss_fn
@@ -58,8 +65,10 @@ class VarianceMonitor:
         m = min(self.micro_batches, len(targets))
         params = _Params.of(self.model)
         with _restored_buffers(self.model), exact_backward(self.model):
-            grads = [_Forward(self.model, self.loss_fn, (x, y), params).gradient()
-                     for x, y in zip(inputs.chunk(m), targets.chunk(m), strict=True)]  # fmt: skip
+            grads = [
+                _Forward(self.model, self.loss_fn, (x, y), params).gradient()
+                for x, y in zip(inputs.chunk(m), targets.chunk(m), strict=True)
+            ]
         stacked = torch.stack(grads)
         per_entry = stacked.var(0) / len(grads)
         per_param = params.per_parameter(per_entry)

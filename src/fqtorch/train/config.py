@@ -17,21 +17,64 @@ from ..config import FQTConfig
 __all__ = ["DATASET_DEFAULTS", "FQT_FIELDS", "TrainConfig", "load_config_file"]
 
 FQT_FIELDS = (
-    "input_bits", "weight_bits", "input_quantizer", "weight_quantizer", "grad_bits",
-    "grad_quantizer", "grad_weight_bits", "grad_weight_quantizer", "grad_rounding", "backend",
-)  # fmt: skip
+    "input_bits",
+    "weight_bits",
+    "input_quantizer",
+    "weight_quantizer",
+    "grad_bits",
+    "grad_quantizer",
+    "grad_weight_bits",
+    "grad_weight_quantizer",
+    "grad_rounding",
+    "backend",
+)
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
-    "digits": dict(model="digits_cnn", epochs=12, batch_size=64, lr=0.05, momentum=0.9,
-                   weight_decay=5e-4, warmup_epochs=1.0, label_smoothing=0.0, optimizer="sgd"),
-    "cifar10": dict(model="preact_resnet56", epochs=200, batch_size=128, lr=0.1, momentum=0.9,
-                    weight_decay=1e-4, warmup_epochs=0.0, label_smoothing=0.0, optimizer="sgd"),
-    "imagenet": dict(model="resnet18", epochs=90, batch_size=50, lr=0.4, momentum=0.875,
-                     weight_decay=2**-15, warmup_epochs=4.0, label_smoothing=0.1,
-                     optimizer="sgd"),
-    "text": dict(model="char_gpt", epochs=5, batch_size=32, lr=3e-3, momentum=0.9,
-                 weight_decay=0.1, warmup_epochs=0.2, label_smoothing=0.0, optimizer="adamw"),
-}  # fmt: skip
+    "digits": dict(
+        model="digits_cnn",
+        epochs=12,
+        batch_size=64,
+        lr=0.05,
+        momentum=0.9,
+        weight_decay=5e-4,
+        warmup_epochs=1.0,
+        label_smoothing=0.0,
+        optimizer="sgd",
+    ),
+    "cifar10": dict(
+        model="preact_resnet56",
+        epochs=200,
+        batch_size=128,
+        lr=0.1,
+        momentum=0.9,
+        weight_decay=1e-4,
+        warmup_epochs=0.0,
+        label_smoothing=0.0,
+        optimizer="sgd",
+    ),
+    "imagenet": dict(
+        model="resnet18",
+        epochs=90,
+        batch_size=50,
+        lr=0.4,
+        momentum=0.875,
+        weight_decay=2**-15,
+        warmup_epochs=4.0,
+        label_smoothing=0.1,
+        optimizer="sgd",
+    ),
+    "text": dict(
+        model="char_gpt",
+        epochs=5,
+        batch_size=32,
+        lr=3e-3,
+        momentum=0.9,
+        weight_decay=0.1,
+        warmup_epochs=0.2,
+        label_smoothing=0.0,
+        optimizer="adamw",
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -65,7 +108,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASET_DEFAULTS:
-            raise ValueError(f"unknown dataset {self.dataset!r}; known: {', '.join(DATASET_DEFAULTS)}")
+            raise ValueError(
+                f"unknown dataset {self.dataset!r}; known: {', '.join(DATASET_DEFAULTS)}"
+            )
         for key, value in DATASET_DEFAULTS[self.dataset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)

@@ -84,8 +84,9 @@ def _all_reduce(values: list[float], rt: Runtime, op: str = "sum") -> list[float
 def _git_commit() -> str | None:
     try:
         root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
-                             text=True, timeout=5)  # fmt: skip
+        out = subprocess.run(
+            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
+        )
         return out.stdout.strip() or None
     except (OSError, subprocess.SubprocessError):
         return None
@@ -100,8 +101,10 @@ def _write_json(path: Path, payload: Any) -> None:
 def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> nn.Module:
     info = get_model_info(cfg.model)
     if info.task != spec.task:
-        raise ValueError(f"--model {cfg.model} is a {info.task} model; --dataset {cfg.dataset} "
-                         f"needs a {spec.task} model")  # fmt: skip
+        raise ValueError(
+            f"--model {cfg.model} is a {info.task} model; --dataset {cfg.dataset} "
+            f"needs a {spec.task} model"
+        )
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if spec.task == "text":
         model = build_model(cfg.model, num_classes=spec.num_classes, block_size=spec.block_size)
@@ -117,8 +120,10 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     # No weight decay on BatchNorm/LayerNorm parameters, biases and embeddings' 1-d tensors.
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
-              {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95))
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
@@ -138,8 +143,9 @@ def _schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoc
 
 
 def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                           label_smoothing=smoothing)  # fmt: skip
+    return F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), label_smoothing=smoothing
+    )
 
 
 def _worker_init(worker_id: int) -> None:
@@ -151,18 +157,28 @@ def _worker_init(worker_id: int) -> None:
 
 def _loaders(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> tuple[DataLoader, DataLoader, Any]:
     if rt.world > 1:
-        sampler: Any = DistributedSampler(spec.train, rt.world, rt.rank, shuffle=True,
-                                          seed=cfg.seed, drop_last=True)  # fmt: skip
+        sampler: Any = DistributedSampler(
+            spec.train, rt.world, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True
+        )
     else:
         sampler = RandomSampler(spec.train, generator=torch.Generator())
     pin = rt.device.type == "cuda"
-    train = DataLoader(spec.train, cfg.batch_size, sampler=sampler, drop_last=True,
-                       num_workers=cfg.workers, worker_init_fn=_worker_init, pin_memory=pin)  # fmt: skip
+    train = DataLoader(
+        spec.train,
+        cfg.batch_size,
+        sampler=sampler,
+        drop_last=True,
+        num_workers=cfg.workers,
+        worker_init_fn=_worker_init,
+        pin_memory=pin,
+    )
     shard = Subset(spec.val, range(rt.rank, len(spec.val), rt.world))  # exact, unpadded shards
     val = DataLoader(shard, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin)
     if len(train) == 0:
-        raise ValueError(f"batch size {cfg.batch_size} × {rt.world} processes exceeds the "
-                         f"{len(spec.train)} training samples")  # fmt: skip
+        raise ValueError(
+            f"batch size {cfg.batch_size} × {rt.world} processes exceeds the "
+            f"{len(spec.train)} training samples"
+        )
     return train, val, sampler
 
 
@@ -193,8 +209,13 @@ class _Run:
         self.rt = _setup_runtime(cfg.device)
         self.out = Path(cfg.out)
         self.progress = progress if (progress and self.rt.main and not cfg.quiet) else None
-        self.spec = build_datasets(cfg.dataset, cfg.data_dir, seed=cfg.seed,
-                                   block_size=cfg.block_size, image_size=cfg.image_size)  # fmt: skip
+        self.spec = build_datasets(
+            cfg.dataset,
+            cfg.data_dir,
+            seed=cfg.seed,
+            block_size=cfg.block_size,
+            image_size=cfg.image_size,
+        )
         self.model = _build_model(cfg, self.spec, self.rt)
         self.train_loader, self.val_loader, self.sampler = _loaders(cfg, self.spec, self.rt)
         steps = len(self.train_loader)
@@ -237,8 +258,10 @@ class _Run:
         saved = json.loads(state.get("config", "{}"))
         for key in ("dataset", "model", "preset", "fqt", "batch_size", "epochs"):
             if key in saved and saved[key] != getattr(self.cfg, key):
-                raise CheckpointError(f"{path} was written with {key}={saved[key]!r}; this run has "
-                                      f"{key}={getattr(self.cfg, key)!r}")  # fmt: skip
+                raise CheckpointError(
+                    f"{path} was written with {key}={saved[key]!r}; this run has "
+                    f"{key}={getattr(self.cfg, key)!r}"
+                )
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
@@ -304,8 +327,9 @@ class _Run:
         total, count, skipped = 0.0, 0, 0
         batches: Iterable = self._batches()
         if self.progress:
-            batches = self.progress(batches, self.steps_per_epoch,
-                                    f"epoch {self.epoch + 1}/{self.cfg.epochs}")  # fmt: skip
+            batches = self.progress(
+                batches, self.steps_per_epoch, f"epoch {self.epoch + 1}/{self.cfg.epochs}"
+            )
         for x, y in batches:
             loss, ok = self._train_step(x, y)
             self.step += 1
@@ -336,30 +360,41 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
             raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
         run.restore(ckpt)
     elif ckpt.exists():
-        raise TrainingError(f"{run.out} already holds a run (checkpoint.pt); pass --resume to "
-                            "continue it or choose another --out")  # fmt: skip
+        raise TrainingError(
+            f"{run.out} already holds a run (checkpoint.pt); pass --resume to "
+            "continue it or choose another --out"
+        )
     if not run.rt.main:
         return
     run.out.mkdir(parents=True, exist_ok=True)
     metrics = run.out / "metrics.jsonl"
     if cfg.resume and metrics.exists():  # drop epochs the checkpoint does not cover
-        kept = [ln for ln in metrics.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["epoch"] <= run.epoch]  # fmt: skip
+        kept = [
+            ln
+            for ln in metrics.read_text().splitlines()
+            if ln.strip() and json.loads(ln)["epoch"] <= run.epoch
+        ]
         tmp = metrics.with_suffix(".tmp")
         tmp.write_text("".join(ln + "\n" for ln in kept))
         os.replace(tmp, metrics)
     elif metrics.exists():
         metrics.unlink()
-    _write_json(run.out / "config.json", {
-        "config": cfg.to_dict(),
-        "fqt": None if cfg.fqt_config() is None else cfg.fqt_config().to_dict(),
-        "world_size": run.rt.world,
-        "device": str(run.rt.device),
-        "versions": {"fqtorch": fqtorch.__version__, "torch": torch.__version__,
-                     "python": sys.version.split()[0]},
-        "git_commit": _git_commit(),
-        "argv": sys.argv,
-    })  # fmt: skip
+    _write_json(
+        run.out / "config.json",
+        {
+            "config": cfg.to_dict(),
+            "fqt": None if cfg.fqt_config() is None else cfg.fqt_config().to_dict(),
+            "world_size": run.rt.world,
+            "device": str(run.rt.device),
+            "versions": {
+                "fqtorch": fqtorch.__version__,
+                "torch": torch.__version__,
+                "python": sys.version.split()[0],
+            },
+            "git_commit": _git_commit(),
+            "argv": sys.argv,
+        },
+    )
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -378,16 +413,27 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
             with (run.out / "metrics.jsonl").open("a") as f:
                 f.write(json.dumps(metrics) + "\n")
             save_checkpoint(run.checkpoint_state(), run.out / "checkpoint.pt")
-            log.info("epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.1fs)",
-                     metrics["epoch"], cfg.epochs, metrics["train_loss"], metrics["val_loss"],
-                     metrics["val_acc"], metrics["seconds"])  # fmt: skip
+            log.info(
+                "epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.1fs)",
+                metrics["epoch"],
+                cfg.epochs,
+                metrics["train_loss"],
+                metrics["val_loss"],
+                metrics["val_acc"],
+                metrics["seconds"],
+            )
         barrier()
     if not metrics:  # resumed a finished run: evaluate once more
         val_loss, val_acc = _evaluate(run.model, run.val_loader, run.rt)
         metrics = {"epoch": run.epoch, "val_loss": val_loss, "val_acc": val_acc}
     checksums = _gather_checksums(run)
-    final = {"val_acc": metrics["val_acc"], "val_loss": metrics["val_loss"], "epochs": run.epoch,
-             "world_size": run.rt.world, "rank_param_checksums": checksums}  # fmt: skip
+    final = {
+        "val_acc": metrics["val_acc"],
+        "val_loss": metrics["val_loss"],
+        "epochs": run.epoch,
+        "world_size": run.rt.world,
+        "rank_param_checksums": checksums,
+    }
     if run.rt.main:
         _write_json(run.out / "final.json", final)
     if run.rt.world > 1:
@@ -405,4 +451,3 @@ def _gather_checksums(run: _Run) -> list[float]:
     out[run.rt.rank] = mine
     dist.all_reduce(out)
     return out.tolist()
-
