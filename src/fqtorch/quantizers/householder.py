@@ -51,7 +51,7 @@ class BlockHouseholderTransform:
         """``blockdiag(H_n) x`` in the original row order; ``H_n`` is its own inverse."""
         sums = torch.zeros_like(x).index_add_(0, self.group, x)  # (N, D) one row per slot
         u = sums.mul_(self.slot_inv_sqrt_n[:, None]).sub_(x[self.leader])  # vᵀx per slot
-        return x - self.coef[:, None] * u[self.group]
+        return torch.addcmul(x, self.coef[:, None], u[self.group], value=-1)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.reflect(x * self.row_scale[:, None])
