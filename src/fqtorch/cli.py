@@ -33,7 +33,7 @@ def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
     for flag in ("input-quantizer", "weight-quantizer", "grad-quantizer", "grad-weight-quantizer"):
         group.add_argument(f"--{flag}", metavar="NAME", help=f"one of: {names}")
     group.add_argument("--grad-rounding", choices=["stochastic", "nearest"])
-    group.add_argument("--backend", choices=["simulate"])
+    group.add_argument("--backend", choices=["simulate", "int8"])
 
 
 def _train_parser(sub: Any) -> None:

@@ -18,7 +18,8 @@ from .quantizers.base import ROUNDINGS, check_bits, get_quantizer, is_registered
 
 __all__ = ["BACKENDS", "FQTConfig"]
 
-BACKENDS = ("simulate",)
+BACKENDS = ("simulate", "int8")
+_PER_TENSOR = ("ptq", "symmetric")
 _PRESET = re.compile(r"^(ptq|psq|bhq)([2-8])$")
 
 
@@ -47,7 +48,9 @@ class FQTConfig:
             else ``"per_column"`` (one scale per output feature / output channel), as in the paper.
             ``None`` with ``grad_quantizer=None`` keeps that branch exact too.
         grad_rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` (the biased ablation).
-        backend: how the GEMMs run: ``"simulate"`` (float GEMMs on dequantized values).
+        backend: how the GEMMs run: ``"simulate"`` (float GEMMs on dequantized values) or
+            ``"int8"`` (``torch._int_mm`` on the integer codes; Linear layers; convolutions fall
+            back to simulate with a warning).
         seed: seeds each layer's generator together with the layer's qualified name.
         check_finite: raise ``FloatingPointError`` naming the layer when ``grad_output`` holds NaN
             or Inf. Off by default: then the affected quantization groups turn NaN, which a
@@ -85,10 +88,27 @@ class FQTConfig:
             )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
+        if self.backend == "int8":
+            self._check_int8()
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         # Build each quantizer once so that bad options fail here, not in the first backward.
         self.build_quantizers()
+
+    def _check_int8(self) -> None:
+        # Scales must factor out of the integer GEMMs (PAPER.md §2): per tensor for the forward
+        # operands (the weight's scale would otherwise sit on the summed axis of grad_input).
+        for field in ("input_quantizer", "weight_quantizer"):
+            if getattr(self, field) not in _PER_TENSOR:
+                raise ValueError(
+                    f"backend='int8' needs a per-tensor {field} ({' or '.join(_PER_TENSOR)}), "
+                    f"got {getattr(self, field)!r}"
+                )
+        if self.grad_weight_quantizer in ("bhq", "rht", "psq"):
+            raise ValueError(
+                "backend='int8': the weight-gradient GEMM sums over rows, so its quantizer must "
+                f"scale per column or per tensor, got {self.grad_weight_quantizer!r}"
+            )
 
     @property
     def is_qat(self) -> bool:

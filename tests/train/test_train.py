@@ -278,3 +278,14 @@ def test_ddp_two_processes_stay_in_sync(tmp_path):
     a, b = final["rank_param_checksums"]
     assert a == b
     assert len(read_metrics(out)) == 2
+
+
+def test_experiment_configs_are_valid():
+    """Every paper config in experiments/ resolves to a valid TrainConfig."""
+    from fqtorch.train import TrainConfig, load_config_file
+
+    configs = sorted((Path(__file__).resolve().parents[2] / "experiments").glob("*/*.yaml"))
+    assert len(configs) == 3 * 17
+    for path in configs:
+        cfg = TrainConfig.from_dict(load_config_file(path))
+        assert cfg.out.endswith(path.stem)

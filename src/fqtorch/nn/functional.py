@@ -12,6 +12,7 @@ scales and row transforms factor out of the product; per column (output feature 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -45,10 +46,12 @@ class FQTPlan:
     grad_output: Quantizer
     grad_output_weight: Quantizer
     check_finite: bool = False
+    backend: str = "simulate"
 
     @classmethod
     def from_config(cls, config: FQTConfig) -> FQTPlan:
-        return cls(**config.build_quantizers(), check_finite=config.check_finite)
+        return cls(**config.build_quantizers(), check_finite=config.check_finite,
+                   backend=config.backend)
 
     def exact_backward(self) -> FQTPlan:
         """The same forward with an exact backward (QAT)."""
@@ -271,7 +274,17 @@ def fqt_linear(
     """``F.linear`` under an FQT plan; ``input`` is ``(*, in_features)``."""
     source = FixedPlan(plan, generator) if isinstance(plan, FQTPlan) else plan
     flat = input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input  # (M, in)
-    output = fqt_gemm(flat, weight, bias, _LINEAR, source, name)  # (M, out)
+    output = None
+    if source.plan.backend == "int8":
+        from ..backends.int8 import int8_linear
+
+        output = int8_linear(flat, weight, bias, source, name)
+        if output is None:
+            warnings.warn(f"FQT layer {name!r}: torch._int_mm cannot run shape "
+                          f"{tuple(flat.shape)} x {tuple(weight.shape)} on {flat.device}; "
+                          "using the simulate backend", RuntimeWarning, stacklevel=3)  # fmt: skip
+    if output is None:
+        output = fqt_gemm(flat, weight, bias, _LINEAR, source, name)  # (M, out)
     return output.reshape(*input.shape[:-1], weight.shape[0])
 
 
@@ -286,4 +299,7 @@ def fqt_conv(
 ) -> Tensor:
     """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``."""
     source = FixedPlan(plan, generator) if isinstance(plan, FQTPlan) else plan
+    if source.plan.backend == "int8":
+        warnings.warn(f"FQT layer {name!r}: the int8 backend runs Linear layers only; this "
+                      "convolution uses the simulate backend", RuntimeWarning, stacklevel=3)  # fmt: skip
     return fqt_gemm(input, weight, bias, ops, source, name)

@@ -1,0 +1,55 @@
+"""Train the default digits job under several presets and seeds; print a markdown table.
+
+    python experiments/digits_table.py --seeds 0 1 2 --out runs/digits_table
+
+Each run is ``fqtorch train --preset P --seed S`` (the README's main job with other presets);
+the table reports the final validation accuracy and loss as mean ± std over the seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+PRESETS = ["exact", "qat", "ptq4", "psq4", "bhq4", "ptq3", "psq3", "bhq3", "bhq5"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--presets", nargs="+", default=PRESETS)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="runs/digits_table")
+    args = parser.parse_args()
+    rows = []
+    for preset in args.presets:
+        accs, losses, secs = [], [], []
+        for seed in args.seeds:
+            out = Path(args.out) / f"{preset}_seed{seed}"
+            if not (out / "final.json").exists():
+                cmd = [sys.executable, "-m", "fqtorch", "train", "--preset", preset, "--seed",
+                       str(seed), "--out", str(out), "--quiet"]  # fmt: skip
+                subprocess.run(cmd, check=True)
+            final = json.loads((out / "final.json").read_text())
+            metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+            accs.append(100 * final["val_acc"])
+            losses.append(final["val_loss"])
+            secs.append(sum(m["seconds"] for m in metrics))
+        rows.append((preset, accs, losses, secs))
+        print(f"{preset}: {accs}", file=sys.stderr)
+
+    def fmt(values: list[float], digits: int) -> str:
+        spread = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+    print("| preset | val acc (%) | val loss | train time (s) |")
+    print("| --- | --- | --- | --- |")
+    for preset, accs, losses, secs in rows:
+        print(f"| {preset} | {fmt(accs, 2)} | {fmt(losses, 4)} | {fmt(secs, 1)} |")
+
+
+if __name__ == "__main__":
+    main()

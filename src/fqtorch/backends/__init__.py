@@ -1,0 +1,2 @@
+"""How a quantized GEMM is executed: ``simulate`` (float, in ``fqtorch.nn.functional``) and
+``int8`` (``torch._int_mm`` on the integer codes, :mod:`fqtorch.backends.int8`)."""
