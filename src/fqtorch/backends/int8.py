@@ -93,8 +93,9 @@ def _grad_bias(h: QuantizedTensor) -> Tensor:
 
 class _Int8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, source: Any,
-                name: str) -> Tensor:  # fmt: skip
+    def forward(
+        ctx: Any, input: Tensor, weight: Tensor, bias: Tensor | None, source: Any, name: str
+    ) -> Tensor:
         plan = source.plan
         x = plan.input.encode(input)
         w = plan.weight.encode(weight)
@@ -132,7 +133,9 @@ class _Int8Linear(torch.autograd.Function):
             else:
                 h = plan.grad_output_weight.encode(grad, generator)
                 if h.transform is not None:
-                    raise ValueError("the weight-gradient quantizer cannot mix rows (it sums over them)")
+                    raise ValueError(
+                        "the weight-gradient quantizer cannot mix rows: its GEMM sums them"
+                    )
                 grad_weight = _grad_weight(h, x) if need_weight else None
                 grad_bias = _grad_bias(h) if need_bias else None
         if not need_weight:
@@ -142,13 +145,17 @@ class _Int8Linear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
-def int8_linear(input2d: Tensor, weight: Tensor, bias: Tensor | None, source: Any,
-                name: str) -> Tensor | None:  # fmt: skip
+def int8_linear(
+    input2d: Tensor, weight: Tensor, bias: Tensor | None, source: Any, name: str
+) -> Tensor | None:
     """Run the Linear plan on integer GEMMs; ``None`` when a shape cannot run (the caller falls
     back to the simulate path)."""
     m, k = input2d.shape
     n = weight.shape[0]
-    if not (int_mm_supported(m, k, n, input2d.device) and int_mm_supported(n, m, k, input2d.device)
-            and int_mm_supported(m, n, k, input2d.device)):  # fmt: skip
+    if not (
+        int_mm_supported(m, k, n, input2d.device)
+        and int_mm_supported(n, m, k, input2d.device)
+        and int_mm_supported(m, n, k, input2d.device)
+    ):
         return None
     return _Int8Linear.apply(input2d, weight, bias, source, name)

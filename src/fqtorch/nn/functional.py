@@ -50,8 +50,9 @@ class FQTPlan:
 
     @classmethod
     def from_config(cls, config: FQTConfig) -> FQTPlan:
-        return cls(**config.build_quantizers(), check_finite=config.check_finite,
-                   backend=config.backend)
+        return cls(
+            **config.build_quantizers(), check_finite=config.check_finite, backend=config.backend
+        )
 
     def exact_backward(self) -> FQTPlan:
         """The same forward with an exact backward (QAT)."""
@@ -280,9 +281,13 @@ def fqt_linear(
 
         output = int8_linear(flat, weight, bias, source, name)
         if output is None:
-            warnings.warn(f"FQT layer {name!r}: torch._int_mm cannot run shape "
-                          f"{tuple(flat.shape)} x {tuple(weight.shape)} on {flat.device}; "
-                          "using the simulate backend", RuntimeWarning, stacklevel=3)  # fmt: skip
+            warnings.warn(
+                f"FQT layer {name!r}: torch._int_mm cannot run shape "
+                f"{tuple(flat.shape)} x {tuple(weight.shape)} on {flat.device}; "
+                "using the simulate backend",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if output is None:
         output = fqt_gemm(flat, weight, bias, _LINEAR, source, name)  # (M, out)
     return output.reshape(*input.shape[:-1], weight.shape[0])
@@ -300,6 +305,10 @@ def fqt_conv(
     """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``."""
     source = FixedPlan(plan, generator) if isinstance(plan, FQTPlan) else plan
     if source.plan.backend == "int8":
-        warnings.warn(f"FQT layer {name!r}: the int8 backend runs Linear layers only; this "
-                      "convolution uses the simulate backend", RuntimeWarning, stacklevel=3)  # fmt: skip
+        warnings.warn(
+            f"FQT layer {name!r}: the int8 backend runs Linear layers only; this "
+            "convolution uses the simulate backend",
+            RuntimeWarning,
+            stacklevel=3,
+        )
     return fqt_gemm(input, weight, bias, ops, source, name)
