@@ -1,0 +1,107 @@
+"""Whole training steps (forward, backward, SGD step) of char_gpt and PreAct ResNet-20.
+
+    python benchmarks/train_step.py [--models char_gpt,preact_resnet20] [--batch 32]
+                                    [--repeats 5] [--device cpu|cuda] [--json out.json]
+
+Variants: fp32, bf16 autocast, QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits; median
+ms and ratios to fp32 and bf16 measured in this process. The int8 backend runs Linear layers on
+``torch._int_mm``; convolutions fall back to the simulate path (see docs/performance.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fqtorch
+from common import environment, median_seconds, write_json
+from fqtorch.models import build_model
+
+
+def make(name: str, batch: int, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    if name == "char_gpt":
+        model = build_model(name, num_classes=96, block_size=128, dim=256, layers=4, heads=4)
+        x = torch.randint(0, 96, (batch, 128))
+        y = torch.randint(0, 96, (batch, 128))
+    else:
+        model = build_model(name, num_classes=10)
+        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+    return model.to(device), x.to(device), y.to(device)
+
+
+def variants(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
+    out: dict[str, tuple[nn.Module, bool]] = {
+        "fp32": (model, False),
+        "bf16_autocast": (model, True),
+    }
+    out["qat"] = (
+        fqtorch.quantize_model(copy.deepcopy(model), fqtorch.FQTConfig.preset("qat")),
+        False,
+    )
+    for backend in ("simulate", "int8"):
+        for q in ("ptq", "psq", "bhq"):
+            cfg = fqtorch.FQTConfig.preset(f"{q}5", backend=backend)
+            out[f"fqt_{backend}_{q}5"] = (fqtorch.quantize_model(copy.deepcopy(model), cfg), False)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--models", default="char_gpt,preact_resnet20")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    env = environment()
+    print(
+        f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}"
+    )
+    warnings.filterwarnings("ignore", message=".*Linear layers only.*")
+    report = {"environment": env, "args": vars(args), "models": {}}
+    for name in args.models.split(","):
+        model, x, y = make(name, args.batch, args.device)
+        results = {}
+        print(f"\n{name}, batch {args.batch}, median of {args.repeats}", flush=True)
+        for variant, (m, autocast) in variants(model).items():
+            opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+
+            def step(
+                m: nn.Module = m,
+                opt: torch.optim.Optimizer = opt,
+                autocast: bool = autocast,
+                x: torch.Tensor = x,
+                y: torch.Tensor = y,
+            ) -> None:
+                opt.zero_grad(set_to_none=True)
+                with torch.autocast(args.device, dtype=torch.bfloat16, enabled=autocast):
+                    logits = m(x)
+                F.cross_entropy(
+                    logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1)
+                ).backward()
+                opt.step()
+                if args.device == "cuda":
+                    torch.cuda.synchronize()
+
+            runs, warmup = (max(3, args.repeats // 2), 1) if autocast else (args.repeats, 2)
+            results[variant] = median_seconds(step, runs, warmup)
+            print(f"  {variant:<24}{results[variant]['median'] * 1e3:>10.1f} ms", flush=True)
+        fp32, bf16 = results["fp32"]["median"], results["bf16_autocast"]["median"]
+        print(f"{'variant':<24}{'ms':>10}{'fp32/x':>9}{'bf16/x':>9}")
+        for variant, t in results.items():
+            ms = t["median"]
+            print(f"{variant:<24}{ms * 1e3:>10.1f}{fp32 / ms:>9.2f}{bf16 / ms:>9.2f}")
+        report["models"][name] = results
+    write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()
