@@ -259,7 +259,7 @@ def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> None:
         return
     import numpy as np
 
-    fig, ax = plt.subplots(figsize=(5.5, 4))
+    fig, ax = plt.subplots(figsize=(7, 4))
     by_q: dict[str, list[tuple[int, float]]] = {}
     for r in payload["results"]:
         by_q.setdefault(r["quantizer"], []).append((r["bits"], r["quantization_variance"]))
@@ -268,10 +268,11 @@ def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> None:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=q.upper())
     ax.axhline(payload["sampling_variance"], color="k", linestyle="--", label="sampling (QAT)")
     ax.set_yscale("log")
-    ax.set_xlabel("gradient bits")
+    ax.set_xticks(sorted({r["bits"] for r in payload["results"]}))
+    ax.set_xlabel("gradient bits (activation-gradient GEMM; weight-gradient GEMM at 8 bits)")
     ax.set_ylabel("variance of the gradient")
     ax.set_title(f"{payload['model']} on {payload['dataset']}, batch {payload['batch_size']}")
-    ax.legend()
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "variance_vs_bits.png", dpi=120)
     plt.close(fig)

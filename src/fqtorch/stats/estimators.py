@@ -217,12 +217,13 @@ def _draw(
     samples: int,
     params: _Params,
     keep: Sequence[str] | None = None,
+    forward: _Forward | None = None,
 ) -> _Draws:
-    """One forward; the QAT gradient and ``samples`` FQT backward passes (only the layers in
-    ``keep`` quantize their gradients when given)."""
+    """The QAT gradient and ``samples`` FQT backward passes from one forward (``forward``, or a
+    new one); only the layers in ``keep`` quantize their gradients when given."""
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to estimate a variance, got {samples}")
-    forward = _Forward(model, loss_fn, batch, params)
+    forward = forward or _Forward(model, loss_fn, batch, params)
     with exact_backward(model):
         qat = forward.gradient()
     moments = _Moments()
@@ -423,17 +424,18 @@ def _isolate_culprits(
 ) -> list[str]:
     """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient."""
     params = _Params.of(model)
-    culprits = []
+    names = list(fqt_modules(model))
+    z2: dict[str, list[Tensor]] = {n: [] for n in names}
+    z_max: dict[str, Tensor] = {}
     with _restored_buffers(model):
-        for name in fqt_modules(model):
-            z2_batches, z_max = [], None
-            for b in batches:
-                z = _z_scores(_draw(model, loss_fn, b, samples, params, keep=[name]), params)
-                z2_batches.append(z.square())
-                z_max = z.abs() if z_max is None else torch.maximum(z_max, z.abs())
-            if not _bias_report(params, z2_batches, z_max, samples, []).passed:
-                culprits.append(name)
-    return culprits
+        for b in batches:
+            forward = _Forward(model, loss_fn, b, params)
+            for name in names:
+                d = _draw(model, loss_fn, b, samples, params, keep=[name], forward=forward)
+                z = _z_scores(d, params).abs()
+                z2[name].append(z.square())
+                z_max[name] = torch.maximum(z_max[name], z) if name in z_max else z
+    return [n for n in names if not _bias_report(params, z2[n], z_max[n], samples, []).passed]
 
 
 def check_unbiased(
@@ -524,24 +526,28 @@ def variance_profile(
     sampling: GradientVariance | None = None,
 ) -> VarianceProfile:
     """Measure each FQT layer's contribution by quantizing its gradients alone (all others exact)
-    and reading the spread of every layer's gradient; ``L × samples`` backward passes per batch,
-    from one forward each. ``sampling`` adds the sampling row."""
+    and reading the spread of every layer's gradient: one forward per batch, then
+    ``L × (samples + 1)`` backward passes from it. ``sampling`` adds the sampling row."""
     layers = _require_fqt(model)
     params = _Params.of(model)
     batches = _as_batches(batches)
     order = _forward_order(model, loss_fn, batches[0])
     order += [n for n in layers if n not in order]
     columns = list(dict.fromkeys(params.layers))  # registration order: forward order, usually
-    matrix = []
+    per_entry: dict[str, Tensor] = {}
     with _restored_buffers(model):
-        for name in order:
-            per_entry = sum(
-                _draw(model, loss_fn, b, samples, params, keep=[name]).variance for b in batches
-            ) / len(batches)
-            per_layer = GradientVariance(
-                params.per_parameter(per_entry), dict(zip(params.names, params.layers, strict=True))
-            ).per_layer
-            matrix.append([per_layer.get(c, 0.0) for c in columns])
+        for b in batches:
+            forward = _Forward(model, loss_fn, b, params)
+            for name in order:
+                v = _draw(model, loss_fn, b, samples, params, keep=[name], forward=forward).variance
+                per_entry[name] = v if name not in per_entry else per_entry[name] + v
+    layer_of = dict(zip(params.names, params.layers, strict=True))
+    matrix = []
+    for name in order:
+        per_layer = GradientVariance(
+            params.per_parameter(per_entry[name] / len(batches)), layer_of
+        ).per_layer
+        matrix.append([per_layer.get(c, 0.0) for c in columns])
     rows = list(order)
     if sampling is not None:
         rows.append("sampling")
