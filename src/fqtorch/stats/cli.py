@@ -62,7 +62,8 @@ def add_variance_parser(sub: Any) -> None:
         "--profile",
         default=None,
         metavar="QUANTIZER:BITS",
-        help="configuration of the variance profile (default: first quantizer, fewest bits)",
+        help="configuration of the variance profile (default: first quantizer, fewest bits); "
+        "'none' skips it (it costs L x (profile samples + 1) backward passes a batch, L layers)",
     )
     p.add_argument("--profile-samples", type=int, default=8)
     p.add_argument(
@@ -214,12 +215,15 @@ def run_variance(args: argparse.Namespace) -> int:
             )
 
     profile_q, profile_b = quantizers[0], min(bits)
-    if args.profile:
+    if args.profile and args.profile != "none":
         profile_q, _, b_text = args.profile.partition(":")
         profile_b = int(b_text or min(bits))
-    quantize_model(model, FQTConfig(grad_quantizer=profile_q, grad_bits=profile_b, seed=args.seed))
-    profile = variance_profile(model, _loss, batches, args.profile_samples, sampling=sampling)
-    dequantize_model(model)
+    profile = None
+    if args.profile != "none":
+        cfg = FQTConfig(grad_quantizer=profile_q, grad_bits=profile_b, seed=args.seed)
+        quantize_model(model, cfg)
+        profile = variance_profile(model, _loss, batches, args.profile_samples, sampling=sampling)
+        dequantize_model(model)
 
     payload = {
         "model": model_name,
@@ -231,7 +235,9 @@ def run_variance(args: argparse.Namespace) -> int:
     }
     (out / "variance.json").write_text(json.dumps(payload, indent=2) + "\n")
     extra = {
-        "profile": {"quantizer": profile_q, "bits": profile_b, **profile.to_dict()},
+        "profile": None
+        if profile is None
+        else {"quantizer": profile_q, "bits": profile_b, **profile.to_dict()},
         "sampling_per_layer": sampling.per_layer,
         "batches": args.batches,
         "samples": args.samples,
@@ -241,7 +247,7 @@ def run_variance(args: argparse.Namespace) -> int:
     (out / "variance_details.json").write_text(json.dumps(extra, indent=2) + "\n")
     _plots(out, payload, profile, f"{profile_q}{profile_b}")
     log.info(
-        "wrote %s/variance.json, variance_vs_bits.png, variance_profile.png (%.1fs)",
+        "wrote %s/variance.json and figures (%.1fs)",
         out,
         time.perf_counter() - start,
     )
@@ -277,6 +283,8 @@ def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> None:
     fig.savefig(out / "variance_vs_bits.png", dpi=120)
     plt.close(fig)
 
+    if profile is None:
+        return
     matrix = np.array(profile.matrix, dtype=float)
     floor = matrix[matrix > 0].min() if (matrix > 0).any() else 1e-30
     fig, ax = plt.subplots(
