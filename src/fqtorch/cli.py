@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import FQTConfig
 from .quantizers import list_quantizers
+from .train.errors import CheckpointError, TrainingError
 
 __all__ = ["main"]
 
@@ -125,8 +126,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .stats.cli import run_variance
 
         return run_variance(args)
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as exc:
-        # Bad input and stopped runs: one clear line, not a traceback.
+    except (
+        ValueError,
+        TypeError,
+        FileNotFoundError,
+        FloatingPointError,
+        CheckpointError,
+        TrainingError,
+    ) as exc:
+        # Bad input and stopped runs: one clear line, not a traceback (bugs keep theirs).
         print(f"fqtorch {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,8 +1,9 @@
 """Training: the loop behind ``fqtorch train``, its config and fault-tolerant checkpoints."""
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import DATASET_DEFAULTS, TrainConfig, load_config_file
-from .loop import TrainingError, train
+from .errors import CheckpointError, TrainingError
+from .loop import train
 
 __all__ = [
     "DATASET_DEFAULTS",

@@ -14,13 +14,11 @@ from typing import Any
 
 import torch
 
+from .errors import CheckpointError
+
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "rng")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, truncated, corrupt or from an incompatible run."""
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:

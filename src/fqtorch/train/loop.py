@@ -30,17 +30,14 @@ import fqtorch
 
 from ..data import DataSpec, build_datasets
 from ..models import build_model, get_model_info
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
+from .errors import CheckpointError, TrainingError
 
 __all__ = ["TrainingError", "train"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[Iterable, int, str], Iterable]
-
-
-class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, an incompatible checkpoint, ...)."""
 
 
 @dataclass
