@@ -7,8 +7,9 @@ along an axis that the GEMM does not sum over (PAPER.md §2), so they come out o
                 = s_x s_w (C_x C_wᵀ) + b_x s_w · 1 rowsum(C_w)ᵀ
     grad_input  = T⁻¹[(C_g s_g + b_g) W_q]      per-row s_g, b_g; T the BHQ/RHT row transform
                 = T⁻¹[s_g s_w (C_g C_w) + b_g s_w · colsum(C_w)]
-    grad_weight = (C_h s_h + b_h)ᵀ X_q          per-column s_h, b_h
-                = s_hᵀ s_x (C_hᵀ C_x) + s_hᵀ b_x colsum(C_h)ᵀ... (see ``_grad_weight``)
+    grad_weight = (C_h s_h + b_h)ᵀ X_q          per-column s_h, b_h (one per output feature o)
+        [o, k]  = s_o s_x (C_hᵀ C_x)[o, k] + s_o b_x colsum(C_h)[o]
+                  + b_o s_x colsum(C_x)[k] + M b_o b_x
 
 The integer products accumulate in int32 (exact: |C| ≤ 128, so no overflow below 2^17 terms).
 The forward saves the int8 codes, not the float operands, for the backward (4× less memory).
@@ -17,7 +18,6 @@ A gradient quantizer set to ``identity`` runs its GEMM in float on the dequantiz
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import torch
@@ -27,8 +27,6 @@ from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
 
 __all__ = ["int8_linear", "int_mm_supported"]
-
-log = logging.getLogger(__name__)
 
 
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -128,7 +126,7 @@ class _Int8Linear(torch.autograd.Function):
             grad_input = grad_input.to(in_dtype)
         if need_weight or need_bias:
             if isinstance(plan.grad_output_weight, Identity):
-                grad_weight = grad.T @ x.dequantize()
+                grad_weight = grad.T @ x.dequantize() if need_weight else None
                 grad_bias = grad.sum(0)
             else:
                 h = plan.grad_output_weight.encode(grad, generator)
@@ -138,8 +136,6 @@ class _Int8Linear(torch.autograd.Function):
                     )
                 grad_weight = _grad_weight(h, x) if need_weight else None
                 grad_bias = _grad_bias(h) if need_bias else None
-        if not need_weight:
-            grad_weight = None
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, grad_weight, grad_bias, None, None
