@@ -294,7 +294,8 @@ def _text(data_dir: Path | None, block_size: int) -> DataSpec:
     if cut <= 2 * block_size or len(codes) - cut <= block_size + 1:
         raise DatasetError(
             f"{data_dir}: {len(codes)} characters is too short for block_size {block_size} "
-            f"(need more than {int(2.3 * block_size) * 10 // 9 + 20} for a 90/10 split)"
+            f"(the 10% validation part needs more than {block_size + 1}: about "
+            f"{10 * (block_size + 2)} characters in all)"
         )
     return DataSpec(
         "text",
