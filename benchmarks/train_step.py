@@ -4,8 +4,9 @@
                                     [--repeats 5] [--device cpu|cuda] [--json out.json]
 
 Variants: fp32, bf16 autocast, QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits; median
-ms and ratios to fp32 and bf16 measured in this process. The int8 backend runs Linear layers on
-``torch._int_mm``; convolutions fall back to the simulate path (see docs/performance.md).
+ms and ratios to fp32 and bf16 measured in this process. The int8 backend runs Linear and Conv2d
+layers on ``torch._int_mm``; a convolution whose zero padding is not exact on its input grid (the
+stem, on normalized images) falls back to the simulate path (see docs/performance.md).
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main() -> None:
     print(
         f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}"
     )
-    warnings.filterwarnings("ignore", message=".*Linear layers only.*")
+    warnings.filterwarnings("ignore", message=".*cannot run on integer GEMMs.*")
     report = {"environment": env, "args": vars(args), "models": {}}
     for name in args.models.split(","):
         model, x, y = make(name, args.batch, args.device)

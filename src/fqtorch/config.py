@@ -49,8 +49,9 @@ class FQTConfig:
             ``None`` with ``grad_quantizer=None`` keeps that branch exact too.
         grad_rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` (the biased ablation).
         backend: how the GEMMs run: ``"simulate"`` (float GEMMs on dequantized values) or
-            ``"int8"`` (``torch._int_mm`` on the integer codes; Linear layers; convolutions fall
-            back to simulate with a warning).
+            ``"int8"`` (``torch._int_mm`` on the integer codes, for Linear and Conv2d layers; a
+            grouped or 1-d convolution, or zero padding where real zero is not on the input
+            grid, falls back to simulate with a warning).
         seed: seeds each layer's generator together with the layer's qualified name.
         check_finite: raise ``FloatingPointError`` naming the layer when ``grad_output`` holds NaN
             or Inf. Off by default: then the affected quantization groups turn NaN, which a

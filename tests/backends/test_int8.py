@@ -105,11 +105,46 @@ class TestConfig:
             FQTConfig(backend="int8", grad_quantizer="bhq", grad_weight_quantizer="bhq")
 
     def test_conv_falls_back_with_warning(self):
-        conv = quantize_model(
-            nn.Sequential(nn.Conv2d(3, 4, 3)), FQTConfig.preset("psq4", backend="int8")
-        )
-        with pytest.warns(RuntimeWarning, match="Linear layers only"):
-            conv(torch.randn(2, 3, 6, 6)).sum().backward()
+        cfg = FQTConfig.preset("psq4", backend="int8")
+        grouped = quantize_model(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), cfg)
+        with pytest.warns(RuntimeWarning, match="cannot run on integer GEMMs"):
+            grouped(torch.randn(2, 4, 6, 6)).sum().backward()
+        padded = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), cfg)
+        with pytest.warns(RuntimeWarning, match="real zero is not on the input grid"):
+            padded(torch.randn(2, 3, 6, 6)).sum().backward()  # negative inputs: 0 not a code
+
+
+CONVS = [
+    (lambda: nn.Conv2d(3, 5, 3, padding=1), True),
+    (lambda: nn.Conv2d(3, 4, 3, stride=2), False),
+    (lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1)), True),
+    (lambda: nn.Conv2d(3, 4, 4, padding="same", bias=False), True),
+]
+
+
+class TestConvAgainstSimulate:
+    """Conv2d on integer GEMMs (im2col): post-ReLU inputs have real zero on their grid, so zero
+    padding is exact and both backends agree to float32 rounding."""
+
+    @pytest.mark.parametrize("make,relu", CONVS)
+    @pytest.mark.parametrize("preset", ["qat", "ptq4", "psq4", "bhq4"])
+    def test_same_values(self, make, relu, preset):
+        torch.manual_seed(0)
+        base = make()
+        x = torch.randn(5, base.in_channels, 9, 8)
+        x = x.relu() if relu else x
+        g = None
+        results = []
+        for backend in ("simulate", "int8"):
+            layer = quantize_model(copy.deepcopy(base), FQTConfig.preset(preset, backend=backend))
+            xi = x.clone().requires_grad_(True)
+            out = layer(xi)
+            g = torch.randn_like(out) if g is None else g
+            out.backward(g)
+            grads = [p.grad for p in layer.parameters()]
+            results.append((out.detach(), xi.grad, *grads))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
 
 
 @pytest.mark.cuda

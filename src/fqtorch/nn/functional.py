@@ -305,9 +305,15 @@ def fqt_conv(
     """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``."""
     source = FixedPlan(plan, generator) if isinstance(plan, FQTPlan) else plan
     if source.plan.backend == "int8":
+        from ..backends.int8_conv import int8_conv2d
+
+        output = int8_conv2d(input, weight, bias, ops, source, name)
+        if output is not None:
+            return output
         warnings.warn(
-            f"FQT layer {name!r}: the int8 backend runs Linear layers only; this "
-            "convolution uses the simulate backend",
+            f"FQT layer {name!r}: this convolution cannot run on integer GEMMs (grouped, 1-d, "
+            "not on the CPU, or zero padding where real zero is not on the input grid); "
+            "using the simulate backend",
             RuntimeWarning,
             stacklevel=3,
         )

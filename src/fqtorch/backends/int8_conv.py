@@ -1,0 +1,153 @@
+"""The ``int8`` backend for ``Conv2d`` (groups = 1): the three GEMMs as ``torch._int_mm`` on
+im2col views of the int8 codes.
+
+    output      : cols(C_x) (N·L, C·k·k) × C_wᵀ (C·k·k, O)         L output positions
+    grad_input  : rows(C_g) (N·L, O) × C_w (O, C·k·k), then col2im (``F.fold``)
+    grad_weight : C_hᵀ (O, N·L) × cols(C_x) (N·L, C·k·k)
+
+Zero padding is exact only when real zero is a code of the input grid (post-ReLU inputs, whose
+minimum is 0, or a symmetric input quantizer): the padded taps then hold that code. Otherwise, and
+for grouped convolutions, :func:`int8_conv2d` returns ``None`` and the layer runs the simulate path.
+The scale algebra is the Linear one (:mod:`fqtorch.backends.int8`), per row of ``cols``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..nn.functional import ConvOps
+from ..quantizers.base import QuantizedTensor
+from ..quantizers.uniform import Identity
+from .int8 import _grad_bias, _grad_weight, _int_mm, _per_tensor
+
+__all__ = ["int8_conv2d"]
+
+
+def _zero_code(x: QuantizedTensor) -> int | None:
+    """The int8 code whose value is exactly 0, if the grid has one."""
+    scale, bias = float(x.scale), float(x.bias)
+    if scale == 0:
+        return 0 if bias == 0 else None
+    code = -bias / scale
+    if code != round(code) or not -128 <= code <= 127 or round(code) * scale + bias != 0:
+        return None
+    return round(code)
+
+
+def _pads(ops: ConvOps) -> list[int]:
+    """F.pad amounts (left, right, top, bottom) for the integer padding plus ``ops.pad``."""
+    (ph, pw) = ops.padding
+    extra = list(ops.pad) if ops.pad is not None else [0, 0, 0, 0]
+    return [pw + extra[0], pw + extra[1], ph + extra[2], ph + extra[3]]
+
+
+def _cols(codes: Tensor, pads: list[int], zero: int, kernel: tuple, ops: ConvOps) -> Tensor:
+    """im2col of int8 codes (N, C, H, W) -> (N·L, C·kh·kw) int8, padded with the zero code."""
+    padded = F.pad(codes.to(torch.float32), pads, value=float(zero))
+    cols = F.unfold(padded, kernel, dilation=ops.dilation, stride=ops.stride)  # (N, Ck², L)
+    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.int8)
+
+
+class _Int8Conv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, x: QuantizedTensor, w: QuantizedTensor,
+                bias: Tensor | None, ops: ConvOps, zero: int, weight: Tensor, source: Any,
+                name: str) -> Tensor:  # fmt: skip
+        n, c, h, wd = input.shape
+        o, _, kh, kw = weight.shape
+        pads = _pads(ops)
+        codes = x.codes.reshape(n, c, h, wd)
+        cols = _cols(codes, pads, zero, (kh, kw), ops)  # (N·L, C·kh·kw)
+        w2d = w.codes.reshape(o, -1)  # (O, C·kh·kw)
+        acc = _int_mm(cols, w2d.T).mul_(x.scale * w.scale)  # (N·L, O)
+        acc.add_(x.bias * w.scale * w2d.sum(1, dtype=torch.int32).to(torch.float32)[None, :])
+        hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
+        ho = (hp - ops.dilation[0] * (kh - 1) - 1) // ops.stride[0] + 1
+        wo = (wp - ops.dilation[1] * (kw - 1) - 1) // ops.stride[1] + 1
+        out = acc.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
+        if bias is not None:
+            out = out + bias.to(out.dtype)[None, :, None, None]
+        ctx.save_for_backward(codes, x.scale, x.bias, w2d, w.scale, w.bias)
+        ctx.meta = (input.shape, input.dtype, weight.shape, pads, zero, (ho, wo), bias is not None)
+        ctx.ops, ctx.source, ctx.name = ops, source, name
+        return out.contiguous().to(input.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        codes, xs, xb, w2d, ws, wb = ctx.saved_tensors
+        in_shape, in_dtype, w_shape, pads, zero, (ho, wo), has_bias = ctx.meta
+        ops: ConvOps = ctx.ops
+        plan = ctx.source.plan
+        generator = ctx.source.generator(grad_output.device)
+        if plan.check_finite and not bool(torch.isfinite(grad_output).all()):
+            raise FloatingPointError(f"FQT layer {ctx.name!r}: grad_output holds NaN or Inf")
+        grad = grad_output.float()
+        ctx.source.on_grad_output(grad)
+        _, _, h, wd = in_shape
+        o, _, kh, kw = w_shape
+        need_input, need_weight, need_bias = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[6],
+            (ctx.needs_input_grad[3]),
+        )
+        grad_input = grad_weight = grad_bias = None
+        w_values = (w2d.to(torch.float32) * ws + wb).reshape(w_shape)
+        if need_input:
+            if isinstance(plan.grad_output, Identity):
+                x_like = torch.empty(in_shape, dtype=torch.float32, device=grad.device)
+                grad_input = ops.grad_input(grad, ops.prepare(x_like), w_values)
+            else:
+                g = plan.grad_output.encode(grad, generator)  # rows = samples (N', O·ho·wo)
+                rows = g.codes.shape[0]
+                g_cols = g.codes.reshape(rows, o, ho * wo).transpose(1, 2).reshape(-1, o)
+                acc = _int_mm(g_cols, w2d).reshape(rows, ho * wo, -1)  # (N', L, Ck²)
+                acc.mul_((g.scale * ws).expand(rows, 1).reshape(rows, 1, 1))
+                w_cols = w2d.sum(0, dtype=torch.int32).to(torch.float32)  # (Ck²,)
+                acc.add_((g.bias * ws).expand(rows, 1).reshape(rows, 1, 1) * w_cols)
+                hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
+                folded = F.fold(acc.transpose(1, 2), (hp, wp), (kh, kw), dilation=ops.dilation,
+                                stride=ops.stride)  # fmt: skip
+                folded = folded[:, :, pads[2] : pads[2] + h, pads[0] : pads[0] + wd]
+                flat = folded.reshape(rows, -1)
+                grad_input = flat if g.transform is None else g.transform.inverse(flat)
+                grad_input = grad_input.reshape(in_shape)
+            grad_input = grad_input.to(in_dtype)
+        if need_weight or need_bias:
+            x_cols = _cols(codes, pads, zero, (kh, kw), ops)
+            x_q = QuantizedTensor(x_cols, xs, xb, 8, x_cols.shape, torch.float32)
+            columns = ops.columns(grad)  # (N·L, O)
+            if isinstance(plan.grad_output_weight, Identity):
+                x_vals = x_cols.to(torch.float32) * xs + xb
+                grad_weight = (columns.T @ x_vals).reshape(w_shape) if need_weight else None
+                grad_bias = columns.sum(0)
+            else:
+                hq = plan.grad_output_weight.encode(columns, generator)
+                grad_weight = _grad_weight(hq, x_q).reshape(w_shape) if need_weight else None
+                grad_bias = _grad_bias(hq) if need_bias else None
+        if not (need_bias and has_bias):
+            grad_bias = None
+        return grad_input, None, None, grad_bias, None, None, grad_weight, None, None
+
+
+def int8_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, source: Any,
+                name: str) -> Tensor | None:  # fmt: skip
+    """Run the Conv2d plan on integer GEMMs, or ``None`` when it cannot (the caller falls back
+    to the simulate path): grouped convs, CUDA shapes ``_int_mm`` rejects, or padding where real
+    zero is not on the input grid."""
+    if ops.groups != 1 or input.dim() != 4 or input.device.type != "cpu":
+        return None
+    plan = source.plan
+    with torch.no_grad():
+        x = plan.input.encode(input)
+        w = plan.weight.encode(weight)
+    _per_tensor(x, "input")
+    _per_tensor(w, "weight")
+    needs_pad = any(_pads(ops))
+    zero = _zero_code(x) if needs_pad else 0
+    if zero is None:
+        return None
+    return _Int8Conv2d.apply(input, x, w, bias, ops, zero, weight, source, name)
