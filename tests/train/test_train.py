@@ -134,6 +134,9 @@ class TestErrors:
             "train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), check=False
         )
         assert r.returncode == 2 and "does not exist" in r.stderr
+        if not torch.cuda.is_available():
+            r = fqtorch_cli("train", "--device", "cuda", "--out", str(tmp_path / "x"), check=False)
+            assert r.returncode == 2 and "CUDA is not available" in r.stderr
 
     def test_existing_run_is_not_overwritten(self, tmp_path):
         out = tmp_path / "run"

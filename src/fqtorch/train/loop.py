@@ -55,6 +55,8 @@ def _setup_runtime(device: str) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (use cpu or auto)")
     if world > 1:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device.startswith("cuda"):
