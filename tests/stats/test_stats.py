@@ -15,7 +15,7 @@ from torch import nn
 import fqtorch
 from fqtorch import FQTConfig, quantize_model
 from fqtorch.models import build_model
-from fqtorch.quantizers import Quantizer, register_quantizer
+from fqtorch.quantizers import register_quantizer
 from fqtorch.quantizers.uniform import PerRow
 from fqtorch.stats import (
     BiasError,
@@ -330,6 +330,3 @@ def test_train_logs_variance(tmp_path):
     lines = [json.loads(x) for x in (out / "variance.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4]
     assert lines[0]["total_ratio"] > 0 and "classifier.3" in lines[0]["ratio"]
-
-
-_ = Quantizer
