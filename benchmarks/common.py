@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import platform
@@ -13,6 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
+import fqtorch
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> dict[str, float]:
@@ -70,3 +74,16 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(payload, indent=2) + "\n")
         print(f"wrote {path}")
+
+
+def step_variants(base: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
+    """``name -> (model, autocast)``: fp32, bf16 autocast, QAT, and FQT-simulate / FQT-int8 with
+    PTQ, PSQ and BHQ at 5 bits, each FQT model a converted copy of ``base``."""
+    out: dict[str, tuple[nn.Module, bool]] = {"fp32": (base, False), "bf16_autocast": (base, True)}
+    cfg = fqtorch.FQTConfig.preset("qat")
+    out["qat"] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
+    for backend in ("simulate", "int8"):
+        for q in ("ptq", "psq", "bhq"):
+            cfg = fqtorch.FQTConfig.preset(f"{q}5", backend=backend)
+            out[f"fqt_{backend}_{q}5"] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
+    return out

@@ -13,13 +13,12 @@ backward (activation memory).
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 from torch import nn
 
 import fqtorch
-from common import environment, median_seconds, write_json
+from common import environment, median_seconds, step_variants, write_json
 from fqtorch.quantizers.householder import build_block_householder
 
 
@@ -37,17 +36,6 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor, autocast: bool, device: str) 
     ):
         layer(x)
     return total
-
-
-def variants(base: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
-    out: dict[str, tuple[nn.Module, bool]] = {"fp32": (base, False), "bf16_autocast": (base, True)}
-    cfg = fqtorch.FQTConfig.preset("qat")
-    out["qat"] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
-    for backend in ("simulate", "int8"):
-        for q in ("ptq", "psq", "bhq"):
-            cfg = fqtorch.FQTConfig.preset(f"{q}5", backend=backend)
-            out[f"fqt_{backend}_{q}5"] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
-    return out
 
 
 def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, float]:
@@ -98,7 +86,7 @@ def run_shape(m: int, k: int, n: int, device: str, repeats: int) -> dict:
             torch.cuda.synchronize()
 
     results = {}
-    for name, (layer, autocast) in variants(base).items():
+    for name, (layer, autocast) in step_variants(base).items():
         t = median_seconds(lambda layer=layer, a=autocast: step(layer, a), repeats)
         t["saved_bytes"] = saved_bytes(layer, x, autocast, device)
         results[name] = t

@@ -12,15 +12,13 @@ stem, on normalized images) falls back to the simulate path (see docs/performanc
 from __future__ import annotations
 
 import argparse
-import copy
 import warnings
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fqtorch
-from common import environment, median_seconds, write_json
+from common import environment, median_seconds, step_variants, write_json
 from fqtorch.models import build_model
 
 
@@ -34,22 +32,6 @@ def make(name: str, batch: int, device: str) -> tuple[nn.Module, torch.Tensor, t
         model = build_model(name, num_classes=10)
         x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     return model.to(device), x.to(device), y.to(device)
-
-
-def variants(model: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
-    out: dict[str, tuple[nn.Module, bool]] = {
-        "fp32": (model, False),
-        "bf16_autocast": (model, True),
-    }
-    out["qat"] = (
-        fqtorch.quantize_model(copy.deepcopy(model), fqtorch.FQTConfig.preset("qat")),
-        False,
-    )
-    for backend in ("simulate", "int8"):
-        for q in ("ptq", "psq", "bhq"):
-            cfg = fqtorch.FQTConfig.preset(f"{q}5", backend=backend)
-            out[f"fqt_{backend}_{q}5"] = (fqtorch.quantize_model(copy.deepcopy(model), cfg), False)
-    return out
 
 
 def main() -> None:
@@ -72,7 +54,7 @@ def main() -> None:
         model, x, y = make(name, args.batch, args.device)
         results = {}
         print(f"\n{name}, batch {args.batch}, median of {args.repeats}", flush=True)
-        for variant, (m, autocast) in variants(model).items():
+        for variant, (m, autocast) in step_variants(model).items():
             opt = torch.optim.SGD(m.parameters(), lr=1e-3)
 
             def step(

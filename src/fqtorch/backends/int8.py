@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..nn.functional import check_finite
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
 
@@ -112,8 +113,8 @@ class _Int8Linear(torch.autograd.Function):
         w = QuantizedTensor(wc, ws, wb, 8, w_shape, w_dtype)
         plan = ctx.source.plan
         generator = ctx.source.generator(grad_output.device)
-        if plan.check_finite and not bool(torch.isfinite(grad_output).all()):
-            raise FloatingPointError(f"FQT layer {ctx.name!r}: grad_output holds NaN or Inf")
+        if plan.check_finite:
+            check_finite(grad_output, ctx.name)
         ctx.source.on_grad_output(grad_output)
         grad = grad_output.float()
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.functional import ConvOps
+from ..nn.functional import ConvOps, check_finite
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
 from .int8 import _grad_bias, _grad_weight, _int_mm, _per_tensor
@@ -83,8 +83,8 @@ class _Int8Conv2d(torch.autograd.Function):
         ops: ConvOps = ctx.ops
         plan = ctx.source.plan
         generator = ctx.source.generator(grad_output.device)
-        if plan.check_finite and not bool(torch.isfinite(grad_output).all()):
-            raise FloatingPointError(f"FQT layer {ctx.name!r}: grad_output holds NaN or Inf")
+        if plan.check_finite:
+            check_finite(grad_output, ctx.name)
         grad = grad_output.float()
         ctx.source.on_grad_output(grad)
         _, _, h, wd = in_shape

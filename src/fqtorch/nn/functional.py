@@ -158,7 +158,8 @@ class ConvOps:
 _LINEAR = LinearOps()
 
 
-def _check_finite(grad_output: Tensor, name: str) -> None:
+def check_finite(grad_output: Tensor, name: str) -> None:
+    """``FQTConfig(check_finite=True)``: raise, naming the layer, on NaN/Inf in grad_output."""
     if not bool(torch.isfinite(grad_output).all()):
         raise FloatingPointError(
             f"FQT layer {name!r}: grad_output holds NaN or Inf; cannot quantize it "
@@ -232,7 +233,7 @@ class _FQTFunction(torch.autograd.Function):
         generator = ctx.source.generator(grad_output.device)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if plan.check_finite:
-            _check_finite(grad_output, ctx.name)
+            check_finite(grad_output, ctx.name)
         grad_output = grad_output.to(weight_q.dtype)
         ctx.source.on_grad_output(grad_output)
         grad_input = grad_weight = grad_bias = None

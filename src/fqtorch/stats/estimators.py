@@ -218,14 +218,17 @@ def _draw(
     params: _Params,
     keep: Sequence[str] | None = None,
     forward: _Forward | None = None,
+    qat: Tensor | None = None,
 ) -> _Draws:
     """The QAT gradient and ``samples`` FQT backward passes from one forward (``forward``, or a
-    new one); only the layers in ``keep`` quantize their gradients when given."""
+    new one; ``qat``, its QAT gradient, when already known); only the layers in ``keep``
+    quantize their gradients when given."""
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to estimate a variance, got {samples}")
     forward = forward or _Forward(model, loss_fn, batch, params)
-    with exact_backward(model):
-        qat = forward.gradient()
+    if qat is None:
+        with exact_backward(model):
+            qat = forward.gradient()
     moments = _Moments()
     with exact_backward(model, keep) if keep is not None else ExitStack():
         for _ in range(samples):
@@ -342,8 +345,9 @@ def measure_quantization(
             z_max = z.abs() if z_max is None else torch.maximum(z_max, z.abs())
     layer_of = dict(zip(params.names, params.layers, strict=True))
     variance = GradientVariance(params.per_parameter(var_sum / len(batches)), layer_of)
-    order = _forward_order(model, loss_fn, batches[0])
-    bias = _bias_report(params, z2_batches, z_max, samples, order)
+    bias = _bias_report(
+        params, z2_batches, z_max, samples, lambda: _forward_order(model, loss_fn, batches[0])
+    )
     return QuantizationReport(variance, bias)
 
 
@@ -375,8 +379,14 @@ def _z2_scatter(samples: int, entries: int) -> float:
 
 
 def _bias_report(
-    params: _Params, z2_batches: list[Tensor], z_max: Tensor, samples: int, order: list[str]
+    params: _Params,
+    z2_batches: list[Tensor],
+    z_max: Tensor,
+    samples: int,
+    forward_order: Callable[[], list[str]] = list,
 ) -> BiasReport:
+    """Per-layer verdicts; ``forward_order()`` (an extra forward pass) runs only on a failure,
+    to name the topmost failing layer."""
     nu = max(samples - 1, 3)
     expected = nu / (nu - 2)
     batches = len(z2_batches)
@@ -395,6 +405,7 @@ def _bias_report(
         zmax = float(torch.cat([z_max.split(params.sizes)[i] for i in keep]).max())
         reports.append(LayerBias(name, float(per_batch.mean().sqrt()), zmax, limit, n))
     failing = {r.name for r in reports if not r.passed}
+    order = forward_order() if failing else []
     suspect = next((n for n in reversed(order) if n in failing), None)
     if suspect is None and failing:
         suspect = sorted(failing)[0]
@@ -430,12 +441,14 @@ def _isolate_culprits(
     with _restored_buffers(model):
         for b in batches:
             forward = _Forward(model, loss_fn, b, params)
+            with exact_backward(model):
+                qat = forward.gradient()
             for name in names:
-                d = _draw(model, loss_fn, b, samples, params, keep=[name], forward=forward)
+                d = _draw(model, loss_fn, b, samples, params, [name], forward, qat)
                 z = _z_scores(d, params).abs()
                 z2[name].append(z.square())
                 z_max[name] = torch.maximum(z_max[name], z) if name in z_max else z
-    return [n for n in names if not _bias_report(params, z2[n], z_max[n], samples, []).passed]
+    return [n for n in names if not _bias_report(params, z2[n], z_max[n], samples).passed]
 
 
 def check_unbiased(
@@ -526,8 +539,8 @@ def variance_profile(
     sampling: GradientVariance | None = None,
 ) -> VarianceProfile:
     """Measure each FQT layer's contribution by quantizing its gradients alone (all others exact)
-    and reading the spread of every layer's gradient: one forward per batch, then
-    ``L × (samples + 1)`` backward passes from it. ``sampling`` adds the sampling row."""
+    and reading the spread of every layer's gradient: one forward and one QAT backward per
+    batch, then ``L × samples`` backward passes from it. ``sampling`` adds the sampling row."""
     layers = _require_fqt(model)
     params = _Params.of(model)
     batches = _as_batches(batches)
@@ -538,8 +551,10 @@ def variance_profile(
     with _restored_buffers(model):
         for b in batches:
             forward = _Forward(model, loss_fn, b, params)
+            with exact_backward(model):
+                qat = forward.gradient()
             for name in order:
-                v = _draw(model, loss_fn, b, samples, params, keep=[name], forward=forward).variance
+                v = _draw(model, loss_fn, b, samples, params, [name], forward, qat).variance
                 per_entry[name] = v if name not in per_entry else per_entry[name] + v
     layer_of = dict(zip(params.names, params.layers, strict=True))
     matrix = []

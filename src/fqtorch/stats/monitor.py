@@ -15,7 +15,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .estimators import Batch, LossFn, _Forward, _Params, _restored_buffers, exact_backward
+from .estimators import (
+    Batch,
+    GradientVariance,
+    LossFn,
+    _Forward,
+    _Params,
+    _restored_buffers,
+    exact_backward,
+)
 from .estimators import quantization_variance as _quantization_variance
 
 __all__ = ["VarianceMonitor", "VarianceRatio"]
@@ -71,11 +79,8 @@ class VarianceMonitor:
             ]
         stacked = torch.stack(grads)
         per_entry = stacked.var(0) / len(grads)
-        per_param = params.per_parameter(per_entry)
-        out: dict[str, float] = {}
-        for name, layer in zip(params.names, params.layers, strict=True):
-            out[layer] = out.get(layer, 0.0) + per_param[name]
-        return out
+        layer_of = dict(zip(params.names, params.layers, strict=True))
+        return GradientVariance(params.per_parameter(per_entry), layer_of).per_layer
 
     def measure(self, batch: Batch) -> VarianceRatio:
         was_training = self.model.training
