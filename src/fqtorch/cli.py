@@ -35,6 +35,11 @@ def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
         group.add_argument(f"--{flag}", metavar="NAME", help=f"one of: {names}")
     group.add_argument("--grad-rounding", choices=["stochastic", "nearest"])
     group.add_argument("--backend", choices=["simulate", "int8"])
+    group.add_argument(
+        "--fused",
+        action=argparse.BooleanOptionalAction,
+        help="compile each quantizer into one torch.compile kernel with in-kernel noise",
+    )
 
 
 def _train_parser(sub: Any) -> None:

@@ -52,6 +52,13 @@ class FQTConfig:
             ``"int8"`` (``torch._int_mm`` on the integer codes, for Linear and Conv2d layers; a
             grouped or 1-d convolution, or zero padding where real zero is not on the input
             grid, falls back to simulate with a warning).
+        fused: run every quantizer as a ``torch.compile``'d kernel (compiled lazily on first
+            use, cached per shape; eager where compilation is off or fails, with the same
+            codes), with its stochastic-rounding noise computed inside the kernel by a
+            counter-based hash keyed from the layer's generator instead of ``torch.rand``:
+            ≈ 2.5–6× faster quantization on CPU after a few seconds of compilation per
+            quantizer. A different noise stream than ``fused=False`` (both unbiased and
+            reproducible from ``seed``); both backends give the same codes under either.
         seed: seeds each layer's generator together with the layer's qualified name.
         check_finite: raise ``FloatingPointError`` naming the layer when ``grad_output`` holds NaN
             or Inf. Off by default: then the affected quantization groups turn NaN, which a
@@ -68,6 +75,7 @@ class FQTConfig:
     grad_weight_quantizer: str | None = None
     grad_rounding: str = "stochastic"
     backend: str = "simulate"
+    fused: bool = False
     seed: int = 0
     check_finite: bool = False
 
@@ -91,6 +99,8 @@ class FQTConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "int8":
             self._check_int8()
+        if not isinstance(self.fused, bool):
+            raise TypeError(f"fused must be a bool, got {self.fused!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         # Build each quantizer once so that bad options fail here, not in the first backward.
@@ -118,15 +128,22 @@ class FQTConfig:
 
     def build_quantizers(self) -> dict[str, Any]:
         """The four quantizer objects, keyed by the tensor role they act on."""
-        rounding = self.grad_rounding
+        rounding, fused = self.grad_rounding, self.fused
         return {
-            "input": get_quantizer(self.input_quantizer, self.input_bits, rounding="nearest"),
-            "weight": get_quantizer(self.weight_quantizer, self.weight_bits, rounding="nearest"),
+            "input": get_quantizer(
+                self.input_quantizer, self.input_bits, rounding="nearest", fused=fused
+            ),
+            "weight": get_quantizer(
+                self.weight_quantizer, self.weight_bits, rounding="nearest", fused=fused
+            ),
             "grad_output": get_quantizer(
-                self.grad_quantizer or "identity", self.grad_bits, rounding=rounding
+                self.grad_quantizer or "identity", self.grad_bits, rounding=rounding, fused=fused
             ),
             "grad_output_weight": get_quantizer(
-                self.grad_weight_quantizer or "identity", self.grad_weight_bits, rounding=rounding
+                self.grad_weight_quantizer or "identity",
+                self.grad_weight_bits,
+                rounding=rounding,
+                fused=fused,
             ),
         }
 

@@ -16,10 +16,13 @@ import abc
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor
+
+from .fused import LazyCompiled
+from .rounding import Noise, draw_keys
 
 __all__ = [
     "MAX_BITS",
@@ -66,11 +69,20 @@ class QuantizedTensor:
     dtype: torch.dtype
     transform: RowTransform | None = None
 
-    def dequantize(self) -> Tensor:
-        values = self.codes.to(self.scale.dtype) * self.scale + self.bias
+    def dequantize(self, fused: bool = False) -> Tensor:
+        """The values; ``fused=True`` decodes in one compiled kernel (same result)."""
+        decode = _decode_fused if fused else _decode
+        values = decode(self.codes, self.scale, self.bias)
         if self.transform is not None:
             values = self.transform.inverse(values)
         return values.reshape(self.shape).to(self.dtype)
+
+
+def _decode(codes: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
+    return codes.to(scale.dtype) * scale + bias
+
+
+_decode_fused = LazyCompiled(_decode)
 
 
 def as_rows(x: Tensor) -> Tensor:
@@ -110,13 +122,32 @@ class Quantizer(abc.ABC):
     Subclasses implement :meth:`encode` and :meth:`variance_bound`; calling the quantizer returns
     the dequantized values. With ``rounding="stochastic"`` the quantizer is unbiased,
     ``E[q(x)] = x``; with ``"nearest"`` it is deterministic and biased.
+
+    ``fused=True`` runs the quantizer as a ``torch.compile``'d kernel (:mod:`.fused`) whose
+    uniforms come from a counter-based hash keyed by two draws from the generator, instead of
+    ``torch.rand``: a different (equally unbiased, equally reproducible) noise stream, the same
+    codes compiled or eager.
     """
 
     name: str = "?"
 
-    def __init__(self, bits: int = 8, *, rounding: str = "stochastic") -> None:
+    def __init__(self, bits: int = 8, *, rounding: str = "stochastic", fused: bool = False) -> None:
         self.bits = check_bits(bits)
         self.rounding = check_rounding(rounding)
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {fused!r}")
+        self.fused = fused
+
+    def noise(self, generator: torch.Generator | None, device: torch.device) -> Noise:
+        """What :func:`~.rounding.round_to_grid` draws from: hash keys when fused, else the
+        generator (nothing for nearest rounding)."""
+        if self.rounding == "nearest":
+            return None
+        return draw_keys(generator, device) if self.fused else generator
+
+    def kernel(self, fused_kernel: LazyCompiled) -> Callable[..., Any]:
+        """The compiled kernel when the quantizer is fused, else its eager function."""
+        return fused_kernel if self.fused else fused_kernel.fn
 
     @property
     def unbiased(self) -> bool:
@@ -130,7 +161,7 @@ class Quantizer(abc.ABC):
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         check_float(x, self.name)
-        return self.encode(x, generator).dequantize()
+        return self.encode(x, generator).dequantize(fused=self.fused)
 
     @abc.abstractmethod
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
@@ -141,7 +172,8 @@ class Quantizer(abc.ABC):
         """A 0-d tensor bounding ``E‖q(x) − x‖²_F`` (PAPER.md §4)."""
 
     def __repr__(self) -> str:
-        return f"{self.name}({self.bits}, {self.rounding})"
+        fused = ", fused" if self.fused else ""
+        return f"{self.name}({self.bits}, {self.rounding}{fused})"
 
 
 def check_float(x: object, who: str) -> None:

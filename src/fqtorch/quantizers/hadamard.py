@@ -24,6 +24,8 @@ from .base import (
     compute_dtype,
     register_quantizer,
 )
+from .fused import LazyCompiled
+from .rounding import Noise
 from .uniform import affine_encode, group_minmax
 
 __all__ = ["RandomizedHadamard", "RandomizedHadamardTransform"]
@@ -64,12 +66,26 @@ class RandomizedHadamardTransform:
         return torch.ones_like(self.signs)
 
 
+def _rht_kernel(
+    x2d: Tensor, signs: Tensor, block: int, noise: Noise, bits: int, rounding: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Hadamard mix and per-row rounding of RHT: one compiled graph when fused."""
+    y = RandomizedHadamardTransform(signs, block, x2d.shape[0]).forward(x2d)
+    low, high = group_minmax(y, "row")
+    return affine_encode(y, low, high, bits, rounding, noise)
+
+
+_rht_fused = LazyCompiled(_rht_kernel)
+
+
 @register_quantizer("rht")
 class RandomizedHadamard(Quantizer):
     """Per-row stochastic rounding after a random-sign Hadamard mix of ``block`` rows."""
 
-    def __init__(self, bits: int = 8, *, rounding: str = "stochastic", block: int = 16) -> None:
-        super().__init__(bits, rounding=rounding)
+    def __init__(
+        self, bits: int = 8, *, rounding: str = "stochastic", fused: bool = False, block: int = 16
+    ) -> None:
+        super().__init__(bits, rounding=rounding, fused=fused)
         if block < 1 or block & (block - 1):
             raise ValueError(f"rht block must be a power of two, got {block}")
         self.block = block
@@ -88,10 +104,10 @@ class RandomizedHadamard(Quantizer):
         padded = -(-rows // block) * block
         bits = torch.randint(0, 2, (padded,), generator=generator, device=x.device)
         signs = (2 * bits - 1).to(x2d.dtype)
+        noise = self.noise(generator, x2d.device)
+        kernel = self.kernel(_rht_fused)
+        codes, scale, bias = kernel(x2d, signs, block, noise, self.bits, self.rounding)
         transform = RandomizedHadamardTransform(signs, block, rows)
-        y = transform.forward(x2d)
-        low, high = group_minmax(y, "row")
-        codes, scale, bias = affine_encode(y, low, high, self.bits, self.rounding, generator)
         return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype, transform)
 
     def variance_bound(self, x: Tensor) -> Tensor:
@@ -110,4 +126,5 @@ class RandomizedHadamard(Quantizer):
         return cols * col_sums.amax(1).square().sum() / bins**2
 
     def __repr__(self) -> str:
-        return f"{self.name}({self.bits}, {self.rounding}, block={self.block})"
+        fused = ", fused" if self.fused else ""
+        return f"{self.name}({self.bits}, {self.rounding}, block={self.block}{fused})"

@@ -23,7 +23,8 @@ from .base import (
     register_quantizer,
     uniform_bound,
 )
-from .rounding import round_to_grid, to_codes
+from .fused import LazyCompiled
+from .rounding import Noise, round_to_grid, to_codes
 
 __all__ = [
     "Identity",
@@ -65,25 +66,38 @@ def affine_encode(
     high: Tensor,
     bits: int,
     rounding: str,
-    generator: torch.Generator | None,
+    noise: Noise,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Codes, scale and bias of the asymmetric grid ``[low, high] -> [0, B]`` (shifted to int8)."""
     bins = 2**bits - 1
     half = 2 ** (bits - 1)
     step, divisor = _live_steps(high - low, bins)
-    grid = round_to_grid((x2d - low) / divisor, rounding, 0, bins, generator)
+    grid = round_to_grid((x2d - low) / divisor, rounding, 0, bins, noise)
     # value = (grid) * step + low = (grid - half) * step + (low + half * step)
     return to_codes(grid, half), step, low + half * step
 
 
 def symmetric_encode(
-    x2d: Tensor, absmax: Tensor, bits: int, rounding: str, generator: torch.Generator | None
+    x2d: Tensor, absmax: Tensor, bits: int, rounding: str, noise: Noise
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Codes, scale and (zero) bias of the grid ``[-absmax, absmax] -> [-L, L]``."""
     limit = 2 ** (bits - 1) - 1
     step, divisor = _live_steps(absmax, limit)
-    grid = round_to_grid(x2d / divisor, rounding, -limit, limit, generator)
+    grid = round_to_grid(x2d / divisor, rounding, -limit, limit, noise)
     return to_codes(grid, 0), step, torch.zeros_like(step)
+
+
+def _uniform_kernel(
+    x2d: Tensor, noise: Noise, bits: int, granularity: str, symmetric: bool, rounding: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The whole uniform encode (ranges, grid, rounding, codes): one fused kernel when compiled."""
+    low, high = group_minmax(x2d, granularity)
+    if symmetric:
+        return symmetric_encode(x2d, torch.maximum(-low, high), bits, rounding, noise)
+    return affine_encode(x2d, low, high, bits, rounding, noise)
+
+
+_uniform_fused = LazyCompiled(_uniform_kernel)
 
 
 class _Uniform(Quantizer):
@@ -101,12 +115,15 @@ class _Uniform(Quantizer):
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         check_float(x, self.name)
         x2d = as_rows(x).to(compute_dtype(x))
-        low, high = group_minmax(x2d, self.granularity)
-        if self.symmetric:
-            absmax = torch.maximum(-low, high)
-            codes, scale, bias = symmetric_encode(x2d, absmax, self.bits, self.rounding, generator)
-        else:
-            codes, scale, bias = affine_encode(x2d, low, high, self.bits, self.rounding, generator)
+        kernel = self.kernel(_uniform_fused)
+        codes, scale, bias = kernel(
+            x2d,
+            self.noise(generator, x2d.device),
+            self.bits,
+            self.granularity,
+            self.symmetric,
+            self.rounding,
+        )
         return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype)
 
     def variance_bound(self, x: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ FQT_FIELDS = (
     "grad_weight_quantizer",
     "grad_rounding",
     "backend",
+    "fused",
 )
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
