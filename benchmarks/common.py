@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import copy
+import fnmatch
 import json
 import os
 import platform
@@ -76,14 +78,90 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         print(f"wrote {path}")
 
 
-def step_variants(base: nn.Module) -> dict[str, tuple[nn.Module, bool]]:
-    """``name -> (model, autocast)``: fp32, bf16 autocast, QAT, and FQT-simulate / FQT-int8 with
-    PTQ, PSQ and BHQ at 5 bits, each FQT model a converted copy of ``base``."""
-    out: dict[str, tuple[nn.Module, bool]] = {"fp32": (base, False), "bf16_autocast": (base, True)}
-    cfg = fqtorch.FQTConfig.preset("qat")
-    out["qat"] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
-    for backend in ("simulate", "int8"):
-        for q in ("ptq", "psq", "bhq"):
-            cfg = fqtorch.FQTConfig.preset(f"{q}5", backend=backend)
-            out[f"fqt_{backend}_{q}5"] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
+VARIANTS = ["fp32", "bf16_autocast", "qat"] + [
+    f"fqt_{backend}_{q}5{suffix}"
+    for backend in ("simulate", "int8")
+    for suffix in ("", "_fused")
+    for q in ("ptq", "psq", "bhq")
+]
+
+
+def select(patterns: str | None) -> list[str]:
+    """The variants matching comma-separated shell patterns (all when ``None``)."""
+    if not patterns:
+        return list(VARIANTS)
+    chosen = [v for v in VARIANTS if any(fnmatch.fnmatch(v, p) for p in patterns.split(","))]
+    if not chosen:
+        raise SystemExit(f"no variant matches {patterns!r}; variants: {', '.join(VARIANTS)}")
+    return chosen
+
+
+def step_variants(
+    base: nn.Module, names: list[str] | None = None
+) -> dict[str, tuple[nn.Module, bool]]:
+    """``name -> (model, autocast)`` for the variants in ``names`` (default all of
+    :data:`VARIANTS`): fp32, bf16 autocast, QAT, and FQT-simulate / FQT-int8 with PTQ, PSQ and
+    BHQ at 5 bits, eager or fused (``torch.compile``'d quantizers), each FQT model a converted
+    copy of ``base``."""
+    out: dict[str, tuple[nn.Module, bool]] = {}
+    for name in names or VARIANTS:
+        if name in ("fp32", "bf16_autocast"):
+            out[name] = (base, name == "bf16_autocast")
+            continue
+        if name == "qat":
+            cfg = fqtorch.FQTConfig.preset("qat")
+        else:
+            _, backend, preset, *fused = name.split("_")
+            cfg = fqtorch.FQTConfig.preset(preset, backend=backend, fused=bool(fused))
+        out[name] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
     return out
+
+
+def add_variant_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--variants",
+        metavar="PATTERNS",
+        help="comma-separated shell patterns of the variants to run (default: all), e.g. "
+        "'fp32,bf16*,*psq5*'; variants: " + ", ".join(VARIANTS),
+    )
+
+
+def peak_memory(device: str) -> int | None:
+    """Peak bytes allocated on a CUDA device since the last reset; ``None`` on the CPU."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated()
+    return None
+
+
+def reset_peak_memory(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def with_baselines(names: list[str]) -> list[str]:
+    """``names`` with fp32 and bf16 autocast first: every ratio is against those two, measured in
+    the same process."""
+    return ["fp32", "bf16_autocast"] + [n for n in names if n not in ("fp32", "bf16_autocast")]
+
+
+def print_table(results: dict[str, dict[str, Any]], memory_key: str | None = None) -> None:
+    """One row per variant: median ms [min–max], ratios fp32/x and bf16/x (> 1: faster)."""
+    fp32, bf16 = results["fp32"]["median"], results["bf16_autocast"]["median"]
+    header = f"{'variant':<26}{'ms':>10}{'[min-max]':>20}{'fp32/x':>9}{'bf16/x':>9}"
+    print(header + (f"{memory_key:>16}" if memory_key else ""))
+    for name, t in results.items():
+        ms = t["median"]
+        spread = f"[{t['min'] * 1e3:.1f}-{t['max'] * 1e3:.1f}]" if "min" in t else ""
+        row = f"{name:<26}{ms * 1e3:>10.1f}{spread:>20}{fp32 / ms:>9.2f}{bf16 / ms:>9.2f}"
+        if memory_key:
+            value = t.get(memory_key)
+            row += f"{'-' if value is None else f'{value / 2**20:.1f} MiB':>16}"
+        print(row)
+
+
+def print_header(env: dict[str, Any]) -> None:
+    print(
+        f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, "
+        f"torch {env['torch']}, cuda {env['cuda']}, commit {env['commit']}"
+    )

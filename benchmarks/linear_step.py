@@ -1,13 +1,16 @@
 """One training step (forward + both backward GEMMs) of a Linear layer, all variants in one process.
 
     python benchmarks/linear_step.py [--shapes 4096x1024x1024,8192x1024x4096,8192x4096x1024]
-                                     [--repeats 5] [--device cpu|cuda] [--json out.json]
+                                     [--variants PATTERNS] [--repeats 5] [--device cpu|cuda]
+                                     [--json out.json]
 
-A shape ``MxKxN`` is M rows, K → N features. Variants: fp32, bf16 autocast, QAT, FQT-simulate and
-FQT-int8 with PTQ/PSQ/BHQ at 5 bits, and ``int_mm_only`` (the three ``torch._int_mm`` calls of
-the step on random codes: the limit of the int8 backend). Reported: median ms, ratios to fp32 and
-bf16, the int8 step's breakdown (GEMM / quantize / transform / other) and the bytes saved for
-backward (activation memory).
+A shape ``MxKxN`` is M rows, K → N features. Variants (``--variants`` picks some; fp32 and bf16
+autocast always run, as every ratio is against them): fp32, bf16 autocast, QAT, FQT-simulate and
+FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused`` (``torch.compile``'d quantizers), and
+``int_mm_only`` (the three ``torch._int_mm`` calls of the step on random codes: the limit of the
+int8 backend). Reported: median ms [min–max], ratios to fp32 and bf16, the int8 step's breakdown
+(GEMM / quantize / BHQ transform / other), the bytes saved for backward (activation memory) and,
+on CUDA, the step's peak memory.
 """
 
 from __future__ import annotations
@@ -18,7 +21,19 @@ import torch
 from torch import nn
 
 import fqtorch
-from common import environment, median_seconds, step_variants, write_json
+from common import (
+    add_variant_flag,
+    environment,
+    median_seconds,
+    peak_memory,
+    print_header,
+    print_table,
+    reset_peak_memory,
+    select,
+    step_variants,
+    with_baselines,
+    write_json,
+)
 from fqtorch.quantizers.householder import build_block_householder
 
 
@@ -39,7 +54,9 @@ def saved_bytes(layer: nn.Module, x: torch.Tensor, autocast: bool, device: str) 
 
 
 def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, float]:
-    """Median times of the parts of an int8 PSQ/BHQ step, measured separately."""
+    """Median times of the parts of an int8 PSQ/BHQ step, measured separately: the three integer
+    GEMMs, the four quantizations of the step (input, weight, grad_output per row, grad_output
+    per column) eager and fused, and BHQ's transform (forward and inverse)."""
     gen = torch.Generator(device=device).manual_seed(0)
     x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
     g = torch.randn(m, n, device=device)
@@ -47,30 +64,42 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
     cw = torch.randint(-128, 127, (n, k), dtype=torch.int8, device=device)
     cg = torch.randint(-128, 127, (m, n), dtype=torch.int8, device=device)
 
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
     def gemms() -> None:
         torch._int_mm(ci, cw.T)
         torch._int_mm(cg, cw)
         torch._int_mm(cg.T, ci)
+        sync()
 
-    q = {name: fqtorch.get_quantizer(name, 5) for name in ("psq", "per_column")}
-    qi = fqtorch.get_quantizer("ptq", 8, rounding="nearest")
-    qw = fqtorch.get_quantizer("symmetric", 8, rounding="nearest")
+    def quantize_with(fused: bool):
+        qi = fqtorch.get_quantizer("ptq", 8, rounding="nearest", fused=fused)
+        qw = fqtorch.get_quantizer("symmetric", 8, rounding="nearest", fused=fused)
+        qg = fqtorch.get_quantizer("psq", 5, fused=fused)
+        qh = fqtorch.get_quantizer("per_column", 8, fused=fused)
 
-    def quantize() -> None:
-        qi.encode(x), qw.encode(w), q["psq"].encode(g, gen), q["per_column"].encode(g, gen)
+        def quantize() -> None:
+            qi.encode(x), qw.encode(w), qg.encode(g, gen), qh.encode(g, gen)
+            sync()
+
+        return quantize
 
     def transform() -> None:
         t = build_block_householder(g)
         t.inverse(t.forward(g))
+        sync()
 
     return {
         "int_mm_only": median_seconds(gemms, repeats)["median"],
-        "quantize": median_seconds(quantize, repeats)["median"],
+        "quantize": median_seconds(quantize_with(False), repeats)["median"],
+        "quantize_fused": median_seconds(quantize_with(True), repeats)["median"],
         "bhq_transform": median_seconds(transform, repeats)["median"],
     }
 
 
-def run_shape(m: int, k: int, n: int, device: str, repeats: int) -> dict:
+def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str]) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(k, n).to(device)
     x = torch.randn(m, k, device=device, requires_grad=True)
@@ -86,14 +115,39 @@ def run_shape(m: int, k: int, n: int, device: str, repeats: int) -> dict:
             torch.cuda.synchronize()
 
     results = {}
-    for name, (layer, autocast) in step_variants(base).items():
+    for name, (layer, autocast) in step_variants(base, names).items():
         t = median_seconds(lambda layer=layer, a=autocast: step(layer, a), repeats)
         t["saved_bytes"] = saved_bytes(layer, x, autocast, device)
+        reset_peak_memory(device)
+        step(layer, autocast)
+        t["peak_bytes"] = peak_memory(device)
         results[name] = t
-        print(f"  {name:<24}{t['median'] * 1e3:>10.1f} ms", flush=True)
+        print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms", flush=True)
     parts = breakdown(m, k, n, device, repeats)
     results["int_mm_only"] = {"median": parts["int_mm_only"], "saved_bytes": 0}
     return {"variants": results, "breakdown_int8": parts}
+
+
+def print_breakdown(variants: dict, parts: dict) -> None:
+    gemm, transform = parts["int_mm_only"], parts["bhq_transform"]
+    print(
+        f"parts: three _int_mm {gemm * 1e3:.1f} ms; quantize eager {parts['quantize'] * 1e3:.1f}"
+        f" ms, fused {parts['quantize_fused'] * 1e3:.1f} ms; BHQ transform {transform * 1e3:.1f}"
+        " ms"
+    )
+    for suffix, key in (("", "quantize"), ("_fused", "quantize_fused")):
+        for q in ("psq5", "bhq5"):
+            name = f"fqt_int8_{q}{suffix}"
+            if name not in variants:
+                continue
+            total = variants[name]["median"]
+            extra = transform if q == "bhq5" else 0.0
+            other = total - gemm - parts[key] - extra
+            print(
+                f"{name}: {total * 1e3:.1f} ms = GEMM {gemm * 1e3:.1f} + quantize "
+                f"{parts[key] * 1e3:.1f} + transform {extra * 1e3:.1f} + other "
+                f"{other * 1e3:.1f}; GEMM-only limit / step = {gemm / total:.2f}"
+            )
 
 
 def main() -> None:
@@ -101,39 +155,23 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--shapes", default="4096x1024x1024,8192x1024x4096,8192x4096x1024")
+    add_variant_flag(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
     args = parser.parse_args()
     env = environment()
-    print(
-        f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, "
-        f"torch {env['torch']}, cuda {env['cuda']}"
-    )
+    print_header(env)
+    names = with_baselines(select(args.variants))
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     report = {"environment": env, "args": vars(args), "shapes": {}}
     for m, k, n in shapes:
         print(f"\nLinear step M={m}, {k} -> {n}, median of {args.repeats}", flush=True)
-        res = run_shape(m, k, n, args.device, args.repeats)
+        res = run_shape(m, k, n, args.device, args.repeats, names)
         report["shapes"][f"{m}x{k}x{n}"] = res
-        v = res["variants"]
-        fp32, bf16 = v["fp32"]["median"], v["bf16_autocast"]["median"]
-        print(f"{'variant':<24}{'ms':>10}{'fp32/x':>9}{'bf16/x':>9}{'saved MiB':>11}")
-        for name, t in v.items():
-            ms = t["median"]
-            print(
-                f"{name:<24}{ms * 1e3:>10.1f}{fp32 / ms:>9.2f}{bf16 / ms:>9.2f}"
-                f"{t['saved_bytes'] / 2**20:>11.1f}"
-            )
-        b = res["breakdown_int8"]
-        total = v["fqt_int8_psq5"]["median"]
-        other = total - b["int_mm_only"] - b["quantize"]
-        print(
-            f"int8 PSQ step breakdown: GEMM {b['int_mm_only'] * 1e3:.1f} ms, quantize "
-            f"{b['quantize'] * 1e3:.1f} ms, other {other * 1e3:.1f} ms; BHQ transform "
-            f"{b['bhq_transform'] * 1e3:.1f} ms"
-        )
-    write_json(args.json, report)
+        print_table(res["variants"], memory_key="saved_bytes")
+        print_breakdown(res["variants"], res["breakdown_int8"])
+        write_json(args.json, report)  # after every shape: a long run keeps what it measured
 
 
 if __name__ == "__main__":

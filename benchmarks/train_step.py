@@ -1,10 +1,13 @@
 """Whole training steps (forward, backward, SGD step) of char_gpt and PreAct ResNet-20.
 
     python benchmarks/train_step.py [--models char_gpt,preact_resnet20] [--batch 32]
-                                    [--repeats 5] [--device cpu|cuda] [--json out.json]
+                                    [--variants PATTERNS] [--repeats 5] [--device cpu|cuda]
+                                    [--json out.json]
 
-Variants: fp32, bf16 autocast, QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits; median
-ms and ratios to fp32 and bf16 measured in this process. The int8 backend runs Linear and Conv2d
+Variants (``--variants`` picks some; fp32 and bf16 autocast always run): fp32, bf16 autocast,
+QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused``; median ms
+[min–max] of ``--repeats`` runs after 2 warm-up runs, and ratios to fp32 and bf16 measured in
+this process; on CUDA, the step's peak memory. The int8 backend runs Linear and Conv2d
 layers on ``torch._int_mm``; a convolution whose zero padding is not exact on its input grid (the
 stem, on normalized images) falls back to the simulate path (see docs/performance.md).
 """
@@ -18,7 +21,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import environment, median_seconds, step_variants, write_json
+from common import (
+    add_variant_flag,
+    environment,
+    median_seconds,
+    peak_memory,
+    print_header,
+    print_table,
+    reset_peak_memory,
+    select,
+    step_variants,
+    with_baselines,
+    write_json,
+)
 from fqtorch.models import build_model
 
 
@@ -40,21 +55,21 @@ def main() -> None:
     )
     parser.add_argument("--models", default="char_gpt,preact_resnet20")
     parser.add_argument("--batch", type=int, default=32)
+    add_variant_flag(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
     args = parser.parse_args()
     env = environment()
-    print(
-        f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}"
-    )
+    print_header(env)
+    names = with_baselines(select(args.variants))
     warnings.filterwarnings("ignore", message=".*cannot run on integer GEMMs.*")
     report = {"environment": env, "args": vars(args), "models": {}}
     for name in args.models.split(","):
         model, x, y = make(name, args.batch, args.device)
         results = {}
         print(f"\n{name}, batch {args.batch}, median of {args.repeats}", flush=True)
-        for variant, (m, autocast) in step_variants(model).items():
+        for variant, (m, autocast) in step_variants(model, names).items():
             opt = torch.optim.SGD(m.parameters(), lr=1e-3)
 
             def step(
@@ -74,16 +89,14 @@ def main() -> None:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
 
-            runs, warmup = (max(3, args.repeats // 2), 1) if autocast else (args.repeats, 2)
-            results[variant] = median_seconds(step, runs, warmup)
-            print(f"  {variant:<24}{results[variant]['median'] * 1e3:>10.1f} ms", flush=True)
-        fp32, bf16 = results["fp32"]["median"], results["bf16_autocast"]["median"]
-        print(f"{'variant':<24}{'ms':>10}{'fp32/x':>9}{'bf16/x':>9}")
-        for variant, t in results.items():
-            ms = t["median"]
-            print(f"{variant:<24}{ms * 1e3:>10.1f}{fp32 / ms:>9.2f}{bf16 / ms:>9.2f}")
+            results[variant] = median_seconds(step, args.repeats)
+            reset_peak_memory(args.device)
+            step()
+            results[variant]["peak_bytes"] = peak_memory(args.device)
+            print(f"  {variant:<26}{results[variant]['median'] * 1e3:>10.1f} ms", flush=True)
+        print_table(results)
         report["models"][name] = results
-    write_json(args.json, report)
+        write_json(args.json, report)
 
 
 if __name__ == "__main__":

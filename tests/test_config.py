@@ -83,3 +83,14 @@ class TestValidation:
     def test_seed_type(self):
         with pytest.raises(TypeError, match="seed"):
             FQTConfig(seed="0")  # type: ignore[arg-type]
+
+    def test_fused_type(self):
+        with pytest.raises(TypeError, match="fused must be a bool"):
+            FQTConfig(fused=1)  # type: ignore[arg-type]
+
+
+def test_fused_reaches_every_quantizer():
+    cfg = FQTConfig.preset("bhq4", fused=True)
+    assert cfg.to_dict()["fused"] is True
+    assert all(q.fused for q in cfg.build_quantizers().values())
+    assert not any(q.fused for q in FQTConfig.preset("bhq4").build_quantizers().values())

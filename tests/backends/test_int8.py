@@ -25,16 +25,20 @@ class TestAgainstSimulate:
     """Given the same generator state both backends draw the same codes, so outputs and all
     gradients agree to float32 rounding (relative 1e-5)."""
 
-    @pytest.mark.parametrize("preset", ["qat", "ptq4", "psq4", "bhq4", "bhq2", "psq8"])
+    @pytest.mark.parametrize(
+        "preset,fused",
+        [(p, False) for p in ("qat", "ptq4", "psq4", "bhq4", "bhq2", "psq8")]
+        + [("ptq4", True), ("psq4", True), ("bhq4", True)],
+    )
     @pytest.mark.parametrize("shape", [(40, 33), (3, 7, 33)])
-    def test_same_values(self, preset, shape):
+    def test_same_values(self, preset, fused, shape):
         torch.manual_seed(0)
         base = nn.Linear(33, 17)
         x, g = torch.randn(*shape), torch.randn(*shape[:-1], 17)
         results = []
         for backend in ("simulate", "int8"):
-            layer = quantize_model(copy.deepcopy(base), FQTConfig.preset(preset, backend=backend))
-            results.append(run(layer, x, g))
+            cfg = FQTConfig.preset(preset, backend=backend, fused=fused)
+            results.append(run(quantize_model(copy.deepcopy(base), cfg), x, g))
         for a, b in zip(*results, strict=True):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
 
@@ -55,12 +59,15 @@ class TestAgainstSimulate:
             torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5 * float(u.abs().max()))
 
 
-def test_unbiased_on_int8():
+@pytest.mark.parametrize("fused", [False, True])
+def test_unbiased_on_int8(fused):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
     x, y = torch.randn(24, 12), torch.randint(0, 5, (24,))
     qat = quantize_model(copy.deepcopy(model), FQTConfig.preset("qat", backend="int8"))
-    fqt = quantize_model(copy.deepcopy(model), FQTConfig.preset("bhq3", backend="int8"))
+    fqt = quantize_model(
+        copy.deepcopy(model), FQTConfig.preset("bhq3", backend="int8", fused=fused)
+    )
 
     def grad(m):
         m.zero_grad(set_to_none=True)
@@ -127,8 +134,9 @@ class TestConvAgainstSimulate:
     padding is exact and both backends agree to float32 rounding."""
 
     @pytest.mark.parametrize("make,relu", CONVS)
-    @pytest.mark.parametrize("preset", ["qat", "ptq4", "psq4", "bhq4"])
+    @pytest.mark.parametrize("preset", ["qat", "ptq4", "psq4", "bhq4", "psq4-fused"])
     def test_same_values(self, make, relu, preset):
+        preset, fused = preset.removesuffix("-fused"), preset.endswith("-fused")
         torch.manual_seed(0)
         base = make()
         x = torch.randn(5, base.in_channels, 9, 8)
@@ -136,7 +144,8 @@ class TestConvAgainstSimulate:
         g = None
         results = []
         for backend in ("simulate", "int8"):
-            layer = quantize_model(copy.deepcopy(base), FQTConfig.preset(preset, backend=backend))
+            cfg = FQTConfig.preset(preset, backend=backend, fused=fused)
+            layer = quantize_model(copy.deepcopy(base), cfg)
             xi = x.clone().requires_grad_(True)
             out = layer(xi)
             g = torch.randn_like(out) if g is None else g
@@ -148,11 +157,13 @@ class TestConvAgainstSimulate:
 
 
 @pytest.mark.cuda
-def test_cuda_int8_matches_simulate():
+@pytest.mark.parametrize("fused", [False, True])
+def test_cuda_int8_matches_simulate(fused):
     torch.manual_seed(0)
     base = nn.Linear(64, 32).cuda()
     x, g = torch.randn(128, 64, device="cuda"), torch.randn(128, 32, device="cuda")
-    a = run(quantize_model(copy.deepcopy(base), FQTConfig.preset("bhq4")), x, g)
-    b = run(quantize_model(copy.deepcopy(base), FQTConfig.preset("bhq4", backend="int8")), x, g)
+    cfg = FQTConfig.preset("bhq4", fused=fused)
+    a = run(quantize_model(copy.deepcopy(base), cfg), x, g)
+    b = run(quantize_model(copy.deepcopy(base), cfg.replace(backend="int8")), x, g)
     for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4 * float(u.abs().max()))

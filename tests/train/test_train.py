@@ -98,6 +98,26 @@ class TestEndToEnd:
         assert resolved["config"]["epochs"] == 1 and resolved["config"]["lr"] == 0.02
         assert resolved["fqt"]["grad_quantizer"] == "psq" and resolved["fqt"]["grad_bits"] == 6
 
+    def test_fused_int8(self, tmp_path):
+        out = tmp_path / "run"
+        fqtorch_cli(
+            "train",
+            "--fused",
+            "--backend",
+            "int8",
+            "--epochs",
+            "1",
+            "--out",
+            str(out),
+            "--quiet",
+            "--max-steps-per-epoch",
+            "3",
+        )
+        resolved = json.loads((out / "config.json").read_text())
+        assert resolved["fqt"]["fused"] is True and resolved["fqt"]["backend"] == "int8"
+        (metrics,) = read_metrics(out)
+        assert metrics["train_loss"] == metrics["train_loss"]  # finite, not NaN
+
     def test_exact_preset_is_float(self, tmp_path):
         out = tmp_path / "run"
         fqtorch_cli(

@@ -39,10 +39,10 @@ class LazyCompiled:
         if self._broken:
             return self.fn(*args)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=None)
+            self._compiled = torch.compile(self.fn, dynamic=True)
         try:
             return self._compiled(*args)
-        except Exception as error:  # noqa: BLE001 - any compiler failure falls back below
+        except Exception as error:  # any compiler failure: fall back below
             result = self.fn(*args)  # a genuine error in fn raises here, unchanged
             self._broken = True
             warnings.warn(

@@ -24,9 +24,7 @@ from .base import (
     compute_dtype,
     register_quantizer,
 )
-from .fused import LazyCompiled
-from .rounding import Noise
-from .uniform import affine_encode, group_minmax
+from .uniform import fused_affine
 
 __all__ = ["RandomizedHadamard", "RandomizedHadamardTransform"]
 
@@ -66,18 +64,6 @@ class RandomizedHadamardTransform:
         return torch.ones_like(self.signs)
 
 
-def _rht_kernel(
-    x2d: Tensor, signs: Tensor, block: int, noise: Noise, bits: int, rounding: str
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Hadamard mix and per-row rounding of RHT: one compiled graph when fused."""
-    y = RandomizedHadamardTransform(signs, block, x2d.shape[0]).forward(x2d)
-    low, high = group_minmax(y, "row")
-    return affine_encode(y, low, high, bits, rounding, noise)
-
-
-_rht_fused = LazyCompiled(_rht_kernel)
-
-
 @register_quantizer("rht")
 class RandomizedHadamard(Quantizer):
     """Per-row stochastic rounding after a random-sign Hadamard mix of ``block`` rows."""
@@ -104,10 +90,12 @@ class RandomizedHadamard(Quantizer):
         padded = -(-rows // block) * block
         bits = torch.randint(0, 2, (padded,), generator=generator, device=x.device)
         signs = (2 * bits - 1).to(x2d.dtype)
-        noise = self.noise(generator, x2d.device)
-        kernel = self.kernel(_rht_fused)
-        codes, scale, bias = kernel(x2d, signs, block, noise, self.bits, self.rounding)
         transform = RandomizedHadamardTransform(signs, block, rows)
+        y = transform.forward(x2d)
+        # Fused, only the rounding is compiled: the butterfly compiles poorly with dynamic shapes.
+        noise = self.noise(generator, x2d.device)
+        kernel = self.kernel(fused_affine)
+        codes, scale, bias = kernel(y, noise, self.bits, "row", self.rounding)
         return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype, transform)
 
     def variance_bound(self, x: Tensor) -> Tensor:

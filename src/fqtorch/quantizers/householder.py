@@ -13,7 +13,6 @@ transform costs a few passes over the N×D tensor; nothing loops in Python or sy
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -27,9 +26,7 @@ from .base import (
     compute_dtype,
     register_quantizer,
 )
-from .fused import LazyCompiled
-from .rounding import Noise
-from .uniform import affine_encode, group_minmax
+from .uniform import fused_affine, group_minmax
 
 __all__ = ["BlockHouseholder", "BlockHouseholderTransform", "build_block_householder"]
 
@@ -49,10 +46,6 @@ class BlockHouseholderTransform:
     v: Tensor  # (N,) v_r of each row
     gain: Tensor  # (N,) gain of each row's group
     row_scale: Tensor  # (N,) s
-
-    def fields(self) -> tuple[Tensor, ...]:
-        """The tensors, in field order (``BlockHouseholderTransform(*t.fields())`` rebuilds it)."""
-        return tuple(getattr(self, field.name) for field in dataclasses.fields(self))
 
     def reflect(self, x: Tensor) -> Tensor:
         """``blockdiag(H_n) x`` in the original row order; ``H_n`` is its own inverse."""
@@ -141,20 +134,6 @@ def build_block_householder(x2d: Tensor) -> BlockHouseholderTransform | None:
     )
 
 
-def _bhq_kernel(
-    x2d: Tensor, noise: Noise, bits: int, rounding: str
-) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, ...] | None]:
-    """Grouping, transform and per-row rounding of BHQ: one compiled graph when fused."""
-    transform = build_block_householder(x2d)
-    y = x2d if transform is None else transform.forward(x2d)
-    low, high = group_minmax(y, "row")
-    codes, scale, bias = affine_encode(y, low, high, bits, rounding, noise)
-    return codes, scale, bias, None if transform is None else transform.fields()
-
-
-_bhq_fused = LazyCompiled(_bhq_kernel)
-
-
 @register_quantizer("bhq")
 class BlockHouseholder(Quantizer):
     """BHQ: per-row quantization after a block Householder transform of the rows (PAPER.md §5).
@@ -166,9 +145,12 @@ class BlockHouseholder(Quantizer):
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         check_float(x, self.name)
         x2d = as_rows(x).to(compute_dtype(x))
+        transform = build_block_householder(x2d)
+        y = x2d if transform is None else transform.forward(x2d)
+        # Fused, only the rounding is compiled: Inductor's CPU scatter-add (the group sums)
+        # accumulates in a thread-dependent order, which would make the codes irreproducible.
         noise = self.noise(generator, x2d.device)
-        codes, scale, bias, fields = self.kernel(_bhq_fused)(x2d, noise, self.bits, self.rounding)
-        transform = None if fields is None else BlockHouseholderTransform(*fields)
+        codes, scale, bias = self.kernel(fused_affine)(y, noise, self.bits, "row", self.rounding)
         return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype, transform)
 
     def variance_bound(self, x: Tensor) -> Tensor:

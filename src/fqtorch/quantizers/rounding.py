@@ -6,7 +6,7 @@ Stochastic rounding ``SR(v) = floor(v + u)``, ``u ~ U[0, 1)``, rounds up with pr
 The uniforms come from one of two explicit sources, so a seed fixes every draw either way:
 
 * a ``torch.Generator``: ``torch.rand`` (the default, fastest without ``torch.compile``);
-* a pair of 32-bit *keys* (an int64 tensor drawn from the generator by :func:`draw_keys`):
+* a pair of 32-bit *keys* (an int32 tensor drawn from the generator by :func:`draw_keys`):
   :func:`hash_uniform`, a counter-based hash of ``(keys, element index)``. It is pure integer
   arithmetic, so a ``torch.compile``'d kernel computes it inside the fused quantize loop — no
   separate pass to draw noise — and gives bit for bit the same uniforms as the eager code.
@@ -23,49 +23,62 @@ __all__ = ["Noise", "draw_keys", "hash_uniform", "round_to_grid"]
 # default generator; only for nearest rounding or ad hoc use).
 Noise = torch.Generator | Tensor | None
 
-_MASK32 = 0xFFFFFFFF
-# Odd multipliers below 2**31: a 32-bit value times one stays below 2**63, so the int64
-# arithmetic never overflows (well defined in eager, C++ and Triton code alike).
+# Odd 32-bit multipliers of a xor-shift / multiply mixer. The arithmetic runs on int32 tensors
+# and relies on two's-complement wrap-around of the products (what PyTorch's CPU and CUDA
+# kernels, Inductor's C++ and Triton code do); right shifts are masked, so they act as logical
+# shifts on the 32-bit pattern. tests/quantizers/test_fused.py checks the values against a pure
+# Python reference.
 _MUL1 = 0x7FEB352D
-_MUL2 = 0x4C1B3C6D
+_MUL2 = 0x846CA68B - 2**32  # as a signed int32
 _UNIFORM_BITS = 24  # float32 holds every multiple of 2**-24 in [0, 1) exactly
 
 
 def _mix32(x: Tensor) -> Tensor:
-    """A bijective 32-bit integer mixer (xor-shift / multiply rounds) on int64 values < 2**32."""
-    x = x ^ (x >> 16)
-    x = (x * _MUL1) & _MASK32
-    x = x ^ (x >> 15)
-    x = (x * _MUL2) & _MASK32
-    return x ^ (x >> 16)
+    """A bijective mixer of 32-bit patterns (int32 tensors), ``lowbias32``'s rounds."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _MUL1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _MUL2
+    return x ^ ((x >> 16) & 0xFFFF)
 
 
 def draw_keys(generator: torch.Generator | None, device: torch.device) -> Tensor:
-    """Two fresh 32-bit keys (int64 tensor on ``device``) for :func:`hash_uniform`.
+    """Two fresh 32-bit keys (an int32 tensor on ``device``) for :func:`hash_uniform`.
 
     Drawn on the generator's own device, so nothing waits on the host on CUDA.
     """
     gen_device = generator.device if generator is not None else torch.device("cpu")
     keys = torch.randint(
-        0, 2**32, (2,), generator=generator, dtype=torch.int64, device=gen_device
+        -(2**31), 2**31, (2,), generator=generator, dtype=torch.int64, device=gen_device
     )
-    return keys.to(device, non_blocking=True)
+    return keys.to(device=device, dtype=torch.int32, non_blocking=True)
+
+
+def index_halves(index: Tensor) -> tuple[Tensor, Tensor]:
+    """The low and high 32-bit halves of int64 indices, as int32 bit patterns."""
+    low = ((index & 0xFFFFFFFF) ^ 0x80000000).sub_(0x80000000).to(torch.int32)
+    return low, (index >> 32).to(torch.int32)
 
 
 def hash_uniform(shape: torch.Size | tuple[int, ...], keys: Tensor, dtype: torch.dtype) -> Tensor:
     """Uniforms on ``[0, 1)`` (multiples of ``2**-24``), one per element, from ``keys``.
 
-    Element ``i`` (row-major index) gets ``mix(mix(lo32(i) ^ k0) ^ (k1 + hi32(i)))``'s top 24
-    bits: distinct indices give independent-looking draws, and the same keys the same draws.
+    Element ``i`` (row-major index, split in 32-bit halves) gets the top 24 bits of
+    ``mix(mix(lo(i) ^ k0) ^ (k1 + hi(i)))``: the same keys give the same draws, distinct
+    indices or keys independent-looking ones.
     """
     numel = 1
     for size in shape:
         numel *= size
-    index = torch.arange(numel, dtype=torch.int64, device=keys.device)
-    high_key = (keys[1] + (index >> 32)) & _MASK32
-    h = _mix32(_mix32((index & _MASK32) ^ keys[0]) ^ high_key)
-    uniform = (h >> (32 - _UNIFORM_BITS)).to(dtype) * (2.0**-_UNIFORM_BITS)
-    return uniform.reshape(shape)
+    if numel < 2**31:
+        low = torch.arange(numel, dtype=torch.int32, device=keys.device)
+        high_key = keys[1]
+    else:  # past int32 indices: split the int64 index into two 32-bit halves
+        low, high = index_halves(torch.arange(numel, dtype=torch.int64, device=keys.device))
+        high_key = keys[1] + high
+    h = _mix32(_mix32(low ^ keys[0]) ^ high_key)
+    top = (h >> (32 - _UNIFORM_BITS)) & ((1 << _UNIFORM_BITS) - 1)
+    return (top.to(dtype) * (2.0**-_UNIFORM_BITS)).reshape(shape)
 
 
 def round_to_grid(v: Tensor, rounding: str, low: float, high: float, noise: Noise = None) -> Tensor:

@@ -87,17 +87,24 @@ def symmetric_encode(
     return to_codes(grid, 0), step, torch.zeros_like(step)
 
 
-def _uniform_kernel(
-    x2d: Tensor, noise: Noise, bits: int, granularity: str, symmetric: bool, rounding: str
+# The whole uniform encode (ranges, grid, rounding, codes): one fused kernel when compiled. Two
+# functions, not one with a flag, so that each keeps its own small set of compiled graphs.
+def _affine_kernel(
+    x2d: Tensor, noise: Noise, bits: int, granularity: str, rounding: str
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The whole uniform encode (ranges, grid, rounding, codes): one fused kernel when compiled."""
     low, high = group_minmax(x2d, granularity)
-    if symmetric:
-        return symmetric_encode(x2d, torch.maximum(-low, high), bits, rounding, noise)
     return affine_encode(x2d, low, high, bits, rounding, noise)
 
 
-_uniform_fused = LazyCompiled(_uniform_kernel)
+def _symmetric_kernel(
+    x2d: Tensor, noise: Noise, bits: int, granularity: str, rounding: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    low, high = group_minmax(x2d, granularity)
+    return symmetric_encode(x2d, torch.maximum(-low, high), bits, rounding, noise)
+
+
+fused_affine = LazyCompiled(_affine_kernel)
+fused_symmetric = LazyCompiled(_symmetric_kernel)
 
 
 class _Uniform(Quantizer):
@@ -115,15 +122,9 @@ class _Uniform(Quantizer):
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         check_float(x, self.name)
         x2d = as_rows(x).to(compute_dtype(x))
-        kernel = self.kernel(_uniform_fused)
-        codes, scale, bias = kernel(
-            x2d,
-            self.noise(generator, x2d.device),
-            self.bits,
-            self.granularity,
-            self.symmetric,
-            self.rounding,
-        )
+        kernel = self.kernel(fused_symmetric if self.symmetric else fused_affine)
+        noise = self.noise(generator, x2d.device)
+        codes, scale, bias = kernel(x2d, noise, self.bits, self.granularity, self.rounding)
         return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype)
 
     def variance_bound(self, x: Tensor) -> Tensor:

@@ -1,0 +1,137 @@
+"""One training step (forward + both backward GEMMs) of a Conv2d layer, all variants in one process.
+
+    python benchmarks/conv_step.py [--layers NAMES] [--batch B] [--variants PATTERNS]
+                                   [--repeats 5] [--device cpu|cuda] [--json out.json]
+
+Layers (``--layers`` picks some by name; ``--batch`` overrides their batch size):
+
+    r56_stage1   ResNet-56 (CIFAR-10, batch 128): 16 → 16, 3×3, 32×32
+    r56_stage2   ResNet-56: 32 → 32, 3×3, 16×16
+    r56_stage3   ResNet-56: 64 → 64, 3×3, 8×8
+    r56_down     ResNet-56: 16 → 32, 3×3, stride 2, 32×32
+    r50_conv2    ResNet-50 (ImageNet, batch 32): 64 → 64, 3×3, 56×56
+    r50_reduce   ResNet-50: 256 → 64, 1×1, 56×56
+    r50_stage3   ResNet-50: 128 → 128, 3×3, 28×28
+    r50_stage5   ResNet-50: 512 → 512, 3×3, 7×7
+
+Inputs are post-ReLU, as inside a residual block, so real zero is on the input grid and zero
+padding runs exactly on the integer path (PAPER.md §2). Variants and output as in
+``linear_step.py``: fp32, bf16 autocast, QAT, FQT-simulate / FQT-int8 with PTQ, PSQ and BHQ at
+5 bits, eager or ``_fused``; median ms [min–max], ratios to fp32 and bf16, bytes saved for
+backward and, on CUDA, peak memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import warnings
+
+import torch
+from torch import nn
+
+from common import (
+    add_variant_flag,
+    environment,
+    median_seconds,
+    peak_memory,
+    print_header,
+    print_table,
+    reset_peak_memory,
+    select,
+    step_variants,
+    with_baselines,
+    write_json,
+)
+
+# name: (batch, in_channels, out_channels, kernel, stride, height = width)
+LAYERS = {
+    "r56_stage1": (128, 16, 16, 3, 1, 32),
+    "r56_stage2": (128, 32, 32, 3, 1, 16),
+    "r56_stage3": (128, 64, 64, 3, 1, 8),
+    "r56_down": (128, 16, 32, 3, 2, 32),
+    "r50_conv2": (32, 64, 64, 3, 1, 56),
+    "r50_reduce": (32, 256, 64, 1, 1, 56),
+    "r50_stage3": (32, 128, 128, 3, 1, 28),
+    "r50_stage5": (32, 512, 512, 3, 1, 7),
+}
+
+
+def run_layer(
+    spec: tuple[int, ...], batch: int | None, device: str, repeats: int, names: list[str]
+) -> dict:
+    default_batch, cin, cout, kernel, stride, size = spec
+    torch.manual_seed(0)
+    base = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False).to(device)
+    x = torch.randn(batch or default_batch, cin, size, size, device=device).relu()
+    x.requires_grad_(True)
+    grad_out = torch.randn_like(base(x)).detach()
+
+    def step(layer: nn.Module, autocast: bool) -> None:
+        layer.zero_grad(set_to_none=True)
+        x.grad = None
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+            out = layer(x)
+        out.backward(grad_out.to(out.dtype))
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    results = {}
+    for name, (layer, autocast) in step_variants(base, names).items():
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            step(layer, autocast)
+        # An int8 layer that fell back to simulate measures something else: say so in the row.
+        fell_back = any("using the simulate backend" in str(w.message) for w in caught)
+        t = median_seconds(lambda layer=layer, a=autocast: step(layer, a), repeats)
+        t["fell_back_to_simulate"] = fell_back
+        saved = 0
+
+        def pack(t_: torch.Tensor) -> torch.Tensor:
+            nonlocal saved
+            saved += t_.numel() * t_.element_size()
+            return t_
+
+        with (
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_),
+            torch.autocast(device, dtype=torch.bfloat16, enabled=autocast),
+        ):
+            layer(x)
+        reset_peak_memory(device)
+        step(layer, autocast)
+        t.update(saved_bytes=saved, peak_bytes=peak_memory(device))
+        results[name] = t
+        note = "  (fell back to simulate)" if fell_back else ""
+        print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms{note}", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated names")
+    parser.add_argument("--batch", type=int, help="override every layer's batch size")
+    add_variant_flag(parser)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    unknown = [name for name in args.layers.split(",") if name not in LAYERS]
+    if unknown:
+        parser.error(f"unknown layers {unknown}; known: {', '.join(LAYERS)}")
+    env = environment()
+    print_header(env)
+    names = with_baselines(select(args.variants))
+    report = {"environment": env, "args": vars(args), "layers": {}}
+    for layer in args.layers.split(","):
+        spec = LAYERS[layer]
+        batch = args.batch or spec[0]
+        print(f"\n{layer}: batch {batch}, {spec[1:]}, median of {args.repeats}", flush=True)
+        results = run_layer(spec, args.batch, args.device, args.repeats, names)
+        report["layers"][layer] = {"batch": batch, "spec": spec, "variants": results}
+        print_table(results, memory_key="saved_bytes")
+        write_json(args.json, report)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Fused quantizers: the counter-based noise and the ``torch.compile``'d kernels.
+
+The hash is checked value for value against a pure-Python reference (so integer wrap-around
+behaves as assumed), then statistically; the compiled kernels against their eager code, for
+unbiasedness and for their variance bound; the compile fallback by forcing a failure.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+
+from fqtorch.quantizers import fused as fused_module
+from fqtorch.quantizers import get_quantizer, list_quantizers
+from fqtorch.quantizers.rounding import draw_keys, hash_uniform, index_halves
+from tests.helpers import heavy_rows, projection_z, z_limit
+
+CODED = [name for name in list_quantizers() if name != "identity"]
+STOCHASTIC = ["ptq", "psq", "per_column", "bhq", "rht", "symmetric"]
+
+
+def reference_uniform(k0: int, k1: int, count: int) -> list[float]:
+    """hash_uniform in plain Python integers: ``& 0xFFFFFFFF`` after every step."""
+    mask = 0xFFFFFFFF
+
+    def mix(x: int) -> int:
+        x ^= x >> 16
+        x = (x * 0x7FEB352D) & mask
+        x ^= x >> 15
+        x = (x * 0x846CA68B) & mask
+        return x ^ (x >> 16)
+
+    return [mix(mix(i ^ (k0 & mask)) ^ (k1 & mask)) >> 8 for i in range(count)]
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+class TestHashUniform:
+    @pytest.mark.parametrize("keys", [(0, 0), (123456789, -987654321), (-(2**31), 2**31 - 1)])
+    def test_matches_python_reference(self, keys):
+        got = hash_uniform((20, 50), torch.tensor(keys, dtype=torch.int32), torch.float64)
+        expected = torch.tensor(reference_uniform(*keys, 1000), dtype=torch.float64) * 2.0**-24
+        assert torch.equal(got.reshape(-1), expected)
+
+    def test_index_halves(self):
+        index = torch.tensor([0, 5, 2**31 - 1, 2**31, 2**32 - 1, 2**32, 2**33 + 7])
+        low, high = index_halves(index)
+        assert low.dtype == high.dtype == torch.int32
+        rebuilt = (high.long() << 32) + (low.long() & 0xFFFFFFFF)
+        assert torch.equal(rebuilt, index)
+        assert torch.equal(low[:3].long(), index[:3]) and not high[:3].any()
+
+    def test_on_grid_in_unit_interval_and_reproducible(self):
+        keys = draw_keys(gen(1), torch.device("cpu"))
+        u = hash_uniform((1000,), keys, torch.float32)
+        assert u.min() >= 0 and u.max() < 1
+        assert torch.equal(u * 2**24, (u * 2**24).round())
+        assert torch.equal(u, hash_uniform((1000,), keys.clone(), torch.float32))
+
+    def test_moments_and_histogram(self):
+        n = 1 << 20
+        u = hash_uniform((n,), draw_keys(gen(2), torch.device("cpu")), torch.float64)
+        # Mean and variance of U[0,1): 1/2 and 1/12, within 5 standard errors.
+        assert abs(u.mean().item() - 0.5) < 5 * math.sqrt(1 / 12 / n)
+        assert abs(u.var().item() - 1 / 12) < 5 * math.sqrt(1 / 180 / n)
+        # Chi-square over 256 bins: normal approximation of a 255-dof statistic.
+        counts = torch.histc(u, bins=256, min=0, max=1)
+        chi2 = ((counts - n / 256) ** 2 / (n / 256)).sum().item()
+        assert abs(chi2 - 255) / math.sqrt(2 * 255) < 5
+
+    def test_neighbours_and_keys_uncorrelated(self):
+        n = 1 << 18
+        keys = torch.tensor([7, 11], dtype=torch.int32)
+        u = hash_uniform((n,), keys, torch.float64) - 0.5
+        flipped = hash_uniform((n,), keys ^ torch.tensor([1, 0], dtype=torch.int32), torch.float64)
+        limit = 5 / math.sqrt(n)
+        for a, b in [(u[1:], u[:-1]), (u, flipped - 0.5)]:
+            corr = (a * b).mean() / math.sqrt((a * a).mean() * (b * b).mean())
+            assert abs(corr.item()) < limit
+
+    def test_keys_come_from_the_generator(self):
+        a = draw_keys(gen(3), torch.device("cpu"))
+        b = draw_keys(gen(3), torch.device("cpu"))
+        assert a.dtype == torch.int32 and torch.equal(a, b)
+        g = gen(3)
+        assert not torch.equal(draw_keys(g, torch.device("cpu")), draw_keys(g, torch.device("cpu")))
+
+
+def eager(q):
+    """The same quantizer running its kernels uncompiled (same noise keys)."""
+    q.kernel = lambda kernel: kernel.fn
+    return q
+
+
+class TestFusedKernels:
+    """Compiled and eager runs of a fused quantizer give the same codes, bit for bit."""
+
+    @pytest.mark.parametrize("name", CODED)
+    @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
+    def test_compiled_equals_eager(self, name, rounding):
+        x = heavy_rows(300, 70, seed=4)
+        compiled = get_quantizer(name, 4, rounding=rounding, fused=True).encode(x, gen(5))
+        reference = eager(get_quantizer(name, 4, rounding=rounding, fused=True)).encode(x, gen(5))
+        torch.testing.assert_close(compiled.scale, reference.scale, rtol=1e-6, atol=0)
+        # bias = low + half·step may be computed with an FMA when compiled: compare it on the
+        # scale of a step.
+        step = float(reference.scale.abs().max())
+        torch.testing.assert_close(compiled.bias, reference.bias, rtol=1e-6, atol=1e-5 * step)
+        assert torch.equal(compiled.codes, reference.codes)
+
+    @pytest.mark.parametrize("name", ["psq", "bhq"])
+    def test_shapes_change_and_values_decode(self, name):
+        q = get_quantizer(name, 5, fused=True)
+        for rows, cols in [(8, 3), (33, 17), (5, 64)]:
+            x = heavy_rows(rows, cols, seed=rows)
+            out = q(x, gen(1))
+            assert out.shape == x.shape and torch.isfinite(out).all()
+            assert torch.equal(out, q.encode(x, gen(1)).dequantize(fused=True))
+
+    @pytest.mark.parametrize("name", STOCHASTIC)
+    def test_reproducible_from_the_generator(self, name):
+        q = get_quantizer(name, 3, fused=True)
+        x = heavy_rows(12, 9, seed=6)
+        assert torch.equal(q(x, gen(7)), q(x, gen(7)))
+        assert not torch.equal(q(x, gen(7)), q(x, gen(8)))
+
+    @pytest.mark.parametrize("name", STOCHASTIC)
+    def test_unbiased(self, name):
+        q = get_quantizer(name, 3, fused=True)
+        x = heavy_rows(16, 24, seed=9)
+        g = gen(10)
+        samples = torch.stack([q(x, g) for _ in range(1500)])
+        z = projection_z(samples, x)
+        assert z.abs().max() < z_limit(z.numel()), z
+
+    @pytest.mark.parametrize("name", ["ptq", "psq", "bhq"])
+    def test_error_below_bound(self, name):
+        q = get_quantizer(name, 4, fused=True)
+        x = heavy_rows(64, 32, seed=11)
+        g = gen(12)
+        errors = torch.stack([(q(x, g) - x).square().sum() for _ in range(200)])
+        mean, se = errors.mean(), errors.std() / math.sqrt(errors.numel())
+        assert mean - 4 * se <= q.variance_bound(x)
+
+    def test_repr_names_fused(self):
+        assert repr(get_quantizer("psq", 4, fused=True)) == "psq(4, stochastic, fused)"
+        with pytest.raises(TypeError, match="fused must be a bool"):
+            get_quantizer("psq", 4, fused="yes")
+
+
+class TestLazyCompiled:
+    def test_falls_back_to_eager_once_with_a_warning(self, monkeypatch):
+        def broken_compile(fn, **kwargs):
+            def run(*args):
+                raise RuntimeError("no C++ compiler\nsecond line")
+
+            return run
+
+        monkeypatch.setattr(fused_module.torch, "compile", broken_compile)
+        kernel = fused_module.LazyCompiled(lambda x: x * 2)
+        with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+            assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert torch.equal(kernel(torch.ones(2)), torch.full((2,), 2.0))
+
+    def test_a_genuine_error_is_raised_unchanged(self):
+        def bad(x):
+            raise ValueError("bad input shape")
+
+        kernel = fused_module.LazyCompiled(bad)
+        with pytest.raises(ValueError, match="bad input shape"):
+            kernel(torch.ones(3))
+        assert not kernel._broken
