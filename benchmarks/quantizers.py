@@ -2,23 +2,22 @@
 
     python benchmarks/quantizers.py [--rows 8192 --cols 4096] [--json out.json]
 
-Prints (1) PTQ, PSQ and BHQ on a gradient of shape (rows, cols), as ratios to PSQ, and (2) one
-training step (forward + backward) of a Linear layer, fp32, bf16 autocast, QAT and FQT-simulate
-(PTQ/PSQ/BHQ at 5 bits), as ratios to QAT and to fp32. Medians of --repeats runs after warm-up
-(bf16: max(3, repeats/2) runs after one warm-up, as it is slow on CPUs without bf16 units), all
-measured in this process.
+Prints (1) quantize-and-dequantize with PTQ, PSQ, BHQ and RHT at 5 bits on a gradient of shape
+(rows, cols), eager and fused (one ``torch.compile``'d kernel with in-kernel hash noise), as
+ratios to eager PSQ, and (2) one training step (forward + backward) of a Linear layer: fp32, bf16
+autocast, QAT and FQT-simulate (PTQ/PSQ/BHQ at 5 bits, eager and fused), as ratios to QAT and to
+fp32. Medians of --repeats runs after 2 warm-up runs (which also compile), all in this process.
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
 
 import torch
 from torch import nn
 
 import fqtorch
-from common import environment, median_seconds, write_json
+from common import environment, median_seconds, print_header, select, step_variants, write_json
 
 
 def quantizer_times(rows: int, cols: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -26,9 +25,12 @@ def quantizer_times(rows: int, cols: int, repeats: int) -> dict[str, dict[str, f
     scales = torch.exp(2 * torch.randn(rows, 1, generator=gen))
     grad = torch.randn(rows, cols, generator=gen) * scales  # (rows, cols), few rows dominate
     results = {}
-    for name in ("ptq", "psq", "bhq"):
-        q = fqtorch.get_quantizer(name, 5)
-        results[name] = median_seconds(lambda q=q: q(grad, gen), repeats)
+    for fused in (False, True):
+        for name in ("ptq", "psq", "bhq", "rht"):
+            q = fqtorch.get_quantizer(name, 5, fused=fused)
+            key = f"{name}_fused" if fused else name
+            results[key] = median_seconds(lambda q=q: q(grad, gen), repeats)
+            print(f"  {key:<24}{results[key]['median'] * 1e3:>10.1f} ms", flush=True)
     return results
 
 
@@ -45,22 +47,10 @@ def layer_step_times(rows: int, fan_in: int, fan_out: int, repeats: int) -> dict
             out = layer(x)
         out.backward(grad_out.to(out.dtype))
 
-    variants = {
-        "fp32": (base, False),
-        "bf16_autocast": (base, True),
-        "qat": (
-            fqtorch.quantize_model(copy.deepcopy(base), fqtorch.FQTConfig.preset("qat")),
-            False,
-        ),
-    }
-    for name in ("ptq5", "psq5", "bhq5"):
-        layer = fqtorch.quantize_model(copy.deepcopy(base), fqtorch.FQTConfig.preset(name))
-        variants[f"fqt_simulate_{name}"] = (layer, False)
+    variants = step_variants(base, select("fp32,bf16_autocast,qat,fqt_simulate_*"))
     results = {}
     for name, (layer, autocast) in variants.items():
-        # bf16 has no fast kernels on AVX2-only CPUs (about 40x fp32 there): time it fewer times.
-        runs, warmup = (max(3, repeats // 2), 1) if autocast else (repeats, 2)
-        results[name] = median_seconds(lambda m=layer, a=autocast: step(m, a), runs, warmup)
+        results[name] = median_seconds(lambda m=layer, a=autocast: step(m, a), repeats)
         print(f"  {name:<24}{results[name]['median'] * 1e3:>10.1f} ms", flush=True)
     return results
 
@@ -83,24 +73,24 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results here")
     args = parser.parse_args()
     env = environment()
-    print(
-        f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, torch {env['torch']}"
-    )
+    print_header(env)
 
     quant = quantizer_times(args.rows, args.cols, args.repeats)
     psq = quant["psq"]["median"]
     print(f"\nquantize a ({args.rows}, {args.cols}) gradient at 5 bits, median of {args.repeats}")
-    print(f"{'quantizer':<12}{'ms':>10}{'/ PSQ':>10}")
+    print(f"{'quantizer':<16}{'ms':>10}{'[min-max]':>20}{'/ PSQ':>10}")
     for name, t in quant.items():
-        print(f"{name:<12}{t['median'] * 1e3:>10.1f}{t['median'] / psq:>10.2f}")
+        spread = f"[{t['min'] * 1e3:.1f}-{t['max'] * 1e3:.1f}]"
+        print(f"{name:<16}{t['median'] * 1e3:>10.1f}{spread:>20}{t['median'] / psq:>10.2f}")
 
     steps = layer_step_times(*args.layer, args.repeats)
     qat, fp32 = steps["qat"]["median"], steps["fp32"]["median"]
     print(f"\nLinear step {tuple(args.layer)} (forward + backward), median of {args.repeats}")
-    print(f"{'variant':<24}{'ms':>10}{'/ QAT':>10}{'/ fp32':>10}")
+    print(f"{'variant':<26}{'ms':>10}{'[min-max]':>20}{'/ QAT':>10}{'/ fp32':>10}")
     for name, t in steps.items():
         m = t["median"]
-        print(f"{name:<24}{m * 1e3:>10.1f}{m / qat:>10.2f}{m / fp32:>10.2f}")
+        spread = f"[{t['min'] * 1e3:.1f}-{t['max'] * 1e3:.1f}]"
+        print(f"{name:<26}{m * 1e3:>10.1f}{spread:>20}{m / qat:>10.2f}{m / fp32:>10.2f}")
     write_json(
         args.json, {"environment": env, "args": vars(args), "quantize": quant, "layer_step": steps}
     )
