@@ -14,8 +14,7 @@ Layers (``--layers`` picks some by name; ``--batch`` overrides their batch size)
     r50_stage3   ResNet-50: 128 → 128, 3×3, 28×28
     r50_stage5   ResNet-50: 512 → 512, 3×3, 7×7
 
-Inputs are post-ReLU, as inside a residual block, so real zero is on the input grid and zero
-padding runs exactly on the integer path (PAPER.md §2). Variants and output as in
+Inputs are post-ReLU, as inside a residual block. Variants and output as in
 ``linear_step.py``: fp32, bf16 autocast, QAT, FQT-simulate / FQT-int8 with PTQ, PSQ and BHQ at
 5 bits, eager or ``_fused``; median ms [min–max], ratios to fp32 and bf16, bytes saved for
 backward and, on CUDA, peak memory.

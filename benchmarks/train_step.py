@@ -7,9 +7,9 @@
 Variants (``--variants`` picks some; fp32 and bf16 autocast always run): fp32, bf16 autocast,
 QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused``; median ms
 [min–max] of ``--repeats`` runs after 2 warm-up runs, and ratios to fp32 and bf16 measured in
-this process; on CUDA, the step's peak memory. The int8 backend runs Linear and Conv2d
-layers on ``torch._int_mm``; a convolution whose zero padding is not exact on its input grid (the
-stem, on normalized images) falls back to the simulate path (see docs/performance.md).
+this process; on CUDA, the step's peak memory. The int8 backend runs every Linear and Conv2d
+layer on ``torch._int_mm`` (grouped convolutions would fall back to simulate; these models have
+none).
 """
 
 from __future__ import annotations

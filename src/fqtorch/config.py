@@ -50,8 +50,8 @@ class FQTConfig:
         grad_rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` (the biased ablation).
         backend: how the GEMMs run: ``"simulate"`` (float GEMMs on dequantized values) or
             ``"int8"`` (``torch._int_mm`` on the integer codes, for Linear and Conv2d layers; a
-            grouped or 1-d convolution, or zero padding where real zero is not on the input
-            grid, falls back to simulate with a warning).
+            grouped or 1-d convolution, or a convolution on CUDA, falls back to simulate with
+            a warning).
         fused: run every quantizer as a ``torch.compile``'d kernel (compiled lazily on first
             use, cached per shape; eager where compilation is off or fails, with the same
             codes), with its stochastic-rounding noise computed inside the kernel by a

@@ -4,6 +4,7 @@ saved activation memory."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -116,22 +117,30 @@ class TestConfig:
         grouped = quantize_model(nn.Sequential(nn.Conv2d(4, 4, 3, groups=2)), cfg)
         with pytest.warns(RuntimeWarning, match="cannot run on integer GEMMs"):
             grouped(torch.randn(2, 4, 6, 6)).sum().backward()
+
+    def test_padded_conv_runs_on_integers_whatever_the_input_grid(self):
+        cfg = FQTConfig.preset("psq4", backend="int8")
         padded = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), cfg)
-        with pytest.warns(RuntimeWarning, match="real zero is not on the input grid"):
-            padded(torch.randn(2, 3, 6, 6)).sum().backward()  # negative inputs: 0 not a code
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback: real zero need not be a code
+            padded(torch.randn(2, 3, 6, 6) + 0.3).sum().backward()
 
 
 CONVS = [
     (lambda: nn.Conv2d(3, 5, 3, padding=1), True),
+    (lambda: nn.Conv2d(3, 5, 3, padding=1), False),
     (lambda: nn.Conv2d(3, 4, 3, stride=2), False),
     (lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1)), True),
+    (lambda: nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1)), False),
     (lambda: nn.Conv2d(3, 4, 4, padding="same", bias=False), True),
+    (lambda: nn.Conv2d(3, 4, 4, padding="same", bias=False), False),
 ]
 
 
 class TestConvAgainstSimulate:
-    """Conv2d on integer GEMMs (im2col): post-ReLU inputs have real zero on their grid, so zero
-    padding is exact and both backends agree to float32 rounding."""
+    """Conv2d on integer GEMMs (im2col) agrees with simulate to float32 rounding, with zero
+    padding exact both on post-ReLU inputs (real zero on the grid) and on signed, shifted ones
+    (real zero between grid points: the tap-mask correction)."""
 
     @pytest.mark.parametrize("make,relu", CONVS)
     @pytest.mark.parametrize("preset", ["qat", "ptq4", "psq4", "bhq4", "psq4-fused"])
@@ -140,7 +149,7 @@ class TestConvAgainstSimulate:
         torch.manual_seed(0)
         base = make()
         x = torch.randn(5, base.in_channels, 9, 8)
-        x = x.relu() if relu else x
+        x = x.relu() if relu else x + 0.37  # shifted: real zero off the input grid
         g = None
         results = []
         for backend in ("simulate", "int8"):

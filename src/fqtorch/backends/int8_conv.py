@@ -5,10 +5,17 @@ im2col views of the int8 codes.
     grad_input  : rows(C_g) (N·L, O) × C_w (O, C·k·k), then col2im (``F.fold``)
     grad_weight : C_hᵀ (O, N·L) × cols(C_x) (N·L, C·k·k)
 
-Zero padding is exact only when real zero is a code of the input grid (post-ReLU inputs, whose
-minimum is 0, or a symmetric input quantizer): the padded taps then hold that code. Otherwise, and
-for grouped convolutions, :func:`int8_conv2d` returns ``None`` and the layer runs the simulate path.
-The scale algebra is the Linear one (:mod:`fqtorch.backends.int8`), per row of ``cols``.
+The scale algebra is the Linear one (:mod:`fqtorch.backends.int8`), per row of ``cols``, with
+one change for zero padding: a padded tap holds real zero, which need not be a point of the
+input's affine grid ``s_x·C + b_x``. Padded taps hold code 0 and a tap mask ``M`` (L, C·k·k) —
+1 on real taps, the same for every sample — carries the zero point exactly:
+
+    output[n·L + l, o]  = s_x s_w (cols(C_x) C_wᵀ)[n·L + l, o] + b_x s_w (M C_wᵀ)[l, o]
+    grad_weight[o, t]  += s_o b_x (S_hᵀ M)[o, t] + N b_o b_x colsum(M)[t]
+
+with ``S_h`` (L, O) the per-position sums of the codes of ``grad_output`` over the batch; both
+corrections are GEMMs 1/N the size of the main ones. Grouped and 1-d convolutions, and CUDA
+tensors for now, run the simulate path (:func:`int8_conv2d` returns ``None``).
 """
 
 from __future__ import annotations
@@ -27,17 +34,6 @@ from .int8 import _grad_bias, _grad_weight, _int_mm, _per_tensor
 __all__ = ["int8_conv2d"]
 
 
-def _zero_code(x: QuantizedTensor) -> int | None:
-    """The int8 code whose value is exactly 0, if the grid has one."""
-    scale, bias = float(x.scale), float(x.bias)
-    if scale == 0:
-        return 0 if bias == 0 else None
-    code = -bias / scale
-    if code != round(code) or not -128 <= code <= 127 or round(code) * scale + bias != 0:
-        return None
-    return round(code)
-
-
 def _pads(ops: ConvOps) -> list[int]:
     """F.pad amounts (left, right, top, bottom) for the integer padding plus ``ops.pad``."""
     (ph, pw) = ops.padding
@@ -45,26 +41,65 @@ def _pads(ops: ConvOps) -> list[int]:
     return [pw + extra[0], pw + extra[1], ph + extra[2], ph + extra[3]]
 
 
-def _cols(codes: Tensor, pads: list[int], zero: int, kernel: tuple, ops: ConvOps) -> Tensor:
-    """im2col of int8 codes (N, C, H, W) -> (N·L, C·kh·kw) int8, padded with the zero code."""
-    padded = F.pad(codes.to(torch.float32), pads, value=float(zero))
-    cols = F.unfold(padded, kernel, dilation=ops.dilation, stride=ops.stride)  # (N, Ck², L)
-    return cols.transpose(1, 2).reshape(-1, cols.shape[1]).to(torch.int8)
+def _unfold(x: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:
+    """im2col (N, C, H, W) -> (N, L, C·kh·kw), zero-padded."""
+    padded = F.pad(x, pads) if any(pads) else x
+    return F.unfold(padded, kernel, dilation=ops.dilation, stride=ops.stride).transpose(1, 2)
+
+
+def _cols(codes: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:
+    """im2col of int8 codes -> (N·L, C·kh·kw) int8; padded taps hold code 0."""
+    cols = _unfold(codes.to(torch.float32), pads, kernel, ops)
+    return cols.reshape(-1, cols.shape[2]).to(torch.int8)
+
+
+def _tap_mask(
+    shape: torch.Size, pads: list[int], kernel: tuple, ops: ConvOps, device: torch.device
+) -> Tensor | None:
+    """(L, C·kh·kw) float32: 1 where a tap reads the input, 0 where it reads padding; ``None``
+    without padding (all ones)."""
+    if not any(pads):
+        return None
+    ones = torch.ones((1, *shape[1:]), dtype=torch.float32, device=device)
+    return _unfold(ones, pads, kernel, ops)[0]
+
+
+def _conv_grad_weight(
+    h: QuantizedTensor, x: QuantizedTensor, mask: Tensor | None, batch: int
+) -> Tensor:
+    """``grad_weight`` (O, C·kh·kw) with the padding correction (module docstring)."""
+    if mask is None:
+        return _grad_weight(h, x)
+    rows = h.codes.shape[0]
+    acc = _int_mm(h.codes.T, x.codes)  # (O, N·L) × (N·L, Ck²)
+    s_o, b_o = h.scale.reshape(-1, 1), h.bias.reshape(-1, 1)
+    per_position = h.codes.reshape(batch, rows // batch, -1).sum(0, dtype=torch.int32)  # (L, O)
+    x_cols = x.codes.sum(0, dtype=torch.int32).to(torch.float32)[None, :]  # (1, Ck²)
+    out = acc.mul_(s_o * x.scale)
+    out.add_(s_o * x.bias * (per_position.T.to(torch.float32) @ mask))
+    out.add_(b_o * x.scale * x_cols)
+    out.add_(batch * b_o * x.bias * mask.sum(0)[None, :])
+    return out
 
 
 class _Int8Conv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, input: Tensor, x: QuantizedTensor, w: QuantizedTensor,
-                bias: Tensor | None, ops: ConvOps, zero: int, weight: Tensor, source: Any,
+                bias: Tensor | None, ops: ConvOps, weight: Tensor, source: Any,
                 name: str) -> Tensor:  # fmt: skip
         n, c, h, wd = input.shape
         o, _, kh, kw = weight.shape
         pads = _pads(ops)
         codes = x.codes.reshape(n, c, h, wd)
-        cols = _cols(codes, pads, zero, (kh, kw), ops)  # (N·L, C·kh·kw)
+        cols = _cols(codes, pads, (kh, kw), ops)  # (N·L, C·kh·kw)
         w2d = w.codes.reshape(o, -1)  # (O, C·kh·kw)
         acc = _int_mm(cols, w2d.T).mul_(x.scale * w.scale)  # (N·L, O)
-        acc.add_(x.bias * w.scale * w2d.sum(1, dtype=torch.int32).to(torch.float32)[None, :])
+        mask = _tap_mask(input.shape, pads, (kh, kw), ops, input.device)
+        if mask is None:
+            taps = w2d.sum(1, dtype=torch.int32).to(torch.float32)[None, :]  # (1, O)
+        else:
+            taps = mask @ w2d.T.to(torch.float32)  # (L, O): the weight codes on real taps
+        acc.view(n, -1, o).add_(x.bias * w.scale * taps)
         hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
         ho = (hp - ops.dilation[0] * (kh - 1) - 1) // ops.stride[0] + 1
         wo = (wp - ops.dilation[1] * (kw - 1) - 1) // ops.stride[1] + 1
@@ -72,14 +107,14 @@ class _Int8Conv2d(torch.autograd.Function):
         if bias is not None:
             out = out + bias.to(out.dtype)[None, :, None, None]
         ctx.save_for_backward(codes, x.scale, x.bias, w2d, w.scale, w.bias)
-        ctx.meta = (input.shape, input.dtype, weight.shape, pads, zero, (ho, wo), bias is not None)
+        ctx.meta = (input.shape, input.dtype, weight.shape, pads, (ho, wo), bias is not None)
         ctx.ops, ctx.source, ctx.name = ops, source, name
         return out.contiguous().to(input.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         codes, xs, xb, w2d, ws, wb = ctx.saved_tensors
-        in_shape, in_dtype, w_shape, pads, zero, (ho, wo), has_bias = ctx.meta
+        in_shape, in_dtype, w_shape, pads, (ho, wo), has_bias = ctx.meta
         ops: ConvOps = ctx.ops
         plan = ctx.source.plan
         generator = ctx.source.generator(grad_output.device)
@@ -91,7 +126,7 @@ class _Int8Conv2d(torch.autograd.Function):
         o, _, kh, kw = w_shape
         need_input, need_weight, need_bias = (
             ctx.needs_input_grad[0],
-            ctx.needs_input_grad[6],
+            ctx.needs_input_grad[5],
             (ctx.needs_input_grad[3]),
         )
         grad_input = grad_weight = grad_bias = None
@@ -117,27 +152,36 @@ class _Int8Conv2d(torch.autograd.Function):
                 grad_input = grad_input.reshape(in_shape)
             grad_input = grad_input.to(in_dtype)
         if need_weight or need_bias:
-            x_cols = _cols(codes, pads, zero, (kh, kw), ops)
+            x_cols = _cols(codes, pads, (kh, kw), ops)
             x_q = QuantizedTensor(x_cols, xs, xb, 8, x_cols.shape, torch.float32)
+            mask = _tap_mask(in_shape, pads, (kh, kw), ops, grad.device)
             columns = ops.columns(grad)  # (N·L, O)
+            batch = in_shape[0]
             if isinstance(plan.grad_output_weight, Identity):
-                x_vals = x_cols.to(torch.float32) * xs + xb
+                x_vals = x_cols.to(torch.float32) * xs
+                x_vals = x_vals.view(batch, -1, x_vals.shape[1]).add_(
+                    xb if mask is None else xb * mask
+                )
+                x_vals = x_vals.reshape(-1, x_vals.shape[2])
                 grad_weight = (columns.T @ x_vals).reshape(w_shape) if need_weight else None
                 grad_bias = columns.sum(0)
             else:
                 hq = plan.grad_output_weight.encode(columns, generator)
-                grad_weight = _grad_weight(hq, x_q).reshape(w_shape) if need_weight else None
+                grad_weight = (
+                    _conv_grad_weight(hq, x_q, mask, batch).reshape(w_shape)
+                    if need_weight
+                    else None
+                )
                 grad_bias = _grad_bias(hq) if need_bias else None
         if not (need_bias and has_bias):
             grad_bias = None
-        return grad_input, None, None, grad_bias, None, None, grad_weight, None, None
+        return grad_input, None, None, grad_bias, None, grad_weight, None, None
 
 
 def int8_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, source: Any,
                 name: str) -> Tensor | None:  # fmt: skip
     """Run the Conv2d plan on integer GEMMs, or ``None`` when it cannot (the caller falls back
-    to the simulate path): grouped convs, CUDA shapes ``_int_mm`` rejects, or padding where real
-    zero is not on the input grid."""
+    to the simulate path): grouped or 1-d convolutions, and tensors off the CPU."""
     if ops.groups != 1 or input.dim() != 4 or input.device.type != "cpu":
         return None
     plan = source.plan
@@ -146,8 +190,4 @@ def int8_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps
         w = plan.weight.encode(weight)
     _per_tensor(x, "input")
     _per_tensor(w, "weight")
-    needs_pad = any(_pads(ops))
-    zero = _zero_code(x) if needs_pad else 0
-    if zero is None:
-        return None
-    return _Int8Conv2d.apply(input, x, w, bias, ops, zero, weight, source, name)
+    return _Int8Conv2d.apply(input, x, w, bias, ops, weight, source, name)

@@ -312,9 +312,8 @@ def fqt_conv(
         if output is not None:
             return output
         warnings.warn(
-            f"FQT layer {name!r}: this convolution cannot run on integer GEMMs (grouped, 1-d, "
-            "not on the CPU, or zero padding where real zero is not on the input grid); "
-            "using the simulate backend",
+            f"FQT layer {name!r}: this convolution cannot run on integer GEMMs (grouped, 1-d "
+            "or not on the CPU); using the simulate backend",
             RuntimeWarning,
             stacklevel=3,
         )
