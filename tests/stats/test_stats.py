@@ -255,7 +255,8 @@ def test_variance_monitor():
     assert json.dumps(ratio.to_dict())
 
 
-def test_variance_cli_schema(tmp_path):
+@pytest.mark.parametrize("fused", [False, True])
+def test_variance_cli_schema(tmp_path, fused):
     out = tmp_path / "v"
     cmd = [
         sys.executable,
@@ -276,9 +277,10 @@ def test_variance_cli_schema(tmp_path):
         "2",
         "--out",
         str(out),
-    ]
+    ] + (["--fused", "--profile", "none"] if fused else [])
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads((out / "variance_details.json").read_text())["fused"] is fused
     data = json.loads((out / "variance.json").read_text())
     assert set(data) == {"model", "dataset", "batch_size", "seed", "sampling_variance", "results"}
     assert len(data["results"]) == 4
@@ -299,7 +301,8 @@ def test_variance_cli_schema(tmp_path):
                 "grad_output_error_bound",
             }
     assert (out / "variance_vs_bits.png").stat().st_size > 1000
-    assert (out / "variance_profile.png").stat().st_size > 1000
+    if not fused:  # the fused run skips the profile (--profile none)
+        assert (out / "variance_profile.png").stat().st_size > 1000
     bad = subprocess.run(
         [sys.executable, "-m", "fqtorch", "variance", "--quantizers", "nope"],
         capture_output=True,

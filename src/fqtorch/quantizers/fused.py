@@ -5,8 +5,9 @@ stochastic rounding, clamping, int8 conversion (and BHQ's transform) — as one 
 uniforms come from :func:`~fqtorch.quantizers.rounding.hash_uniform` inside the loop instead of a
 separate ``torch.rand`` pass. Eager and compiled runs of the same kernel give the same codes, so:
 
-* compilation happens on the first call, not at import; ``torch.compile`` caches a graph per
-  shape (and switches to a dynamic-shape graph once it sees a second shape);
+* compilation happens on the first call, not at import, with dynamic shapes: one graph per
+  kernel and static configuration (granularity, rounding, dtype, device), whatever the layer
+  shapes — a model needs a handful, so each kernel may keep up to :data:`GRAPHS_PER_KERNEL`;
 * with ``torch.compile`` disabled (``TORCH_COMPILE_DISABLE=1``) or unable to build a kernel
   here (say, no C++ compiler), the same function runs eagerly — slower, same results — after
   one warning.
@@ -20,7 +21,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["LazyCompiled", "lazy_compile"]
+__all__ = ["GRAPHS_PER_KERNEL", "LazyCompiled", "lazy_compile"]
+
+# Graphs one kernel may hold (dynamo's default limit, 8, is meant for one call site; a quantizer
+# kernel serves every layer and tensor role of a model).
+GRAPHS_PER_KERNEL = 64
 
 
 class LazyCompiled:
@@ -40,8 +45,12 @@ class LazyCompiled:
             return self.fn(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True)
+        # Quantization is not differentiated through: detached arguments keep requires_grad out
+        # of the graph guards (one graph serves a layer's input and its weight alike).
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
-            return self._compiled(*args)
+            with torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_KERNEL):
+                return self._compiled(*args)
         except Exception as error:  # any compiler failure: fall back below
             result = self.fn(*args)  # a genuine error in fn raises here, unchanged
             self._broken = True

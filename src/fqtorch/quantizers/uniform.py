@@ -87,11 +87,12 @@ def symmetric_encode(
     return to_codes(grid, 0), step, torch.zeros_like(step)
 
 
-# The whole uniform encode (ranges, grid, rounding, codes): one fused kernel when compiled. Two
-# functions, not one with a flag, so that each keeps its own small set of compiled graphs.
+# The whole uniform encode (cast, ranges, grid, rounding, codes): one fused kernel when compiled.
+# Two functions, not one with a flag, so that each keeps its own small set of compiled graphs.
 def _affine_kernel(
     x2d: Tensor, noise: Noise, bits: int, granularity: str, rounding: str
 ) -> tuple[Tensor, Tensor, Tensor]:
+    x2d = x2d.to(compute_dtype(x2d))
     low, high = group_minmax(x2d, granularity)
     return affine_encode(x2d, low, high, bits, rounding, noise)
 
@@ -99,6 +100,7 @@ def _affine_kernel(
 def _symmetric_kernel(
     x2d: Tensor, noise: Noise, bits: int, granularity: str, rounding: str
 ) -> tuple[Tensor, Tensor, Tensor]:
+    x2d = x2d.to(compute_dtype(x2d))
     low, high = group_minmax(x2d, granularity)
     return symmetric_encode(x2d, torch.maximum(-low, high), bits, rounding, noise)
 
@@ -121,7 +123,7 @@ class _Uniform(Quantizer):
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         check_float(x, self.name)
-        x2d = as_rows(x).to(compute_dtype(x))
+        x2d = as_rows(x)  # the kernel casts to the compute dtype (inside the fused loop)
         kernel = self.kernel(fused_symmetric if self.symmetric else fused_affine)
         noise = self.noise(generator, x2d.device)
         codes, scale, bias = kernel(x2d, noise, self.bits, self.granularity, self.rounding)

@@ -70,6 +70,11 @@ def add_variance_parser(sub: Any) -> None:
         "--checkpoint", help="a checkpoint.pt of fqtorch train, to measure a trained model"
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--fused",
+        action="store_true",
+        help="torch.compile'd quantizers with in-kernel noise (faster after compiling)",
+    )
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--out", default="runs/variance", metavar="DIR")
@@ -200,7 +205,7 @@ def run_variance(args: argparse.Namespace) -> int:
     )
     for q in quantizers:
         for b in bits:
-            cfg = FQTConfig(grad_quantizer=q, grad_bits=b, seed=args.seed)
+            cfg = FQTConfig(grad_quantizer=q, grad_bits=b, seed=args.seed, fused=args.fused)
             r = _measure_config(model, cfg, batches, args.samples)
             results.append(r)
             log.info(
@@ -220,7 +225,9 @@ def run_variance(args: argparse.Namespace) -> int:
         profile_b = int(b_text or min(bits))
     profile = None
     if args.profile != "none":
-        cfg = FQTConfig(grad_quantizer=profile_q, grad_bits=profile_b, seed=args.seed)
+        cfg = FQTConfig(
+            grad_quantizer=profile_q, grad_bits=profile_b, seed=args.seed, fused=args.fused
+        )
         quantize_model(model, cfg)
         profile = variance_profile(model, _loss, batches, args.profile_samples, sampling=sampling)
         dequantize_model(model)
@@ -241,6 +248,7 @@ def run_variance(args: argparse.Namespace) -> int:
         "sampling_per_layer": sampling.per_layer,
         "batches": args.batches,
         "samples": args.samples,
+        "fused": args.fused,
         "bias_passed": [r["bias_passed"] for r in results],
         "seconds": time.perf_counter() - start,
     }
