@@ -46,15 +46,22 @@ class BlockHouseholderTransform:
     v: Tensor  # (N,) v_r of each row
     gain: Tensor  # (N,) gain of each row's group
     row_scale: Tensor  # (N,) s
+    # Slots in use are 0..slots-1. Known on the CPU; on an accelerator it stays N (reading the
+    # group count would wait on the device), and the unused slots cost work, not correctness.
+    slots: int | None = None
 
-    def reflect(self, x: Tensor) -> Tensor:
-        """``blockdiag(H_n) x`` in the original row order; ``H_n`` is its own inverse."""
-        sums = torch.zeros_like(x).index_add_(0, self.group, x)  # (N, D) one row per slot
-        u = sums.mul_(self.slot_inv_sqrt_n[:, None]).sub_(x[self.leader])  # vᵀx per slot
+    def reflect(self, x: Tensor, inplace: bool = False) -> Tensor:
+        """``blockdiag(H_n) x`` in the original row order; ``H_n`` is its own inverse.
+        ``inplace=True`` overwrites ``x`` (a temporary of the caller's)."""
+        slots = x.shape[0] if self.slots is None else self.slots
+        sums = x.new_zeros(slots, x.shape[1]).index_add_(0, self.group, x)  # one row per slot
+        u = sums.mul_(self.slot_inv_sqrt_n[:slots, None]).sub_(x[self.leader[:slots]])  # vᵀx
+        if inplace:
+            return x.addcmul_(self.coef[:, None], u[self.group], value=-1)
         return torch.addcmul(x, self.coef[:, None], u[self.group], value=-1)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.reflect(x * self.row_scale[:, None])
+        return self.reflect(x * self.row_scale[:, None], inplace=True)
 
     def inverse(self, y: Tensor) -> Tensor:
         return self.reflect(y).div_(self.row_scale[:, None])
@@ -131,6 +138,7 @@ def build_block_householder(x2d: Tensor) -> BlockHouseholderTransform | None:
         v=v[rank],
         gain=gain[rank],
         row_scale=scale[rank],
+        slots=int(is_large.sum()) if is_large.device.type == "cpu" else None,
     )
 
 
