@@ -52,13 +52,14 @@ class FQTConfig:
             ``"int8"`` (``torch._int_mm`` on the integer codes, for Linear and Conv2d layers; a
             grouped or 1-d convolution, or a convolution on CUDA, falls back to simulate with
             a warning).
-        fused: run every quantizer as a ``torch.compile``'d kernel (compiled lazily on first
-            use, cached per shape; eager where compilation is off or fails, with the same
-            codes), with its stochastic-rounding noise computed inside the kernel by a
-            counter-based hash keyed from the layer's generator instead of ``torch.rand``:
-            ≈ 2.5–6× faster quantization on CPU after a few seconds of compilation per
-            quantizer. A different noise stream than ``fused=False`` (both unbiased and
-            reproducible from ``seed``); both backends give the same codes under either.
+        fused: run every quantizer's rounding as a ``torch.compile``'d kernel (compiled
+            lazily on first use, with dynamic shapes; eager where compilation is off or fails,
+            with the same codes; BHQ's and RHT's row transforms stay eager), with its
+            stochastic-rounding noise computed inside the kernel by a counter-based hash keyed
+            from the layer's generator instead of ``torch.rand``: ≈ 2–4× faster quantization
+            on CPU after a few seconds of compilation per quantizer. A different noise stream
+            than ``fused=False`` (both unbiased and reproducible from ``seed``); both backends
+            give the same codes under either.
         seed: seeds each layer's generator together with the layer's qualified name.
         check_finite: raise ``FloatingPointError`` naming the layer when ``grad_output`` holds NaN
             or Inf. Off by default: then the affected quantization groups turn NaN, which a
