@@ -1,15 +1,16 @@
 """Fused quantization kernels: the quantizers' tensor code, compiled lazily by ``torch.compile``.
 
-A quantizer built with ``fused=True`` runs its whole encode — range reduction, scaling, noise,
-stochastic rounding, clamping, int8 conversion (and BHQ's transform) — as one compiled graph, whose
-uniforms come from :func:`~fqtorch.quantizers.rounding.hash_uniform` inside the loop instead of a
-separate ``torch.rand`` pass. Eager and compiled runs of the same kernel give the same codes, so:
+A quantizer built with ``fused=True`` runs its rounding — cast, range reduction, scaling, noise,
+stochastic rounding, clamping, int8 conversion — as one compiled graph (and its decode as
+another), whose uniforms come from :func:`~fqtorch.quantizers.rounding.hash_uniform` inside the
+loop instead of a separate ``torch.rand`` pass. BHQ's and RHT's row transforms stay eager (see
+their modules). Eager and compiled runs of the same kernel give the same codes, so:
 
 * compilation happens on the first call, not at import, with dynamic shapes: one graph per
   kernel and static configuration (granularity, rounding, dtype, device), whatever the layer
   shapes — a model needs a handful, so each kernel may keep up to :data:`GRAPHS_PER_KERNEL`;
-* with ``torch.compile`` disabled (``TORCH_COMPILE_DISABLE=1``) or unable to build a kernel
-  here (say, no C++ compiler), the same function runs eagerly — slower, same results — after
+* with ``torch.compile`` disabled (``TORCH_COMPILE_DISABLE=1``) the same function runs eagerly
+  — slower, same results; where it cannot build a kernel (say, no C++ compiler), likewise, after
   one warning.
 """
 
@@ -21,7 +22,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["GRAPHS_PER_KERNEL", "LazyCompiled", "lazy_compile"]
+__all__ = ["GRAPHS_PER_KERNEL", "LazyCompiled"]
 
 # Graphs one kernel may hold (dynamo's default limit, 8, is meant for one call site; a quantizer
 # kernel serves every layer and tensor role of a model).
@@ -65,8 +66,3 @@ class LazyCompiled:
 
     def __repr__(self) -> str:
         return f"LazyCompiled({self.fn.__qualname__})"
-
-
-def lazy_compile(fn: Callable[..., Any]) -> LazyCompiled:
-    """Decorator form of :class:`LazyCompiled`."""
-    return LazyCompiled(fn)
