@@ -10,11 +10,12 @@ one change for zero padding: a padded tap holds real zero, which need not be a p
 input's affine grid ``s_x·C + b_x``. Padded taps hold code 0 and a tap mask ``M`` (L, C·k·k) —
 1 on real taps, the same for every sample — carries the zero point exactly:
 
-    output[n·L + l, o]  = s_x s_w (cols(C_x) C_wᵀ)[n·L + l, o] + b_x s_w (M C_wᵀ)[l, o]
-    grad_weight[o, t]  += s_o b_x (S_hᵀ M)[o, t] + N b_o b_x colsum(M)[t]
+    output[n·L + l, o] = s_x s_w (cols(C_x) C_wᵀ)[n·L + l, o] + b_x s_w (M C_wᵀ)[l, o]
 
-with ``S_h`` (L, O) the per-position sums of the codes of ``grad_output`` over the batch; both
-corrections are GEMMs 1/N the size of the main ones. Grouped and 1-d convolutions, and CUDA
+and in ``grad_weight`` the two terms with ``b_x`` (Linear: ``s_o b_x colsum(C_h)[o]`` and
+``M b_o b_x``) become ``s_o b_x (S_hᵀ M)[o, t]`` and ``N b_o b_x colsum(M)[t]``, with ``S_h``
+(L, O) the per-position sums of the codes of ``grad_output`` over the batch. Both corrections
+are GEMMs 1/N the size of the main ones. Grouped and 1-d convolutions, and CUDA
 tensors for now, run the simulate path (:func:`int8_conv2d` returns ``None``).
 """
 
