@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
+# The GPU image has torch, pytest and the other dependencies but no network: run from the source
+# tree instead of installing the package.
+export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+python() { python3 "$@"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
 python -m pytest -q -m cuda tests 2>&1 | tee "$out/cuda_tests.txt"
 python benchmarks/linear_step.py --device cuda --json "$out/linear_step.json" | tee "$out/linear_step.txt"
