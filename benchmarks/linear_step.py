@@ -7,10 +7,10 @@
 A shape ``MxKxN`` is M rows, K → N features. Variants (``--variants`` picks some; fp32 and bf16
 autocast always run, as every ratio is against them): fp32, bf16 autocast, QAT, FQT-simulate and
 FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused`` (``torch.compile``'d quantizers), and
-``int_mm_only`` (the three ``torch._int_mm`` calls of the step on random codes: the limit of the
-int8 backend). Reported: median ms [min–max], ratios to fp32 and bf16, the int8 step's breakdown
-(GEMM / quantize / BHQ transform / other), the bytes saved for backward (activation memory) and,
-on CUDA, the step's peak memory.
+``int_mm_only`` (the three ``torch._int_mm`` calls of the step on random codes, in the backend's
+operand layouts: the limit of the int8 backend). Reported: median ms [min–max], ratios to fp32
+and bf16, the int8 step's breakdown (GEMM / quantize / BHQ transform / other), the bytes saved
+for backward (activation memory) and, on CUDA, the step's peak memory.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from common import (
     with_baselines,
     write_json,
 )
+from fqtorch.backends.int8 import int_mm
 from fqtorch.quantizers.householder import build_block_householder
 
 
@@ -68,10 +69,10 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
         if device == "cuda":
             torch.cuda.synchronize()
 
-    def gemms() -> None:
-        torch._int_mm(ci, cw.T)
-        torch._int_mm(cg, cw)
-        torch._int_mm(cg.T, ci)
+    def gemms() -> None:  # the backend's three products, with its operand layouts
+        int_mm(ci, cw.T)
+        int_mm(cg, cw)
+        int_mm(cg.T, ci)
         sync()
 
     def quantize_with(fused: bool):

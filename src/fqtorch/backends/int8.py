@@ -27,7 +27,7 @@ from ..nn.functional import check_finite
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
 
-__all__ = ["int8_linear", "int_mm_supported"]
+__all__ = ["int8_linear", "int_mm", "int_mm_supported"]
 
 
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -38,9 +38,24 @@ def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
     return m > 16 and k % 8 == 0 and n % 8 == 0
 
 
+def int_mm(a: Tensor, b: Tensor) -> Tensor:
+    """int8 (m, k) × int8 (k, n) → int32 (m, n), exact, in the layout integer GEMM kernels
+    prefer: ``a`` row-major and ``b`` column-major ("TN"), copying an operand that is not.
+
+    The copies are of int8 codes, cheap next to the product: on an AVX2 CPU the transposed
+    layouts of the backward GEMMs run 1.6× (``grad_input``) and 2.9× (``grad_weight``) slower
+    than TN (``benchmarks/linear_step.py``), and cuBLASLt's int8 kernels want TN too.
+    """
+    if not a.is_contiguous():
+        a = a.contiguous()
+    if not b.T.is_contiguous():
+        b = b.T.contiguous().T
+    return torch._int_mm(a, b)
+
+
 def _int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """int8 (m, k) × int8 (k, n) → float32 (m, n), exact."""
-    return torch._int_mm(a, b).to(torch.float32)
+    """:func:`int_mm` as float32 (exact below 2^24 in magnitude)."""
+    return int_mm(a, b).to(torch.float32)
 
 
 def _per_tensor(q: QuantizedTensor, role: str) -> None:
