@@ -9,16 +9,19 @@ autocast always run, as every ratio is against them): fp32, bf16 autocast, QAT, 
 FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused`` (``torch.compile``'d quantizers), and
 ``int_mm_only`` (the three ``torch._int_mm`` calls of the step on random codes, in the backend's
 operand layouts: the limit of the int8 backend). Reported: median ms [min–max], ratios to fp32
-and bf16, the int8 step's breakdown (GEMM / quantize / BHQ transform / other), the bytes saved
-for backward (activation memory) and, on CUDA, the step's peak memory.
+and bf16, the int8 step's breakdown (GEMM / quantize / BHQ transform / other, from separately
+timed parts, and the share of one step's time inside ``_int_mm`` from ``torch.profiler``), the
+bytes saved for backward (activation memory) and, on CUDA, the step's peak memory.
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 
 import torch
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 
 import fqtorch
 from common import (
@@ -100,6 +103,22 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
     }
 
 
+def int_mm_share(step: Callable[[], None], device: str) -> float:
+    """Fraction of one step's op time spent in ``aten::_int_mm``, from ``torch.profiler``:
+    the GEMM-only limit measured inside the step itself, free of run-to-run drift."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+    events = prof.key_averages()
+    if device == "cuda":  # device time: every kernel's own, and the kernels under _int_mm
+        total = sum(e.self_device_time_total for e in events)
+        gemm = sum(e.device_time_total for e in events if e.key == "aten::_int_mm")
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        gemm = sum(e.self_cpu_time_total for e in events if e.key == "aten::_int_mm")
+    return gemm / total if total else float("nan")
+
+
 def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str]) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(k, n).to(device)
@@ -119,6 +138,8 @@ def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str
     for name, (layer, autocast) in step_variants(base, names).items():
         t = median_seconds(lambda layer=layer, a=autocast: step(layer, a), repeats)
         t["saved_bytes"] = saved_bytes(layer, x, autocast, device)
+        if "int8" in name:
+            t["int_mm_share"] = int_mm_share(lambda layer=layer: step(layer, False), device)
         reset_peak_memory(device)
         step(layer, autocast)
         t["peak_bytes"] = peak_memory(device)
@@ -147,7 +168,9 @@ def print_breakdown(variants: dict, parts: dict) -> None:
             print(
                 f"{name}: {total * 1e3:.1f} ms = GEMM {gemm * 1e3:.1f} + quantize "
                 f"{parts[key] * 1e3:.1f} + transform {extra * 1e3:.1f} + other "
-                f"{other * 1e3:.1f}; GEMM-only limit / step = {gemm / total:.2f}"
+                f"{other * 1e3:.1f}; GEMM-only limit / step = {gemm / total:.2f} (separate "
+                f"runs), _int_mm share of the step = {variants[name]['int_mm_share']:.3f} "
+                "(profiler, same run)"
             )
 
 
