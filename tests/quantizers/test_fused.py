@@ -22,8 +22,8 @@ CODED = [name for name in list_quantizers() if name != "identity"]
 STOCHASTIC = ["ptq", "psq", "per_column", "bhq", "rht", "symmetric"]
 
 
-def reference_uniform(k0: int, k1: int, count: int) -> list[float]:
-    """hash_uniform in plain Python integers: ``& 0xFFFFFFFF`` after every step."""
+def reference_uniform(k0: int, k1: int, count: int) -> list[int]:
+    """hash_uniform's 24-bit integers in plain Python: ``& 0xFFFFFFFF`` after every step."""
     mask = 0xFFFFFFFF
 
     def mix(x: int) -> int:
