@@ -56,7 +56,7 @@ class FQTConfig:
             lazily on first use, with dynamic shapes; eager where compilation is off or fails,
             with the same codes; BHQ's and RHT's row transforms stay eager), with its
             stochastic-rounding noise computed inside the kernel by a counter-based hash keyed
-            from the layer's generator instead of ``torch.rand``: ≈ 2–4× faster quantization
+            from the layer's generator instead of ``torch.rand``: ≈ 3–7× faster quantization
             on CPU after a few seconds of compilation per quantizer. A different noise stream
             than ``fused=False`` (both unbiased and reproducible from ``seed``); both backends
             give the same codes under either.
