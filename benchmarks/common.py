@@ -165,3 +165,33 @@ def print_header(env: dict[str, Any]) -> None:
         f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, "
         f"torch {env['torch']}, cuda {env['cuda']}, commit {env['commit']}"
     )
+
+
+def layer_step(
+    layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, autocast: bool, device: str
+) -> None:
+    """One training step of a single layer: forward, then backward from ``grad_out``."""
+    layer.zero_grad(set_to_none=True)
+    x.grad = None
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+        out = layer(x)
+    out.backward(grad_out.to(out.dtype))
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def saved_bytes(layer: nn.Module, x: torch.Tensor, autocast: bool, device: str) -> int:
+    """Bytes the forward pass of ``layer`` saves for its backward (activation memory)."""
+    total = 0
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast(device, dtype=torch.bfloat16, enabled=autocast),
+    ):
+        layer(x)
+    return total

@@ -31,11 +31,13 @@ from torch import nn
 from common import (
     add_variant_flag,
     environment,
+    layer_step,
     median_seconds,
     peak_memory,
     print_header,
     print_table,
     reset_peak_memory,
+    saved_bytes,
     select,
     step_variants,
     with_baselines,
@@ -66,13 +68,7 @@ def run_layer(
     grad_out = torch.randn_like(base(x)).detach()
 
     def step(layer: nn.Module, autocast: bool) -> None:
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            out = layer(x)
-        out.backward(grad_out.to(out.dtype))
-        if device == "cuda":
-            torch.cuda.synchronize()
+        layer_step(layer, x, grad_out, autocast, device)
 
     results = {}
     for name, (layer, autocast) in step_variants(base, names).items():
@@ -83,21 +79,10 @@ def run_layer(
         fell_back = any("using the simulate backend" in str(w.message) for w in caught)
         t = median_seconds(lambda layer=layer, a=autocast: step(layer, a), repeats)
         t["fell_back_to_simulate"] = fell_back
-        saved = 0
-
-        def pack(t_: torch.Tensor) -> torch.Tensor:
-            nonlocal saved
-            saved += t_.numel() * t_.element_size()
-            return t_
-
-        with (
-            torch.autograd.graph.saved_tensors_hooks(pack, lambda t_: t_),
-            torch.autocast(device, dtype=torch.bfloat16, enabled=autocast),
-        ):
-            layer(x)
+        t["saved_bytes"] = saved_bytes(layer, x, autocast, device)
         reset_peak_memory(device)
         step(layer, autocast)
-        t.update(saved_bytes=saved, peak_bytes=peak_memory(device))
+        t["peak_bytes"] = peak_memory(device)
         results[name] = t
         note = "  (fell back to simulate)" if fell_back else ""
         print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms{note}", flush=True)

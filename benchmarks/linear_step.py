@@ -27,11 +27,13 @@ import fqtorch
 from common import (
     add_variant_flag,
     environment,
+    layer_step,
     median_seconds,
     peak_memory,
     print_header,
     print_table,
     reset_peak_memory,
+    saved_bytes,
     select,
     step_variants,
     with_baselines,
@@ -39,22 +41,6 @@ from common import (
 )
 from fqtorch.backends.int8 import int_mm
 from fqtorch.quantizers.householder import build_block_householder
-
-
-def saved_bytes(layer: nn.Module, x: torch.Tensor, autocast: bool, device: str) -> int:
-    total = 0
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with (
-        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
-        torch.autocast(device, dtype=torch.bfloat16, enabled=autocast),
-    ):
-        layer(x)
-    return total
 
 
 def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, float]:
@@ -126,13 +112,7 @@ def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str
     grad_out = torch.randn(m, n, device=device)
 
     def step(layer: nn.Module, autocast: bool) -> None:
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
-            out = layer(x)
-        out.backward(grad_out.to(out.dtype))
-        if device == "cuda":
-            torch.cuda.synchronize()
+        layer_step(layer, x, grad_out, autocast, device)
 
     results = {}
     for name, (layer, autocast) in step_variants(base, names).items():

@@ -17,7 +17,15 @@ import torch
 from torch import nn
 
 import fqtorch
-from common import environment, median_seconds, print_header, select, step_variants, write_json
+from common import (
+    environment,
+    layer_step,
+    median_seconds,
+    print_header,
+    select,
+    step_variants,
+    write_json,
+)
 
 
 def quantizer_times(rows: int, cols: int, repeats: int) -> dict[str, dict[str, float]]:
@@ -41,11 +49,7 @@ def layer_step_times(rows: int, fan_in: int, fan_out: int, repeats: int) -> dict
     grad_out = torch.randn(rows, fan_out)
 
     def step(layer: nn.Module, autocast: bool = False) -> None:
-        layer.zero_grad(set_to_none=True)
-        x.grad = None
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-            out = layer(x)
-        out.backward(grad_out.to(out.dtype))
+        layer_step(layer, x, grad_out, autocast, "cpu")
 
     variants = step_variants(base, select("fp32,bf16_autocast,qat,fqt_simulate_*"))
     results = {}

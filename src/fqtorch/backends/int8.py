@@ -42,9 +42,10 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     """int8 (m, k) × int8 (k, n) → int32 (m, n), exact, in the layout integer GEMM kernels
     prefer: ``a`` row-major and ``b`` column-major ("TN"), copying an operand that is not.
 
-    The copies are of int8 codes, cheap next to the product: on an AVX2 CPU the transposed
-    layouts of the backward GEMMs run 1.6× (``grad_input``) and 2.9× (``grad_weight``) slower
-    than TN (``benchmarks/linear_step.py``), and cuBLASLt's int8 kernels want TN too.
+    The copies are of int8 codes, cheap next to the product: on this project's AVX2 CPU the
+    int8 Linear step ran 2.5× faster with them than with the backward GEMMs' transposed views
+    (``benchmarks/linear_step.py``, before/after in docs/performance.md); TN is also the
+    layout cuBLASLt's int8 kernels use.
     """
     if not a.is_contiguous():
         a = a.contiguous()
