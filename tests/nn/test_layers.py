@@ -257,8 +257,13 @@ class TestDtypesAndLayouts:
         x = torch.randn(4, 2, 6, 6)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             out = model(x)
-        assert out.dtype == torch.bfloat16
-        out.float().sum().backward()
+            bf16_out = model.conv(x.to(torch.bfloat16))
+        assert bf16_out.dtype == torch.bfloat16  # bf16 activations stay bf16, as autocast does
+        # float32 activations stay float32 (their gradients are not rounded between layers); the
+        # GEMM itself ran in bf16, so the output differs from the float32 run by bf16 rounding
+        assert out.dtype == torch.float32
+        assert not torch.equal(out, model(x))
+        out.sum().backward()
         assert all(p.grad.dtype == torch.float32 for p in model.parameters())
 
     def test_channels_last(self):

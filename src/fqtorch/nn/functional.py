@@ -215,12 +215,15 @@ class _FQTFunction(torch.autograd.Function):
         weight_q = plan.weight(weight)
         device_type = input.device.type
         if torch.is_autocast_enabled(device_type):
-            # Run the GEMMs in the autocast dtype, as autocast would, and the backward with them.
+            # The forward GEMM runs in the autocast dtype, as autocast would; the output keeps the
+            # input's dtype (float32 for float32 activations, as the int8 backend does), so the
+            # gradient that comes back is not rounded to bf16/fp16 between layers, which would
+            # bias it (round-to-nearest of a random value: E[round(g)] ≠ E[g]).
             dtype = torch.get_autocast_dtype(device_type)
             input_q, weight_q = input_q.to(dtype), weight_q.to(dtype)
             bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
-            output = ops.output(input_q, weight_q, bias)
+            output = ops.output(input_q, weight_q, bias).to(input.dtype)
         ctx.save_for_backward(input_q, weight_q)
         ctx.ops, ctx.source, ctx.name = ops, source, name
         return output
@@ -234,7 +237,13 @@ class _FQTFunction(torch.autograd.Function):
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if plan.check_finite:
             check_finite(grad_output, ctx.name)
-        grad_output = grad_output.to(weight_q.dtype)
+        # The backward GEMMs run in float32 (float64 stays float64) on exact operands: under
+        # autocast, rounding Q(grad_output) back to bf16/fp16 would bias it (E[round(Q(G))] ≠ G).
+        # The saved forward operands upcast exactly, so QAT (identity quantizers) runs the same
+        # GEMMs and stays the reference of E[FQT gradient].
+        dtype = torch.promote_types(weight_q.dtype, torch.float32)
+        grad_output = grad_output.to(dtype)
+        input_q, weight_q = input_q.to(dtype), weight_q.to(dtype)
         ctx.source.on_grad_output(grad_output)
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(grad_output.device.type, enabled=False):

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..convert import fqt_modules
 from ..nn.modules import FQTModule
+from .null import z2_threshold
 
 __all__ = [
     "BiasReport",
@@ -260,12 +261,13 @@ class LayerBias:
 class BiasReport:
     """z-scores of the mean FQT gradient against the QAT gradient, per layer.
 
-    ``z = (mean_s g_s − g_QAT) / (std_s / √S)``. Unbiased: ``E z² = ν/(ν−2)``, ν = S − 1, per
-    entry. The entries of one layer are strongly correlated (a few dominant samples' noise spreads
-    to every entry), so one batch's mean z² scatters by ±0.3–0.6 (``_z2_scatter``, or the scatter
-    measured across ≥ 3 batches when larger); a layer passes when its RMS z stays below
-    ``sqrt(ν/(ν−2) + 4·scatter/√B)`` over B batches. ``z_max`` is reported, not judged: with few
-    samples S it has Student-t tails over many entries.
+    ``z = (mean_s g_s − g_QAT) / (std_s / √S)`` per entry, Student-t with ``ν = S − 1`` when
+    unbiased. A layer fails when its RMS z over its entries and the B batches exceeds ``limit``,
+    the square root of :func:`~fqtorch.stats.null.z2_threshold` at level ``alpha / L`` for L
+    layers (Bonferroni): a threshold from the null distribution alone (samples and batches, with
+    the entries' correlation at its worst), so the whole report raises a false alarm with
+    probability at most ``alpha``. ``z_max`` is reported, not judged: over many entries Student-t
+    tails make large values expected.
     """
 
     layers: list[LayerBias]
@@ -273,6 +275,7 @@ class BiasReport:
     batches: int
     z_rms: float
     z_max: float
+    alpha: float
     suspect: str | None = None  # the topmost failing layer
     culprits: list[str] | None = None  # layers whose quantizers alone bias (check_unbiased)
 
@@ -292,7 +295,8 @@ class BiasReport:
             state = f"FAILED (topmost biased gradient: layer {self.suspect!r})"
         return (
             f"unbiasedness check {state}: RMS z {self.z_rms:.3f}, max |z| {self.z_max:.2f} "
-            f"over {self.batches} batch(es) × {self.samples} backward passes"
+            f"over {self.batches} batch(es) × {self.samples} backward passes "
+            f"(limit {self.layers[0].limit:.2f} per layer at false-alarm level {self.alpha:g})"
         )
 
 
@@ -326,29 +330,61 @@ class QuantizationReport:
     bias: BiasReport
 
 
+DEFAULT_ALPHA = 1e-3
+
+
+def _check_bias_samples(samples: int) -> None:
+    if samples < 4:
+        raise ValueError(
+            f"the bias test needs samples >= 4 backward passes per batch (the mean of z² under "
+            f"the null is finite only for S − 1 > 2), got {samples}"
+        )
+
+
 def measure_quantization(
-    model: nn.Module, loss_fn: LossFn, batches: Batch | Iterable[Batch], samples: int = 16
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batch | Iterable[Batch],
+    samples: int = 16,
+    *,
+    alpha: float = DEFAULT_ALPHA,
 ) -> QuantizationReport:
     """Per minibatch: one forward, the QAT gradient, and ``samples`` FQT backward passes; the
-    per-entry variance (averaged over batches) and z-scores against the QAT gradient."""
+    per-entry variance (averaged over batches) and z-scores against the QAT gradient, judged
+    at family-wise false-alarm level ``alpha`` (:class:`BiasReport`)."""
+    _check_bias_samples(samples)
+    batches = _as_batches(batches)
+    variance, z2_batches, z_max, params = _measure(model, loss_fn, batches, samples)
+    bias = _bias_report(
+        params,
+        z2_batches,
+        z_max,
+        samples,
+        alpha,
+        lambda: _forward_order(model, loss_fn, batches[0]),
+    )
+    return QuantizationReport(variance, bias)
+
+
+def _measure(
+    model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int, z: bool = True
+) -> tuple[GradientVariance, list[Tensor], Tensor | None, _Params]:
+    """The quantization variance and (``z=True``) each batch's z² and the largest |z|."""
     _require_fqt(model)
     params = _Params.of(model)
-    batches = _as_batches(batches)
     var_sum = z_max = None
     z2_batches = []
     with _restored_buffers(model):
         for b in batches:
             d = _draw(model, loss_fn, b, samples, params)
-            z = _z_scores(d, params)
             var_sum = d.variance if var_sum is None else var_sum + d.variance
-            z2_batches.append(z.square())
-            z_max = z.abs() if z_max is None else torch.maximum(z_max, z.abs())
+            if z:
+                scores = _z_scores(d, params)
+                z2_batches.append(scores.square())
+                z_max = scores.abs() if z_max is None else torch.maximum(z_max, scores.abs())
     layer_of = dict(zip(params.names, params.layers, strict=True))
     variance = GradientVariance(params.per_parameter(var_sum / len(batches)), layer_of)
-    bias = _bias_report(
-        params, z2_batches, z_max, samples, lambda: _forward_order(model, loss_fn, batches[0])
-    )
-    return QuantizationReport(variance, bias)
+    return variance, z2_batches, z_max, params
 
 
 def _z_scores(d: _Draws, params: _Params) -> Tensor:
@@ -366,42 +402,26 @@ def _z_scores(d: _Draws, params: _Params) -> Tensor:
     return torch.where(deterministic, flagged, diff / se.clamp(min=1e-300))
 
 
-def _z2_scatter(samples: int, entries: int) -> float:
-    """Standard deviation of one batch's mean z² over a layer, for an unbiased gradient.
-
-    z is Student-t with ν = S − 1 degrees of freedom, so Var[z²] = 2ν²(ν−1)/((ν−2)²(ν−4)). The
-    entries of a layer are strongly correlated (a few dominant samples' noise reaches all of them),
-    so at most 10 are counted as independent; this gives ±0.3–0.6 for S = 16..32, as measured.
-    """
-    nu = max(samples - 1, 5)
-    var_z2 = 2 * nu**2 * (nu - 1) / ((nu - 2) ** 2 * (nu - 4))
-    return math.sqrt(var_z2 / min(entries, 10))
-
-
 def _bias_report(
     params: _Params,
     z2_batches: list[Tensor],
     z_max: Tensor,
     samples: int,
+    alpha: float,
     forward_order: Callable[[], list[str]] = list,
 ) -> BiasReport:
-    """Per-layer verdicts; ``forward_order()`` (an extra forward pass) runs only on a failure,
-    to name the topmost failing layer."""
-    nu = max(samples - 1, 3)
-    expected = nu / (nu - 2)
+    """Per-layer verdicts at family-wise level ``alpha``; ``forward_order()`` (an extra forward
+    pass) runs only on a failure, to name the topmost failing layer."""
     batches = len(z2_batches)
-    reports = []
     layer_names = list(dict.fromkeys(params.layers))
+    limit = math.sqrt(z2_threshold(samples, batches, alpha / len(layer_names)))
+    reports = []
     for name in layer_names:
         keep = [i for i, layer in enumerate(params.layers) if layer == name]
         per_batch = torch.stack(
             [torch.cat([z2.split(params.sizes)[i] for i in keep]).mean() for z2 in z2_batches]
         )
         n = sum(params.sizes[i] for i in keep)
-        scatter = _z2_scatter(samples, n)
-        if batches >= 3 and torch.isfinite(per_batch).all():
-            scatter = max(scatter, float(per_batch.std()))  # the scatter actually seen
-        limit = math.sqrt(expected + 4 * scatter / math.sqrt(batches))
         zmax = float(torch.cat([z_max.split(params.sizes)[i] for i in keep]).max())
         reports.append(LayerBias(name, float(per_batch.mean().sqrt()), zmax, limit, n))
     failing = {r.name for r in reports if not r.passed}
@@ -411,7 +431,7 @@ def _bias_report(
         suspect = sorted(failing)[0]
     z2_all = torch.stack(z2_batches).mean(0)
     return BiasReport(
-        reports, samples, batches, float(z2_all.mean().sqrt()), float(z_max.max()), suspect
+        reports, samples, batches, float(z2_all.mean().sqrt()), float(z_max.max()), alpha, suspect
     )
 
 
@@ -420,20 +440,27 @@ def quantization_variance(
 ) -> GradientVariance:
     """Variance of the FQT gradient over its quantization noise on fixed minibatches (``samples``
     backward passes from one forward each), averaged over ``batches``."""
-    return measure_quantization(model, loss_fn, batches, samples).variance
+    return _measure(model, loss_fn, _as_batches(batches), samples, z=False)[0]
 
 
 def bias_test(
-    model: nn.Module, loss_fn: LossFn, batches: Batch | Iterable[Batch], samples: int = 32
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batch | Iterable[Batch],
+    samples: int = 32,
+    *,
+    alpha: float = DEFAULT_ALPHA,
 ) -> BiasReport:
-    """z-test of ``E[FQT gradient | batch] = QAT gradient`` (PAPER.md §3), per layer."""
-    return measure_quantization(model, loss_fn, batches, samples).bias
+    """z-test of ``E[FQT gradient | batch] = QAT gradient`` (docs/method.md), per layer, at
+    family-wise false-alarm level ``alpha``."""
+    return measure_quantization(model, loss_fn, batches, samples, alpha=alpha).bias
 
 
 def _isolate_culprits(
-    model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int
+    model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int, alpha: float
 ) -> list[str]:
-    """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient."""
+    """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient
+    (each layer's search at level ``alpha / layers``)."""
     params = _Params.of(model)
     names = list(fqt_modules(model))
     z2: dict[str, list[Tensor]] = {n: [] for n in names}
@@ -448,7 +475,8 @@ def _isolate_culprits(
                 z = _z_scores(d, params).abs()
                 z2[name].append(z.square())
                 z_max[name] = torch.maximum(z_max[name], z) if name in z_max else z
-    return [n for n in names if not _bias_report(params, z2[n], z_max[n], samples).passed]
+    level = alpha / len(names)
+    return [n for n in names if not _bias_report(params, z2[n], z_max[n], samples, level).passed]
 
 
 def check_unbiased(
@@ -457,20 +485,22 @@ def check_unbiased(
     batch: Batch | Iterable[Batch],
     *,
     samples: int = 32,
+    alpha: float = DEFAULT_ALPHA,
     raise_on_failure: bool = False,
 ) -> BiasReport:
     """Self-test: is this model's FQT gradient an unbiased estimate of its QAT gradient?
 
     ``batch`` is an ``(inputs, targets)`` pair or a list of them (several batches make the test
-    sharper). Returns a :class:`BiasReport` (``.passed``, per-layer z-scores). When the test
-    fails, each FQT layer's quantizers are switched on alone to find the layers whose quantizers
-    introduce the bias (``report.culprits``); with ``raise_on_failure`` a biased gradient raises
+    sharper). Returns a :class:`BiasReport` (``.passed``, per-layer z-scores); an unbiased
+    gradient fails with probability at most ``alpha``. When the test fails, each FQT layer's
+    quantizers are switched on alone to find the layers whose quantizers introduce the bias
+    (``report.culprits``); with ``raise_on_failure`` a biased gradient raises
     :class:`BiasError` naming them.
     """
     batches = _as_batches(batch)
-    report = bias_test(model, loss_fn, batches, samples)
+    report = bias_test(model, loss_fn, batches, samples, alpha=alpha)
     if not report.passed:
-        culprits = _isolate_culprits(model, loss_fn, batches, samples)
+        culprits = _isolate_culprits(model, loss_fn, batches, samples, alpha)
         report = dataclasses.replace(report, culprits=culprits)
     if raise_on_failure and not report.passed:
         raise BiasError(f"{report.summary()}; biased gradients in layers {report.failing()}")

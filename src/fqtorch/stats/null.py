@@ -1,0 +1,61 @@
+"""The null distribution of the bias test: its threshold from the sample and batch counts alone.
+
+Under the null hypothesis (the FQT gradient is an unbiased estimate of the QAT gradient) and
+Gaussian noise per gradient entry, each entry's z-score over ``S`` backward passes is Student-t
+with ``ν = S − 1`` degrees of freedom, so ``z²`` is ``F(1, ν)``, whatever the entries' correlation.
+A layer's statistic is the mean of ``z²`` over its entries and over ``B`` independent batches.
+
+The entries of a layer are correlated in unknown ways (a few dominant samples' noise reaches all
+of them), so the threshold assumes the worst: the mean of identically distributed variables is
+smaller in the convex order than any one of them (Jensen), and independent sums keep the order,
+so the statistic ``M`` is dominated by ``Y``, the mean of ``B`` independent ``F(1, ν)`` variables.
+For any ``c < t``, ``P(M ≥ t) ≤ E(M − c)₊ / (t − c) ≤ E(Y − c)₊ / (t − c)``; at ``c`` the
+``(1 − α)``-quantile of ``Y`` and ``t`` the *expected shortfall* of ``Y`` at level ``α``
+(the mean of its upper ``α`` tail) the bound is ``α``. That expected shortfall is the threshold:
+false alarms at most ``α`` whatever the correlation, and no input from the statistics under test.
+
+The shortfall is computed by Monte Carlo with a fixed seed (so the threshold is a deterministic
+function of ``(S, B, α)``), with at least 1000 draws in the tail.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+__all__ = ["z2_threshold"]
+
+_TAIL_DRAWS = 1000
+_MIN_DRAWS, _MAX_DRAWS = 2**18, 2**22
+_CHUNK = 2**18
+
+
+@functools.lru_cache(maxsize=256)
+def z2_threshold(samples: int, batches: int, alpha: float) -> float:
+    """The level-``alpha`` threshold on a layer's mean ``z²`` over ``batches`` batches of
+    ``samples`` backward passes each (module docstring): ``P(mean z² ≥ threshold) ≤ alpha``
+    under the null, for any correlation between the entries."""
+    if samples < 4:
+        raise ValueError(
+            f"samples must be >= 4 (the null mean of z² is finite only for ν = S − 1 > 2), "
+            f"got {samples}"
+        )
+    if batches < 1:
+        raise ValueError(f"batches must be >= 1, got {batches}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+    nu = samples - 1
+    draws = min(max(math.ceil(_TAIL_DRAWS / alpha), _MIN_DRAWS), _MAX_DRAWS)
+    tail = max(1, math.ceil(alpha * draws))
+    rng = np.random.Generator(np.random.PCG64(20201206))
+    top = np.empty(0)
+    for start in range(0, draws, _CHUNK):
+        size = min(_CHUNK, draws - start)
+        y = np.square(rng.standard_t(nu, size=(size, batches))).mean(axis=1)
+        top = np.concatenate([top, y])
+        if top.size > tail:
+            top = np.partition(top, top.size - tail)[-tail:]
+    # Expected shortfall: the mean of the upper alpha tail of Y.
+    return float(top.mean())

@@ -1,0 +1,123 @@
+"""The bias test's threshold comes from the null distribution alone; both its sides are checked:
+false alarms at or below the stated level, and a small bias caught with the CLI's defaults."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fqtorch import FQTConfig, quantize_model
+from fqtorch.cli import build_parser
+from fqtorch.models import build_model
+from fqtorch.quantizers import register_quantizer
+from fqtorch.quantizers.base import QuantizedTensor
+from fqtorch.quantizers.uniform import PerRow
+from fqtorch.stats import bias_test, check_unbiased
+from fqtorch.stats.estimators import _bias_report, _Params
+from fqtorch.stats.null import z2_threshold
+from tests.stats.test_stats import digits_batches
+
+
+def binomial_upper(n: int, p: float, tail: float = 1e-3) -> int:
+    """The smallest k with P(Bin(n, p) > k) ≤ tail."""
+    cdf = 0.0
+    for k in range(n + 1):
+        log_pmf = (
+            math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
+            + k * math.log(p) + (n - k) * math.log1p(-p)
+        )  # fmt: skip
+        cdf += math.exp(log_pmf)
+        if 1 - cdf <= tail:
+            return k
+    return n
+
+
+class TestThreshold:
+    def test_depends_only_on_null_parameters(self):
+        assert z2_threshold(16, 4, 1e-3) == z2_threshold(16, 4, 1e-3)
+        # stricter level, fewer samples or fewer batches: a higher threshold
+        assert z2_threshold(16, 4, 1e-4) > z2_threshold(16, 4, 1e-3)
+        assert z2_threshold(8, 4, 1e-3) > z2_threshold(32, 4, 1e-3)
+        assert z2_threshold(16, 1, 1e-3) > z2_threshold(16, 8, 1e-3)
+        # and always above the null mean ν/(ν−2)
+        assert z2_threshold(16, 64, 0.4) > 15 / 13
+
+    @pytest.mark.parametrize("bad", [(3, 1, 0.1), (16, 0, 0.1), (16, 1, 0.0), (16, 1, 1.5)])
+    def test_rejects_bad_arguments(self, bad):
+        with pytest.raises(ValueError):
+            z2_threshold(*bad)
+
+    @pytest.mark.parametrize("correlation", [0.0, 0.5, 1.0])
+    def test_false_alarm_rate_of_gaussian_null(self, correlation):
+        """Gaussian noise per entry with any correlation between entries (1.0: all entries move
+        together, the worst case): the layer's mean z² exceeds the threshold at rate ≤ alpha."""
+        samples, batches, entries, trials, alpha = 16, 2, 64, 4000, 0.05
+        gen = torch.Generator().manual_seed(0)
+        shared = torch.randn(trials, batches, samples, 1, generator=gen, dtype=torch.float64)
+        own = torch.randn(trials, batches, samples, entries, generator=gen, dtype=torch.float64)
+        draws = math.sqrt(correlation) * shared + math.sqrt(1 - correlation) * own
+        z = draws.mean(2) / (draws.std(2) / math.sqrt(samples))  # (trials, batches, entries)
+        statistic = z.square().mean((1, 2))
+        alarms = int((statistic > z2_threshold(samples, batches, alpha)).sum())
+        assert alarms <= binomial_upper(trials, alpha), alarms
+
+    def test_bias_can_no_longer_loosen_its_own_limit(self):
+        """Per-batch mean z² of (10, 20, 30, 40) passed the old rule (RMS z 5.00 against a limit
+        of 5.19, because the batches' spread widened the limit); so did (5, 50, 500, 5000)."""
+        params = _Params(["w"], ["layer"], [torch.zeros(8)])
+        for values in ((10, 20, 30, 40), (5, 50, 500, 5000)):
+            z2 = [torch.full((8,), float(v)) for v in values]
+            report = _bias_report(params, z2, torch.ones(8), samples=16, alpha=1e-3)
+            assert not report.passed, report.summary()
+
+
+def cli_defaults() -> dict:
+    args = build_parser().parse_args(["variance"])
+    return {k: getattr(args, k) for k in ("batches", "batch_size", "samples", "alpha")}
+
+
+class ShiftedPSQ(PerRow):
+    """PSQ whose every value is shifted up by 0.1 of its row's step: a small systematic bias."""
+
+    def encode(self, x, generator=None):
+        q = super().encode(x, generator)
+        return QuantizedTensor(
+            q.codes, q.scale, q.bias + 0.1 * q.scale, q.bits, q.shape, q.dtype, q.transform
+        )
+
+
+register_quantizer("test_shift_tenth_step")(ShiftedPSQ)
+
+
+class TestPowerAndLevel:
+    @pytest.mark.parametrize("bits", [4, 8])
+    def test_tenth_of_a_step_is_caught_with_cli_defaults(self, bits):
+        d = cli_defaults()
+        torch.manual_seed(0)
+        cfg = FQTConfig(grad_quantizer="test_shift_tenth_step", grad_bits=bits)
+        model = quantize_model(build_model("digits_cnn"), cfg).train()
+        batches = digits_batches(d["batches"], size=d["batch_size"])
+        report = bias_test(model, F.cross_entropy, batches, d["samples"], alpha=d["alpha"])
+        assert not report.passed, report.summary()
+
+    def test_false_alarm_rate_over_seeds(self):
+        """Unbiased quantizers over many noise seeds at a loose level (0.2, so that the rate is
+        measurable in a few dozen runs): alarms stay within the binomial bound of that level."""
+        level, runs = 0.2, 24
+        torch.manual_seed(0)
+        base = nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 5))
+        gen = torch.Generator().manual_seed(1)
+        x, y = torch.randn(24, 12, generator=gen), torch.randint(0, 5, (24,), generator=gen)
+        alarms = 0
+        for run in range(runs):
+            quantizer = ("psq", "bhq", "ptq", "rht")[run % 4]
+            cfg = FQTConfig(grad_quantizer=quantizer, grad_bits=4, seed=run)
+            model = quantize_model(copy.deepcopy(base), cfg)
+            report = check_unbiased(model, F.cross_entropy, [(x, y)], samples=16, alpha=level)
+            alarms += not report.passed
+        assert alarms <= binomial_upper(runs, level), alarms
