@@ -10,7 +10,7 @@ from fqtorch import FQTConfig
 
 
 class TestDefaults:
-    """The defaults follow PAPER.md §2: 8-bit forward, QAT backward unless a gradient quantizer
+    """The defaults follow docs/method.md §2: 8-bit forward, QAT backward unless a gradient quantizer
     is named, and per-tensor (PTQ runs) or per-column (PSQ/BHQ runs) 8-bit weight branch."""
 
     def test_qat_by_default(self):

@@ -98,7 +98,7 @@ class TestClosedForms:
 
 
 class TestDecomposition:
-    """PAPER.md §3: Var[FQT] = sampling variance + quantization variance, within sampling error
+    """docs/method.md §3: Var[FQT] = sampling variance + quantization variance, within sampling error
     (the cross term has zero mean because the FQT gradient is unbiased)."""
 
     def test_total_is_sampling_plus_quantization(self):

@@ -1,4 +1,4 @@
-"""ResNets of the paper's experiments (PAPER.md §6).
+"""ResNets of the paper's experiments (docs/method.md §6).
 
 PreAct ResNet for CIFAR (16/32/64 channels, ``(depth − 2)/6`` blocks a stage, 1×1 conv shortcut
 when the shape changes) and the ImageNet ResNet-18/50 (He et al. 2016, torchvision layout).

@@ -1,4 +1,4 @@
-"""The FQT autograd plan: one Function for the three GEMMs of every layer (PAPER.md §2).
+"""The FQT autograd plan: one Function for the three GEMMs of every layer (docs/method.md §2).
 
     output      = Q_input(input) @ Q_weight(weight).T        (+ bias)
     grad_input  = Q_grad(grad_output) @ Q_weight(weight)

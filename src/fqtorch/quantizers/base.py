@@ -6,7 +6,7 @@ a tensor of more dims is viewed as ``(rows, -1)`` (one row per sample), a 1-D te
 Every quantizer can hand out its integer codes (:meth:`Quantizer.encode`) as a
 :class:`QuantizedTensor` whose value is ``transform.inverse(codes * scale + bias)``: ``scale`` and
 ``bias`` broadcast over the 2-D view (one per tensor, row or column), and ``transform`` is an
-optional invertible row-mixing map (BHQ's block Householder reflection, PAPER.md §4). An integer
+optional invertible row-mixing map (BHQ's block Householder reflection, docs/method.md §4). An integer
 backend runs its GEMM on ``codes`` and applies ``scale``, ``bias`` and ``transform`` outside it.
 """
 
@@ -169,7 +169,7 @@ class Quantizer(abc.ABC):
 
     @abc.abstractmethod
     def variance_bound(self, x: Tensor) -> Tensor:
-        """A 0-d tensor bounding ``E‖q(x) − x‖²_F`` (PAPER.md §4)."""
+        """A 0-d tensor bounding ``E‖q(x) − x‖²_F`` (docs/method.md §4)."""
 
     def __repr__(self) -> str:
         fused = ", fused" if self.fused else ""

@@ -1,4 +1,4 @@
-"""The statistical framework as a measuring instrument (PAPER.md §3–4).
+"""The statistical framework as a measuring instrument (docs/method.md §3–4).
 
 Pure estimators returning frozen dataclasses: :func:`qat_gradient`, :func:`sampling_variance`,
 :func:`quantization_variance`, :func:`bias_test` / :func:`check_unbiased`,

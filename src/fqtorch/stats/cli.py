@@ -40,7 +40,7 @@ def add_variance_parser(sub: Any) -> None:
     p = sub.add_parser(
         "variance",
         help="measure sampling vs quantization variance, bias and bounds",
-        description="Measure the FQT gradient's bias and variance decomposition (PAPER.md §3) for "
+        description="Measure the FQT gradient's bias and variance decomposition (docs/method.md §3) for "
         "each quantizer and bit width. Defaults: digits data, digits_cnn, ptq/psq/bhq/rht at 4..8 "
         "bits.",
     )

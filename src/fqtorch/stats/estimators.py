@@ -1,4 +1,4 @@
-"""Estimators of the statistical framework (PAPER.md §3): QAT gradient, sampling and quantization
+"""Estimators of the statistical framework (docs/method.md §3): QAT gradient, sampling and quantization
 variance, the bias z-test, grad_output error against its bound, and the variance profile.
 
 Conventions: a batch is an ``(inputs, targets)`` pair and the loss is
@@ -550,7 +550,7 @@ def grad_output_errors(
 class VarianceProfile:
     """``matrix[l, k]``: the contribution of the quantizers of FQT layer ``rows[l]`` to the
     gradient variance of layer ``columns[k]``; the last row is the sampling variance.
-    Lower-triangular in forward order (PAPER.md §3): a layer's quantizers only reach its own
+    Lower-triangular in forward order (docs/method.md §3): a layer's quantizers only reach its own
     weight gradient and those of the layers below it."""
 
     rows: list[str]

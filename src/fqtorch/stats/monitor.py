@@ -1,6 +1,6 @@
 """A cheap in-training probe: the ratio of quantization to sampling variance per layer.
 
-FQT behaves like QAT while quantization variance is small against sampling variance (PAPER.md
+FQT behaves like QAT while quantization variance is small against sampling variance (docs/method.md
 §3). Every K steps the training loop hands the current batch to :meth:`VarianceMonitor.measure`:
 the quantization variance comes from ``samples`` backward passes of one forward; the sampling
 variance of a size-N minibatch is estimated from ``m`` micro-batches of size N/m of the same batch,

@@ -1,6 +1,6 @@
 """``TrainConfig``: everything a training run needs, resolved from defaults, a file and flags.
 
-Per-dataset defaults follow the paper's recipes (PAPER.md §6); the digits default is the small
+Per-dataset defaults follow the paper's recipes (docs/method.md §6); the digits default is the small
 embedded job the README runs.
 """
 
