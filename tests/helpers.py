@@ -34,6 +34,7 @@ def projection_z(samples: Tensor, target: Tensor, directions: int = 64, seed: in
 
 
 def heavy_rows(n: int, d: int, seed: int = 0, spread: float = 2.0) -> Tensor:
-    """Gradient-like rows: N(0, 1) entries scaled per row by exp(N(0, spread²)) (docs/method.md §4)."""
+    """Gradient-like rows: N(0, 1) entries scaled per row by exp(N(0, spread²))
+    (docs/method.md §4)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=gen) * torch.exp(spread * torch.randn(n, 1, generator=gen))

@@ -98,8 +98,8 @@ class TestClosedForms:
 
 
 class TestDecomposition:
-    """docs/method.md §3: Var[FQT] = sampling variance + quantization variance, within sampling error
-    (the cross term has zero mean because the FQT gradient is unbiased)."""
+    """docs/method.md §3: Var[FQT] = sampling variance + quantization variance, within sampling
+    error (the cross term has zero mean because the FQT gradient is unbiased)."""
 
     def test_total_is_sampling_plus_quantization(self):
         model = small_cnn("psq3")

@@ -1,7 +1,8 @@
 """Rounding onto an integer grid: round-to-nearest and stochastic rounding.
 
 Stochastic rounding ``SR(v) = floor(v + u)``, ``u ~ U[0, 1)``, rounds up with probability
-``frac(v)``, so ``E[SR(v)] = v`` and ``Var[SR(v)] = frac(v)(1 − frac(v)) ≤ 1/4`` (docs/method.md §4).
+``frac(v)``, so ``E[SR(v)] = v`` and ``Var[SR(v)] = frac(v)(1 − frac(v)) ≤ 1/4``
+(docs/method.md §4).
 
 The uniforms come from one of two explicit sources, so a seed fixes every draw either way:
 

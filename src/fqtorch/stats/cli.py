@@ -40,8 +40,8 @@ def add_variance_parser(sub: Any) -> None:
     p = sub.add_parser(
         "variance",
         help="measure sampling vs quantization variance, bias and bounds",
-        description="Measure the FQT gradient's bias and variance decomposition (docs/method.md §3) for "
-        "each quantizer and bit width. Defaults: digits data, digits_cnn, ptq/psq/bhq/rht at 4..8 "
+        description="Measure the FQT gradient's bias and variance decomposition "
+        "(docs/method.md §3) for each quantizer and bit width. Defaults: digits data, digits_cnn, ptq/psq/bhq/rht at 4..8 "
         "bits.",
     )
     p.add_argument("--model", default=None, choices=list_models(), help="default: per dataset")
