@@ -11,7 +11,8 @@ from fqtorch import FQTConfig
 
 class TestDefaults:
     """The defaults follow docs/method.md §2: 8-bit forward, QAT backward unless a gradient
-    quantizer is named, and per-tensor (PTQ runs) or per-column (PSQ/BHQ runs) 8-bit weight branch."""
+    quantizer is named, and per-tensor (PTQ runs) or per-column (PSQ/BHQ runs) 8-bit weight
+    branch."""
 
     def test_qat_by_default(self):
         cfg = FQTConfig()

@@ -167,7 +167,8 @@ def net_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
 
 class TestUnbiasedNetworkGradient:
     """docs/method.md §3: on a fixed batch, the mean FQT gradient equals the QAT gradient; the
-    test is a z-test with standard errors measured from the draws, and it catches a biased quantizer."""
+    test is a z-test with standard errors measured from the draws, and it catches a biased
+    quantizer."""
 
     @pytest.fixture(scope="class")
     @classmethod

@@ -7,7 +7,8 @@ Every quantizer can hand out its integer codes (:meth:`Quantizer.encode`) as a
 :class:`QuantizedTensor` whose value is ``transform.inverse(codes * scale + bias)``: ``scale`` and
 ``bias`` broadcast over the 2-D view (one per tensor, row or column), and ``transform`` is an
 optional invertible row-mixing map (BHQ's block Householder reflection, docs/method.md §4).
-An integer backend runs its GEMM on ``codes`` and applies ``scale``, ``bias`` and ``transform`` outside it.
+An integer backend runs its GEMM on ``codes`` and applies ``scale``, ``bias`` and ``transform``
+outside it.
 """
 
 from __future__ import annotations

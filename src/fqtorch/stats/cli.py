@@ -41,8 +41,8 @@ def add_variance_parser(sub: Any) -> None:
         "variance",
         help="measure sampling vs quantization variance, bias and bounds",
         description="Measure the FQT gradient's bias and variance decomposition "
-        "(docs/method.md §3) for each quantizer and bit width. Defaults: digits data, digits_cnn, ptq/psq/bhq/rht at 4..8 "
-        "bits.",
+        "(docs/method.md §3) for each quantizer and bit width. Defaults: digits data, "
+        "digits_cnn, ptq/psq/bhq/rht at 4..8 bits.",
     )
     p.add_argument("--model", default=None, choices=list_models(), help="default: per dataset")
     p.add_argument("--dataset", default="digits", choices=list_datasets())

@@ -1,5 +1,6 @@
 """Estimators of the statistical framework (docs/method.md §3, §7): QAT gradient, sampling and
-quantization variance, the bias z-test, grad_output error against its bound, and the variance profile.
+quantization variance, the bias z-test, grad_output error against its bound, and the variance
+profile.
 
 Conventions: a batch is an ``(inputs, targets)`` pair and the loss is
 ``loss_fn(model(inputs), targets)``. ``Var[v]`` is ``E‖v − E v‖²`` (the trace of the
