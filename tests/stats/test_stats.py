@@ -280,6 +280,8 @@ def test_variance_cli_schema(tmp_path, fused):
     ] + (["--fused", "--profile", "none"] if fused else [])
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-2000:]
+    log = result.stdout + result.stderr
+    assert "max |z| (info)" in log and "max |z| is informational" in log
     assert json.loads((out / "variance_details.json").read_text())["fused"] is fused
     data = json.loads((out / "variance.json").read_text())
     assert set(data) == {"model", "dataset", "batch_size", "seed", "sampling_variance", "results"}
