@@ -1,4 +1,4 @@
-"""``FQTConfig``: which quantizer sits on which tensor of a layer's three GEMMs (PAPER.md §2).
+"""``FQTConfig``: which quantizer sits on which tensor of a layer's three GEMMs (docs/method.md §2).
 
     output      = input @ weight.T           forward:  Q_input(input), Q_weight(weight)
     grad_input  = grad_output @ weight       backward: Q_grad(grad_output)         (grad_bits)
@@ -19,7 +19,29 @@ from .quantizers.base import ROUNDINGS, check_bits, get_quantizer, is_registered
 __all__ = ["BACKENDS", "FQTConfig"]
 
 BACKENDS = ("simulate", "int8")
-_PER_TENSOR = ("ptq", "symmetric")
+# backend="int8": the quantizers each field may name, what that means, and why (_check_int8).
+_INT8_QUANTIZERS = {
+    "input_quantizer": (
+        ("ptq", "symmetric"),
+        "one scale per tensor",
+        "the forward GEMM sums over the input's columns, the weight-gradient GEMM over its rows",
+    ),
+    "weight_quantizer": (
+        ("ptq", "symmetric"),
+        "one scale per tensor",
+        "the forward GEMM sums over the weight's columns, the grad_input GEMM over its rows",
+    ),
+    "grad_quantizer": (
+        (None, "identity", "ptq", "symmetric", "psq", "symmetric_per_row", "bhq", "rht"),
+        "one scale per tensor or per row, after a row transform or not",
+        "the grad_input GEMM sums over grad_output's columns",
+    ),
+    "grad_weight_quantizer": (
+        (None, "identity", "ptq", "symmetric", "per_column"),
+        "one scale per tensor or per column and no row transform",
+        "the weight-gradient GEMM sums over grad_output's rows",
+    ),
+}
 _PRESET = re.compile(r"^(ptq|psq|bhq)([2-8])$")
 
 
@@ -108,19 +130,25 @@ class FQTConfig:
         self.build_quantizers()
 
     def _check_int8(self) -> None:
-        # Scales must factor out of the integer GEMMs (PAPER.md §2): per tensor for the forward
-        # operands (the weight's scale would otherwise sit on the summed axis of grad_input).
-        for field in ("input_quantizer", "weight_quantizer"):
-            if getattr(self, field) not in _PER_TENSOR:
+        """Refuse, naming the field, a quantizer whose scale cannot leave an integer GEMM.
+
+        A scale and zero point come out of a GEMM only if they are constant along the axis it
+        sums over (docs/method.md §2). ``input`` and ``weight`` each enter two GEMMs that together sum
+        over both of their axes: one scale per tensor (``ptq``, ``symmetric``). ``grad_output``
+        enters ``grad_input``, summed over its columns: per tensor or per row, a row transform
+        allowed (``ptq``, ``symmetric``, ``psq``, ``symmetric_per_row``, ``bhq``, ``rht``); and
+        ``grad_weight``, summed over its rows: per tensor or per column, no transform (``ptq``,
+        ``symmetric``, ``per_column``). ``None`` or ``identity`` runs that GEMM in float. Any
+        other quantizer, a newly registered one included, is refused until it is listed here
+        (``tests/backends/test_int8.py`` runs every accepted combination against simulate).
+        """
+        for field, (allowed, expected, reason) in _INT8_QUANTIZERS.items():
+            name = getattr(self, field)
+            if name not in allowed:
                 raise ValueError(
-                    f"backend='int8' needs a per-tensor {field} ({' or '.join(_PER_TENSOR)}), "
-                    f"got {getattr(self, field)!r}"
+                    f"backend='int8' needs a {field} with {expected} "
+                    f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason}"
                 )
-        if self.grad_weight_quantizer in ("bhq", "rht", "psq"):
-            raise ValueError(
-                "backend='int8': the weight-gradient GEMM sums over rows, so its quantizer must "
-                f"scale per column or per tensor, got {self.grad_weight_quantizer!r}"
-            )
 
     @property
     def is_qat(self) -> bool:

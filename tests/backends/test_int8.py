@@ -4,6 +4,8 @@ saved activation memory."""
 from __future__ import annotations
 
 import copy
+import itertools
+import re
 import warnings
 
 import pytest
@@ -11,7 +13,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import fqtorch
 from fqtorch import FQTConfig, quantize_model
+from fqtorch.nn.functional import FQTPlan, fqt_linear
+from fqtorch.quantizers.base import get_quantizer
 from tests.helpers import projection_z, z_limit
 
 
@@ -107,10 +112,37 @@ def test_saves_int8_codes_for_backward():
 
 class TestConfig:
     def test_needs_per_tensor_forward(self):
-        with pytest.raises(ValueError, match="per-tensor weight_quantizer"):
+        with pytest.raises(ValueError, match="weight_quantizer with one scale per tensor"):
             FQTConfig(backend="int8", weight_quantizer="symmetric_per_row")
-        with pytest.raises(ValueError, match="per column or per tensor"):
+        with pytest.raises(ValueError, match="grad_weight_quantizer with one scale per tensor"):
             FQTConfig(backend="int8", grad_quantizer="bhq", grad_weight_quantizer="bhq")
+
+    def test_gradient_scales_must_sit_off_the_summed_axis(self):
+        # grad_input sums over grad_output's columns, grad_weight over its rows.
+        with pytest.raises(ValueError, match="grad_quantizer with one scale per tensor or per row"):
+            FQTConfig(backend="int8", grad_quantizer="per_column")
+        with pytest.raises(ValueError, match="grad_weight_quantizer .* per column"):
+            FQTConfig(
+                backend="int8", grad_quantizer="psq", grad_weight_quantizer="symmetric_per_row"
+            )
+
+    @pytest.mark.parametrize(
+        "grad_output,grad_output_weight", [("per_column", "per_column"), ("psq", "psq")]
+    )
+    def test_backend_refuses_a_hand_built_plan(self, grad_output, grad_output_weight):
+        """A plan built without FQTConfig meets the same rule when its codes are used."""
+        plan = FQTPlan(
+            input=get_quantizer("ptq", rounding="nearest"),
+            weight=get_quantizer("symmetric", rounding="nearest"),
+            grad_output=get_quantizer(grad_output),
+            grad_output_weight=get_quantizer(grad_output_weight),
+            backend="int8",
+        )
+        weight = torch.randn(6, 6, requires_grad=True)  # square: a wrong broadcast would pass
+        x = torch.randn(5, 6, requires_grad=True)
+        out = fqt_linear(x, weight, None, plan, torch.Generator())
+        with pytest.raises(ValueError, match="sums over"):
+            out.backward(torch.randn(5, 6))
 
     def test_conv_falls_back_with_warning(self):
         cfg = FQTConfig.preset("psq4", backend="int8")
@@ -124,6 +156,86 @@ class TestConfig:
         with warnings.catch_warnings():
             warnings.simplefilter("error")  # no fallback: real zero need not be a code
             padded(torch.randn(2, 3, 6, 6) + 0.3).sum().backward()
+
+
+FIELDS = ("input_quantizer", "weight_quantizer", "grad_quantizer", "grad_weight_quantizer")
+
+
+def int8_combinations() -> tuple[list[dict], list[tuple[dict, str]]]:
+    """Every assignment of the registered quantizers (and ``None`` for the two gradient fields)
+    to the four fields, split into those ``FQTConfig(backend="int8")`` accepts and those it
+    refuses (with the message): a newly registered quantizer joins one side or the other."""
+    names = fqtorch.list_quantizers()
+    accepted, refused = [], []
+    for combo in itertools.product(names, names, [None, *names], [None, *names]):
+        fields = dict(zip(FIELDS, combo, strict=True))
+        try:
+            FQTConfig(backend="int8", **fields)
+        except ValueError as error:
+            refused.append((fields, str(error)))
+        else:
+            accepted.append(fields)
+    return accepted, refused
+
+
+ACCEPTED, REFUSED = int8_combinations()
+LAYERS = {
+    "linear": (lambda: nn.Linear(12, 6), (10, 12)),
+    "conv": (lambda: nn.Conv2d(3, 4, 3, stride=2, padding=1), (3, 3, 7, 6)),
+}
+
+
+class TestEveryCombination:
+    """Each quantizer combination the int8 config accepts gives simulate's values (outputs and
+    all three gradients, Linear and a strided, padded Conv2d); each one it refuses is refused
+    with a message naming the field at fault and what it expects."""
+
+    def test_accepts_the_paper_presets_and_refuses_some(self):
+        presets = [FQTConfig.preset(p) for p in ("qat", "ptq4", "psq4", "bhq4")]
+        for cfg in presets:
+            assert {f: getattr(cfg, f) for f in FIELDS} in ACCEPTED
+        assert REFUSED
+
+    @pytest.mark.parametrize("layer", sorted(LAYERS))
+    @pytest.mark.parametrize(
+        "fields", ACCEPTED, ids=["-".join(map(str, f.values())) for f in ACCEPTED]
+    )
+    def test_accepted_matches_simulate(self, fields, layer):
+        make, shape = LAYERS[layer]
+        gen = torch.Generator().manual_seed(3)
+        base = make()
+        with torch.no_grad():  # weights off-centre: the weight grid's zero point is far from 0
+            base.weight.add_(0.5 * base.weight.abs().max())
+        x = torch.randn(shape, generator=gen) + 0.4  # signed, shifted: the input's too
+        bits = {"input_bits": 7, "weight_bits": 6, "grad_bits": 4, "grad_weight_bits": 5}
+        g = None
+        results = []
+        for backend in ("simulate", "int8"):
+            cfg = FQTConfig(backend=backend, **bits, **fields)
+            layer_q = quantize_model(copy.deepcopy(base), cfg)
+            xi = x.clone().requires_grad_(True)
+            out = layer_q(xi)
+            g = torch.randn(out.shape, generator=gen) if g is None else g
+            out.backward(g)
+            results.append((out.detach(), xi.grad, layer_q.weight.grad, layer_q.bias.grad))
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+    def test_refused_name_the_field(self):
+        def named(message: str) -> list[str]:
+            return [f for f in FIELDS if re.search(rf"\b{f}\b", message)]
+
+        repair = ACCEPTED[0]
+        for fields, message in REFUSED:
+            FQTConfig(**fields)  # the simulate backend takes every combination
+            assert len(named(message)) == 1 and "needs" in message, message
+            field = named(message)[0]
+            assert f"got {fields[field]!r}" in message, message
+            # Repairing that field clears this error: it was the one at fault.
+            try:
+                FQTConfig(backend="int8", **{**fields, field: repair[field]})
+            except ValueError as error:
+                assert field not in named(str(error))
 
 
 CONVS = [

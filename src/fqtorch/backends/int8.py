@@ -1,17 +1,29 @@
 """The ``int8`` backend: the three GEMMs of a Linear layer as integer products (``torch._int_mm``).
 
-Every operand is an int8 code matrix ``C`` with a scale ``s`` and bias ``b`` (value ``C·s + b``)
-along an axis that the GEMM does not sum over (PAPER.md §2), so they come out of the product:
+Every operand is an int8 code matrix ``C`` with a scale ``s`` and a bias (zero point) ``b``
+(value ``s C + b``) that are constant along the axis the GEMM sums over (docs/method.md §2), so they
+come out of the product as rank-one corrections made of row and column sums of the codes:
 
-    output      = X_q W_qᵀ,   X_q = s_x C_x + b_x (per tensor),  W_q = s_w C_w (per tensor)
-                = s_x s_w (C_x C_wᵀ) + b_x s_w · 1 rowsum(C_w)ᵀ
-    grad_input  = T⁻¹[(C_g s_g + b_g) W_q]      per-row s_g, b_g; T the BHQ/RHT row transform
-                = T⁻¹[s_g s_w (C_g C_w) + b_g s_w · colsum(C_w)]
-    grad_weight = (C_h s_h + b_h)ᵀ X_q          per-column s_h, b_h (one per output feature o)
-        [o, k]  = s_o s_x (C_hᵀ C_x)[o, k] + s_o b_x colsum(C_h)[o]
-                  + b_o s_x colsum(C_x)[k] + M b_o b_x
+    output      = X_q W_qᵀ,   X_q = s_x C_x + b_x,  W_q = s_w C_w + b_w   (both per tensor)
+       [m, o]   = s_x s_w (C_x C_wᵀ) + s_x b_w rowsum(C_x)[m] + b_x s_w rowsum(C_w)[o] + K b_x b_w
+    grad_input  = T⁻¹[(s_g C_g + b_g) W_q]    s_g, b_g per tensor or per row; T a row transform
+       [m, k]   = T⁻¹[s_g s_w (C_g C_w) + s_g b_w rowsum(C_g) + b_g s_w colsum(C_w) + O b_g b_w]
+    grad_weight = (s_h C_h + b_h)ᵀ X_q        s_h, b_h per tensor or per column (output feature o)
+       [o, k]   = s_o s_x (C_hᵀ C_x) + s_o b_x colsum(C_h)[o] + b_o s_x colsum(C_x)[k] + M b_o b_x
 
-The integer products accumulate in int32 (exact: |C| ≤ 128, so no overflow below 2^17 terms).
+Every row and column sum is over the GEMM's own reduction axis, so the integer product yields
+them: its operands are bordered with ones (:func:`_int_mm`), about one more output column.
+
+A ``bits``-bit code has |C| ≤ 2^(bits−1), so a reduction of ``n`` products of two codes stays
+inside int32 while n · 2^(bits_a−1) · 2^(bits_b−1) < 2^31 (:func:`chunk_length`: 131,064 for two
+8-bit operands). A GEMM that short is one ``_int_mm`` with a float32 epilogue. A longer one (the
+weight gradient over N·H·W or batch × tokens rows) runs in chunks of that length, summed exactly
+in int64, and its epilogue runs in float64: its terms cancel strongly when the codes sit near one
+end of their grid (post-ReLU inputs), so float32 would lose the difference. The weight gradient's
+epilogue, (O, K) next to its (O, M) × (M, K) GEMM, is float64 at any length: its int32 result
+passes float32's exact integers (2^24) long before it can overflow. The chunk length comes from
+the bit widths, not from the codes: no device sync.
+
 The forward saves the int8 codes, not the float operands, for the backward (4× less memory).
 A gradient quantizer set to ``identity`` runs its GEMM in float on the dequantized operand.
 """
@@ -27,7 +39,7 @@ from ..nn.functional import check_finite
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
 
-__all__ = ["int8_linear", "int_mm", "int_mm_supported"]
+__all__ = ["chunk_length", "int8_linear", "int_mm", "int_mm_supported"]
 
 
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -39,8 +51,9 @@ def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
 
 
 def int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """int8 (m, k) × int8 (k, n) → int32 (m, n), exact, in the layout integer GEMM kernels
-    prefer: ``a`` row-major and ``b`` column-major ("TN"), copying an operand that is not.
+    """int8 (m, k) × int8 (k, n) → int32 (m, n), in the layout integer GEMM kernels prefer:
+    ``a`` row-major and ``b`` column-major ("TN"), copying an operand that is not. Exact while
+    the reduction stays inside int32 (:func:`chunk_length`).
 
     The copies are of int8 codes, cheap next to the product: on this project's AVX2 CPU the
     int8 Linear step ran 2.5× faster with them than with the backward GEMMs' transposed views
@@ -54,9 +67,62 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     return torch._int_mm(a, b)
 
 
-def _int_mm(a: Tensor, b: Tensor) -> Tensor:
-    """:func:`int_mm` as float32 (exact below 2^24 in magnitude)."""
-    return int_mm(a, b).to(torch.float32)
+def chunk_length(a_bits: int, b_bits: int) -> int:
+    """The longest reduction of products of an ``a_bits``- and a ``b_bits``-bit code that int32
+    holds whatever the codes: (2^31 − 1) // (2^(a_bits−1) · 2^(b_bits−1)), rounded down to a
+    multiple of 8 (so that every chunk of a k % 8 == 0 reduction runs on CUDA)."""
+    return (2**31 - 1) // 2 ** (a_bits + b_bits - 2) // 8 * 8
+
+
+# Columns of ones bordering the right operand: 8 keeps n % 8 == 0 for the CUDA kernels.
+_BORDER = 8
+
+
+def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Tensor, Tensor]:
+    """``a @ b`` of ``a_bits``- and ``b_bits``-bit codes, with the sums over the reduction axis
+    that the zero points need, ``a 1`` (rows of ``a``) and ``1ᵀ b`` (columns of ``b``), exact:
+    one product of ``a`` bordered below by a row of ones and ``b`` on the right by columns of
+    ones, ``[a; 1ᵀ] [b, 1] = [[a b, a 1], [1ᵀ b, k]]``. int32 from one :func:`int_mm` when the
+    reduction fits :func:`chunk_length`, else int64 from chunks of that length.
+
+    The reduction is zero-padded to a multiple of 8 (zero codes add nothing): CUDA kernels need
+    k % 8 == 0, and the CPU kernel returns garbage for k = 1 (torch 2.13, AVX-512).
+    """
+    (m, k), n = a.shape, b.shape[1]
+    padded = -(-k // 8) * 8
+    bordered_a = a.new_zeros(m + 1, padded)  # row-major
+    bordered_a[:m, :k] = a
+    bordered_a[m, :k] = 1
+    bordered_bt = b.new_zeros(n + _BORDER, padded)  # its transpose is column-major
+    bordered_bt[:n, :k] = b.T
+    bordered_bt[n:, :k] = 1
+    a, b = bordered_a, bordered_bt.T
+    step = chunk_length(a_bits, b_bits)
+    if padded <= step:
+        acc = int_mm(a, b)
+    else:
+        acc = torch.zeros((m + 1, n + _BORDER), dtype=torch.int64, device=a.device)
+        for start in range(0, padded, step):
+            acc += int_mm(a[:, start : start + step], b[start : start + step])
+    return acc[:m, :n], acc[:m, n], acc[m, :n]
+
+
+def _epilogue_dtype(acc: Tensor) -> torch.dtype:
+    """float32 for the fast path (one ``_int_mm``, rounded once to float32), float64 for a chunked
+    (long) reduction, whose zero-point corrections can cancel strongly."""
+    return torch.float32 if acc.dtype == torch.int32 else torch.float64
+
+
+def _code_sum(codes: Tensor, dim: int, bits: int) -> Tensor:
+    """Exact sum of ``bits``-bit codes along ``dim`` outside a GEMM: int32 while it cannot
+    overflow (the :func:`chunk_length` bound against a 1-bit operand of ones), else int64."""
+    exact = codes.shape[dim] <= chunk_length(bits, 1)
+    return codes.sum(dim, dtype=torch.int32 if exact else torch.int64)
+
+
+def _affine(q: QuantizedTensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``q``'s scale and bias in the epilogue's dtype."""
+    return q.scale.to(dtype), q.bias.to(dtype)
 
 
 def _per_tensor(q: QuantizedTensor, role: str) -> None:
@@ -67,43 +133,65 @@ def _per_tensor(q: QuantizedTensor, role: str) -> None:
         )
 
 
+def _per_row(g: QuantizedTensor) -> None:
+    """``grad_input`` sums over the columns of ``grad_output``: its scale may vary by row only."""
+    if g.scale.shape[1] != 1:
+        raise ValueError(
+            "the int8 backend needs a grad_output quantizer with one scale per tensor or per row "
+            "(the grad_input GEMM sums over columns), got scale shape "
+            f"{tuple(g.scale.shape)} for codes {tuple(g.codes.shape)}"
+        )
+
+
+def _per_column(h: QuantizedTensor) -> None:
+    """``grad_weight`` sums over the rows of ``grad_output``: neither its scale nor a transform
+    may vary or mix by row."""
+    if h.scale.shape[0] != 1 or h.transform is not None:
+        raise ValueError(
+            "the int8 backend needs a weight-gradient quantizer with one scale per tensor or per "
+            "column and no row transform (its GEMM sums over rows), got scale shape "
+            f"{tuple(h.scale.shape)} for codes {tuple(h.codes.shape)}"
+        )
+
+
 def _forward(x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | None) -> Tensor:
-    acc = _int_mm(x.codes, w.codes.T)  # (M, O)
-    out = acc.mul_(x.scale * w.scale)
-    w_rows = w.codes.sum(1, dtype=torch.int32).to(torch.float32)  # (O,)
-    out.add_(x.bias * w.scale * w_rows[None, :])
+    prod, x_rows, w_rows = _int_mm(x.codes, x.bits, w.codes.T, w.bits)  # (M, K) × (K, O)
+    dtype = _epilogue_dtype(prod)
+    (s_x, b_x), (s_w, b_w) = _affine(x, dtype), _affine(w, dtype)
+    out = prod.to(dtype).mul_(s_x * s_w)
+    out.add_(s_x * b_w * x_rows.to(dtype)[:, None])
+    out.add_(b_x * s_w * w_rows.to(dtype)[None, :] + x.codes.shape[1] * b_x * b_w)
     if bias is not None:
-        out.add_(bias.to(out.dtype))
+        out.add_(bias.to(dtype))
     return out
 
 
 def _grad_input(g: QuantizedTensor, w: QuantizedTensor) -> Tensor:
-    acc = _int_mm(g.codes, w.codes)  # (M', O) × (O, K) → (M', K)
-    out = acc.mul_(g.scale * w.scale)  # per-row scale of grad_output
-    w_cols = w.codes.sum(0, dtype=torch.int32).to(torch.float32)  # (K,)
-    out.add_(g.bias * w.scale * w_cols[None, :])
+    prod, g_rows, w_cols = _int_mm(g.codes, g.bits, w.codes, w.bits)  # (M', O) × (O, K)
+    dtype = _epilogue_dtype(prod)
+    (s_g, b_g), (s_w, b_w) = _affine(g, dtype), _affine(w, dtype)  # s_g, b_g: (M', 1) or (1, 1)
+    out = prod.to(dtype).mul_(s_g * s_w)
+    out.add_(s_g * b_w * g_rows.to(dtype)[:, None] + g.codes.shape[1] * b_g * b_w)
+    out.addcmul_(b_g * s_w, w_cols.to(dtype)[None, :])
+    out = out.to(g.scale.dtype)
     return out if g.transform is None else g.transform.inverse(out)
 
 
 def _grad_weight(h: QuantizedTensor, x: QuantizedTensor) -> Tensor:
-    # Σ_r (C_ro s_o + b_o)(s_x C_rk + b_x)
-    #   = s_o s_x (CᵀC_x)_ok + s_o b_x colsum(C)_o + b_o s_x colsum(C_x)_k + M b_o b_x
-    rows = h.codes.shape[0]
-    acc = _int_mm(h.codes.T, x.codes)  # (O, M) × (M, K) → (O, K)
-    s_o, b_o = h.scale.reshape(-1, 1), h.bias.reshape(-1, 1)  # (O, 1) or (1, 1)
-    h_cols = h.codes.sum(0, dtype=torch.int32).to(torch.float32)[:, None]  # (O, 1)
-    x_cols = x.codes.sum(0, dtype=torch.int32).to(torch.float32)[None, :]  # (1, K)
-    out = acc.mul_(s_o * x.scale)
-    out.add_(s_o * x.bias * h_cols)
-    out.add_(b_o * x.scale * x_cols)
-    out.add_(rows * b_o * x.bias)
+    f64, rows = torch.float64, h.codes.shape[0]
+    prod, h_cols, x_cols = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, M) × (M, K)
+    (s_h, b_h), (s_x, b_x) = _affine(h, f64), _affine(x, f64)
+    s_o, b_o = s_h.reshape(-1, 1), b_h.reshape(-1, 1)  # (O, 1) or (1, 1)
+    out = prod.to(f64).mul_(s_o * s_x)
+    out.add_(s_o * b_x * h_cols.to(f64)[:, None] + rows * b_o * b_x)
+    out.addcmul_(b_o * s_x, x_cols.to(f64)[None, :])
     return out
 
 
 def _grad_bias(h: QuantizedTensor) -> Tensor:
-    rows = h.codes.shape[0]
-    h_cols = h.codes.sum(0, dtype=torch.int32).to(torch.float32)  # (O,)
-    return h_cols * h.scale.reshape(-1) + rows * h.bias.reshape(-1)
+    f64, rows = torch.float64, h.codes.shape[0]
+    s_h, b_h = _affine(h, f64)
+    return _code_sum(h.codes, 0, h.bits).to(f64) * s_h.reshape(-1) + rows * b_h.reshape(-1)
 
 
 class _Int8Linear(torch.autograd.Function):
@@ -118,6 +206,7 @@ class _Int8Linear(torch.autograd.Function):
         _per_tensor(w, "weight")
         ctx.save_for_backward(x.codes, x.scale, x.bias, w.codes, w.scale, w.bias)
         ctx.meta = (x.shape, x.dtype, w.shape, w.dtype, input.dtype, bias is not None)
+        ctx.bits = (x.bits, w.bits)
         ctx.source, ctx.name = source, name
         return _forward(x, w, bias).to(input.dtype)
 
@@ -125,8 +214,9 @@ class _Int8Linear(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         xc, xs, xb, wc, ws, wb = ctx.saved_tensors
         x_shape, x_dtype, w_shape, w_dtype, in_dtype, has_bias = ctx.meta
-        x = QuantizedTensor(xc, xs, xb, 8, x_shape, x_dtype)
-        w = QuantizedTensor(wc, ws, wb, 8, w_shape, w_dtype)
+        x_bits, w_bits = ctx.bits
+        x = QuantizedTensor(xc, xs, xb, x_bits, x_shape, x_dtype)
+        w = QuantizedTensor(wc, ws, wb, w_bits, w_shape, w_dtype)
         plan = ctx.source.plan
         generator = ctx.source.generator(grad_output.device)
         if plan.check_finite:
@@ -139,7 +229,9 @@ class _Int8Linear(torch.autograd.Function):
             if isinstance(plan.grad_output, Identity):
                 grad_input = grad @ w.dequantize()
             else:
-                grad_input = _grad_input(plan.grad_output.encode(grad, generator), w)
+                g = plan.grad_output.encode(grad, generator)
+                _per_row(g)
+                grad_input = _grad_input(g, w)
             grad_input = grad_input.to(in_dtype)
         if need_weight or need_bias:
             if isinstance(plan.grad_output_weight, Identity):
@@ -147,12 +239,9 @@ class _Int8Linear(torch.autograd.Function):
                 grad_bias = grad.sum(0)
             else:
                 h = plan.grad_output_weight.encode(grad, generator)
-                if h.transform is not None:
-                    raise ValueError(
-                        "the weight-gradient quantizer cannot mix rows: its GEMM sums them"
-                    )
-                grad_weight = _grad_weight(h, x) if need_weight else None
-                grad_bias = _grad_bias(h) if need_bias else None
+                _per_column(h)
+                grad_weight = _grad_weight(h, x).to(w_dtype) if need_weight else None
+                grad_bias = _grad_bias(h).to(w_dtype) if need_bias else None
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, grad_weight, grad_bias, None, None

@@ -5,18 +5,24 @@ im2col views of the int8 codes.
     grad_input  : rows(C_g) (N·L, O) × C_w (O, C·k·k), then col2im (``F.fold``)
     grad_weight : C_hᵀ (O, N·L) × cols(C_x) (N·L, C·k·k)
 
-The scale algebra is the Linear one (:mod:`fqtorch.backends.int8`), per row of ``cols``, with
-one change for zero padding: a padded tap holds real zero, which need not be a point of the
-input's affine grid ``s_x·C + b_x``. Padded taps hold code 0 and a tap mask ``M`` (L, C·k·k) —
-1 on real taps, the same for every sample — carries the zero point exactly:
+The scale algebra is the Linear one (:mod:`fqtorch.backends.int8`, chunked reductions and
+float64 epilogues included), per row of ``cols``, with one change for zero padding: a padded tap
+holds real zero, which need not be a point of the input's affine grid ``s_x·C + b_x``. Padded taps
+hold code 0 and a tap mask ``M`` (L, C·k·k) — 1 on real taps, the same for every sample — carries
+the zero point exactly. The weight's zero point ``b_w`` multiplies the sum of the real input
+values of each receptive field, ``s_x rowsum(cols(C_x)) + b_x rowsum(M)``:
 
     output[n·L + l, o] = s_x s_w (cols(C_x) C_wᵀ)[n·L + l, o] + b_x s_w (M C_wᵀ)[l, o]
+                         + b_w (s_x rowsum(cols(C_x))[n·L + l] + b_x rowsum(M)[l])
 
-and in ``grad_weight`` the two terms with ``b_x`` (Linear: ``s_o b_x colsum(C_h)[o]`` and
-``M b_o b_x``) become ``s_o b_x (S_hᵀ M)[o, t]`` and ``N b_o b_x colsum(M)[t]``, with ``S_h``
-(L, O) the per-position sums of the codes of ``grad_output`` over the batch. Both corrections
-are GEMMs 1/N the size of the main ones. Grouped and 1-d convolutions, and CUDA
-tensors for now, run the simulate path (:func:`int8_conv2d` returns ``None``).
+In ``grad_input`` it adds ``b_w Σ_o g_q[n·L + l, o] = b_w (s_g rowsum(C_g) + O b_g)`` to every
+tap of position ``l`` before col2im (the transposed convolution of ``grad_output`` with the
+constant kernel ``b_w``); what col2im puts on padding is cropped. In ``grad_weight`` the two
+terms with ``b_x`` (Linear: ``s_o b_x colsum(C_h)[o]`` and ``M b_o b_x``) become
+``s_o b_x (S_hᵀ M)[o, t]`` and ``N b_o b_x colsum(M)[t]``, with ``S_h`` (L, O) the
+per-position sums of the codes of ``grad_output`` over the batch. The mask corrections are GEMMs
+1/N the size of the main ones. Grouped and 1-d convolutions, and CUDA tensors for now, run the
+simulate path (:func:`int8_conv2d` returns ``None``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,17 @@ from torch import Tensor
 from ..nn.functional import ConvOps, check_finite
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
-from .int8 import _grad_bias, _grad_weight, _int_mm, _per_tensor
+from .int8 import (
+    _affine,
+    _code_sum,
+    _epilogue_dtype,
+    _grad_bias,
+    _grad_weight,
+    _int_mm,
+    _per_column,
+    _per_row,
+    _per_tensor,
+)
 
 __all__ = ["int8_conv2d"]
 
@@ -71,15 +87,15 @@ def _conv_grad_weight(
     """``grad_weight`` (O, C·kh·kw) with the padding correction (module docstring)."""
     if mask is None:
         return _grad_weight(h, x)
-    rows = h.codes.shape[0]
-    acc = _int_mm(h.codes.T, x.codes)  # (O, N·L) × (N·L, Ck²)
-    s_o, b_o = h.scale.reshape(-1, 1), h.bias.reshape(-1, 1)
-    per_position = h.codes.reshape(batch, rows // batch, -1).sum(0, dtype=torch.int32)  # (L, O)
-    x_cols = x.codes.sum(0, dtype=torch.int32).to(torch.float32)[None, :]  # (1, Ck²)
-    out = acc.mul_(s_o * x.scale)
-    out.add_(s_o * x.bias * (per_position.T.to(torch.float32) @ mask))
-    out.add_(b_o * x.scale * x_cols)
-    out.add_(batch * b_o * x.bias * mask.sum(0)[None, :])
+    f64, rows = torch.float64, h.codes.shape[0]
+    prod, _, x_cols = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, N·L) × (N·L, Ck²)
+    (s_h, b_h), (s_x, b_x) = _affine(h, f64), _affine(x, f64)
+    s_o, b_o = s_h.reshape(-1, 1), b_h.reshape(-1, 1)  # (O, 1) or (1, 1)
+    per_position = _code_sum(h.codes.reshape(batch, rows // batch, -1), 0, h.bits)  # (L, O)
+    mask = mask.to(f64)
+    out = prod.to(f64).mul_(s_o * s_x)
+    out.add_(s_o * b_x * (per_position.T.to(f64) @ mask) + batch * b_o * b_x * mask.sum(0))
+    out.addcmul_(b_o * s_x, x_cols.to(f64)[None, :])
     return out
 
 
@@ -94,13 +110,21 @@ class _Int8Conv2d(torch.autograd.Function):
         codes = x.codes.reshape(n, c, h, wd)
         cols = _cols(codes, pads, (kh, kw), ops)  # (N·L, C·kh·kw)
         w2d = w.codes.reshape(o, -1)  # (O, C·kh·kw)
-        acc = _int_mm(cols, w2d.T).mul_(x.scale * w.scale)  # (N·L, O)
+        prod, x_rows, w_rows = _int_mm(cols, x.bits, w2d.T, w.bits)  # (N·L, Ck²) × (Ck², O)
+        dtype = _epilogue_dtype(prod)
+        (s_x, b_x), (s_w, b_w) = _affine(x, dtype), _affine(w, dtype)
+        acc = prod.to(dtype).mul_(s_x * s_w)
+        # b_w times each receptive field's real input values: s_x Σ codes (here) + b_x Σ real taps
+        acc.add_(s_x * b_w * x_rows.to(dtype)[:, None])
         mask = _tap_mask(input.shape, pads, (kh, kw), ops, input.device)
         if mask is None:
-            taps = w2d.sum(1, dtype=torch.int32).to(torch.float32)[None, :]  # (1, O)
+            taps = w_rows.to(dtype)[None, :]  # (1, O)
+            count = cols.shape[1]
         else:
-            taps = mask @ w2d.T.to(torch.float32)  # (L, O): the weight codes on real taps
-        acc.view(n, -1, o).add_(x.bias * w.scale * taps)
+            mask = mask.to(dtype)
+            taps = mask @ w2d.T.to(dtype)  # (L, O): the weight codes on real taps
+            count = mask.sum(1, keepdim=True)  # (L, 1): the number of real taps
+        acc.view(n, -1, o).add_(b_x * s_w * taps + b_x * b_w * count)
         hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
         ho = (hp - ops.dilation[0] * (kh - 1) - 1) // ops.stride[0] + 1
         wo = (wp - ops.dilation[1] * (kw - 1) - 1) // ops.stride[1] + 1
@@ -109,6 +133,7 @@ class _Int8Conv2d(torch.autograd.Function):
             out = out + bias.to(out.dtype)[None, :, None, None]
         ctx.save_for_backward(codes, x.scale, x.bias, w2d, w.scale, w.bias)
         ctx.meta = (input.shape, input.dtype, weight.shape, pads, (ho, wo), bias is not None)
+        ctx.bits = (x.bits, w.bits)
         ctx.ops, ctx.source, ctx.name = ops, source, name
         return out.contiguous().to(input.dtype)
 
@@ -116,6 +141,7 @@ class _Int8Conv2d(torch.autograd.Function):
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
         codes, xs, xb, w2d, ws, wb = ctx.saved_tensors
         in_shape, in_dtype, w_shape, pads, (ho, wo), has_bias = ctx.meta
+        x_bits, w_bits = ctx.bits
         ops: ConvOps = ctx.ops
         plan = ctx.source.plan
         generator = ctx.source.generator(grad_output.device)
@@ -138,15 +164,22 @@ class _Int8Conv2d(torch.autograd.Function):
                 grad_input = ops.grad_input(grad, ops.prepare(x_like), w_values)
             else:
                 g = plan.grad_output.encode(grad, generator)  # rows = samples (N', O·ho·wo)
+                _per_row(g)
                 rows = g.codes.shape[0]
                 g_cols = g.codes.reshape(rows, o, ho * wo).transpose(1, 2).reshape(-1, o)
-                acc = _int_mm(g_cols, w2d).reshape(rows, ho * wo, -1)  # (N', L, Ck²)
-                acc.mul_((g.scale * ws).expand(rows, 1).reshape(rows, 1, 1))
-                w_cols = w2d.sum(0, dtype=torch.int32).to(torch.float32)  # (Ck²,)
-                acc.add_((g.bias * ws).expand(rows, 1).reshape(rows, 1, 1) * w_cols)
+                prod, g_rows, w_cols = _int_mm(g_cols, g.bits, w2d, w_bits)  # (N'·L, O) × (O, Ck²)
+                dtype = _epilogue_dtype(prod)
+                s_g, b_g = (
+                    t.to(dtype).expand(rows, 1).reshape(rows, 1, 1) for t in (g.scale, g.bias)
+                )
+                s_w, b_w = ws.to(dtype), wb.to(dtype)
+                acc = prod.to(dtype).reshape(rows, ho * wo, -1).mul_(s_g * s_w)  # (N', L, Ck²)
+                # b_w Σ_o g_q on every tap of each position: Σ_o g_q = s_g Σ_o C_g + O b_g
+                acc.add_(b_w * (s_g * g_rows.to(dtype).reshape(rows, -1, 1) + o * b_g))
+                acc.addcmul_(b_g * s_w, w_cols.to(dtype))
                 hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
-                folded = F.fold(acc.transpose(1, 2), (hp, wp), (kh, kw), dilation=ops.dilation,
-                                stride=ops.stride)  # fmt: skip
+                folded = F.fold(acc.to(g.scale.dtype).transpose(1, 2), (hp, wp), (kh, kw),
+                                dilation=ops.dilation, stride=ops.stride)  # fmt: skip
                 folded = folded[:, :, pads[2] : pads[2] + h, pads[0] : pads[0] + wd]
                 flat = folded.reshape(rows, -1)
                 grad_input = flat if g.transform is None else g.transform.inverse(flat)
@@ -154,7 +187,7 @@ class _Int8Conv2d(torch.autograd.Function):
             grad_input = grad_input.to(in_dtype)
         if need_weight or need_bias:
             x_cols = _cols(codes, pads, (kh, kw), ops)
-            x_q = QuantizedTensor(x_cols, xs, xb, 8, x_cols.shape, torch.float32)
+            x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
             mask = _tap_mask(in_shape, pads, (kh, kw), ops, grad.device)
             columns = ops.columns(grad)  # (N·L, O)
             batch = in_shape[0]
@@ -168,12 +201,13 @@ class _Int8Conv2d(torch.autograd.Function):
                 grad_bias = columns.sum(0)
             else:
                 hq = plan.grad_output_weight.encode(columns, generator)
+                _per_column(hq)
                 grad_weight = (
-                    _conv_grad_weight(hq, x_q, mask, batch).reshape(w_shape)
+                    _conv_grad_weight(hq, x_q, mask, batch).to(w_values.dtype).reshape(w_shape)
                     if need_weight
                     else None
                 )
-                grad_bias = _grad_bias(hq) if need_bias else None
+                grad_bias = _grad_bias(hq).to(w_values.dtype) if need_bias else None
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, None, None, grad_bias, None, grad_weight, None, None

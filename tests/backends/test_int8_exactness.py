@@ -1,0 +1,247 @@
+"""The int8 backend's integer GEMMs stay exact however long the reduction: ``torch._int_mm``
+accumulates in int32, so a reduction past :func:`chunk_length` runs in chunks summed in int64,
+with its epilogue in float64. Checked against a float64 product of the same codes on shapes
+whose code products pass 2^31 (codes near one end of their grid), and on short shapes with the
+chunk length forced down."""
+
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from fqtorch import FQTConfig, quantize_model
+from fqtorch.backends import int8, int8_conv
+from fqtorch.backends.int8 import _int_mm, chunk_length
+from fqtorch.nn.functional import ConvOps, FQTPlan, fqt_conv, fqt_linear
+from fqtorch.quantizers.base import QuantizedTensor
+
+LONG = 2**18  # past chunk_length(8, 8) = 131,064
+
+
+def values64(q: QuantizedTensor) -> torch.Tensor:
+    """The quantized values in float64 (the exact reference of every integer product)."""
+    values = q.codes.double() * q.scale.double() + q.bias.double()
+    return values if q.transform is None else q.transform.inverse(values)
+
+
+def int32_overflows(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether the code product ``a @ b`` (exact in float64 here) leaves int32."""
+    return bool((a.double() @ b.double()).abs().max() > 2**31 - 1)
+
+
+def spiked(shape: tuple[int, ...], gen: torch.Generator, base: float, spike: float) -> torch.Tensor:
+    """``base`` ± 1 % noise with a few entries at ``spike``: the grid spans the spike, so the
+    codes of all the other entries sit together near one end (large codes of one sign)."""
+    x = base * (1 + 0.01 * torch.randn(shape, generator=gen))
+    x.view(-1)[torch.randperm(x.numel(), generator=gen)[:20]] = spike
+    return x
+
+
+def assert_exact(result: torch.Tensor, reference: torch.Tensor) -> None:
+    """int8 equals the float64 reference up to the final rounding to float32."""
+    scale = float(reference.detach().abs().max())
+    torch.testing.assert_close(result.double(), reference, rtol=1e-6, atol=1e-6 * scale)
+
+
+def assert_float32_close(result: torch.Tensor, reference: torch.Tensor) -> None:
+    """simulate's float32 GEMM over a long reduction is only close to the reference (0.2 %
+    off on the 2^18-feature grad_input): a check that the reference is the right quantity."""
+    scale = float(reference.detach().abs().max())
+    torch.testing.assert_close(result.double(), reference, rtol=1e-2, atol=1e-3 * scale)
+
+
+@pytest.mark.parametrize("a_bits,b_bits", itertools.product(range(2, 9), repeat=2))
+def test_chunk_length_is_the_int32_bound(a_bits, b_bits):
+    chunk, worst = chunk_length(a_bits, b_bits), 2 ** (a_bits - 1) * 2 ** (b_bits - 1)
+    assert chunk % 8 == 0
+    assert chunk * worst <= 2**31 - 1 < (chunk + 8) * worst
+
+
+def test_worst_case_codes_over_several_chunks():
+    """All codes at -128: the product and the border sums over 2 chunks and a remainder."""
+    k = 2 * chunk_length(8, 8) + 24
+    a = torch.full((3, k), -128, dtype=torch.int8)
+    b = torch.full((k, 2), -128, dtype=torch.int8)
+    prod, a_rows, b_cols = _int_mm(a, 8, b, 8)
+    assert torch.equal(prod, torch.full((3, 2), k * 2**14, dtype=torch.int64))
+    assert torch.equal(a_rows, torch.full((3,), -128 * k, dtype=torch.int64))
+    assert torch.equal(b_cols, torch.full((2,), -128 * k, dtype=torch.int64))
+
+
+def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
+    x = x.clone().requires_grad_(True)
+    out = layer(x)
+    out.backward(g)
+    return out.detach(), x.grad, layer.weight.grad, layer.bias.grad
+
+
+LAYERS = {
+    "linear": (lambda: nn.Linear(33, 17), (40, 33)),
+    "conv": (lambda: nn.Conv2d(3, 5, 3, stride=2, padding=1), (4, 3, 9, 8)),
+}
+
+
+class TestShortReductions:
+    @pytest.mark.parametrize("layer", sorted(LAYERS))
+    def test_one_int_mm_per_gemm(self, layer, monkeypatch):
+        """Below the chunk length every GEMM stays a single ``_int_mm`` call."""
+        calls = []
+
+        def counting(a, b):
+            calls.append((a.shape, b.shape))
+            return torch._int_mm(a, b)
+
+        monkeypatch.setattr(int8, "int_mm", counting)
+        make, shape = LAYERS[layer]
+        cfg = FQTConfig.preset("psq4", backend="int8", weight_quantizer="ptq")
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(shape, generator=gen, requires_grad=True)
+        quantize_model(make(), cfg)(x).sum().backward()
+        assert len(calls) == 3
+
+    @pytest.mark.parametrize("layer", sorted(LAYERS))
+    def test_forced_chunks_change_nothing(self, layer, monkeypatch):
+        """Chunks of 8 (with a remainder: 33, 27 and 17 are not multiples of 8), int64 sums and
+        float64 epilogues give the one-``_int_mm`` results."""
+        make, shape = LAYERS[layer]
+        gen = torch.Generator().manual_seed(1)
+        base = make()
+        with torch.no_grad():
+            base.weight.add_(0.5 * base.weight.abs().max())
+        x = torch.randn(shape, generator=gen) + 0.4
+        g = torch.randn(base(x).shape, generator=gen)
+        cfg = FQTConfig.preset("bhq4", backend="int8", weight_quantizer="ptq")
+        whole = run(quantize_model(copy.deepcopy(base), cfg), x, g)
+        monkeypatch.setattr(int8, "chunk_length", lambda a_bits, b_bits: 8)
+        chunked = run(quantize_model(copy.deepcopy(base), cfg), x, g)
+        for a, b in zip(whole, chunked, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+    @pytest.mark.parametrize("rows,fan_in,fan_out", [(40, 1, 4), (40, 4, 1), (1, 4, 3)])
+    def test_reductions_of_one(self, rows, fan_in, fan_out):
+        """One input feature, one output feature, one row: the CPU ``_int_mm`` kernel gets
+        k = 1 wrong, so the reduction is zero-padded."""
+        gen = torch.Generator().manual_seed(3)
+        base = nn.Linear(fan_in, fan_out)
+        x, g = torch.randn(rows, fan_in, generator=gen), torch.randn(rows, fan_out, generator=gen)
+        results = [
+            run(quantize_model(copy.deepcopy(base), FQTConfig.preset("psq4", backend=b)), x, g)
+            for b in ("simulate", "int8")
+        ]
+        for a, b in zip(*results, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+    @pytest.mark.parametrize("layer", sorted(LAYERS))
+    def test_backward_uses_the_real_bit_widths(self, layer, monkeypatch):
+        """The codes saved by the forward keep their bit widths into the backward's chunking."""
+        seen = []
+
+        def recording(a, a_bits, b, b_bits):
+            seen.append((a_bits, b_bits))
+            return _int_mm(a, a_bits, b, b_bits)
+
+        monkeypatch.setattr(int8, "_int_mm", recording)
+        monkeypatch.setattr(int8_conv, "_int_mm", recording)
+        make, shape = LAYERS[layer]
+        bits = {"input_bits": 7, "weight_bits": 6, "grad_bits": 4, "grad_weight_bits": 5}
+        cfg = FQTConfig(backend="int8", grad_quantizer="psq", **bits)
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        quantize_model(make(), cfg)(x).sum().backward()
+        assert seen == [(7, 6), (4, 6), (5, 7)]  # output, grad_input, grad_weight
+
+
+class TestLongReductions:
+    """Code products past int32: before chunking, the weight gradient of the first test came
+    out as +1.6e6 instead of -27."""
+
+    def test_linear_weight_gradient_over_2_18_rows(self):
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(LONG, 8, generator=gen).relu()  # codes of zeros: -128
+        grad = 0.01 * torch.randn(LONG, 4, generator=gen)
+        grad[torch.randperm(LONG, generator=gen)[:20]] -= 5  # the other codes near the top
+        layer = nn.Linear(8, 4)
+        results = {}
+        for backend in ("simulate", "int8"):
+            plan = FQTPlan.from_config(FQTConfig.preset("bhq5", backend=backend))
+            xi = x.clone().requires_grad_(True)
+            weight = layer.weight.detach().clone().requires_grad_(True)
+            bias = layer.bias.detach().clone().requires_grad_(True)
+            out = fqt_linear(xi, weight, bias, plan, torch.Generator().manual_seed(7))
+            out.backward(grad)
+            results[backend] = (weight.grad, bias.grad)
+        # The same codes again: the backward encodes grad_output for grad_input, then for
+        # grad_weight, from the generator.
+        replay = torch.Generator().manual_seed(7)
+        xq = plan.input.encode(x)
+        plan.grad_output.encode(grad, replay)
+        h = plan.grad_output_weight.encode(grad, replay)
+        assert int32_overflows(h.codes.T, xq.codes)
+        grad_weight, grad_bias = values64(h).T @ values64(xq), values64(h).sum(0)
+        assert_exact(results["int8"][0], grad_weight)
+        assert_exact(results["int8"][1], grad_bias)
+        assert_float32_close(results["simulate"][0], grad_weight)
+        assert_float32_close(results["simulate"][1], grad_bias)
+
+    def test_conv_weight_gradient_over_2_18_positions(self):
+        gen = torch.Generator().manual_seed(1)
+        x = torch.randn(4, 2, 256, 256, generator=gen).relu()  # N·H·W = 2^18
+        grad = 0.01 * torch.randn(4, 2, 256, 256, generator=gen)
+        grad.view(-1)[torch.randperm(grad.numel(), generator=gen)[:20]] -= 5
+        conv = nn.Conv2d(2, 2, 3, padding=1)
+        ops = ConvOps(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+        results = {}
+        for backend in ("simulate", "int8"):
+            plan = FQTPlan.from_config(FQTConfig.preset("bhq5", backend=backend))
+            weight = conv.weight.detach().clone().requires_grad_(True)
+            bias = conv.bias.detach().clone().requires_grad_(True)
+            out = fqt_conv(x, weight, bias, ops, plan, torch.Generator().manual_seed(7))
+            out.backward(grad)
+            results[backend] = (weight.grad, bias.grad)
+        replay = torch.Generator().manual_seed(7)
+        xq = plan.input.encode(x)
+        h = plan.grad_output_weight.encode(ops.columns(grad), replay)  # no grad_input here
+        h_codes = ops.uncolumns(h.codes.double(), grad)
+        x_codes = xq.codes.double().reshape(x.shape)
+        codes_product = ops.grad_weight(h_codes, x_codes, conv.weight.double())
+        assert codes_product.abs().max() > 2**31 - 1
+        h_values = ops.uncolumns(values64(h), grad)
+        x_values = values64(xq).reshape(x.shape)
+        grad_weight = ops.grad_weight(h_values, x_values, conv.weight.double())
+        grad_bias = h_values.sum((0, 2, 3))
+        assert_exact(results["int8"][0], grad_weight)
+        assert_exact(results["int8"][1], grad_bias)
+        assert_float32_close(results["simulate"][0], grad_weight)
+        assert_float32_close(results["simulate"][1], grad_bias)
+
+    @pytest.mark.parametrize("features", [(LONG, 4), (4, LONG)], ids=["in", "out"])
+    def test_linear_forward_and_grad_input_over_2_18_features(self, features):
+        """in_features = 2^18: the forward sums over it; out_features = 2^18: grad_input does.
+        Both operands' codes sit near the top of their grids (the weight's zero point too)."""
+        fan_in, fan_out = features
+        gen = torch.Generator().manual_seed(2)
+        x = spiked((24, fan_in), gen, 1.0, -5.0)
+        weight = spiked((fan_out, fan_in), gen, 0.01, -0.05)
+        bias = torch.randn(fan_out, generator=gen)
+        grad = spiked((24, fan_out), gen, 1.0, -5.0)
+        results = {}
+        for backend in ("simulate", "int8"):
+            cfg = FQTConfig(
+                backend=backend, weight_quantizer="ptq", grad_quantizer="psq", grad_bits=8
+            )
+            xi = x.clone().requires_grad_(True)
+            plan = FQTPlan.from_config(cfg)
+            out = fqt_linear(xi, weight, bias, plan, torch.Generator().manual_seed(7))
+            out.backward(grad)
+            results[backend] = (out.detach(), xi.grad)
+        xq, wq = plan.input.encode(x), plan.weight.encode(weight)
+        g = plan.grad_output.encode(grad, torch.Generator().manual_seed(7))
+        assert int32_overflows(xq.codes, wq.codes.T) or int32_overflows(g.codes, wq.codes)
+        output = values64(xq) @ values64(wq).T + bias.double()
+        grad_input = values64(g) @ values64(wq)
+        for backend, check in (("int8", assert_exact), ("simulate", assert_float32_close)):
+            check(results[backend][0], output)
+            check(results[backend][1], grad_input)
