@@ -132,14 +132,15 @@ class FQTConfig:
     def _check_int8(self) -> None:
         """Refuse, naming the field, a quantizer whose scale cannot leave an integer GEMM.
 
-        A scale and zero point come out of a GEMM only if they are constant along the axis it
-        sums over (docs/method.md §2, §8). ``input`` and ``weight`` each enter two GEMMs that
-        together sum over both of their axes: one scale per tensor (``ptq``, ``symmetric``). ``grad_output``
-        enters ``grad_input``, summed over its columns: per tensor or per row, a row transform
-        allowed (``ptq``, ``symmetric``, ``psq``, ``symmetric_per_row``, ``bhq``, ``rht``); and
-        ``grad_weight``, summed over its rows: per tensor or per column, no transform (``ptq``,
-        ``symmetric``, ``per_column``). ``None`` or ``identity`` runs that GEMM in float. Any
-        other quantizer, a newly registered one included, is refused until it is listed here
+        A scale and zero point come out of a GEMM only if they are constant along the axis
+        it sums over (docs/method.md §2, §8). ``input`` and ``weight`` each enter two GEMMs
+        that together sum over both of their axes: one scale per tensor (``ptq``,
+        ``symmetric``). ``grad_output`` enters ``grad_input``, summed over its columns: per
+        tensor or per row, a row transform allowed (``ptq``, ``symmetric``, ``psq``,
+        ``symmetric_per_row``, ``bhq``, ``rht``); and ``grad_weight``, summed over its rows:
+        per tensor or per column, no transform (``ptq``, ``symmetric``, ``per_column``).
+        ``None`` or ``identity`` runs that GEMM in float. Any other quantizer, a newly
+        registered one included, is refused until it is listed here
         (``tests/backends/test_int8.py`` runs every accepted combination against simulate).
         """
         for field, (allowed, expected, reason) in _INT8_QUANTIZERS.items():
