@@ -73,7 +73,9 @@ class FQTConfig:
         backend: how the GEMMs run: ``"simulate"`` (float GEMMs on dequantized values) or
             ``"int8"`` (``torch._int_mm`` on the integer codes, for Linear and Conv2d layers; a
             grouped or 1-d convolution, or a convolution on CUDA, falls back to simulate with
-            a warning).
+            a warning). It takes the quantizers whose scales leave the integer GEMMs
+            (docs/method.md §8): per-tensor forward operands, per-tensor or per-row
+            ``grad_quantizer``, per-tensor or per-column ``grad_weight_quantizer``.
         fused: run every quantizer's rounding as a ``torch.compile``'d kernel (compiled
             lazily on first use, with dynamic shapes; eager where compilation is off or fails,
             with the same codes; BHQ's and RHT's row transforms stay eager), with its
