@@ -7,6 +7,9 @@ row's magnitude evenly over its block (as BHQ does for its groups) and, like BHQ
 activation-gradient GEMM. Given the signs the quantizer is unbiased, hence unbiased overall.
 
 The fast transform costs ``O(N·D·log block)``; rows are zero-padded to a multiple of ``block``.
+The tensor is first scaled by an exact power of two ``2^-e`` that brings its largest magnitude into
+``[1/2, 1)`` (and back after the inverse), so the butterfly's sums cannot overflow for values near
+the float maximum, and subnormal values are mixed at full precision.
 """
 
 from __future__ import annotations
@@ -29,8 +32,8 @@ from .uniform import fused_affine
 __all__ = ["RandomizedHadamard", "RandomizedHadamardTransform"]
 
 
-def _walsh_hadamard(x: Tensor, block: int) -> Tensor:
-    """``blockdiag(H_block) x / √block`` for ``x`` (rows, D) with rows a multiple of ``block``."""
+def _walsh_hadamard(x: Tensor, block: int, factor: Tensor) -> Tensor:
+    """``blockdiag(H_block) x · factor`` for ``x`` (rows, D) with rows a multiple of ``block``."""
     rows, cols = x.shape
     y = x.reshape(rows // block, block, cols)
     h = 1
@@ -39,29 +42,43 @@ def _walsh_hadamard(x: Tensor, block: int) -> Tensor:
         a, b = y[:, :, 0], y[:, :, 1]
         y = torch.stack((a + b, a - b), dim=2)
         h *= 2
-    return y.reshape(rows, cols) / block**0.5
+    return y.reshape(rows, cols) * factor
 
 
 @dataclass(frozen=True)
 class RandomizedHadamardTransform:
-    """``T = blockdiag(H)·diag(σ)/√block`` on zero-padded rows; orthogonal, ``T⁻¹ = Tᵀ``."""
+    """``x ↦ 2^-e · blockdiag(H)·diag(σ)·x/√block`` on zero-padded rows: the orthogonal mix after
+    an exact scaling by ``2^-e`` (``e`` from the tensor's largest magnitude), so its inverse is
+    ``2^e`` times its transpose."""
 
     signs: Tensor  # (padded rows,) ±1
     block: int
     rows: int
+    exponent: Tensor  # 0-d int: e, the tensor's scale is 2^e
+
+    def _factors(self, exponent: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """``2^exponent`` as exact factors within ``dtype``'s range (``|e|`` reaches 148 in
+        float32): (per row ``σ·2^h``, scalar ``2^(exponent − h)/√block``), ``h = exponent // 2``."""
+        half = torch.div(exponent, 2, rounding_mode="floor")
+        rows = self.signs.to(dtype) * torch.exp2(half.to(dtype))
+        rest = torch.exp2((exponent - half).to(torch.float64)) / self.block**0.5
+        return rows, rest.to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         pad = self.signs.shape[0] - self.rows
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
-        return _walsh_hadamard(x * self.signs[:, None], self.block)
+        rows, rest = self._factors(-self.exponent, x.dtype)
+        return _walsh_hadamard(x * rows[:, None], self.block, rest)
 
     def inverse(self, y: Tensor) -> Tensor:
-        # H is symmetric and H·H = block·I, so T⁻¹ = diag(σ)·H/√block.
-        return (_walsh_hadamard(y, self.block) * self.signs[:, None])[: self.rows]
+        # H is symmetric and H·H = block·I, so T⁻¹ = 2^e·diag(σ)·H/√block.
+        rows, rest = self._factors(self.exponent, y.dtype)
+        return (_walsh_hadamard(y, self.block, rest) * rows[:, None])[: self.rows]
 
     def inverse_column_norms_sq(self) -> Tensor:
-        return torch.ones_like(self.signs)
+        """``4^e`` for every row (float64: it passes the float32 range)."""
+        return torch.exp2(2 * self.exponent.double()).expand(self.signs.shape)
 
 
 @register_quantizer("rht")
@@ -90,7 +107,11 @@ class RandomizedHadamard(Quantizer):
         padded = -(-rows // block) * block
         bits = torch.randint(0, 2, (padded,), generator=generator, device=x.device)
         signs = (2 * bits - 1).to(x2d.dtype)
-        transform = RandomizedHadamardTransform(signs, block, rows)
+        low, high = torch.aminmax(x2d)
+        absmax = torch.maximum(-low, high)
+        exponent = torch.frexp(absmax).exponent  # max|x| = m·2^e, m in [1/2, 1); 0 for 0
+        exponent = torch.where(torch.isfinite(absmax), exponent, torch.zeros_like(exponent))
+        transform = RandomizedHadamardTransform(signs, block, rows, exponent)
         y = transform.forward(x2d)
         # Fused, only the rounding is compiled: the butterfly compiles poorly with dynamic shapes.
         noise = self.noise(generator, x2d.device)
@@ -103,7 +124,7 @@ class RandomizedHadamard(Quantizer):
         ``Σ_{j∈block} |x_j| / √block``, so ``R_i(Tx) ≤ 2·max_d Σ_j |x_jd| / √block`` and
         ``E‖Q(x) − x‖² ≤ (D/B²)·Σ_blocks (max_d Σ_{j∈block} |x_jd|)²``."""
         check_float(x, self.name)
-        x2d = as_rows(x).to(compute_dtype(x))
+        x2d = as_rows(x).to(torch.float64)  # sums of values near the float32 maximum
         rows, cols = x2d.shape
         block = self._block_for(rows)
         padded = -(-rows // block) * block

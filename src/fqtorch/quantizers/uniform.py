@@ -1,15 +1,23 @@
-"""Uniform quantizers: one grid per tensor, per row or per column (PAPER.md §4, ``T = I``).
+"""Uniform quantizers: one grid per tensor, per row or per column (docs/method.md §4, ``T = I``).
 
 Asymmetric quantizers map each group's range ``[min, max]`` onto the ``B = 2**bits - 1`` bins of
 ``[0, B]`` (``ptq``: one group, ``psq``: one per row (sample), ``per_column``: one per column).
 Symmetric quantizers map ``[-max|x|, max|x|]`` onto ``[-(2**(bits-1) - 1), 2**(bits-1) - 1]`` so
 that real zero is exactly a code (the forward weight quantizers).
 
+Every finite range has a grid that covers it: the step is rounded up where rounding to nearest would
+leave the grid short of the range's top, so a subnormal range gets a step of at least the smallest
+subnormal (every grid point is then exact), and a range past the float maximum (``±3e38``) is
+measured at half scale (:func:`affine_steps`). Such a range decodes while ``codes · scale`` stays
+finite: up to ``2·B/2**bits`` times the float maximum (from 1.5× at 2 bits to 1.99× at 8).
+
 Non-finite input: a group (tensor, row or column) that holds a NaN or ±Inf gets a NaN scale, so its
 output is NaN: never finite garbage. Training loops and ``GradScaler`` see it and skip the step.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -34,6 +42,7 @@ __all__ = [
     "SymmetricPerRow",
     "SymmetricPerTensor",
     "affine_encode",
+    "affine_steps",
 ]
 
 _REDUCE_DIM = {"tensor": None, "row": 1, "column": 0}
@@ -49,15 +58,36 @@ def group_minmax(x2d: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
 
 
 def _live_steps(span: Tensor, bins: int) -> tuple[Tensor, Tensor]:
-    """(step used for dequantization, step safe to divide by) for groups of range ``span``."""
+    """(step used for dequantization, step safe to divide by) for groups of range ``span``.
+
+    The step is ``span / bins``, moved up one float (``nextafter``) where rounding made it too small
+    for the grid to reach the top of the range (``span / step > bins``): a clamp there would bias
+    stochastic rounding. So a live group's step is never 0 (at least the smallest subnormal), and
+    no grid position ``(x − low) / step`` of the group exceeds ``bins``.
+    """
     finite = torch.isfinite(span)
     step = span / bins
+    short = span / step > bins  # also where span / bins underflowed to 0
+    step = torch.where(short, torch.nextafter(step, torch.full_like(step, math.inf)), step)
     live = finite & (span > 0)
     divisor = torch.where(live, step, torch.ones_like(step))
     # A constant group keeps step 0, so it decodes exactly to its value; a non-finite one is NaN.
     step = torch.where(live, step, torch.zeros_like(step))
     step = torch.where(finite, step, torch.full_like(step, float("nan")))
     return step, divisor
+
+
+def _fold(low: Tensor, high: Tensor) -> Tensor:
+    """1, or 1/2 for a group whose span ``high − low`` overflows although both ends are finite:
+    its span and grid positions are computed at half scale, which is exact (a power of two)."""
+    overflow = torch.isinf(high - low) & torch.isfinite(low) & torch.isfinite(high)
+    return 1 - overflow.to(low.dtype) / 2
+
+
+def affine_steps(low: Tensor, high: Tensor, bins: int) -> Tensor:
+    """The step :func:`affine_encode` uses for groups of range ``[low, high]`` on ``bins`` bins."""
+    fold = _fold(low, high)
+    return _live_steps(high * fold - low * fold, bins)[0] / fold
 
 
 def affine_encode(
@@ -67,14 +97,23 @@ def affine_encode(
     bits: int,
     rounding: str,
     noise: Noise,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Codes, scale and bias of the asymmetric grid ``[low, high] -> [0, B]`` (shifted to int8)."""
+    """Codes, scale and bias of the asymmetric grid ``[low, high] -> [0, B]`` (shifted to int8).
+
+    Computed at ``fold`` scale (:func:`_fold`): grid position ``(x·f − low·f) / (step·f)``, bias
+    ``(low·f + half·step·f) / f``; with ``f = 1`` these are the plain formulas. The grid positions
+    are computed in ``out`` when given (``x2d`` itself, if the caller no longer needs it).
+    """
     bins = 2**bits - 1
     half = 2 ** (bits - 1)
-    step, divisor = _live_steps(high - low, bins)
-    grid = round_to_grid((x2d - low) / divisor, rounding, 0, bins, noise)
+    fold = _fold(low, high)
+    step, divisor = _live_steps(high * fold - low * fold, bins)  # at fold scale
+    grid = round_to_grid(
+        torch.addcmul(-low * fold, x2d, fold, out=out).div_(divisor), rounding, 0, bins, noise
+    )
     # value = (grid) * step + low = (grid - half) * step + (low + half * step)
-    return to_codes(grid, half), step, low + half * step
+    return to_codes(grid, half), step / fold, (low * fold + half * step) / fold
 
 
 def symmetric_encode(
@@ -116,10 +155,11 @@ class _Uniform(Quantizer):
     symmetric = False
 
     def _steps(self, x2d: Tensor) -> Tensor:
+        """The steps :meth:`encode` uses, one per group."""
         low, high = group_minmax(x2d, self.granularity)
         if self.symmetric:
-            return torch.maximum(-low, high) / (2 ** (self.bits - 1) - 1)
-        return (high - low) / (2**self.bits - 1)
+            return _live_steps(torch.maximum(-low, high), 2 ** (self.bits - 1) - 1)[0]
+        return affine_steps(low, high, 2**self.bits - 1)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         check_float(x, self.name)
@@ -132,7 +172,7 @@ class _Uniform(Quantizer):
     def variance_bound(self, x: Tensor) -> Tensor:
         check_float(x, self.name)
         x2d = as_rows(x).to(compute_dtype(x))
-        steps = self._steps(x2d)
+        steps = self._steps(x2d).to(torch.float64)  # a step past 1e19 squares past float32
         return uniform_bound(x2d.numel() // steps.numel(), steps)
 
 
@@ -190,7 +230,7 @@ class Identity(Quantizer):
 
     def variance_bound(self, x: Tensor) -> Tensor:
         check_float(x, self.name)
-        return torch.zeros((), dtype=compute_dtype(x), device=x.device)
+        return torch.zeros((), dtype=torch.float64, device=x.device)
 
     def __repr__(self) -> str:
         return "identity"
