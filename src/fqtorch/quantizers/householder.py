@@ -10,9 +10,10 @@ Beyond the paper (this project's addition): each group's share of the variance b
 compute, so a group keeps its reflection and row scaling only where they lower it, i.e. where
 ``(D/4)·Σ_{i∈g} Δ_i(Tx)²‖T⁻¹e_i‖² < (D/4)·Σ_{i∈g} Δ_i(x)²`` (plain per-row quantization). The other
 groups become identity rows (``v = 0``, ``s = 1``) and are quantized as PSQ would, so BHQ's bound is
-never above PSQ's: rows of similar range, where the paper's transform costs variance, are left
-alone. So is a group led by a subnormal range, whose transformed values the float grid could not
-hold without bias. The choice depends on ``x`` only, never on the noise, so BHQ stays unbiased.
+never above PSQ's (for stochastic rounding; the measured error follows where the bounds are tight):
+rows of similar range, where the paper's transform costs variance, are left alone. So is a group led
+by a subnormal range, whose transformed values the float grid could not hold without bias. The
+choice depends on ``x`` only, never on the noise, so BHQ stays unbiased.
 
 ``T = Pᵀ · blockdiag(H_n) · P · diag(s)`` is applied structurally, never as a dense N×N matrix:
 a row scaling, then per group ``x − 2v(vᵀx)/‖v‖²``. The group sums ``vᵀx`` are ``embedding_bag``
@@ -125,12 +126,12 @@ def _sorted_groups(ranges: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     # Step 2: the first k (small rows) with k·λ_(N−k) > Σ_{i≤N−k} λ_(i); k = N−1 always qualifies.
     k = torch.arange(1, n_rows, device=ranges.device)
     qualifies = k * lam[n_rows - k - 1] > csum[n_rows - k - 1]
-    k_small = k[qualifies.to(torch.int8).argmax()]
+    k_small = qualifies.to(torch.int8).argmax() + 1  # k[i] = i + 1; a 0-d tensor, no sync
     n_large = n_rows - k_small
     position = torch.arange(n_rows, device=ranges.device)
     is_large = position < n_large
     # Step 3: large row g takes small rows j with round(c_{g-1}) <= j < round(c_g).
-    bounds = torch.round(k_small * csum / csum[n_large - 1])
+    bounds = torch.round(k_small * csum / csum.gather(0, (n_large - 1).reshape(1)))
     bounds = torch.where(is_large, bounds, torch.full_like(bounds, float("inf")))
     small_index = (position - n_large).clamp(min=0).to(bounds.dtype)
     small_slot = torch.searchsorted(bounds, small_index, right=True)
