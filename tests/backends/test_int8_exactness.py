@@ -245,3 +245,14 @@ class TestLongReductions:
         for backend, check in (("int8", assert_exact), ("simulate", assert_float32_close)):
             check(results[backend][0], output)
             check(results[backend][1], grad_input)
+
+
+def test_int_mm_reads_one_row_views_of_a_column():
+    """A (1, k) view of a column has strides (1, 1) and passes ``is_contiguous()``; the CPU
+    kernel misreads it (torch 2.13), so ``int_mm`` judges layouts by their strides."""
+    gen = torch.Generator().manual_seed(5)
+    column = torch.randint(-128, 128, (40, 1), dtype=torch.int8, generator=gen)
+    other = torch.randint(-128, 128, (40, 12), dtype=torch.int8, generator=gen)
+    expected = column.T.long() @ other.long()
+    assert torch.equal(int8.int_mm(column.T, other).long(), expected)
+    assert torch.equal(int8.int_mm(other.T, column).long(), expected.T)

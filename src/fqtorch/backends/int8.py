@@ -58,13 +58,20 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     The copies are of int8 codes, cheap next to the product: on this project's AVX2 CPU the
     int8 Linear step ran 2.5× faster with them than with the backward GEMMs' transposed views
     (``benchmarks/linear_step.py``, before/after in docs/performance.md); TN is also the
-    layout cuBLASLt's int8 kernels use.
+    layout cuBLASLt's int8 kernels use. The layouts are judged by the strides, not by
+    ``is_contiguous()``, which accepts a (1, k) view of a column (strides (1, 1)) that the CPU
+    kernel misreads (torch 2.13).
     """
-    if not a.is_contiguous():
-        a = a.contiguous()
-    if not b.T.is_contiguous():
-        b = b.T.contiguous().T
+    if not _row_major(a):
+        a = a.new_empty(a.shape).copy_(a)
+    if not _row_major(b.T):
+        b = b.new_empty(b.T.shape).copy_(b.T).T
     return torch._int_mm(a, b)
+
+
+def _row_major(t: Tensor) -> bool:
+    """Whether the 2-D ``t`` is laid out row by row with unit column stride."""
+    return t.stride() == (t.shape[1], 1)
 
 
 def chunk_length(a_bits: int, b_bits: int) -> int:
@@ -86,10 +93,20 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
     reduction fits :func:`chunk_length`, else int64 from chunks of that length.
 
     The reduction is zero-padded to a multiple of 8 (zero codes add nothing): CUDA kernels need
-    k % 8 == 0, and the CPU kernel returns garbage for k = 1 (torch 2.13, AVX-512).
+    k % 8 == 0, and the CPU kernel returns garbage for k = 1 (torch 2.13, AVX-512). When no padding
+    or chunking is needed and ``a`` is already row-major (the forward and ``grad_input``, where
+    ``a`` is the large activation or gradient), ``a`` is used as it is, not copied: only ``b`` (the
+    weight) is bordered, and its column sums are summed directly.
     """
     (m, k), n = a.shape, b.shape[1]
     padded = -(-k // 8) * 8
+    step = chunk_length(a_bits, b_bits)
+    if padded == k <= step and _row_major(a):
+        bordered_bt = b.new_empty(n + _BORDER, k)  # its transpose is column-major
+        bordered_bt[:n] = b.T
+        bordered_bt[n:] = 1
+        acc = int_mm(a, bordered_bt.T)
+        return acc[:, :n], acc[:, n], b.sum(0, dtype=torch.int32)
     bordered_a = a.new_zeros(m + 1, padded)  # row-major
     bordered_a[:m, :k] = a
     bordered_a[m, :k] = 1
@@ -97,7 +114,6 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
     bordered_bt[:n, :k] = b.T
     bordered_bt[n:, :k] = 1
     a, b = bordered_a, bordered_bt.T
-    step = chunk_length(a_bits, b_bits)
     if padded <= step:
         acc = int_mm(a, b)
     else:
