@@ -282,6 +282,12 @@ def test_variance_cli_schema(tmp_path, fused):
     assert result.returncode == 0, result.stderr[-2000:]
     log = result.stdout + result.stderr
     assert "max |z| (info)" in log and "max |z| is informational" in log
+    assert "4/4," in log  # progress per configuration
+    # the README's install gives the figures, and the last line names what was written
+    figures = ["variance_vs_bits.png"] + ([] if fused else ["variance_profile.png"])
+    for name in figures:
+        assert (out / name).stat().st_size > 10_000, name
+        assert name in log.strip().splitlines()[-1]
     assert json.loads((out / "variance_details.json").read_text())["fused"] is fused
     data = json.loads((out / "variance.json").read_text())
     assert set(data) == {"model", "dataset", "batch_size", "seed", "sampling_variance", "results"}

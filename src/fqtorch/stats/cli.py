@@ -215,7 +215,7 @@ def run_variance(args: argparse.Namespace) -> int:
         args.alpha,
     )
     log.info(
-        "%-8s %4s %14s %10s %8s %8s %13s",
+        "%-8s %4s %14s %10s %8s %8s %13s   %s",
         "quant",
         "bits",
         "quant. var",
@@ -223,23 +223,27 @@ def run_variance(args: argparse.Namespace) -> int:
         "RMS z",
         "limit",
         "max |z| (info)",
+        "progress",
     )
-    for q in quantizers:
-        for b in bits:
-            cfg = FQTConfig(grad_quantizer=q, grad_bits=b, seed=args.seed, fused=args.fused)
-            r = _measure_config(model, cfg, batches, args.samples, args.alpha)
-            results.append(r)
-            log.info(
-                "%-8s %4d %14.4g %10.3g %8.3f %8.2f %13.2f%s",
-                q,
-                b,
-                r["quantization_variance"],
-                r["quantization_variance"] / sampling.total,
-                r["bias_z_rms"],
-                r["bias_z_limit"],
-                r["bias_z_max"],
-                "" if r["bias_passed"] else "  BIASED",
-            )
+    configs = [(q, b) for q in quantizers for b in bits]
+    for done, (q, b) in enumerate(configs, start=1):
+        cfg = FQTConfig(grad_quantizer=q, grad_bits=b, seed=args.seed, fused=args.fused)
+        r = _measure_config(model, cfg, batches, args.samples, args.alpha)
+        results.append(r)
+        log.info(
+            "%-8s %4d %14.4g %10.3g %8.3f %8.2f %13.2f   %d/%d, %.0fs%s",
+            q,
+            b,
+            r["quantization_variance"],
+            r["quantization_variance"] / sampling.total,
+            r["bias_z_rms"],
+            r["bias_z_limit"],
+            r["bias_z_max"],
+            done,
+            len(configs),
+            time.perf_counter() - start,
+            "" if r["bias_passed"] else "  BIASED",
+        )
 
     profile_q, profile_b = quantizers[0], min(bits)
     if args.profile and args.profile != "none":
@@ -276,33 +280,49 @@ def run_variance(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - start,
     }
     (out / "variance_details.json").write_text(json.dumps(extra, indent=2) + "\n")
-    _plots(out, payload, profile, f"{profile_q}{profile_b}")
+    figures = _plots(out, payload, profile, f"{profile_q}{profile_b}")
     log.info(
-        "wrote %s/variance.json and figures (%.1fs)",
+        "wrote %s/variance.json, variance_details.json%s (%.1fs)",
         out,
+        "".join(f", {name}" for name in figures) or " and no figures",
         time.perf_counter() - start,
     )
     return 0
 
 
-def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> None:
+_STYLES = [("o", "-"), ("s", "--"), ("^", ":"), ("D", "-."), ("v", (0, (5, 1))), ("P", (0, (1, 1)))]
+
+
+def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> list[str]:
+    """Write the figures; returns the names of the files written."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError:
-        log.warning("matplotlib is missing (pip install 'fqtorch[plot]'): no figures written")
-        return
+    except ImportError:  # a dependency; only a broken install gets here
+        log.warning("matplotlib does not import (pip install matplotlib): no figures written")
+        return []
     import numpy as np
 
     fig, ax = plt.subplots(figsize=(7, 4))
     by_q: dict[str, list[tuple[int, float]]] = {}
     for r in payload["results"]:
         by_q.setdefault(r["quantizer"], []).append((r["bits"], r["quantization_variance"]))
-    for q, points in by_q.items():
+    # Each quantizer its own marker and line style, markers shrinking in drawing order, so that
+    # lines on top of each other (PSQ and RHT often are) all stay visible.
+    for i, (q, points) in enumerate(by_q.items()):
         points.sort()
-        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=q.upper())
+        marker, style = _STYLES[i % len(_STYLES)]
+        ax.plot(
+            [p[0] for p in points],
+            [p[1] for p in points],
+            marker=marker,
+            linestyle=style,
+            markersize=max(3.0, 9.0 - 1.5 * i),
+            markerfacecolor="none" if i % 2 else None,
+            label=q.upper(),
+        )
     ax.axhline(payload["sampling_variance"], color="k", linestyle="--", label="sampling (QAT)")
     ax.set_yscale("log")
     ax.set_xticks(sorted({r["bits"] for r in payload["results"]}))
@@ -313,21 +333,32 @@ def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> None:
     fig.tight_layout()
     fig.savefig(out / "variance_vs_bits.png", dpi=120)
     plt.close(fig)
+    written = ["variance_vs_bits.png"]
 
     if profile is None:
-        return
-    matrix = np.array(profile.matrix, dtype=float)
-    floor = matrix[matrix > 0].min() if (matrix > 0).any() else 1e-30
-    fig, ax = plt.subplots(
-        figsize=(1.2 + 0.45 * len(profile.columns), 1.2 + 0.4 * len(profile.rows))
+        return written
+    # Columns: the gradients of layers with quantizers (a BatchNorm's column would only hold
+    # what reaches it from the layers above, and no row of its own).
+    keep = [k for k, name in enumerate(profile.columns) if name in profile.rows]
+    matrix = np.array(profile.matrix, dtype=float)[:, keep]
+    columns = [profile.columns[k] for k in keep]
+    zero = matrix <= 0
+    floor = matrix[~zero].min() if (~zero).any() else 1e-30
+    fig, ax = plt.subplots(figsize=(2.2 + 0.45 * len(columns), 1.4 + 0.4 * len(profile.rows)))
+    cmap = matplotlib.colormaps["viridis"].copy()
+    cmap.set_bad("white")  # exactly zero: no path from those quantizers to that gradient
+    image = ax.imshow(
+        np.ma.masked_array(np.log10(np.maximum(matrix, floor)), zero), cmap=cmap, aspect="auto"
     )
-    image = ax.imshow(np.log10(np.maximum(matrix, floor)), cmap="viridis", aspect="auto")
-    ax.set_xticks(range(len(profile.columns)), profile.columns, rotation=90, fontsize=7)
+    ax.set_xticks(range(len(columns)), columns, rotation=90, fontsize=7)
     ax.set_yticks(range(len(profile.rows)), profile.rows, fontsize=7)
     ax.set_xlabel("gradient of layer")
     ax.set_ylabel("quantizers of layer")
-    ax.set_title(f"variance profile ({profile_name}), log10", fontsize=9)
-    fig.colorbar(image, ax=ax)
+    ax.set_title(f"variance profile ({profile_name}); white: exactly 0", fontsize=9)
+    bar = fig.colorbar(image, ax=ax)
+    bar.set_label("log10 variance added to that layer's gradient", fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "variance_profile.png", dpi=120)
     plt.close(fig)
+    written.append("variance_profile.png")
+    return written
