@@ -111,8 +111,18 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("fqtorch")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fqtorch", description="Fully quantized training.")
+    parser.add_argument("--version", action="version", version=f"fqtorch {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     _train_parser(sub)
     from .stats.cli import add_variance_parser
@@ -121,8 +131,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _name_the_flag(message: str, args: argparse.Namespace, argv: Sequence[str]) -> str:
+    """Prefix an error about a field (``grad_bits must be ...``) with the flag the user typed
+    for it (``--grad-bits``), when they typed one."""
+    field = message.split(" ", 1)[0].split("=", 1)[0]
+    flag = "--" + field.replace("_", "-")
+    if field in vars(args) and any(a == flag or a.startswith(flag + "=") for a in argv):
+        return f"{flag}: {message}"
+    return message
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
@@ -140,7 +161,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrainingError,
     ) as exc:
         # Bad input and stopped runs: one clear line, not a traceback (bugs keep theirs).
-        print(f"fqtorch {args.command}: error: {exc}", file=sys.stderr)
+        message = _name_the_flag(str(exc), args, argv)
+        print(f"fqtorch {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import fqtorch
 from fqtorch.train import CheckpointError, load_checkpoint, save_checkpoint
 from tests.data.test_datasets import write_text
 
@@ -145,7 +146,8 @@ class TestErrors:
 
     def test_bad_values(self, tmp_path):
         r = fqtorch_cli("train", "--grad-bits", "9", "--out", str(tmp_path / "x"), check=False)
-        assert r.returncode == 2 and "grad_bits must be in 2..8" in r.stderr
+        assert r.returncode == 2 and "--grad-bits: grad_bits must be in 2..8" in r.stderr
+        assert "Traceback" not in r.stderr
         r = fqtorch_cli(
             "train", "--grad-quantizer", "nope", "--out", str(tmp_path / "x"), check=False
         )
@@ -157,6 +159,10 @@ class TestErrors:
         if not torch.cuda.is_available():
             r = fqtorch_cli("train", "--device", "cuda", "--out", str(tmp_path / "x"), check=False)
             assert r.returncode == 2 and "CUDA is not available" in r.stderr
+
+    def test_version(self):
+        r = fqtorch_cli("--version")
+        assert r.stdout.strip() == f"fqtorch {fqtorch.__version__}"
 
     def test_existing_run_is_not_overwritten(self, tmp_path):
         out = tmp_path / "run"
