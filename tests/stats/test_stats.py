@@ -342,3 +342,18 @@ def test_train_logs_variance(tmp_path):
     lines = [json.loads(x) for x in (out / "variance.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4]
     assert lines[0]["total_ratio"] > 0 and "classifier.3" in lines[0]["ratio"]
+
+
+def test_variance_cli_bad_input_leaves_nothing_behind(tmp_path):
+    """Too many batches, or --out naming a file: one line, exit code 2, no folder left behind."""
+    out = tmp_path / "never"
+    cmd = [sys.executable, "-m", "fqtorch", "variance", "--batches", "1000", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "exceeds the" in result.stderr, result.stderr[-500:]
+    assert "Traceback" not in result.stderr and not out.exists()
+    file = tmp_path / "a_file"
+    file.write_text("keep me")
+    cmd = [sys.executable, "-m", "fqtorch", "variance", "--out", str(file)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "is a file" in result.stderr, result.stderr[-500:]
+    assert file.read_text() == "keep me"

@@ -168,7 +168,8 @@ def run_variance(args: argparse.Namespace) -> int:
         raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
     model, spec, model_name = _model_and_data(args)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a directory for the results")
     start = time.perf_counter()
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -183,6 +184,7 @@ def run_variance(args: argparse.Namespace) -> int:
             f"--batches {args.batches} × --batch-size {args.batch_size} exceeds the "
             f"{len(spec.train)} training samples"
         )
+    out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be good
     device = torch.device(args.device)
     batches = []
     for x, y in loader:
