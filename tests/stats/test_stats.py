@@ -345,7 +345,8 @@ def test_train_logs_variance(tmp_path):
 
 
 def test_variance_cli_bad_input_leaves_nothing_behind(tmp_path):
-    """Too many batches, or --out naming a file: one line, exit code 2, no folder left behind."""
+    """Too many batches, --out naming a file, too few samples: one line naming the problem, exit
+    code 2, no folder left behind."""
     out = tmp_path / "never"
     cmd = [sys.executable, "-m", "fqtorch", "variance", "--batches", "1000", "--out", str(out)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -357,3 +358,7 @@ def test_variance_cli_bad_input_leaves_nothing_behind(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "is a file" in result.stderr, result.stderr[-500:]
     assert file.read_text() == "keep me"
+    cmd = [sys.executable, "-m", "fqtorch", "variance", "--samples", "3", "--out", str(out)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "--samples: samples must be >= 4" in result.stderr
+    assert not out.exists()

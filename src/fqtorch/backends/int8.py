@@ -193,7 +193,9 @@ def _grad_input(g: QuantizedTensor, w: QuantizedTensor) -> Tensor:
     return out if g.transform is None else g.transform.inverse(out)
 
 
-def _grad_weight(h: QuantizedTensor, x: QuantizedTensor) -> Tensor:
+def _grad_weight(h: QuantizedTensor, x: QuantizedTensor) -> tuple[Tensor, Tensor]:
+    """``grad_weight`` (O, K), and the column sums of ``h``'s codes that its product yields (the
+    bias gradient needs them too: :func:`_grad_bias`)."""
     f64, rows = torch.float64, h.codes.shape[0]
     prod, h_cols, x_cols = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, M) × (M, K)
     (s_h, b_h), (s_x, b_x) = _affine(h, f64), _affine(x, f64)
@@ -201,13 +203,17 @@ def _grad_weight(h: QuantizedTensor, x: QuantizedTensor) -> Tensor:
     out = prod.to(f64).mul_(s_o * s_x)
     out.add_(s_o * b_x * h_cols.to(f64)[:, None] + rows * b_o * b_x)
     out.addcmul_(b_o * s_x, x_cols.to(f64)[None, :])
-    return out
+    return out, h_cols
 
 
-def _grad_bias(h: QuantizedTensor) -> Tensor:
+def _grad_bias(h: QuantizedTensor, h_cols: Tensor | None = None) -> Tensor:
+    """``Σ_r (s_o C_ro + b_o)``; ``h_cols``, the column sums of the codes, when a weight-gradient
+    product already gave them (else summed here)."""
     f64, rows = torch.float64, h.codes.shape[0]
     s_h, b_h = _affine(h, f64)
-    return _code_sum(h.codes, 0, h.bits).to(f64) * s_h.reshape(-1) + rows * b_h.reshape(-1)
+    if h_cols is None:
+        h_cols = _code_sum(h.codes, 0, h.bits)
+    return h_cols.to(f64) * s_h.reshape(-1) + rows * b_h.reshape(-1)
 
 
 class _Int8Linear(torch.autograd.Function):
@@ -256,8 +262,11 @@ class _Int8Linear(torch.autograd.Function):
             else:
                 h = plan.grad_output_weight.encode(grad, generator)
                 _per_column(h)
-                grad_weight = _grad_weight(h, x).to(w_dtype) if need_weight else None
-                grad_bias = _grad_bias(h).to(w_dtype) if need_bias else None
+                h_cols = None
+                if need_weight:
+                    grad_weight, h_cols = _grad_weight(h, x)
+                    grad_weight = grad_weight.to(w_dtype)
+                grad_bias = _grad_bias(h, h_cols).to(w_dtype) if need_bias else None
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, grad_weight, grad_bias, None, None

@@ -83,12 +83,13 @@ def _tap_mask(
 
 def _conv_grad_weight(
     h: QuantizedTensor, x: QuantizedTensor, mask: Tensor | None, batch: int
-) -> Tensor:
-    """``grad_weight`` (O, C·kh·kw) with the padding correction (module docstring)."""
+) -> tuple[Tensor, Tensor]:
+    """``grad_weight`` (O, C·kh·kw) with the padding correction (module docstring), and the
+    column sums of ``h``'s codes (as :func:`~fqtorch.backends.int8._grad_weight`)."""
     if mask is None:
         return _grad_weight(h, x)
     f64, rows = torch.float64, h.codes.shape[0]
-    prod, _, x_cols = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, N·L) × (N·L, Ck²)
+    prod, h_cols, x_cols = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, N·L) × (N·L, Ck²)
     (s_h, b_h), (s_x, b_x) = _affine(h, f64), _affine(x, f64)
     s_o, b_o = s_h.reshape(-1, 1), b_h.reshape(-1, 1)  # (O, 1) or (1, 1)
     per_position = _code_sum(h.codes.reshape(batch, rows // batch, -1), 0, h.bits)  # (L, O)
@@ -96,7 +97,7 @@ def _conv_grad_weight(
     out = prod.to(f64).mul_(s_o * s_x)
     out.add_(s_o * b_x * (per_position.T.to(f64) @ mask) + batch * b_o * b_x * mask.sum(0))
     out.addcmul_(b_o * s_x, x_cols.to(f64)[None, :])
-    return out
+    return out, h_cols
 
 
 class _Int8Conv2d(torch.autograd.Function):
@@ -202,12 +203,11 @@ class _Int8Conv2d(torch.autograd.Function):
             else:
                 hq = plan.grad_output_weight.encode(columns, generator)
                 _per_column(hq)
-                grad_weight = (
-                    _conv_grad_weight(hq, x_q, mask, batch).to(w_values.dtype).reshape(w_shape)
-                    if need_weight
-                    else None
-                )
-                grad_bias = _grad_bias(hq).to(w_values.dtype) if need_bias else None
+                h_cols = None
+                if need_weight:
+                    grad_weight, h_cols = _conv_grad_weight(hq, x_q, mask, batch)
+                    grad_weight = grad_weight.to(w_values.dtype).reshape(w_shape)
+                grad_bias = _grad_bias(hq, h_cols).to(w_values.dtype) if need_bias else None
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, None, None, grad_bias, None, grad_weight, None, None

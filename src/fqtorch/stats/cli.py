@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..config import FQTConfig
 from ..convert import dequantize_model, fqt_modules, quantize_model
+from .null import DEFAULT_ALPHA, check_test_parameters
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ def add_variance_parser(sub: Any) -> None:
     p.add_argument(
         "--alpha",
         type=float,
-        default=1e-3,
+        default=DEFAULT_ALPHA,
         help="false-alarm level of each configuration's bias test (all layers together)",
     )
     p.add_argument(
@@ -162,10 +163,7 @@ def run_variance(args: argparse.Namespace) -> int:
         FQTConfig(grad_quantizer=q)  # validate names before any work
     for b in bits:
         FQTConfig(grad_bits=b)
-    if args.samples < 4:
-        raise ValueError(f"--samples must be >= 4 for the bias test, got {args.samples}")
-    if not 0 < args.alpha < 1:
-        raise ValueError(f"--alpha must be in (0, 1), got {args.alpha}")
+    check_test_parameters(args.samples, args.alpha)  # the error names the flag (fqtorch.cli)
     model, spec, model_name = _model_and_data(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():

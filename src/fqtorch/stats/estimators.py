@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from ..convert import fqt_modules
 from ..nn.modules import FQTModule
-from .null import z2_threshold
+from .null import DEFAULT_ALPHA, check_test_parameters, z2_threshold
 
 __all__ = [
     "BiasReport",
@@ -331,17 +331,6 @@ class QuantizationReport:
     bias: BiasReport
 
 
-DEFAULT_ALPHA = 1e-3
-
-
-def _check_bias_samples(samples: int) -> None:
-    if samples < 4:
-        raise ValueError(
-            f"the bias test needs samples >= 4 backward passes per batch (the mean of z² under "
-            f"the null is finite only for S − 1 > 2), got {samples}"
-        )
-
-
 def measure_quantization(
     model: nn.Module,
     loss_fn: LossFn,
@@ -353,7 +342,7 @@ def measure_quantization(
     """Per minibatch: one forward, the QAT gradient, and ``samples`` FQT backward passes; the
     per-entry variance (averaged over batches) and z-scores against the QAT gradient, judged
     at family-wise false-alarm level ``alpha`` (:class:`BiasReport`)."""
-    _check_bias_samples(samples)
+    check_test_parameters(samples, alpha)
     batches = _as_batches(batches)
     variance, z2_batches, z_max, params = _measure(model, loss_fn, batches, samples)
     bias = _bias_report(

@@ -27,7 +27,9 @@ import math
 
 import numpy as np
 
-__all__ = ["z2_threshold"]
+__all__ = ["DEFAULT_ALPHA", "check_test_parameters", "z2_threshold"]
+
+DEFAULT_ALPHA = 1e-3  # the bias test's false-alarm level, all layers together
 
 _TAIL_DRAWS = 1000
 _MIN_DRAWS, _MAX_DRAWS = 2**18, 2**24
@@ -43,20 +45,25 @@ def _one_batch_shortfall(nu: int, alpha: float) -> float:
     return 2 * tail / alpha
 
 
+def check_test_parameters(samples: int, alpha: float) -> None:
+    """Raise ``ValueError`` unless the bias test can run with these (before any work is done)."""
+    if samples < 4:
+        raise ValueError(
+            f"samples must be >= 4 backward passes per batch for the bias test (the null mean of "
+            f"z² is finite only for ν = S − 1 > 2), got {samples}"
+        )
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+
+
 @functools.lru_cache(maxsize=256)
 def z2_threshold(samples: int, batches: int, alpha: float) -> float:
     """The level-``alpha`` threshold on a layer's mean ``z²`` over ``batches`` batches of
     ``samples`` backward passes each (module docstring): ``P(mean z² ≥ threshold) ≤ alpha``
     under the null, for any correlation between the entries."""
-    if samples < 4:
-        raise ValueError(
-            f"samples must be >= 4 (the null mean of z² is finite only for ν = S − 1 > 2), "
-            f"got {samples}"
-        )
+    check_test_parameters(samples, alpha)
     if batches < 1:
         raise ValueError(f"batches must be >= 1, got {batches}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must be in (0, 1), got {alpha}")
     nu = samples - 1
     one_batch = _one_batch_shortfall(nu, alpha)
     if batches == 1:
