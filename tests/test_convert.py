@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import logging
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -91,22 +94,319 @@ class TestQuantizeModel:
     def test_nothing_matched_raises(self):
         with pytest.raises(ValueError, match="accepted none"):
             quantize_model(make_model(), FQTConfig(), module_filter_fn=lambda m, n: False)
-        with pytest.raises(ValueError, match="there are none"):
+        with pytest.raises(ValueError, match=r"no layer of a registered type \(nn.Conv1d"):
             quantize_model(nn.Sequential(nn.ReLU()), FQTConfig())
+        with pytest.raises(ValueError, match=r"stay float: 0 \(nn.LSTM\)"):
+            quantize_model(nn.Sequential(nn.LSTM(3, 4)), FQTConfig())
+
+    def test_second_call_says_already_quantized(self):
+        model = quantize_model(make_model(), FQTConfig())
+        with pytest.raises(ValueError, match=r"already quantized \(3 FQT layers: '0', '4.0'"):
+            quantize_model(model, FQTConfig.preset("bhq5"))
+        quantize_model(dequantize_model(model), FQTConfig.preset("bhq5"))  # after a swap back
+        assert model[0].config.grad_quantizer == "bhq"
 
     def test_bad_arguments(self):
         with pytest.raises(TypeError, match="FQTConfig or a callable"):
             quantize_model(make_model(), "bhq5")
         with pytest.raises(TypeError, match="must return an FQTConfig"):
             quantize_model(make_model(), lambda m, n: "bhq5")
+        with pytest.raises(TypeError, match="module_filter_fn must be callable"):
+            quantize_model(make_model(), FQTConfig(), module_filter_fn="0")
+        with pytest.raises(TypeError, match="layers must be a mapping"):
+            quantize_model(make_model(), FQTConfig(), layers=[nn.Linear])
+        with pytest.raises(TypeError, match="must be callable or None"):
+            quantize_model(make_model(), FQTConfig(), layers={nn.Linear: "FQTLinear"})
 
-    def test_attention_out_proj_left_alone(self):
-        mha = nn.MultiheadAttention(8, 2)
-        model = nn.Sequential()
-        model.add_module("attn", mha)
-        model.add_module("head", nn.Linear(8, 2))
+    def test_shared_layer_stays_shared(self):
+        shared = nn.Linear(4, 4)
+        model = nn.Sequential(shared, nn.ReLU(), shared)
         quantize_model(model, FQTConfig())
-        assert type(mha.out_proj) is not FQTLinear
+        assert isinstance(model[0], FQTLinear) and model[2] is model[0]
+        dequantize_model(model)
+        assert type(model[0]) is nn.Linear and model[2] is model[0]
+
+
+class TestFloatLayerChecks:
+    """FQT layers are also the float layer type, so isinstance checks in user code still hold;
+    their Parameters, attributes and state_dict are the source's, and to_float() gives the
+    source's own class back."""
+
+    @pytest.mark.parametrize(
+        ("make", "float_type"),
+        [
+            (lambda: nn.Linear(4, 3, bias=False), nn.Linear),
+            (lambda: nn.Conv1d(2, 3, 3, padding=1), nn.Conv1d),
+            (lambda: nn.Conv2d(2, 3, 3, stride=2, padding_mode="reflect", padding=1), nn.Conv2d),
+        ],
+    )
+    def test_isinstance_and_round_trip(self, make, float_type):
+        layer = make()
+        state = layer.state_dict()
+        attrs = {k: v for k, v in vars(layer).items() if not k.startswith("_") and k != "training"}
+        fqt = quantize_model(layer, FQTConfig.preset("psq4"))
+        assert isinstance(fqt, float_type) and type(fqt) is not float_type
+        assert list(fqt.state_dict()) == list(state)
+        assert {k: getattr(fqt, k) for k in attrs} == attrs
+        assert fqt.weight is layer.weight
+        back = dequantize_model(fqt)
+        assert type(back) is float_type and back.weight is layer.weight
+        assert {k: getattr(back, k) for k in attrs} == attrs
+        assert back.state_dict().keys() == state.keys()
+
+    def test_fqt_layer_is_never_converted_again(self):
+        model = nn.Sequential(FQTLinear(nn.Linear(3, 3), FQTConfig()), nn.Linear(3, 2))
+        quantize_model(model, FQTConfig.preset("bhq5"))
+        assert model[0].config == FQTConfig() and model[1].config.grad_quantizer == "bhq"
+        summary = fqtorch.conversion_summary(model)
+        assert set(summary.quantized) == {"0", "1"} and not summary.left_float
+
+
+class PlainSubclass(nn.Linear):
+    """A subclass that keeps nn.Linear's forward: converted."""
+
+    tag = "plain"
+
+
+class OwnForward(nn.Linear):
+    """A subclass with its own forward: left in float (fqtorch cannot know what it computes)."""
+
+    def forward(self, x):
+        return super().forward(x).relu()
+
+
+class Raw(nn.Module):
+    """A module that multiplies a raw parameter: fqtorch cannot see the product."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 3))
+
+    def forward(self, x):
+        return x @ self.w
+
+
+class TestSubclasses:
+    def test_subclass_with_parent_forward_is_converted(self):
+        model = nn.Sequential(PlainSubclass(3, 2))
+        quantize_model(model, FQTConfig())
+        assert isinstance(model[0], FQTLinear) and model[0].float_type is PlainSubclass
+        dequantize_model(model)
+        assert type(model[0]) is PlainSubclass
+
+    def test_subclass_with_own_forward_is_left_in_float(self):
+        model = nn.Sequential(OwnForward(3, 3), nn.Linear(3, 2))
+        quantize_model(model, FQTConfig())
+        assert type(model[0]) is OwnForward
+        why = fqtorch.conversion_summary(model).left_float["0"]
+        assert "OwnForward: subclass of nn.Linear with its own forward" in why
+
+    def test_attention_out_proj_is_part_of_the_attention(self, caplog):
+        """nn.MultiheadAttention's out_proj (a Linear subclass) converts with its attention; an
+        attention left in float keeps it float too (its forward reads out_proj's weight)."""
+        model = nn.Sequential()
+        model.add_module("attn", nn.MultiheadAttention(8, 2))
+        model.add_module("head", nn.Linear(8, 2))
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            quantize_model(model, FQTConfig(), module_filter_fn=lambda m, n: n != "attn")
+        assert type(model.attn.out_proj) is not FQTLinear
+        assert "attn -- nn.MultiheadAttention: excluded by module_filter_fn" in caplog.text
+        quantize_model(model, FQTConfig())
+        assert isinstance(model.attn.out_proj, FQTLinear)
+
+    def test_lazy_layer_waits_for_initialisation(self):
+        model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))
+        quantize_model(model, FQTConfig())
+        assert "run one forward pass" in fqtorch.conversion_summary(model).left_float["0"]
+        model = nn.Sequential(nn.LazyLinear(3))
+        model(torch.randn(2, 5))
+        quantize_model(model, FQTConfig())
+        assert isinstance(model[0], FQTLinear) and model[0].in_features == 5
+
+
+class TestSummary:
+    def test_lists_what_holds_matrix_products_in_float(self, caplog):
+        model = nn.ModuleDict(
+            {
+                "emb": nn.Embedding(10, 3),
+                "lstm": nn.LSTM(3, 3),
+                "up": nn.ConvTranspose2d(3, 3, 2),
+                "conv3d": nn.Conv3d(3, 3, 1),
+                "bilinear": nn.Bilinear(3, 3, 3),
+                "own": OwnForward(3, 3),
+                "raw": Raw(),
+                "norm": nn.LayerNorm(3),
+                "fc": nn.Linear(3, 3),
+            }
+        )
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            quantize_model(model, FQTConfig())
+        summary = fqtorch.conversion_summary(model)
+        assert summary.quantized == {"fc": "FQTLinear (nn.Linear)"}
+        why = summary.left_float
+        assert list(why) == ["emb", "lstm", "up", "conv3d", "bilinear", "own", "raw"]
+        assert why["emb"].startswith("nn.Embedding: a table lookup")
+        assert why["lstm"].startswith("nn.LSTM: recurrent layer")
+        assert why["up"].startswith("nn.ConvTranspose2d: transposed convolution")
+        assert why["conv3d"].startswith("nn.Conv3d: 3-d convolution")
+        assert why["bilinear"].startswith("nn.Bilinear: bilinear product")
+        assert "owns w (>= 2-d)" in why["raw"] and "stay float" in why["raw"]
+        assert caplog.records[-1].levelno == logging.INFO
+        logged = caplog.records[-1].getMessage()
+        assert logged.startswith("FQT conversion: 1 FQT layers (1 FQTLinear); left in float (7)")
+        assert "  lstm -- nn.LSTM: recurrent layer" in logged
+        assert str(summary) in logged
+
+    def test_nothing_left(self, caplog):
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            quantize_model(make_model(), FQTConfig())
+        assert caplog.records[-1].getMessage() == (
+            "FQT conversion: 3 FQT layers (1 FQTConv2d, 2 FQTLinear); "
+            "no other module holds matrix products"
+        )
+
+    def test_filter_and_config_reasons(self, caplog):
+        def per_layer(module, name):
+            return None if name == "4.2" else FQTConfig()
+
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            model = quantize_model(make_model(), per_layer, module_filter_fn=lambda m, n: n != "0")
+        assert "  0 -- nn.Conv2d: excluded by module_filter_fn" in caplog.text
+        assert "  4.2 -- nn.Linear: the config callable returned None for it" in caplog.text
+        left = fqtorch.conversion_summary(model).left_float  # later: the reason is not known
+        assert set(left) == {"0", "4.2"} and "registered for FQT but float" in left["0"]
+
+    def test_before_conversion(self):
+        summary = fqtorch.conversion_summary(make_model())
+        assert summary.quantized == {} and len(summary.left_float) == 3
+        assert str(summary).startswith("FQT conversion: 0 FQT layers; left in float (3)")
+
+    def test_transformer_encoder_note(self, caplog):
+        layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+        model = nn.TransformerEncoder(layer, 1)
+        assert model.use_nested_tensor
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            quantize_model(model, FQTConfig())
+        assert not model.use_nested_tensor
+        assert "nested-tensor inference path turned off" in caplog.records[-1].getMessage()
+
+
+class TestRegistry:
+    def test_builtins_are_registered(self):
+        layers = fqtorch.registered_layers()
+        for key in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.MultiheadAttention):
+            assert key in layers
+        assert "transformers.pytorch_utils.Conv1D" in layers
+
+    def test_register_convert_summarize_and_unregister(self):
+        class FQTRaw(fqtorch.nn.FQTModule):
+            def __init__(self, source, config, name=""):
+                super().__init__(config, name)
+                self.adopt(source)
+
+            def forward(self, x):
+                return fqtorch.nn.fqt_linear(x, self.w.T, None, self, name=self.name)
+
+        model = nn.Sequential(Raw())
+        ref = Raw()
+        ref.load_state_dict(model[0].state_dict())
+        assert "owns w" in fqtorch.conversion_summary(model).left_float["0"]
+        fqtorch.register_layer(Raw, FQTRaw)
+        try:
+            with pytest.raises(ValueError, match="already registered"):
+                fqtorch.register_layer(Raw, FQTRaw)
+            quantize_model(model, FQTConfig.preset("exact"))
+            assert isinstance(model[0], FQTRaw)
+            x = torch.randn(2, 3)
+            assert torch.equal(model(x), ref(x))
+            assert fqtorch.conversion_summary(model).quantized == {"0": f"FQTRaw ({_name(Raw)})"}
+            dequantize_model(model)
+            assert type(model[0]) is Raw
+        finally:
+            fqtorch.unregister_layer(Raw)
+        assert Raw not in fqtorch.registered_layers()
+        with pytest.raises(KeyError, match="is not registered"):
+            fqtorch.unregister_layer(Raw)
+
+    def test_from_fqt_and_replace(self):
+        calls = []
+
+        def from_fqt(layer):
+            calls.append(layer.name)
+            return layer.to_float()
+
+        fqtorch.register_layer(PlainSubclass, FQTLinear, from_fqt)
+        try:
+            fqtorch.register_layer(PlainSubclass, FQTLinear, from_fqt, replace=True)
+            model = quantize_model(nn.Sequential(PlainSubclass(2, 2)), FQTConfig())
+            dequantize_model(model)
+            assert calls == ["0"] and type(model[0]) is PlainSubclass
+        finally:
+            fqtorch.unregister_layer(PlainSubclass)
+
+    def test_layers_override_for_one_call(self):
+        model = nn.Sequential(nn.Linear(3, 3), nn.Conv1d(3, 3, 1))
+        quantize_model(model, FQTConfig(), layers={nn.Linear: None})
+        assert type(model[0]) is nn.Linear and isinstance(model[1], FQTConv1d)
+        model = quantize_model(nn.Sequential(Raw()), FQTConfig(), layers={Raw: _FQTRawMatmul})
+        assert isinstance(model[0], _FQTRawMatmul)
+        assert Raw not in fqtorch.registered_layers()
+
+    def test_match_by_qualified_name(self):
+        model = quantize_model(
+            nn.Sequential(Raw()), FQTConfig(), layers={_name(Raw): _FQTRawMatmul}
+        )
+        assert isinstance(model[0], _FQTRawMatmul)
+
+    def test_bad_registrations(self):
+        with pytest.raises(TypeError, match="nn.Module subclass or its qualified name"):
+            fqtorch.register_layer(int, FQTLinear)
+        with pytest.raises(ValueError, match="'package.module.Class'"):
+            fqtorch.register_layer("Conv1D", FQTLinear)
+        with pytest.raises(TypeError, match="is an FQT layer"):
+            fqtorch.register_layer(FQTLinear, FQTLinear)
+        with pytest.raises(TypeError, match="to_fqt must be callable"):
+            fqtorch.register_layer(Raw, "FQTRaw")
+        with pytest.raises(TypeError, match="must return an FQTModule"):
+            quantize_model(nn.Sequential(Raw()), FQTConfig(), layers={Raw: lambda m, c, n: m})
+
+    def test_attribute_clash_is_refused(self):
+        class Named(nn.Linear):
+            def __init__(self) -> None:
+                super().__init__(2, 2)
+                self.name = "mine"
+
+        with pytest.raises(TypeError, match=r"attributes \['name'\] clash"):
+            quantize_model(nn.Sequential(Named()), FQTConfig())
+
+
+def _name(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+class _FQTRawMatmul(fqtorch.nn.FQTModule):
+    def __init__(self, source, config, name=""):
+        super().__init__(config, name)
+        self.adopt(source)
+
+    def forward(self, x):
+        return fqtorch.nn.fqt_linear(x, self.w.T, None, self, name=self.name)
+
+
+def test_readme_your_own_model_runs(capsys):
+    """The README's "Your own model" example runs as written and prints what it says."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## Your own model") :]
+    block = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace: dict = {"__name__": "readme"}
+    try:
+        exec(compile(block, "README.md", "exec"), namespace)
+    finally:
+        fqtorch.unregister_layer(namespace["ScaledLinear"])
+    printed = capsys.readouterr().out
+    expected = [line[2:] for line in block.splitlines() if line.startswith("# ")]
+    assert printed.splitlines()[0] == expected[0]
+    assert printed.splitlines()[1].startswith(expected[1].removesuffix("..."))
 
 
 def test_public_api_names():
@@ -117,6 +417,10 @@ def test_public_api_names():
         "register_quantizer",
         "get_quantizer",
         "list_quantizers",
+        "register_layer",
+        "unregister_layer",
+        "registered_layers",
+        "conversion_summary",
     ):
         assert hasattr(fqtorch, name)
 
@@ -128,6 +432,7 @@ def test_import_is_cheap():
     code = (
         "import sys, torch; import fqtorch; "
         "assert not torch.cuda.is_initialized(); "
-        "assert 'matplotlib' not in sys.modules"
+        "assert 'matplotlib' not in sys.modules; "
+        "assert 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

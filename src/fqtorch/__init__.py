@@ -9,12 +9,18 @@ gradient quantization only adds variance, which fqtorch measures and reduces.
 
 from .config import FQTConfig
 from .convert import (
+    ConversionSummary,
+    LayerConversion,
+    conversion_summary,
     dequantize_model,
     fqt_modules,
     generator_states,
     load_generator_states,
     quantize_model,
+    register_layer,
+    registered_layers,
     reseed,
+    unregister_layer,
 )
 from .quantizers import (
     QuantizedTensor,
@@ -27,10 +33,13 @@ from .quantizers import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConversionSummary",
     "FQTConfig",
+    "LayerConversion",
     "QuantizedTensor",
     "Quantizer",
     "__version__",
+    "conversion_summary",
     "dequantize_model",
     "fqt_modules",
     "generator_states",
@@ -38,6 +47,9 @@ __all__ = [
     "list_quantizers",
     "load_generator_states",
     "quantize_model",
+    "register_layer",
     "register_quantizer",
+    "registered_layers",
     "reseed",
+    "unregister_layer",
 ]

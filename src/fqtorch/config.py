@@ -88,6 +88,11 @@ class FQTConfig:
         check_finite: raise ``FloatingPointError`` naming the layer when ``grad_output`` holds NaN
             or Inf. Off by default: then the affected quantization groups turn NaN, which a
             training loop or ``GradScaler`` detects (a device sync per backward when on).
+        attention_products: in ``nn.MultiheadAttention``, also run the attention score and value
+            products (``Q·Kᵀ`` and ``A·V``) as FQT GEMMs with the same quantizers (``Q`` and
+            ``A`` as inputs, ``K`` and ``V`` as weights), not only its input and output
+            projections. Off by default: the products then run in float, exactly as torch runs
+            them. They run on the simulate backend under either ``backend``.
     """
 
     input_bits: int = 8
@@ -103,6 +108,7 @@ class FQTConfig:
     fused: bool = False
     seed: int = 0
     check_finite: bool = False
+    attention_products: bool = False
 
     def __post_init__(self) -> None:
         for field in ("input_bits", "weight_bits", "grad_bits", "grad_weight_bits"):
@@ -126,6 +132,8 @@ class FQTConfig:
             self._check_int8()
         if not isinstance(self.fused, bool):
             raise TypeError(f"fused must be a bool, got {self.fused!r}")
+        if not isinstance(self.attention_products, bool):
+            raise TypeError(f"attention_products must be a bool, got {self.attention_products!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise TypeError(f"seed must be an int, got {self.seed!r}")
         # Build each quantizer once so that bad options fail here, not in the first backward.

@@ -1,8 +1,16 @@
-"""FQT modules: thin wrappers that reuse a float layer's Parameters and run the FQT plan.
+"""FQT modules: layers that take over a float layer's Parameters and run the FQT plan.
 
 Each layer owns the ``torch.Generator`` its stochastic rounding draws from, seeded from the config's
 seed and the layer's qualified name: the same seed gives the same gradients, while different
 layers, and successive backward passes of one layer, draw different noise.
+
+An FQT layer *adopts* its float source: the very same Parameter, buffer and submodule objects and
+the source's plain attributes (``in_features``, ``stride``, ...), so optimisers built before the
+swap keep working, ``state_dict()`` is unchanged, and :meth:`FQTModule.to_float` rebuilds the
+source's own class (a subclass of ``nn.Linear`` comes back as that subclass). ``FQTLinear``,
+``FQTConv1d``, ``FQTConv2d`` (and ``FQTMultiheadAttention``, in ``attention.py``) also subclass
+their float layer, so ``isinstance(m, nn.Linear)`` / ``nn.Conv2d`` checks in user code still hold
+after the swap.
 """
 
 from __future__ import annotations
@@ -10,6 +18,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +27,18 @@ from torch import Tensor, nn
 from ..config import FQTConfig
 from .functional import ConvOps, FQTPlan, fqt_conv, fqt_linear
 
-__all__ = ["FQTConv1d", "FQTConv2d", "FQTLinear", "FQTModule", "layer_seed"]
+__all__ = [
+    "FQTConv1d",
+    "FQTConv2d",
+    "FQTLinear",
+    "FQTModule",
+    "FQTTransposedLinear",
+    "layer_seed",
+]
+
+# What every nn.Module holds itself (hooks, the parameter/buffer/submodule dicts, ``training``):
+# not a float layer's own attributes, so never adopted as one.
+_MODULE_STATE = frozenset(vars(nn.Module()))
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -27,11 +47,24 @@ def layer_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
 
+def _keep_module_call(module: nn.Module, args: Any) -> None:
+    """A no-op forward pre-hook every FQT layer holds. torch's fused inference paths
+    (``nn.TransformerEncoderLayer`` in eval mode under ``no_grad``) read their submodules'
+    weights and skip their ``forward`` -- running float GEMMs -- unless a submodule has a hook."""
+    return None
+
+
 class FQTModule(nn.Module):
-    """What every FQT layer shares: its config, its quantizer plan and its generator."""
+    """What every FQT layer shares: its config, its quantizer plan and its generator.
+
+    A subclass that converts a float layer calls :meth:`adopt` in its ``__init__`` (after this
+    one) and gets :meth:`to_float` for free. FQT layers that also subclass their float layer list
+    ``FQTModule`` first: ``FQTModule.__init__`` initialises ``nn.Module`` directly, because the
+    float layer's ``__init__`` would allocate new Parameters instead of taking the source's.
+    """
 
     def __init__(self, config: FQTConfig, name: str = "") -> None:
-        super().__init__()
+        nn.Module.__init__(self)
         if not isinstance(config, FQTConfig):
             raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
         self.config = config
@@ -40,6 +73,56 @@ class FQTModule(nn.Module):
         self._seed = layer_seed(config.seed, name)
         self._generator: torch.Generator | None = None
         self._grad_output_observers: list[Callable[[Tensor], None]] = []
+        self._float_type: type[nn.Module] | None = None
+        self._float_attrs: tuple[str, ...] = ()
+        self.register_forward_pre_hook(_keep_module_call)
+
+    def adopt(self, source: nn.Module) -> None:
+        """Take over ``source``: its Parameters, buffers and submodules (the same objects, in the
+        same order, so ``state_dict()`` keys and values are unchanged), its plain attributes and
+        its training mode; remember its class for :meth:`to_float`."""
+        own = {k for k in vars(source) if k not in _MODULE_STATE}
+        clash = sorted(own & set(vars(self)))
+        if clash:
+            raise TypeError(
+                f"cannot convert {type(source).__qualname__} to {type(self).__name__}: its "
+                f"attributes {clash} clash with the FQT layer's own"
+            )
+        for key in own:
+            self.__dict__[key] = vars(source)[key]
+        self._parameters.update(source._parameters)
+        self._buffers.update(source._buffers)
+        self._non_persistent_buffers_set.update(source._non_persistent_buffers_set)
+        self._modules.update(source._modules)
+        self.training = source.training
+        self._float_type = type(source)
+        self._float_attrs = tuple(k for k in vars(source) if k in own)
+
+    @property
+    def float_type(self) -> type[nn.Module] | None:
+        """The class of the float layer this layer adopted (``None`` if it adopted none)."""
+        return self._float_type
+
+    def to_float(self) -> nn.Module:
+        """The float layer again, of the source's own class, on the same Parameters, buffers and
+        attributes (FQT submodules are turned back too)."""
+        cls = self._float_type
+        if cls is None:
+            raise NotImplementedError(
+                f"{type(self).__name__} did not adopt a float layer (FQTModule.adopt); "
+                "define its to_float() or register a from_fqt with fqtorch.register_layer"
+            )
+        layer = cls.__new__(cls)
+        nn.Module.__init__(layer)
+        for key in self._float_attrs:
+            layer.__dict__[key] = self.__dict__[key]
+        layer._parameters.update(self._parameters)
+        layer._buffers.update(self._buffers)
+        layer._non_persistent_buffers_set.update(self._non_persistent_buffers_set)
+        for key, child in self._modules.items():
+            layer._modules[key] = child.to_float() if isinstance(child, FQTModule) else child
+        layer.training = self.training
+        return layer
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The layer's generator on ``device`` (created and seeded on first use there)."""
@@ -101,15 +184,17 @@ class FQTModule(nn.Module):
         )
 
 
-class FQTLinear(FQTModule):
-    """``nn.Linear`` with quantized forward and backward GEMMs; shares the source's Parameters."""
+class FQTLinear(FQTModule, nn.Linear):
+    """``nn.Linear`` with quantized forward and backward GEMMs; adopts the source's Parameters.
+
+    Also an ``nn.Linear`` (``isinstance`` checks pass); ``to_float()`` gives the source's class
+    back (e.g. ``NonDynamicallyQuantizableLinear``)."""
 
     def __init__(self, source: nn.Linear, config: FQTConfig, name: str = "") -> None:
         super().__init__(config, name)
-        self.in_features = source.in_features
-        self.out_features = source.out_features
-        self.weight = source.weight
-        self.bias = source.bias
+        if not isinstance(source, nn.Linear):
+            raise TypeError(f"FQTLinear converts an nn.Linear, got {type(source).__name__}")
+        self.adopt(source)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.shape[-1:] != (self.in_features,):
@@ -119,13 +204,6 @@ class FQTLinear(FQTModule):
             )
         return fqt_linear(input, self.weight, self.bias, self, name=self.name)
 
-    def to_float(self) -> nn.Linear:
-        """The plain ``nn.Linear`` on the same Parameters."""
-        layer = nn.Linear(self.in_features, self.out_features, self.bias is not None, device="meta")
-        layer.weight = self.weight
-        layer.bias = self.bias
-        return layer.train(self.training)
-
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -133,27 +211,52 @@ class FQTLinear(FQTModule):
         )
 
 
-class _FQTConvNd(FQTModule):
-    """``nn.Conv1d`` / ``nn.Conv2d`` with quantized GEMMs; shares the source's Parameters."""
+class FQTTransposedLinear(FQTModule):
+    """transformers' ``Conv1D`` (GPT-2's projections): a linear layer whose weight is stored
+    transposed, ``(in_features, out_features)``, and ``output = input @ weight + bias``.
 
-    _float_type: type[nn.Module] = nn.Conv2d
+    Runs the FQT GEMMs of ``nn.Linear`` on ``weight.T`` (so the weight quantizer's rows are output
+    features, as for ``FQTLinear``); the gradient reaches ``weight`` through the transpose. Adopts
+    any layer with ``nx`` inputs, ``nf`` outputs and that layout, without importing transformers.
+    """
+
+    def __init__(self, source: nn.Module, config: FQTConfig, name: str = "") -> None:
+        super().__init__(config, name)
+        weight = getattr(source, "weight", None)
+        nx, nf = getattr(source, "nx", None), getattr(source, "nf", None)
+        if not isinstance(weight, Tensor) or weight.shape != (nx, nf):
+            raise TypeError(
+                f"FQTTransposedLinear converts a layer with attributes nx, nf and a weight of "
+                f"shape (nx, nf), like transformers' Conv1D; got {type(source).__name__}"
+            )
+        self.adopt(source)
+
+    def forward(self, input: Tensor) -> Tensor:
+        if input.shape[-1:] != (self.nx,):
+            raise ValueError(
+                f"FQTTransposedLinear {self.name!r} expects input of shape (*, {self.nx}), "
+                f"got {tuple(input.shape)}"
+            )
+        return fqt_linear(input, self.weight.T, self.bias, self, name=self.name)
+
+    def extra_repr(self) -> str:
+        return f"nx={self.nx}, nf={self.nf}, bias={self.bias is not None}, {self._plan_repr()}"
+
+
+class _FQTConvNd(FQTModule):
+    """``nn.Conv1d`` / ``nn.Conv2d`` with quantized GEMMs; adopts the source's Parameters."""
+
+    _conv_type: type[nn.Module] = nn.Conv2d
 
     def __init__(self, source: nn.Conv1d | nn.Conv2d, config: FQTConfig, name: str = "") -> None:
         super().__init__(config, name)
-        for attr in (
-            "in_channels",
-            "out_channels",
-            "kernel_size",
-            "stride",
-            "padding",
-            "dilation",
-            "groups",
-            "padding_mode",
-        ):
-            setattr(self, attr, getattr(source, attr))
+        if not isinstance(source, self._conv_type):
+            raise TypeError(
+                f"{type(self).__name__} converts an nn.{self._conv_type.__name__}, "
+                f"got {type(source).__name__}"
+            )
+        self.adopt(source)
         self._pre_pad = list(source._reversed_padding_repeated_twice)
-        self.weight = source.weight
-        self.bias = source.bias
         self.ops = self._gemm_ops()
 
     @property
@@ -194,24 +297,6 @@ class _FQTConvNd(FQTModule):
         output = fqt_conv(input, self.weight, self.bias, self.ops, self, name=self.name)
         return output if batched else output.squeeze(0)
 
-    def to_float(self) -> nn.Module:
-        """The plain convolution on the same Parameters."""
-        layer = self._float_type(
-            self.in_channels,
-            self.out_channels,
-            self.kernel_size,
-            self.stride,
-            self.padding,
-            self.dilation,
-            self.groups,
-            self.bias is not None,
-            self.padding_mode,
-            device="meta",
-        )
-        layer.weight = self.weight
-        layer.bias = self.bias
-        return layer.train(self.training)
-
     def extra_repr(self) -> str:
         return (
             f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
@@ -221,9 +306,13 @@ class _FQTConvNd(FQTModule):
         )
 
 
-class FQTConv1d(_FQTConvNd):
-    _float_type = nn.Conv1d
+class FQTConv1d(_FQTConvNd, nn.Conv1d):
+    """``nn.Conv1d`` with quantized GEMMs (also an ``nn.Conv1d``)."""
+
+    _conv_type = nn.Conv1d
 
 
-class FQTConv2d(_FQTConvNd):
-    _float_type = nn.Conv2d
+class FQTConv2d(_FQTConvNd, nn.Conv2d):
+    """``nn.Conv2d`` with quantized GEMMs (also an ``nn.Conv2d``)."""
+
+    _conv_type = nn.Conv2d
