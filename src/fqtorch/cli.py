@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
 from .config import FQTConfig
 from .quantizers import list_quantizers
-from .train.errors import CheckpointError, TrainingError
+from .train.errors import CheckpointError, TrainingError, TrainingInterrupted
 
 __all__ = ["main"]
 
@@ -72,8 +73,28 @@ def _train_parser(sub: Any) -> None:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--optimizer", choices=["sgd", "adamw"])
     p.add_argument("--seed", type=int)
-    p.add_argument("--out", metavar="DIR", help="run directory (default runs/latest)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out")
+    p.add_argument(
+        "--out", metavar="DIR", help="run directory (default: a new runs/<date>_<time> per run)"
+    )
+    p.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        metavar="DIR",
+        help="continue the run in DIR (or --out; default: the run under runs/ checkpointed "
+        "last) with its options; --epochs N above its count extends it",
+    )
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        metavar="K",
+        help="also write checkpoint.pt every K steps (default: at the end of each epoch only)",
+    )
+    p.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="log losses, accuracy, lr and variance ratios to DIR/tensorboard",
+    )
     p.add_argument(
         "--variance-every",
         type=int,
@@ -94,19 +115,39 @@ def _train_parser(sub: Any) -> None:
     _add_fqt_flags(p)
 
 
-def _run_train(args: argparse.Namespace) -> int:
-    from .train import TrainConfig, load_config_file, train
+def _train_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The run's options: a config file, the flags over it, and for ``--resume`` the resumed
+    run's own options under both."""
+    from .train import load_config_file, resume_options
 
     values: dict[str, Any] = load_config_file(args.config) if "config" in args else {}
     values.update({k: v for k, v in vars(args).items() if k not in ("command", "config")})
-    cfg = TrainConfig.from_dict(values)
+    resume = values.pop("resume", False)
+    if not resume:
+        return values
+    if isinstance(resume, str):
+        if "out" in args and args.out != resume:
+            raise ValueError(
+                f"--out {args.out} and --resume {resume} name different runs; give one of them"
+            )
+        values["out"] = resume
+    return resume_options(values)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig.from_dict(_train_options(args))
     final = train(cfg, progress=_tqdm_progress)
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+        return 0
     log.info(
-        "final: val_acc %.4f val_loss %.4f after %d epochs -> %s",
+        "final: val_acc %.4f val_loss %.4f after %d epoch%s -> %s",
         final["val_acc"],
         final["val_loss"],
         final["epochs"],
-        cfg.out,
+        "" if final["epochs"] == 1 else "s",
+        final["run_dir"],
     )
     return 0
 
@@ -155,7 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (
         ValueError,
         TypeError,
-        FileNotFoundError,
+        OSError,
         FloatingPointError,
         CheckpointError,
         TrainingError,
@@ -164,6 +205,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         message = _name_the_flag(str(exc), args, argv)
         print(f"fqtorch {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except TrainingInterrupted as exc:  # Ctrl-C in training: what was saved, how to resume
+        print(f"fqtorch {args.command}: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"fqtorch {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

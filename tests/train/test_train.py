@@ -1,9 +1,12 @@
-"""``fqtorch train`` end to end: outputs, config files, fault tolerance, resume, DDP."""
+"""``fqtorch train`` end to end: outputs, config files, errors, fault tolerance, resume, DDP,
+loader workers."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -15,32 +18,24 @@ import pytest
 import torch
 
 import fqtorch
-from fqtorch.train import CheckpointError, load_checkpoint, save_checkpoint
-from tests.data.test_datasets import write_text
+from fqtorch.train import CheckpointError, TrainConfig, load_checkpoint, save_checkpoint, train
+from tests.data.test_datasets import write_cifar, write_text
+from tests.train.helpers import (
+    ENV,
+    assert_same_parameters,
+    fqtorch_cli,
+    fqtorch_main,
+    read_metrics,
+    without_seconds,
+)
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def fqtorch_cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [sys.executable, "-m", "fqtorch", *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=600,
-    )
-    if check and result.returncode != 0:
-        raise AssertionError(f"fqtorch {' '.join(args)} failed:\n{result.stderr[-3000:]}")
-    return result
-
-
-def read_metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+SHORT = ("--epochs", "1", "--max-steps-per-epoch", "2", "--quiet")
 
 
 class TestEndToEnd:
     """One epoch on digits and on a text corpus writes config, metrics, final and checkpoint."""
 
+    @pytest.mark.slow
     def test_digits(self, tmp_path):
         out = tmp_path / "run"
         fqtorch_cli("train", "--epochs", "1", "--out", str(out), "--quiet")
@@ -54,199 +49,237 @@ class TestEndToEnd:
         assert final["epochs"] == 1 and final["val_acc"] > 0.5
         state = load_checkpoint(out / "checkpoint.pt")
         assert state["epoch"] == 1 and "features.0.weight" in state["model"]
+        assert json.loads(state["config"])["model"] == "digits_cnn"
 
     def test_text_corpus(self, tmp_path):
         corpus = write_text(tmp_path / "corpus.txt", chars=6000)
         out = tmp_path / "lm"
-        fqtorch_cli(
-            "train",
-            "--dataset",
-            "text",
-            "--data-dir",
-            str(corpus),
-            "--epochs",
-            "1",
-            "--block-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--out",
-            str(out),
-            "--quiet",
-        )
+        args = ("--dataset", "text", "--data-dir", corpus, "--block-size", "32")
+        assert fqtorch_main("train", *args, "--batch-size", "8", *SHORT, "--out", out) == 0
         final = json.loads((out / "final.json").read_text())
         assert 0 < final["val_acc"] <= 1 and final["val_loss"] > 0
+        assert final["best"]["metric"] == "val_loss"  # perplexity, not character accuracy
 
     def test_config_file_and_flag_override(self, tmp_path):
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text("epochs: 3\nlr: 0.02\ngrad_quantizer: psq\ngrad_bits: 4\npreset: qat\n")
         out = tmp_path / "run"
-        fqtorch_cli(
-            "train",
-            "--config",
-            str(cfg),
-            "--epochs",
-            "1",
-            "--grad-bits",
-            "6",
-            "--out",
-            str(out),
-            "--quiet",
-            "--max-steps-per-epoch",
-            "3",
-        )
+        args = ("--config", cfg, "--epochs", "1", "--grad-bits", "6", "--out", out)
+        assert fqtorch_main("train", *args, "--quiet", "--max-steps-per-epoch", "3") == 0
         resolved = json.loads((out / "config.json").read_text())
         assert resolved["config"]["epochs"] == 1 and resolved["config"]["lr"] == 0.02
         assert resolved["fqt"]["grad_quantizer"] == "psq" and resolved["fqt"]["grad_bits"] == 6
 
-    def test_fused_int8(self, tmp_path):
+    @pytest.mark.slow
+    def test_fused_int8(self, tmp_path, monkeypatch):
+        """The loss stays finite, and the GEMMs really ran as integer products."""
+        calls = []
+        int_mm = torch._int_mm
+
+        def counting(a, b):
+            calls.append((a.dtype, b.dtype))
+            return int_mm(a, b)
+
+        monkeypatch.setattr(torch, "_int_mm", counting)
         out = tmp_path / "run"
-        fqtorch_cli(
-            "train",
-            "--fused",
-            "--backend",
-            "int8",
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-            "--quiet",
-            "--max-steps-per-epoch",
-            "3",
-        )
+        args = ("--fused", "--backend", "int8", "--epochs", "1", "--max-steps-per-epoch", "3")
+        assert fqtorch_main("train", *args, "--out", out, "--quiet") == 0
         resolved = json.loads((out / "config.json").read_text())
         assert resolved["fqt"]["fused"] is True and resolved["fqt"]["backend"] == "int8"
         (metrics,) = read_metrics(out)
-        assert metrics["train_loss"] == metrics["train_loss"]  # finite, not NaN
+        assert math.isfinite(metrics["train_loss"]) and math.isfinite(metrics["val_loss"])
+        assert metrics["skipped_steps"] == 0
+        # 4 FQT layers × 3 GEMMs × 3 training steps at least (validation adds forward GEMMs)
+        assert len(calls) >= 4 * 3 * 3
+        assert set(calls) == {(torch.int8, torch.int8)}
 
     def test_exact_preset_is_float(self, tmp_path):
         out = tmp_path / "run"
-        fqtorch_cli(
-            "train",
-            "--preset",
-            "exact",
-            "--epochs",
-            "1",
-            "--out",
-            str(out),
-            "--quiet",
-            "--max-steps-per-epoch",
-            "3",
-        )
+        assert fqtorch_main("train", "--preset", "exact", *SHORT, "--out", out) == 0
         assert json.loads((out / "config.json").read_text())["fqt"] is None
 
-    def test_help_lists_models(self):
-        text = fqtorch_cli("train", "--help").stdout
-        for name in ("preact_resnet56", "resnet50", "char_gpt", "digits_cnn"):
+    def test_help_lists_models(self, capsys):
+        with pytest.raises(SystemExit) as exit_:
+            fqtorch_main("train", "--help")
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        for name in ("preact_resnet56", "resnet50", "char_gpt", "digits_cnn", "--tensorboard"):
             assert name in text
+
+
+def test_workers_load_the_same_batches(tmp_path):
+    """``--workers 2`` trains on exactly the batches ``--workers 0`` does, augmentation
+    included (CIFAR-10 crops and flips, seeded per sample, whichever worker loads it)."""
+    data = write_cifar(tmp_path / "cifar", per_batch=8, batches=2)
+    args = ("--dataset", "cifar10", "--data-dir", data, "--model", "preact_resnet20")
+    args += ("--epochs", "2", "--batch-size", "4", "--max-steps-per-epoch", "2", "--quiet")
+    for workers in (0, 2):
+        assert (
+            fqtorch_main("train", *args, "--workers", workers, "--out", tmp_path / f"{workers}")
+            == 0
+        )
+    a, b = tmp_path / "0", tmp_path / "2"
+    assert_same_parameters(a / "checkpoint.pt", b / "checkpoint.pt")
+    assert without_seconds(read_metrics(a)) == without_seconds(read_metrics(b))
 
 
 class TestErrors:
     """Bad input is one clear line, exit code 2, and nothing written before is lost."""
 
-    def test_bad_values(self, tmp_path):
-        r = fqtorch_cli("train", "--grad-bits", "9", "--out", str(tmp_path / "x"), check=False)
-        assert r.returncode == 2 and "--grad-bits: grad_bits must be in 2..8" in r.stderr
-        assert "Traceback" not in r.stderr
-        r = fqtorch_cli(
-            "train", "--grad-quantizer", "nope", "--out", str(tmp_path / "x"), check=False
+    def test_bad_values(self, tmp_path, capsys):
+        def error(*args) -> str:
+            assert fqtorch_main("train", *args) == 2
+            err = capsys.readouterr().err
+            assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+            return err
+
+        x = tmp_path / "x"
+        assert "--grad-bits: grad_bits must be in 2..8" in error("--grad-bits", "9", "--out", x)
+        assert "known quantizers" in error("--grad-quantizer", "nope", "--out", x)
+        assert "does not exist" in error("--dataset", "cifar10", "--data-dir", tmp_path / "none")
+        assert "--checkpoint-every: checkpoint_every must be >= 0" in error(
+            "--checkpoint-every", "-1", "--out", x
         )
-        assert r.returncode == 2 and "known quantizers" in r.stderr
-        r = fqtorch_cli(
-            "train", "--dataset", "cifar10", "--data-dir", str(tmp_path / "none"), check=False
-        )
-        assert r.returncode == 2 and "does not exist" in r.stderr
         if not torch.cuda.is_available():
-            r = fqtorch_cli("train", "--device", "cuda", "--out", str(tmp_path / "x"), check=False)
-            assert r.returncode == 2 and "CUDA is not available" in r.stderr
+            assert "CUDA is not available" in error("--device", "cuda", "--out", x)
+        assert not x.exists()
 
     def test_version(self):
         r = fqtorch_cli("--version")
         assert r.stdout.strip() == f"fqtorch {fqtorch.__version__}"
 
-    def test_existing_run_is_not_overwritten(self, tmp_path):
-        out = tmp_path / "run"
-        fqtorch_cli(
-            "train", "--epochs", "1", "--out", str(out), "--quiet", "--max-steps-per-epoch", "2"
+    def test_malformed_config(self, tmp_path, capsys):
+        bad = tmp_path / "bad.yaml"
+        bad.write_text("epochs: 3\nlr: [0.1\n")
+        assert fqtorch_main("train", "--config", bad, "--out", tmp_path / "x") == 2
+        assert capsys.readouterr().err == (
+            f"fqtorch train: error: {bad} is not valid YAML: expected ',' or ']', but got "
+            "'<stream end>' at line 3, column 1\n"
         )
-        before = (out / "checkpoint.pt").read_bytes()
-        r = fqtorch_cli("train", "--epochs", "1", "--out", str(out), check=False)
-        assert r.returncode == 2 and "--resume" in r.stderr
-        assert (out / "checkpoint.pt").read_bytes() == before
+        bad = tmp_path / "bad.json"
+        bad.write_text('{"epochs": 3,}')
+        assert fqtorch_main("train", "--config", bad, "--out", tmp_path / "x") == 2
+        assert f"{bad} is not valid JSON: " in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
 
-    def test_corrupt_checkpoint(self, tmp_path):
+    def test_out_is_a_file(self, tmp_path, capsys):
+        file = tmp_path / "notes.txt"
+        file.write_text("keep me")
+        assert fqtorch_main("train", *SHORT, "--out", file) == 2
+        err = capsys.readouterr().err
+        assert f"--out {file} is a file; name a directory" in err and "Traceback" not in err
+        assert file.read_text() == "keep me"
+
+    def test_existing_run_is_not_overwritten(self, tmp_path, capsys):
+        out = tmp_path / "run"
+        assert fqtorch_main("train", *SHORT, "--out", out) == 0
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        assert fqtorch_main("train", *SHORT, "--out", out) == 2
+        assert "already holds a run (checkpoint.pt); pass --resume" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    def test_corrupt_checkpoint(self, tmp_path, capsys):
         out = tmp_path / "run"
         out.mkdir()
         (out / "checkpoint.pt").write_bytes(b"\x80\x02garbage")
-        r = fqtorch_cli("train", "--resume", "--out", str(out), check=False)
-        assert r.returncode == 2 and "truncated or corrupt" in r.stderr
+        assert fqtorch_main("train", "--resume", out) == 2
+        err = capsys.readouterr().err
+        assert err == (
+            f"fqtorch train: error: {out / 'checkpoint.pt'} is corrupt or not an fqtorch "
+            "checkpoint (not a torch.save file)\n"
+        )
 
-    def test_nonfinite_loss_stops_or_skips(self, tmp_path):
-        r = fqtorch_cli(
-            "train",
-            "--lr",
-            "1e30",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path / "a"),
-            "--quiet",
-            check=False,
+    def test_checkpoint_of_another_config_is_refused(self, tmp_path, capsys):
+        out = tmp_path / "run"
+        assert fqtorch_main("train", *SHORT, "--out", out) == 0
+        before = (out / "checkpoint.pt").read_bytes()
+        with pytest.raises(CheckpointError, match="written with preset='bhq5'; this run has"):
+            train(TrainConfig(out=str(out), resume=True, preset="psq4", epochs=2))
+        assert fqtorch_main("train", "--resume", out, "--batch-size", "32") == 2
+        assert "written with batch_size=64; this run has batch_size=32" in capsys.readouterr().err
+        assert (out / "checkpoint.pt").read_bytes() == before
+
+    def test_variance_checkpoint_of_another_model(self, tmp_path, capsys):
+        out = tmp_path / "run"
+        assert fqtorch_main("train", *SHORT, "--out", out) == 0
+        ckpt = out / "checkpoint.pt"
+        v = tmp_path / "v"
+        args = ("variance", "--checkpoint", ckpt, "--out", v)
+        assert fqtorch_main(*args, "--model", "preact_resnet20") == 2
+        assert capsys.readouterr().err == (
+            f"fqtorch variance: error: --checkpoint {ckpt} was made with --model digits_cnn on "
+            "--dataset digits, not --model preact_resnet20; pass those (or leave --model out: "
+            "it defaults to the checkpoint's)\n"
         )
-        assert r.returncode == 2 and "non-finite loss or gradient" in r.stderr
-        fqtorch_cli(
-            "train",
-            "--lr",
-            "1e30",
-            "--epochs",
-            "1",
-            "--out",
-            str(tmp_path / "b"),
-            "--quiet",
-            "--nonfinite",
-            "skip",
-        )
+        assert not v.exists()
+
+    def test_nonfinite_loss_stops_or_skips(self, tmp_path, capsys):
+        args = ("--lr", "1e30", "--epochs", "1", "--max-steps-per-epoch", "4", "--quiet")
+        assert fqtorch_main("train", *args, "--out", tmp_path / "a") == 2
+        assert "non-finite loss or gradient" in capsys.readouterr().err
+        assert fqtorch_main("train", *args, "--out", tmp_path / "b", "--nonfinite", "skip") == 0
         assert read_metrics(tmp_path / "b")[0]["skipped_steps"] > 0
+
+
+def empty_state() -> dict:
+    return {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 0, "rng": {}}
 
 
 class TestCheckpoint:
     """Atomic writes: a failed write leaves the previous checkpoint intact; loads are
     weights-only and errors name what is wrong."""
 
-    def test_roundtrip_and_failed_write(self, tmp_path):
+    def test_roundtrip_and_failed_write(self, tmp_path, monkeypatch):
         path = tmp_path / "ck.pt"
-        state = {
-            "model": {"w": torch.ones(2)},
-            "optimizer": {},
-            "scheduler": {},
-            "epoch": 1,
-            "step": 3,
-            "rng": {"torch": torch.get_rng_state()},
-        }
+        state = {**empty_state(), "model": {"w": torch.ones(2)}, "step": 3}
         save_checkpoint(state, path)
         assert load_checkpoint(path)["step"] == 3
-        with pytest.raises(Exception):  # noqa: B017 - a lambda cannot be pickled
-            save_checkpoint({**state, "step": lambda: 0}, path)
-        assert load_checkpoint(path)["step"] == 3
-        assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+        real_save = torch.save
+
+        def fail_halfway(obj, f, exc):
+            real_save(obj, f)
+            f.truncate(20)  # half a file on disk, then the failure
+            raise exc
+
+        for exc in (OSError(28, "No space left on device"), KeyboardInterrupt()):
+            monkeypatch.setattr(torch, "save", lambda obj, f, exc=exc: fail_halfway(obj, f, exc))
+            with pytest.raises(type(exc)) as raised:
+                save_checkpoint({**state, "step": 4}, path)
+            assert raised.value is exc
+            assert load_checkpoint(path)["step"] == 3
+            assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
 
     def test_truncated_and_foreign(self, tmp_path):
         path = tmp_path / "ck.pt"
-        save_checkpoint(
-            {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 0, "rng": {}}, path
-        )
+        save_checkpoint(empty_state(), path)
         path.write_bytes(path.read_bytes()[:40])
-        with pytest.raises(CheckpointError, match="truncated or corrupt"):
+        with pytest.raises(CheckpointError, match=r"corrupt or not an fqtorch checkpoint \(trunc"):
             load_checkpoint(path)
         torch.save({"weights": torch.ones(1)}, path)
-        with pytest.raises(CheckpointError, match="lacks checkpoint keys"):
+        with pytest.raises(CheckpointError, match="not an fqtorch checkpoint: it lacks the keys"):
             load_checkpoint(path)
         with pytest.raises(CheckpointError, match="no checkpoint"):
             load_checkpoint(tmp_path / "missing.pt")
 
+    def test_loading_runs_no_code(self, tmp_path):
+        """A checkpoint that would run code when unpickled is refused, and runs none."""
+        marker = tmp_path / "code_ran"
 
+        class RunsCode:
+            def __reduce__(self):
+                return (os.mkdir, (str(marker),))
+
+        path = tmp_path / "ck.pt"
+        torch.save({**empty_state(), "model": {"x": RunsCode()}}, path)
+        with pytest.raises(CheckpointError, match=r"it holds Python objects \(posix.mkdir\)"):
+            load_checkpoint(path)
+        assert not marker.exists()
+
+
+@pytest.mark.slow
 def test_sigkill_and_resume_match_uninterrupted(tmp_path):
-    """A run killed mid-training (SIGKILL) and resumed ends exactly like an uninterrupted one."""
+    """A run killed mid-training (SIGKILL) and resumed ends exactly like an uninterrupted one,
+    and the resumed process starts from the saved epoch and step and runs only the rest."""
     args = ["train", "--epochs", "4", "--quiet", "--seed", "3"]
     fqtorch_cli(*args, "--out", str(tmp_path / "full"))
     out = tmp_path / "killed"
@@ -265,48 +298,87 @@ def test_sigkill_and_resume_match_uninterrupted(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (out / "final.json").exists(), "the run finished before it could be killed"
-    fqtorch_cli(*args, "--out", str(out), "--resume")
+    saved = load_checkpoint(out / "checkpoint.pt")
+    epoch, step = saved["epoch"], saved["step"]
+    assert 1 <= epoch < 4  # (the epoch's metrics line is written before its checkpoint)
+    resumed = fqtorch_cli("train", "--resume", str(out)).stderr
+    assert f"run     {out} (resuming after epoch {epoch}, step {step}; 4 epochs)" in resumed
+    ran = [int(e) for e in re.findall(r"^epoch (\d+)/4:", resumed, re.M)]
+    assert ran == list(range(epoch + 1, 5))
     full = json.loads((tmp_path / "full" / "final.json").read_text())
-    resumed = json.loads((out / "final.json").read_text())
-    assert resumed["val_acc"] == full["val_acc"] and resumed["val_loss"] == full["val_loss"]
+    resumed_final = json.loads((out / "final.json").read_text())
+    assert (resumed_final["val_acc"], resumed_final["val_loss"]) == (
+        full["val_acc"],
+        full["val_loss"],
+    )
     assert [m["val_loss"] for m in read_metrics(out)] == [
         m["val_loss"] for m in read_metrics(tmp_path / "full")
     ]
+    assert_same_parameters(tmp_path / "full" / "checkpoint.pt", out / "checkpoint.pt")
 
 
+TORCHRUN = Path(sys.executable).with_name("torchrun")
+DIE_AFTER_STEP_8 = """
+import sys
+
+from fqtorch.cli import main
+from fqtorch.train import loop
+
+save = loop._Run.save
+
+
+def save_then_die(self, best=False):
+    save(self, best)
+    if self.step == 8:  # every rank, just after the checkpoint of step 8 (within epoch 2)
+        raise SystemExit(17)
+
+
+loop._Run.save = save_then_die
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(
-    shutil.which("torchrun") is None and not Path(sys.executable).with_name("torchrun").exists(),
-    reason="torchrun not installed",
+    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
 )
-def test_ddp_two_processes_stay_in_sync(tmp_path):
-    """torchrun with 2 CPU processes (gloo): both ranks end with identical parameters."""
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    out = tmp_path / "ddp"
-    cmd = [
-        torchrun,
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "-m",
-        "fqtorch",
-        "train",
-        "--epochs",
-        "2",
-        "--max-steps-per-epoch",
-        "6",
-        "--batch-size",
-        "32",
-        "--quiet",
-        "--out",
-        str(out),
-    ]
-    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+def test_ddp_noise_sync_and_exact_resume(tmp_path):
+    """torchrun with 2 CPU processes (gloo): the ranks draw different quantization noise in the
+    same steps, end with identical parameters, and a run stopped within an epoch resumes (every
+    rank from its own RNG states) to exactly the uninterrupted result."""
+    args = ["train", "--epochs", "2", "--max-steps-per-epoch", "6", "--batch-size", "32"]
+    args += ["--checkpoint-every", "4", "--quiet"]
+
+    def torchrun(*command: str) -> subprocess.CompletedProcess:
+        cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *command]
+        return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+
+    full = tmp_path / "full"
+    result = torchrun("-m", "fqtorch", *args, "--out", str(full))
     assert result.returncode == 0, result.stderr[-3000:]
-    final = json.loads((out / "final.json").read_text())
-    assert final["world_size"] == 2
+    final = json.loads((full / "final.json").read_text())
+    assert final["world_size"] == 2 and len(read_metrics(full)) == 2
     a, b = final["rank_param_checksums"]
     assert a == b
-    assert len(read_metrics(out)) == 2
+    ranks = load_checkpoint(full / "checkpoint.pt")["rng"]["ranks"]
+    assert len(ranks) == 2 and set(ranks[0]["fqt"]) == set(ranks[1]["fqt"])
+    assert len(ranks[0]["fqt"]) == 4  # every FQT layer has drawn noise
+    for layer, state in ranks[0]["fqt"].items():
+        assert not torch.equal(state, ranks[1]["fqt"][layer]), f"{layer}: same noise on both ranks"
+
+    stopped = tmp_path / "stopped"
+    driver = tmp_path / "die_after_step_8.py"
+    driver.write_text(DIE_AFTER_STEP_8)
+    result = torchrun(str(driver), *args, "--out", str(stopped))
+    assert result.returncode != 0 and not (stopped / "final.json").exists()
+    state = load_checkpoint(stopped / "checkpoint.pt")
+    assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 8, 2)
+    result = torchrun("-m", "fqtorch", "train", "--resume", str(stopped))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming in epoch 2 at step 8 (2 of its 6 steps done)" in result.stderr
+    assert json.loads((stopped / "final.json").read_text())["rank_param_checksums"] == [a, b]
+    assert without_seconds(read_metrics(stopped)) == without_seconds(read_metrics(full))
+    assert_same_parameters(full / "checkpoint.pt", stopped / "checkpoint.pt")
 
 
 def test_experiment_configs_are_valid():

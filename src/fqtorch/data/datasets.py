@@ -1,15 +1,26 @@
 """The data sets ``fqtorch train`` and ``fqtorch variance`` read (see the package docstring).
 
-Augmentation draws from a generator the data set owns; :meth:`set_epoch` reseeds it from
-``(seed, epoch, rank)``, so a resumed run sees exactly the same augmented batches.
+Augmentation is random per sample, from a seed made of ``(seed, epoch, rank)`` (set by
+:meth:`Augmented.set_epoch`) and the sample's index: a sample is augmented the same way whichever
+loader worker reads it, in whatever order, so a run resumed mid-epoch, or one with more
+``--workers``, sees exactly the same batches.
+
+The image transforms (random crop with padding and flip for CIFAR-10; random-resized-crop and
+flip, resize and centre crop for ImageNet) are torchvision's (``transforms.v2``) when torchvision
+imports beside the installed torch, else this module's own, which do the same. Both paths scale
+and normalize the pixels with the same code, so they differ only in the random draws.
+``DataSpec.transforms`` says which ran.
 """
 
 from __future__ import annotations
 
 import math
 import pickle
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import numpy as np
 import torch
@@ -41,18 +52,53 @@ class DataSpec:
     in_channels: int = 3
     block_size: int = 0
     vocab: str = ""
+    transforms: str = ""  # whose image transforms run: "torchvision X.Y" or fqtorch's own
+
+
+def torchvision_transforms() -> tuple[ModuleType | None, str]:
+    """torchvision's ``transforms.v2`` and a description, or ``None`` and why not.
+
+    A torchvision built for another torch raises ``RuntimeError`` on import (the CUDA build on
+    the package index beside the CPU torch: ``operator torchvision::nms does not exist``), so
+    any exception means: use our own transforms.
+    """
+    try:
+        import torchvision
+        from torchvision.transforms import v2
+    except Exception as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return None, f"fqtorch's own (torchvision does not import here: {reason})"
+    return v2, f"torchvision {torchvision.__version__} (transforms.v2)"
 
 
 class Augmented(Dataset):
-    """Base for data sets whose training augmentation draws from an owned generator."""
+    """Base for data sets with random training augmentation, seeded per sample (module doc)."""
 
     def __init__(self, augment: bool, seed: int) -> None:
         self.augment = augment
         self.seed = seed
-        self.generator = torch.Generator().manual_seed(seed)
+        self.generator = torch.Generator()
+        self.set_epoch(0)
 
     def set_epoch(self, epoch: int, rank: int = 0) -> None:
-        self.generator.manual_seed(self.seed * 1_000_003 + epoch * 1009 + rank)
+        self.epoch_seed = self.seed * 1_000_003 + epoch * 1009 + rank
+
+    def _sample_seed(self, index: int) -> int:
+        mixed = self.epoch_seed * 6_364_136_223_846_793_005 + index * 1_442_695_040_888_963_407
+        return mixed % 2**63
+
+    def _seed_sample(self, index: int) -> None:
+        """Start sample ``index``'s draws (from :attr:`generator`) from its own seed."""
+        self.generator.manual_seed(self._sample_seed(index))
+
+    def _torchvision(self, transform: Callable[[Any], Any], index: int, item: Any) -> Any:
+        """Apply a torchvision transform to sample ``index`` with its own seed: torchvision draws
+        from the global RNG, which is saved and restored around the call."""
+        if not self.augment:
+            return transform(item)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self._sample_seed(index))
+            return transform(item)
 
     def _uniform(self) -> float:
         return float(torch.rand((), generator=self.generator))
@@ -100,20 +146,36 @@ def _digits(seed: int) -> DataSpec:
 
 # --------------------------------------------------------------------------------------- cifar10
 class CifarImages(Augmented):
-    """CIFAR images as uint8 (N, 3, 32, 32); training adds random crop (pad 4) and flip."""
+    """CIFAR images as uint8 (N, 3, 32, 32); training adds random crop (pad 4 after normalizing,
+    so the border is the mean colour) and flip. ``v2``: torchvision's transforms, else ours."""
 
-    def __init__(self, images: Tensor, labels: Tensor, augment: bool, seed: int) -> None:
+    def __init__(
+        self,
+        images: Tensor,
+        labels: Tensor,
+        augment: bool,
+        seed: int,
+        v2: ModuleType | None = None,
+    ) -> None:
         super().__init__(augment, seed)
         self.images, self.labels = images, labels
         self.mean = torch.tensor(CIFAR_MEAN).view(3, 1, 1)
         self.std = torch.tensor(CIFAR_STD).view(3, 1, 1)
+        self.transform = None
+        if v2 is not None and augment:
+            self.transform = v2.Compose(
+                [v2.RandomCrop(32, padding=4, fill=0), v2.RandomHorizontalFlip()]
+            )
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         image = (self.images[i].float() / 255 - self.mean) / self.std  # (3, 32, 32)
+        if self.transform is not None:
+            return self._torchvision(self.transform, i, image), self.labels[i]
         if self.augment:
+            self._seed_sample(i)
             padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
             top, left = self._randint(9), self._randint(9)
             image = padded[:, top : top + 32, left : left + 32]
@@ -156,23 +218,34 @@ def _cifar10(data_dir: Path | None, seed: int) -> DataSpec:
     train_x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
     train_y = torch.from_numpy(np.concatenate([p[1] for p in parts]))
     val_x, val_y = (torch.from_numpy(a) for a in _read_cifar_batch(root / "test_batch"))
+    v2, transforms = torchvision_transforms()
     return DataSpec(
         "cifar10",
-        CifarImages(train_x, train_y, True, seed),
-        CifarImages(val_x, val_y, False, seed),
+        CifarImages(train_x, train_y, True, seed, v2),
+        CifarImages(val_x, val_y, False, seed, v2),
         num_classes=10,
         task="image",
+        transforms=transforms,
     )
 
 
 # -------------------------------------------------------------------------------------- imagenet
 class ImageFolder(Augmented):
     """``root/<class>/<image>``; training: random-resized-crop + flip; validation: resize
-    ``1.143 × size`` (256 for 224) and centre crop."""
+    ``1.143 × size`` (256 for 224) and centre crop. ``v2``: torchvision's transforms, else ours."""
 
-    def __init__(self, root: Path, classes: list[str], augment: bool, seed: int, size: int) -> None:
+    def __init__(
+        self,
+        root: Path,
+        classes: list[str],
+        augment: bool,
+        seed: int,
+        size: int,
+        v2: ModuleType | None = None,
+    ) -> None:
         super().__init__(augment, seed)
         self.size = size
+        self.transform = None if v2 is None else _imagenet_transform(v2, augment, size)
         self.samples = [
             (path, label)
             for label, name in enumerate(classes)
@@ -206,7 +279,10 @@ class ImageFolder(Augmented):
         path, label = self.samples[i]
         with Image.open(path) as img:
             img = img.convert("RGB")
-            if self.augment:
+            if self.transform is not None:
+                img = self._torchvision(self.transform, i, img)
+            elif self.augment:
+                self._seed_sample(i)
                 img = img.resize(
                     (self.size, self.size), Image.BILINEAR, box=self._crop_box(*img.size)
                 )
@@ -225,6 +301,13 @@ class ImageFolder(Augmented):
             array = np.asarray(img, dtype=np.float32) / 255  # (H, W, 3)
         image = torch.from_numpy(array).permute(2, 0, 1)
         return (image - self.mean) / self.std, torch.tensor(label)
+
+
+def _imagenet_transform(v2: ModuleType, augment: bool, size: int) -> Callable[[Any], Any]:
+    """torchvision's version of :class:`ImageFolder`'s own crops and flips (PIL in, PIL out)."""
+    if augment:
+        return v2.Compose([v2.RandomResizedCrop(size, antialias=True), v2.RandomHorizontalFlip()])
+    return v2.Compose([v2.Resize(round(size * 256 / 224), antialias=True), v2.CenterCrop(size)])
 
 
 def _imagenet(data_dir: Path | None, seed: int, size: int) -> DataSpec:
@@ -246,12 +329,14 @@ def _imagenet(data_dir: Path | None, seed: int, size: int) -> DataSpec:
     missing = [c for c in classes if not (val_root / c).is_dir()]
     if missing:
         raise DatasetError(f"{val_root} lacks class folders {missing[:5]}; expected {layout}")
+    v2, transforms = torchvision_transforms()
     return DataSpec(
         "imagenet",
-        ImageFolder(train_root, classes, True, seed, size),
-        ImageFolder(val_root, classes, False, seed, size),
+        ImageFolder(train_root, classes, True, seed, size, v2),
+        ImageFolder(val_root, classes, False, seed, size, v2),
         num_classes=len(classes),
         task="image",
+        transforms=transforms,
     )
 
 

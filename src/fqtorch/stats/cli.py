@@ -45,7 +45,12 @@ def add_variance_parser(sub: Any) -> None:
         "(docs/method.md §3) for each quantizer and bit width. Defaults: digits data, "
         "digits_cnn, ptq/psq/bhq/rht at 4..8 bits.",
     )
-    p.add_argument("--model", default=None, choices=list_models(), help="default: per dataset")
+    p.add_argument(
+        "--model",
+        default=None,
+        choices=list_models(),
+        help="default: the --checkpoint's model, else the data set's default",
+    )
     p.add_argument("--dataset", default="digits", choices=list_datasets())
     p.add_argument("--data-dir")
     p.add_argument("--quantizers", default="ptq,psq,bhq,rht", help="comma-separated names")
@@ -102,19 +107,50 @@ def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     from ..models import build_model
     from ..train.config import DATASET_DEFAULTS
 
+    state, made_with = _read_checkpoint(args)
     spec = build_datasets(args.dataset, args.data_dir, seed=args.seed, block_size=args.block_size)
-    name = args.model or DATASET_DEFAULTS[args.dataset]["model"]
+    name = args.model or made_with.get("model") or DATASET_DEFAULTS[args.dataset]["model"]
     torch.manual_seed(args.seed)
     if spec.task == "text":
         model = build_model(name, num_classes=spec.num_classes, block_size=spec.block_size)
     else:
         model = build_model(name, num_classes=spec.num_classes, in_channels=spec.in_channels)
-    if args.checkpoint:
-        from ..train.checkpoint import load_checkpoint
+    if state is not None:
+        try:
+            model.load_state_dict(state["model"])
+        except RuntimeError as exc:
+            from ..train.errors import CheckpointError
 
-        state = load_checkpoint(args.checkpoint)
-        model.load_state_dict(state["model"])
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(
+                f"--checkpoint {args.checkpoint} does not fit --model {name} on --dataset "
+                f"{args.dataset}: {first}"
+            ) from None
     return model.to(args.device).train(), spec, name
+
+
+def _read_checkpoint(args: argparse.Namespace) -> tuple[dict | None, dict]:
+    """The checkpoint of ``--checkpoint`` (or ``None``) and the options it was made with; a
+    checkpoint of another model or data set than the flags name is refused, naming its own."""
+    if not args.checkpoint:
+        return None, {}
+    from ..train.checkpoint import load_checkpoint
+    from ..train.errors import CheckpointError
+
+    state = load_checkpoint(args.checkpoint)
+    try:
+        made_with = json.loads(state.get("config", "{}"))
+    except (TypeError, ValueError):
+        made_with = {}
+    for flag, value in (("model", args.model), ("dataset", args.dataset)):
+        saved = made_with.get(flag)
+        if value is not None and saved is not None and saved != value:
+            raise CheckpointError(
+                f"--checkpoint {args.checkpoint} was made with --model {made_with.get('model')} "
+                f"on --dataset {made_with.get('dataset')}, not --{flag} {value}; pass those "
+                "(or leave --model out: it defaults to the checkpoint's)"
+            )
+    return state, made_with
 
 
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

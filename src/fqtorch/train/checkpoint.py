@@ -8,6 +8,8 @@ a checkpoint holds only tensors and plain containers, so loading one cannot run 
 from __future__ import annotations
 
 import os
+import pickle
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -46,9 +48,29 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
         raise CheckpointError(
-            f"{path} is not a readable fqtorch checkpoint (truncated or corrupt?): {exc}"
+            f"{path} is corrupt or not an fqtorch checkpoint ({_load_failure(exc)})"
         ) from exc
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
-        raise CheckpointError(f"{path} lacks checkpoint keys {REQUIRED_KEYS}; found {found}")
+        raise CheckpointError(
+            f"{path} is not an fqtorch checkpoint: it lacks the keys {REQUIRED_KEYS}; found {found}"
+        )
     return state
+
+
+def _load_failure(exc: Exception) -> str:
+    """What ``torch.load`` found wrong, in a few words, without its advice to retry with
+    ``weights_only=False`` (wrong for a corrupt file, and unsafe for an untrusted one)."""
+    text = str(exc)
+    unsafe = re.search(r"GLOBAL (\S+?)(?:\s|$)", text)  # a class or function, named
+    if unsafe:
+        return (
+            f"it holds Python objects ({unsafe.group(1)}), not only tensors and containers; "
+            "fqtorch reads checkpoints with torch.load(weights_only=True), which runs no code"
+        )
+    if isinstance(exc, EOFError) or "zip archive" in text:
+        return "truncated, or not a torch.save file"
+    if isinstance(exc, (pickle.UnpicklingError, KeyError)):
+        return "not a torch.save file"
+    first = text.strip().splitlines()[0][:120] if text.strip() else ""
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__

@@ -96,8 +96,10 @@ class TrainConfig:
     label_smoothing: float | None = None
     optimizer: str | None = None
     seed: int = 0
-    out: str = "runs/latest"
+    out: str | None = None  # None: a new directory under runs/ (fqtorch.train.rundir)
     resume: bool = False
+    checkpoint_every: int = 0  # also checkpoint every K steps (0: at the end of each epoch only)
+    tensorboard: bool = False
     variance_every: int = 0
     device: str = "auto"
     block_size: int = 64
@@ -125,8 +127,11 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.variance_every < 0:
-            raise ValueError(f"variance_every must be >= 0, got {self.variance_every}")
+        for name in ("variance_every", "checkpoint_every", "workers"):
+            if int(getattr(self, name)) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.resume and self.out is None:
+            raise ValueError("resume needs the run directory to continue (out)")
         self.fqt_config()  # validate the quantization plan now
 
     @property
@@ -156,7 +161,8 @@ class TrainConfig:
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict."""
+    """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict; a file that does not
+    parse is a ``ValueError`` naming the file, line and column."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
@@ -164,9 +170,25 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
-        values = yaml.safe_load(text)
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     else:
-        values = json.loads(text)
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(
+                f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}, column {exc.colno}"
+            ) from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values")
-    return {k.replace("-", "_"): v for k, v in values.items()}
+    return {str(k).replace("-", "_"): v for k, v in values.items()}
+
+
+def _yaml_problem(exc: Exception) -> str:
+    """PyYAML's error in one line: the problem and where (its message spans several lines)."""
+    problem = getattr(exc, "problem", None) or str(exc).strip().splitlines()[0]
+    mark = getattr(exc, "problem_mark", None)
+    where = "" if mark is None else f" at line {mark.line + 1}, column {mark.column + 1}"
+    return f"{problem}{where}"

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "TrainingError"]
+__all__ = ["CheckpointError", "TrainingError", "TrainingInterrupted"]
 
 
 class CheckpointError(RuntimeError):
@@ -11,3 +11,15 @@ class CheckpointError(RuntimeError):
 
 class TrainingError(RuntimeError):
     """The run cannot go on (non-finite loss, an existing run in --out, ...)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) stopped the run; the message says what was saved and how to resume.
+
+    A ``KeyboardInterrupt``, so code that already handles Ctrl-C around ``train()`` keeps working.
+    ``exit_code`` is the shell's convention for the signal (130 for Ctrl-C, 143 for SIGTERM).
+    """
+
+    def __init__(self, message: str, exit_code: int = 130) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code

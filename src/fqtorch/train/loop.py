@@ -1,17 +1,32 @@
 """The training loop behind ``fqtorch train``: one process or many (``torchrun``, DDP).
 
 Reproducibility: at the start of every epoch the quantizers' noise, the augmentation and the
-global RNG are reseeded from ``(seed, rank, epoch)``, so a run resumed from an epoch checkpoint
-replays exactly what the uninterrupted run would have done; the checkpoint also stores the RNG
-states themselves.
+global RNG are reseeded from ``(seed, rank, epoch)`` and the data order from ``(seed, epoch)``,
+so a run resumed from an end-of-epoch checkpoint replays exactly what the uninterrupted run would
+have done. A checkpoint written within an epoch (``checkpoint_every``, Ctrl-C) also holds every
+rank's RNG states and the epoch's partial sums; resuming it skips the indices of the batches
+already done (without loading them) and continues the noise streams where they stopped, so it is
+exact too.
+
+Learning rate: linear warm-up, then a cosine decay to 0 at the end of ``epochs``. The schedule is
+a function of the step and of the run's current ``epochs``, so extending a run
+(``--resume --epochs N``) recomputes it for N epochs from the step reached: the lr becomes what an
+N-epoch run has at that step (for a finished run extended to twice its length, half the peak)
+and decays to 0 at epoch N.
+
+Outputs (rank 0): see :func:`train`.
 """
 
 from __future__ import annotations
 
+import functools
+import gc
+import itertools
 import json
 import logging
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -24,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Sampler, Subset
 
 import fqtorch
 
@@ -32,12 +47,17 @@ from ..data import DataSpec, build_datasets
 from ..models import build_model, get_model_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .errors import CheckpointError, TrainingError
+from .errors import CheckpointError, TrainingError, TrainingInterrupted
+from .interrupt import StopRequest
+from .rundir import new_run_dir
 
 __all__ = ["TrainingError", "train"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[Iterable, int, str], Iterable]
+
+# A checkpoint written with other values of these cannot be continued by this run.
+SAME_ON_RESUME = ("dataset", "model", "preset", "fqt", "batch_size", "optimizer", "seed")
 
 
 @dataclass
@@ -97,6 +117,16 @@ def _write_json(path: Path, payload: Any) -> None:
     os.replace(tmp, path)
 
 
+def _keep_lines(path: Path, keep: Callable[[dict], bool]) -> None:
+    """Rewrite the JSON-lines file ``path`` with only the records ``keep`` accepts."""
+    if not path.exists():
+        return
+    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept))
+    os.replace(tmp, path)
+
+
 def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> nn.Module:
     info = get_model_info(cfg.model)
     if info.task != spec.task:
@@ -147,38 +177,66 @@ def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
     )
 
 
-def _worker_init(worker_id: int) -> None:
-    info = torch.utils.data.get_worker_info()
-    generator = getattr(info.dataset, "generator", None)
-    if generator is not None:
-        generator.manual_seed(generator.initial_seed() + 7_919 * (worker_id + 1))
+def _loader_worker_init(worker_id: int) -> None:
+    """Loader workers leave Ctrl-C to the main process, which finishes the step it is in and
+    saves a checkpoint (interrupt.py); they inherit its handlers when forked."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _loaders(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> tuple[DataLoader, DataLoader, Any]:
+class _ResumableSampler(Sampler[int]):
+    """The indices of ``inner``, leaving out the first ``skip`` once: the batches of an epoch
+    that a run resumed mid-epoch has already done, passed over without loading them."""
+
+    def __init__(self, inner: Sampler[int]) -> None:
+        self.inner = inner
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[int]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(iter(self.inner), skip, None)
+
+    def __len__(self) -> int:
+        return len(self.inner) - self.skip
+
+
+def _loaders(
+    cfg: TrainConfig, spec: DataSpec, rt: Runtime
+) -> tuple[DataLoader, DataLoader, Any, _ResumableSampler]:
     if rt.world > 1:
         sampler: Any = DistributedSampler(
             spec.train, rt.world, rt.rank, shuffle=True, seed=cfg.seed, drop_last=True
         )
     else:
         sampler = RandomSampler(spec.train, generator=torch.Generator())
+    resumable = _ResumableSampler(sampler)
     pin = rt.device.type == "cuda"
+    # The loaders own a generator, so creating an iterator does not draw from the global RNG.
     train = DataLoader(
         spec.train,
         cfg.batch_size,
-        sampler=sampler,
+        sampler=resumable,
         drop_last=True,
         num_workers=cfg.workers,
-        worker_init_fn=_worker_init,
+        worker_init_fn=_loader_worker_init,
         pin_memory=pin,
+        generator=torch.Generator().manual_seed(cfg.seed),
     )
     shard = Subset(spec.val, range(rt.rank, len(spec.val), rt.world))  # exact, unpadded shards
-    val = DataLoader(shard, cfg.batch_size, num_workers=cfg.workers, pin_memory=pin)
+    val = DataLoader(
+        shard,
+        cfg.batch_size,
+        num_workers=cfg.workers,
+        worker_init_fn=_loader_worker_init,
+        pin_memory=pin,
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     if len(train) == 0:
         raise ValueError(
             f"batch size {cfg.batch_size} × {rt.world} processes exceeds the "
             f"{len(spec.train)} training samples"
         )
-    return train, val, sampler
+    return train, val, sampler, resumable
 
 
 def _evaluate(model: nn.Module, loader: DataLoader, rt: Runtime) -> tuple[float, float]:
@@ -200,13 +258,90 @@ def _param_checksum(model: nn.Module) -> float:
         return float(sum(p.double().sum() + p.double().square().sum() for p in model.parameters()))
 
 
+def _check_tensorboard() -> None:
+    """Fail before any work when ``--tensorboard`` is asked and cannot be done."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        raise TrainingError(
+            "--tensorboard needs the tensorboard package: pip install tensorboard "
+            "(metrics.jsonl holds the same numbers without it)"
+        ) from None
+
+
+class _TensorBoard:
+    """Scalars for TensorBoard in ``<run>/tensorboard``, beside ``metrics.jsonl`` (rank 0).
+
+    Every scalar's x-axis is the global step. A resumed run drops the events past the step it
+    resumed from (``purge_step``), so the curves do not double back.
+    """
+
+    def __init__(self, log_dir: Path, purge_step: int | None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+
+    def flush(self) -> None:
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _where(epoch: int, step: int, epoch_step: int) -> str:
+    """A point of the run in words: ``step 44, end of epoch 2`` or ``step 49, in epoch 3``."""
+    return (
+        f"step {step}, in epoch {epoch + 1}" if epoch_step else f"step {step}, end of epoch {epoch}"
+    )
+
+
+def _epochs(n: int) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def _is_better(metric: str, value: float, best: float | None) -> bool:
+    """Whether ``value`` of ``metric`` beats ``best``: a higher accuracy or a lower loss (ties
+    and NaN do not)."""
+    if not math.isfinite(value):
+        return False
+    if best is None:
+        return True
+    return value > best if metric == "val_acc" else value < best
+
+
+def _describe_fqt(cfg: TrainConfig) -> str:
+    """The quantization plan in one line, for the run header."""
+    fqt = cfg.fqt_config()
+    if fqt is None:
+        return "exact (no quantization: float GEMMs)"
+    name = cfg.preset + "".join(f" {k}={v}" for k, v in sorted(cfg.fqt.items()))
+    if fqt.grad_quantizer is None:
+        grad = "gradients exact (QAT)"
+    else:
+        grad = (
+            f"grad_output {fqt.grad_quantizer} {fqt.grad_bits}-bit, weight-gradient branch "
+            f"{fqt.grad_weight_quantizer} {fqt.grad_weight_bits}-bit, {fqt.grad_rounding} rounding"
+        )
+    return (
+        f"{name}: input {fqt.input_quantizer} {fqt.input_bits}-bit, weight "
+        f"{fqt.weight_quantizer} {fqt.weight_bits}-bit; {grad}; backend {fqt.backend}"
+        + (", fused" if fqt.fused else "")
+    )
+
+
 class _Run:
     """State of one training run; ``train()`` drives it."""
 
     def __init__(self, cfg: TrainConfig, progress: Progress | None) -> None:
         self.cfg = cfg
+        if cfg.tensorboard:
+            _check_tensorboard()
         self.rt = _setup_runtime(cfg.device)
-        self.out = Path(cfg.out)
+        self.out = Path(cfg.out or "runs")  # the run directory: final once _prepare_out ran
         self.progress = progress if (progress and self.rt.main and not cfg.quiet) else None
         self.spec = build_datasets(
             cfg.dataset,
@@ -216,7 +351,9 @@ class _Run:
             image_size=cfg.image_size,
         )
         self.model = _build_model(cfg, self.spec, self.rt)
-        self.train_loader, self.val_loader, self.sampler = _loaders(cfg, self.spec, self.rt)
+        self.train_loader, self.val_loader, self.sampler, self.resumable = _loaders(
+            cfg, self.spec, self.rt
+        )
         steps = len(self.train_loader)
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
@@ -227,82 +364,244 @@ class _Run:
         if self.rt.world > 1:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        self.epoch, self.step = 0, 0
+        # Progress: epochs done, steps done in all, steps done in the current epoch, and the
+        # current epoch's sums (train loss, counted steps, skipped steps).
+        self.epoch, self.step, self.epoch_step = 0, 0, 0
+        self.sums = [0.0, 0.0, 0.0]
+        self.best: dict[str, Any] = {}
+        self.best_metric = "val_loss" if self.spec.task == "text" else "val_acc"
+        self.resumed: dict[str, int] | None = None  # where restore() found the run
+        self.saved_at: str | None = None  # the last checkpoint written, in words
+        self._rank_rng: dict[str, Any] | None = None  # mid-epoch resume: this rank's RNG
+        self.stop = StopRequest()
+        self.tensorboard: _TensorBoard | None = None
         self.monitor = None
         if cfg.variance_every and cfg.quantized:
             from ..stats import VarianceMonitor
 
-            self.monitor = VarianceMonitor(self.model, self._loss_fn)
+            self.monitor = VarianceMonitor(self.model, self.loss_fn)
 
-    def _loss_fn(self, logits: Tensor, target: Tensor) -> Tensor:
-        return _loss(logits, target, self.cfg.label_smoothing)
+    @property
+    def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
+        # A partial, not a bound method: the monitor keeps it, and a reference back to the run
+        # would make a cycle that outlives train() (and DDP's process group with it).
+        return functools.partial(_loss, smoothing=self.cfg.label_smoothing)
 
     # ------------------------------------------------------------------------------ checkpoints
+    def _rank_states(self) -> list[dict[str, Any]]:
+        """Every rank's RNG states and epoch sums (gathered: each rank draws its own noise)."""
+        mine: dict[str, Any] = {
+            "torch": torch.get_rng_state(),
+            "fqt": fqtorch.generator_states(self.model),
+            "sums": torch.tensor(self.sums, dtype=torch.float64),
+        }
+        if self.rt.device.type == "cuda":
+            mine["cuda"] = torch.cuda.get_rng_state(self.rt.device)
+        if self.rt.world == 1:
+            return [mine]
+        gathered: list[Any] = [None] * self.rt.world
+        dist.all_gather_object(gathered, mine)
+        return gathered
+
     def checkpoint_state(self) -> dict[str, Any]:
-        rng = {"torch": torch.get_rng_state(), "fqt": fqtorch.generator_states(self.model)}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
+        """The run's state; every rank must call it (it gathers the ranks' RNG states)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
-            "rng": rng,
+            "epoch_step": self.epoch_step,
+            "world_size": self.rt.world,
+            "rng": {"ranks": self._rank_states()},
+            "best": dict(self.best),
             "config": json.dumps(self.cfg.to_dict()),
         }
 
+    def save(self, best: bool = False) -> None:
+        """Write ``checkpoint.pt`` (and ``best.pt``, first); every rank must call it."""
+        state = self.checkpoint_state()
+        if self.rt.main:
+            if best:
+                save_checkpoint(state, self.out / "best.pt")
+            save_checkpoint(state, self.out / "checkpoint.pt")
+        self.saved_at = _where(self.epoch, self.step, self.epoch_step)
+
     def restore(self, path: Path) -> None:
+        """Continue the run saved in ``path``; refuse one this run's config cannot continue."""
         state = load_checkpoint(path)
         saved = json.loads(state.get("config", "{}"))
-        for key in ("dataset", "model", "preset", "fqt", "batch_size", "epochs"):
+        for key in SAME_ON_RESUME:
             if key in saved and saved[key] != getattr(self.cfg, key):
                 raise CheckpointError(
                     f"{path} was written with {key}={saved[key]!r}; this run has "
-                    f"{key}={getattr(self.cfg, key)!r}"
+                    f"{key}={getattr(self.cfg, key)!r} (leave it out to continue the run as it "
+                    "was, or start a new run)"
                 )
+        epoch, step = int(state["epoch"]), int(state["step"])
+        epoch_step = int(state.get("epoch_step", 0))
+        if self.cfg.epochs < epoch + (epoch_step > 0):
+            raise CheckpointError(
+                f"{path} has done {epoch} epochs{' and part of the next' if epoch_step else ''}; "
+                f"--epochs {self.cfg.epochs} ends before that (to extend the run, pass more)"
+            )
+        ranks = state["rng"].get("ranks")
+        if epoch_step and (ranks is None or len(ranks) != self.rt.world):
+            raise CheckpointError(
+                f"{path} was written within an epoch by {state.get('world_size')} processes; "
+                f"resume it with as many (this run has {self.rt.world})"
+            )
+        if epoch_step > self.steps_per_epoch:
+            raise CheckpointError(
+                f"{path} was written at step {epoch_step} of an epoch; this run's epochs have "
+                f"{self.steps_per_epoch} steps (--max-steps-per-epoch or --batch-size changed?)"
+            )
         try:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
-            raise CheckpointError(f"{path} does not fit model {self.cfg.model}: {exc}") from exc
+            first = str(exc).strip().splitlines()[0]
+            raise CheckpointError(f"{path} does not fit model {self.cfg.model}: {first}") from exc
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
-        self.epoch, self.step = int(state["epoch"]), int(state["step"])
-        torch.set_rng_state(state["rng"]["torch"])
-        log.info("resumed from %s at epoch %d (step %d)", path, self.epoch, self.step)
+        self._apply_schedule()
+        self.epoch, self.step, self.epoch_step = epoch, step, epoch_step
+        self.best = dict(state.get("best") or {})
+        if epoch_step:
+            self._rank_rng = ranks[self.rt.rank]
+            self.sums = [float(v) for v in self._rank_rng["sums"]]
+        self.resumed = {"epoch": epoch, "step": step, "epoch_step": epoch_step}
+        self.resumed["epochs"] = int(saved.get("epochs", self.cfg.epochs))
+        self.saved_at = _where(epoch, step, epoch_step)
+
+    def _apply_schedule(self) -> None:
+        """Set the lr of the step reached from this run's schedule (identical to the saved lr
+        when ``epochs`` is unchanged; the extended schedule's value when it grew)."""
+        sched = self.scheduler
+        for group, base, factor in zip(
+            self.optimizer.param_groups, sched.base_lrs, sched.lr_lambdas, strict=True
+        ):
+            group["lr"] = base * factor(sched.last_epoch)
+
+    def _load_rng(self, states: dict[str, Any]) -> None:
+        torch.set_rng_state(states["torch"])
+        fqtorch.load_generator_states(self.model, states["fqt"], self.rt.device)
+        if "cuda" in states and self.rt.device.type == "cuda":
+            torch.cuda.set_rng_state(states["cuda"], self.rt.device)
+
+    # -------------------------------------------------------------------------------- messages
+    def resume_command(self) -> str:
+        command = f"fqtorch train --resume {self.out}"
+        return command + (" (under torchrun, as before)" if self.rt.world > 1 else "")
+
+    def interrupted(self) -> TrainingInterrupted:
+        return TrainingInterrupted(
+            f"interrupted; saved {self.out / 'checkpoint.pt'} at {self.saved_at}. "
+            f"Resume with: {self.resume_command()}",
+            self.stop.exit_code,
+        )
+
+    def stopped_at_once(self) -> TrainingInterrupted:
+        if self.saved_at is None:
+            message = (
+                f"stopped at once, before the first checkpoint; nothing to resume in {self.out}"
+            )
+        else:
+            message = (
+                f"stopped at once; {self.out / 'checkpoint.pt'} ({self.saved_at}) is intact. "
+                f"Resume with: {self.resume_command()}"
+            )
+        return TrainingInterrupted(message, self.stop.exit_code)
+
+    def announce(self) -> None:
+        """The run header: where, what model, what data, which quantization, which device."""
+        if not self.rt.main:
+            return
+        cfg, spec, rt = self.cfg, self.spec, self.rt
+        params = sum(p.numel() for p in self.model.parameters())
+        layers = len(fqtorch.fqt_modules(self.model))
+        processes = f" × {rt.world} processes" if rt.world > 1 else ""
+        saves = "checkpoint.pt every epoch" + (
+            f" and every {cfg.checkpoint_every} steps" if cfg.checkpoint_every else ""
+        )
+        saves += f"; best.pt by {self.best_metric}"
+        if self.tensorboard is not None:
+            saves += f"; TensorBoard in {self.out / 'tensorboard'}"
+        data = (
+            f"{spec.name}: {len(spec.train):,} train / {len(spec.val):,} validation samples, "
+            f"batch {cfg.batch_size}{processes}, {self.steps_per_epoch} steps per epoch"
+        )
+        if spec.transforms:
+            data += f"; image transforms: {spec.transforms}"
+        lines = [
+            f"run     {self.out} ({self._run_state()})",
+            f"model   {cfg.model}: {params:,} parameters, {layers} FQT layers",
+            f"data    {data}",
+            f"fqt     {_describe_fqt(cfg)}",
+            f"device  {rt.device}" + (f", {rt.world} processes (DDP)" if rt.world > 1 else ""),
+            f"saves   {saves}",
+        ]
+        for line in lines:
+            log.info("%s", line)
+
+    def _run_state(self) -> str:
+        if self.resumed is None:
+            return f"new run, {_epochs(self.cfg.epochs)}"
+        r = self.resumed
+        if r["epoch"] >= self.cfg.epochs:
+            return (
+                f"finished its {_epochs(r['epoch'])}; evaluating it again (pass --epochs N above "
+                f"{r['epoch']} to extend it)"
+            )
+        where = (
+            f"resuming in epoch {r['epoch'] + 1} at step {r['step']} "
+            f"({r['epoch_step']} of its {self.steps_per_epoch} steps done)"
+            if r["epoch_step"]
+            else f"resuming after epoch {r['epoch']}, step {r['step']}"
+        )
+        if self.cfg.epochs > r["epochs"]:
+            return f"{where}; extending it from {r['epochs']} to {_epochs(self.cfg.epochs)}"
+        return f"{where}; {_epochs(self.cfg.epochs)}"
 
     # ---------------------------------------------------------------------------------- training
-    def _start_epoch(self, epoch: int) -> None:
-        seed = _epoch_seed(self.cfg.seed, self.rt.rank, epoch)
+    def _start_epoch(self) -> None:
+        seed = _epoch_seed(self.cfg.seed, self.rt.rank, self.epoch)
         torch.manual_seed(seed)
         fqtorch.reseed(self.model, seed)  # different noise on every rank and every epoch
         if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(epoch)
+            self.sampler.set_epoch(self.epoch)
         else:
-            self.sampler.generator.manual_seed(_epoch_seed(self.cfg.seed, 0, epoch))
+            self.sampler.generator.manual_seed(_epoch_seed(self.cfg.seed, 0, self.epoch))
         if hasattr(self.spec.train, "set_epoch"):
-            self.spec.train.set_epoch(epoch, self.rt.rank)
+            self.spec.train.set_epoch(self.epoch, self.rt.rank)
+        self.resumable.skip = self.epoch_step * self.cfg.batch_size
+        if self._rank_rng is not None:  # resumed mid-epoch: continue the streams where they were
+            self._load_rng(self._rank_rng)
+            self._rank_rng = None
 
     def _batches(self) -> Iterator[tuple[Tensor, Tensor]]:
+        """The rest of the epoch's batches (no batch is loaded past the last one)."""
+        remaining = self.steps_per_epoch - self.epoch_step
+        if remaining <= 0:
+            return
         for i, (x, y) in enumerate(self.train_loader):
-            if i >= self.steps_per_epoch:
-                return
             yield x.to(self.rt.device, non_blocking=True), y.to(self.rt.device, non_blocking=True)
+            if i + 1 >= remaining:
+                return
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[float, bool]:
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self._loss_fn(self.ddp(x), y)
+        loss = _loss(self.ddp(x), y, self.cfg.label_smoothing)
         loss.backward()
         loss = loss.detach()
         # After DDP's all-reduce every rank sees the same norm, so all take the same branch.
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
         if not (torch.isfinite(norm) and torch.isfinite(loss)):
             if self.cfg.nonfinite == "stop":
+                last = f" and the last checkpoint is at {self.saved_at}" if self.saved_at else ""
                 raise TrainingError(
                     f"non-finite loss or gradient at epoch {self.epoch + 1}, step {self.step} "
                     f"(loss {float(loss):.4g}, grad norm {float(norm):.4g}); the weights were not "
-                    f"updated and the last good checkpoint is {self.out / 'checkpoint.pt'}. "
-                    "Lower --lr or raise the bits, or pass --nonfinite skip."
+                    f"updated{last}. Lower --lr or raise the bits, or pass --nonfinite skip."
                 )
             self.optimizer.zero_grad(set_to_none=True)
             return float("nan"), False
@@ -318,28 +617,60 @@ class _Run:
             line = {"epoch": self.epoch, "step": self.step, **report.to_dict()}
             with (self.out / "variance.jsonl").open("a") as f:
                 f.write(json.dumps(line) + "\n")
+            if self.tensorboard is not None:
+                ratios = {f"variance_ratio/{k}": v for k, v in report.ratio.items()}
+                self.tensorboard.scalars(
+                    {"variance_ratio/total": report.total_ratio, **ratios}, self.step
+                )
 
-    def run_epoch(self) -> dict[str, Any]:
+    def _log_step(self, loss: float, ok: bool) -> None:
+        if self.tensorboard is None:
+            return
+        values = {"train/lr": self.optimizer.param_groups[0]["lr"]}
+        if ok:
+            values["train/loss"] = loss
+        self.tensorboard.scalars(values, self.step)
+
+    def stop_requested(self) -> bool:
+        """Whether a signal asked the run to stop (on any rank: all stop at the same step)."""
+        if self.rt.world == 1:
+            return self.stop.requested
+        return bool(_all_reduce([float(self.stop.requested)], self.rt, "max")[0])
+
+    def run_epoch(self) -> dict[str, Any] | None:
+        """Train the (rest of the) epoch and evaluate: its metrics; ``None`` when a stop was
+        requested, after the step in progress (the epoch is left unfinished, ready to save)."""
         start = time.perf_counter()
-        self._start_epoch(self.epoch)
+        self._start_epoch()
         self.ddp.train()
-        total, count, skipped = 0.0, 0, 0
         batches: Iterable = self._batches()
         if self.progress:
             batches = self.progress(
-                batches, self.steps_per_epoch, f"epoch {self.epoch + 1}/{self.cfg.epochs}"
+                batches,
+                self.steps_per_epoch - self.epoch_step,
+                f"epoch {self.epoch + 1}/{self.cfg.epochs}",
             )
+        every = self.cfg.checkpoint_every
         for x, y in batches:
             loss, ok = self._train_step(x, y)
             self.step += 1
+            self.epoch_step += 1
             if ok:
-                total, count = total + loss, count + 1
+                self.sums[0] += loss
+                self.sums[1] += 1
             else:
-                skipped += 1
+                self.sums[2] += 1
             self._variance(x, y)
-        total, count, skipped = _all_reduce([total, count, skipped], self.rt)
+            self._log_step(loss, ok)
+            if self.stop_requested():
+                return None
+            if every and self.step % every == 0 and self.epoch_step < self.steps_per_epoch:
+                self.save()  # the end of the epoch has its own checkpoint, after evaluating
+        total, count, skipped = _all_reduce(self.sums, self.rt)
         val_loss, val_acc = _evaluate(self.model, self.val_loader, self.rt)
         self.epoch += 1
+        self.epoch_step = 0
+        self.sums = [0.0, 0.0, 0.0]
         return {
             "epoch": self.epoch,
             "train_loss": total / max(count, 1),
@@ -351,8 +682,58 @@ class _Run:
             "skipped_steps": int(skipped),
         }
 
+    def end_epoch(self, metrics: dict[str, Any]) -> None:
+        """Log the epoch (metrics.jsonl, TensorBoard, a line) and checkpoint it (and to best.pt
+        when it is the best so far by :attr:`best_metric`)."""
+        value = metrics[self.best_metric]
+        best = _is_better(self.best_metric, value, self.best.get("value"))
+        if best:
+            self.best = {"metric": self.best_metric, "value": value, "epoch": self.epoch}
+        if self.rt.main:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                f.write(json.dumps(metrics) + "\n")
+        self.save(best=best)
+        if not self.rt.main:
+            return
+        if self.tensorboard is not None:
+            self.tensorboard.scalars(
+                {
+                    "epoch/train_loss": metrics["train_loss"],
+                    "val/loss": metrics["val_loss"],
+                    "val/acc": metrics["val_acc"],
+                },
+                self.step,
+            )
+            self.tensorboard.flush()
+        log.info(
+            "epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.1fs)%s",
+            metrics["epoch"],
+            self.cfg.epochs,
+            metrics["train_loss"],
+            metrics["val_loss"],
+            metrics["val_acc"],
+            metrics["seconds"],
+            f"; best {self.best_metric} so far -> best.pt" if best else "",
+        )
+
+
+def _run_dir(run: _Run) -> Path:
+    """``--out``, or a new directory under runs/ that rank 0 creates and names for all ranks."""
+    if run.cfg.out is not None:
+        return Path(run.cfg.out)
+    name = [str(new_run_dir()) if run.rt.main else None]
+    if run.rt.world > 1:
+        dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
 
 def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
+    if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise TrainingError(
+            f"--out {cfg.out} is a file; name a directory for the run (or leave --out out: "
+            "every run gets a new directory under runs/)"
+        )
+    run.out = _run_dir(run)
     ckpt = run.out / "checkpoint.pt"
     if cfg.resume:
         if not ckpt.exists():
@@ -360,28 +741,26 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
         run.restore(ckpt)
     elif ckpt.exists():
         raise TrainingError(
-            f"{run.out} already holds a run (checkpoint.pt); pass --resume to "
-            "continue it or choose another --out"
+            f"{run.out} already holds a run (checkpoint.pt); pass --resume to continue it, or "
+            "leave --out out: every run gets a new directory under runs/"
+        )
+    if cfg.tensorboard and run.rt.main:
+        run.tensorboard = _TensorBoard(
+            run.out / "tensorboard", run.step + 1 if cfg.resume else None
         )
     if not run.rt.main:
         return
     run.out.mkdir(parents=True, exist_ok=True)
-    metrics = run.out / "metrics.jsonl"
-    if cfg.resume and metrics.exists():  # drop epochs the checkpoint does not cover
-        kept = [
-            ln
-            for ln in metrics.read_text().splitlines()
-            if ln.strip() and json.loads(ln)["epoch"] <= run.epoch
-        ]
-        tmp = metrics.with_suffix(".tmp")
-        tmp.write_text("".join(ln + "\n" for ln in kept))
-        os.replace(tmp, metrics)
-    elif metrics.exists():
-        metrics.unlink()
+    if cfg.resume:  # drop what the checkpoint does not cover
+        _keep_lines(run.out / "metrics.jsonl", lambda m: m["epoch"] <= run.epoch)
+        _keep_lines(run.out / "variance.jsonl", lambda m: m["step"] <= run.step)
+    else:
+        for name in ("metrics.jsonl", "variance.jsonl", "final.json"):
+            (run.out / name).unlink(missing_ok=True)
     _write_json(
         run.out / "config.json",
         {
-            "config": cfg.to_dict(),
+            "config": {**cfg.to_dict(), "out": str(run.out)},
             "fqt": None if cfg.fqt_config() is None else cfg.fqt_config().to_dict(),
             "world_size": run.rt.world,
             "device": str(run.rt.device),
@@ -399,29 +778,59 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     """Train as ``cfg`` says; returns the final metrics (what ``final.json`` holds).
 
+    Rank 0 writes, in the run directory (``cfg.out``, or a new ``runs/<date>_<time>``):
+    ``config.json``, ``metrics.jsonl`` (a line per epoch), ``checkpoint.pt`` (every epoch, and
+    every ``checkpoint_every`` steps), ``best.pt`` (the epoch best by validation accuracy, or
+    loss for text), ``final.json``, ``variance.jsonl`` (``variance_every``) and ``tensorboard/``
+    (``tensorboard``). Ctrl-C or SIGTERM stops after the step in progress, saves a checkpoint and
+    raises :class:`TrainingInterrupted` (its message says how to resume).
+
     ``progress(iterable, total, description)`` may wrap the step iterator (a progress bar);
     it is used on rank 0 only.
     """
     run = _Run(cfg, progress)
     _prepare_out(run, cfg)
-    metrics: dict[str, Any] = {}
+    run.announce()
+    try:
+        with run.stop.installed():
+            final = _train_epochs(run)
+    except TrainingInterrupted as exc:
+        if not str(exc):  # a second Ctrl-C, raised wherever the run was: say what is intact
+            raise run.stopped_at_once() from None
+        if run.rt.world > 1:  # every rank stopped after the same step and saved its part
+            _shut_down(run)
+        raise
+    finally:
+        if run.tensorboard is not None:
+            run.tensorboard.close()
+    if run.rt.world > 1:
+        _shut_down(run)
+    return final
+
+
+def _shut_down(run: _Run) -> None:
+    """Release DDP (and with it its hold on the process group) while Python is fully alive,
+    then destroy the process group: a gloo group freed during interpreter shutdown can abort
+    the process (``terminate called without an active exception``)."""
+    run.ddp = run.model
+    gc.collect()  # DDP may sit in a reference cycle
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def _train_epochs(run: _Run) -> dict[str, Any]:
+    cfg = run.cfg
+    metrics: dict[str, Any] | None = {}
     barrier = dist.barrier if run.rt.world > 1 else (lambda: None)
     while run.epoch < cfg.epochs:
         metrics = run.run_epoch()
-        if run.rt.main:
-            with (run.out / "metrics.jsonl").open("a") as f:
-                f.write(json.dumps(metrics) + "\n")
-            save_checkpoint(run.checkpoint_state(), run.out / "checkpoint.pt")
-            log.info(
-                "epoch %d/%d: train_loss %.4f val_loss %.4f val_acc %.4f (%.1fs)",
-                metrics["epoch"],
-                cfg.epochs,
-                metrics["train_loss"],
-                metrics["val_loss"],
-                metrics["val_acc"],
-                metrics["seconds"],
-            )
+        if metrics is None:
+            run.save()
+            raise run.interrupted()
+        run.end_epoch(metrics)
         barrier()
+        if run.stop_requested():  # during the evaluation: the epoch's checkpoint is written
+            raise run.interrupted()
     if not metrics:  # resumed a finished run: evaluate once more
         val_loss, val_acc = _evaluate(run.model, run.val_loader, run.rt)
         metrics = {"epoch": run.epoch, "val_loss": val_loss, "val_acc": val_acc}
@@ -430,14 +839,13 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
         "val_acc": metrics["val_acc"],
         "val_loss": metrics["val_loss"],
         "epochs": run.epoch,
+        "best": run.best,
+        "run_dir": str(run.out),
         "world_size": run.rt.world,
         "rank_param_checksums": checksums,
     }
     if run.rt.main:
         _write_json(run.out / "final.json", final)
-    if run.rt.world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
     return final
 
 
