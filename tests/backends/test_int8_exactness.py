@@ -54,7 +54,7 @@ def assert_float32_close(result: torch.Tensor, reference: torch.Tensor) -> None:
     torch.testing.assert_close(result.double(), reference, rtol=1e-2, atol=1e-3 * scale)
 
 
-@pytest.mark.parametrize("a_bits,b_bits", itertools.product(range(2, 9), repeat=2))
+@pytest.mark.parametrize("a_bits,b_bits", list(itertools.product(range(2, 9), repeat=2)))
 def test_chunk_length_is_the_int32_bound(a_bits, b_bits):
     chunk, worst = chunk_length(a_bits, b_bits), 2 ** (a_bits - 1) * 2 ** (b_bits - 1)
     assert chunk % 8 == 0

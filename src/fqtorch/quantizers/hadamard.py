@@ -77,8 +77,13 @@ class RandomizedHadamardTransform:
         return (_walsh_hadamard(y, self.block, rest) * rows[:, None])[: self.rows]
 
     def inverse_column_norms_sq(self) -> Tensor:
-        """``4^e`` for every row (float64: it passes the float32 range)."""
-        return torch.exp2(2 * self.exponent.double()).expand(self.signs.shape)
+        """``4^e·(real rows of its block)/block`` for every padded row (float64: it passes the
+        float32 range): column ``i`` of ``T⁻¹`` has ``block`` entries ``±2^e/√block``, of which
+        the inverse keeps those on real rows (the last block may be part padding)."""
+        padded = self.signs.shape[0]
+        starts = torch.arange(0, padded, self.block, device=self.signs.device)
+        real = (self.rows - starts).clamp(0, self.block).double() / self.block
+        return torch.exp2(2 * self.exponent.double()) * real.repeat_interleave(self.block)
 
 
 @register_quantizer("rht")
