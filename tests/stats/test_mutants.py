@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,3 +159,71 @@ def test_variance_cli_in_process(tmp_path, caplog):
         == payload["results"][0]["quantization_variance"]
     )
     assert other["sampling_variance"] != payload["sampling_variance"]
+
+
+class TestFigures:
+    """What the figures of ``fqtorch variance`` show, read from the matplotlib figure as it is
+    saved (the PNG's pixels would be a brittle thing to compare)."""
+
+    @staticmethod
+    def _saved_figures(monkeypatch, tmp_path, payload, profile):
+        import matplotlib.figure
+
+        from fqtorch.stats.cli import _plots
+
+        saved = {}
+
+        def capture(fig, path, *args, **kwargs):
+            saved[Path(path).name] = fig
+
+        monkeypatch.setattr(matplotlib.figure.Figure, "savefig", capture)
+        written = _plots(tmp_path, payload, profile, "psq4")
+        assert written == list(saved)
+        return saved
+
+    def test_every_quantizer_line_has_its_own_style(self, monkeypatch, tmp_path):
+        quantizers = ["ptq", "psq", "bhq", "rht"]
+        results = [
+            {"quantizer": q, "bits": b, "quantization_variance": 1.0 / b}  # identical lines
+            for q in quantizers
+            for b in (4, 8)
+        ]
+        payload = {
+            "results": results,
+            "sampling_variance": 0.1,
+            "model": "m",
+            "dataset": "d",
+            "batch_size": 8,
+        }
+        figure = self._saved_figures(monkeypatch, tmp_path, payload, None)["variance_vs_bits.png"]
+        lines = [
+            line for line in figure.axes[0].get_lines() if line.get_label() != "sampling (QAT)"
+        ]
+        assert [line.get_label() for line in lines[: len(quantizers)]] == [
+            q.upper() for q in quantizers
+        ]
+        looks = {(line.get_marker(), line.get_linestyle()) for line in lines[: len(quantizers)]}
+        assert len(looks) == len(quantizers), "two quantizers drawn alike hide each other"
+
+    def test_profile_shows_log_variance_and_zeros_apart(self, monkeypatch, tmp_path):
+        from fqtorch.stats.estimators import VarianceProfile
+
+        matrix = [[4e-3, 0.0, 0.0], [1e-5, 2e-2, 5.0], [1e-4, 1e-4, 1e-4]]
+        profile = VarianceProfile(
+            rows=["a", "b", "sampling"], columns=["a", "bn", "b"], matrix=matrix
+        )
+        payload = {
+            "results": [],
+            "sampling_variance": 1.0,
+            "model": "m",
+            "dataset": "d",
+            "batch_size": 8,
+        }
+        figure = self._saved_figures(monkeypatch, tmp_path, payload, profile)[
+            "variance_profile.png"
+        ]
+        shown = figure.axes[0].get_images()[0].get_array()
+        kept = np.array(matrix)[:, [0, 2]]  # the column of "bn", a layer with no row, is left out
+        assert shown.shape == kept.shape
+        np.testing.assert_array_equal(np.ma.getmaskarray(shown), kept == 0)
+        np.testing.assert_allclose(shown.compressed(), np.log10(kept[kept > 0]))
