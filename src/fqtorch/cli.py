@@ -41,6 +41,11 @@ def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
         action=argparse.BooleanOptionalAction,
         help="compile each quantizer into one torch.compile kernel with in-kernel noise",
     )
+    group.add_argument(
+        "--attention-products",
+        action=argparse.BooleanOptionalAction,
+        help="in nn.MultiheadAttention, also quantize the score and value products",
+    )
 
 
 def _train_parser(sub: Any) -> None:
@@ -102,6 +107,12 @@ def _train_parser(sub: Any) -> None:
         help="every K steps, log the quantization/sampling variance ratio per layer",
     )
     p.add_argument("--device", help="auto (default), cpu, cuda")
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard parameters, gradients and optimizer state with FSDP2 "
+        "(fully_shard per FQT layer) instead of replicating them with DDP",
+    )
     p.add_argument("--block-size", type=int, help="context length for --dataset text")
     p.add_argument("--image-size", type=int, help="crop size for --dataset imagenet")
     p.add_argument("--workers", type=int, help="data loader worker processes")

@@ -70,6 +70,22 @@ class TestEndToEnd:
         assert resolved["config"]["epochs"] == 1 and resolved["config"]["lr"] == 0.02
         assert resolved["fqt"]["grad_quantizer"] == "psq" and resolved["fqt"]["grad_bits"] == 6
 
+    def test_attention_products_from_file_and_flag(self, tmp_path):
+        """``attention_products`` is an FQT field a config file and a flag can set."""
+        from fqtorch.cli import _train_options, build_parser
+        from fqtorch.train import load_config_file
+
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text("attention_products: true\n")
+        assert TrainConfig.from_dict(load_config_file(cfg)).fqt_config().attention_products
+        for flags, expected in ((["--attention-products"], True), ([], False)):
+            args = build_parser().parse_args(["train", *flags])
+            assert TrainConfig.from_dict(_train_options(args)).fqt_config().attention_products is (
+                expected
+            )
+        args = build_parser().parse_args(["train", "--config", str(cfg), "--no-attention-products"])
+        assert TrainConfig.from_dict(_train_options(args)).fqt == {"attention_products": False}
+
     @pytest.mark.slow
     def test_fused_int8(self, tmp_path, monkeypatch):
         """The loss stays finite, and the GEMMs really ran as integer products."""
@@ -142,6 +158,10 @@ class TestErrors:
         )
         if not torch.cuda.is_available():
             assert "CUDA is not available" in error("--device", "cuda", "--out", x)
+        assert "this run has one; start it with torchrun" in error("--fsdp", "--out", x)
+        assert "--variance-every: variance_every needs each rank's whole gradients" in error(
+            "--fsdp", "--variance-every", "2", "--out", x
+        )
         assert not x.exists()
 
     def test_version(self):
@@ -379,6 +399,122 @@ def test_ddp_noise_sync_and_exact_resume(tmp_path):
     assert json.loads((stopped / "final.json").read_text())["rank_param_checksums"] == [a, b]
     assert without_seconds(read_metrics(stopped)) == without_seconds(read_metrics(full))
     assert_same_parameters(full / "checkpoint.pt", stopped / "checkpoint.pt")
+
+
+def _torchrun(*command: str) -> subprocess.CompletedProcess:
+    cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *command]
+    return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
+)
+def test_fsdp_trains_checkpoints_and_resumes(tmp_path):
+    """``--fsdp`` under torchrun (2 CPU processes, gloo): the loss falls, the ranks end with the
+    same (gathered) parameters, the checkpoint holds the whole tensors, not a rank's shards, and
+    a run stopped within an epoch resumes to exactly the uninterrupted result."""
+    args = ["train", "--fsdp", "--epochs", "2", "--max-steps-per-epoch", "6", "--batch-size"]
+    args += ["32", "--checkpoint-every", "4", "--quiet"]
+    full = tmp_path / "full"
+    result = _torchrun("-m", "fqtorch", *args, "--out", str(full))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 processes (FSDP2: parameters sharded per FQT layer)" in result.stderr
+    first, second = read_metrics(full)
+    assert second["train_loss"] < 0.7 * first["train_loss"]
+    assert second["val_loss"] < first["val_loss"]
+    final = json.loads((full / "final.json").read_text())
+    a, b = final["rank_param_checksums"]
+    assert a == b
+    state = load_checkpoint(full / "checkpoint.pt")
+    model = fqtorch.quantize_model(
+        fqtorch.models.build_model("digits_cnn"), fqtorch.FQTConfig.preset("bhq5")
+    )
+    model.load_state_dict(state["model"])  # whole tensors, the model's own names
+    params = [p.detach().double() for p in model.parameters()]
+    assert float(sum(p.sum() + p.square().sum() for p in params)) == pytest.approx(a, rel=1e-12)
+
+    stopped = tmp_path / "stopped"
+    driver = tmp_path / "die_after_step_8.py"
+    driver.write_text(DIE_AFTER_STEP_8)
+    result = _torchrun(str(driver), *args, "--out", str(stopped))
+    assert result.returncode != 0 and not (stopped / "final.json").exists()
+    result = _torchrun("-m", "fqtorch", "train", "--resume", str(stopped))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming in epoch 2 at step 8 (2 of its 6 steps done)" in result.stderr
+    assert json.loads((stopped / "final.json").read_text())["rank_param_checksums"] == [a, b]
+    assert without_seconds(read_metrics(stopped)) == without_seconds(read_metrics(full))
+    assert_same_parameters(full / "checkpoint.pt", stopped / "checkpoint.pt")
+
+
+FULLY_SHARD_MLP = """
+import copy
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import fully_shard
+
+import fqtorch
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+fqtorch.quantize_model(model, fqtorch.FQTConfig.preset("bhq5"))
+g = torch.Generator().manual_seed(rank)
+teacher = torch.randn(16, 4, generator=torch.Generator().manual_seed(123))  # learnable labels
+x = torch.randn(64, 16, generator=g)
+y = (x @ teacher).argmax(1)
+
+
+def loss_of(m):
+    return nn.functional.cross_entropy(m(x), y)
+
+
+# The reference: every rank's FQT gradient on its own batch and noise, unsharded, averaged.
+plain = copy.deepcopy(model)
+fqtorch.reseed(plain, 1 + rank)
+loss_of(plain).backward()
+expected = [p.grad for p in plain.parameters()]
+for grad in expected:
+    dist.all_reduce(grad)
+    grad /= dist.get_world_size()
+
+fqtorch.reseed(model, 1 + rank)
+for layer in reversed(list(fqtorch.fqt_modules(model).values())):
+    fully_shard(layer)
+fully_shard(model)
+optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+losses = []
+for step in range(30):
+    optimizer.zero_grad()
+    loss = loss_of(model)
+    loss.backward()
+    if step == 0:
+        for p, grad in zip(model.parameters(), expected, strict=True):
+            torch.testing.assert_close(p.grad.full_tensor(), grad, rtol=1e-5, atol=1e-6)
+    optimizer.step()
+    losses.append(loss.item())
+assert losses[-1] < 0.5 * losses[0], losses
+print("ok", rank, losses[0], losses[-1])
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
+)
+def test_fully_shard_over_quantize_model(tmp_path):
+    """FSDP2's ``fully_shard`` over FQT layers (2 gloo ranks): the first step's gradient is the
+    ranks' average FQT gradient, each rank with its own batch and noise, and training lowers
+    the loss."""
+    script = tmp_path / "fully_shard_mlp.py"
+    script.write_text(FULLY_SHARD_MLP)
+    result = _torchrun(str(script))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("ok") == 2
 
 
 def test_experiment_configs_are_valid():

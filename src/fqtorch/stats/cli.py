@@ -14,9 +14,11 @@ gradients (all quantizers on); the profile shows where it comes from.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +155,20 @@ def _read_checkpoint(args: argparse.Namespace) -> tuple[dict | None, dict]:
     return state, made_with
 
 
+@contextlib.contextmanager
+def _conversion_summary_said() -> Iterator[None]:
+    """Quiet ``quantize_model``'s conversion summary (INFO) within: the run converts the same
+    model once per configuration, and its first conversion has said which layers are FQT and
+    which stay float. Warnings still show; the logger's level is restored after."""
+    logger = logging.getLogger("fqtorch.convert")
+    level = logger.level
+    logger.setLevel(max(logging.WARNING, logger.getEffectiveLevel()))
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1))
 
@@ -232,6 +248,7 @@ def run_variance(args: argparse.Namespace) -> int:
         if args.full_batches is None or i < args.full_batches
     ]
 
+    # The one conversion summary of the run: every configuration converts the same layers.
     quantize_model(model, FQTConfig.preset("qat", seed=args.seed))
     sampling = sampling_variance(model, _loss, batches, full_data=full_batches)
     dequantize_model(model)
@@ -264,7 +281,8 @@ def run_variance(args: argparse.Namespace) -> int:
     configs = [(q, b) for q in quantizers for b in bits]
     for done, (q, b) in enumerate(configs, start=1):
         cfg = FQTConfig(grad_quantizer=q, grad_bits=b, seed=args.seed, fused=args.fused)
-        r = _measure_config(model, cfg, batches, args.samples, args.alpha)
+        with _conversion_summary_said():
+            r = _measure_config(model, cfg, batches, args.samples, args.alpha)
         results.append(r)
         log.info(
             "%-8s %4d %14.4g %10.3g %8.3f %8.2f %13.2f   %d/%d, %.0fs%s",
@@ -290,7 +308,8 @@ def run_variance(args: argparse.Namespace) -> int:
         cfg = FQTConfig(
             grad_quantizer=profile_q, grad_bits=profile_b, seed=args.seed, fused=args.fused
         )
-        quantize_model(model, cfg)
+        with _conversion_summary_said():
+            quantize_model(model, cfg)
         profile = variance_profile(model, _loss, batches, args.profile_samples, sampling=sampling)
         dequantize_model(model)
 

@@ -28,6 +28,7 @@ FQT_FIELDS = (
     "grad_rounding",
     "backend",
     "fused",
+    "attention_products",
 )
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -102,6 +103,7 @@ class TrainConfig:
     tensorboard: bool = False
     variance_every: int = 0
     device: str = "auto"
+    fsdp: bool = False  # shard with FSDP2 (fully_shard) instead of DDP; needs torchrun
     block_size: int = 64
     image_size: int = 224
     workers: int = 0
@@ -130,6 +132,11 @@ class TrainConfig:
         for name in ("variance_every", "checkpoint_every", "workers"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.fsdp and self.variance_every:
+            raise ValueError(
+                "variance_every needs each rank's whole gradients, which fsdp shards; leave out "
+                "--variance-every or --fsdp"
+            )
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory to continue (out)")
         self.fqt_config()  # validate the quantization plan now

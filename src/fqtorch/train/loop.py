@@ -1,4 +1,5 @@
-"""The training loop behind ``fqtorch train``: one process or many (``torchrun``, DDP).
+"""The training loop behind ``fqtorch train``: one process or many (``torchrun``: DDP, or FSDP2
+with ``--fsdp``).
 
 Reproducibility: at the start of every epoch the quantizers' noise, the augmentation and the
 global RNG are reseeded from ``(seed, rank, epoch)`` and the data order from ``(seed, epoch)``,
@@ -13,6 +14,11 @@ a function of the step and of the run's current ``epochs``, so extending a run
 (``--resume --epochs N``) recomputes it for N epochs from the step reached: the lr becomes what an
 N-epoch run has at that step (for a finished run extended to twice its length, half the peak)
 and decays to 0 at epoch N.
+
+FSDP2 (``--fsdp``): every FQT layer, then the root, is sharded with ``fully_shard``; each rank
+holds a shard of the parameters and optimizer state. Checkpoints hold the full (gathered) states,
+the same model state as a DDP run's, so a run can be inspected or evaluated without FSDP; the
+optimizer state is keyed by parameter name, so a run resumes with the ``fsdp`` it started with.
 
 Outputs (rank 0): see :func:`train`.
 """
@@ -57,7 +63,7 @@ log = logging.getLogger(__name__)
 Progress = Callable[[Iterable, int, str], Iterable]
 
 # A checkpoint written with other values of these cannot be continued by this run.
-SAME_ON_RESUME = ("dataset", "model", "preset", "fqt", "batch_size", "optimizer", "seed")
+SAME_ON_RESUME = ("dataset", "model", "preset", "fqt", "batch_size", "optimizer", "seed", "fsdp")
 
 
 @dataclass
@@ -86,6 +92,30 @@ def _setup_runtime(device: str) -> Runtime:
             dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
         return Runtime(dist.get_rank(), dist.get_world_size(), torch.device(device))
     return Runtime(0, 1, torch.device(device))
+
+
+def _shard(model: nn.Module) -> None:
+    """FSDP2: shard every FQT layer (innermost first), then the root, in place; each layer's
+    parameters are gathered just for its own GEMMs and its gradients reduce-scattered."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in reversed(list(fqtorch.fqt_modules(model).values())):
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def _full_tensor(t: Tensor) -> Tensor:
+    """The whole tensor: a DTensor (an FSDP2 parameter, or a norm over them) gathered; any
+    other tensor as it is. Every rank must call it on the same DTensors (a collective)."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _state_options(**kwargs: bool) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, **kwargs)
 
 
 def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
@@ -239,9 +269,19 @@ def _loaders(
     return train, val, sampler, resumable
 
 
-def _evaluate(model: nn.Module, loader: DataLoader, rt: Runtime) -> tuple[float, float]:
+def _evaluate(
+    model: nn.Module, loader: DataLoader, rt: Runtime, sharded: bool = False
+) -> tuple[float, float]:
+    """Validation loss and accuracy over every rank's shard. ``sharded`` (FSDP): first every
+    rank takes rank 0's buffers (FSDP leaves them to each rank; DDP broadcasts them), and since
+    every forward is a collective, the ranks with fewer batches repeat a batch, uncounted,
+    until all have run as many forwards."""
     model.eval()
     total, correct, count = 0.0, 0.0, 0.0
+    batches = most = len(loader)
+    if sharded:
+        _broadcast_buffers(model)
+        most = int(_all_reduce([float(batches)], rt, "max")[0])
     with torch.no_grad():
         for x, y in loader:
             x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
@@ -249,13 +289,37 @@ def _evaluate(model: nn.Module, loader: DataLoader, rt: Runtime) -> tuple[float,
             total += float(_loss(logits, y, 0.0)) * y.numel()
             correct += float((logits.argmax(-1) == y).sum())
             count += y.numel()
+        for _ in range(most - batches):
+            model(_first_input(loader).to(rt.device))
     total, correct, count = _all_reduce([total, correct, count], rt)
     return total / max(count, 1), correct / max(count, 1)
 
 
-def _param_checksum(model: nn.Module) -> float:
+def _broadcast_buffers(model: nn.Module) -> None:
+    """Every rank takes rank 0's buffers (BatchNorm's running statistics), as DDP does: the
+    validation metrics and the checkpoint (rank 0's) then agree with every rank's model."""
     with torch.no_grad():
-        return float(sum(p.double().sum() + p.double().square().sum() for p in model.parameters()))
+        for buffer in model.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def _first_input(loader: DataLoader) -> Tensor:
+    """One input sample as a batch of one: from the loader's shard, or (an empty shard) from
+    the data set it was cut from."""
+    data = loader.dataset
+    if len(data) == 0 and isinstance(data, Subset):
+        data = data.dataset
+    return torch.as_tensor(data[0][0]).unsqueeze(0)
+
+
+def _param_checksum(model: nn.Module) -> float:
+    """A checksum of the whole parameters (FSDP2's shards gathered: a collective)."""
+    total = torch.zeros((), dtype=torch.float64)
+    with torch.no_grad():
+        for p in model.parameters():
+            whole = _full_tensor(p).double().cpu()
+            total += whole.sum() + whole.square().sum()
+    return float(total)
 
 
 def _check_tensorboard() -> None:
@@ -358,10 +422,17 @@ class _Run:
         if cfg.max_steps_per_epoch:
             steps = min(steps, cfg.max_steps_per_epoch)
         self.steps_per_epoch = steps
+        if cfg.fsdp:
+            if self.rt.world == 1:
+                raise TrainingError(
+                    "--fsdp shards the model across processes, and this run has one; start it "
+                    "with torchrun --nproc_per_node N (N >= 2), or leave --fsdp out"
+                )
+            _shard(self.model)  # before the optimizer: it must hold the sharded parameters
         self.optimizer = _optimizer(cfg, self.model)
         self.scheduler = _schedule(cfg, self.optimizer, steps)
-        self.ddp = self.model
-        if self.rt.world > 1:
+        self.ddp = self.model  # what a step runs: DDP's wrapper, or the (sharded) model
+        if self.rt.world > 1 and not cfg.fsdp:
             ids = [self.rt.device.index] if self.rt.device.type == "cuda" else None
             self.ddp = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         # Progress: epochs done, steps done in all, steps done in the current epoch, and the
@@ -405,9 +476,10 @@ class _Run:
 
     def checkpoint_state(self) -> dict[str, Any]:
         """The run's state; every rank must call it (it gathers the ranks' RNG states)."""
+        model, optimizer = self._states()
         return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model,
+            "optimizer": optimizer,
             "scheduler": self.scheduler.state_dict(),
             "epoch": self.epoch,
             "step": self.step,
@@ -457,11 +529,10 @@ class _Run:
                 f"{self.steps_per_epoch} steps (--max-steps-per-epoch or --batch-size changed?)"
             )
         try:
-            self.model.load_state_dict(state["model"])
+            self._load_states(state["model"], state["optimizer"])
         except RuntimeError as exc:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path} does not fit model {self.cfg.model}: {first}") from exc
-        self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self._apply_schedule()
         self.epoch, self.step, self.epoch_step = epoch, step, epoch_step
@@ -472,6 +543,37 @@ class _Run:
         self.resumed = {"epoch": epoch, "step": step, "epoch_step": epoch_step}
         self.resumed["epochs"] = int(saved.get("epochs", self.cfg.epochs))
         self.saved_at = _where(epoch, step, epoch_step)
+
+    def _states(self) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The model's and optimizer's states; under FSDP gathered to whole tensors on rank 0's
+        CPU (collectives: every rank calls it; the other ranks get empty dicts)."""
+        if not self.cfg.fsdp:
+            return self.model.state_dict(), self.optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import (
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = _state_options(cpu_offload=True)
+        return (
+            get_model_state_dict(self.model, options=options),
+            get_optimizer_state_dict(self.model, self.optimizer, options=options),
+        )
+
+    def _load_states(self, model: dict[str, Any], optimizer: dict[str, Any]) -> None:
+        """Load the model's and optimizer's saved states (under FSDP, every rank takes its
+        shards of the full states, which every rank has read)."""
+        if not self.cfg.fsdp:
+            self.model.load_state_dict(model)
+            self.optimizer.load_state_dict(optimizer)
+            return
+        from torch.distributed.checkpoint.state_dict import (
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        set_model_state_dict(self.model, model, options=_state_options())
+        set_optimizer_state_dict(self.model, self.optimizer, optimizer, options=_state_options())
 
     def _apply_schedule(self) -> None:
         """Set the lr of the step reached from this run's schedule (identical to the saved lr
@@ -517,7 +619,7 @@ class _Run:
         if not self.rt.main:
             return
         cfg, spec, rt = self.cfg, self.spec, self.rt
-        params = sum(p.numel() for p in self.model.parameters())
+        params = sum(p.numel() for p in self.model.parameters())  # a DTensor's: the whole
         layers = len(fqtorch.fqt_modules(self.model))
         processes = f" × {rt.world} processes" if rt.world > 1 else ""
         saves = "checkpoint.pt every epoch" + (
@@ -537,11 +639,16 @@ class _Run:
             f"model   {cfg.model}: {params:,} parameters, {layers} FQT layers",
             f"data    {data}",
             f"fqt     {_describe_fqt(cfg)}",
-            f"device  {rt.device}" + (f", {rt.world} processes (DDP)" if rt.world > 1 else ""),
+            f"device  {rt.device}"
+            + (f", {rt.world} processes ({self._parallel})" if rt.world > 1 else ""),
             f"saves   {saves}",
         ]
         for line in lines:
             log.info("%s", line)
+
+    @property
+    def _parallel(self) -> str:
+        return "FSDP2: parameters sharded per FQT layer" if self.cfg.fsdp else "DDP"
 
     def _run_state(self) -> str:
         if self.resumed is None:
@@ -593,8 +700,9 @@ class _Run:
         loss = _loss(self.ddp(x), y, self.cfg.label_smoothing)
         loss.backward()
         loss = loss.detach()
-        # After DDP's all-reduce every rank sees the same norm, so all take the same branch.
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf"))
+        # After DDP's all-reduce (FSDP's reduce-scatter, the norm gathered) every rank sees the
+        # same norm, so all take the same branch.
+        norm = _full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
         if not (torch.isfinite(norm) and torch.isfinite(loss)):
             if self.cfg.nonfinite == "stop":
                 last = f" and the last checkpoint is at {self.saved_at}" if self.saved_at else ""
@@ -667,7 +775,7 @@ class _Run:
             if every and self.step % every == 0 and self.epoch_step < self.steps_per_epoch:
                 self.save()  # the end of the epoch has its own checkpoint, after evaluating
         total, count, skipped = _all_reduce(self.sums, self.rt)
-        val_loss, val_acc = _evaluate(self.model, self.val_loader, self.rt)
+        val_loss, val_acc = _evaluate(self.model, self.val_loader, self.rt, self.cfg.fsdp)
         self.epoch += 1
         self.epoch_step = 0
         self.sums = [0.0, 0.0, 0.0]
@@ -832,7 +940,7 @@ def _train_epochs(run: _Run) -> dict[str, Any]:
         if run.stop_requested():  # during the evaluation: the epoch's checkpoint is written
             raise run.interrupted()
     if not metrics:  # resumed a finished run: evaluate once more
-        val_loss, val_acc = _evaluate(run.model, run.val_loader, run.rt)
+        val_loss, val_acc = _evaluate(run.model, run.val_loader, run.rt, cfg.fsdp)
         metrics = {"epoch": run.epoch, "val_loss": val_loss, "val_acc": val_acc}
     checksums = _gather_checksums(run)
     final = {
@@ -850,7 +958,8 @@ def _train_epochs(run: _Run) -> dict[str, Any]:
 
 
 def _gather_checksums(run: _Run) -> list[float]:
-    """Each rank's parameter checksum: identical across ranks when DDP kept them in sync."""
+    """Each rank's parameter checksum: identical across ranks when DDP kept them in sync (under
+    FSDP, of the gathered parameters: identical by construction, and a check the gather works)."""
     mine = _param_checksum(run.model)
     if run.rt.world == 1:
         return [mine]
