@@ -240,3 +240,11 @@ class TestTransposedLinear:
         x = torch.randn(3, 6)
         without_bias = F.linear(x, source.weight.T)
         torch.testing.assert_close(layer(x) - without_bias, source.bias.expand(3, 4))
+
+
+def test_linear_output_on_a_batch_of_rows_is_not_a_view():
+    """FSDP2 warns, and an in-place op after the layer would drop its pre-backward hook, when a
+    module returns a view; a reshape to the same shape returns one."""
+    layer = FQTLinear(nn.Linear(6, 3), FQTConfig.preset("bhq5"), name="fc")
+    assert not layer(torch.randn(4, 6))._is_view()
+    assert layer(torch.randn(2, 4, 6)).shape == (2, 4, 3)

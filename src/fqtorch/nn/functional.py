@@ -300,6 +300,10 @@ def fqt_linear(
             )
     if output is None:
         output = fqt_gemm(flat, weight, bias, _LINEAR, source, name)  # (M, out)
+    if input.dim() == 2:
+        # Not a reshape to the same shape: that returns a view, and FSDP2 warns that an in-place
+        # op on a module's view output (ReLU(inplace=True)) drops its pre-backward hook.
+        return output
     return output.reshape(*input.shape[:-1], weight.shape[0])
 
 
