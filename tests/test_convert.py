@@ -5,11 +5,15 @@ from __future__ import annotations
 import copy
 import logging
 import re
+import sys
+import types
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
+from torch.nn.utils import prune
 
 import fqtorch
 from fqtorch import FQTConfig, dequantize_model, quantize_model
@@ -223,6 +227,96 @@ class TestSubclasses:
         quantize_model(model, FQTConfig())
         assert isinstance(model[0], FQTLinear) and model[0].in_features == 5
 
+    def test_subclass_overriding_a_method_forward_calls_is_left_in_float(self):
+        """nn.Conv2d.forward calls _conv_forward: a subclass that overrides it (weight
+        standardisation) keeps the parent's forward but computes something else."""
+
+        class StandardizedConv(nn.Conv2d):
+            def _conv_forward(self, x, weight, bias):
+                weight = (weight - weight.mean((1, 2, 3), keepdim=True)) / weight.std()
+                return super()._conv_forward(x, weight, bias)
+
+            def reset_parameters(self) -> None:  # harmless: builds the layer
+                super().reset_parameters()
+
+        model = nn.Sequential(StandardizedConv(2, 2, 3), nn.Linear(2, 2))
+        quantize_model(model, FQTConfig())
+        assert type(model[0]) is StandardizedConv
+        why = fqtorch.conversion_summary(model).left_float["0"]
+        assert "subclass of nn.Conv2d with its own _conv_forward" in why
+        assert "reset_parameters" not in why
+
+
+def _weight_norm(layer: nn.Linear) -> nn.Linear:
+    with warnings.catch_warnings():  # deprecated, and still in use
+        warnings.simplefilter("ignore", FutureWarning)
+        layer = torch.nn.utils.weight_norm(layer)
+    with torch.no_grad():
+        layer.weight_g.mul_(2.0)  # the forward's weight now differs from the stale attribute
+    return layer
+
+
+def _prune(layer: nn.Linear) -> nn.Linear:
+    return prune.l1_unstructured(layer, "weight", amount=0.5)
+
+
+def _forward_hook(layer: nn.Module) -> nn.Module:
+    layer.register_forward_hook(lambda module, args, output: output * 2)
+    return layer
+
+
+def _hooked_out_proj(layer: nn.Module) -> nn.Module:
+    attention = nn.MultiheadAttention(3, 1)
+    _forward_hook(attention.out_proj)
+    return attention
+
+
+class TestHooksAndParametrizations:
+    """A layer whose hooks or parametrization change what it computes stays float, saying so:
+    the FQT layer would silently skip them (stale weight, lost user hook, or AttributeError)."""
+
+    @pytest.mark.parametrize(
+        ("wrap", "where"),
+        [
+            (_forward_hook, "hooks on itself"),
+            (_weight_norm, "hooks on itself"),
+            (torch.nn.utils.spectral_norm, "hooks on itself"),
+            (_prune, "hooks on itself"),
+            (torch.nn.utils.parametrizations.weight_norm, "parametrized"),
+            (_hooked_out_proj, "hooks on 'out_proj'"),
+        ],
+    )
+    def test_left_in_float(self, wrap, where):
+        torch.manual_seed(0)
+        model = nn.Sequential(wrap(nn.Linear(3, 3)), nn.Linear(3, 3))
+        layer = model[0]
+        quantize_model(model, FQTConfig())
+        assert model[0] is layer and isinstance(model[1], FQTLinear)
+        assert where in fqtorch.conversion_summary(model).left_float["0"]
+
+    def test_hooks_on_an_fqt_layer_are_not_carried_back_silently(self):
+        model = quantize_model(nn.Sequential(nn.Linear(3, 3)), FQTConfig())
+        with pytest.warns(RuntimeWarning, match="forward pre hooks are not carried over"):
+            model[0].register_forward_pre_hook(lambda module, args: None)
+            dequantize_model(model)
+        assert type(model[0]) is nn.Linear and not model[0]._forward_pre_hooks
+
+
+class TestCompiledLayer:
+    def test_layer_compiled_on_its_own_runs_its_fqt_forward(self, caplog):
+        """layer.compile() stores the compiled *float* forward on the layer; the FQT layer must
+        not adopt it (it would run the float forward in place of the FQT one)."""
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 4))
+        x = torch.randn(8, 16)
+        float_output = model(x)
+        model[0].compile(backend="eager")
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            quantize_model(model, FQTConfig(input_bits=2, weight_bits=2))
+        assert "_compiled_call_impl" not in vars(model[0])
+        assert not torch.equal(model(x), float_output)  # 2-bit GEMMs ran
+        assert "0: compiled on its own (layer.compile())" in caplog.records[-1].getMessage()
+
 
 class TestSummary:
     def test_lists_what_holds_matrix_products_in_float(self, caplog):
@@ -290,6 +384,40 @@ class TestSummary:
         assert not model.use_nested_tensor
         assert "nested-tensor inference path turned off" in caplog.records[-1].getMessage()
 
+    @pytest.mark.parametrize("products", [False, True])
+    def test_attention_products_in_float_are_listed(self, products):
+        model = nn.Sequential(nn.MultiheadAttention(4, 2))
+        quantize_model(model, FQTConfig(attention_products=products))
+        summary = fqtorch.conversion_summary(model)
+        assert set(summary.quantized) == {"0", "0.out_proj"}
+        if products:
+            assert not summary.left_float
+        else:
+            assert "score and value products (Q·Kᵀ, A·V) run in float" in summary.left_float["0"]
+
+    def test_attention_products_without_an_attention_layer_is_noted(self, caplog):
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            quantize_model(nn.Sequential(nn.Linear(3, 3)), FQTConfig(attention_products=True))
+        assert "attention_products=True, but no nn.MultiheadAttention was converted" in (
+            caplog.records[-1].getMessage()
+        )
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            quantize_model(nn.Sequential(nn.Linear(3, 3)), FQTConfig())
+        assert "attention_products" not in caplog.records[-1].getMessage()
+
+    def test_dequantize_restores_the_nested_tensor_path(self):
+        model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), 1)
+        quantize_model(model, FQTConfig())
+        assert not model.use_nested_tensor
+        dequantize_model(model)
+        assert model.use_nested_tensor
+        off = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(8, 2, 16), 1, enable_nested_tensor=False
+        )
+        dequantize_model(quantize_model(off, FQTConfig()))
+        assert not off.use_nested_tensor
+
 
 class TestRegistry:
     def test_builtins_are_registered(self):
@@ -351,6 +479,52 @@ class TestRegistry:
         model = quantize_model(nn.Sequential(Raw()), FQTConfig(), layers={Raw: _FQTRawMatmul})
         assert isinstance(model[0], _FQTRawMatmul)
         assert Raw not in fqtorch.registered_layers()
+
+    def test_override_wins_over_a_registered_subclass(self):
+        fqtorch.register_layer(PlainSubclass, FQTLinear)
+        try:
+            model = nn.Sequential(PlainSubclass(2, 2), nn.Conv1d(2, 2, 1))
+            quantize_model(model, FQTConfig(), layers={nn.Linear: None})
+            assert type(model[0]) is PlainSubclass and isinstance(model[1], FQTConv1d)
+            assert (
+                "layers= maps nn.Linear to None"
+                in fqtorch.conversion_summary(model, layers={nn.Linear: None}).left_float["0"]
+            )
+        finally:
+            fqtorch.unregister_layer(PlainSubclass)
+
+    def test_name_of_an_imported_class_is_resolved(self):
+        """torch.nn.Bilinear is defined as torch.nn.modules.linear.Bilinear: the re-exported
+        name resolves to the class, and a name its imported module lacks is refused."""
+        fqtorch.register_layer("torch.nn.Bilinear", _FQTRawMatmul)
+        try:
+            assert nn.Bilinear in fqtorch.registered_layers()
+            summary = fqtorch.conversion_summary(nn.Sequential(nn.Bilinear(2, 2, 2)))
+            assert "registered for FQT but float" in summary.left_float["0"]
+        finally:
+            fqtorch.unregister_layer("torch.nn.Bilinear")
+        assert nn.Bilinear not in fqtorch.registered_layers()
+        with pytest.raises(ValueError, match="holds no class 'NoSuchLayer'"):
+            fqtorch.register_layer("torch.nn.NoSuchLayer", FQTLinear)
+        with pytest.raises(ValueError, match="'package.module.Class'"):
+            fqtorch.register_layer("torch.nn.Bi linear", FQTLinear)
+
+    def test_name_registered_before_its_module_is_imported(self, monkeypatch):
+        """A name kept as given (its module not imported) is found again by that name, or by
+        its class, once the module is imported."""
+        name = "fqtorch_test_late.Layer"
+        fqtorch.register_layer(name, _FQTRawMatmul)
+        try:
+            late = types.ModuleType("fqtorch_test_late")
+            late.Layer = type("Layer", (Raw,), {"__module__": "fqtorch_test_late"})
+            monkeypatch.setitem(sys.modules, "fqtorch_test_late", late)
+            model = quantize_model(nn.Sequential(late.Layer()), FQTConfig())
+            assert isinstance(model[0], _FQTRawMatmul)
+            with pytest.raises(ValueError, match="already registered"):
+                fqtorch.register_layer(late.Layer, FQTLinear)
+        finally:
+            fqtorch.unregister_layer(name)
+        assert name not in fqtorch.registered_layers()
 
     def test_match_by_qualified_name(self):
         model = quantize_model(

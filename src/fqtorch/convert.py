@@ -8,11 +8,15 @@ working and ``state_dict()`` keys and values are unchanged.
 quantizer registry: it maps a float layer type to the function that builds its FQT layer.
 ``nn.Linear``, ``nn.Conv1d``, ``nn.Conv2d``, ``nn.MultiheadAttention`` and transformers' ``Conv1D``
 (GPT-2) are registered through it below. ``quantize_model(..., layers=...)`` overrides it for one
-call. A module matches the registration of its class or of the nearest registered base class; a
-subclass is converted only when it keeps that base's ``forward`` (as torchao decides), since a
-subclass with its own ``forward`` may compute something else. A registered layer is converted
-whole or left whole: the submodules of ``nn.MultiheadAttention``, whose forward reads their
-weights directly, are never converted on their own.
+call, and wins over it: a module matches the entry of its class or of the nearest base class in
+``layers=``, else in the registry. A subclass is converted only when it overrides none of that
+base's methods (``__init__``, ``reset_parameters``, ``extra_repr`` aside): one with its own
+``forward``, or its own method that ``forward`` calls (``nn.Conv2d._conv_forward``), may compute
+something else. A registered layer is converted whole or left whole: the submodules of
+``nn.MultiheadAttention``, whose forward reads their weights directly, are never converted on
+their own. A layer that holds hooks or a ``torch.nn.utils.parametrize`` parametrization (on
+itself or a submodule) stays float: the FQT layer would not run them (legacy ``weight_norm``,
+``spectral_norm`` and ``prune`` are such hooks, which recompute the weight).
 
 Module swapping sees modules only: a product that a ``forward`` computes from raw parameters
 (``F.linear(x, self.w)``, ``x @ self.w``, ``torch.einsum``) stays float. The summary names the
@@ -22,7 +26,9 @@ modules that own such parameters, and the layers that hold matrix products fqtor
 
 from __future__ import annotations
 
+import inspect
 import logging
+import sys
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -30,10 +36,18 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.utils import parametrize
 
 from .config import FQTConfig
 from .nn.attention import FQTMultiheadAttention
-from .nn.modules import FQTConv1d, FQTConv2d, FQTLinear, FQTModule, FQTTransposedLinear
+from .nn.modules import (
+    _HOOK_DICTS,
+    FQTConv1d,
+    FQTConv2d,
+    FQTLinear,
+    FQTModule,
+    FQTTransposedLinear,
+)
 
 __all__ = [
     "ConversionSummary",
@@ -89,13 +103,61 @@ def _type_name(cls: type[nn.Module] | str) -> str:
     return _qualified_name(cls)
 
 
-def _check_key(float_type: object) -> None:
+def _resolve(name: str) -> type | None:
+    """The class ``name`` denotes when the longest prefix of it that is an imported module holds
+    it (``"torch.nn.Bilinear"`` -> ``nn.Bilinear``, whose own name is
+    ``torch.nn.modules.linear.Bilinear``); ``None`` otherwise. Looks attributes up statically,
+    so nothing is imported (a lazy package's modules neither). Raises ``ValueError`` when the
+    module ``name`` places the class in is imported and does not hold it."""
+    parts = name.split(".")
+    for split in range(len(parts) - 1, 0, -1):
+        module = sys.modules.get(".".join(parts[:split]))
+        if module is None:
+            continue
+        found: object = module
+        for attr in parts[split:]:
+            found = inspect.getattr_static(found, attr, None)
+        if isinstance(found, type):
+            return found
+        if split == len(parts) - 1:
+            raise ValueError(
+                f"{name!r} names no class: module {module.__name__!r} is imported and holds no "
+                f"class {parts[-1]!r}; give the class itself or its 'package.module.Class' name"
+            )
+        return None
+    return None
+
+
+def _names(
+    float_type: type[nn.Module] | str, key: type[nn.Module] | str
+) -> list[type[nn.Module] | str]:
+    """The registry keys that denote the same layer type as ``float_type`` (resolved to
+    ``key``): the class, its qualified name, and the name given."""
+    names = [key] if isinstance(key, str) else [key, _qualified_name(key)]
+    return [*names, float_type] if float_type not in names else names
+
+
+def _key(float_type: object) -> type[nn.Module] | str:
+    """``float_type`` checked, and a name resolved to its class when its module is imported (a
+    name is otherwise matched against ``cls.__module__ + "." + cls.__qualname__``, so it must be
+    the class's defining module, e.g. ``transformers.pytorch_utils.Conv1D``)."""
     if isinstance(float_type, str):
-        if "." not in float_type.strip("."):
+        if "." not in float_type.strip(".") or not all(
+            part.isidentifier() for part in float_type.split(".")
+        ):
             raise ValueError(
                 f"a layer type given by name must be 'package.module.Class', got {float_type!r}"
             )
-    elif not (isinstance(float_type, type) and issubclass(float_type, nn.Module)):
+        resolved = _resolve(float_type)
+        if resolved is None:
+            return float_type
+        float_type = resolved
+    _check_key(float_type)
+    return float_type  # type: ignore[return-value]
+
+
+def _check_key(float_type: object) -> None:
+    if not (isinstance(float_type, type) and issubclass(float_type, nn.Module)):
         raise TypeError(
             f"float_type must be an nn.Module subclass or its qualified name, got {float_type!r}"
         )
@@ -117,28 +179,37 @@ def register_layer(
 
     ``float_type`` is a class, or its qualified name ``"package.module.Class"`` to match a class
     whose package should not be imported (transformers' ``Conv1D`` is registered that way).
-    Subclasses of ``float_type`` that keep its ``forward`` are converted too. Registering a type
-    twice raises unless ``replace=True``. :func:`conversion_summary` and :func:`dequantize_model`
-    pick the registration up.
+    Subclasses of ``float_type`` that override none of its methods are converted too.
+    Registering a type twice raises unless ``replace=True``. :func:`conversion_summary` and
+    :func:`dequantize_model` pick the registration up.
+
+    A name is resolved to its class when its module is already imported (so a re-exported name
+    such as ``"torch.nn.Bilinear"`` works, and a name its imported module does not hold raises);
+    otherwise it must be the class's defining module and qualified name,
+    ``cls.__module__ + "." + cls.__qualname__``, to match.
     """
-    _check_key(float_type)
+    key = _key(float_type)
     if not callable(to_fqt):
         raise TypeError(f"to_fqt must be callable (module, config, name) -> FQT layer: {to_fqt!r}")
     if from_fqt is not None and not callable(from_fqt):
         raise TypeError(f"from_fqt must be callable (fqt_layer) -> float layer: {from_fqt!r}")
-    if float_type in _REGISTRY and not replace:
+    existing = [name for name in _names(float_type, key) if name in _REGISTRY]
+    if existing and not replace:
         raise ValueError(
-            f"{_type_name(float_type)} is already registered (to_fqt "
-            f"{_REGISTRY[float_type].to_fqt!r}); pass replace=True to change it"
+            f"{_type_name(key)} is already registered (to_fqt "
+            f"{_REGISTRY[existing[0]].to_fqt!r}); pass replace=True to change it"
         )
-    _REGISTRY[float_type] = LayerConversion(float_type, to_fqt, from_fqt)
+    for name in existing:
+        del _REGISTRY[name]
+    _REGISTRY[key] = LayerConversion(key, to_fqt, from_fqt)
 
 
 def unregister_layer(float_type: type[nn.Module] | str) -> LayerConversion:
     """Remove a registration (as given to :func:`register_layer`) and return it."""
     try:
-        return _REGISTRY.pop(float_type)
-    except (KeyError, TypeError):
+        key = _key(float_type)
+        return next(_REGISTRY.pop(n) for n in _names(float_type, key) if n in _REGISTRY)
+    except (StopIteration, TypeError, ValueError):
         raise KeyError(
             f"{float_type!r} is not registered; registered: "
             f"{', '.join(_type_name(k) for k in _REGISTRY)}"
@@ -160,7 +231,8 @@ Tables = tuple[Mapping[type[nn.Module] | str, LayerConversion | None], ...]
 
 
 def _tables(layers: Mapping[type[nn.Module] | str, ToFQT | None] | None) -> Tables:
-    """``layers`` (consulted first; ``None`` leaves that type in float), then the registry."""
+    """``layers`` (consulted first, over a module's whole MRO; ``None`` leaves that type in
+    float), then the registry."""
     if layers is None:
         return (_REGISTRY,)
     if not isinstance(layers, Mapping):
@@ -170,7 +242,7 @@ def _tables(layers: Mapping[type[nn.Module] | str, ToFQT | None] | None) -> Tabl
         )
     overrides: dict[type[nn.Module] | str, LayerConversion | None] = {}
     for key, to_fqt in layers.items():
-        _check_key(key)
+        key = _key(key)
         if to_fqt is not None and not callable(to_fqt):
             raise TypeError(f"layers[{_type_name(key)}] must be callable or None, got {to_fqt!r}")
         overrides[key] = None if to_fqt is None else LayerConversion(key, to_fqt)
@@ -178,9 +250,11 @@ def _tables(layers: Mapping[type[nn.Module] | str, ToFQT | None] | None) -> Tabl
 
 
 def _lookup(cls: type, tables: Tables) -> tuple[type, LayerConversion | None] | None:
-    """The nearest class in ``cls``'s MRO with an entry, and that entry."""
-    for base in cls.__mro__:
-        for table in tables:
+    """The nearest class in ``cls``'s MRO with an entry in the first table that has one, and
+    that entry: ``layers=`` overrides win over the registry, so ``layers={nn.Linear: None}``
+    also keeps a registered subclass of ``nn.Linear`` float."""
+    for table in tables:
+        for base in cls.__mro__:
             for key in (base, _qualified_name(base)):
                 if key in table:
                     return base, table[key]
@@ -215,6 +289,7 @@ class _Entry:
     kind: str
     conversion: LayerConversion | None = None
     reason: str = ""
+    registered: bool = False  # a registered type (or a layers= entry) left float for ``reason``
 
 
 def _registered_reason(module: nn.Module, base: type, conversion: LayerConversion | None) -> str:
@@ -223,12 +298,61 @@ def _registered_reason(module: nn.Module, base: type, conversion: LayerConversio
         return f"layers= maps {_type_name(base)} to None"
     if isinstance(module, LazyModuleMixin) and module.has_uninitialized_params():
         return "lazy layer not initialized yet: run one forward pass before quantize_model"
-    if type(module).forward is not base.forward:
+    if parametrize.is_parametrized(module):
         return (
-            f"subclass of {_type_name(base)} with its own forward, which fqtorch cannot know; "
-            f"register a conversion for {_type_name(type(module))} with fqtorch.register_layer"
+            "parametrized (torch.nn.utils.parametrize: its weight is computed on access), which "
+            "the FQT layer would not compute; remove the parametrization "
+            "(parametrize.remove_parametrizations) before quantize_model"
+        )
+    hooked = _hooked(module)
+    if hooked:
+        return (
+            f"hooks on {hooked} (user hooks, or legacy weight_norm / spectral_norm / prune, which "
+            "recompute the weight) that the FQT layer would not run; remove them (hook handles' "
+            "remove(), torch.nn.utils.remove_weight_norm, prune.remove, ...) before quantize_model"
+        )
+    overridden = _overridden(type(module), base)
+    if overridden:
+        return (
+            f"subclass of {_type_name(base)} with its own {'/'.join(overridden)}, which fqtorch "
+            f"cannot know; register a conversion for {_type_name(type(module))} with "
+            "fqtorch.register_layer"
         )
     return ""
+
+
+# Methods a subclass may override and still be converted: they build or describe the layer, the
+# FQT layer never runs them.
+_HARMLESS_OVERRIDES = frozenset({"__init__", "extra_repr", "reset_parameters", "__repr__"})
+
+
+def _overridden(cls: type, base: type) -> list[str]:
+    """The methods (and properties) of ``base`` that a subclass ``cls`` defines again, except
+    :data:`_HARMLESS_OVERRIDES`: ``base.forward`` may call any of them (``nn.Conv2d.forward``
+    calls ``_conv_forward``), so a subclass that changes one may compute something else."""
+    names = []
+    for klass in cls.__mro__[: cls.__mro__.index(base)]:
+        for name, value in vars(klass).items():
+            is_method = callable(value) or isinstance(value, (staticmethod, classmethod, property))
+            if (
+                is_method
+                and name not in _HARMLESS_OVERRIDES
+                and hasattr(base, name)
+                and name not in names
+            ):
+                names.append(name)
+    return names
+
+
+def _hooked(module: nn.Module) -> str:
+    """Where ``module`` or a submodule (a conversion takes them whole) holds hooks or a
+    parametrization: ``"itself"`` and/or submodule names; "" when nowhere."""
+    hooked = []
+    for name, sub in module.named_modules():
+        held = any(getattr(sub, key, None) for key in _HOOK_DICTS)
+        if held or (sub is not module and parametrize.is_parametrized(sub)):
+            hooked.append("itself" if sub is module else repr(name))
+    return ", ".join(hooked)
 
 
 def _float_reason(module: nn.Module) -> str:
@@ -267,7 +391,7 @@ def _scan(model: nn.Module, tables: Tables) -> Iterator[_Entry]:
             base, conversion = found
             reason = _registered_reason(module, base, conversion)
             kind = "float" if reason else "convert"
-            yield _Entry(name, module, kind, conversion, reason)
+            yield _Entry(name, module, kind, conversion, reason, registered=bool(reason))
             continue
         reason = _float_reason(module)
         if reason:
@@ -287,10 +411,12 @@ class ConversionSummary:
 
     ``quantized``: qualified name -> ``"FQTLinear (nn.Linear)"`` for every FQT layer (the
     ``out_proj`` of an FQT attention layer included). ``left_float``: qualified name -> why it
-    stays float. ``already_quantized``: the FQT layers the model held before this
-    :func:`quantize_model` call. ``notes``: other changes the conversion made. Products a forward
-    computes from raw parameters inside a module fqtorch knows are not seen (see the module
-    docstring).
+    stays float (an ``FQTMultiheadAttention`` whose score and value products run in float is in
+    both). ``already_quantized``: the FQT layers the model held before this
+    :func:`quantize_model` call. ``notes``: other changes the conversion made, layers compiled
+    on their own (now run uncompiled), and ``attention_products=True`` with no attention layer
+    to apply it to. Products a forward computes from raw parameters inside a module fqtorch knows
+    are not seen (see the module docstring).
     """
 
     quantized: dict[str, str]
@@ -322,11 +448,18 @@ def _summary(
     notes: tuple[str, ...] = (),
 ) -> ConversionSummary:
     quantized = {}
+    left_float = dict(left_float)
     for name, module in model.named_modules(remove_duplicate=False):
         if isinstance(module, FQTModule):
             source = module.float_type
             origin = f" ({_type_name(source)})" if source is not None else ""
             quantized[name] = f"{type(module).__name__}{origin}"
+        if isinstance(module, FQTMultiheadAttention) and not module.config.attention_products:
+            left_float[name] = (
+                f"{type(module).__name__}: its score and value products (Q·Kᵀ, A·V) run in "
+                "float (its projections are FQT); FQTConfig(attention_products=True) quantizes "
+                "them too"
+            )
     return ConversionSummary(quantized, left_float, already, notes)
 
 
@@ -384,6 +517,7 @@ def _keep_fqt_layers_called(model: nn.Module) -> tuple[str, ...]:
             and any(isinstance(m, FQTModule) for m in module.modules())
         ):
             module.use_nested_tensor = False
+            module._fqtorch_use_nested_tensor = True  # dequantize_model turns it back on
             notes.append(
                 f"{name or '<model>'} (nn.TransformerEncoder): nested-tensor inference path "
                 "turned off (use_nested_tensor=False); FQT layers take padded tensors"
@@ -406,6 +540,14 @@ def _nothing_converted(
             f"quantize_model converted no layer: {candidates} convertible layers found, and the "
             "module filter / config callable accepted none"
         )
+    refused = [
+        f"{e.name or '<model>'} ({_described(e.module, e.reason)})" for e in entries if e.registered
+    ]
+    if refused:
+        return (
+            f"quantize_model converted no layer: the layers of a registered type it holds stay "
+            f"float: {'; '.join(refused)}"
+        )
     known = sorted({_type_name(k) for table in tables for k, v in table.items() if v is not None})
     floats = [f"{e.name or '<model>'} ({_type_name(type(e.module))})" for e in entries]
     held = f"; matrix products it holds stay float: {', '.join(floats)}" if floats else ""
@@ -424,7 +566,8 @@ def quantize_model(
 ) -> nn.Module:
     """Swap every layer of a registered type (:func:`register_layer`: ``nn.Linear``,
     ``nn.Conv1d``, ``nn.Conv2d``, ``nn.MultiheadAttention``, transformers' ``Conv1D``, and their
-    subclasses that keep the parent's ``forward``) for its FQT layer, in place.
+    subclasses that override none of the parent's methods) for its FQT layer, in place; layers
+    with hooks or parametrizations stay float (module docstring).
 
     Args:
         model: converted in place and returned (if ``model`` itself is a registered layer, its
@@ -434,7 +577,7 @@ def quantize_model(
             A layer converted whole (``nn.MultiheadAttention``) runs all its GEMMs under one.
         module_filter_fn: ``(module, qualified_name) -> bool``; only layers it accepts are swapped.
         layers: ``{float_type: to_fqt or None}`` consulted before the registry, for this call
-            only; ``None`` leaves that type in float.
+            only; ``None`` leaves that type (and its subclasses, registered or not) in float.
 
     Logs (INFO) a :class:`ConversionSummary`: the FQT layers, and what holds matrix products in
     float and why (:func:`conversion_summary` gives it as an object). Raises ``ValueError`` when
@@ -471,9 +614,32 @@ def quantize_model(
         candidates = sum(e.kind == "convert" for e in entries)
         raise ValueError(_nothing_converted(model, entries, candidates, tables))
     already = tuple(e.name for e in entries if e.kind == "fqt")
-    summary = _summary(root, left_float, already, _keep_fqt_layers_called(root))
+    notes = _keep_fqt_layers_called(root) + _conversion_notes(entries, converted, root)
+    summary = _summary(root, left_float, already, notes)
     log.info("%s", summary)
     return root
+
+
+def _conversion_notes(
+    entries: list[_Entry], converted: dict[int, FQTModule], root: nn.Module
+) -> tuple[str, ...]:
+    """Notes on layers compiled on their own, and on ``attention_products=True`` with no
+    attention layer to apply it to."""
+    notes = []
+    for entry in entries:
+        if id(entry.module) in converted and "_compiled_call_impl" in vars(entry.module):
+            notes.append(
+                f"{entry.name or '<model>'}: compiled on its own (layer.compile()); its FQT layer "
+                "runs uncompiled: compile after quantize_model"
+            )
+    asked = any(layer.config.attention_products for layer in converted.values())
+    if asked and not any(isinstance(m, FQTMultiheadAttention) for m in root.modules()):
+        notes.append(
+            "attention_products=True, but no nn.MultiheadAttention was converted: attention "
+            "computed in a forward (F.scaled_dot_product_attention, torch.matmul; Hugging Face "
+            "models) is not seen by module swapping, and its products stay float"
+        )
+    return tuple(notes)
 
 
 def _converted(
@@ -505,7 +671,9 @@ def _to_float(layer: FQTModule) -> nn.Module:
 
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Swap every FQT layer back for its float layer on the same Parameters (in place; the float
-    layer of the source's own class, through the registration's ``from_fqt`` when it has one)."""
+    layer of the source's own class, through the registration's ``from_fqt`` when it has one).
+    An ``nn.TransformerEncoder`` whose nested-tensor path :func:`quantize_model` turned off gets
+    it back."""
     if isinstance(model, FQTModule):
         return _to_float(model)
     restored: dict[int, nn.Module] = {}
@@ -516,6 +684,11 @@ def dequantize_model(model: nn.Module) -> nn.Module:
                 restored[id(module)] = _to_float(module)
             _set_submodule(model, name, restored[id(module)])
             done.append(name)
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoder) and vars(module).pop(
+            "_fqtorch_use_nested_tensor", False
+        ):
+            module.use_nested_tensor = True
     log.debug("dequantize_model: %d FQT layers swapped back", len(restored))
     return model
 

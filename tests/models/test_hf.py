@@ -5,6 +5,7 @@ loss. transformers' Conv1D (GPT-2) converts through the layer registry."""
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -91,6 +92,15 @@ class TestFamilies:
         assert not any(type(m) in (nn.Linear, Conv1D) for m in model.modules())
         summary = fqtorch.conversion_summary(model)
         assert all("nn.Embedding" in why for why in summary.left_float.values()), summary
+
+    def test_functional_attention_products_are_noted(self, family, caplog):
+        """These models compute attention in their forward (no nn.MultiheadAttention), which
+        module swapping does not see: attention_products=True says so instead of doing nothing
+        silently."""
+        with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+            quantize_model(FAMILIES[family][0](), FQTConfig.preset("bhq5", attention_products=True))
+        logged = caplog.records[-1].getMessage()
+        assert "attention_products=True, but no nn.MultiheadAttention was converted" in logged
 
     def test_fqt_gradient_is_unbiased(self, family):
         model = quantize_model(FAMILIES[family][0](), FQTConfig.preset("psq4"))

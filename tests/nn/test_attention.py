@@ -171,6 +171,68 @@ class TestExact:
         kwargs = {**masks(mask, True, "self"), "need_weights": need_weights}
         assert_same(run(fqt, *x, **kwargs), run(ref, *x, **kwargs), exact=False)
 
+    @pytest.mark.parametrize("ctor", [dict(add_bias_kv=True), dict(add_zero_attn=True)])
+    def test_causal_products_mask_the_extra_keys_as_torch(self, ctor):
+        """With is_causal and no weights torch drops attn_mask and lets SDPA apply a top-left
+        causal mask over the keys bias_k / the zero key extend: the extra key stays masked."""
+        ref = build(batch_first=True, **ctor)
+        fqt = quantize_model(copy.deepcopy(ref), EXACT.replace(attention_products=True))
+        x = inputs("self", True)
+        kwargs = {**masks("causal", True, "self"), "need_weights": False}
+        assert_same(run(fqt, *x, **kwargs), run(ref, *x, **kwargs), exact=False)
+
+
+def fully_masked(case: str) -> dict:
+    """Masks under which some query of the first sample may attend to no key: a fully padded
+    sample, or left padding (2 keys) with a causal mask (its first two queries)."""
+    padding = torch.zeros(N, L, dtype=torch.bool)
+    if case == "padded_sample":
+        padding[0] = True
+        return {"key_padding_mask": padding}
+    padding[0, :2] = True
+    return {"key_padding_mask": padding, "attn_mask": causal(L) != 0, "is_causal": True}
+
+
+class TestFullyMaskedQueries:
+    """NaN policy (module docstring): a query that may attend to nothing gets zero attention
+    (as SDPA gives) on the products path, so one such query does not turn the whole batch NaN
+    through the per-tensor quantizers."""
+
+    @pytest.mark.parametrize("case", ["padded_sample", "left_padding_causal"])
+    @pytest.mark.parametrize("need_weights", [True, False])
+    def test_products_give_zero_attention_and_leave_the_batch_finite(self, case, need_weights):
+        ref = build(batch_first=True)
+        fqt = quantize_model(copy.deepcopy(ref), FQTConfig.preset("psq4", attention_products=True))
+        x = inputs("self", True)
+        output, weights, grads = run(fqt, *x, need_weights=need_weights, **fully_masked(case))
+        assert output.isfinite().all()
+        assert all(g is None or g.isfinite().all() for g in grads)
+        if need_weights:  # torch: NaN rows; here: zero rows
+            rows = weights.sum(-1)
+            assert rows.isfinite().all() and (rows == 0).any()
+
+    @pytest.mark.parametrize("case", ["padded_sample", "left_padding_causal"])
+    def test_exact_products_match_torch_without_weights(self, case):
+        ref = build(batch_first=True)
+        fqt = quantize_model(copy.deepcopy(ref), EXACT.replace(attention_products=True))
+        x = inputs("self", True)
+        kwargs = {**fully_masked(case), "need_weights": False}
+        assert_same(run(fqt, *x, **kwargs), run(ref, *x, **kwargs), exact=False)
+
+    def test_float_products_with_weights_spread_torch_nan_through_out_proj(self):
+        """Documented limit: with need_weights=True and the products in float, torch's NaN rows
+        (a fully padded sample) reach out_proj, whose per-tensor input scale turns every row
+        NaN; torch has NaN in that sample only."""
+        ref = build(batch_first=True)
+        fqt = quantize_model(copy.deepcopy(ref), FQTConfig.preset("psq4"))
+        x = inputs("self", True)
+        kwargs = fully_masked("padded_sample")
+        torch_output = ref(*x, **kwargs)[0]
+        output = fqt(*x, **kwargs)[0]
+        assert torch_output[0].isnan().all() and torch_output[1:].isfinite().all()
+        assert output.isnan().all()
+        assert fqt(*x, need_weights=False, **kwargs)[0][1:].isfinite().all()
+
 
 class TestLayer:
     def test_parameters_state_dict_and_dequantize(self):

@@ -20,6 +20,17 @@ with these GEMMs under the layer's plan:
 With identity quantizers (``FQTConfig.preset("exact")``) the outputs and gradients equal
 ``nn.MultiheadAttention``'s; with ``attention_products=True`` they agree to float rounding (the
 explicit softmax path replaces ``scaled_dot_product_attention``).
+
+**Fully masked queries** (a fully padded sample; left padding with a causal mask), NaN policy:
+a NaN turns its whole quantization group into NaN. With ``attention_products=True`` a query that
+may attend to no key gets attention weights 0 (a safe softmax, as ``scaled_dot_product_attention``
+gives), so its output is ``out_proj``'s bias and the other samples are untouched; the returned
+weights of such rows are 0 where torch returns NaN. With the products in float, the layer gives
+what torch gives: 0 rows without weights (``need_weights=False``), but with
+``need_weights=True`` torch's softmax gives NaN rows, and ``out_proj``'s quantizer, whose scale
+spans the whole tensor under a per-tensor quantizer, turns the whole output NaN (torch: those
+rows only). Pass ``need_weights=False`` (as ``nn.TransformerEncoderLayer`` does) or turn the
+products on when a batch may hold fully masked queries.
 """
 
 from __future__ import annotations
@@ -91,6 +102,24 @@ def fqt_bmm(input: Tensor, weight: Tensor, source: PlanSource, name: str = "") -
     batch, rows, _ = input.shape
     output = fqt_gemm(input, weight, None, BatchedMatmulOps(batch, rows), source, name)
     return output.reshape(batch, rows, weight.shape[1])
+
+
+def _causal_mask(tgt_len: int, src_len: int, like: Tensor) -> Tensor:
+    """The additive mask ``scaled_dot_product_attention(..., is_causal=True)`` applies: query
+    ``i`` sees keys ``0..i`` (top-left aligned; extra key columns stay masked)."""
+    allowed = torch.ones(tgt_len, src_len, dtype=torch.bool, device=like.device).tril()
+    mask = torch.zeros(tgt_len, src_len, dtype=like.dtype, device=like.device)
+    return mask.masked_fill(~allowed, float("-inf")).unsqueeze(0)
+
+
+def _safe_softmax(scores: Tensor) -> Tensor:
+    """Softmax over the last dim, with 0 (and a 0 gradient) for rows that are all ``-inf`` (a
+    query that may attend to nothing), where ``F.softmax`` gives NaN; as
+    ``scaled_dot_product_attention`` does. The products path needs it: its per-tensor input
+    quantizer would turn one NaN row into a NaN batch."""
+    masked = torch.isneginf(scores).all(dim=-1, keepdim=True)
+    weights = F.softmax(scores.masked_fill(masked, 0.0), dim=-1)
+    return weights.masked_fill(masked, 0.0)
 
 
 class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
@@ -240,8 +269,8 @@ class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
                 "Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                 "module method `generate_square_subsequent_mask` to create this mask."
             )
-        if is_causal and key_padding_mask is None and not need_weights and not products:
-            attn_mask = None  # scaled_dot_product_attention applies the causal mask itself
+        if is_causal and key_padding_mask is None and not need_weights:
+            attn_mask = None  # torch lets scaled_dot_product_attention apply the causal mask
         elif key_padding_mask is not None:
             is_causal = False  # the merged mask is no longer causal
         q, k, v = self._in_projection(query, key, value)
@@ -285,6 +314,8 @@ class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
             )
             attn_mask = key_padding_mask if attn_mask is None else attn_mask + key_padding_mask
         dropout_p = self.dropout if self.training else 0.0
+        if products and is_causal and attn_mask is None:  # the mask SDPA's is_causal applies
+            attn_mask = _causal_mask(tgt_len, src_len, q)
         if need_weights or products:
             output, weights = self._explicit(q, k, v, attn_mask, dropout_p, products)
             output = output.transpose(0, 1).reshape(tgt_len * bsz, embed_dim)
@@ -333,7 +364,7 @@ class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
             scores = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
         else:
             scores = torch.bmm(q_scaled, k.transpose(-2, -1))
-        weights = F.softmax(scores, dim=-1)
+        weights = _safe_softmax(scores) if products else F.softmax(scores, dim=-1)
         if dropout_p > 0.0:
             weights = F.dropout(weights, p=dropout_p)
         if products:

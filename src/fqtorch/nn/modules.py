@@ -16,6 +16,7 @@ after the swap.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -36,9 +37,20 @@ __all__ = [
     "layer_seed",
 ]
 
-# What every nn.Module holds itself (hooks, the parameter/buffer/submodule dicts, ``training``):
-# not a float layer's own attributes, so never adopted as one.
-_MODULE_STATE = frozenset(vars(nn.Module()))
+# What every nn.Module holds itself (hooks, the parameter/buffer/submodule dicts, ``training``),
+# and ``layer.compile()``'s compiled forward of the *float* layer (adopted, it would run in place
+# of the FQT forward): not a float layer's own attributes, so never adopted as one.
+_MODULE_STATE = frozenset(vars(nn.Module())) | {"_compiled_call_impl"}
+_HOOK_DICTS = (
+    "_forward_pre_hooks",
+    "_forward_hooks",
+    "_backward_pre_hooks",
+    "_backward_hooks",
+    "_state_dict_pre_hooks",
+    "_state_dict_hooks",
+    "_load_state_dict_pre_hooks",
+    "_load_state_dict_post_hooks",
+)
 
 
 def layer_seed(seed: int, name: str) -> int:
@@ -80,7 +92,11 @@ class FQTModule(nn.Module):
     def adopt(self, source: nn.Module) -> None:
         """Take over ``source``: its Parameters, buffers and submodules (the same objects, in the
         same order, so ``state_dict()`` keys and values are unchanged), its plain attributes and
-        its training mode; remember its class for :meth:`to_float`."""
+        its training mode; remember its class for :meth:`to_float`.
+
+        Not taken over: the source's hooks (``quantize_model`` leaves a layer with hooks or a
+        parametrization in float, saying so) and the compiled forward of a layer compiled on its
+        own (``layer.compile()``): the FQT layer runs uncompiled; compile after conversion."""
         own = {k for k in vars(source) if k not in _MODULE_STATE}
         clash = sorted(own & set(vars(self)))
         if clash:
@@ -98,6 +114,15 @@ class FQTModule(nn.Module):
         self._float_type = type(source)
         self._float_attrs = tuple(k for k in vars(source) if k in own)
 
+    def _user_hooks(self) -> list[str]:
+        """The hook dicts that hold hooks besides the FQT layer's own ``_keep_module_call``."""
+        held = []
+        for key in _HOOK_DICTS:
+            hooks = getattr(self, key, {})
+            if any(hook is not _keep_module_call for hook in hooks.values()):
+                held.append(key.strip("_").replace("_", " "))
+        return held
+
     @property
     def float_type(self) -> type[nn.Module] | None:
         """The class of the float layer this layer adopted (``None`` if it adopted none)."""
@@ -105,8 +130,17 @@ class FQTModule(nn.Module):
 
     def to_float(self) -> nn.Module:
         """The float layer again, of the source's own class, on the same Parameters, buffers and
-        attributes (FQT submodules are turned back too)."""
+        attributes (FQT submodules are turned back too). Hooks registered on the FQT layer are
+        not carried over (their handles belong to it): a ``RuntimeWarning`` names them."""
         cls = self._float_type
+        hooks = self._user_hooks()
+        if hooks:
+            warnings.warn(
+                f"FQT layer {self.name!r}: its {', '.join(hooks)} are not carried over to the "
+                "float layer; register them on the float layer again",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         if cls is None:
             raise NotImplementedError(
                 f"{type(self).__name__} did not adopt a float layer (FQTModule.adopt); "
