@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 import re
 import warnings
 
@@ -288,3 +289,104 @@ def test_cuda_int8_matches_simulate(fused):
     b = run(quantize_model(copy.deepcopy(base), cfg.replace(backend="int8")), x, g)
     for u, v in zip(a, b, strict=True):
         torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4 * float(u.abs().max()))
+
+
+def int8_and_simulate(make, x, cfg: FQTConfig, g=None, **run_options):
+    """Output and every gradient of ``make()`` under ``cfg`` on the int8 and the simulate
+    backend (same seed, so the same codes): ``{backend: (out, grad_input, *param_grads)}``."""
+    torch.manual_seed(0)
+    base = make()
+    results = {}
+    for backend in ("int8", "simulate"):
+        layer = quantize_model(copy.deepcopy(base), cfg.replace(backend=backend))
+        results[backend] = run_layer(layer, x, g, **run_options)
+    return results
+
+
+def run_layer(layer, x, g=None, autocast=False, memory_format=None):
+    if memory_format is not None:
+        layer = layer.to(memory_format=memory_format)
+        x = x.to(memory_format=memory_format)
+    xi = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        out = layer(xi)
+    out.backward(torch.ones_like(out) if g is None else g)
+    return (out.detach(), xi.grad, *[p.grad for p in layer.parameters()])
+
+
+def assert_all_close(got, expected):
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5 * float(b.abs().max()))
+
+
+class TestSettings:
+    """The int8 backend under autocast, with ``check_finite``, on unbatched and channels-last
+    input, and where it falls back (1-d convolutions)."""
+
+    @pytest.mark.parametrize("layer", sorted(LAYERS))
+    def test_autocast_leaves_integer_gemms_exact(self, layer):
+        """Integer GEMMs do not round: under bf16 autocast the int8 backend gives its values
+        without autocast (float32 for a float32 input), forward and backward."""
+        make, shape = LAYERS[layer]
+        torch.manual_seed(0)
+        base = make()
+        x = torch.randn(shape, generator=torch.Generator().manual_seed(1)) + 0.4
+        cfg = FQTConfig.preset("psq4", backend="int8")
+        plain, autocast = (
+            run_layer(quantize_model(copy.deepcopy(base), cfg), x, autocast=enabled)
+            for enabled in (False, True)
+        )
+        assert_all_close(autocast, plain)
+
+    @pytest.mark.parametrize("layer", sorted(LAYERS))
+    def test_check_finite(self, layer):
+        """``check_finite=True`` changes nothing on finite gradients and raises, naming the
+        layer, on a NaN; without it the NaN stays in its sample's rows of ``grad_input``."""
+        make, shape = LAYERS[layer]
+        torch.manual_seed(0)
+        base = nn.Sequential(make())  # the layer's name: "0"
+        x = torch.randn(shape)
+        cfg = FQTConfig.preset("psq4", backend="int8")
+        checked = quantize_model(copy.deepcopy(base), cfg.replace(check_finite=True))
+        plain = quantize_model(copy.deepcopy(base), cfg)
+        out = checked(x)
+        g = torch.randn_like(out)
+        for a, b in zip(run_layer(checked, x, g), run_layer(plain, x, g), strict=True):
+            assert torch.equal(a, b)
+        g[1] = math.nan
+        with pytest.raises(FloatingPointError, match=r"FQT layer '0'"):
+            run_layer(checked, x, g)
+        grad_input = run_layer(plain, x, g)[1]
+        assert torch.isnan(grad_input[1]).all()
+        assert torch.isfinite(grad_input[torch.arange(len(x)) != 1]).all()
+
+    @pytest.mark.parametrize("layout", ["channels_last", "unbatched"])
+    def test_conv_layouts_match_simulate(self, layout):
+        """Channels-last tensors and an unbatched (C, H, W) input run on integer GEMMs (no
+        fallback warning) and give simulate's values, which are those of a contiguous batch."""
+        make = lambda: nn.Conv2d(3, 4, 3, padding=1)  # noqa: E731
+        x = torch.randn(1, 3, 7, 6) + 0.4
+        cfg = FQTConfig.preset("bhq4")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            if layout == "channels_last":
+                results = int8_and_simulate(make, x, cfg, memory_format=torch.channels_last)
+            else:
+                results = int8_and_simulate(make, x[0], cfg)
+        assert_all_close(results["int8"], results["simulate"])
+        out, grad_input, *grads = int8_and_simulate(make, x, cfg)["int8"]
+        if layout == "unbatched":
+            out, grad_input = out[0], grad_input[0]
+        assert_all_close(results["int8"], (out, grad_input, *grads))
+
+    def test_conv1d_falls_back_with_warning(self):
+        """A 1-d convolution has no integer path: it warns once per call, naming the layer and
+        the simulate backend, and gives simulate's values exactly."""
+        x = torch.randn(3, 2, 11)
+        cfg = FQTConfig.preset("psq4")
+        make = lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1))  # noqa: E731
+        with pytest.warns(RuntimeWarning, match=r"FQT layer '0'.*1-d.*using the simulate backend"):
+            results = int8_and_simulate(make, x, cfg)
+        for a, b in zip(results["int8"], results["simulate"], strict=True):
+            assert torch.equal(a, b)

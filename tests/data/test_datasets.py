@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.abc
 import pickle
+import sys
+import types
 
 import numpy as np
 import pytest
 import torch
 
 from fqtorch.data import DatasetError, build_datasets
+from fqtorch.data.datasets import CifarImages, torchvision_transforms
 
 
 def write_cifar(root, per_batch=6, batches=2):
@@ -57,17 +61,55 @@ class TestDigits:
         assert torch.equal(a.val[3][0], b.val[3][0])
 
 
+def read_cifar(root, names):
+    """The images (N, 3, 32, 32), as floats, and the labels of the batches ``names``."""
+    batches = [pickle.loads((root / name).read_bytes()) for name in names]
+    images = np.concatenate([b[b"data"] for b in batches]).reshape(-1, 3, 32, 32)
+    labels = [label for b in batches for label in b[b"labels"]]
+    return torch.from_numpy(images).float(), torch.tensor(labels)
+
+
+def cifar_normalized(images):
+    mean = torch.tensor((0.4914, 0.4822, 0.4465)).view(3, 1, 1)
+    std = torch.tensor((0.2470, 0.2435, 0.2616)).view(3, 1, 1)
+    return (images / 255 - mean) / std
+
+
+def crops_and_flips(image):
+    """Every 32×32 window of ``image`` zero-padded by 4, each also flipped left-right."""
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+    windows = [padded[:, t : t + 32, s : s + 32] for t in range(9) for s in range(9)]
+    return windows + [w.flip(2) for w in windows]
+
+
 class TestCifar:
     def test_loads_and_augments(self, tmp_path):
+        """Images and labels are the files' (normalized by the CIFAR mean and std); validation
+        images are not augmented; training images are a random crop of the padded image,
+        flipped or not, replayed by reseeding the epoch and different in another epoch."""
         root = write_cifar(tmp_path / "cifar-10-batches-py")
         spec = build_datasets("cifar10", tmp_path, seed=1)
         assert len(spec.train) == 12 and len(spec.val) == 6 and spec.num_classes == 10
-        spec.train.set_epoch(0)
-        a = spec.train[0][0]
-        spec.train.set_epoch(0)
-        assert torch.equal(a, spec.train[0][0])  # augmentation replays after reseeding
-        assert a.shape == (3, 32, 32)
-        assert root.exists()
+        val_images, val_labels = read_cifar(root, ["test_batch"])
+        for i in range(len(spec.val)):
+            image, label = spec.val[i]
+            torch.testing.assert_close(image, cifar_normalized(val_images[i]))
+            assert int(label) == int(val_labels[i])
+        train_images, train_labels = read_cifar(root, ["data_batch_1", "data_batch_2"])
+        epochs = []
+        for epoch in (0, 0, 1):
+            spec.train.set_epoch(epoch)
+            epochs.append([spec.train[i] for i in range(len(spec.train))])
+        for i, (image, label) in enumerate(epochs[0]):
+            assert image.shape == (3, 32, 32) and int(label) == int(train_labels[i])
+            candidates = crops_and_flips(cifar_normalized(train_images[i]))
+            assert any(torch.allclose(image, c) for c in candidates), i
+            assert torch.equal(image, epochs[1][i][0])  # augmentation replays after reseeding
+        unchanged = [cifar_normalized(im) for im in train_images]
+        assert any(
+            not torch.allclose(im, ref) for (im, _), ref in zip(epochs[0], unchanged, strict=True)
+        )
+        assert any(not torch.equal(a, b) for (a, _), (b, _) in zip(*epochs[::2], strict=True))
 
     def test_missing_and_corrupt(self, tmp_path):
         with pytest.raises(DatasetError, match="needs --data-dir"):
@@ -118,3 +160,129 @@ class TestText:
             build_datasets("text", tmp_path / "empty")
         with pytest.raises(DatasetError, match="unknown dataset"):
             build_datasets("mnist")
+
+
+class TestImageTransforms:
+    """torchvision's transforms when torchvision imports beside this torch, else ours; the
+    DataSpec says which (the run header prints it)."""
+
+    @staticmethod
+    def fake_torchvision(monkeypatch) -> list:
+        """A torchvision 9.9 whose ``transforms.v2`` steps record their names (and the draw a
+        random step makes from the global RNG, as torchvision's do) and pass images through."""
+        calls: list = []
+
+        def step(name: str) -> type:
+            def __init__(self, *args, **kwargs):
+                self.args, self.kwargs = args, kwargs
+
+            def __call__(self, image):
+                calls.append(name)
+                if name.startswith("Random"):
+                    calls.append(float(torch.rand(())))
+                return image
+
+            return type(name, (), {"__init__": __init__, "__call__": __call__})
+
+        v2 = types.ModuleType("torchvision.transforms.v2")
+        for name in [
+            "RandomCrop",
+            "RandomHorizontalFlip",
+            "RandomResizedCrop",
+            "Resize",
+            "CenterCrop",
+        ]:
+            setattr(v2, name, step(name))
+
+        class Compose:
+            def __init__(self, steps):
+                self.steps = steps
+
+            def __call__(self, image):
+                for s in self.steps:
+                    image = s(image)
+                return image
+
+        v2.Compose = Compose
+        transforms = types.ModuleType("torchvision.transforms")
+        transforms.v2 = v2
+        torchvision = types.ModuleType("torchvision")
+        torchvision.__version__ = "9.9"
+        torchvision.transforms = transforms
+        monkeypatch.setitem(sys.modules, "torchvision", torchvision)
+        monkeypatch.setitem(sys.modules, "torchvision.transforms", transforms)
+        monkeypatch.setitem(sys.modules, "torchvision.transforms.v2", v2)
+        return calls
+
+    def test_torchvision_when_it_imports(self, tmp_path, monkeypatch):
+        calls = self.fake_torchvision(monkeypatch)
+        write_cifar(tmp_path)
+        spec = build_datasets("cifar10", tmp_path, seed=1)
+        assert spec.transforms == "torchvision 9.9 (transforms.v2)"
+        own = CifarImages(spec.val.images, spec.val.labels, False, 1)
+        assert torch.equal(spec.val[0][0], own[0][0]) and calls == []  # no transform, and
+        # the same scaling and normalization as ours
+        rng = torch.get_rng_state()
+        spec.train.set_epoch(2)
+        spec.train[3]
+        spec.train[4]
+        spec.train[3]
+        assert calls[0::2] == ["RandomCrop", "RandomHorizontalFlip"] * 3
+        draws = calls[1::2]
+        # each sample draws from its own seed (the same again for the same sample and epoch),
+        # and the global RNG is left as it was
+        assert draws[4:] == draws[:2] and len(set(draws[:4])) == 4
+        assert torch.equal(torch.get_rng_state(), rng)
+        calls.clear()
+        write_imagefolder(tmp_path / "tree", per_class=1, size=(16, 16))
+        spec = build_datasets("imagenet", tmp_path / "tree", image_size=16)
+        assert spec.transforms == "torchvision 9.9 (transforms.v2)"
+        spec.train[0]
+        spec.val[0]
+        names = [c for c in calls if isinstance(c, str)]
+        assert names == ["RandomResizedCrop", "RandomHorizontalFlip", "Resize", "CenterCrop"]
+
+    def test_ours_when_torchvision_does_not_import(self, tmp_path, monkeypatch):
+        class BuiltForAnotherTorch(importlib.abc.MetaPathFinder):
+            def find_spec(self, name, path, target=None):
+                if name.split(".")[0] == "torchvision":
+                    raise RuntimeError("operator torchvision::nms does not exist")
+                return None
+
+        for name in [m for m in sys.modules if m.split(".")[0] == "torchvision"]:
+            monkeypatch.delitem(sys.modules, name)
+        monkeypatch.setattr(sys, "meta_path", [BuiltForAnotherTorch(), *sys.meta_path])
+        write_cifar(tmp_path)
+        spec = build_datasets("cifar10", tmp_path, seed=1)
+        assert spec.transforms == (
+            "fqtorch's own (torchvision does not import here: operator torchvision::nms does "
+            "not exist)"
+        )
+        self.assert_crop_and_flip(spec)
+        monkeypatch.setitem(sys.modules, "torchvision", None)  # not installed
+        v2, said = torchvision_transforms()
+        assert v2 is None and said.startswith("fqtorch's own (torchvision does not import here")
+
+    def test_real_torchvision_does_what_ours_does(self, tmp_path):
+        v2, said = torchvision_transforms()
+        if v2 is None:
+            pytest.skip(said)
+        write_cifar(tmp_path)
+        spec = build_datasets("cifar10", tmp_path, seed=1)
+        assert spec.transforms == said
+        own = CifarImages(spec.val.images, spec.val.labels, False, 1)
+        assert torch.equal(spec.val[0][0], own[0][0])
+        self.assert_crop_and_flip(spec)
+
+    @staticmethod
+    def assert_crop_and_flip(spec):
+        """A training image is one of the crops (pad 4), flipped or not, of the normalized image,
+        and the same again for the same epoch."""
+        plain = CifarImages(spec.train.images, spec.train.labels, False, 1)[0][0]
+        padded = torch.nn.functional.pad(plain, (4, 4, 4, 4))
+        crops = [padded[:, t : t + 32, s : s + 32] for t in range(9) for s in range(9)]
+        spec.train.set_epoch(0)
+        image = spec.train[0][0]
+        assert any(torch.equal(image, c) for c in crops + [c.flip(2) for c in crops])
+        spec.train.set_epoch(0)
+        assert torch.equal(spec.train[0][0], image)

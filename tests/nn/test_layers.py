@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ from torch import nn
 
 import fqtorch
 from fqtorch import FQTConfig, get_quantizer, quantize_model
-from fqtorch.nn import FQTConv2d, FQTLinear, FQTPlan, fqt_linear
+from fqtorch.nn import FQTConv2d, FQTLinear, FQTPlan, fqt_linear, layer_seed
+from fqtorch.nn.functional import ConvOps, fqt_conv
+from fqtorch.quantizers import Quantizer
 from tests.helpers import projection_z, z_limit
 
 EXACT = FQTConfig(
@@ -197,6 +200,109 @@ class TestUnbiasedNetworkGradient:
         assert z.abs().max() > z_limit(z.numel())
 
 
+class Recording(Quantizer):
+    """``inner``, remembering the generator state each draw starts from."""
+
+    def __init__(self, inner: Quantizer) -> None:
+        super().__init__(inner.bits, rounding=inner.rounding, fused=inner.fused)
+        self.inner, self.state = inner, None
+
+    def encode(self, x, generator=None):
+        self.state = generator.get_state()
+        return self.inner.encode(x, generator)
+
+    def variance_bound(self, x):
+        return self.inner.variance_bound(x)
+
+
+class Replaying(Recording):
+    """``inner``, drawing again from the state ``recording`` last started from: both backward
+    branches reusing one draw, the bug :class:`TestBranchIndependence` must catch."""
+
+    def __init__(self, inner: Quantizer, recording: Recording) -> None:
+        super().__init__(inner)
+        self.recording = recording
+
+    def encode(self, x, generator=None):
+        generator.set_state(self.recording.state)
+        return self.inner.encode(x, generator)
+
+
+def branch_plan(backend: str, shared: bool) -> FQTPlan:
+    """8-bit nearest forward; 4-bit PSQ for ``grad_input``, 4-bit per-column for
+    ``grad_weight``, with their own draws or (``shared``) the same uniforms."""
+    grad_input_q, grad_weight_q = get_quantizer("psq", 4), get_quantizer("per_column", 4)
+    if shared:
+        grad_input_q = Recording(grad_input_q)
+        grad_weight_q = Replaying(grad_weight_q, grad_input_q)
+    return FQTPlan(
+        input=get_quantizer("ptq", 8, rounding="nearest"),
+        weight=get_quantizer("symmetric", 8, rounding="nearest"),
+        grad_output=grad_input_q,
+        grad_output_weight=grad_weight_q,
+        backend=backend,
+    )
+
+
+def branch_sums(backend: str, layer: str, shared: bool, draws: int) -> tuple[torch.Tensor, ...]:
+    """Per backward pass of one forward, the sums of the ``grad_input`` and ``grad_weight``
+    errors against QAT. Inputs and weights are positive, so each sum weighs every rounding
+    error of its branch's ``Q(grad_output)`` positively."""
+    g = torch.Generator().manual_seed(0)
+    if layer == "linear":
+        x, w = torch.rand(48, 16, generator=g) + 0.5, torch.rand(12, 16, generator=g) + 0.5
+        grad_output = torch.randn(48, 12, generator=g)
+
+        def forward(plan, generator):
+            return fqt_linear(x, w, None, plan, generator)
+    else:
+        x, w = torch.rand(4, 3, 7, 6, generator=g) + 0.5, torch.rand(5, 3, 3, 3, generator=g) + 0.5
+        grad_output = torch.randn(4, 5, 7, 6, generator=g)
+        ops = ConvOps((1, 1), (1, 1), (1, 1), 1)
+
+        def forward(plan, generator):
+            return fqt_conv(x, w, None, ops, plan, generator)
+
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    plan = branch_plan(backend, shared)
+    qat = torch.autograd.grad(forward(plan.exact_backward(), None), [x, w], grad_output)
+    out = forward(plan, torch.Generator().manual_seed(1))
+    sums = []
+    for _ in range(draws):
+        grads = torch.autograd.grad(out, [x, w], grad_output, retain_graph=True)
+        sums.append([float((a - b).double().sum()) for a, b in zip(grads, qat, strict=True)])
+    return tuple(torch.tensor(sums, dtype=torch.float64).T)
+
+
+class TestBranchIndependence:
+    """docs/method.md §2: ``grad_output`` is quantized twice, independently. The two branches'
+    errors are then uncorrelated: ``E[S_in · S_w] = 0`` for the sums ``S`` of the
+    ``grad_input`` and ``grad_weight`` errors (equivalently ``Var(S_in + S_w) = Var S_in +
+    Var S_w``), tested with the standard error measured from the draws. Reusing one draw for both
+    makes each rounding error of one branch move with one of the other (both rise with the shared
+    uniform): a correlation of about 1/2, caught as well, even where the two branches lay the
+    same uniforms out on different entries (a convolution's columns are (N·H·W, C))."""
+
+    LIMIT = z_limit(8)  # every case below, both sides
+
+    @staticmethod
+    def correlation_z(backend: str, layer: str, shared: bool) -> float:
+        s_in, s_w = branch_sums(backend, layer, shared, draws=200)
+        product = s_in * s_w
+        return float(product.mean() / (product.std() / math.sqrt(product.numel())))
+
+    @pytest.mark.parametrize("backend", ["simulate", "int8"])
+    @pytest.mark.parametrize("layer", ["linear", "conv2d"])
+    def test_branch_errors_uncorrelated(self, backend, layer):
+        assert abs(self.correlation_z(backend, layer, shared=False)) < self.LIMIT
+
+    @pytest.mark.parametrize("backend", ["simulate", "int8"])
+    @pytest.mark.parametrize("layer", ["linear", "conv2d"])
+    def test_shared_draws_are_caught(self, backend, layer):
+        assert self.correlation_z(backend, layer, shared=True) > self.LIMIT
+
+
 class TestNoise:
     """Each layer owns a generator seeded from the config seed and its name: the same seed gives
     the same gradients, while layers and successive steps draw different noise."""
@@ -242,16 +348,71 @@ class TestNoise:
         assert torch.equal(a, net_gradient(model, x, y)) and not torch.equal(a, b)
 
 
+def plan_reference(layer: FQTLinear, x: torch.Tensor, g: torch.Tensor, dtype: torch.dtype):
+    """A Linear layer's output and gradients computed by hand from its plan (docs/method.md §2,
+    §9): the forward GEMM in ``dtype`` on the quantized operands; the backward GEMMs in float32
+    on those same operands, ``Q(grad_output)`` drawn from a fresh generator of the layer's seed,
+    the ``grad_input`` branch first."""
+    plan = layer.plan
+    gen = torch.Generator().manual_seed(layer_seed(layer.config.seed, layer.name))
+    x_q = plan.input(x.detach()).to(dtype)
+    w_q = plan.weight(layer.weight.detach()).to(dtype)
+    out = F.linear(x_q, w_q, layer.bias.detach().to(dtype))
+    grad_input = plan.grad_output(g.float(), gen) @ w_q.float()
+    grad_columns = plan.grad_output_weight(g.float(), gen)
+    return out, grad_input, grad_columns.T @ x_q.float(), grad_columns.sum(0)
+
+
 class TestDtypesAndLayouts:
-    """float32, bfloat16 (cast and autocast), channels-last, a single sample."""
+    """float32, bfloat16 (cast and autocast), channels-last, a single sample: each compared with
+    what the plan gives computed another way."""
+
+    def test_bfloat16_layer_is_the_plan(self):
+        """A bf16 layer: bf16 forward on the quantized operands; float32 backward GEMMs on the
+        same operands, rounded to bf16 only as the gradients' dtype."""
+        layer = FQTLinear(nn.Linear(6, 5), FQTConfig.preset("psq4", seed=2), name="fc")
+        layer = layer.to(torch.bfloat16)
+        x = torch.randn(9, 6).to(torch.bfloat16).requires_grad_(True)
+        g = torch.randn(9, 5).to(torch.bfloat16)
+        out = layer(x)
+        out.backward(g)
+        expected = plan_reference(layer, x, g, torch.bfloat16)
+        got = (out, x.grad, layer.weight.grad, layer.bias.grad)
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16))
+
+    def test_autocast_layer_is_the_plan(self):
+        """Under bf16 autocast: the forward GEMM in bf16, the output float32 for a float32
+        input, the backward GEMMs in float32 on the exact (bf16) quantized operands."""
+        layer = FQTLinear(nn.Linear(6, 5), FQTConfig.preset("psq4", seed=2), name="fc")
+        x = torch.randn(9, 6, requires_grad=True)
+        g = torch.randn(9, 5)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = layer(x)
+        out.backward(g)
+        expected = plan_reference(layer, x, g, torch.bfloat16)
+        got = (out, x.grad, layer.weight.grad, layer.bias.grad)
+        for a, b in zip(got, expected, strict=True):
+            assert a.dtype == torch.float32 and torch.equal(a, b.float())
 
     def test_bfloat16_model(self):
-        model = quantize_model(SmallNet(), FQTConfig.preset("bhq5")).to(torch.bfloat16)
-        x = torch.randn(4, 2, 6, 6, dtype=torch.bfloat16)
-        out = model(x)
-        assert out.dtype == torch.bfloat16
-        out.float().logsumexp(-1).mean().backward()
-        assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+        """A bf16 model gives the float32 model's values to bf16 precision: its activations and
+        the gradients between layers are rounded to bf16, which moves a few codes by a step."""
+        net = SmallNet()
+        x = torch.randn(4, 2, 6, 6)
+        models = [quantize_model(copy.deepcopy(net), FQTConfig.preset("bhq5")) for _ in range(2)]
+        models[0].to(torch.bfloat16)
+        results = []
+        for model, dtype in zip(models, (torch.bfloat16, torch.float32), strict=True):
+            out = model(x.to(dtype))
+            assert out.dtype == dtype
+            out.float().logsumexp(-1).mean().backward()
+            results.append((out.detach().float(), [p.grad for p in model.parameters()]))
+        (out_bf16, grads_bf16), (out_fp32, grads_fp32) = results
+        torch.testing.assert_close(out_bf16, out_fp32, rtol=0.05, atol=0.05)
+        for bf16, fp32 in zip(grads_bf16, grads_fp32, strict=True):
+            assert bf16.dtype == torch.bfloat16 and torch.isfinite(bf16).all()
+            assert (bf16.float() - fp32).norm() < 0.25 * fp32.norm()
 
     def test_autocast(self):
         model = quantize_model(SmallNet(), FQTConfig.preset("psq5"))
@@ -261,9 +422,11 @@ class TestDtypesAndLayouts:
             bf16_out = model.conv(x.to(torch.bfloat16))
         assert bf16_out.dtype == torch.bfloat16  # bf16 activations stay bf16, as autocast does
         # float32 activations stay float32 (their gradients are not rounded between layers); the
-        # GEMM itself ran in bf16, so the output differs from the float32 run by bf16 rounding
+        # GEMMs themselves ran in bf16, so the output is the float32 run's to bf16 precision
         assert out.dtype == torch.float32
-        assert not torch.equal(out, model(x))
+        reference = model(x)
+        assert not torch.equal(out, reference)
+        torch.testing.assert_close(out, reference, rtol=0.05, atol=0.05)
         out.sum().backward()
         assert all(p.grad.dtype == torch.float32 for p in model.parameters())
 
@@ -280,15 +443,29 @@ class TestDtypesAndLayouts:
 
     @pytest.mark.parametrize("n", [1, 2])
     def test_tiny_batches(self, n):
-        model = quantize_model(SmallNet(), FQTConfig.preset("bhq4"))
+        """One or two samples: BHQ on at most two rows is PSQ (the same gradients from the
+        same seed), and the FQT gradient's mean is the QAT gradient."""
+        net = SmallNet()
         x, y = torch.randn(n, 2, 6, 6), torch.randint(0, 5, (n,))
-        assert torch.isfinite(net_gradient(model, x, y)).all()
+        bhq = quantize_model(copy.deepcopy(net), FQTConfig.preset("bhq4"))
+        psq = quantize_model(copy.deepcopy(net), FQTConfig.preset("psq4"))
+        assert torch.equal(net_gradient(bhq, x, y), net_gradient(psq, x, y))
+        qat = net_gradient(quantize_model(copy.deepcopy(net), FQTConfig.preset("qat")), x, y)
+        samples = torch.stack([net_gradient(bhq, x, y) for _ in range(200)])
+        assert torch.isfinite(samples).all() and (samples.std(0) > 0).any()
+        z = projection_z(samples, qat)
+        assert z.abs().max() < z_limit(2 * z.numel()), z
 
     def test_input_without_grad_skips_activation_branch(self):
-        layer = FQTLinear(nn.Linear(4, 3), FQTConfig.preset("psq4"))
-        out = layer(torch.randn(5, 4))
-        out.sum().backward()
-        assert layer.weight.grad is not None
+        """No ``grad_input`` to compute: its quantizer draws nothing, so the weight branch takes
+        the first draw of the layer's generator."""
+        layer = FQTLinear(nn.Linear(4, 3), FQTConfig.preset("psq4"), name="fc")
+        x, g = torch.randn(5, 4), torch.randn(5, 3)
+        layer(x).backward(g)
+        gen = torch.Generator().manual_seed(layer_seed(0, "fc"))
+        grad_columns = layer.plan.grad_output_weight(g, gen)
+        assert torch.equal(layer.weight.grad, grad_columns.T @ layer.plan.input(x))
+        assert torch.equal(layer.bias.grad, grad_columns.sum(0))
 
 
 class TestNonFiniteGradients:
@@ -319,9 +496,29 @@ class TestNonFiniteGradients:
             conv(torch.randn(2, 2, 5, 5))
 
 
+def compare_with_cpu_plan(device: str) -> None:
+    """On ``device``, the CPU's QAT gradient (to float32 rounding: the forward quantization is
+    deterministic), and FQT gradients whose mean is that CPU QAT gradient (a device draws
+    other noise than the CPU, so only the mean can be compared)."""
+    net = SmallNet()
+    x, y = torch.randn(8, 2, 6, 6), torch.randint(0, 5, (8,))
+    qat_cpu = net_gradient(quantize_model(copy.deepcopy(net), FQTConfig.preset("qat")), x, y)
+    x_dev, y_dev = x.to(device), y.to(device)
+    qat = quantize_model(copy.deepcopy(net), FQTConfig.preset("qat")).to(device)
+    qat_dev = net_gradient(qat, x_dev, y_dev)
+    assert qat_dev.device.type == device
+    scale = float(qat_cpu.abs().max())
+    torch.testing.assert_close(qat_dev.cpu(), qat_cpu, rtol=1e-4, atol=1e-5 * scale)
+    model = quantize_model(copy.deepcopy(net), FQTConfig.preset("bhq4")).to(device)
+    samples = torch.stack([net_gradient(model, x_dev, y_dev).cpu() for _ in range(200)])
+    assert torch.isfinite(samples).all() and (samples.std(0) > 0).any()
+    z = projection_z(samples, qat_cpu)
+    assert z.abs().max() < z_limit(z.numel()), z
+
+
 @pytest.mark.cuda
-def test_cuda_layer_matches_cpu_plan():
-    model = quantize_model(SmallNet(), FQTConfig.preset("bhq4")).cuda()
-    x, y = torch.randn(8, 2, 6, 6, device="cuda"), torch.randint(0, 5, (8,), device="cuda")
-    grad = net_gradient(model, x, y)
-    assert grad.is_cuda and torch.isfinite(grad).all()
+def test_cuda_layer_matches_cpu_plan(monkeypatch):
+    # TF32 would round the float32 GEMM operands to 10-bit mantissas (docs/method.md §9).
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    compare_with_cpu_plan("cuda")

@@ -14,11 +14,11 @@ import pytest
 import torch
 
 from fqtorch.quantizers import fused as fused_module
-from fqtorch.quantizers import get_quantizer, list_quantizers
+from fqtorch.quantizers import get_quantizer, householder, uniform
 from fqtorch.quantizers.rounding import draw_keys, hash_uniform, index_halves
-from tests.helpers import heavy_rows, projection_z, z_limit
+from tests.helpers import heavy_rows, library_quantizers, projection_z, z_limit
 
-CODED = [name for name in list_quantizers() if name != "identity"]
+CODED = [name for name in library_quantizers() if name != "identity"]
 STOCHASTIC = ["ptq", "psq", "per_column", "bhq", "rht", "symmetric"]
 
 
@@ -97,6 +97,41 @@ def eager(q):
     return q
 
 
+# The compiled kernel each quantizer's encode runs (BHQ on more than 2 rows).
+ENCODE_KERNEL = {
+    "ptq": uniform.fused_affine,
+    "psq": uniform.fused_affine,
+    "per_column": uniform.fused_affine,
+    "rht": uniform.fused_affine,
+    "symmetric": uniform.fused_symmetric,
+    "symmetric_per_row": uniform.fused_symmetric,
+    "bhq": householder.fused_affine_encode,
+}
+
+
+def compile_unavailable() -> str | None:
+    """Why ``torch.compile`` cannot build a kernel on this machine, or ``None`` when it can."""
+    try:
+        torch.compile(lambda t: t * 2 + 1)(torch.ones(3))
+    except Exception as error:  # what LazyCompiled falls back on
+        return f"torch.compile cannot build kernels here: {type(error).__name__}: {error}"
+    return None
+
+
+def assert_compiled(kernel: fused_module.LazyCompiled) -> None:
+    """The last call of ``kernel`` ran its compiled graph: it has one and never fell back to
+    eager. Where compiling is disabled or impossible it skips, saying why; elsewhere a fallback
+    fails."""
+    if torch._dynamo.config.disable:
+        pytest.skip(f"{kernel} ran eagerly: torch.compile is disabled (TORCH_COMPILE_DISABLE)")
+    if kernel._broken:
+        reason = compile_unavailable()
+        if reason is not None:
+            pytest.skip(f"{kernel} ran eagerly: {reason}")
+        pytest.fail(f"{kernel} fell back to eager although torch.compile works here")
+    assert kernel._compiled is not None, f"{kernel} was never compiled"
+
+
 class TestFusedKernels:
     """Compiled and eager runs of a fused quantizer give the same codes, bit for bit."""
 
@@ -105,6 +140,7 @@ class TestFusedKernels:
     def test_compiled_equals_eager(self, name, rounding):
         x = heavy_rows(300, 70, seed=4)
         compiled = get_quantizer(name, 4, rounding=rounding, fused=True).encode(x, gen(5))
+        assert_compiled(ENCODE_KERNEL[name])  # else this would compare eager with eager
         reference = eager(get_quantizer(name, 4, rounding=rounding, fused=True)).encode(x, gen(5))
         torch.testing.assert_close(compiled.scale, reference.scale, rtol=1e-6, atol=0)
         # bias = low + half·step may be computed with an FMA when compiled: compare it on the

@@ -20,21 +20,8 @@ from fqtorch.quantizers.uniform import PerRow
 from fqtorch.stats import bias_test, check_unbiased
 from fqtorch.stats.estimators import _bias_report, _Params
 from fqtorch.stats.null import z2_threshold
+from tests.helpers import binomial_upper
 from tests.stats.test_stats import digits_batches
-
-
-def binomial_upper(n: int, p: float, tail: float = 1e-3) -> int:
-    """The smallest k with P(Bin(n, p) > k) ≤ tail."""
-    cdf = 0.0
-    for k in range(n + 1):
-        log_pmf = (
-            math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-            + k * math.log(p) + (n - k) * math.log1p(-p)
-        )  # fmt: skip
-        cdf += math.exp(log_pmf)
-        if 1 - cdf <= tail:
-            return k
-    return n
 
 
 class TestThreshold:

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from scipy.stats import t as student_t
 from torch import nn
 
 import fqtorch
@@ -102,11 +103,16 @@ class TestDecomposition:
     error (the cross term has zero mean because the FQT gradient is unbiased)."""
 
     def test_total_is_sampling_plus_quantization(self):
+        """Per batch, ``E‖g − g_full‖² = ‖g_QAT − g_full‖² + quantization variance``: the mean
+        over the batches of ``total − sampling − quantization`` is 0 within a t-test on the
+        batches (independent draws). ``quantization_variance``, replaying the same draws (same
+        seed), is the batches' mean unbiased sample variance of those very draws, and
+        ``sampling_variance`` the mean of ``‖g_QAT − g_full‖²``."""
         model = small_cnn("psq3")
         batches = digits_batches(12)
         full = digits_batches(40, size=32, seed=1)
         sampling = sampling_variance(model, F.cross_entropy, batches, full_data=full)
-        params = [p for p in model.parameters()]
+        params = list(model.parameters())
 
         def flat(loss):
             return torch.cat(
@@ -115,27 +121,26 @@ class TestDecomposition:
 
         with exact_backward(model):
             g_full = sum(flat(F.cross_entropy(model(x), y)) for x, y in full) / len(full)
-        totals, quants, samps = [], [], []
+        draws = 6
+        fqtorch.reseed(model, 5)
+        totals, samps, variances = [], [], []
         for x, y in batches:
             loss = F.cross_entropy(model(x), y)
             with exact_backward(model):
                 g_qat = flat(loss)
-            for _ in range(6):
-                g = flat(loss)
-                totals.append(float((g - g_full).square().sum()))
-                quants.append(float((g - g_qat).square().sum()))
-            samps.append(float((g_qat - g_full).square().sum()))
-        # Buffers changed by these forwards do not matter: sampling_variance restored its own.
-        total = torch.tensor(totals, dtype=torch.float64)
-        quant = torch.tensor(quants, dtype=torch.float64).mean()
-        cross = (
-            total
-            - torch.tensor(quants, dtype=torch.float64)
-            - torch.tensor(samps).repeat_interleave(6)
-        )
-        se = cross.std() / math.sqrt(len(cross))
-        assert abs(float(total.mean() - quant - torch.tensor(samps).mean())) < 4 * float(se) + 1e-12
-        assert sampling.total == pytest.approx(float(torch.tensor(samps).mean()), rel=1e-6)
+            g = torch.stack([flat(loss) for _ in range(draws)])
+            totals.append((g - g_full).square().sum(1).mean())
+            samps.append((g_qat - g_full).square().sum())
+            variances.append(g.var(0).sum())  # unbiased per entry, summed
+        totals, samps, variances = (torch.stack(v) for v in (totals, samps, variances))
+        fqtorch.reseed(model, 5)
+        quant = quantization_variance(model, F.cross_entropy, batches, samples=draws)
+        assert quant.total == pytest.approx(float(variances.mean()), rel=1e-6)
+        assert sampling.total == pytest.approx(float(samps.mean()), rel=1e-6)
+        gap = totals - samps - variances  # mean 0 per batch when the decomposition holds
+        limit = float(student_t.ppf(1 - 1e-3 / 2, len(batches) - 1))
+        assert abs(float(gap.mean())) < limit * float(gap.std()) / math.sqrt(len(batches))
+        assert float(variances.mean()) > 0.05 * float(totals.mean())  # the term is not negligible
 
     def test_quantization_variance_falls_four_times_per_bit(self):
         batches = digits_batches(2)
@@ -226,25 +231,28 @@ class TestGradOutputAndProfile:
             assert 0 < e.error <= e.bound * 1.1
 
     def test_profile_is_lower_triangular(self):
+        """A layer's quantizers reach exactly its own gradient and those of every layer below it
+        (BatchNorms included): zero above the diagonal, positive on and below it; sampling
+        reaches every layer."""
         model = small_cnn("psq4")
         batches = digits_batches(1)
         sampling = sampling_variance(model, F.cross_entropy, digits_batches(3))
         profile = variance_profile(model, F.cross_entropy, batches, samples=4, sampling=sampling)
-        assert profile.rows == [
+        fqt_layers = ["features.0", "features.3", "classifier.1", "classifier.3"]
+        assert profile.rows == [*fqt_layers, "sampling"]
+        assert profile.columns == [
             "features.0",
+            "features.1",
             "features.3",
+            "features.4",
             "classifier.1",
             "classifier.3",
-            "sampling",
         ]
-        m = {
-            (r, c): profile.matrix[i][j]
-            for i, r in enumerate(profile.rows)
-            for j, c in enumerate(profile.columns)
-        }
-        # A layer's quantizers reach only itself and the layers below it.
-        assert m[("features.3", "classifier.1")] == 0 and m[("features.0", "features.3")] == 0
-        assert m[("classifier.3", "features.0")] > 0 and m[("features.3", "features.3")] > 0
+        for row, values in zip(fqt_layers, profile.matrix, strict=False):
+            cut = profile.columns.index(row) + 1  # the columns in forward order up to the row
+            assert all(v > 0 for v in values[:cut]), (row, values)
+            assert all(v == 0 for v in values[cut:]), (row, values)
+        assert all(v > 0 for v in profile.matrix[-1])
 
 
 def test_variance_monitor():

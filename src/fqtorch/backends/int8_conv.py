@@ -123,7 +123,10 @@ class _Int8Conv2d(torch.autograd.Function):
             count = cols.shape[1]
         else:
             mask = mask.to(dtype)
-            taps = mask @ w2d.T.to(dtype)  # (L, O): the weight codes on real taps
+            # (L, O): the weight codes on real taps, sums of integers exact in the epilogue's
+            # dtype; autocast would run this GEMM in bf16/fp16 and round them.
+            with torch.autocast(input.device.type, enabled=False):
+                taps = mask @ w2d.T.to(dtype)
             count = mask.sum(1, keepdim=True)  # (L, 1): the number of real taps
         acc.view(n, -1, o).add_(b_x * s_w * taps + b_x * b_w * count)
         hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
