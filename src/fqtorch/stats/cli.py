@@ -400,8 +400,8 @@ def _plots(out: Path, payload: dict, profile: Any, profile_name: str) -> list[st
     zero = matrix <= 0
     floor = matrix[~zero].min() if (~zero).any() else 1e-30
     fig, ax = plt.subplots(figsize=(2.2 + 0.45 * len(columns), 1.4 + 0.4 * len(profile.rows)))
-    cmap = matplotlib.colormaps["viridis"].copy()
-    cmap.set_bad("white")  # exactly zero: no path from those quantizers to that gradient
+    # exactly zero (masked, drawn white): no path from those quantizers to that gradient
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="white")
     image = ax.imshow(
         np.ma.masked_array(np.log10(np.maximum(matrix, floor)), zero), cmap=cmap, aspect="auto"
     )
