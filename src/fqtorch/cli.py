@@ -150,7 +150,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
     cfg = TrainConfig.from_dict(_train_options(args))
     final = train(cfg, progress=_tqdm_progress)
-    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun, rank 0 speaks for the run
+    if _rank() != 0:  # under torchrun, rank 0 speaks for the run
         return 0
     log.info(
         "final: val_acc %.4f val_loss %.4f after %d epoch%s -> %s",
@@ -161,6 +161,11 @@ def _run_train(args: argparse.Namespace) -> int:
         final["run_dir"],
     )
     return 0
+
+
+def _rank() -> int:
+    """This process's rank under ``torchrun`` (0 when run alone)."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _version() -> str:
@@ -217,7 +222,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fqtorch {args.command}: error: {message}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:  # Ctrl-C in training: what was saved, how to resume
-        print(f"fqtorch {args.command}: {exc}", file=sys.stderr)
+        if _rank() == 0:  # under torchrun every rank stops alike; rank 0 says it for all
+            print(f"fqtorch {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"fqtorch {args.command}: interrupted", file=sys.stderr)

@@ -304,10 +304,11 @@ class TestTensorBoard:
 
 
 @pytest.mark.slow
-def test_ctrl_c_in_a_real_process(tmp_path):
-    """Ctrl-C in a terminal (SIGINT to the process group: the run and its loader workers):
-    exit code 130, one line saying what was saved and how to resume, no traceback, and a
-    checkpoint where that line says."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_in_a_real_process(tmp_path, signum):
+    """Ctrl-C in a terminal, or SIGTERM to the process group (``kill -- -PGID``): the run and
+    its loader workers get it. Exit code 128 + the signal, one line saying what was saved and
+    how to resume, no traceback, and a checkpoint where that line says."""
     out = tmp_path / "run"
     args = ["train", "--epochs", "50", "--workers", "2", "--checkpoint-every", "5", "--quiet"]
     args += ["--out", str(out)]
@@ -322,11 +323,12 @@ def test_ctrl_c_in_a_real_process(tmp_path):
     deadline = time.time() + 300
     while time.time() < deadline and not (out / "checkpoint.pt").exists():
         time.sleep(0.05)  # the first checkpoint is of step 5: the loader workers are running
-    os.killpg(proc.pid, signal.SIGINT)
+    os.killpg(proc.pid, signum)
     _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 130, err[-2000:]
+    assert proc.returncode == 128 + signum, err[-2000:]
     assert "Traceback" not in err
-    assert err.count("SIGINT: stopping after this step") == 1  # said by the run, not its workers
+    # said by the run, not its workers
+    assert err.count(f"{signal.Signals(signum).name}: stopping after this step") == 1
     state = load_checkpoint(out / "checkpoint.pt")
     step, epoch, within = state["step"], state["epoch"], state["epoch_step"]
     where = f"step {step}, in epoch {epoch + 1}" if within else f"step {step}, end of epoch {epoch}"

@@ -79,6 +79,16 @@ DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 
 
+# A field's declared type: what to call it in an error, and the values that have it.
+_EXPECTED: dict[str, tuple[str, tuple[type, ...]]] = {
+    "int": ("an integer", (int,)),
+    "float": ("a number", (int, float)),
+    "str": ("a string", (str,)),
+    "bool": ("true or false", (bool,)),
+    "dict": ("a mapping", (dict,)),
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """A training run. ``None`` fields take the dataset's default (``DATASET_DEFAULTS``)."""
@@ -112,6 +122,7 @@ class TrainConfig:
     quiet: bool = False
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(
                 f"unknown dataset {self.dataset!r}; known: {', '.join(DATASET_DEFAULTS)}"
@@ -140,6 +151,25 @@ class TrainConfig:
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory to continue (out)")
         self.fqt_config()  # validate the quantization plan now
+
+    def _check_types(self) -> None:
+        """Every option of the type its field declares (a config file can hold anything): a
+        ``ValueError`` naming the option. A number YAML reads as a string (``1e-3``, which
+        YAML 1.1 does not take for a float) is taken as the number."""
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind, _, rest = str(f.type).partition(" | ")
+            if value is None and "None" in rest:
+                continue
+            if kind == "float" and isinstance(value, str):
+                try:
+                    object.__setattr__(self, f.name, float(value))
+                    continue
+                except ValueError:
+                    pass
+            expected, types = _EXPECTED[kind.split("[")[0]]
+            if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+                raise ValueError(f"{f.name}: expected {expected}, got {value!r}")
 
     @property
     def quantized(self) -> bool:

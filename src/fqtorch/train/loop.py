@@ -55,7 +55,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import CheckpointError, TrainingError, TrainingInterrupted
 from .interrupt import StopRequest
-from .rundir import new_run_dir
+from .rundir import lock_run, new_run_dir, unlock_run
 
 __all__ = ["TrainingError", "train"]
 
@@ -64,6 +64,9 @@ Progress = Callable[[Iterable, int, str], Iterable]
 
 # A checkpoint written with other values of these cannot be continued by this run.
 SAME_ON_RESUME = ("dataset", "model", "preset", "fqt", "batch_size", "optimizer", "seed", "fsdp")
+# Given anew with --resume, these replace the checkpoint's (restore() applies them after loading
+# the optimizer's and the schedule's saved states, which hold the old ones).
+HYPERPARAMETERS = ("lr", "weight_decay", "momentum")
 
 
 @dataclass
@@ -148,10 +151,26 @@ def _write_json(path: Path, payload: Any) -> None:
 
 
 def _keep_lines(path: Path, keep: Callable[[dict], bool]) -> None:
-    """Rewrite the JSON-lines file ``path`` with only the records ``keep`` accepts."""
+    """Rewrite the JSON-lines file ``path`` with only the records ``keep`` accepts. A last line
+    that does not parse (a run killed while appending it) is dropped, with a warning; one
+    anywhere else is an error naming the file and line."""
     if not path.exists():
         return
-    kept = [ln for ln in path.read_text().splitlines() if ln.strip() and keep(json.loads(ln))]
+    lines = [(n, ln) for n, ln in enumerate(path.read_text().splitlines(), 1) if ln.strip()]
+    kept = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            if i + 1 < len(lines):
+                raise TrainingError(
+                    f"{path} line {number} is not valid JSON ({exc.msg}); fix or delete that "
+                    "line, then resume again"
+                ) from None
+            log.warning("%s: dropped its last line %d, cut short: %r", path, number, line[:60])
+            continue
+        if keep(record):
+            kept.append(line)
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(ln + "\n" for ln in kept))
     os.replace(tmp, path)
@@ -208,10 +227,12 @@ def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
 
 
 def _loader_worker_init(worker_id: int) -> None:
-    """Loader workers leave Ctrl-C to the main process, which finishes the step it is in and
-    saves a checkpoint (interrupt.py); they inherit its handlers when forked."""
+    """Loader workers leave Ctrl-C and SIGTERM to the main process, which finishes the step it
+    is in and saves a checkpoint (interrupt.py), then shuts them down; they inherit its handlers
+    when forked. Both signals reach them too when sent to the process group (Ctrl-C in a
+    terminal, ``kill -- -PGID``): a worker that died of one would crash the run's next batch."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _ResumableSampler(Sampler[int]):
@@ -484,6 +505,7 @@ class _Run:
             "epoch": self.epoch,
             "step": self.step,
             "epoch_step": self.epoch_step,
+            "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.rt.world,
             "rng": {"ranks": self._rank_states()},
             "best": dict(self.best),
@@ -523,6 +545,7 @@ class _Run:
                 f"{path} was written within an epoch by {state.get('world_size')} processes; "
                 f"resume it with as many (this run has {self.rt.world})"
             )
+        self._check_steps_per_epoch(path, state)
         if epoch_step > self.steps_per_epoch:
             raise CheckpointError(
                 f"{path} was written at step {epoch_step} of an epoch; this run's epochs have "
@@ -534,6 +557,7 @@ class _Run:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path} does not fit model {self.cfg.model}: {first}") from exc
         self.scheduler.load_state_dict(state["scheduler"])
+        self._apply_hyperparameters(saved)
         self._apply_schedule()
         self.epoch, self.step, self.epoch_step = epoch, step, epoch_step
         self.best = dict(state.get("best") or {})
@@ -543,6 +567,46 @@ class _Run:
         self.resumed = {"epoch": epoch, "step": step, "epoch_step": epoch_step}
         self.resumed["epochs"] = int(saved.get("epochs", self.cfg.epochs))
         self.saved_at = _where(epoch, step, epoch_step)
+
+    def _check_steps_per_epoch(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint whose epochs had another number of steps: the schedule and the
+        epoch counts are in steps, so the run could not go on where it was (a checkpoint from
+        before ``steps_per_epoch`` was saved is not checked)."""
+        saved = state.get("steps_per_epoch")
+        if saved is None or int(saved) == self.steps_per_epoch:
+            return
+        world = state.get("world_size")
+        processes = (
+            f" on {world} processes (this run has {self.rt.world})"
+            if world is not None and int(world) != self.rt.world
+            else ""
+        )
+        raise CheckpointError(
+            f"{path} was written by a run of {saved} steps per epoch{processes}; this run's "
+            f"epochs have {self.steps_per_epoch} (--max-steps-per-epoch, --batch-size or the "
+            "number of processes changed): resume with the run's own, or start a new run"
+        )
+
+    def _apply_hyperparameters(self, saved: dict[str, Any]) -> None:
+        """Give the restored optimizer and schedule this run's lr, weight decay and momentum
+        (loading their states brought back the checkpoint's), and say which were given anew.
+        The schedule keeps its shape: a new lr scales it, from the step reached."""
+        cfg, groups = self.cfg, self.optimizer.param_groups
+        for group in groups:
+            group["initial_lr"] = cfg.lr
+            if cfg.optimizer == "sgd":
+                group["momentum"] = cfg.momentum
+        groups[0]["weight_decay"] = cfg.weight_decay  # the second group never decays
+        self.scheduler.base_lrs = [cfg.lr] * len(groups)
+        changed = [
+            f"{key} {saved[key]:g} -> {getattr(cfg, key):g}"
+            for key in HYPERPARAMETERS
+            if key in saved
+            and saved[key] != getattr(cfg, key)
+            and (key != "momentum" or cfg.optimizer == "sgd")
+        ]
+        if changed and self.rt.main:
+            log.info("resume: %s (given anew; the schedule goes on from here)", ", ".join(changed))
 
     def _states(self) -> tuple[dict[str, Any], dict[str, Any]]:
         """The model's and optimizer's states; under FSDP gathered to whole tensors on rank 0's
@@ -842,6 +906,9 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
             "every run gets a new directory under runs/)"
         )
     run.out = _run_dir(run)
+    if run.rt.main:  # before anything is read or written: one process per run directory
+        run.out.mkdir(parents=True, exist_ok=True)
+        lock_run(run.out)
     ckpt = run.out / "checkpoint.pt"
     if cfg.resume:
         if not ckpt.exists():
@@ -890,15 +957,25 @@ def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
     ``config.json``, ``metrics.jsonl`` (a line per epoch), ``checkpoint.pt`` (every epoch, and
     every ``checkpoint_every`` steps), ``best.pt`` (the epoch best by validation accuracy, or
     loss for text), ``final.json``, ``variance.jsonl`` (``variance_every``) and ``tensorboard/``
-    (``tensorboard``). Ctrl-C or SIGTERM stops after the step in progress, saves a checkpoint and
-    raises :class:`TrainingInterrupted` (its message says how to resume).
+    (``tensorboard``); while it runs, ``lock`` (its process id: a second run in the same
+    directory is refused, see :func:`~fqtorch.train.rundir.lock_run`). Ctrl-C or SIGTERM stops
+    after the step in progress, saves a checkpoint and raises :class:`TrainingInterrupted` (its
+    message says how to resume).
 
     ``progress(iterable, total, description)`` may wrap the step iterator (a progress bar);
     it is used on rank 0 only.
     """
     run = _Run(cfg, progress)
-    _prepare_out(run, cfg)
-    run.announce()
+    try:
+        _prepare_out(run, cfg)
+        run.announce()
+        return _train_until_done(run)
+    finally:
+        if run.rt.main:
+            unlock_run(run.out)
+
+
+def _train_until_done(run: _Run) -> dict[str, Any]:
     try:
         with run.stop.installed():
             final = _train_epochs(run)

@@ -10,15 +10,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .errors import CheckpointError
+from .checkpoint import load_checkpoint
+from .errors import CheckpointError, TrainingError
 
-__all__ = ["RUNS", "latest_run", "new_run_dir", "resume_options"]
+__all__ = ["LOCK", "RUNS", "latest_run", "lock_run", "new_run_dir", "resume_options", "unlock_run"]
 
+log = logging.getLogger(__name__)
 RUNS = Path("runs")
+LOCK = "lock"  # in a run directory while a process writes it: that process's id
 
 
 def new_run_dir(root: Path = RUNS, now: datetime | None = None) -> Path:
@@ -42,12 +47,63 @@ def new_run_dir(root: Path = RUNS, now: datetime | None = None) -> Path:
 def latest_run(root: Path = RUNS) -> Path:
     """The run directory directly under ``root`` whose checkpoint was written last."""
     runs = [p.parent for p in root.glob("*/checkpoint.pt")] if root.is_dir() else []
+    busy = [run for run in runs if _holder(run) is not None]
+    if busy and os.environ.get("RANK", "0") == "0":
+        log.info("--resume: passing over %s, in use by a running process", _names(busy))
+    runs = [run for run in runs if run not in busy]
     if not runs:
         raise CheckpointError(
             f"--resume: no run with a checkpoint under {root}/; name the run to continue: "
             "--resume DIR"
         )
     return max(runs, key=lambda run: (run / "checkpoint.pt").stat().st_mtime_ns)
+
+
+def lock_run(run_dir: Path) -> None:
+    """Claim ``run_dir`` for this process (``run_dir/lock`` holds its id, created with
+    ``O_EXCL``); a lock left by a process that is gone is taken over. A directory a live
+    process holds is a :class:`TrainingError`: two runs would write over each other."""
+    path = run_dir / LOCK
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            holder = _holder(run_dir)
+            if holder is not None and holder != os.getpid():
+                raise TrainingError(
+                    f"{run_dir} is in use by another fqtorch train (process {holder}); wait for "
+                    "it to end, or give another --out"
+                ) from None
+            path.unlink(missing_ok=True)  # stale (or this process's own): take it over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()}\n")
+        return
+
+
+def unlock_run(run_dir: Path) -> None:
+    """Release ``run_dir`` if this process holds it."""
+    if _holder(run_dir) == os.getpid():
+        (run_dir / LOCK).unlink(missing_ok=True)
+
+
+def _holder(run_dir: Path) -> int | None:
+    """The id of the live process holding ``run_dir`` (``None``: no lock, or a stale one)."""
+    try:
+        pid = int((run_dir / LOCK).read_text().strip())
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None
+    except PermissionError:  # alive, another user's
+        return pid
+    return pid
+
+
+def _names(runs: list[Path]) -> str:
+    return ", ".join(str(run) for run in sorted(runs))
 
 
 def resume_options(values: dict[str, Any], root: Path = RUNS) -> dict[str, Any]:
@@ -59,13 +115,31 @@ def resume_options(values: dict[str, Any], root: Path = RUNS) -> dict[str, Any]:
 
 
 def _saved_options(run_dir: Path) -> dict[str, Any]:
-    """What ``config.json`` in ``run_dir`` says the run was started with ({} if it is missing:
-    then the checkpoint alone decides, and ``restore()`` refuses one that does not fit)."""
+    """What ``config.json`` in ``run_dir`` says the run was started with; if it is missing or
+    does not parse, what its checkpoint says (with a warning; {} without a checkpoint either:
+    then ``train()`` says there is none to resume)."""
     path = run_dir / "config.json"
     try:
         saved = json.loads(path.read_text())["config"]
     except (OSError, ValueError, KeyError, TypeError):
-        return {}
+        saved = None
     if not isinstance(saved, dict):
-        return {}
+        saved = _checkpoint_options(run_dir / "checkpoint.pt")
+        if saved is None:
+            return {}
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it for all
+            log.warning(
+                "%s is missing or unreadable; resuming with the options saved in %s",
+                path,
+                run_dir / "checkpoint.pt",
+            )
     return {k: v for k, v in saved.items() if k not in ("out", "resume")}
+
+
+def _checkpoint_options(path: Path) -> dict[str, Any] | None:
+    """The options saved in the checkpoint ``path`` (``None`` when there is none; one that is
+    corrupt is a :class:`CheckpointError`)."""
+    if not path.is_file():
+        return None
+    saved = json.loads(load_checkpoint(path).get("config", "{}"))
+    return saved if isinstance(saved, dict) else None
