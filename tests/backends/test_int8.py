@@ -28,6 +28,7 @@ def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
     return out.detach(), x.grad, layer.weight.grad, layer.bias.grad
 
 
+@pytest.mark.slow
 class TestAgainstSimulate:
     """Given the same generator state both backends draw the same codes, so outputs and all
     gradients agree to float32 rounding (relative 1e-5)."""
@@ -66,6 +67,7 @@ class TestAgainstSimulate:
             torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-5 * float(u.abs().max()))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_unbiased_on_int8(fused):
     torch.manual_seed(0)

@@ -154,6 +154,7 @@ class TestShortReductions:
         assert seen == [(7, 6), (4, 6), (5, 7)]  # output, grad_input, grad_weight
 
 
+@pytest.mark.slow
 class TestLongReductions:
     """Code products past int32: before chunking, the weight gradient of the first test came
     out as +1.6e6 instead of -27."""

@@ -168,6 +168,7 @@ def net_gradient(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Te
     return torch.cat([p.grad.flatten() for p in model.parameters()])
 
 
+@pytest.mark.slow
 class TestUnbiasedNetworkGradient:
     """docs/method.md §3: on a fixed batch, the mean FQT gradient equals the QAT gradient; the
     test is a z-test with standard errors measured from the draws, and it catches a biased

@@ -76,6 +76,7 @@ class TestMaxAbsHouseholder:
         torch.testing.assert_close(got, h.abs().max())
 
 
+@pytest.mark.slow
 class TestNeverWorseThanPSQ:
     """Measured ``E‖Q(x) − x‖²`` of BHQ against PSQ's on the same input, each from ``DRAWS``
     independent draws: BHQ may exceed PSQ by no more than the Monte-Carlo error (a one-sided z

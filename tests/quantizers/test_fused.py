@@ -132,6 +132,7 @@ def assert_compiled(kernel: fused_module.LazyCompiled) -> None:
     assert kernel._compiled is not None, f"{kernel} was never compiled"
 
 
+@pytest.mark.slow
 class TestFusedKernels:
     """Compiled and eager runs of a fused quantizer give the same codes, bit for bit."""
 

@@ -59,6 +59,7 @@ def eager(q):
     return q
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True], ids=["eager", "fused"])
 @pytest.mark.parametrize("name,case,bits", CONFIGS)
 def test_finite_and_unbiased(name, case, bits, fused):

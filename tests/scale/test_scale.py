@@ -22,6 +22,9 @@ from fqtorch.models import build_model
 from fqtorch.stats import check_unbiased
 from tests.helpers import z_limit
 
+# Real scale (2^18 reductions, statistics under autocast): `pytest -m "not slow"` leaves it out.
+pytestmark = pytest.mark.slow
+
 M = 2**18  # the reduction length: tokens of a GPT batch, N·H·W of an ImageNet ResNet stage
 GRAD_QUANTIZERS = ["ptq", "psq", "bhq", "rht"]
 

@@ -24,6 +24,7 @@ from tests.helpers import binomial_upper
 from tests.stats.test_stats import digits_batches
 
 
+@pytest.mark.slow
 class TestThreshold:
     def test_depends_only_on_null_parameters(self):
         assert z2_threshold(16, 4, 1e-3) == z2_threshold(16, 4, 1e-3)
@@ -81,6 +82,7 @@ class ShiftedPSQ(PerRow):
 register_quantizer("test_shift_tenth_step")(ShiftedPSQ)
 
 
+@pytest.mark.slow
 class TestPowerAndLevel:
     @pytest.mark.parametrize("bits", [4, 8])
     def test_tenth_of_a_step_is_caught_with_cli_defaults(self, bits):

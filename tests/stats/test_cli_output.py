@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+
 from fqtorch.cli import main
 
 
+@pytest.mark.slow
 def test_variance_says_the_conversion_summary_once(tmp_path, caplog):
     """Three configurations and a profile convert the model five times; the summary of which
     layers are FQT (the same every time) is logged once, and the convert logger's level is

@@ -98,6 +98,7 @@ class TestClosedForms:
         assert float(err.mean()) == pytest.approx(step**2 / 6, rel=0.03)
 
 
+@pytest.mark.slow
 class TestDecomposition:
     """docs/method.md §3: Var[FQT] = sampling variance + quantization variance, within sampling
     error (the cross term has zero mean because the FQT gradient is unbiased)."""
@@ -163,6 +164,7 @@ if "test_biased_sr" not in fqtorch.list_quantizers():
     register_quantizer("test_biased_sr")(ShiftedRounding)
 
 
+@pytest.mark.slow
 class TestBiasCheck:
     """check_unbiased passes every unbiased quantizer and catches biased ones, naming the layer."""
 
@@ -263,6 +265,7 @@ def test_variance_monitor():
     assert json.dumps(ratio.to_dict())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fused", [False, True])
 def test_variance_cli_schema(tmp_path, fused):
     out = tmp_path / "v"
@@ -328,6 +331,7 @@ def test_variance_cli_schema(tmp_path, fused):
     assert bad.returncode == 2 and "known quantizers" in bad.stderr
 
 
+@pytest.mark.slow
 def test_train_logs_variance(tmp_path):
     out = tmp_path / "run"
     cmd = [
@@ -352,6 +356,7 @@ def test_train_logs_variance(tmp_path):
     assert lines[0]["total_ratio"] > 0 and "classifier.3" in lines[0]["ratio"]
 
 
+@pytest.mark.slow
 def test_variance_cli_bad_input_leaves_nothing_behind(tmp_path):
     """Too many batches, --out naming a file, too few samples: one line naming the problem, exit
     code 2, no folder left behind."""
