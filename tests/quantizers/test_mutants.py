@@ -71,3 +71,23 @@ def test_as_rows_views():
     assert as_rows(torch.ones(())).shape == (1, 1)
     assert as_rows(torch.ones(5)).shape == (5, 1)
     assert as_rows(torch.ones(2, 3, 4)).shape == (2, 12)
+
+
+def test_draw_keys_cover_the_32_bit_range():
+    """The keys are uniform over all 2^32 int32 values: over 2000 draws (4000 keys) both halves
+    of the range and keys above 2^30 appear (each absent with probability below 2^-1000)."""
+    from fqtorch.quantizers.rounding import draw_keys
+
+    g = gen(5)
+    keys = torch.cat([draw_keys(g, torch.device("cpu")) for _ in range(2000)]).long()
+    assert keys.dtype == torch.int64 and keys.min() < -(2**30) and keys.max() > 2**30
+    assert len(torch.unique(keys)) > 3990  # distinct: collisions are rare among 2^32 values
+
+
+def test_check_float_names_what_it_got():
+    from fqtorch.quantizers.base import check_float
+
+    with pytest.raises(TypeError, match="ptq expects a torch.Tensor, got list"):
+        check_float([1.0], "ptq")
+    with pytest.raises(TypeError, match="floating-point tensor, got dtype torch.int64"):
+        check_float(torch.arange(3), "ptq")
