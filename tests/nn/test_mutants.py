@@ -248,3 +248,23 @@ def test_linear_output_on_a_batch_of_rows_is_not_a_view():
     layer = FQTLinear(nn.Linear(6, 3), FQTConfig.preset("bhq5"), name="fc")
     assert not layer(torch.randn(4, 6))._is_view()
     assert layer(torch.randn(2, 4, 6)).shape == (2, 4, 3)
+
+
+@pytest.mark.parametrize(
+    "fqt_type,source,expected",
+    [
+        (FQTLinear, nn.Conv2d(2, 3, 1), "nn.Linear"),
+        (FQTConv2d, nn.Linear(2, 3), "nn.Conv2d"),
+        (FQTConv2d, nn.Conv1d(2, 3, 1), "nn.Conv2d"),
+    ],
+)
+def test_an_fqt_layer_refuses_another_float_type(fqt_type, source, expected):
+    with pytest.raises(TypeError, match=f"{fqt_type.__name__} converts an {expected}, got"):
+        fqt_type(source, FQTConfig.preset("bhq5"), name="x")
+
+
+def test_attention_refuses_another_float_type():
+    from fqtorch.nn.attention import FQTMultiheadAttention
+
+    with pytest.raises(TypeError, match="converts an nn.MultiheadAttention, got Linear"):
+        FQTMultiheadAttention(nn.Linear(4, 4), FQTConfig.preset("bhq5"))

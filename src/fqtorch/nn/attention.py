@@ -128,12 +128,7 @@ class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
 
     def __init__(self, source: nn.MultiheadAttention, config: FQTConfig, name: str = "") -> None:
         super().__init__(config, name)
-        if not isinstance(source, nn.MultiheadAttention):
-            raise TypeError(
-                f"FQTMultiheadAttention converts an nn.MultiheadAttention, "
-                f"got {type(source).__name__}"
-            )
-        self.adopt(source)
+        self.adopt(source, nn.MultiheadAttention)
         if not isinstance(self.out_proj, FQTModule):
             out_name = f"{name}.out_proj" if name else "out_proj"
             self.out_proj = FQTLinear(self.out_proj, config, name=out_name)

@@ -89,14 +89,20 @@ class FQTModule(nn.Module):
         self._float_attrs: tuple[str, ...] = ()
         self.register_forward_pre_hook(_keep_module_call)
 
-    def adopt(self, source: nn.Module) -> None:
+    def adopt(self, source: nn.Module, expected: type[nn.Module] | None = None) -> None:
         """Take over ``source``: its Parameters, buffers and submodules (the same objects, in the
         same order, so ``state_dict()`` keys and values are unchanged), its plain attributes and
-        its training mode; remember its class for :meth:`to_float`.
+        its training mode; remember its class for :meth:`to_float`. ``expected``: the float type
+        this layer converts (a ``TypeError`` for any other source).
 
         Not taken over: the source's hooks (``quantize_model`` leaves a layer with hooks or a
         parametrization in float, saying so) and the compiled forward of a layer compiled on its
         own (``layer.compile()``): the FQT layer runs uncompiled; compile after conversion."""
+        if expected is not None and not isinstance(source, expected):
+            raise TypeError(
+                f"{type(self).__name__} converts an nn.{expected.__name__}, "
+                f"got {type(source).__name__}"
+            )
         own = {k for k in vars(source) if k not in _MODULE_STATE}
         clash = sorted(own & set(vars(self)))
         if clash:
@@ -226,9 +232,7 @@ class FQTLinear(FQTModule, nn.Linear):
 
     def __init__(self, source: nn.Linear, config: FQTConfig, name: str = "") -> None:
         super().__init__(config, name)
-        if not isinstance(source, nn.Linear):
-            raise TypeError(f"FQTLinear converts an nn.Linear, got {type(source).__name__}")
-        self.adopt(source)
+        self.adopt(source, nn.Linear)
 
     def forward(self, input: Tensor) -> Tensor:
         if input.shape[-1:] != (self.in_features,):
@@ -284,12 +288,7 @@ class _FQTConvNd(FQTModule):
 
     def __init__(self, source: nn.Conv1d | nn.Conv2d, config: FQTConfig, name: str = "") -> None:
         super().__init__(config, name)
-        if not isinstance(source, self._conv_type):
-            raise TypeError(
-                f"{type(self).__name__} converts an nn.{self._conv_type.__name__}, "
-                f"got {type(source).__name__}"
-            )
-        self.adopt(source)
+        self.adopt(source, self._conv_type)
         self._pre_pad = list(source._reversed_padding_repeated_twice)
         self.ops = self._gemm_ops()
 
