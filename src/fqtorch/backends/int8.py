@@ -35,11 +35,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..nn.functional import check_finite
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
+from .base import PlanSource, Unsupported, check_finite
 
-__all__ = ["chunk_length", "int8_linear", "int_mm", "int_mm_supported"]
+__all__ = ["chunk_length", "int_mm", "int_mm_supported", "linear"]
 
 
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -272,17 +272,20 @@ class _Int8Linear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
-def int8_linear(
-    input2d: Tensor, weight: Tensor, bias: Tensor | None, source: Any, name: str
-) -> Tensor | None:
-    """Run the Linear plan on integer GEMMs; ``None`` when a shape cannot run (the caller falls
-    back to the simulate path)."""
-    m, k = input2d.shape
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None, source: PlanSource, name: str
+) -> Tensor:
+    """Run the Linear plan (``input`` (M, in)) on integer GEMMs; :class:`Unsupported` when a
+    shape cannot run."""
+    m, k = input.shape
     n = weight.shape[0]
     if not (
-        int_mm_supported(m, k, n, input2d.device)
-        and int_mm_supported(n, m, k, input2d.device)
-        and int_mm_supported(m, n, k, input2d.device)
+        int_mm_supported(m, k, n, input.device)
+        and int_mm_supported(n, m, k, input.device)
+        and int_mm_supported(m, n, k, input.device)
     ):
-        return None
-    return _Int8Linear.apply(input2d, weight, bias, source, name)
+        raise Unsupported(
+            f"torch._int_mm cannot run shape {tuple(input.shape)} x {tuple(weight.shape)} "
+            f"on {input.device}"
+        )
+    return _Int8Linear.apply(input, weight, bias, source, name)

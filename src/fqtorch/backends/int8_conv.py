@@ -22,7 +22,7 @@ terms with ``b_x`` (Linear: ``s_o b_x colsum(C_h)[o]`` and ``M b_o b_x``) become
 ``s_o b_x (S_hᵀ M)[o, t]`` and ``N b_o b_x colsum(M)[t]``, with ``S_h`` (L, O) the
 per-position sums of the codes of ``grad_output`` over the batch. The mask corrections are GEMMs
 1/N the size of the main ones. Grouped and 1-d convolutions, and CUDA tensors for now, run the
-simulate path (:func:`int8_conv2d` returns ``None``).
+simulate path (:func:`conv` raises :class:`~fqtorch.backends.base.Unsupported`).
 """
 
 from __future__ import annotations
@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..nn.functional import ConvOps, check_finite
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
+from .base import ConvOps, PlanSource, Unsupported, check_finite
 from .int8 import (
     _affine,
     _code_sum,
@@ -48,7 +48,7 @@ from .int8 import (
     _per_tensor,
 )
 
-__all__ = ["int8_conv2d"]
+__all__ = ["conv"]
 
 
 def _pads(ops: ConvOps) -> list[int]:
@@ -216,12 +216,14 @@ class _Int8Conv2d(torch.autograd.Function):
         return grad_input, None, None, grad_bias, None, grad_weight, None, None
 
 
-def int8_conv2d(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, source: Any,
-                name: str) -> Tensor | None:  # fmt: skip
-    """Run the Conv2d plan on integer GEMMs, or ``None`` when it cannot (the caller falls back
-    to the simulate path): grouped or 1-d convolutions, and tensors off the CPU."""
+def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, source: PlanSource,
+         name: str) -> Tensor:  # fmt: skip
+    """Run the Conv2d plan on integer GEMMs; :class:`Unsupported` for grouped or 1-d
+    convolutions and tensors off the CPU."""
     if ops.groups != 1 or input.dim() != 4 or input.device.type != "cpu":
-        return None
+        raise Unsupported(
+            "this convolution cannot run on integer GEMMs (grouped, 1-d or not on the CPU)"
+        )
     plan = source.plan
     with torch.no_grad():
         x = plan.input.encode(input)

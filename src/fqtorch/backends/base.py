@@ -1,0 +1,195 @@
+"""The contract between FQT layers (``fqtorch.nn``) and the backends that run their GEMMs.
+
+A layer hands a backend its operands, a :class:`PlanSource` (the quantizers of its tensor roles,
+read again at backward, and its generator) and the :class:`GemmOps` of its type (how Linear,
+convolution or batched matmul lay out the three GEMMs, docs/method.md §2):
+
+    output      = Q_input(input) @ Q_weight(weight).T        (+ bias)
+    grad_input  = Q_grad(grad_output) @ Q_weight(weight)
+    grad_weight = Q_grad_weight(grad_output).T @ Q_input(input)   (bias grad: same branch)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..config import FQTConfig
+from ..quantizers.base import Quantizer
+from ..quantizers.uniform import Identity
+
+__all__ = [
+    "ConvOps",
+    "FQTPlan",
+    "FixedPlan",
+    "GemmOps",
+    "LinearOps",
+    "PlanSource",
+    "Unsupported",
+    "check_finite",
+]
+
+
+class Unsupported(Exception):
+    """A backend cannot run this layer call; the message says why (the caller falls back to
+    the simulate backend and says so)."""
+
+
+@dataclass(frozen=True)
+class FQTPlan:
+    """The quantizer objects of one layer, by the tensor role they act on."""
+
+    input: Quantizer
+    weight: Quantizer
+    grad_output: Quantizer
+    grad_output_weight: Quantizer
+    check_finite: bool = False
+    backend: str = "simulate"
+
+    @classmethod
+    def from_config(cls, config: FQTConfig) -> FQTPlan:
+        return cls(
+            **config.build_quantizers(), check_finite=config.check_finite, backend=config.backend
+        )
+
+    def exact_backward(self) -> FQTPlan:
+        """The same forward with an exact backward (QAT)."""
+        identity = Identity()
+        return dataclasses.replace(self, grad_output=identity, grad_output_weight=identity)
+
+
+class GemmOps(Protocol):
+    """How one layer type runs the three GEMMs on (already quantized) operands."""
+
+    def prepare(self, input: Tensor) -> Tensor: ...
+    def output(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
+    def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
+    def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
+    def grad_bias(self, grad_output: Tensor) -> Tensor: ...
+    def columns(self, grad_output: Tensor) -> Tensor: ...
+    def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor: ...
+
+
+class LinearOps:
+    """``input`` (M, in), ``weight`` (out, in), ``grad_output`` (M, out)."""
+
+    def prepare(self, input: Tensor) -> Tensor:
+        return input
+
+    def output(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        return F.linear(input, weight, bias)
+
+    def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        return grad_output @ weight  # (M, out) @ (out, in)
+
+    def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        return grad_output.T @ input  # (out, M) @ (M, in)
+
+    def grad_bias(self, grad_output: Tensor) -> Tensor:
+        return grad_output.sum(0)
+
+    def columns(self, grad_output: Tensor) -> Tensor:
+        return grad_output
+
+    def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor:
+        return columns
+
+    def __repr__(self) -> str:
+        return "linear"
+
+
+@dataclass(frozen=True)
+class ConvOps:
+    """N-d convolution with integer padding; ``pad`` is an extra zero pad (asymmetric ``"same"``)
+    applied to the quantized input, whose adjoint is a crop of ``grad_input``."""
+
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    groups: int
+    pad: tuple[int, ...] | None = None
+
+    def prepare(self, input: Tensor) -> Tensor:
+        return input if self.pad is None else F.pad(input, self.pad)
+
+    def output(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        conv = F.conv1d if len(self.stride) == 1 else F.conv2d
+        return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def _backward(self, grad_output: Tensor, input: Tensor, weight: Tensor, which: int) -> Tensor:
+        mask = [which == 0, which == 1, False]
+        grads = torch.ops.aten.convolution_backward(
+            grad_output,
+            input,
+            weight,
+            None,
+            self.stride,
+            self.padding,
+            self.dilation,
+            False,
+            [0] * len(self.stride),
+            self.groups,
+            mask,
+        )
+        return grads[which]
+
+    def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        grad = self._backward(grad_output, input, weight, 0)
+        return grad if self.pad is None else F.pad(grad, [-p for p in self.pad])
+
+    def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        return self._backward(grad_output, input, weight, 1)
+
+    def grad_bias(self, grad_output: Tensor) -> Tensor:
+        return grad_output.sum([0, *range(2, grad_output.dim())])
+
+    def columns(self, grad_output: Tensor) -> Tensor:
+        # (N, C, *S) -> (N·S, C): the weight-gradient GEMM sums over samples and positions, so a
+        # scale can factor out of it only per output channel.
+        return grad_output.movedim(1, -1).reshape(-1, grad_output.shape[1])
+
+    def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor:
+        spatial = like.shape[2:]
+        return columns.reshape(like.shape[0], *spatial, like.shape[1]).movedim(-1, 1)
+
+
+def check_finite(grad_output: Tensor, name: str) -> None:
+    """``FQTConfig(check_finite=True)``: raise, naming the layer, on NaN/Inf in grad_output."""
+    if not bool(torch.isfinite(grad_output).all()):
+        raise FloatingPointError(
+            f"FQT layer {name!r}: grad_output holds NaN or Inf; cannot quantize it "
+            "(set FQTConfig(check_finite=False) to let it propagate as NaN instead)"
+        )
+
+
+class PlanSource(Protocol):
+    """Where the autograd Function reads its plan: at forward for the forward quantizers, and
+    again at backward for the gradient quantizers (so a measurement can switch a layer to exact
+    backward between backward passes of one forward, see ``FQTModule.exact_backward``)."""
+
+    plan: FQTPlan
+
+    def generator(self, device: torch.device) -> torch.Generator | None: ...
+
+    def on_grad_output(self, grad_output: Tensor) -> None:
+        """Called in backward with the ``grad_output`` the quantizers see (for measurements)."""
+        ...
+
+
+@dataclass(frozen=True)
+class FixedPlan:
+    """A plan and generator that never change (the functional forms use it)."""
+
+    plan: FQTPlan
+    fixed_generator: torch.Generator | None = None
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        return self.fixed_generator
+
+    def on_grad_output(self, grad_output: Tensor) -> None:
+        pass

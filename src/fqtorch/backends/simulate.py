@@ -1,0 +1,114 @@
+"""The ``simulate`` backend: the three GEMMs in float on the dequantized operands, one autograd
+Function for every layer type (:class:`~fqtorch.backends.base.GemmOps` says how a type lays them
+out). ``grad_output`` is quantized twice, independently: per row (sample) for ``grad_input``,
+where row scales and row transforms factor out of the product; per column (output feature or
+channel) for ``grad_weight``, which sums over rows. It runs every quantizer, on every device.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..quantizers.base import Quantizer
+from ..quantizers.uniform import Identity
+from .base import ConvOps, FQTPlan, GemmOps, LinearOps, PlanSource, check_finite
+
+__all__ = ["conv", "fqt_gemm", "linear"]
+
+_LINEAR = LinearOps()
+
+
+def _quantize_grad(quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None) -> Tensor:
+    return grad if isinstance(quantizer, Identity) else quantizer(grad, generator)
+
+
+class _FQTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        input: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        ops: GemmOps,
+        source: PlanSource,
+        name: str,
+    ) -> Tensor:
+        plan = source.plan
+        input_q = ops.prepare(plan.input(input))
+        weight_q = plan.weight(weight)
+        device_type = input.device.type
+        if torch.is_autocast_enabled(device_type):
+            # The forward GEMM runs in the autocast dtype, as autocast would; the output keeps the
+            # input's dtype (float32 for float32 activations, as the int8 backend does), so the
+            # gradient that comes back is not rounded to bf16/fp16 between layers, which would
+            # bias it (round-to-nearest of a random value: E[round(g)] ≠ E[g]).
+            dtype = torch.get_autocast_dtype(device_type)
+            input_q, weight_q = input_q.to(dtype), weight_q.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            output = ops.output(input_q, weight_q, bias).to(input.dtype)
+        ctx.save_for_backward(input_q, weight_q)
+        ctx.ops, ctx.source, ctx.name = ops, source, name
+        return output
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        input_q, weight_q = ctx.saved_tensors
+        ops: GemmOps = ctx.ops
+        plan: FQTPlan = ctx.source.plan  # read now: a measurement may have switched it
+        generator = ctx.source.generator(grad_output.device)
+        need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if plan.check_finite:
+            check_finite(grad_output, ctx.name)
+        # The backward GEMMs run in float32 (float64 stays float64) on exact operands: under
+        # autocast, rounding Q(grad_output) back to bf16/fp16 would bias it (E[round(Q(G))] ≠ G).
+        # The saved forward operands upcast exactly, so QAT (identity quantizers) runs the same
+        # GEMMs and stays the reference of E[FQT gradient].
+        dtype = torch.promote_types(weight_q.dtype, torch.float32)
+        grad_output = grad_output.to(dtype)
+        input_q, weight_q = input_q.to(dtype), weight_q.to(dtype)
+        ctx.source.on_grad_output(grad_output)
+        grad_input = grad_weight = grad_bias = None
+        with torch.autocast(grad_output.device.type, enabled=False):
+            if need_input:
+                grad = _quantize_grad(plan.grad_output, grad_output, generator)
+                grad_input = ops.grad_input(grad, input_q, weight_q)
+            if need_weight or need_bias:
+                grad = grad_output
+                if not isinstance(plan.grad_output_weight, Identity):
+                    columns = plan.grad_output_weight(ops.columns(grad_output), generator)
+                    grad = ops.uncolumns(columns, grad_output)
+                if need_weight:
+                    grad_weight = ops.grad_weight(grad, input_q, weight_q)
+                if need_bias:
+                    grad_bias = ops.grad_bias(grad)
+        return grad_input, grad_weight, grad_bias, None, None, None
+
+
+def fqt_gemm(
+    input: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    ops: GemmOps,
+    source: PlanSource,
+    name: str = "",
+) -> Tensor:
+    """Run one layer's three GEMMs under ``source.plan`` (the shared core of every FQT layer)."""
+    return _FQTFunction.apply(input, weight, bias, ops, source, name)
+
+
+def linear(
+    input: Tensor, weight: Tensor, bias: Tensor | None, source: PlanSource, name: str
+) -> Tensor:
+    """``input`` (M, in) @ ``weight`` (out, in)ᵀ under ``source.plan``."""
+    return fqt_gemm(input, weight, bias, _LINEAR, source, name)
+
+
+def conv(
+    input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, source: PlanSource, name: str
+) -> Tensor:
+    """A convolution (``ops``) under ``source.plan``."""
+    return fqt_gemm(input, weight, bias, ops, source, name)
