@@ -64,7 +64,11 @@ def _train_parser(sub: Any) -> None:
     )
     p.add_argument("--config", help="YAML or JSON file of options; flags given here override it")
     p.add_argument("--dataset", choices=list_datasets())
-    p.add_argument("--data-dir", help="where the data set lies (not needed for digits)")
+    p.add_argument(
+        "--data-dir",
+        help="where the data set lies (not needed for digits; text defaults to the Python "
+        "documentation, pydoc_data/topics.py)",
+    )
     p.add_argument("--model", choices=list_models())
     p.add_argument(
         "--preset", help="an FQTConfig preset, or 'exact' for no quantization (default bhq5)"

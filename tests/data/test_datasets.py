@@ -6,6 +6,7 @@ import importlib.abc
 import pickle
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -150,6 +151,21 @@ class TestText:
         assert x.shape == (16,) and torch.equal(x[1:], y[:-1])
         assert spec.num_classes == len(spec.vocab)
         assert len(build_datasets("text", tmp_path, block_size=16).train) == len(spec.train)
+
+    def test_default_corpus_is_the_interpreters_pydoc_topics(self):
+        """Without --data-dir: the Python documentation of the running interpreter, split
+        90/10 in order (the last 10% of the file is validation)."""
+        import pydoc_data.topics
+
+        spec = build_datasets("text", block_size=64)
+        text = Path(pydoc_data.topics.__file__).read_text(encoding="utf-8")
+        assert spec.source.startswith(pydoc_data.topics.__file__)
+        assert f"{len(text):,} characters" in spec.source
+        cut = int(0.9 * len(text))
+        assert len(spec.train) == (cut - 1) // 64
+        assert len(spec.val) == (len(text) - cut - 1) // 64
+        x, _ = spec.val[0]
+        assert "".join(spec.vocab[i] for i in x) == text[cut : cut + 64]
 
     def test_errors(self, tmp_path):
         (tmp_path / "short.txt").write_text("abc")

@@ -6,9 +6,10 @@
   ``--data-dir`` or ``--data-dir/cifar-10-batches-py``; random crop (pad 4) + flip.
 - ``imagenet``: an ImageFolder tree, ``--data-dir/{train,val}/<class>/<image>``;
   random-resized-crop 224 + flip, validation resize 256 + centre crop 224 (needs Pillow).
-- ``text``: a character corpus, one ``.txt`` file or a folder of them; 90/10 split.
+- ``text``: a character corpus, one UTF-8 file or a folder of ``.txt`` files; 90/10 split.
+  Without ``--data-dir``: ``pydoc_data/topics.py`` of the running Python (``default_corpus``).
 """
 
-from .datasets import DatasetError, DataSpec, build_datasets, list_datasets
+from .datasets import DatasetError, DataSpec, build_datasets, default_corpus, list_datasets
 
-__all__ = ["DataSpec", "DatasetError", "build_datasets", "list_datasets"]
+__all__ = ["DataSpec", "DatasetError", "build_datasets", "default_corpus", "list_datasets"]

@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["DataSpec", "DatasetError", "build_datasets", "list_datasets"]
+__all__ = ["DataSpec", "DatasetError", "build_datasets", "default_corpus", "list_datasets"]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -53,6 +53,7 @@ class DataSpec:
     block_size: int = 0
     vocab: str = ""
     transforms: str = ""  # whose image transforms run: "torchvision X.Y" or fqtorch's own
+    source: str = ""  # what was read, for the run header and results (e.g. the text corpus)
 
 
 def torchvision_transforms() -> tuple[ModuleType | None, str]:
@@ -356,10 +357,19 @@ class CharWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
+def default_corpus() -> Path:
+    """The text corpus ``--dataset text`` reads without ``--data-dir``: the Python documentation
+    that ships with every CPython, ``pydoc_data/topics.py`` of the running interpreter's standard
+    library (≈ 750 KB of English prose and code; no download)."""
+    import pydoc_data.topics
+
+    return Path(pydoc_data.topics.__file__)
+
+
 def _text(data_dir: Path | None, block_size: int) -> DataSpec:
-    layout = "a UTF-8 .txt file, or a folder of .txt files (concatenated in name order)"
+    layout = "a UTF-8 text file, or a folder of .txt files (concatenated in name order)"
     if data_dir is None:
-        raise DatasetError(f"--dataset text needs --data-dir: {layout}")
+        data_dir = default_corpus()
     if data_dir.is_file():
         files = [data_dir]
     elif data_dir.is_dir():
@@ -372,6 +382,7 @@ def _text(data_dir: Path | None, block_size: int) -> DataSpec:
         text = "".join(f.read_text(encoding="utf-8") for f in files)
     except UnicodeDecodeError as exc:
         raise DatasetError(f"{data_dir}: not UTF-8 text ({exc})") from exc
+    source = f"{data_dir} ({len(text):,} characters; first 90% train, last 10% validation)"
     vocab = "".join(sorted(set(text)))
     lookup = {c: i for i, c in enumerate(vocab)}
     codes = torch.tensor([lookup[c] for c in text], dtype=torch.int32)
@@ -390,6 +401,7 @@ def _text(data_dir: Path | None, block_size: int) -> DataSpec:
         task="text",
         block_size=block_size,
         vocab=vocab,
+        source=source,
     )
 
 

@@ -698,6 +698,8 @@ class _Run:
         )
         if spec.transforms:
             data += f"; image transforms: {spec.transforms}"
+        if spec.source:
+            data += f"; from {spec.source}"
         lines = [
             f"run     {self.out} ({self._run_state()})",
             f"model   {cfg.model}: {params:,} parameters, {layers} FQT layers",
