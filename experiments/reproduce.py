@@ -159,7 +159,9 @@ def train(task: Task, config: Config, seed: int) -> dict:
     diverged = done.returncode != 0 and "non-finite" in error
     if done.returncode != 0 and not diverged:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {error}")
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    # epoch lines only (adaptive precision also logs {"event": "precision", ...} lines)
+    metrics = [m for m in map(json.loads, lines) if "event" not in m]
     final = {} if diverged else json.loads((out / "final.json").read_text())
     summary = {
         "task": task.name,
