@@ -10,6 +10,7 @@ import torch
 
 from fqtorch.quantizers import get_quantizer, list_quantizers
 from fqtorch.quantizers.base import as_rows
+from fqtorch.quantizers.formats import is_format
 from tests.helpers import heavy_rows
 
 
@@ -53,7 +54,9 @@ class TestBhqWithFewRows:
 
 class TestReprs:
     @pytest.mark.parametrize("fused", [False, True])
-    @pytest.mark.parametrize("name", [n for n in list_quantizers() if n != "identity"])
+    @pytest.mark.parametrize(
+        "name", [n for n in list_quantizers() if n != "identity" and not is_format(n)]
+    )
     def test_repr_names_quantizer_bits_rounding_and_fused(self, name, fused):
         """Printed models show each quantizer as ``name(bits, rounding[, options][, fused])``."""
         q = get_quantizer(name, 5, rounding="nearest", fused=fused)

@@ -12,10 +12,12 @@ import pytest
 import torch
 
 from fqtorch.quantizers import get_quantizer
+from fqtorch.quantizers.formats import is_format
 from fqtorch.quantizers.uniform import group_minmax
 from tests.helpers import library_quantizers, projection_z, z_limit
 
-CODED = [name for name in library_quantizers() if name != "identity"]
+# Integer grids; the float formats' extreme ranges: tests/quantizers/test_formats.py.
+CODED = [name for name in library_quantizers() if name != "identity" and not is_format(name)]
 TRANSFORMS = ("bhq", "rht")
 DRAWS = 300
 

@@ -1,6 +1,6 @@
 """Quantizer families, each registered by name (``fqtorch.list_quantizers()``)."""
 
-from . import hadamard, householder, uniform
+from . import formats, hadamard, householder, transforms, uniform
 from .base import (
     MAX_BITS,
     MIN_BITS,
@@ -20,10 +20,12 @@ __all__ = [
     "QuantizedTensor",
     "Quantizer",
     "RowTransform",
+    "formats",
     "get_quantizer",
     "hadamard",
     "householder",
     "list_quantizers",
     "register_quantizer",
+    "transforms",
     "uniform",
 ]

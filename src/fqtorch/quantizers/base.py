@@ -59,7 +59,9 @@ class QuantizedTensor:
     """Integer codes with what it takes to turn them back into values.
 
     ``value = transform.inverse(codes * scale + bias)`` reshaped to ``shape``; ``codes`` is the
-    2-D ``(rows, cols)`` view in an ``int8`` container whatever the bit width.
+    2-D ``(rows, cols)`` view in an ``int8`` container whatever the bit width (the FP8 formats
+    store theirs as ``float8_e4m3fn`` / ``float8_e5m2``; block formats subclass this:
+    :mod:`.formats`).
     """
 
     codes: Tensor  # (rows, cols) int8

@@ -1,0 +1,128 @@
+"""A random Hadamard transform in front of any quantizer (docs/method.md §12).
+
+``Q'(x) = T⁻¹ Q(T x)`` with ``T`` a block-diagonal Walsh–Hadamard matrix with random signs
+(:class:`~.hadamard.RandomizedHadamardTransform`, blocks of 16 or 32), applied along the GEMM's
+reduction dimension (``dim``: 1 mixes within a row, 0 within a column), so that in a real GEMM it
+could be folded into the other operand (``G W = (G T)(Tᵀ W)``); in the simulation its inverse is
+applied after quantization. ``T`` is orthogonal and drawn independently of the rounding noise, so
+``Q'`` is unbiased whenever ``Q`` is, and ``‖Q'(x) − x‖ = ‖Q(Tx) − Tx‖``. It spreads an outlier
+over its block: the block's scale, set by its largest magnitude, shrinks towards the block's RMS
+(the recipe of the MXFP4 and NVFP4 training papers).
+
+The signs come from the layer's generator, drawn before the quantizer's own noise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import QuantizedTensor, Quantizer, as_rows, check_float, compute_dtype
+from .hadamard import RandomizedHadamardTransform
+
+__all__ = ["TRANSFORMS", "ColumnTransform", "HadamardThen", "with_transform"]
+
+# Transform names FQTConfig accepts, and their block sizes.
+TRANSFORMS = {"rht16": 16, "rht32": 32}
+
+
+@dataclass(frozen=True)
+class ColumnTransform:
+    """A row transform applied to the transpose: mixes the columns of a 2-D tensor."""
+
+    rows: RandomizedHadamardTransform
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.rows.forward(x.T).T
+
+    def inverse(self, y: Tensor) -> Tensor:
+        return self.rows.inverse(y.T).T
+
+
+class HadamardThen(Quantizer):
+    """``inner`` after a random Hadamard transform of ``block`` entries along ``dim``.
+
+    Quantizers with their own transform (``bhq``, ``rht``) are refused: a second transform in
+    front of theirs has no use the transform alone lacks.
+    """
+
+    def __init__(self, inner: Quantizer, block: int = 16, dim: int = 1) -> None:
+        if not isinstance(inner, Quantizer):
+            raise TypeError(f"HadamardThen expects a Quantizer, got {type(inner).__name__}")
+        if inner.name in ("bhq", "rht", "identity"):
+            raise ValueError(
+                f"a Hadamard transform cannot precede {inner.name!r}: it needs a quantizer "
+                "without a transform of its own"
+            )
+        if block not in TRANSFORMS.values():
+            raise ValueError(f"transform block must be one of {sorted(TRANSFORMS.values())}")
+        if dim not in (0, 1):
+            raise ValueError(f"transform dim must be 0 or 1 (an axis of the 2-D view), got {dim}")
+        self.inner, self.block, self.dim = inner, block, dim
+        self.bits, self.rounding, self.fused = inner.bits, inner.rounding, inner.fused
+        self.name = f"{inner.name}+rht{block}"
+
+    @property
+    def unbiased(self) -> bool:
+        return self.inner.unbiased
+
+    @property
+    def bits_per_element(self) -> float:
+        return float(getattr(self.inner, "bits_per_element", self.inner.bits))
+
+    def _length(self, x2d: Tensor) -> tuple[int, int]:
+        length = x2d.shape[self.dim]
+        return length, -(-length // self.block) * self.block
+
+    def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
+        check_float(x, self.name)
+        x2d = as_rows(x).to(compute_dtype(x))
+        length, padded = self._length(x2d)
+        bits = torch.randint(0, 2, (padded,), generator=generator, device=x.device)
+        signs = (2 * bits - 1).to(x2d.dtype)
+        low, high = torch.aminmax(x2d)
+        absmax = torch.maximum(-low, high)
+        exponent = torch.frexp(absmax).exponent  # exact 2^-e pre-scaling: see .hadamard
+        exponent = torch.where(torch.isfinite(absmax), exponent, torch.zeros_like(exponent))
+        rows = RandomizedHadamardTransform(signs, self.block, length, exponent)
+        transform = rows if self.dim == 0 else ColumnTransform(rows)
+        encoded = self.inner.encode(transform.forward(x2d), generator)
+        return dataclasses.replace(encoded, transform=transform, shape=x.shape, dtype=x.dtype)
+
+    def variance_bound(self, x: Tensor) -> Tensor:
+        """A bound for every sign draw. Entry ``j`` of ``T x`` is at most
+        ``a_j = Σ_{k∈block(j)} |x_k| / √block`` in magnitude. A float format's bound grows with
+        magnitudes (:meth:`~.formats.FormatQuantizer.mixed_bound` of ``a``); a uniform grid's with
+        its groups' ranges, at most ``2·max a`` for ``Tx`` and at least ``max a`` for ``a`` with
+        alternating (checkerboard) signs, so 4× the inner bound of that tensor bounds it."""
+        check_float(x, self.name)
+        x2d = as_rows(x).to(torch.float64)
+        lines = x2d if self.dim == 0 else x2d.T  # mixed along dim 0
+        length, padded = self._length(x2d)
+        a = torch.cat([lines.abs(), lines.new_zeros(padded - length, lines.shape[1])])
+        sums = a.reshape(-1, self.block, a.shape[1]).sum(1) / self.block**0.5
+        a = sums.repeat_interleave(self.block, dim=0)
+        a = a if self.dim == 0 else a.T
+        mixed_bound = getattr(self.inner, "mixed_bound", None)
+        if mixed_bound is not None:
+            return mixed_bound(a)
+        index = torch.arange(a.shape[0])[:, None] + torch.arange(a.shape[1])[None, :]
+        checker = 1 - 2 * (index % 2).to(a.dtype)
+        return 4 * self.inner.variance_bound(a * checker)
+
+    def __repr__(self) -> str:
+        return f"rht{self.block}(dim={self.dim})->{self.inner!r}"
+
+
+def with_transform(quantizer: Quantizer, transform: str | None, dim: int) -> Quantizer:
+    """``quantizer`` behind the named transform along ``dim`` (unchanged for ``None``)."""
+    if transform is None:
+        return quantizer
+    if transform not in TRANSFORMS:
+        raise ValueError(
+            f"transform must be one of {sorted(TRANSFORMS)} or None, got {transform!r}"
+        )
+    return HadamardThen(quantizer, TRANSFORMS[transform], dim)
