@@ -18,6 +18,12 @@ Inputs are post-ReLU, as inside a residual block. Variants and output as in
 ``linear_step.py``: fp32, bf16 autocast, QAT, FQT-simulate / FQT-int8 with PTQ, PSQ and BHQ at
 5 bits, eager or ``_fused``; median ms [min–max], ratios to fp32 and bf16, bytes saved for
 backward and, on CUDA, peak memory.
+
+For every int8 variant, a breakdown from ``torch.profiler`` over 2 steps: the time in the
+integer kernels (oneDNN's ``qconv2d_pointwise`` with its weight packing, and ``_int_mm``) and the
+time outside them (quantizers, layouts, zero-point terms, epilogues), as a fraction of the fp32
+step of the same process (issue target: ≤ 0.15), and the part of it in compiled quantizer kernels
+(``_fused`` variants).
 """
 
 from __future__ import annotations
@@ -57,6 +63,30 @@ LAYERS = {
 }
 
 
+INTEGER_KERNELS = ("onednn::qconv2d_pointwise", "onednn::qconv_prepack", "aten::_int_mm")
+
+
+def integer_breakdown(step, steps: int = 2) -> dict[str, float]:
+    """Seconds per step inside the integer kernels and outside them (every op's own CPU time,
+    ``torch.profiler``; the profiler's own overhead lands outside)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    kernels = {k: sum(e.self_cpu_time_total for e in events if e.key == k) for k in INTEGER_KERNELS}
+    inside = sum(kernels.values())
+    compiled = sum(e.self_cpu_time_total for e in events if "CompiledFxGraph" in e.key)
+    return {
+        "integer_kernels": inside / steps / 1e6,
+        "outside_integer_kernels": (total - inside) / steps / 1e6,
+        "compiled_quantizers": compiled / steps / 1e6,
+        **{k: v / steps / 1e6 for k, v in kernels.items()},
+    }
+
+
 def run_layer(
     spec: tuple[int, ...], batch: int | None, device: str, repeats: int, names: list[str]
 ) -> dict:
@@ -85,6 +115,15 @@ def run_layer(
         t["peak_bytes"] = peak_memory(device)
         results[name] = t
         note = "  (fell back to simulate)" if fell_back else ""
+        if "_int8_" in name:
+            t.update(integer_breakdown(lambda layer=layer: step(layer, False)))
+            fp32 = results["fp32"]["median"]
+            note += (
+                f"  integer kernels {t['integer_kernels'] * 1e3:.1f} ms, outside "
+                f"{t['outside_integer_kernels'] * 1e3:.1f} ms "
+                f"= {t['outside_integer_kernels'] / fp32:.2f}× fp32 step "
+                f"(of which compiled quantizers {t['compiled_quantizers'] * 1e3:.1f} ms)"
+            )
         print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms{note}", flush=True)
     return results
 

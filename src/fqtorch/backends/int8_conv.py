@@ -1,5 +1,8 @@
 """The ``int8`` backend for ``Conv2d`` (groups = 1): the three GEMMs as ``torch._int_mm`` on
-im2col views of the int8 codes.
+im2col views of the int8 codes. :func:`conv` first offers the layer to
+:mod:`fqtorch.backends.int8_qconv` (integer convolution kernels, 7–9× faster here); this path runs
+where those kernels are not exact on the machine (it warns), and for the weight gradient of
+strided layers.
 
     output      : cols(C_x) (N·L, C·k·k) × C_wᵀ (C·k·k, O)         L output positions
     grad_input  : rows(C_g) (N·L, O) × C_w (O, C·k·k), then col2im (``F.fold``)
@@ -230,4 +233,10 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, sourc
         w = plan.weight.encode(weight)
     _per_tensor(x, "input")
     _per_tensor(w, "weight")
+    # Integer convolution kernels where they are exact here; int8_qconv builds on this module.
+    from . import int8_qconv
+
+    out = int8_qconv.conv(input, x, w, bias, ops, weight, source, name)
+    if out is not None:
+        return out
     return _Int8Conv2d.apply(input, x, w, bias, ops, weight, source, name)

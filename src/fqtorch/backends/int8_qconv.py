@@ -1,0 +1,413 @@
+"""The ``int8`` backend's Conv2d on integer *convolution* kernels (oneDNN's ``qconv2d_pointwise``)
+instead of im2col: the unfolded operands are 9× the activations (for 3×3), and moving them, not
+the products, bounded the im2col step (docs/performance.md).
+
+Every operand is a code tensor ``C`` with value ``s C + b`` on its real positions and real zero on
+padding (and, in ``grad_input``, between the strided positions), which need not be a point of
+its grid. The kernels see the codes only, padding and inserted zeros as code 0, so each result is
+the code convolution plus zero-point terms that are convolutions of constants, as in the im2col
+path (:mod:`fqtorch.backends.int8_conv`), with ``M`` the mask of real positions:
+
+    output      = s_x s_w conv(C_x, C_w) + s_x b_w conv(C_x, 1)
+                  + b_x s_w conv(M, C_w) + b_x b_w conv(M, 1)
+    grad_input  = s_g s_w convᵀ(C_g, C_w) + s_g b_w convᵀ(C_g, 1)
+                  + b_g s_w convᵀ(M, C_w) + b_g b_w convᵀ(M, 1)
+    grad_weight = s_o s_x (C_h ⋆ C_x) + s_o b_x (Σ_n C_h ⋆ M)
+                  + b_o s_x (1 ⋆ Σ_n C_x) + N b_o b_x (1 ⋆ M)
+
+``conv(C, 1)`` sums ``C`` over channels first, so every term but the first is a convolution of a
+one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. Per-sample scales
+(PSQ/BHQ rows of ``grad_output``) multiply ``grad_input`` sample by sample, after the kernel.
+
+- ``output`` and ``grad_input`` (a convolution of the zero-dilated, padded ``grad_output`` with the
+  flipped weight) run on ``qconv2d_pointwise``: u8 codes ``C + 128`` with zero point 128, s8
+  weight codes, unit scales, float32 output. The kernel accumulates in int32; its float32 output
+  is that integer exactly while ``|acc| ≤ 2^24``: where the weight codes cannot guarantee it
+  (:func:`fits_float32`), the reduction runs in chunks of input channels summed in int32.
+- ``grad_weight`` is a reduction over N·H·W, past float32's exact integers at any useful length,
+  so it stays on ``torch._int_mm`` (int32, chunks summed in int64): at stride 1, one product per
+  tap of the padded input codes, (C, N·Hp·Wp) at that tap's offset, with the gradient codes laid
+  on the same padded grid — no im2col copy. Strided convolutions unfold (``int8_conv``).
+
+Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
+the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
+codes; a layer whose probe fails takes the im2col path with a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..quantizers.base import QuantizedTensor
+from ..quantizers.uniform import Identity
+from .base import ConvOps, check_finite
+from .int8 import _grad_bias, _per_column, _per_row, chunk_length
+from .int8_conv import _cols, _conv_grad_weight, _pads, _tap_mask
+
+__all__ = ["channel_chunk", "conv", "fits_float32", "qconv_verdict"]
+
+log = logging.getLogger(__name__)
+
+_EXACT_FLOAT32 = 2**24  # every integer up to this is a float32
+
+
+def channel_chunk(taps: int, a_bits: int, b_bits: int) -> int:
+    """The most input channels whose reduction (``taps`` products each) a float32 output holds
+    exactly whatever the codes: ``channels · taps · 2^(a_bits−1) · 2^(b_bits−1) ≤ 2^24``."""
+    return max(1, _EXACT_FLOAT32 // (taps * 2 ** (a_bits + b_bits - 2)))
+
+
+def _qconv_raw(
+    u8: Tensor, w: Tensor, stride: list[int], padding: list[int], dilation: list[int]
+) -> Tensor:
+    """oneDNN's int8 convolution of u8 ``u8`` (zero point 128) with s8 ``w``: float32, the exact
+    int32 accumulator of the code convolution (``(u8 − 128) ⋆ w``) when it stays ≤ 2^24."""
+    out_channels = w.shape[0]
+    ones = torch.ones(out_channels, dtype=torch.float32)
+    zeros = torch.zeros(out_channels, dtype=torch.int64)
+    packed = torch.ops.onednn.qconv_prepack(
+        w, ones, 1.0, 128, stride, padding, dilation, 1, list(u8.shape)
+    )
+    return torch.ops.onednn.qconv2d_pointwise(
+        u8, 1.0, 128, packed, ones, zeros, None, stride, padding, dilation, 1,
+        1.0, 0, torch.float32, "none", [], "",
+    )  # fmt: skip
+
+
+@functools.cache
+def qconv_verdict() -> str | None:
+    """``None`` where oneDNN's int8 convolution sums exactly on this machine, else why not.
+
+    Probed once per process (a few ms) on the codes that break saturating kernels: u8 255 next to
+    s8 127/−128, whose pair sums (64,770) leave int16, and a reduction near 2^24, on a
+    padded, strided, dilated convolution, against an exact float64 reference.
+    """
+    if not torch.backends.mkldnn.is_available():
+        return "oneDNN is not available in this PyTorch build"
+    try:
+        torch.ops.onednn.qconv_prepack  # noqa: B018
+        torch.ops.onednn.qconv2d_pointwise  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return "this PyTorch build has no onednn::qconv2d_pointwise"
+    gen = torch.Generator().manual_seed(0)
+    u8 = torch.full((2, 64, 9, 9), 255, dtype=torch.uint8)
+    u8[1] = torch.randint(0, 256, (64, 9, 9), generator=gen, dtype=torch.uint8)
+    sign = torch.randint(0, 2, (8, 64, 3, 3), generator=gen).bool()
+    w = torch.where(sign, 127, -128).to(torch.int8)
+    w[0] = 127  # one output channel summing 127 · 127 · 576 ≈ 2^23.1
+    reference = F.conv2d(u8.double() - 128, w.double(), None, 2, 1, 2)
+    try:
+        got = _qconv_raw(u8, w, [2, 2], [1, 1], [2, 2])
+    except RuntimeError as error:  # a build or CPU the kernel refuses
+        return f"onednn::qconv2d_pointwise failed ({str(error).splitlines()[0]})"
+    if not torch.equal(got.double(), reference):
+        return "oneDNN's int8 convolution does not sum exactly on this CPU (saturating kernel)"
+    return None
+
+
+def fits_float32(w: Tensor, a_bits: int) -> bool:
+    """Whether every output of a convolution of ``a_bits``-bit codes with the s8 kernel ``w``
+    (O, C, kh, kw) is exact in float32: ``2^(a_bits−1) · max_o Σ |w[o]| ≤ 2^24``. A bound from
+    the weight codes (read once, small) instead of their worst case: 8-bit weight codes seldom
+    all sit at the ends of their grid, so most layers run in one call."""
+    sums = w.reshape(w.shape[0], -1).to(torch.int32).abs().sum(1)
+    return 2 ** (a_bits - 1) * int(sums.max()) <= _EXACT_FLOAT32
+
+
+def _qconv(
+    u8: Tensor, w: Tensor, bits: tuple[int, int], stride, padding, dilation
+) -> Tensor:  # fmt: skip
+    """:func:`_qconv_raw`, split over input channels where one call could leave float32's exact
+    integers (:func:`fits_float32`, :func:`channel_chunk`), the parts summed in int32 (the int32
+    accumulator bounds a whole reduction as in the im2col path). float32 from one call, else
+    int32."""
+    channels, taps = w.shape[1], w.shape[2] * w.shape[3]
+    step = channel_chunk(taps, *bits)
+    if channels <= step or fits_float32(w, bits[0]):
+        return _qconv_raw(u8, w, stride, padding, dilation)
+    parts = -(-channels // step)
+    step = -(-channels // parts)  # even parts
+    acc = None
+    for start in range(0, channels, step):
+        part = _qconv_raw(
+            u8[:, start : start + step], w[:, start : start + step].contiguous(),
+            stride, padding, dilation,
+        ).to(torch.int32)  # fmt: skip
+        acc = part if acc is None else acc.add_(part)
+    return acc
+
+
+def _to_u8(codes: Tensor) -> Tensor:
+    """int8 codes ``C`` as the u8 ``C + 128`` (flip the sign bit)."""
+    return codes.view(torch.uint8).bitwise_xor(128)
+
+
+def _bordered(w: Tensor) -> Tensor:
+    """The s8 weight ``w`` (O, C, kh, kw) with one more output channel of ones: the kernel then
+    also yields ``conv(C, 1)``, the code sums of every receptive field, exactly, in one pass."""
+    out = w.new_ones(w.shape[0] + 1, *w.shape[1:])
+    out[:-1] = w
+    return out
+
+
+def _exact_dtype(bound: int) -> torch.dtype:
+    """float32 where integers up to ``bound`` are exact in it (a faster convolution), else
+    float64."""
+    return torch.float32 if bound <= _EXACT_FLOAT32 else torch.float64
+
+
+def _mask_terms(mask: Tensor, w: Tensor, ops: ConvOps, transposed: bool, like: Tensor | None):
+    """``conv(M, w)`` (``convᵀ`` with ``transposed``) of a one-sample mask: the zero-point terms
+    that do not depend on the codes of the large operand (integers, exact in the mask's dtype)."""
+    if transposed:
+        return ops.grad_input(mask, like, w)
+    return F.conv2d(mask, w, stride=ops.stride, dilation=ops.dilation)
+
+
+def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, ops: ConvOps,
+             bias: Tensor | None) -> Tensor:  # fmt: skip
+    """The output (N, O, Ho, Wo) float32 (module docstring)."""
+    _, c, h, wd = codes.shape
+    o, _, kh, kw = wc.shape
+    pads = _pads(ops)
+    u8 = _to_u8(codes)
+    if pads[0] == pads[1] and pads[2] == pads[3]:
+        padding = [pads[2], pads[0]]
+    else:
+        u8, padding = F.pad(u8, pads, value=128), [0, 0]
+    acc = _qconv(u8, _bordered(wc), (x.bits, w.bits), list(ops.stride), padding, list(ops.dilation))
+    f64 = torch.float64
+    s_x, b_x = x.scale.reshape(()).to(f64), x.bias.reshape(()).to(f64)
+    s_w, b_w = w.scale.reshape(()).to(f64), w.bias.reshape(()).to(f64)
+    # conv(M, C_w) and conv(M, 1): the mask is the same in every channel and sample.
+    dt = _exact_dtype(c * kh * kw * 2 ** (w.bits - 1))
+    mask = F.pad(torch.ones(1, 1, h, wd, dtype=dt), pads)
+    tap_sums = wc.sum(1, keepdim=True, dtype=dt)  # (O, 1, kh, kw)
+    real = _mask_terms(mask, tap_sums, ops, False, None).to(f64)  # (1, O, Ho, Wo)
+    count = c * _mask_terms(mask, torch.ones(1, 1, kh, kw, dtype=dt), ops, False, None).to(f64)
+    const = b_x * s_w * real + b_x * b_w * count
+    if bias is not None:
+        const = const + bias.to(f64)[None, :, None, None]
+    # const in the kernel's (channels-last) layout: mixed layouts make this pass 5× slower.
+    const = const.float().contiguous(memory_format=torch.channels_last)
+    out = torch.addcmul(const, acc[:, :o], (s_x * s_w).float())
+    return out.add_(acc[:, o:].float() * (s_x * b_w).float())  # s_x b_w conv(C_x, 1)
+
+
+def _grad_input(g: QuantizedTensor, w2d: Tensor, ws: Tensor, wb: Tensor, w_bits: int, w_shape,
+                in_shape, ops: ConvOps) -> Tensor:  # fmt: skip
+    """``grad_input`` (N', C, H, W) float32 from the codes of ``grad_output`` (per-row scale and
+    bias; module docstring), before the row transform's inverse: the convolution of the
+    zero-dilated, padded codes with the flipped weight codes."""
+    rows = g.codes.shape[0]
+    o, c, kh, kw = w_shape
+    _, _, h, wd = in_shape
+    pads = _pads(ops)
+    hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
+    (sh, sw), (dh, dw) = ops.stride, ops.dilation
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
+    if sh > 1 or sw > 1:  # zeros between the strided positions: code 0 is u8 128
+        dilated = u8.new_full((rows, o, (ho - 1) * sh + 1, (wo - 1) * sw + 1), 128)
+        dilated[:, :, ::sh, ::sw] = u8
+        u8 = dilated
+    hd, wdd = u8.shape[2:]
+    # The full correlation with the flipped kernel covers hd + d(k−1) rows of the padded input;
+    # pad (or crop: negative) the codes so that it yields exactly the real rows [top, top + H).
+    full_h, full_w = dh * (kh - 1), dw * (kw - 1)
+    top, bottom = full_h - pads[2], hp - hd - pads[3]
+    left, right = full_w - pads[0], wp - wdd - pads[1]
+    if top == bottom >= 0 and left == right >= 0:
+        padding = [top, left]
+    else:
+        u8, padding = F.pad(u8, [left, right, top, bottom], value=128), [0, 0]
+    flipped = _bordered(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1))  # (C + 1, O, kh, kw)
+    acc = _qconv(u8, flipped, (g.bits, w_bits), [1, 1], padding, [dh, dw])
+    f64 = torch.float64
+    s_g = g.scale.to(f64).expand(rows, 1).reshape(rows, 1, 1, 1)
+    b_g = g.bias.to(f64).expand(rows, 1).reshape(rows, 1, 1, 1)
+    s_w, b_w = ws.reshape(()).to(f64), wb.reshape(()).to(f64)
+    # convᵀ(M, C_w) and convᵀ(M, 1): the same for every sample.
+    dt = _exact_dtype(o * kh * kw * 2 ** (w_bits - 1))
+    mask = torch.ones(1, 1, ho, wo, dtype=dt)
+    like = ops.prepare(torch.empty(1, c, h, wd, dtype=dt))
+    weight_sums = w2d.reshape(w_shape).sum(0, keepdim=True, dtype=dt)  # (1, C, kh, kw)
+    real = _mask_terms(mask, weight_sums, ops, True, like).to(f64)  # (1, C, H, W)
+    one = torch.ones(1, 1, kh, kw, dtype=dt)
+    count = o * _mask_terms(mask, one, ops, True, like[:, :1]).to(f64)  # (1, 1, H, W)
+    const = (s_w * real + b_w * count).float().contiguous(memory_format=torch.channels_last)
+    out = acc[:, :c].float() if acc.dtype != torch.float32 else acc[:, :c]
+    out = out * (s_g * s_w).float()
+    out.add_(acc[:, c:].float() * (s_g * b_w).float())  # s_g b_w convᵀ(C_g, 1)
+    return out.addcmul_(b_g.float(), const)
+
+
+def _tap_offsets(ops: ConvOps, kernel: tuple[int, int], width: int) -> list[tuple[int, int, int]]:
+    (dh, dw), (kh, kw) = ops.dilation, kernel
+    return [(i, j, i * dh * width + j * dw) for i in range(kh) for j in range(kw)]
+
+
+def _grad_weight_taps(
+    h: QuantizedTensor, codes: Tensor, xs: Tensor, xb: Tensor, x_bits: int, w_shape, ops: ConvOps
+) -> tuple[Tensor, Tensor]:
+    """Stride-1 ``grad_weight`` (O, C, kh, kw) float64 and the column sums of ``h``'s codes: one
+    ``_int_mm`` per tap of the input codes on the padded grid, flattened (C, N·Hp·Wp), at the
+    tap's offset, with ``h``'s codes on the same grid (zero codes off the output positions).
+
+    The grids are bordered so that the same products yield every zero-point term exactly: the
+    input's with a row of the mask ``M`` and a row of ones, ``h``'s with a row of ones on the
+    output positions. Per tap, the (O + 1, C + 2) product holds C_h ⋆ C_x, then M ⋆ C_h and
+    Σ C_h in its last two columns, and 1 ⋆ C_x and N·(1 ⋆ M) in its last row.
+    """
+    n, c, hh, ww = codes.shape
+    o, _, kh, kw = w_shape
+    pads = _pads(ops)
+    hp, wp = hh + pads[2] + pads[3], ww + pads[0] + pads[1]
+    (dh, dw) = ops.dilation
+    ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
+    taps = _tap_offsets(ops, (kh, kw), wp)
+    plane = hp * wp
+    # Copies through uint8 views: the same bytes, and a copy kernel 5-8× faster than int8's here.
+    u8 = torch.uint8
+    x_grid = torch.zeros(c + 2, n * plane + taps[-1][2], dtype=u8, device=codes.device)
+    x_real = x_grid[:, : n * plane].view(c + 2, n, hp, wp)
+    rows, cols = slice(pads[2], pads[2] + hh), slice(pads[0], pads[0] + ww)
+    x_real[:c, :, rows, cols] = codes.view(u8).transpose(0, 1)
+    x_real[c, :, rows, cols] = 1  # M
+    x_grid[c + 1, : n * plane] = 1
+    h_grid = torch.zeros(o + 1, n, hp, wp, dtype=u8, device=codes.device)
+    h_grid[:o, :, :ho, :wo] = h.codes.view(u8).reshape(n, ho, wo, o).permute(3, 0, 1, 2)
+    h_grid[o, :, :ho, :wo] = 1
+    x_grid, h_grid = x_grid.view(torch.int8), h_grid.view(o + 1, -1).view(torch.int8)
+    per_chunk = max(1, chunk_length(h.bits, x_bits) // plane)  # whole samples per product
+    prod = None  # int32 from one product per tap, int64 over several chunks of samples
+    for start in range(0, n, per_chunk):
+        lo, hi = start * plane, min(n, start + per_chunk) * plane
+        a = h_grid[:, lo:hi]  # (O + 1, L) row-major: 15 % faster than (C + 2, L) × (L, O + 1)
+        part = torch.stack([torch._int_mm(a, x_grid[:, lo + off : hi + off].T) for *_, off in taps])
+        prod = part if prod is None else prod.to(torch.int64).add_(part)
+    f64 = torch.float64
+    s_h, b_h = h.scale.to(f64).reshape(-1, 1, 1), h.bias.to(f64).reshape(-1, 1, 1)
+    s_x, b_x = xs.to(f64).reshape(()), xb.to(f64).reshape(())
+    terms = prod.to(f64).permute(1, 2, 0)  # (O + 1, C + 2, T)
+    out = terms[:o, :c] * (s_h * s_x)
+    out.add_(s_h * b_x * terms[:o, c : c + 1])  # M ⋆ C_h
+    out.add_(b_h * s_x * terms[o : o + 1, :c])  # 1 ⋆ Σ_n C_x
+    out.add_(b_h * b_x * terms[o : o + 1, c : c + 1])  # N (1 ⋆ M)
+    return out.reshape(w_shape), prod[0, :o, c + 1]
+
+
+class _QConv2d(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, input: Tensor, x: QuantizedTensor, w: QuantizedTensor,
+                bias: Tensor | None, ops: ConvOps, weight: Tensor, source: Any,
+                name: str) -> Tensor:  # fmt: skip
+        codes = x.codes.reshape(input.shape)
+        w2d = w.codes.reshape(weight.shape[0], -1)
+        # Integers stay exact: autocast would run the float zero-point terms in bf16/fp16.
+        with torch.autocast(input.device.type, enabled=False):
+            out = _forward(x, codes, w2d.reshape(weight.shape), w, ops, bias)
+        ctx.save_for_backward(codes, x.scale, x.bias, w2d, w.scale, w.bias)
+        ctx.meta = (input.shape, input.dtype, weight.shape, bias is not None)
+        ctx.bits = (x.bits, w.bits)
+        ctx.ops, ctx.source, ctx.name = ops, source, name
+        return out.to(input.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
+        codes, xs, xb, w2d, ws, wb = ctx.saved_tensors
+        in_shape, in_dtype, w_shape, has_bias = ctx.meta
+        x_bits, w_bits = ctx.bits
+        ops: ConvOps = ctx.ops
+        plan = ctx.source.plan
+        generator = ctx.source.generator(grad_output.device)
+        if plan.check_finite:
+            check_finite(grad_output, ctx.name)
+        grad = grad_output.float()
+        ctx.source.on_grad_output(grad)
+        need_input, need_weight, need_bias = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[5],
+            ctx.needs_input_grad[3],
+        )
+        grad_input = grad_weight = grad_bias = None
+        w_values = (w2d.to(torch.float32) * ws + wb).reshape(w_shape)
+        if need_input:
+            if isinstance(plan.grad_output, Identity):
+                x_like = torch.empty(in_shape, dtype=torch.float32, device=grad.device)
+                grad_input = ops.grad_input(grad, ops.prepare(x_like), w_values)
+            else:
+                g = plan.grad_output.encode(grad, generator)  # rows = samples
+                _per_row(g)
+                grad_input = _grad_input(g, w2d, ws, wb, w_bits, w_shape, in_shape, ops)
+                if g.transform is not None:
+                    flat = grad_input.reshape(grad_input.shape[0], -1)
+                    grad_input = g.transform.inverse(flat).reshape(in_shape)
+            grad_input = grad_input.to(in_dtype)
+        if need_weight or need_bias:
+            columns = ops.columns(grad)  # (N·L, O)
+            if isinstance(plan.grad_output_weight, Identity):
+                if need_weight:
+                    x_values = ops.prepare(codes.to(torch.float32) * xs + xb)
+                    grad_weight = ops.grad_weight(grad, x_values, w_values)
+                grad_bias = columns.sum(0)
+            else:
+                hq = plan.grad_output_weight.encode(columns, generator)
+                _per_column(hq)
+                h_cols = None
+                if need_weight:
+                    if all(s == 1 for s in ops.stride):
+                        grad_weight, h_cols = _grad_weight_taps(
+                            hq, codes, xs, xb, x_bits, w_shape, ops
+                        )
+                    else:
+                        grad_weight, h_cols = _im2col_grad_weight(
+                            hq, codes, xs, xb, x_bits, w_shape, ops
+                        )
+                    grad_weight = grad_weight.to(w_values.dtype).reshape(w_shape)
+                grad_bias = _grad_bias(hq, h_cols).to(w_values.dtype) if need_bias else None
+        if not (need_bias and has_bias):
+            grad_bias = None
+        return grad_input, None, None, grad_bias, None, grad_weight, None, None
+
+
+def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
+    """Strided convolutions: the im2col weight gradient of :mod:`.int8_conv`."""
+    pads, kernel = _pads(ops), tuple(w_shape[2:])
+    x_cols = _cols(codes, pads, kernel, ops)
+    x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
+    mask = _tap_mask(codes.shape, pads, kernel, ops, codes.device)
+    return _conv_grad_weight(hq, x_q, mask, codes.shape[0])
+
+
+@functools.cache
+def _announce(name: str, strided: bool) -> None:
+    weight = "im2col + torch._int_mm (strided)" if strided else "torch._int_mm per tap"
+    log.info(
+        "FQT layer %r: Conv2d output and grad_input on oneDNN int8 convolutions, grad_weight on %s",
+        name,
+        weight,
+    )
+
+
+def conv(input: Tensor, x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | None,
+         ops: ConvOps, weight: Tensor, source: Any, name: str) -> Tensor | None:  # fmt: skip
+    """Run the layer on integer convolutions, or ``None`` (after warning why, once per layer and
+    reason) where the kernel is not exact on this machine: the caller then runs im2col."""
+    verdict = qconv_verdict()
+    if verdict is not None:
+        warnings.warn(
+            f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return None
+    _announce(name, any(s > 1 for s in ops.stride))
+    return _QConv2d.apply(input, x, w, bias, ops, weight, source, name)
