@@ -78,12 +78,16 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         print(f"wrote {path}")
 
 
-VARIANTS = ["fp32", "bf16_autocast", "qat"] + [
-    f"fqt_{backend}_{q}5{suffix}"
-    for backend in ("simulate", "int8")
-    for suffix in ("", "_fused")
-    for q in ("ptq", "psq", "bhq")
-]
+VARIANTS = (
+    ["fp32", "bf16_autocast", "qat"]
+    + [
+        f"fqt_{backend}_{q}5{suffix}"
+        for backend in ("simulate", "int8")
+        for suffix in ("", "_fused")
+        for q in ("ptq", "psq", "bhq")
+    ]
+    + ["fqt_auto_psq5", "fqt_auto_bhq5"]
+)
 
 
 def select(patterns: str | None) -> list[str]:
@@ -101,8 +105,9 @@ def step_variants(
 ) -> dict[str, tuple[nn.Module, bool]]:
     """``name -> (model, autocast)`` for the variants in ``names`` (default all of
     :data:`VARIANTS`): fp32, bf16 autocast, QAT, and FQT-simulate / FQT-int8 with PTQ, PSQ and
-    BHQ at 5 bits, eager or fused (``torch.compile``'d quantizers), each FQT model a converted
-    copy of ``base``."""
+    BHQ at 5 bits, eager (``fused=False``) or ``_fused`` (compiled quantizers and, on int8,
+    compiled epilogues), and ``fqt_auto_*`` (``backend="auto"`` with its defaults), each FQT
+    model a converted copy of ``base``."""
     out: dict[str, tuple[nn.Module, bool]] = {}
     for name in names or VARIANTS:
         if name in ("fp32", "bf16_autocast"):
@@ -112,7 +117,10 @@ def step_variants(
             cfg = fqtorch.FQTConfig.preset("qat")
         else:
             _, backend, preset, *fused = name.split("_")
-            cfg = fqtorch.FQTConfig.preset(preset, backend=backend, fused=bool(fused))
+            default = None if backend == "auto" else False
+            cfg = fqtorch.FQTConfig.preset(
+                preset, backend=backend, fused=True if fused else default
+            )
         out[name] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
     return out
 
@@ -165,6 +173,27 @@ def print_header(env: dict[str, Any]) -> None:
         f"# {env['cpu']} ({env['cpu_capability']}), {env['threads']} threads, "
         f"torch {env['torch']}, cuda {env['cuda']}, commit {env['commit']}"
     )
+
+
+def outside_int_mm(step: Callable[[], Any], device: str, steps: int = 2) -> dict[str, float]:
+    """Seconds per step outside ``aten::_int_mm`` and inside it, from ``torch.profiler`` over
+    ``steps`` steps (op time: every op's own time, on CUDA its kernels' device time). The
+    overhead measure of the integer step: compared with the fp32 step of the same process, it
+    does not depend on how fast the machine's integer GEMMs are."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    if device == "cuda":
+        total = sum(e.self_device_time_total for e in events)
+        gemm = sum(e.device_time_total for e in events if e.key == "aten::_int_mm")
+    else:
+        total = sum(e.self_cpu_time_total for e in events)
+        gemm = sum(e.self_cpu_time_total for e in events if e.key == "aten::_int_mm")
+    return {"outside_int_mm": (total - gemm) / steps / 1e6, "int_mm": gemm / steps / 1e6}
 
 
 def layer_step(

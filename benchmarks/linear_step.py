@@ -11,7 +11,9 @@ FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused`` (``torch.compile``'d qu
 operand layouts: the limit of the int8 backend). Reported: median ms [min–max], ratios to fp32
 and bf16, the int8 step's breakdown (GEMM / quantize / BHQ transform / other, from separately
 timed parts, and the share of one step's time inside ``_int_mm`` from ``torch.profiler``), the
-bytes saved for backward (activation memory) and, on CUDA, the step's peak memory.
+overhead measure ``outside _int_mm / fp32``: the int8 step's op time outside its ``_int_mm``
+calls (``torch.profiler``, this process) over the fp32 step's median, the bytes saved for
+backward (activation memory) and, on CUDA, the step's peak memory.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from common import (
     environment,
     layer_step,
     median_seconds,
+    outside_int_mm,
     peak_memory,
     print_header,
     print_table,
@@ -41,12 +44,14 @@ from common import (
 )
 from fqtorch.backends.int8 import int_mm
 from fqtorch.quantizers.householder import build_block_householder
+from fqtorch.quantizers.twoway import encode_two_way
 
 
 def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, float]:
     """Median times of the parts of an int8 PSQ/BHQ step, measured separately: the three integer
     GEMMs, the four quantizations of the step (input, weight, grad_output per row, grad_output
-    per column) eager and fused, and BHQ's transform (forward and inverse)."""
+    per column) eager and fused (the fused path quantizes grad_output both ways in one graph,
+    as the int8 backend does), and BHQ's transform (forward and inverse)."""
     gen = torch.Generator(device=device).manual_seed(0)
     x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
     g = torch.randn(m, n, device=device)
@@ -71,7 +76,11 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
         qh = fqtorch.get_quantizer("per_column", 8, fused=fused)
 
         def quantize() -> None:
-            qi.encode(x), qw.encode(w), qg.encode(g, gen), qh.encode(g, gen)
+            qi.encode(x), qw.encode(w)
+            if fused:
+                encode_two_way(g, qg, qh, gen)
+            else:
+                qg.encode(g, gen), qh.encode(g, gen)
             sync()
 
         return quantize
@@ -81,11 +90,20 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
         t.inverse(t.forward(g))
         sync()
 
+    buffer = torch.empty_like(g)
+
+    def stream() -> None:  # read and write grad_output's bytes once, into a reused buffer
+        torch.mul(g, 2, out=buffer)
+        sync()
+
+    stream_time = median_seconds(stream, repeats)["median"]
+
     return {
         "int_mm_only": median_seconds(gemms, repeats)["median"],
         "quantize": median_seconds(quantize_with(False), repeats)["median"],
         "quantize_fused": median_seconds(quantize_with(True), repeats)["median"],
         "bhq_transform": median_seconds(transform, repeats)["median"],
+        "bandwidth_bytes_per_s": 2 * g.numel() * g.element_size() / stream_time,
     }
 
 
@@ -118,8 +136,9 @@ def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str
     for name, (layer, autocast) in step_variants(base, names).items():
         t = median_seconds(lambda layer=layer, a=autocast: step(layer, a), repeats)
         t["saved_bytes"] = saved_bytes(layer, x, autocast, device)
-        if "int8" in name:
+        if name.startswith(("fqt_int8", "fqt_auto")):
             t["int_mm_share"] = int_mm_share(lambda layer=layer: step(layer, False), device)
+            t.update(outside_int_mm(lambda layer=layer: step(layer, False), device))
         reset_peak_memory(device)
         step(layer, autocast)
         t["peak_bytes"] = peak_memory(device)
@@ -130,8 +149,24 @@ def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str
     return {"variants": results, "breakdown_int8": parts}
 
 
+def print_overhead(variants: dict) -> None:
+    """The overhead measure of every integer step: time outside ``_int_mm`` / fp32 step."""
+    fp32 = variants["fp32"]["median"]
+    for name, t in variants.items():
+        if "outside_int_mm" in t:
+            print(
+                f"{name}: outside _int_mm {t['outside_int_mm'] * 1e3:.1f} ms, inside "
+                f"{t['int_mm'] * 1e3:.1f} ms (profiler); outside _int_mm / fp32 step = "
+                f"{t['outside_int_mm'] / fp32:.3f}"
+            )
+
+
 def print_breakdown(variants: dict, parts: dict) -> None:
     gemm, transform = parts["int_mm_only"], parts["bhq_transform"]
+    print(
+        f"memory bandwidth (read + write of a reused buffer): "
+        f"{parts['bandwidth_bytes_per_s'] / 1e9:.1f} GB/s"
+    )
     print(
         f"parts: three _int_mm {gemm * 1e3:.1f} ms; quantize eager {parts['quantize'] * 1e3:.1f}"
         f" ms, fused {parts['quantize_fused'] * 1e3:.1f} ms; BHQ transform {transform * 1e3:.1f}"
@@ -175,6 +210,7 @@ def main() -> None:
         report["shapes"][f"{m}x{k}x{n}"] = res
         print_table(res["variants"], memory_key="saved_bytes")
         print_breakdown(res["variants"], res["breakdown_int8"])
+        print_overhead(res["variants"])
         write_json(args.json, report)  # after every shape: a long run keeps what it measured
 
 

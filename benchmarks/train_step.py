@@ -7,9 +7,10 @@
 Variants (``--variants`` picks some; fp32 and bf16 autocast always run): fp32, bf16 autocast,
 QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused``; median ms
 [min–max] of ``--repeats`` runs after 2 warm-up runs, and ratios to fp32 and bf16 measured in
-this process; on CUDA, the step's peak memory. The int8 backend runs every Linear and Conv2d
-layer on ``torch._int_mm`` (grouped convolutions would fall back to simulate; these models have
-none).
+this process; on CUDA, the step's peak memory; for integer steps, the overhead measure: op time
+outside ``_int_mm`` (``torch.profiler``, this process) over the fp32 step's median. The int8
+backend runs every Linear and Conv2d layer on ``torch._int_mm`` (grouped convolutions would fall
+back to simulate; these models have none).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from common import (
     add_variant_flag,
     environment,
     median_seconds,
+    outside_int_mm,
     peak_memory,
     print_header,
     print_table,
@@ -93,8 +95,18 @@ def main() -> None:
             reset_peak_memory(args.device)
             step()
             results[variant]["peak_bytes"] = peak_memory(args.device)
+            if variant.startswith(("fqt_int8", "fqt_auto")):
+                results[variant].update(outside_int_mm(step, args.device))
             print(f"  {variant:<26}{results[variant]['median'] * 1e3:>10.1f} ms", flush=True)
         print_table(results)
+        fp32 = results["fp32"]["median"]
+        for variant, t in results.items():
+            if "outside_int_mm" in t:
+                print(
+                    f"{variant}: outside _int_mm {t['outside_int_mm'] * 1e3:.1f} ms, inside "
+                    f"{t['int_mm'] * 1e3:.1f} ms (profiler); outside _int_mm / fp32 step = "
+                    f"{t['outside_int_mm'] / fp32:.3f}"
+                )
         report["models"][name] = results
         write_json(args.json, report)
 

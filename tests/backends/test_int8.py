@@ -214,7 +214,7 @@ class TestEveryCombination:
         g = None
         results = []
         for backend in ("simulate", "int8"):
-            cfg = FQTConfig(backend=backend, **bits, **fields)
+            cfg = FQTConfig(backend=backend, fused=False, **bits, **fields)
             layer_q = quantize_model(copy.deepcopy(base), cfg)
             xi = x.clone().requires_grad_(True)
             out = layer_q(xi)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from fqtorch import FQTConfig, quantize_model
-from fqtorch.backends import int8, int8_conv
+from fqtorch.backends import int8, int8_conv, int8_qconv
 from fqtorch.backends.int8 import _int_mm, chunk_length
 from fqtorch.nn.functional import ConvOps, FQTPlan, fqt_conv, fqt_linear
 from fqtorch.quantizers.base import QuantizedTensor
@@ -85,6 +85,12 @@ LAYERS = {
 }
 
 
+def im2col_only(monkeypatch) -> None:
+    """Run Conv2d on the im2col path (these tests count its ``_int_mm`` calls), as where the
+    integer convolution kernels are not exact (:mod:`fqtorch.backends.int8_qconv`; it warns)."""
+    monkeypatch.setattr(int8_qconv, "qconv_verdict", lambda: "im2col under test")
+
+
 class TestShortReductions:
     @pytest.mark.parametrize("layer", sorted(LAYERS))
     def test_one_int_mm_per_gemm(self, layer, monkeypatch):
@@ -96,8 +102,11 @@ class TestShortReductions:
             return torch._int_mm(a, b)
 
         monkeypatch.setattr(int8, "int_mm", counting)
+        im2col_only(monkeypatch)
         make, shape = LAYERS[layer]
-        cfg = FQTConfig.preset("psq4", backend="int8", weight_quantizer="ptq")
+        cfg = FQTConfig.preset(
+            "psq4", backend="int8", weight_quantizer="ptq", fused=False
+        )  # the eager path's GEMMs
         gen = torch.Generator().manual_seed(0)
         x = torch.randn(shape, generator=gen, requires_grad=True)
         quantize_model(make(), cfg)(x).sum().backward()
@@ -128,8 +137,9 @@ class TestShortReductions:
         gen = torch.Generator().manual_seed(3)
         base = nn.Linear(fan_in, fan_out)
         x, g = torch.randn(rows, fan_in, generator=gen), torch.randn(rows, fan_out, generator=gen)
+        cfg = FQTConfig.preset("psq4", fused=False)
         results = [
-            run(quantize_model(copy.deepcopy(base), FQTConfig.preset("psq4", backend=b)), x, g)
+            run(quantize_model(copy.deepcopy(base), cfg.replace(backend=b)), x, g)
             for b in ("simulate", "int8")
         ]
         for a, b in zip(*results, strict=True):
@@ -146,9 +156,10 @@ class TestShortReductions:
 
         monkeypatch.setattr(int8, "_int_mm", recording)
         monkeypatch.setattr(int8_conv, "_int_mm", recording)
+        im2col_only(monkeypatch)
         make, shape = LAYERS[layer]
         bits = {"input_bits": 7, "weight_bits": 6, "grad_bits": 4, "grad_weight_bits": 5}
-        cfg = FQTConfig(backend="int8", grad_quantizer="psq", **bits)
+        cfg = FQTConfig(backend="int8", grad_quantizer="psq", fused=False, **bits)
         x = torch.randn(shape, generator=torch.Generator().manual_seed(2), requires_grad=True)
         quantize_model(make(), cfg)(x).sum().backward()
         assert seen == [(7, 6), (4, 6), (5, 7)]  # output, grad_input, grad_weight
@@ -196,7 +207,8 @@ class TestLongReductions:
         ops = ConvOps(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
         results = {}
         for backend in ("simulate", "int8"):
-            plan = FQTPlan.from_config(FQTConfig.preset("bhq5", backend=backend))
+            cfg = FQTConfig.preset("bhq5", backend=backend, fused=False)  # the same draws
+            plan = FQTPlan.from_config(cfg)
             weight = conv.weight.detach().clone().requires_grad_(True)
             bias = conv.bias.detach().clone().requires_grad_(True)
             out = fqt_conv(x, weight, bias, ops, plan, torch.Generator().manual_seed(7))

@@ -28,7 +28,8 @@ def test_frozen_weight_bias_gradient_matches_simulate(make, shape, preset):
     x = torch.randn(*shape)
     grads = []
     for backend in ("simulate", "int8"):
-        layer = quantize_model(copy.deepcopy(base), FQTConfig.preset(preset, backend=backend))
+        cfg = FQTConfig.preset(preset, backend=backend, fused=False)
+        layer = quantize_model(copy.deepcopy(base), cfg)
         inp = x.clone().requires_grad_(True)
         out = layer(inp)
         out.backward(torch.linspace(-1, 1, out.numel()).reshape(out.shape))

@@ -70,7 +70,9 @@ class TestFallbacks:
         base = nn.Linear(9, 5)
         x, g = torch.randn(7, 9), torch.randn(7, 5)
         layers = [
-            quantize_model(copy.deepcopy(base), FQTConfig.preset("psq4", backend=backend))
+            quantize_model(
+                copy.deepcopy(base), FQTConfig.preset("psq4", backend=backend, fused=False)
+            )
             for backend in ("simulate", "int8")
         ]
         with warnings.catch_warnings(record=True) as caught:
@@ -89,7 +91,8 @@ class TestFallbacks:
         g = torch.randn(2, 4, 6, 5)
         grads = []
         for backend in ("simulate", "int8"):
-            layer = quantize_model(copy.deepcopy(base), FQTConfig.preset("psq4", backend=backend))
+            cfg = FQTConfig.preset("psq4", backend=backend, fused=False)
+            layer = quantize_model(copy.deepcopy(base), cfg)
             with warnings.catch_warnings():
                 warnings.simplefilter("error")  # no fallback to simulate
                 grads.append(input_grad(layer, x, g))

@@ -7,6 +7,8 @@ One module per backend, each with ``linear(input, weight, bias, source, name)`` 
 - ``simulate`` (:mod:`.simulate`): float GEMMs on dequantized operands; runs everything.
 - ``int8`` (:mod:`.int8` for Linear, :mod:`.int8_conv` for Conv2d): ``torch._int_mm`` on the
   integer codes.
+- ``auto``: int8 where the device has integer units and the quantizers fit, else simulate,
+  decided per device at the first call and said in one log line (:mod:`.auto`).
 
 A new backend is one new module here, its entry in :data:`_MODULES`, and its name in
 ``fqtorch.config.BACKENDS``. :func:`linear` and :func:`conv` dispatch on ``source.plan.backend``
@@ -21,7 +23,7 @@ from types import MappingProxyType, ModuleType
 
 from torch import Tensor
 
-from . import simulate
+from . import auto, simulate
 from .base import ConvOps, FixedPlan, FQTPlan, GemmOps, LinearOps, PlanSource, Unsupported
 
 __all__ = [
@@ -69,6 +71,8 @@ def linear(
 ) -> Tensor:
     """``input`` (M, in) @ ``weight`` (out, in)ᵀ on ``source.plan.backend``."""
     backend = source.plan.backend
+    if backend == "auto":
+        backend = auto.resolve(source.plan, input.device)
     if backend != "simulate":
         try:
             return get_backend(backend).linear(input, weight, bias, source, name)
@@ -82,6 +86,8 @@ def conv(
 ) -> Tensor:
     """A convolution (``ops``) on ``source.plan.backend``."""
     backend = source.plan.backend
+    if backend == "auto":
+        backend = auto.resolve(source.plan, input.device)
     if backend != "simulate":
         try:
             return get_backend(backend, "conv").conv(input, weight, bias, ops, source, name)

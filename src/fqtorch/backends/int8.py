@@ -26,6 +26,15 @@ the bit widths, not from the codes: no device sync.
 
 The forward saves the int8 codes, not the float operands, for the backward (4× less memory).
 A gradient quantizer set to ``identity`` runs its GEMM in float on the dequantized operand.
+
+Two paths run these formulas. With fused quantizers (``fused=True``, the default of
+``backend="int8"``) the *compiled path*: ``grad_output`` is quantized both ways in one compiled
+pass (:func:`~fqtorch.quantizers.twoway.encode_two_way`), each epilogue is one compiled kernel,
+the float32 ones written over their own int32 product, and the weight-gradient product takes
+``grad_output``'s codes without copying them (:func:`_grad_weight_fast`); a reduction that would
+need padding or chunks takes the eager functions. With ``fused=False`` the *eager path*
+(:func:`_forward`, :func:`_grad_input`, :func:`_grad_weight`), for debugging. Both give
+simulate's values to float32 rounding on the same codes.
 """
 
 from __future__ import annotations
@@ -36,8 +45,11 @@ import torch
 from torch import Tensor
 
 from ..quantizers.base import QuantizedTensor
+from ..quantizers.fused import LazyCompiled
+from ..quantizers.twoway import encode_two_way
 from ..quantizers.uniform import Identity
 from .base import PlanSource, Unsupported, check_finite
+from .notes import compile_disabled, say_once
 
 __all__ = ["chunk_length", "int_mm", "int_mm_supported", "linear"]
 
@@ -216,6 +228,212 @@ def _grad_bias(h: QuantizedTensor, h_cols: Tensor | None = None) -> Tensor:
     return h_cols.to(f64) * s_h.reshape(-1) + rows * b_h.reshape(-1)
 
 
+# The compiled path (``fused=True``, the default of ``backend="int8"``). Each epilogue is one
+# compiled pass over the int32 product, the rank-one terms, the bias and the exact code sums of the
+# small operand (the weight, or the input for the weight gradient) included, instead of several
+# eager passes and a float copy of the product. Same formulas, in the same order of operations, as
+# the eager functions above, which stay the debugging path (``fused=False``).
+def _forward_terms(
+    prod: Tensor,
+    x_rows: Tensor,
+    w_codes: Tensor,
+    s_x: Tensor,
+    b_x: Tensor,
+    s_w: Tensor,
+    b_w: Tensor,
+    bias: Tensor | None,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    f32 = torch.float32
+    w_rows = w_codes.sum(1, dtype=torch.int32)
+    out = prod.to(f32) * (s_x * s_w)
+    out = out + s_x * b_w * x_rows.to(f32)[:, None]
+    out = out + (b_x * s_w * w_rows.to(f32)[None, :] + w_codes.shape[1] * b_x * b_w)
+    if bias is not None:
+        out = out + bias.to(f32)
+    return out.to(out_dtype)
+
+
+def _grad_input_terms(
+    prod: Tensor,
+    g_rows: Tensor,
+    w_codes: Tensor,
+    s_g: Tensor,
+    b_g: Tensor,
+    s_w: Tensor,
+    b_w: Tensor,
+    out_dtype: torch.dtype,
+) -> Tensor:
+    f32 = torch.float32
+    w_cols = w_codes.sum(0, dtype=torch.int32)
+    out = prod.to(f32) * (s_g * s_w)
+    out = out + (s_g * b_w * g_rows.to(f32)[:, None] + w_codes.shape[0] * b_g * b_w)
+    out = out + (b_g * s_w) * w_cols.to(f32)[None, :]
+    return out.to(out_dtype)
+
+
+def _grad_weight_terms(
+    prod: Tensor,
+    h_cols: Tensor,
+    x_codes: Tensor,
+    s_o: Tensor,
+    b_o: Tensor,
+    s_x: Tensor,
+    b_x: Tensor,
+    out_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """The weight gradient (float64 epilogue, see the module docstring) and the bias gradient
+    from the same column sums of ``h``'s codes."""
+    f64, rows = torch.float64, x_codes.shape[0]
+    x_cols = x_codes.sum(0, dtype=torch.int32)
+    s_o, b_o, s_x, b_x = s_o.to(f64), b_o.to(f64), s_x.to(f64), b_x.to(f64)
+    h_cols = h_cols.to(f64)
+    out = prod.to(f64) * (s_o * s_x)
+    out = out + (s_o * b_x * h_cols[:, None] + rows * b_o * b_x)
+    out = out + (b_o * s_x) * x_cols.to(f64)[None, :]
+    grad_bias = h_cols * s_o.reshape(-1) + rows * b_o.reshape(-1)
+    return out.to(out_dtype), grad_bias.to(out_dtype)
+
+
+def _forward_in_place(
+    acc: Tensor,
+    x_codes: Tensor,
+    w_codes: Tensor,
+    s_x: Tensor,
+    b_x: Tensor,
+    s_w: Tensor,
+    b_w: Tensor,
+    bias: Tensor | None,
+) -> None:
+    """:func:`_forward_terms` for a float32 output written over its own int32 product ``acc``
+    (M, O): the step's largest buffer is allocated once, not twice (a fresh 100 MB buffer costs
+    tens of milliseconds of page faults on the CPU). The code sums of both operands are computed
+    here (``acc`` has no bordering column)."""
+    x_rows = x_codes.sum(1, dtype=torch.int32)
+    out = acc.view(torch.float32)
+    out.copy_(_forward_terms(acc, x_rows, w_codes, s_x, b_x, s_w, b_w, bias, out.dtype))
+
+
+def _grad_input_in_place(
+    acc: Tensor,
+    g_codes: Tensor,
+    w_codes: Tensor,
+    s_g: Tensor,
+    b_g: Tensor,
+    s_w: Tensor,
+    b_w: Tensor,
+) -> None:
+    """:func:`_grad_input_terms` over its own int32 product, as :func:`_forward_in_place`.
+    Nothing is returned: a returned view of ``acc`` makes Inductor write a second buffer."""
+    g_rows = g_codes.sum(1, dtype=torch.int32)
+    out = acc.view(torch.float32)
+    out.copy_(_grad_input_terms(acc, g_rows, w_codes, s_g, b_g, s_w, b_w, out.dtype))
+
+
+_compiled_forward_in_place = LazyCompiled(_forward_in_place)
+_compiled_grad_input_in_place = LazyCompiled(_grad_input_in_place)
+_compiled_forward = LazyCompiled(_forward_terms)
+_compiled_grad_input = LazyCompiled(_grad_input_terms)
+_compiled_grad_weight = LazyCompiled(_grad_weight_terms)
+
+
+def _one_product(a: Tensor, a_bits: int, b_bits: int) -> bool:
+    """Whether ``a`` (m, k) can be the left operand of one int32 ``_int_mm`` as it is: row-major,
+    k a multiple of 8 and within :func:`chunk_length`. Otherwise the eager functions run it
+    (padding, chunks, float64 epilogue)."""
+    k = a.shape[1]
+    return _row_major(a) and k % 8 == 0 and k <= chunk_length(a_bits, b_bits)
+
+
+def _tn(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """``a`` row-major and ``b`` column-major, copying where they are not (:func:`int_mm`)."""
+    if not _row_major(a):
+        a = a.new_empty(a.shape).copy_(a)
+    if not _row_major(b.T):
+        b = b.new_empty(b.T.shape).copy_(b.T).T
+    return a, b
+
+
+def _mm_row_sums(a: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
+    """``a @ btᵀ`` and the row sums of ``a`` (int32), from one product with ``btᵀ`` bordered by
+    columns of ones (:func:`_int_mm` without the column sums of ``b``, which the compiled
+    epilogues compute)."""
+    n, k = bt.shape
+    bordered = bt.new_empty(n + _BORDER, k)  # its transpose is column-major
+    bordered[:n] = bt
+    bordered[n:] = 1
+    acc = int_mm(a, bordered.T)
+    return acc[:, :n], acc[:, n]
+
+
+def _forward_fast(
+    x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | None, out_dtype: torch.dtype
+) -> Tensor:
+    if not _one_product(x.codes, x.bits, w.bits):
+        return _forward(x, w, bias).to(out_dtype)
+    f32 = torch.float32
+    affine = (x.scale.to(f32), x.bias.to(f32), w.scale.to(f32), w.bias.to(f32))
+    if out_dtype == f32:
+        acc = x.codes.new_empty((x.codes.shape[0], w.codes.shape[0]), dtype=torch.int32)
+        torch._int_mm(*_tn(x.codes, w.codes.T), out=acc)
+        _compiled_forward_in_place(acc, x.codes, w.codes, *affine, bias)
+        return acc.view(f32)
+    prod, x_rows = _mm_row_sums(x.codes, w.codes)  # (M, K) × (K, O)
+    return _compiled_forward(
+        prod, x_rows, w.codes, x.scale.to(f32), x.bias.to(f32), w.scale.to(f32), w.bias.to(f32),
+        bias, out_dtype,
+    )  # fmt: skip
+
+
+def _grad_input_fast(g: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dtype) -> Tensor:
+    if not _one_product(g.codes, g.bits, w.bits):
+        return _grad_input(g, w).to(out_dtype)
+    f32 = torch.float32
+    dtype = out_dtype if g.transform is None else g.scale.dtype
+    if dtype == f32:
+        acc = g.codes.new_empty((g.codes.shape[0], w.codes.shape[1]), dtype=torch.int32)
+        torch._int_mm(*_tn(g.codes, w.codes), out=acc)
+        _compiled_grad_input_in_place(
+            acc, g.codes, w.codes, g.scale.to(f32), g.bias.to(f32), w.scale.to(f32),
+            w.bias.to(f32),
+        )  # fmt: skip
+        out = acc.view(f32)
+        return out if g.transform is None else g.transform.inverse(out).to(out_dtype)
+    prod, g_rows = _mm_row_sums(g.codes, w.codes.T)  # (M', O) × (O, K)
+    out = _compiled_grad_input(
+        prod, g_rows, w.codes, g.scale.to(f32), g.bias.to(f32), w.scale.to(f32), w.bias.to(f32),
+        dtype,
+    )  # fmt: skip
+    return out if g.transform is None else g.transform.inverse(out).to(out_dtype)
+
+
+def _grad_weight_fast(
+    h: QuantizedTensor, x: QuantizedTensor, out_dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """Weight and bias gradients. On the CPU the product runs as its transpose,
+    ``[C_xᵀ; 1ᵀ] C_h`` ((K+1, M) × (M, O)): ``h``'s codes, the step's largest operand, are taken
+    as the row-major right operand they are, with no copy (the CPU kernel runs this layout as
+    fast as the "TN" one: ``benchmarks/linear_step.py``), and the bordering row of ones yields
+    their column sums; only the smaller input codes are transposed. Elsewhere
+    (:func:`_int_mm`) ``h`` is copied into the TN layout."""
+    rows, k = x.codes.shape
+    if not (rows % 8 == 0 and rows <= chunk_length(h.bits, x.bits)):
+        grad_weight, h_cols = _grad_weight(h, x)
+        return grad_weight.to(out_dtype), _grad_bias(h, h_cols).to(out_dtype)
+    if h.codes.device.type == "cpu" and _row_major(h.codes):
+        bordered_xt = x.codes.new_empty(k + 1, rows)
+        bordered_xt[:k] = x.codes.T
+        bordered_xt[k] = 1
+        acc = torch._int_mm(bordered_xt, h.codes)  # (K + 1, O)
+        prod, h_cols = acc[:k].T, acc[k]
+    else:
+        prod, h_cols, _ = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, M) × (M, K)
+    return _compiled_grad_weight(
+        prod, h_cols, x.codes, h.scale.reshape(-1, 1), h.bias.reshape(-1, 1), x.scale, x.bias,
+        out_dtype,
+    )  # fmt: skip
+
+
 class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(
@@ -230,6 +448,9 @@ class _Int8Linear(torch.autograd.Function):
         ctx.meta = (x.shape, x.dtype, w.shape, w.dtype, input.dtype, bias is not None)
         ctx.bits = (x.bits, w.bits)
         ctx.source, ctx.name = source, name
+        ctx.compiled = _compiled_path(plan)
+        if ctx.compiled:
+            return _forward_fast(x, w, bias, input.dtype)
         return _forward(x, w, bias).to(input.dtype)
 
     @staticmethod
@@ -246,6 +467,11 @@ class _Int8Linear(torch.autograd.Function):
         ctx.source.on_grad_output(grad_output)
         grad = grad_output.float()
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
+        if ctx.compiled and need_input and (need_weight or need_bias):
+            fast = _backward_fast(plan, grad, x, w, generator, in_dtype, w_dtype)
+            if fast is not None:
+                grad_input, grad_weight, grad_bias = fast
+                return grad_input, grad_weight, grad_bias if has_bias else None, None, None
         grad_input = grad_weight = grad_bias = None
         if need_input:
             if isinstance(plan.grad_output, Identity):
@@ -270,6 +496,42 @@ class _Int8Linear(torch.autograd.Function):
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, grad_weight, grad_bias, None, None
+
+
+def _compiled_path(plan: Any) -> bool:
+    """Whether this layer call takes the compiled path: its quantizers are fused (``fused=True``,
+    the default of ``backend="int8"``); said once per process, with why."""
+    if not plan.input.fused:
+        say_once("fqtorch int8 backend: eager kernels (fused=False; the debugging path)")
+        return False
+    if compile_disabled():
+        say_once("fqtorch int8 backend: eager kernels (torch.compile is disabled here)")
+    else:
+        say_once(
+            "fqtorch int8 backend: compiled kernels (torch.compile; each compiles on first use)"
+        )
+    return True
+
+
+def _backward_fast(
+    plan: Any,
+    grad: Tensor,
+    x: QuantizedTensor,
+    w: QuantizedTensor,
+    generator: torch.Generator | None,
+    in_dtype: torch.dtype,
+    w_dtype: torch.dtype,
+) -> tuple[Tensor, Tensor, Tensor] | None:
+    """Both backward GEMMs on the compiled path, ``grad_output`` quantized both ways in one pass
+    (same codes as two ``encode`` calls); ``None`` where a branch is exact (identity)."""
+    if isinstance(plan.grad_output, Identity) or isinstance(plan.grad_output_weight, Identity):
+        return None
+    g, h = encode_two_way(grad, plan.grad_output, plan.grad_output_weight, generator)
+    _per_row(g)
+    _per_column(h)
+    grad_input = _grad_input_fast(g, w, in_dtype)
+    grad_weight, grad_bias = _grad_weight_fast(h, x, w_dtype)
+    return grad_input, grad_weight, grad_bias
 
 
 def linear(

@@ -1,0 +1,103 @@
+"""``backend="auto"``: the int8 backend where the device has integer units, simulate elsewhere.
+
+The integer GEMMs (``torch._int_mm``) pay only on hardware with int8 dot-product units: on a CPU
+with AVX-512 VNNI, AVX-VNNI or AMX they run ≈ 9× faster than fp32 GEMMs, on an AVX2-only CPU
+≈ 30× slower (docs/performance.md); CUDA runs them on the int8 tensor cores of compute
+capability 7.5 (Turing) and later. :func:`decide` is the decision table, a pure function of what
+the hardware reports (so it is tested with made-up capabilities); :func:`resolve` feeds it the
+real device once per device and quantizer set, and says the outcome in one log line.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from ..config import int8_refusal
+from .base import FQTPlan
+from .notes import say_once
+
+__all__ = ["INT8_CPU_FLAGS", "cpu_flags", "decide", "resolve"]
+
+# /proc/cpuinfo flags of x86 int8 dot-product units oneDNN's integer GEMMs use.
+INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+_ROLES = {
+    "input_quantizer": "input",
+    "weight_quantizer": "weight",
+    "grad_quantizer": "grad_output",
+    "grad_weight_quantizer": "grad_output_weight",
+}
+
+
+def decide(
+    device_type: str,
+    *,
+    cpu_capability: str | None = None,
+    cpu_flags: Iterable[str] | None = None,
+    cuda_capability: tuple[int, int] | None = None,
+    refusal: str | None = None,
+) -> tuple[str, str]:
+    """``(backend, why)`` for a layer on ``device_type``: ``cpu_flags`` are the CPU's
+    /proc/cpuinfo flags (``None``: unknown), ``cuda_capability`` the GPU's (major, minor),
+    ``refusal`` why the int8 backend cannot take the quantizers (``None``: it can)."""
+    if refusal is not None:
+        return "simulate", f"the quantizers do not fit integer GEMMs ({refusal})"
+    if device_type == "cpu":
+        where = f"CPU, ATen capability {cpu_capability or 'unknown'}"
+        if cpu_flags is None:
+            return "simulate", f"{where}: cannot read the CPU flags to find int8 units"
+        found = [flag for flag in INT8_CPU_FLAGS if flag in set(cpu_flags)]
+        if found:
+            return "int8", f"{where}, int8 dot-product units ({', '.join(found)})"
+        return "simulate", (
+            f"{where}, no int8 dot-product units ({'/'.join(INT8_CPU_FLAGS)} absent): "
+            "integer GEMMs would run far slower than float ones"
+        )
+    if device_type == "cuda":
+        if cuda_capability is None:
+            return "simulate", "CUDA device of unknown compute capability"
+        major, minor = cuda_capability
+        if (major, minor) >= (7, 5):
+            return "int8", f"CUDA compute capability {major}.{minor}: int8 tensor cores"
+        return "simulate", f"CUDA compute capability {major}.{minor} < 7.5: no int8 tensor cores"
+    return "simulate", f"no int8 backend for device type {device_type!r}"
+
+
+@functools.cache
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags from ``path`` (Linux), ``None`` where it cannot be read."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return None
+
+
+def _plan_refusal(plan: FQTPlan) -> str | None:
+    names = {field: getattr(plan, role).name for field, role in _ROLES.items()}
+    return int8_refusal(names)
+
+
+@functools.cache
+def _resolve(device: torch.device, refusal: str | None) -> str:
+    """A memo per device and quantizer set: the hardware is asked, and the outcome said, once."""
+    if device.type == "cpu":
+        facts = dict(cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=cpu_flags())
+    elif device.type == "cuda":
+        facts = dict(cuda_capability=torch.cuda.get_device_capability(device))
+    else:
+        facts = {}
+    backend, why = decide(device.type, refusal=refusal, **facts)
+    say_once(f"fqtorch backend='auto' on {device}: {backend} ({why})")
+    return backend
+
+
+def resolve(plan: FQTPlan, device: torch.device) -> str:
+    """The backend ``backend="auto"`` runs ``plan``'s layer calls on, on ``device``."""
+    return _resolve(device, _plan_refusal(plan))

@@ -1,0 +1,27 @@
+"""One log line per distinct message: which path a backend takes and why (logger
+``fqtorch.backends``, shown by the CLI; ``logging.basicConfig(level=logging.INFO)`` elsewhere).
+
+A layer call can ask on every step; the line is said once per process, like a warning.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+__all__ = ["compile_disabled", "say_once"]
+
+logger = logging.getLogger("fqtorch.backends")
+
+
+@functools.cache
+def say_once(message: str) -> None:
+    """Log ``message`` at INFO the first time it is asked for (a memo of what was said)."""
+    logger.info(message)
+
+
+def compile_disabled() -> bool:
+    """Whether ``torch.compile`` runs functions eagerly here (``TORCH_COMPILE_DISABLE=1``)."""
+    return bool(torch._dynamo.config.disable)

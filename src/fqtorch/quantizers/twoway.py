@@ -1,0 +1,127 @@
+"""Both quantizations of a ``grad_output`` in one compiled graph.
+
+An FQT backward quantizes ``grad_output`` twice (docs/method.md §2): per row (or tensor) for the
+``grad_input`` GEMM, and per column (or tensor) for the ``grad_weight`` GEMM. Done one after the
+other that is two compiled calls, each reading the tensor for its statistics and again for its
+rounding. Here one ``torch.compile``'d graph computes both sets of statistics and both sets of
+codes, both row-major ``(rows, cols)``: the layout the integer GEMMs take them in on the CPU
+(``fqtorch.backends.int8``; the weight-gradient product reads them as its right operand).
+
+The codes are those of the two quantizers' own :meth:`~.base.Quantizer.encode`, bit for bit: the
+same functions (:func:`~.uniform.group_minmax`, :func:`~.uniform.affine_encode`,
+:func:`~.uniform.symmetric_encode`) on the same hash keys, drawn from the generator in the same
+order (the row quantizer's first). It applies to uniform quantizers with hash noise
+(``fused=True``); :func:`encode_two_way` quantizes the others one after the other.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import QuantizedTensor, Quantizer, as_rows, check_float, compute_dtype
+from .fused import LazyCompiled
+from .rounding import Noise, round_to_grid, to_codes
+from .uniform import _fold, _live_steps, _Uniform, affine_encode, group_minmax, symmetric_encode
+
+__all__ = ["encode_two_way", "fused_two_way", "fused_two_way_round", "fused_two_way_stats"]
+
+
+def _encode(
+    x2d: Tensor, noise: Noise, bits: int, granularity: str, symmetric: bool, rounding: str
+) -> tuple[Tensor, Tensor, Tensor]:
+    low, high = group_minmax(x2d, granularity)
+    if symmetric:
+        return symmetric_encode(x2d, torch.maximum(-low, high), bits, rounding, noise)
+    return affine_encode(x2d, low, high, bits, rounding, noise)
+
+
+def _two_way_kernel(
+    x2d: Tensor, noise_g: Noise, noise_h: Noise, spec_g: tuple, spec_h: tuple
+) -> tuple[Tensor, ...]:
+    """``(codes_g, scale_g, bias_g, codes_h, scale_h, bias_h)``."""
+    x2d = x2d.to(compute_dtype(x2d))
+    return (*_encode(x2d, noise_g, *spec_g), *_encode(x2d, noise_h, *spec_h))
+
+
+# Two asymmetric grids (PTQ, PSQ, per column: the paper's pair) run as two graphs: the statistics
+# and each group's grid parameters first, materialized (one per row, one per column), then the
+# rounding. In one graph Inductor recomputes a column's grid parameters (range fold, step rounded
+# up, divisor) for every element of the column, which cost more than the rounding itself. Same
+# operations as affine_encode, split in two, so the same codes.
+def _affine_params(low: Tensor, high: Tensor, bits: int) -> tuple[Tensor, ...]:
+    """``affine_encode``'s per-group values: (−low·f, f, divisor, scale, bias)."""
+    half = 2 ** (bits - 1)
+    fold = _fold(low, high)
+    step, divisor = _live_steps(high * fold - low * fold, 2**bits - 1)
+    return -low * fold, fold, divisor, step / fold, (low * fold + half * step) / fold
+
+
+def _affine_round(
+    x2d: Tensor, params: tuple[Tensor, ...], bits: int, rounding: str, noise: Noise
+) -> Tensor:
+    offset, fold, divisor = params[:3]
+    grid = torch.addcmul(offset, x2d, fold).div_(divisor)
+    return to_codes(round_to_grid(grid, rounding, 0, 2**bits - 1, noise), 2 ** (bits - 1))
+
+
+def _two_way_stats(x2d: Tensor, spec_g: tuple, spec_h: tuple) -> tuple[tuple, tuple]:
+    x2d = x2d.to(compute_dtype(x2d))
+    return (
+        _affine_params(*group_minmax(x2d, spec_g[1]), spec_g[0]),
+        _affine_params(*group_minmax(x2d, spec_h[1]), spec_h[0]),
+    )
+
+
+def _two_way_round(
+    x2d: Tensor, noise_g: Noise, noise_h: Noise, params: tuple, spec_g: tuple, spec_h: tuple
+) -> tuple[Tensor, Tensor]:
+    x2d = x2d.to(compute_dtype(x2d))
+    return (
+        _affine_round(x2d, params[0], spec_g[0], spec_g[3], noise_g),
+        _affine_round(x2d, params[1], spec_h[0], spec_h[3], noise_h),
+    )
+
+
+fused_two_way = LazyCompiled(_two_way_kernel)
+fused_two_way_stats = LazyCompiled(_two_way_stats)
+fused_two_way_round = LazyCompiled(_two_way_round)
+
+
+def _spec(q: Quantizer) -> tuple | None:
+    """The static arguments of :func:`_encode` for a fused uniform quantizer, else ``None``."""
+    if isinstance(q, _Uniform) and q.fused:
+        return (q.bits, q.granularity, q.symmetric, q.rounding)
+    return None
+
+
+def encode_two_way(
+    x: Tensor,
+    row_quantizer: Quantizer,
+    column_quantizer: Quantizer,
+    generator: torch.Generator | None = None,
+    compiled: bool = True,
+) -> tuple[QuantizedTensor, QuantizedTensor]:
+    """``(row_quantizer.encode(x), column_quantizer.encode(x))``, the same codes, in one compiled
+    graph when both are fused uniform quantizers (else one after the other). ``compiled=False``
+    runs the same graph eagerly (for debugging; same codes)."""
+    check_float(x, column_quantizer.name)
+    x2d = as_rows(x)
+    spec_g, spec_h = _spec(row_quantizer), _spec(column_quantizer)
+    if spec_g is None or spec_h is None:
+        return row_quantizer.encode(x, generator), column_quantizer.encode(x, generator)
+    noise_g = row_quantizer.noise(generator, x2d.device)
+    noise_h = column_quantizer.noise(generator, x2d.device)
+    if not (spec_g[2] or spec_h[2]):  # two asymmetric grids
+        stats = fused_two_way_stats if compiled else fused_two_way_stats.fn
+        rounding = fused_two_way_round if compiled else fused_two_way_round.fn
+        params = stats(x2d, spec_g, spec_h)
+        cg, ch = rounding(x2d, noise_g, noise_h, params, spec_g, spec_h)
+        (sg, bg), (sh, bh) = params[0][3:], params[1][3:]
+    else:
+        kernel = fused_two_way if compiled else fused_two_way.fn
+        cg, sg, bg, ch, sh, bh = kernel(x2d, noise_g, noise_h, spec_g, spec_h)
+    return (
+        QuantizedTensor(cg, sg, bg, row_quantizer.bits, x.shape, x.dtype),
+        QuantizedTensor(ch, sh, bh, column_quantizer.bits, x.shape, x.dtype),
+    )
