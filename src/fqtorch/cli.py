@@ -1,4 +1,4 @@
-"""``fqtorch train | variance``: the command line (argparse, tqdm progress on rank 0)."""
+"""``fqtorch train | variance | plan``: the command line (argparse, tqdm progress on rank 0)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from .config import FQTConfig
+from .config import BACKENDS, FQTConfig
 from .quantizers import list_quantizers
 from .train.errors import CheckpointError, TrainingError, TrainingInterrupted
 
@@ -35,7 +35,7 @@ def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
     for flag in ("input-quantizer", "weight-quantizer", "grad-quantizer", "grad-weight-quantizer"):
         group.add_argument(f"--{flag}", metavar="NAME", help=f"one of: {names}")
     group.add_argument("--grad-rounding", choices=["stochastic", "nearest"])
-    group.add_argument("--backend", choices=["simulate", "int8"])
+    group.add_argument("--backend", choices=list(BACKENDS))
     group.add_argument(
         "--fused",
         action=argparse.BooleanOptionalAction,
@@ -109,6 +109,18 @@ def _train_parser(sub: Any) -> None:
         type=int,
         metavar="K",
         help="every K steps, log the quantization/sampling variance ratio per layer",
+    )
+    p.add_argument(
+        "--bits-plan",
+        metavar="PLAN.JSON",
+        help="per-layer gradient quantizers and bits from `fqtorch plan` (over --preset's forward)",
+    )
+    p.add_argument(
+        "--adaptive-precision",
+        type=int,
+        metavar="K",
+        help="every K steps, move each layer's gradient bits from the --variance-every "
+        "measurements to keep quantization variance within the budget (the plan's, else 0.1)",
     )
     p.add_argument("--device", help="auto (default), cpu, cuda")
     p.add_argument(
@@ -189,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .stats.cli import add_variance_parser
 
     add_variance_parser(sub)
+    from .stats.plan_cli import add_plan_parser
+
+    add_plan_parser(sub)
     return parser
 
 
@@ -210,6 +225,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _run_train(args)
+        if args.command in ("plan", "autobits"):
+            from .stats.plan_cli import run_plan
+
+            return run_plan(args)
         from .stats.cli import run_variance
 
         return run_variance(args)

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from .quantizers.base import ROUNDINGS, check_bits, get_quantizer, is_registered, list_quantizers
+from .quantizers.formats import is_format
+from .quantizers.transforms import TRANSFORMS, with_transform
 
-__all__ = ["BACKENDS", "FQTConfig"]
+__all__ = ["BACKENDS", "FQTConfig", "int8_refusal"]
 
-BACKENDS = ("simulate", "int8")
+BACKENDS = ("simulate", "int8", "auto")
 # backend="int8": the quantizers each field may name, what that means, and why (_check_int8).
 _INT8_QUANTIZERS = {
     "input_quantizer": (
@@ -43,6 +45,32 @@ _INT8_QUANTIZERS = {
     ),
 }
 _PRESET = re.compile(r"^(ptq|psq|bhq)([2-8])$")
+# Float-format recipes (docs/method.md §12): forward quantizer (round-to-nearest), gradient
+# quantizer on both backward GEMMs (stochastic rounding), and the transform before it.
+_FORMAT_PRESETS = {
+    "fp8_e4m3": ("fp8_e4m3", "fp8_e4m3", None),
+    "fp8_e5m2": ("fp8_e4m3", "fp8_e5m2", None),  # E4M3 forward, E5M2 gradients
+    "mxfp8": ("mxfp8", "mxfp8", None),
+    "mxfp4_sr": ("mxfp8", "mxfp4", None),  # MXFP4 backward GEMMs, MXFP8 forward
+    "mxfp4_rht_sr": ("mxfp8", "mxfp4", "rht32"),
+    "nvfp4_sr": ("nvfp4", "nvfp4", None),
+    "nvfp4_rht_sr": ("nvfp4", "nvfp4", "rht16"),
+}
+# The axis of each role's 2-D view its GEMM sums over: blocks and transforms run along it.
+_REDUCTION_DIM = {"input": 1, "weight": 1, "grad_output": 1, "grad_output_weight": 0}
+
+
+def int8_refusal(names: dict[str, str | None]) -> str | None:
+    """Why ``backend="int8"`` cannot take the quantizers ``names`` (field -> quantizer name, the
+    four ``*_quantizer`` fields), naming the first field at fault; ``None`` when it can."""
+    for field, (allowed, expected, reason) in _INT8_QUANTIZERS.items():
+        name = names[field]
+        if name not in allowed:
+            return (
+                f"backend='int8' needs a {field} with {expected} "
+                f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason}"
+            )
+    return None
 
 
 def _check_quantizer(field: str, name: object) -> None:
@@ -70,13 +98,22 @@ class FQTConfig:
             else ``"per_column"`` (one scale per output feature / output channel), as in the paper.
             ``None`` with ``grad_quantizer=None`` keeps that branch exact too.
         grad_rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` (the biased ablation).
-        backend: how the GEMMs run: ``"simulate"`` (float GEMMs on dequantized values) or
+        backend: how the GEMMs run: ``"simulate"`` (float GEMMs on dequantized values),
             ``"int8"`` (``torch._int_mm`` on the integer codes, for Linear and Conv2d layers; a
             grouped or 1-d convolution, or a convolution on CUDA, falls back to simulate with
-            a warning). It takes the quantizers whose scales leave the integer GEMMs
-            (docs/method.md §8): per-tensor forward operands, per-tensor or per-row
-            ``grad_quantizer``, per-tensor or per-column ``grad_weight_quantizer``.
-        fused: run every quantizer's rounding as a ``torch.compile``'d kernel (compiled
+            a warning) or ``"auto"``: int8 where the device has integer units (a CPU with
+            AVX-512 VNNI, AVX-VNNI or AMX, a CUDA GPU of compute capability ≥ 7.5) and the
+            quantizers allow it, simulate elsewhere — decided per device at the first layer
+            call, with one log line saying which and why (``fqtorch.backends.auto``), so a
+            config built on one machine runs well on another. ``"int8"`` takes the quantizers
+            whose scales leave the integer GEMMs (docs/method.md §8): per-tensor forward
+            operands, per-tensor or per-row ``grad_quantizer``, per-tensor or per-column
+            ``grad_weight_quantizer``.
+        fused: ``None`` (default): ``True`` for ``backend="int8"`` and ``"auto"`` (their fast
+            path: compiled quantizers and integer-GEMM epilogues), ``False`` for simulate;
+            resolved when the config is built (``replace`` keeps it). ``fused=False`` with int8
+            runs every kernel eagerly (the debugging path, same codes as simulate's).
+            ``True``: run every quantizer's rounding as a ``torch.compile``'d kernel (compiled
             lazily on first use, with dynamic shapes; eager where compilation is off or fails,
             with the same codes; BHQ's and RHT's row transforms stay eager), with its
             stochastic-rounding noise computed inside the kernel by a counter-based hash keyed
@@ -93,6 +130,14 @@ class FQTConfig:
             ``A`` as inputs, ``K`` and ``V`` as weights), not only its input and output
             projections. Off by default: the products then run in float, exactly as torch runs
             them. They run on the simulate backend under either ``backend``.
+        grad_transform: ``None``, ``"rht16"`` or ``"rht32"``: a random Hadamard transform of
+            blocks of 16 or 32 along the reduction dimension in front of both gradient
+            quantizers (docs/method.md §12), signs from the layer's generator. Simulate only.
+
+    A float-format quantizer (``fp8_*``, ``mxfp8``, ``mxfp4``, ``nvfp4``) fixes its own bit width
+    (the ``*_bits`` fields are ignored for it) and takes its block direction from its role: along
+    the columns of ``grad_output`` for ``grad_input``, along its rows for ``grad_weight``. With one
+    as ``grad_quantizer``, ``grad_weight_quantizer`` defaults to the same format.
     """
 
     input_bits: int = 8
@@ -105,10 +150,11 @@ class FQTConfig:
     grad_weight_quantizer: str | None = None
     grad_rounding: str = "stochastic"
     backend: str = "simulate"
-    fused: bool = False
+    fused: bool | None = None
     seed: int = 0
     check_finite: bool = False
     attention_products: bool = False
+    grad_transform: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("input_bits", "weight_bits", "grad_bits", "grad_weight_bits"):
@@ -119,6 +165,8 @@ class FQTConfig:
             _check_quantizer("grad_quantizer", self.grad_quantizer)
             if self.grad_weight_quantizer is None:
                 default = "ptq" if self.grad_quantizer == "ptq" else "per_column"
+                if is_format(self.grad_quantizer):
+                    default = self.grad_quantizer  # the format on both backward GEMMs
                 object.__setattr__(self, "grad_weight_quantizer", default)
         if self.grad_weight_quantizer is not None:
             _check_quantizer("grad_weight_quantizer", self.grad_weight_quantizer)
@@ -126,12 +174,22 @@ class FQTConfig:
             raise ValueError(
                 f"grad_rounding must be one of {ROUNDINGS}, got {self.grad_rounding!r}"
             )
+        if self.grad_transform is not None:
+            if self.grad_transform not in TRANSFORMS:
+                raise ValueError(
+                    f"grad_transform must be one of {sorted(TRANSFORMS)} or None, "
+                    f"got {self.grad_transform!r}"
+                )
+            if self.is_qat:
+                raise ValueError("grad_transform needs a grad_quantizer to act before, got None")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "int8":
             self._check_int8()
+        if self.fused is None:
+            object.__setattr__(self, "fused", self.backend != "simulate")
         if not isinstance(self.fused, bool):
-            raise TypeError(f"fused must be a bool, got {self.fused!r}")
+            raise TypeError(f"fused must be a bool or None, got {self.fused!r}")
         if not isinstance(self.attention_products, bool):
             raise TypeError(f"attention_products must be a bool, got {self.attention_products!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -153,13 +211,14 @@ class FQTConfig:
         registered one included, is refused until it is listed here
         (``tests/backends/test_int8.py`` runs every accepted combination against simulate).
         """
-        for field, (allowed, expected, reason) in _INT8_QUANTIZERS.items():
-            name = getattr(self, field)
-            if name not in allowed:
-                raise ValueError(
-                    f"backend='int8' needs a {field} with {expected} "
-                    f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason}"
-                )
+        if self.grad_transform is not None:
+            raise ValueError(
+                f"backend='int8' needs grad_transform=None, got {self.grad_transform!r}: "
+                "the transform runs on the simulate backend only"
+            )
+        refusal = int8_refusal({field: getattr(self, field) for field in _INT8_QUANTIZERS})
+        if refusal is not None:
+            raise ValueError(refusal)
 
     @property
     def is_qat(self) -> bool:
@@ -169,23 +228,25 @@ class FQTConfig:
     def build_quantizers(self) -> dict[str, Any]:
         """The four quantizer objects, keyed by the tensor role they act on."""
         rounding, fused = self.grad_rounding, self.fused
-        return {
-            "input": get_quantizer(
-                self.input_quantizer, self.input_bits, rounding="nearest", fused=fused
-            ),
-            "weight": get_quantizer(
-                self.weight_quantizer, self.weight_bits, rounding="nearest", fused=fused
-            ),
-            "grad_output": get_quantizer(
-                self.grad_quantizer or "identity", self.grad_bits, rounding=rounding, fused=fused
-            ),
-            "grad_output_weight": get_quantizer(
+        names = {
+            "input": (self.input_quantizer, self.input_bits, "nearest"),
+            "weight": (self.weight_quantizer, self.weight_bits, "nearest"),
+            "grad_output": (self.grad_quantizer or "identity", self.grad_bits, rounding),
+            "grad_output_weight": (
                 self.grad_weight_quantizer or "identity",
                 self.grad_weight_bits,
-                rounding=rounding,
-                fused=fused,
+                rounding,
             ),
         }
+        quantizers = {}
+        for role, (name, bits, role_rounding) in names.items():
+            dim = _REDUCTION_DIM[role]
+            options = {"block_dim": dim} if is_format(name) else {}
+            q = get_quantizer(name, bits, rounding=role_rounding, fused=fused, **options)
+            if role.startswith("grad") and name != "identity":
+                q = with_transform(q, self.grad_transform, dim)
+            quantizers[role] = q
+        return quantizers
 
     def replace(self, **changes: Any) -> FQTConfig:
         """A copy with some fields changed (validated again)."""
@@ -200,11 +261,26 @@ class FQTConfig:
     def preset(cls, name: str, **overrides: Any) -> FQTConfig:
         """A named configuration: ``"qat"``, ``"exact"`` (nothing quantized) or
         ``"<ptq|psq|bhq><bits>"`` (e.g. ``"bhq5"``): 8-bit forward, that gradient quantizer at
-        ``bits`` on the activation-gradient GEMM and the paper's 8-bit weight-gradient branch."""
+        ``bits`` on the activation-gradient GEMM and the paper's 8-bit weight-gradient branch.
+
+        Float-format recipes (docs/method.md §12), stochastic rounding on both backward GEMMs:
+        ``"fp8_e4m3"`` (E4M3 everywhere), ``"fp8_e5m2"`` (E4M3 forward, E5M2 gradients),
+        ``"mxfp8"``, ``"mxfp4_sr"`` / ``"mxfp4_rht_sr"`` (MXFP4 gradients, MXFP8 forward; the
+        second with a 32-entry random Hadamard transform before them), ``"nvfp4_sr"`` /
+        ``"nvfp4_rht_sr"`` (NVFP4 everywhere; 16-entry transform)."""
         if name == "qat":
             return cls(**overrides)
         if name == "exact":
             fields = {"input_quantizer": "identity", "weight_quantizer": "identity"}
+            return cls(**{**fields, **overrides})
+        if name in _FORMAT_PRESETS:
+            forward, grad, transform = _FORMAT_PRESETS[name]
+            fields = {
+                "input_quantizer": forward,
+                "weight_quantizer": forward,
+                "grad_quantizer": grad,
+                "grad_transform": transform,
+            }
             return cls(**{**fields, **overrides})
         match = _PRESET.match(name) if isinstance(name, str) else None
         if match is None:
@@ -215,4 +291,5 @@ class FQTConfig:
     @staticmethod
     def presets() -> list[str]:
         """Names :meth:`preset` accepts."""
-        return ["exact", "qat"] + [f"{q}{b}" for q in ("ptq", "psq", "bhq") for b in range(2, 9)]
+        integer = [f"{q}{b}" for q in ("ptq", "psq", "bhq") for b in range(2, 9)]
+        return ["exact", "qat", *integer, *_FORMAT_PRESETS]

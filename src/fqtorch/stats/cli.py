@@ -3,9 +3,9 @@
 Writes ``variance.json`` (schema below), ``variance_vs_bits.png`` and ``variance_profile.png``::
 
     {"model", "dataset", "batch_size", "seed", "sampling_variance",
-     "results": [{"quantizer", "bits", "quantization_variance", "bias_z_rms", "bias_z_limit",
-                  "bias_z_max", "layers": [{"name", "quantization_variance", "grad_output_error",
-                              "grad_output_error_bound"}]}]}
+     "results": [{"quantizer", "bits", "bits_per_element", "quantization_variance", "bias_z_rms",
+                  "bias_z_limit", "bias_z_max", "layers": [{"name", "quantization_variance",
+                              "grad_output_error", "grad_output_error_bound"}]}]}
 
 A layer's ``quantization_variance`` is the quantization variance of that layer's own parameter
 gradients (all quantizers on); the profile shows where it comes from.
@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..config import FQTConfig
 from ..convert import dequantize_model, fqt_modules, quantize_model
+from ..quantizers.formats import is_format
 from .null import DEFAULT_ALPHA, check_test_parameters
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,13 @@ def add_variance_parser(sub: Any) -> None:
     )
     p.add_argument("--dataset", default="digits", choices=list_datasets())
     p.add_argument("--data-dir")
-    p.add_argument("--quantizers", default="ptq,psq,bhq,rht", help="comma-separated names")
+    p.add_argument(
+        "--quantizers",
+        default="ptq,psq,bhq,rht",
+        help="comma-separated names; NAME+rht16 / NAME+rht32 puts a random Hadamard transform "
+        "before it; a float format (fp8_*, mxfp8, mxfp4, nvfp4) fixes its own bits and is "
+        "measured once, whatever --bits says",
+    )
     p.add_argument("--bits", default="4,5,6,7,8", help="comma-separated bit widths")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=4, help="minibatches measured")
@@ -92,6 +99,12 @@ def add_variance_parser(sub: Any) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=int, default=64)
     p.add_argument("--out", default="runs/variance", metavar="DIR")
+
+
+def _grad_fields(name: str, bits: int) -> dict[str, Any]:
+    """The FQTConfig fields of a ``--quantizers`` entry: ``NAME`` or ``NAME+TRANSFORM``."""
+    quantizer, _, transform = name.partition("+")
+    return {"grad_quantizer": quantizer, "grad_bits": bits, "grad_transform": transform or None}
 
 
 def _parse_list(text: str, kind: type, what: str) -> list:
@@ -194,9 +207,12 @@ def _measure_config(
         ]
     finally:
         dequantize_model(model)
+    grad_q = cfg.build_quantizers()["grad_output"]
+    name = cfg.grad_quantizer + (f"+{cfg.grad_transform}" if cfg.grad_transform else "")
     return {
-        "quantizer": cfg.grad_quantizer,
-        "bits": cfg.grad_bits,
+        "quantizer": name,
+        "bits": grad_q.bits,  # a float format's own width, else grad_bits
+        "bits_per_element": float(getattr(grad_q, "bits_per_element", grad_q.bits)),
         "quantization_variance": report.variance.total,
         "bias_z_rms": report.bias.z_rms,
         "bias_z_max": report.bias.z_max,
@@ -212,7 +228,7 @@ def run_variance(args: argparse.Namespace) -> int:
     quantizers = _parse_list(args.quantizers, str, "quantizers")
     bits = _parse_list(args.bits, int, "bits")
     for q in quantizers:
-        FQTConfig(grad_quantizer=q)  # validate names before any work
+        FQTConfig(**_grad_fields(q, 8))  # validate names before any work
     for b in bits:
         FQTConfig(grad_bits=b)
     check_test_parameters(args.samples, args.alpha)  # the error names the flag (fqtorch.cli)
@@ -278,16 +294,19 @@ def run_variance(args: argparse.Namespace) -> int:
         "max |z| (info)",
         "progress",
     )
-    configs = [(q, b) for q in quantizers for b in bits]
+    # A float format fixes its width: sweeping --bits would repeat one measurement.
+    configs = [
+        (q, b) for q in quantizers for b in (bits[:1] if is_format(q.partition("+")[0]) else bits)
+    ]
     for done, (q, b) in enumerate(configs, start=1):
-        cfg = FQTConfig(grad_quantizer=q, grad_bits=b, seed=args.seed, fused=args.fused)
+        cfg = FQTConfig(**_grad_fields(q, b), seed=args.seed, fused=args.fused)
         with _conversion_summary_said():
             r = _measure_config(model, cfg, batches, args.samples, args.alpha)
         results.append(r)
         log.info(
             "%-8s %4d %14.4g %10.3g %8.3f %8.2f %13.2f   %d/%d, %.0fs%s",
             q,
-            b,
+            r["bits"],
             r["quantization_variance"],
             r["quantization_variance"] / sampling.total,
             r["bias_z_rms"],
@@ -305,9 +324,7 @@ def run_variance(args: argparse.Namespace) -> int:
         profile_b = int(b_text or min(bits))
     profile = None
     if args.profile != "none":
-        cfg = FQTConfig(
-            grad_quantizer=profile_q, grad_bits=profile_b, seed=args.seed, fused=args.fused
-        )
+        cfg = FQTConfig(**_grad_fields(profile_q, profile_b), seed=args.seed, fused=args.fused)
         with _conversion_summary_said():
             quantize_model(model, cfg)
         profile = variance_profile(model, _loss, batches, args.profile_samples, sampling=sampling)
