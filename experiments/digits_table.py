@@ -37,7 +37,7 @@ def main() -> None:
             metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
             accs.append(100 * final["val_acc"])
             losses.append(final["val_loss"])
-            secs.append(sum(m["seconds"] for m in metrics))
+            secs.append(sum(m["seconds"] for m in metrics if "seconds" in m))  # not events
         rows.append((preset, accs, losses, secs))
         print(f"{preset}: {accs}", file=sys.stderr)
 

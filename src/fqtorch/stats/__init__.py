@@ -2,7 +2,8 @@
 
 Pure estimators returning frozen dataclasses: :func:`qat_gradient`, :func:`sampling_variance`,
 :func:`quantization_variance`, :func:`bias_test` / :func:`check_unbiased`,
-:func:`grad_output_errors`, :func:`variance_profile`; :class:`VarianceMonitor` for training.
+:func:`grad_output_errors`, :func:`variance_profile`; :class:`VarianceMonitor` for training;
+:func:`plan_precision` chooses per-layer gradient bits within a variance budget.
 """
 
 from .estimators import (
@@ -24,6 +25,7 @@ from .estimators import (
     variance_profile,
 )
 from .monitor import VarianceMonitor, VarianceRatio
+from .plan import LayerPlan, PrecisionController, PrecisionPlan, load_plan, plan_precision
 
 __all__ = [
     "BiasError",
@@ -31,6 +33,9 @@ __all__ = [
     "GradOutputError",
     "GradientVariance",
     "LayerBias",
+    "LayerPlan",
+    "PrecisionController",
+    "PrecisionPlan",
     "QuantizationReport",
     "VarianceMonitor",
     "VarianceProfile",
@@ -39,7 +44,9 @@ __all__ = [
     "check_unbiased",
     "exact_backward",
     "grad_output_errors",
+    "load_plan",
     "measure_quantization",
+    "plan_precision",
     "qat_gradient",
     "quantization_variance",
     "sampling_variance",

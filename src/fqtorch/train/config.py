@@ -112,6 +112,8 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every K steps (0: at the end of each epoch only)
     tensorboard: bool = False
     variance_every: int = 0
+    bits_plan: str | None = None  # a plan.json of `fqtorch plan`: per-layer gradient bits
+    adaptive_precision: int = 0  # re-plan gradient bits every K steps (needs variance_every)
     device: str = "auto"
     fsdp: bool = False  # shard with FSDP2 (fully_shard) instead of DDP; needs torchrun
     block_size: int = 64
@@ -140,13 +142,25 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if int(getattr(self, name)) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("variance_every", "checkpoint_every", "workers"):
+        for name in ("variance_every", "checkpoint_every", "workers", "adaptive_precision"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.fsdp and self.variance_every:
             raise ValueError(
                 "variance_every needs each rank's whole gradients, which fsdp shards; leave out "
                 "--variance-every or --fsdp"
+            )
+        if self.bits_plan is not None:
+            self._check_bits_plan()
+        if self.adaptive_precision and not (self.variance_every and self.fqt_config()):
+            raise ValueError(
+                "adaptive_precision re-plans from the variance_every measurements of FQT "
+                "gradients; give --variance-every K and a quantized --preset or --bits-plan"
+            )
+        if self.adaptive_precision and self.fqt_config().is_qat and self.bits_plan is None:
+            raise ValueError(
+                "adaptive_precision moves gradient bits, and this preset has no gradient "
+                "quantizers (QAT); give a preset such as bhq5 or a --bits-plan"
             )
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory to continue (out)")
@@ -171,9 +185,25 @@ class TrainConfig:
             if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
                 raise ValueError(f"{f.name}: expected {expected}, got {value!r}")
 
+    def _check_bits_plan(self) -> None:
+        """The plan file reads (a one-line error naming it otherwise), and no flag sets the
+        gradient quantizers it sets per layer."""
+        from ..stats.plan import load_plan
+
+        given = [
+            k
+            for k in ("grad_quantizer", "grad_bits", "grad_weight_quantizer", "grad_weight_bits")
+            if k in self.fqt
+        ]
+        if given:
+            raise ValueError(
+                f"bits_plan sets the gradient quantizers of every layer; leave out {given}"
+            )
+        load_plan(self.bits_plan)
+
     @property
     def quantized(self) -> bool:
-        return self.preset != "exact" or bool(self.fqt)
+        return self.preset != "exact" or bool(self.fqt) or self.bits_plan is not None
 
     def fqt_config(self) -> FQTConfig | None:
         """The layers' plan, or ``None`` for ``--preset exact`` with no FQT overrides."""

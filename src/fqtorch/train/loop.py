@@ -63,7 +63,18 @@ log = logging.getLogger(__name__)
 Progress = Callable[[Iterable, int, str], Iterable]
 
 # A checkpoint written with other values of these cannot be continued by this run.
-SAME_ON_RESUME = ("dataset", "model", "preset", "fqt", "batch_size", "optimizer", "seed", "fsdp")
+SAME_ON_RESUME = (
+    "dataset",
+    "model",
+    "preset",
+    "fqt",
+    "batch_size",
+    "optimizer",
+    "seed",
+    "fsdp",
+    "bits_plan",
+    "adaptive_precision",
+)
 # Given anew with --resume, these replace the checkpoint's (restore() applies them after loading
 # the optimizer's and the schedule's saved states, which hold the old ones).
 HYPERPARAMETERS = ("lr", "weight_decay", "momentum")
@@ -189,9 +200,35 @@ def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> nn.Module:
     else:
         model = build_model(cfg.model, num_classes=spec.num_classes, in_channels=spec.in_channels)
     fqt_config = cfg.fqt_config()
-    if fqt_config is not None:
+    if cfg.bits_plan is not None:
+        from ..stats.plan import load_plan
+
+        plan = load_plan(cfg.bits_plan)
+        model = plan.apply(model, fqt_config)
+        _check_plan_conditions(plan, cfg, fqt_config)
+    elif fqt_config is not None:
         model = fqtorch.quantize_model(model, fqt_config)
     return model.to(rt.device)
+
+
+def _check_plan_conditions(plan: Any, cfg: TrainConfig, fqt_config: Any) -> None:
+    """Warn (one line) when a bits plan was measured at another batch size or forward
+    quantization: the variances it balanced scale with both."""
+    with_ = plan.measured_with or {}
+    if fqt_config is None:
+        fqt_config = fqtorch.FQTConfig()
+    differ = []
+    if with_.get("batch_size") not in (None, cfg.batch_size):
+        differ.append(f"batch size {with_['batch_size']} (this run {cfg.batch_size})")
+    for key, value in (with_.get("forward") or {}).items():
+        if getattr(fqt_config, key, value) != value:
+            differ.append(f"{key}={value!r} (this run {getattr(fqt_config, key)!r})")
+    if differ:
+        log.warning(
+            "bits plan %s was measured with %s: its variances may not hold here",
+            cfg.bits_plan,
+            ", ".join(differ),
+        )
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -404,7 +441,9 @@ def _describe_fqt(cfg: TrainConfig) -> str:
     if fqt is None:
         return "exact (no quantization: float GEMMs)"
     name = cfg.preset + "".join(f" {k}={v}" for k, v in sorted(cfg.fqt.items()))
-    if fqt.grad_quantizer is None:
+    if cfg.bits_plan is not None:
+        grad = f"gradient quantizers and bits per layer from {cfg.bits_plan}"
+    elif fqt.grad_quantizer is None:
         grad = "gradients exact (QAT)"
     else:
         grad = (
@@ -472,6 +511,14 @@ class _Run:
             from ..stats import VarianceMonitor
 
             self.monitor = VarianceMonitor(self.model, self.loss_fn)
+        self.precision = None  # adaptive precision (stats.plan.PrecisionController)
+        if cfg.adaptive_precision:
+            from ..stats.plan import PrecisionController, load_plan
+
+            plan = load_plan(cfg.bits_plan) if cfg.bits_plan else None
+            layers = fqtorch.fqt_modules(self.model)
+            budget = plan.budget if plan is not None else 0.1
+            self.precision = PrecisionController(layers, budget=budget, plan=plan)
 
     @property
     def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
@@ -510,7 +557,17 @@ class _Run:
             "rng": {"ranks": self._rank_states()},
             "best": dict(self.best),
             "config": json.dumps(self.cfg.to_dict()),
+            "precision": self._precision_state(),
         }
+
+    def _precision_state(self) -> dict[str, Any] | None:
+        if self.precision is None:
+            return None
+        self._reduce_window()
+        state = self.precision.state_dict()
+        if not self.rt.main:  # rank 0 keeps the summed window; the others start again at 0
+            self.precision.window = {}
+        return state
 
     def save(self, best: bool = False) -> None:
         """Write ``checkpoint.pt`` (and ``best.pt``, first); every rank must call it."""
@@ -557,6 +614,10 @@ class _Run:
             first = str(exc).strip().splitlines()[0]
             raise CheckpointError(f"{path} does not fit model {self.cfg.model}: {first}") from exc
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.precision is not None and state.get("precision"):
+            self.precision.load_state_dict(state["precision"])  # the bits it had reached
+            if not self.rt.main:  # the saved window is the ranks' sum: counted on rank 0 only
+                self.precision.window = {}
         self._apply_hyperparameters(saved)
         self._apply_schedule()
         self.epoch, self.step, self.epoch_step = epoch, step, epoch_step
@@ -786,7 +847,15 @@ class _Run:
     def _variance(self, x: Tensor, y: Tensor) -> None:
         if self.monitor is None or self.step % self.cfg.variance_every:
             return
+        if self.precision is not None:  # before measuring: the step's gradient is in .grad
+            norms = {  # layers with no gradient (a skipped non-finite step) left out
+                name: sum(float(p.grad.double().square().sum()) for p in grads)
+                for name, layer in self.precision.layers.items()
+                if (grads := [p for p in layer.parameters(recurse=False) if p.grad is not None])
+            }
         report = self.monitor.measure((x, y))
+        if self.precision is not None:
+            self.precision.observe(report.quantization, report.sampling, norms)
         if self.rt.main:
             line = {"epoch": self.epoch, "step": self.step, **report.to_dict()}
             with (self.out / "variance.jsonl").open("a") as f:
@@ -796,6 +865,59 @@ class _Run:
                 self.tensorboard.scalars(
                     {"variance_ratio/total": report.total_ratio, **ratios}, self.step
                 )
+
+    def _reduce_window(self) -> None:
+        """Sum the adaptive-precision window over ranks (before a decision, and before a
+        checkpoint: rank 0 then holds the sums and the others hold none, so a resumed run's
+        next sum counts each measurement once)."""
+        ctl = self.precision
+        if ctl is None or self.rt.world == 1:
+            return
+        keys = ctl.window_keys()
+        summed = _all_reduce([ctl.window.get(k, 0.0) for k in keys], self.rt)
+        ctl.window = dict(zip(keys, summed, strict=True))
+
+    def _replan(self) -> None:
+        """Every ``adaptive_precision`` steps: move layers' gradient bits (PrecisionController),
+        log each change to metrics.jsonl and TensorBoard, and name layers whose gradient is
+        drowned in quantization noise even at the most bits."""
+        ctl = self.precision
+        if ctl is None or self.step % self.cfg.adaptive_precision:
+            return
+        self._reduce_window()  # every rank decides alike, from all ranks' measurements
+        changes = ctl.replan()
+        low = ctl.low_snr()
+        if not self.rt.main:
+            return
+        for change in changes:
+            log.info(
+                "step %d: %s gradient bits %s -> %s (total quantization/sampling variance "
+                "%.3g, budget %g)",
+                self.step,
+                change["layer"],
+                change["bits"],
+                change["new_bits"],
+                change["ratio"],
+                ctl.budget,
+            )
+        if changes:
+            with (self.out / "metrics.jsonl").open("a") as f:
+                for change in changes:
+                    line = {"event": "precision", "epoch": self.epoch + 1, "step": self.step}
+                    f.write(json.dumps({**line, **change}) + "\n")
+        if self.tensorboard is not None:
+            bits = {f"precision/{n}/grad_bits": b[0] for n, b in ctl.bits().items()}
+            bits.update({f"precision/{n}/grad_weight_bits": b[1] for n, b in ctl.bits().items()})
+            self.tensorboard.scalars(bits, self.step)
+        if low:
+            log.warning(
+                "step %d: gradient signal-to-quantization-noise ratio (||g||^2 - S - Q)/Q below "
+                "%g with the most precise gradient quantizers allowed in layers %s: quantized "
+                "training may stop helping there",
+                self.step,
+                ctl.snr_threshold,
+                ", ".join(low),
+            )
 
     def _log_step(self, loss: float, ok: bool) -> None:
         if self.tensorboard is None:
@@ -835,6 +957,7 @@ class _Run:
             else:
                 self.sums[2] += 1
             self._variance(x, y)
+            self._replan()
             self._log_step(loss, ok)
             if self.stop_requested():
                 return None
@@ -929,7 +1052,10 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
         return
     run.out.mkdir(parents=True, exist_ok=True)
     if cfg.resume:  # drop what the checkpoint does not cover
-        _keep_lines(run.out / "metrics.jsonl", lambda m: m["epoch"] <= run.epoch)
+        _keep_lines(
+            run.out / "metrics.jsonl",
+            lambda m: m["step"] <= run.step if "event" in m else m["epoch"] <= run.epoch,
+        )
         _keep_lines(run.out / "variance.jsonl", lambda m: m["step"] <= run.step)
     else:
         for name in ("metrics.jsonl", "variance.jsonl", "final.json"):

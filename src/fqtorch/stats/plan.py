@@ -1,0 +1,1096 @@
+"""Variance-budgeted precision (docs/method.md §11): choose each FQT layer's gradient quantizer and
+bits, per backward branch, so that the quantization variance of the whole gradient stays within a
+budget of its sampling variance, at a low GEMM cost (a greedy choice).
+
+Why per layer and per branch: layers differ by orders of magnitude in how much quantization noise
+they add to the gradient (the variance profile, §3), so one recipe for all layers spends bits
+where they buy nothing. The framework says what matters is the total quantization variance against
+the sampling variance; one more bit cuts a quantizer's variance about 4×, a scaling measured here
+per layer rather than assumed.
+
+Procedure of :func:`plan_precision`:
+
+1. the sampling variance ``S`` of the QAT minibatch gradient on ``batches``;
+2. for each FQT layer, branch (``grad``: ``grad_quantizer``/``grad_bits`` on the ``grad_input``
+   GEMM; ``grad_weight``: ``grad_weight_quantizer``/``grad_weight_bits`` on the weight-gradient
+   GEMM) and candidate quantizer, the variance of the *whole* gradient with only that branch
+   quantized, at the quantizer's fewest and most candidate bits. Stochastic rounding on a grid
+   of ``2^b − 1`` bins has variance ∝ bins⁻² (≈ 4× per bit, more at few bits); the two probes
+   fit the exponent, ``V(b) = V_lo · ((2^lo − 1)/(2^b − 1))^(2κ)`` with ``κ`` from
+   ``V_lo/V_hi`` (1 for a uniform grid; a format that follows another law gets its own), which
+   predicts the bit widths between; the per-bit factor ``(V_lo/V_hi)^(1/(hi − lo))`` is reported;
+3. a choice with ``Σ V ≤ AIM · budget · S`` (contributions of independent unbiased
+   quantizers add), by a greedy walk on each branch's cost/variance frontier (not guaranteed
+   the cheapest where a frontier is not convex); a ``grad`` probe runs the weight-gradient GEMM
+   exactly, so it sees that branch's noise alone;
+4. the chosen plan measured again, with fresh noise: all of it at once (the total) and each
+   branch alone (its share), reported beside the prediction; a plan measured over the budget
+   is chosen again with the prediction scaled by measured/predicted and measured once more.
+
+Cost model: a branch's cost is its GEMM's multiply-accumulates × the bits per element of the
+quantized gradient operand × the bits of the other operand (the forward-quantized weight or
+input; 32 when that one is not quantized): the area and energy of a ``b_a × b_b``-bit multiplier
+grow with ``b_a · b_b``. A quantizer's bits per element are its ``bits_per_element`` attribute when
+it has one (block formats whose scales cost extra bits), else its ``bits``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..config import FQTConfig
+from ..convert import fqt_modules, quantize_model
+from ..nn.modules import FQTModule
+from ..quantizers.base import get_quantizer, is_registered, list_quantizers
+from .estimators import (
+    Batch,
+    LossFn,
+    _as_batches,
+    _Forward,
+    _Moments,
+    _Params,
+    _require_fqt,
+    _restored_buffers,
+    sampling_variance,
+)
+
+__all__ = [
+    "BRANCHES",
+    "DEFAULT_CANDIDATES",
+    "FORWARD_FIELDS",
+    "SNR_THRESHOLD",
+    "LayerPlan",
+    "PrecisionController",
+    "PrecisionPlan",
+    "bits_per_element",
+    "load_plan",
+    "plan_precision",
+    "set_layer_config",
+]
+
+BRANCHES = ("grad", "grad_weight")
+Candidate = tuple[str, int]
+Progress = Callable[[Iterable, int, str], Iterable]
+# BHQ or PSQ on the grad_input GEMM, per-column on the weight-gradient GEMM (the paper's axes,
+# docs/method.md §2), 4..8 bits.
+DEFAULT_CANDIDATES: dict[str, tuple[Candidate, ...]] = {
+    "grad": tuple((q, b) for q in ("psq", "bhq") for b in range(4, 9)),
+    "grad_weight": tuple(("per_column", b) for b in range(4, 9)),
+}
+_FIELDS = {
+    "grad": ("grad_quantizer", "grad_bits"),
+    "grad_weight": ("grad_weight_quantizer", "grad_weight_bits"),
+}
+_ASSUMED_PER_BIT = 4.0
+AIM = 0.8  # plans aim at this fraction of the budget (the prediction is an estimate)
+REQUIRED_KEYS = (
+    "budget",
+    "sampling_variance",
+    "predicted_quantization_variance",
+    "measured_quantization_variance",
+    "layers",
+)
+FORWARD_FIELDS = ("input_quantizer", "input_bits", "weight_quantizer", "weight_bits")
+LAYER_KEYS = ("name", "grad_quantizer", "grad_bits", "grad_weight_quantizer", "grad_weight_bits")
+
+
+# ------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class LayerPlan:
+    """One FQT layer's gradient quantizers, and what planning measured about them.
+
+    ``predicted`` / ``measured``: per branch, the variance of the whole gradient with only that
+    branch quantized (at the chosen setting); ``per_bit``: the measured variance factor per bit;
+    ``macs``: the branch's GEMM size (0 when its GEMM does not run: ``grad_input`` of a layer
+    whose input needs no gradient)."""
+
+    name: str
+    grad_quantizer: str
+    grad_bits: int
+    grad_weight_quantizer: str
+    grad_weight_bits: int
+    predicted: dict[str, float] = dataclasses.field(default_factory=dict)
+    measured: dict[str, float] = dataclasses.field(default_factory=dict)
+    per_bit: dict[str, float] = dataclasses.field(default_factory=dict)
+    macs: dict[str, int] = dataclasses.field(default_factory=dict)
+    frontier: dict[str, list[list]] = dataclasses.field(default_factory=dict)
+
+    def choice(self, branch: str) -> Candidate:
+        q, b = _FIELDS[branch]
+        return getattr(self, q), getattr(self, b)
+
+    def config(self, base: FQTConfig) -> FQTConfig:
+        """``base`` (the forward quantization, rounding, backend, seed) with this layer's
+        gradient quantizers."""
+        return base.replace(
+            grad_quantizer=self.grad_quantizer,
+            grad_bits=self.grad_bits,
+            grad_weight_quantizer=self.grad_weight_quantizer,
+            grad_weight_bits=self.grad_weight_bits,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {k: getattr(self, k) for k in LAYER_KEYS}
+        for branch in BRANCHES:
+            for what in ("predicted", "measured"):
+                if branch in getattr(self, what):
+                    out[f"{branch}_{what}_variance"] = getattr(self, what)[branch]
+            if branch in self.per_bit:
+                out[f"{branch}_per_bit_factor"] = self.per_bit[branch]
+            if branch in self.macs:
+                out[f"{branch}_macs"] = self.macs[branch]
+            if branch in self.frontier:
+                out[f"{branch}_frontier"] = [list(row) for row in self.frontier[branch]]
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str) -> LayerPlan:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where} must be a mapping with keys {', '.join(LAYER_KEYS)}")
+        missing = [k for k in LAYER_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"{where} lacks the keys {missing}")
+        for key in LAYER_KEYS:
+            value = d[key]
+            want_int = key.endswith("bits")
+            ok = (
+                isinstance(value, int) and not isinstance(value, bool)
+                if want_int
+                else isinstance(value, str)
+            )
+            if not ok:
+                kind = "an integer" if want_int else "a string"
+                raise ValueError(f"{where}.{key} must be {kind}, got {value!r}")
+        for key in ("grad_quantizer", "grad_weight_quantizer"):
+            if not is_registered(d[key]):
+                raise ValueError(
+                    f"{where}.{key}={d[key]!r} is not a registered quantizer; known: "
+                    f"{', '.join(list_quantizers())}"
+                )
+        extras: dict[str, dict] = {
+            "predicted": {},
+            "measured": {},
+            "per_bit": {},
+            "macs": {},
+            "frontier": {},
+        }
+        for branch in BRANCHES:
+            for what, key in (
+                ("predicted", f"{branch}_predicted_variance"),
+                ("measured", f"{branch}_measured_variance"),
+                ("per_bit", f"{branch}_per_bit_factor"),
+                ("macs", f"{branch}_macs"),
+                ("frontier", f"{branch}_frontier"),
+            ):
+                if d.get(key) is not None:
+                    extras[what][branch] = d[key]
+        return cls(**{k: d[k] for k in LAYER_KEYS}, **extras)
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """Per-layer gradient quantizers chosen within a variance budget (:func:`plan_precision`).
+
+    ``budget``: the allowed total quantization variance as a fraction of ``sampling_variance``.
+    ``feasible``: whether the prediction meets it (else every branch is at its most precise
+    candidate). ``cost``: the plan's cost (module docstring); ``cost_highest``: the cost of every
+    branch at its most precise candidate, for scale. Use it with :meth:`config_fn` (the callable
+    form :func:`~fqtorch.quantize_model` takes) or :meth:`apply`; :meth:`save` / :func:`load_plan`
+    write and read ``plan.json``."""
+
+    budget: float
+    sampling_variance: float
+    predicted_quantization_variance: float
+    measured_quantization_variance: float | None
+    layers: tuple[LayerPlan, ...]
+    feasible: bool = True
+    cost: float | None = None
+    cost_highest: float | None = None
+    measured_within_budget: bool | None = None
+    measured_with: dict[str, Any] | None = None  # batch size and forward config (if known)
+
+    def __post_init__(self) -> None:
+        names = [layer.name for layer in self.layers]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"plan layers: names {dupes} appear more than once")
+
+    @property
+    def names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    def layer(self, name: str) -> LayerPlan:
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        raise KeyError(name)
+
+    def config_fn(self, base: FQTConfig | None = None) -> Callable[[nn.Module, str], FQTConfig]:
+        """``(module, name) -> FQTConfig`` for :func:`~fqtorch.quantize_model`: ``base`` (default
+        ``FQTConfig()``, 8-bit forward) with the layer's gradient quantizers; a layer the plan
+        does not name is a ``ValueError`` (a plan made for another model)."""
+        base = base or FQTConfig()
+        by_name = {layer.name: layer for layer in self.layers}
+
+        def config(module: nn.Module, name: str) -> FQTConfig:
+            if name not in by_name:
+                raise ValueError(
+                    f"the bits plan has no layer {name!r} (a plan for another model?); its "
+                    f"layers: {_preview(self.names)}"
+                )
+            return by_name[name].config(base)
+
+        return config
+
+    def __call__(self, module: nn.Module, name: str) -> FQTConfig:
+        """The plan is itself the callable form: ``quantize_model(model, plan)`` uses
+        ``config_fn()`` (8-bit forward); use :meth:`config_fn` for another forward."""
+        return self.config_fn()(module, name)
+
+    def apply(self, model: nn.Module, base: FQTConfig | None = None) -> nn.Module:
+        """Quantize the float ``model`` with this plan (:func:`~fqtorch.quantize_model`) and
+        check that its FQT layers are exactly the plan's; FQT layers built inside another one
+        (an attention layer's ``out_proj``) get their own entry's quantizers. Returns the model
+        (as ``quantize_model`` does)."""
+        model = quantize_model(model, self.config_fn(base))
+        layers = fqt_modules(model)
+        missing = [n for n in self.names if n not in layers]
+        extra = [n for n in layers if n not in self.names]
+        if missing or extra:
+            raise ValueError(
+                "the bits plan's layer names do not match the model's FQT layers: "
+                + "; ".join(
+                    f"{what} {_preview(names)}"
+                    for what, names in (
+                        ("the plan names, the model lacks:", missing),
+                        ("the model has, the plan lacks:", extra),
+                    )
+                    if names
+                )
+            )
+        for name, layer in layers.items():
+            config = self.layer(name).config(base or FQTConfig())
+            if layer.config != config:  # a layer built inside another one (out_proj)
+                set_layer_config(layer, config)
+        return model
+
+    def average_bits(self) -> dict[str, float]:
+        """GEMM-size-weighted mean gradient bits per branch (bits per element)."""
+        out = {}
+        for branch in BRANCHES:
+            num = den = 0.0
+            for layer in self.layers:
+                macs = layer.macs.get(branch, 1)
+                num += macs * bits_per_element(*layer.choice(branch))
+                den += macs
+            out[branch] = num / den if den else math.nan
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "budget": self.budget,
+            "sampling_variance": self.sampling_variance,
+            "predicted_quantization_variance": self.predicted_quantization_variance,
+            "measured_quantization_variance": self.measured_quantization_variance,
+            "feasible": self.feasible,
+            "measured_within_budget": self.measured_within_budget,
+            "measured_with": self.measured_with,
+            "cost": self.cost,
+            "cost_highest": self.cost_highest,
+            "cost_model": "GEMM multiply-accumulates x gradient bits per element x other "
+            "operand bits",
+            "layers": [layer.to_dict() for layer in self.layers],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "plan") -> PrecisionPlan:
+        if not isinstance(d, Mapping):
+            raise ValueError(f"{where} must be a JSON object with keys {', '.join(REQUIRED_KEYS)}")
+        missing = [k for k in REQUIRED_KEYS if k not in d]
+        if missing:
+            raise ValueError(f"{where} lacks the keys {missing}")
+        for key in REQUIRED_KEYS[:4]:
+            value = d[key]
+            if key == "measured_quantization_variance" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"{where}.{key} must be a number, got {value!r}")
+        if not isinstance(d["layers"], list) or not d["layers"]:
+            raise ValueError(f"{where}.layers must be a non-empty list of layer entries")
+        layers = tuple(
+            LayerPlan.from_dict(entry, f"{where}.layers[{i}]")
+            for i, entry in enumerate(d["layers"])
+        )
+        return cls(
+            budget=float(d["budget"]),
+            sampling_variance=float(d["sampling_variance"]),
+            predicted_quantization_variance=float(d["predicted_quantization_variance"]),
+            measured_quantization_variance=None
+            if d["measured_quantization_variance"] is None
+            else float(d["measured_quantization_variance"]),
+            layers=layers,
+            feasible=bool(d.get("feasible", True)),
+            cost=d.get("cost"),
+            cost_highest=d.get("cost_highest"),
+            measured_within_budget=d.get("measured_within_budget"),
+            measured_with=d.get("measured_with"),
+        )
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    def table(self) -> str:
+        """The plan as a table: per layer and branch, the choice and its variance as a fraction
+        of the sampling variance, predicted and measured alone."""
+        s = self.sampling_variance
+        rows = [
+            f"{'layer':<24} {'branch':<12} {'choice':<14} {'predicted':>10} {'measured':>10}",
+        ]
+        for layer in self.layers:
+            for branch in BRANCHES:
+                q, b = layer.choice(branch)
+                pred, meas = layer.predicted.get(branch), layer.measured.get(branch)
+                rows.append(
+                    f"{layer.name:<24} {branch:<12} {_choice(q, b):<14} "
+                    f"{_share(pred, s):>10} {_share(meas, s):>10}"
+                )
+        measured = self.measured_quantization_variance
+        rows.append(
+            f"total quantization variance / sampling variance: predicted "
+            f"{_share(self.predicted_quantization_variance, s)}, measured (all on) "
+            f"{_share(measured, s)}; budget {self.budget:g}"
+            + ("" if self.feasible else " NOT MET even at the highest precision")
+        )
+        if self.cost is not None and self.cost_highest:
+            rows.append(f"cost {self.cost / self.cost_highest:.3f} of all-highest-precision")
+        return "\n".join(rows)
+
+
+def _choice(quantizer: str, bits: int) -> str:
+    return f"{quantizer}:{bits}" if quantizer[-1].isdigit() else f"{quantizer}{bits}"
+
+
+def _share(value: float | None, sampling: float) -> str:
+    return "-" if value is None or not sampling else f"{value / sampling:.3g}"
+
+
+def _preview(names: list[str], limit: int = 6) -> str:
+    shown = ", ".join(repr(n) for n in names[:limit])
+    return shown + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+
+
+def load_plan(path: str | Path) -> PrecisionPlan:
+    """Read a ``plan.json``; a missing file or a malformed plan is a one-line ``ValueError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"bits plan {path} does not exist (write one with `fqtorch plan`)")
+    try:
+        payload = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(
+            f"bits plan {path} is not valid JSON: {exc.msg} at line {exc.lineno}, "
+            f"column {exc.colno}"
+        ) from None
+    return PrecisionPlan.from_dict(payload, where=f"bits plan {path}")
+
+
+# ------------------------------------------------------------------------------------ plumbing
+def set_layer_config(layer: FQTModule, config: FQTConfig) -> None:
+    """Give an FQT layer another config in place (its quantizer plan rebuilt). The backward reads
+    the plan when it runs, so the next backward uses it; the layer's generator is untouched."""
+    layer.config = config
+    layer.plan = type(layer.plan).from_config(config)
+
+
+@contextmanager
+def _branches(
+    model: nn.Module, assignment: Mapping[str, Mapping[str, Candidate]]
+) -> Iterator[None]:
+    """Within the block, only the branches named in ``assignment`` (layer -> branch ->
+    (quantizer, bits)) quantize their gradient; every other backward GEMM is exact."""
+    saved = {}
+    try:
+        for name, layer in fqt_modules(model).items():
+            saved[name] = (layer.config, layer.plan)
+            chosen = assignment.get(name, {})
+            g, w = chosen.get("grad"), chosen.get("grad_weight")
+            # "identity", not None, for an exact weight-gradient GEMM: with None the config
+            # fills in a default weight-gradient quantizer whenever grad_quantizer is set.
+            config = layer.config.replace(
+                grad_quantizer=g[0] if g else None,
+                grad_bits=g[1] if g else layer.config.grad_bits,
+                grad_weight_quantizer=w[0] if w else ("identity" if g else None),
+                grad_weight_bits=w[1] if w else layer.config.grad_weight_bits,
+            )
+            set_layer_config(layer, config)
+        yield
+    finally:
+        layers = fqt_modules(model)
+        for name, (config, plan) in saved.items():
+            layers[name].config, layers[name].plan = config, plan
+
+
+def bits_per_element(quantizer: str, bits: int) -> float:
+    """Storage bits per gradient element of ``quantizer`` at ``bits``: its ``bits_per_element``
+    when it says (a block format's shared scales add a fraction), 32 for ``identity`` (float),
+    else ``bits``."""
+    if quantizer == "identity":
+        return 32.0
+    q = get_quantizer(quantizer, bits)
+    value = getattr(q, "bits_per_element", None)
+    if callable(value):
+        value = value()
+    return float(q.bits if value is None else value)
+
+
+def _bins(bits: int) -> int:
+    return 2**bits - 1
+
+
+def _other_bits(config: FQTConfig, branch: str) -> float:
+    """Bits of the GEMM operand that is not the gradient: the weight (``grad_input``) or the
+    input (weight gradient), as the forward quantizes it."""
+    if branch == "grad":
+        return bits_per_element(config.weight_quantizer, config.weight_bits)
+    return bits_per_element(config.input_quantizer, config.input_bits)
+
+
+def _gemm_sizes(model: nn.Module, batch: Batch) -> dict[str, dict[str, int]]:
+    """Per FQT layer and branch, the multiply-accumulates of its backward GEMM on ``batch``: the
+    forward's (output entries × weight entries per output feature), 0 for ``grad_input`` when
+    the layer's input needs no gradient (the GEMM is skipped)."""
+    layers = fqt_modules(model)
+    sizes: dict[str, dict[str, int]] = {}
+
+    def hook(name: str) -> Callable[..., None]:
+        def record(module: nn.Module, args: tuple, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            weight = getattr(module, "weight", None)
+            if isinstance(weight, Tensor) and weight.dim() >= 2:
+                channels = out.shape[1] if weight.dim() >= 3 else out.shape[-1]
+                per_output = weight.numel() // max(channels, 1)
+            else:  # a layer with several weights: count every parameter once per token
+                per_output = sum(p.numel() for p in module.parameters()) // max(out.shape[-1], 1)
+            macs = int(out.numel()) * int(per_output)
+            needs = any(isinstance(a, Tensor) and a.requires_grad for a in args)
+            sizes[name] = {"grad": macs if needs else 0, "grad_weight": macs}
+
+        return record
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    try:
+        with _restored_buffers(model), torch.enable_grad():
+            model(batch[0])
+    finally:
+        for h in handles:
+            h.remove()
+    return sizes
+
+
+def _measure(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: list[Batch],
+    samples: int,
+    assignments: list[Mapping[str, Mapping[str, Candidate]]],
+    progress: Progress | None,
+    description: str,
+) -> list[float]:
+    """The quantization variance of the whole gradient (``E‖g − E g‖²`` over the rounding noise,
+    averaged over ``batches``) under each assignment: one forward per batch serves them all."""
+    params = _Params.of(model)
+    names = sorted(set(params.layers))
+    index = torch.tensor([names.index(layer) for layer in params.layers])
+    totals: list[Any] = [0.0] * len(assignments)
+    steps: Iterable = ((b, k) for b in range(len(batches)) for k in range(len(assignments)))
+    count = len(batches) * len(assignments)
+    if progress is not None:
+        steps = progress(steps, count, description)
+    forward = None
+    with _restored_buffers(model):
+        for b, k in steps:
+            if k == 0:
+                forward = _Forward(model, loss_fn, batches[b], params)
+            moments = _Moments()
+            with _branches(model, assignments[k]):
+                for _ in range(samples):
+                    moments.add(forward.gradient())
+            per_param = moments.variance().split(params.sizes)
+            sums = torch.zeros(len(names), dtype=torch.float64)
+            sums.index_add_(0, index, torch.stack([p.double().sum() for p in per_param]))
+            totals[k] = totals[k] + sums / len(batches)
+    return [(float(t.sum()), dict(zip(names, t.tolist(), strict=True))) for t in totals]
+
+
+def _unpack(keys: list, measured: list[tuple[float, dict[str, float]]]) -> dict:
+    """Probe results by key: a key (a tuple) takes the whole gradient's variance; a list of
+    keys (one pass probing several weight-gradient branches), each its own layer's."""
+    out = {}
+    for key, (total, per_layer) in zip(keys, measured, strict=True):
+        if isinstance(key, list):
+            out.update({k: per_layer.get(k[0], 0.0) for k in key})
+        else:
+            out[key] = total
+    return out
+
+
+@contextmanager
+def _kept_generators(model: nn.Module) -> Iterator[None]:
+    """Planning draws rounding noise from the layers' generators; put them back as they were."""
+    layers = fqt_modules(model)
+    saved = {n: m.generator_state() for n, m in layers.items()}
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        yield
+    finally:
+        for name, state in saved.items():
+            layers[name].set_generator_state(state, device)
+
+
+def _check_candidates(
+    candidates: Sequence[Candidate] | Mapping[str, Sequence[Candidate]],
+) -> dict[str, list[Candidate]]:
+    if isinstance(candidates, Mapping):
+        unknown = sorted(set(candidates) - set(BRANCHES))
+        if unknown:
+            raise ValueError(f"candidates: unknown branches {unknown}; expected {BRANCHES}")
+        per_branch = {b: list(candidates.get(b, ())) for b in BRANCHES}
+    else:
+        per_branch = {b: list(candidates) for b in BRANCHES}
+    for branch, cands in per_branch.items():
+        if not cands:
+            raise ValueError(f"candidates[{branch!r}] is empty; give (quantizer, bits) pairs")
+        for cand in cands:
+            if not (isinstance(cand, (tuple, list)) and len(cand) == 2):
+                raise ValueError(
+                    f"candidates[{branch!r}]: expected (quantizer, bits), got {cand!r}"
+                )
+            name, bits = cand
+            if not isinstance(name, str) or not is_registered(name):
+                raise ValueError(
+                    f"candidates[{branch!r}]: {name!r} is not a registered quantizer; known: "
+                    f"{', '.join(list_quantizers())}"
+                )
+            get_quantizer(name, bits)  # bits checked here, with the quantizer's own message
+        per_branch[branch] = sorted({(str(n), int(b)) for n, b in cands})
+    return per_branch
+
+
+@dataclass
+class _Option:
+    candidate: Candidate
+    cost: float
+    variance: float
+    width: float = 0.0  # bits per element, the tie-breaker
+
+
+def _frontier(options: list[_Option]) -> list[_Option]:
+    """Options by rising cost, each strictly less variance than every cheaper one (ties: fewest
+    bits first, so a branch whose GEMM does not run takes the narrowest candidate)."""
+    ordered = sorted(options, key=lambda o: (o.cost, o.variance, o.width))
+    kept: list[_Option] = []
+    for option in ordered:
+        if not kept or option.variance < kept[-1].variance:
+            kept.append(option)  # an equal-cost one sorts after by variance: never kept
+    return kept
+
+
+def _choose(frontiers: Mapping[Any, list[_Option]], target: float) -> tuple[dict[Any, int], bool]:
+    """The index chosen on each frontier, greedily (not guaranteed the cheapest where a frontier
+    is not convex): from the cheapest options, buy step by step the upgrade with the most
+    variance removed per unit of cost, then give back any step the budget can spare.
+    Infeasible (``False``): each at its last, most precise option."""
+    last = {k: len(f) - 1 for k, f in frontiers.items()}
+    if sum(f[-1].variance for f in frontiers.values()) > target:
+        return last, False
+    at = {k: 0 for k in frontiers}
+    total = sum(f[0].variance for f in frontiers.values())
+    while total > target:
+        best, best_rate = None, -1.0
+        for k, f in frontiers.items():
+            if at[k] < last[k]:
+                cur, nxt = f[at[k]], f[at[k] + 1]
+                rate = (cur.variance - nxt.variance) / max(nxt.cost - cur.cost, 1e-300)
+                if rate > best_rate:
+                    best, best_rate = k, rate
+        if best is None:  # float drift: every branch at its last option, the target just met
+            break
+        total += frontiers[best][at[best] + 1].variance - frontiers[best][at[best]].variance
+        at[best] += 1
+    changed = True
+    while changed:  # give back the most expensive steps the budget can spare
+        changed = False
+        steps = sorted(
+            (k for k in frontiers if at[k] > 0),
+            key=lambda k: frontiers[k][at[k]].cost - frontiers[k][at[k] - 1].cost,
+            reverse=True,
+        )
+        for k in steps:
+            f = frontiers[k]
+            extra = f[at[k] - 1].variance - f[at[k]].variance
+            if total + extra <= target:
+                total += extra
+                at[k] -= 1
+                changed = True
+    return at, True
+
+
+# ------------------------------------------------------------------------------------ planning
+def plan_precision(
+    model: nn.Module,
+    loss_fn: LossFn,
+    batches: Batch | Iterable[Batch],
+    *,
+    budget: float = 0.1,
+    candidates: Sequence[Candidate] | Mapping[str, Sequence[Candidate]] = DEFAULT_CANDIDATES,
+    samples: int = 8,
+    full_data: Iterable[Batch] | None = None,
+    verify_batches: Batch | Iterable[Batch] | None = None,
+    progress: Progress | None = None,
+) -> PrecisionPlan:
+    """Choose each FQT layer's gradient quantizers (per branch) so that the quantization variance
+    of the whole gradient is at most ``budget`` × its sampling variance, greedily at a low cost
+    (module docstring: procedure and cost model).
+
+    Args:
+        model: a model already converted by :func:`~fqtorch.quantize_model` (its forward
+            quantization is what the plan is measured under; its gradient quantizers are
+            replaced while measuring and restored after, generators included).
+        loss_fn: ``loss_fn(model(inputs), targets)``.
+        batches: minibatches (at least 2: the sampling variance is their spread, unless
+            ``full_data`` is given) of the training batch size.
+        budget: allowed quantization variance as a fraction of the sampling variance.
+        candidates: ``(quantizer, bits)`` pairs for both branches, or ``{"grad": [...],
+            "grad_weight": [...]}``; any registered quantizer name.
+        samples: backward passes per minibatch per measurement.
+        full_data: as in :func:`~fqtorch.stats.sampling_variance`.
+        verify_batches: minibatches for the independent re-measurement of the chosen plan
+            (fresh data as well as fresh noise); default ``batches``.
+        progress: ``progress(iterable, total, description)`` wraps the measuring loops (tqdm).
+
+    An infeasible budget (not met with every branch at its most precise candidate) gives that
+    most precise plan, ``feasible=False`` and a ``RuntimeWarning``.
+    """
+    layers = _require_fqt(model)
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ValueError(f"budget must be a positive number, got {budget!r}")
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
+        raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
+    per_branch = _check_candidates(candidates)
+    batches = _as_batches(batches)
+    checked_on = batches if verify_batches is None else _as_batches(verify_batches)
+    if full_data is None and len(batches) < 2:
+        raise ValueError(
+            "batches: give at least 2 minibatches (or full_data) to measure the sampling variance"
+        )
+    with _kept_generators(model):
+        sampling = sampling_variance(model, loss_fn, batches, full_data).total
+        if not sampling > 0:
+            raise ValueError("the sampling variance is 0 (identical minibatches?); no budget")
+        sizes = _gemm_sizes(model, batches[0])
+        # A grad branch's noise flows into every layer below: probed one layer at a time, read
+        # on the whole gradient. A weight-gradient branch's noise stays in its own layer's
+        # parameters: all layers probed in one pass, each read on its own parameters.
+        probes, keys = [], []
+        for branch in BRANCHES:
+            for q in sorted({c[0] for c in per_branch[branch]}):
+                bits = sorted(b for n, b in per_branch[branch] if n == q)
+                for b in dict.fromkeys((bits[0], bits[-1])):
+                    run = [n for n in layers if sizes.get(n, {}).get(branch, 1) != 0]
+                    if branch == "grad_weight":
+                        probes.append({n: {branch: (q, b)} for n in run})
+                        keys.append([(n, branch, q, b) for n in run])
+                        continue
+                    for name in run:
+                        probes.append({name: {branch: (q, b)}})
+                        keys.append((name, branch, q, b))
+        measured = _measure(model, loss_fn, batches, samples, probes, progress, "planning")
+        probe = _unpack(keys, measured)
+        frontiers, per_bit, assumed, options_by_branch = {}, {}, [], {}
+        for name, layer in layers.items():
+            for branch in BRANCHES:
+                macs = sizes.get(name, {}).get(branch, 0)
+                options = []
+                for q, b in per_branch[branch]:
+                    bits = sorted(bb for n, bb in per_branch[branch] if n == q)
+                    lo, hi = bits[0], bits[-1]
+                    if macs == 0:
+                        variance, factor = 0.0, math.nan
+                    else:
+                        v_lo, v_hi = probe[(name, branch, q, lo)], probe[(name, branch, q, hi)]
+                        if hi > lo and v_lo > 0 and v_hi > 0:
+                            factor = (v_lo / v_hi) ** (1.0 / (hi - lo))
+                            kappa = math.log(v_lo / v_hi) / (2 * math.log(_bins(hi) / _bins(lo)))
+                        elif hi > lo:
+                            factor, kappa = _ASSUMED_PER_BIT, 1.0
+                            assumed.append(f"{name}/{branch}/{q}")
+                        else:  # one bit width of this quantizer (a format): nothing to fit
+                            factor, kappa = math.nan, 1.0
+                        variance = v_lo * (_bins(lo) / _bins(b)) ** (2 * kappa)
+                    per_bit[(name, branch, q)] = factor
+                    width = bits_per_element(q, b)
+                    cost = macs * width * _other_bits(layer.config, branch)
+                    options.append(_Option((q, b), cost, variance, width))
+                frontiers[(name, branch)] = _frontier(options)
+                options_by_branch[(name, branch)] = options
+        if assumed:
+            warnings.warn(
+                f"plan_precision: variance 0 measured at some bits for {_preview(assumed)}; "
+                f"assumed {_ASSUMED_PER_BIT:g}x per bit there",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        # Aim below the budget: the prediction is itself an estimate, and a plan that fills the
+        # budget to its edge measures over it about half the time.
+        target = AIM * budget * sampling
+        at, feasible = _choose(frontiers, target)
+        if not feasible:  # the aim is not met; the budget itself may still be
+            at, feasible = _choose(frontiers, budget * sampling)
+        if not feasible:
+            warnings.warn(
+                f"plan_precision: budget {budget:g} x sampling variance is not met even with "
+                "every branch at its most precise candidate (predicted "
+                f"{sum(f[-1].variance for f in frontiers.values()) / sampling:.3g}); the plan "
+                "keeps every branch at its most precise candidate",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        chosen = {k: frontiers[k][i] for k, i in at.items()}
+        if not feasible:  # the most precise: least variance, then most bits (a GEMM not run)
+            chosen = {
+                k: min(opts, key=lambda o: (o.variance, -o.width))
+                for k, opts in options_by_branch.items()
+            }
+        alone = [(n, b) for n in layers for b in BRANCHES if sizes.get(n, {}).get(b, 0)]
+        predicted_total = sum(o.variance for o in chosen.values())
+        for attempt in range(2):
+            full = {n: {b: chosen[(n, b)].candidate for b in BRANCHES} for n in layers}
+            grads = [(n, b) for n, b in alone if b == "grad"]
+            weights = [(n, b) for n, b in alone if b == "grad_weight"]
+            checks: list = [full] + [{n: {b: full[n][b]}} for n, b in grads]
+            check_keys: list = [None, *grads]
+            if weights:
+                checks.append({n: {b: full[n][b]} for n, b in weights})
+                check_keys.append(weights)
+            verified = _measure(model, loss_fn, checked_on, samples, checks, progress, "verifying")
+            alone_measured = _unpack(check_keys[1:], verified[1:])
+            measured_total = verified[0][0]
+            done = measured_total <= budget * sampling or not feasible or attempt
+            if done or not predicted_total:
+                break
+            # Measured over the budget: the prediction was low by verified/predicted; choose
+            # again against the budget scaled down by that factor, and measure once more.
+            scale = measured_total / predicted_total
+            at, ok = _choose(frontiers, AIM * budget * sampling / scale)
+            if not ok:
+                at, _ = _choose(frontiers, budget * sampling / scale)
+            chosen = {k: frontiers[k][i] for k, i in at.items()}
+            predicted_total = sum(o.variance for o in chosen.values())
+        within = measured_total <= budget * sampling
+        if feasible and not within:
+            warnings.warn(
+                f"plan_precision: the plan measures {measured_total / sampling:.3g} x the sampling "
+                f"variance, over the budget {budget:g} (predicted "
+                f"{predicted_total / sampling:.3g}); plan.json records "
+                "measured_within_budget: false",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    plan_layers = []
+    for name in layers:
+        g, w = full[name]["grad"], full[name]["grad_weight"]
+        plan_layers.append(
+            LayerPlan(
+                name,
+                g[0],
+                g[1],
+                w[0],
+                w[1],
+                predicted={b: chosen[(name, b)].variance for b in BRANCHES},
+                measured={b: alone_measured.get((name, b), 0.0) for b in BRANCHES},
+                per_bit={
+                    b: per_bit[(name, b, full[name][b][0])]
+                    for b in BRANCHES
+                    if not math.isnan(per_bit[(name, b, full[name][b][0])])
+                },
+                macs={b: sizes.get(name, {}).get(b, 0) for b in BRANCHES},
+                frontier={
+                    b: [[*o.candidate, o.cost, o.variance] for o in frontiers[(name, b)]]
+                    for b in BRANCHES
+                },
+            )
+        )
+    config = next(iter(layers.values())).config
+    return PrecisionPlan(
+        measured_with={
+            "batch_size": len(batches[0][1]),
+            "forward": {k: getattr(config, k) for k in FORWARD_FIELDS},
+        },
+        budget=float(budget),
+        sampling_variance=sampling,
+        predicted_quantization_variance=predicted_total,
+        measured_quantization_variance=measured_total,
+        layers=tuple(plan_layers),
+        feasible=feasible,
+        measured_within_budget=within,
+        cost=sum(o.cost for o in chosen.values()),
+        cost_highest=sum(max(o.cost for o in f) for f in frontiers.values()),
+    )
+
+
+# ------------------------------------------------------------------------- adaptive precision
+SNR_THRESHOLD = 10.0
+
+
+class PrecisionController:
+    """Re-plan gradient quantizers during training from the cheap estimates of
+    :class:`~fqtorch.stats.VarianceMonitor` (docs/method.md §11, "In training").
+
+    Why the total and not each layer's ratio: the monitor measures, per parameter, the
+    quantization variance of the gradient with every quantizer on. Noise added by a layer's
+    ``grad`` branch flows into the gradients of every layer below it, so a layer's own ratio
+    mostly reports its neighbours' noise; splitting it by source would take one measurement
+    per branch, the cost of planning. What the measurements do give cheaply and without bias
+    is the total, ``ΣQ / ΣS`` over all parameters (normalisation layers included), which is
+    what the budget is about.
+
+    The rule: :meth:`observe` adds each measurement's ``ΣQ`` and ``ΣS`` to the window;
+    :meth:`replan` (every K steps) divides them once, ``R = ΣQ/ΣS``. While
+    ``lower_below · budget ≤ R ≤ budget`` nothing changes. Otherwise every branch's planned
+    variance is scaled by ``c = R / P`` (``P``: the plan's predicted total at the current
+    choices, as a fraction of its sampling variance) and each branch is chosen again on its
+    stored frontier (:func:`plan_precision`'s greedy) aiming at ``AIM · budget``. The greedy
+    is deterministic in its target, so a steady ``c`` chooses the same plan again: no
+    oscillation. The frontiers come from ``plan`` (``plan.json``); without one every branch gets
+    the same assumed frontier over ``[min_bits, max_bits]`` of its quantizer (4× per bit, equal
+    shares), so all branches move together. Fixed-width formats (bits ignored) never move.
+
+    A layer whose own branches are at their most precise option and whose gradient
+    signal-to-quantization-noise ratio is below ``snr_threshold`` is named in a warning
+    (:meth:`low_snr`, once per layer). Signal: ``‖g‖² − S − Q`` of the training step's
+    gradient (whose expectation is ``‖∇L‖² + S + Q``), averaged over the window; noise: ``Q``.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, FQTModule],
+        *,
+        budget: float = 0.1,
+        plan: PrecisionPlan | None = None,
+        min_bits: int = 4,
+        max_bits: int = 8,
+        lower_below: float = 0.25,
+        snr_threshold: float = SNR_THRESHOLD,
+    ) -> None:
+        if not layers:
+            raise ValueError("adaptive precision needs FQT layers")
+        if not budget > 0:
+            raise ValueError(f"budget must be > 0, got {budget!r}")
+        self.layers = dict(layers)
+        self.budget, self.lower_below = float(budget), float(lower_below)
+        self.snr_threshold = float(snr_threshold)
+        start = [b for m in self.layers.values() for b in (m.config.grad_bits,)]
+        start += [m.config.grad_weight_bits for m in self.layers.values()]
+        self.min_bits, self.max_bits = min(int(min_bits), *start), max(int(max_bits), *start)
+        self.frontiers: dict[tuple[str, str], list[_Option]] = {}
+        by_name = {} if plan is None else {lay.name: lay for lay in plan.layers}
+        scale = plan.sampling_variance if plan is not None else 1.0
+        for name, layer in self.layers.items():
+            for branch in BRANCHES:
+                rows = by_name[name].frontier.get(branch) if name in by_name else None
+                self.frontiers[(name, branch)] = (
+                    _rows_to_frontier(rows, scale, f"plan layer {name!r} {branch}_frontier")
+                    if rows
+                    else self._assumed(layer.config, branch)
+                )
+        self.at = {k: self._index(k) for k in self.frontiers}
+        self.window: dict[str, float] = {}
+        self.warned: list[str] = []
+
+    def _assumed(self, config: FQTConfig, branch: str) -> list[_Option]:
+        q_field, b_field = _FIELDS[branch]
+        q, b = getattr(config, q_field), getattr(config, b_field)
+        if q is None or q == "identity" or _fixed_width(q, b):
+            return [_Option((q or "identity", b), 0.0, 0.0)]
+        return [
+            _Option((q, bits), float(bits), float(_bins(self.min_bits) / _bins(bits)) ** 2)
+            for bits in range(self.min_bits, self.max_bits + 1)
+        ]
+
+    def _index(self, key: tuple[str, str]) -> int:
+        """Where the layer's current setting sits on the branch's frontier (same quantizer,
+        nearest bits; a setting off the frontier takes the nearest option)."""
+        layer = self.layers[key[0]]
+        q_field, b_field = _FIELDS[key[1]]
+        q, b = getattr(layer.config, q_field) or "identity", getattr(layer.config, b_field)
+        options = self.frontiers[key]
+        same = [i for i, o in enumerate(options) if o.candidate[0] == q] or range(len(options))
+        return min(same, key=lambda i: (abs(options[i].candidate[1] - b), i))
+
+    def bits(self) -> dict[str, list[int]]:
+        return {n: [m.config.grad_bits, m.config.grad_weight_bits] for n, m in self.layers.items()}
+
+    def predicted(self) -> float:
+        """The plan's predicted total at the current choices (fraction of sampling variance)."""
+        return sum(self.frontiers[k][i].variance for k, i in self.at.items())
+
+    def observe(
+        self,
+        quantization: Mapping[str, float],
+        sampling: Mapping[str, float],
+        grad_norm_sq: Mapping[str, float] | None = None,
+    ) -> None:
+        """One measurement (:class:`~fqtorch.stats.VarianceRatio`'s per-layer quantization and
+        sampling variance, all parameters) and the step's per-layer gradient squared norms
+        (layers without a gradient left out)."""
+        q_total, s_total = sum(quantization.values()), sum(sampling.values())
+        if not (math.isfinite(q_total) and math.isfinite(s_total) and s_total > 0):
+            return
+        w = self.window
+        w["q"] = w.get("q", 0.0) + q_total
+        w["s"] = w.get("s", 0.0) + s_total
+        w["count"] = w.get("count", 0.0) + 1
+        for name in self.layers:
+            g2 = None if grad_norm_sq is None else grad_norm_sq.get(name)
+            q, s = quantization.get(name), sampling.get(name)
+            if g2 is None or q is None or s is None or not math.isfinite(g2):
+                continue
+            w[f"signal/{name}"] = w.get(f"signal/{name}", 0.0) + g2 - s - q
+            w[f"noise/{name}"] = w.get(f"noise/{name}", 0.0) + q
+
+    def window_keys(self) -> list[str]:
+        """The window's sums in a fixed order (to all-reduce them across ranks)."""
+        names = [f"{w}/{n}" for w in ("signal", "noise") for n in self.layers]
+        return ["q", "s", "count", *names]
+
+    def replan(self) -> list[dict[str, Any]]:
+        """Apply the decision; one record per changed layer (the window is cleared)."""
+        w = self.window
+        self._snr = {
+            n: w[f"signal/{n}"] / w[f"noise/{n}"]
+            for n in self.layers
+            if w.get(f"noise/{n}", 0.0) > 0
+        }
+        self.window = {}
+        if not w.get("count") or not w.get("s"):
+            return []
+        ratio = w["q"] / w["s"]
+        if self.lower_below * self.budget <= ratio <= self.budget:
+            return []
+        predicted = self.predicted()
+        if not predicted > 0:
+            return []
+        scale = ratio / predicted
+        at, ok = _choose(self.frontiers, AIM * self.budget / scale)
+        if not ok:
+            at, _ = _choose(self.frontiers, self.budget / scale)
+        changes = []
+        for name, layer in self.layers.items():
+            old = {b: self.frontiers[(name, b)][self.at[(name, b)]].candidate for b in BRANCHES}
+            new = {b: self.frontiers[(name, b)][at[(name, b)]].candidate for b in BRANCHES}
+            if new == old:
+                continue
+            self._set(layer, new)
+            changes.append(
+                {
+                    "layer": name,
+                    "ratio": ratio,
+                    "bits": [old["grad"][1], old["grad_weight"][1]],
+                    "new_bits": [new["grad"][1], new["grad_weight"][1]],
+                    "quantizers": [new["grad"][0], new["grad_weight"][0]],
+                }
+            )
+        self.at = at
+        for change in changes:
+            change["predicted_ratio"] = scale * self.predicted()
+        return changes
+
+    @staticmethod
+    def _set(layer: FQTModule, choice: Mapping[str, Candidate]) -> None:
+        (gq, gb), (wq, wb) = choice["grad"], choice["grad_weight"]
+        set_layer_config(
+            layer,
+            layer.config.replace(
+                grad_quantizer=None if gq == "identity" else gq,
+                grad_bits=gb,
+                grad_weight_quantizer=wq,
+                grad_weight_bits=wb,
+            ),
+        )
+
+    def low_snr(self) -> list[str]:
+        """Layers at their most precise options whose signal-to-quantization-noise ratio fell
+        below the threshold in the last window, not named before."""
+        snr = getattr(self, "_snr", {})
+        top = {
+            n
+            for n in self.layers
+            if all(self.at[(n, b)] == len(self.frontiers[(n, b)]) - 1 for b in BRANCHES)
+        }
+        new = [
+            n
+            for n, value in snr.items()
+            if value < self.snr_threshold and n in top and n not in self.warned
+        ]
+        self.warned += new
+        self._snr = {}
+        return new
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "bits": self.bits(),
+            "at": [[n, b, i] for (n, b), i in self.at.items()],
+            "frontiers": [
+                [n, b, [[*o.candidate, o.cost, o.variance] for o in f]]
+                for (n, b), f in self.frontiers.items()
+            ],
+            "window": dict(self.window),
+            "warned": list(self.warned),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        unknown = sorted(set(state["bits"]) - set(self.layers))
+        if unknown:
+            raise ValueError(f"precision state for layers the model lacks: {unknown}")
+        for n, b, rows in state["frontiers"]:
+            self.frontiers[(n, b)] = _rows_to_frontier(rows, 1.0, f"precision state {n} {b}")
+        self.at = {(n, b): int(i) for n, b, i in state["at"]}
+        for name, layer in self.layers.items():
+            self._set(
+                layer,
+                {b: self.frontiers[(name, b)][self.at[(name, b)]].candidate for b in BRANCHES},
+            )
+        self.window = {k: float(v) for k, v in state["window"].items()}
+        self.warned = list(state["warned"])
+
+
+def _fixed_width(quantizer: str, bits: int) -> bool:
+    """A format whose width is its own (fp8, mx, nvfp): its ``bits`` ignore the request."""
+    widths = {get_quantizer(quantizer, b).bits for b in {bits, 4, 8}}
+    return len(widths) == 1 or get_quantizer(quantizer, bits).bits != bits
+
+
+def _rows_to_frontier(rows: Any, scale: float, where: str) -> list[_Option]:
+    """Frontier rows ``[quantizer, bits, cost, variance]`` (variance divided by ``scale``)."""
+    try:
+        out = [_Option((str(q), int(b)), float(c), float(v) / scale) for q, b, c, v in rows]
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"{where}: expected rows [quantizer, bits, cost, variance], got {rows!r:.80}"
+        ) from None
+    if not out:
+        raise ValueError(f"{where}: empty frontier")
+    return out

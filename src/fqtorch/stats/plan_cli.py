@@ -1,0 +1,156 @@
+"""``fqtorch plan`` (alias ``fqtorch autobits``): choose each layer's gradient quantizer and bits
+within a variance budget (:func:`fqtorch.stats.plan_precision`), print the table and write
+``DIR/plan.json``, which ``fqtorch train --bits-plan DIR/plan.json`` trains with."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, RandomSampler
+
+from ..cli import _tqdm_progress
+from ..config import FQTConfig
+from ..convert import quantize_model
+from ..quantizers.base import is_registered, list_quantizers
+from .cli import _conversion_summary_said, _loss, _model_and_data, _parse_list
+from .plan import plan_precision
+
+log = logging.getLogger(__name__)
+
+__all__ = ["add_plan_parser", "run_plan"]
+
+
+def add_plan_parser(sub: Any) -> None:
+    from ..data import list_datasets
+    from ..models import list_models
+
+    for name in ("plan", "autobits"):
+        p = sub.add_parser(
+            name,
+            help="choose per-layer gradient bits within a variance budget"
+            + (" (same as plan)" if name == "autobits" else ""),
+            description="Measure each layer's contribution to the gradient's quantization "
+            "variance (both backward branches) and the sampling variance, choose (greedily, at low "
+            "GEMM cost) per-layer gradient quantizers whose total quantization variance is at most "
+            "--budget x the sampling variance (docs/method.md §11), measure the plan again, "
+            "print the table and write DIR/plan.json. Defaults: digits_cnn on digits.",
+        )
+        p.add_argument("--model", default=None, choices=list_models())
+        p.add_argument("--dataset", default="digits", choices=list_datasets())
+        p.add_argument("--data-dir")
+        p.add_argument(
+            "--preset",
+            default="qat",
+            help="the forward quantization the plan is measured under (an FQTConfig preset)",
+        )
+        p.add_argument("--budget", type=float, default=0.1, help="fraction of sampling variance")
+        p.add_argument(
+            "--quantizers",
+            default="psq,bhq",
+            help="candidate quantizers of the grad_input branch (grad_quantizer)",
+        )
+        p.add_argument(
+            "--weight-quantizers",
+            default="per_column",
+            help="candidate quantizers of the weight-gradient branch (grad_weight_quantizer)",
+        )
+        p.add_argument("--bits", default="4,5,6,7,8", help="candidate bit widths")
+        p.add_argument(
+            "--batch-size",
+            type=int,
+            default=None,
+            help="the training batch size the plan is for (default: the dataset's training "
+            "default)",
+        )
+        p.add_argument("--batches", type=int, default=4, help="minibatches measured (>= 2)")
+        p.add_argument("--samples", type=int, default=8, help="backward passes per measurement")
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--device", default="cpu")
+        p.add_argument("--block-size", type=int, default=64)
+        p.add_argument("--out", default="runs/plan", metavar="DIR")
+        p.set_defaults(checkpoint=None)
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    bits = _parse_list(args.bits, int, "bits")
+    grad = [(q, b) for q in _parse_list(args.quantizers, str, "quantizers") for b in bits]
+    weight_names = _parse_list(args.weight_quantizers, str, "weight-quantizers")
+    weight = [(q, b) for q in weight_names for b in bits]
+    for flag, names in (("quantizers", grad), ("weight-quantizers", weight)):
+        for name, _ in names:
+            if not is_registered(name):
+                raise ValueError(
+                    f"--{flag}: {name!r} is not a registered quantizer; known: "
+                    f"{', '.join(list_quantizers())}"
+                )
+    base = FQTConfig.preset(args.preset, seed=args.seed)
+    if args.batches < 2:
+        raise ValueError(f"--batches must be >= 2 (the sampling variance), got {args.batches}")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file; name a directory for plan.json")
+    if args.batch_size is None:
+        from ..train.config import DATASET_DEFAULTS
+
+        args.batch_size = DATASET_DEFAULTS[args.dataset]["batch_size"]
+    model, spec, model_name = _model_and_data(args)
+    gen = torch.Generator().manual_seed(args.seed)
+    loader = DataLoader(
+        spec.train,
+        args.batch_size,
+        drop_last=True,
+        sampler=RandomSampler(spec.train, generator=gen),
+    )
+    if len(loader) < 2 * args.batches:  # and as many fresh ones to verify the plan on
+        raise ValueError(
+            f"2 x --batches {args.batches} x --batch-size {args.batch_size} (planning, then "
+            f"verifying on fresh batches) exceeds the {len(spec.train)} training samples"
+        )
+    device = torch.device(args.device)
+    batches = []
+    for x, y in loader:
+        batches.append((x.to(device), y.to(device)))
+        if len(batches) == 2 * args.batches:
+            break
+    with _conversion_summary_said():
+        model = quantize_model(model, base.replace(grad_quantizer=None))
+    start = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", RuntimeWarning)
+        plan = plan_precision(
+            model,
+            _loss,
+            batches[: args.batches],
+            budget=args.budget,
+            candidates={"grad": grad, "grad_weight": weight},
+            samples=args.samples,
+            verify_batches=batches[args.batches :],
+            progress=_tqdm_progress,
+        )
+    for warning in caught:  # one line each (the warnings module adds the source line)
+        if issubclass(warning.category, RuntimeWarning):
+            log.warning("%s", warning.message)
+        else:
+            warnings.showwarning(
+                warning.message, warning.category, warning.filename, warning.lineno
+            )
+    out.mkdir(parents=True, exist_ok=True)
+    path = plan.save(out / "plan.json")
+    print(
+        f"{model_name} on {args.dataset}, batch {args.batch_size}; variance as a fraction of "
+        "the sampling variance (each branch alone):"
+    )
+    print(plan.table())
+    log.info(
+        "wrote %s (%.1fs); train with: fqtorch train --bits-plan %s",
+        path,
+        time.perf_counter() - start,
+        path,
+    )
+    return 0
