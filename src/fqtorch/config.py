@@ -18,9 +18,9 @@ from .quantizers.base import ROUNDINGS, check_bits, get_quantizer, is_registered
 from .quantizers.formats import is_format
 from .quantizers.transforms import TRANSFORMS, with_transform
 
-__all__ = ["BACKENDS", "FQTConfig", "int8_refusal"]
+__all__ = ["BACKENDS", "FQTConfig", "fp8_refusal", "int8_refusal"]
 
-BACKENDS = ("simulate", "int8", "auto")
+BACKENDS = ("simulate", "int8", "auto", "fp8")
 # backend="int8": the quantizers each field may name, what that means, and why (_check_int8).
 _INT8_QUANTIZERS = {
     "input_quantizer": (
@@ -41,6 +41,32 @@ _INT8_QUANTIZERS = {
     "grad_weight_quantizer": (
         (None, "identity", "ptq", "symmetric", "per_column"),
         "one scale per tensor or per column and no row transform",
+        "the weight-gradient GEMM sums over grad_output's rows",
+    ),
+}
+# backend="fp8" (docs/method.md §12): the same rule with FP8 formats, whose power-of-two scales
+# leave ``torch._scaled_mm`` exactly. The presets "fp8_e4m3" and "fp8_e5m2" fit it.
+_FP8_TENSOR = ("fp8_e4m3", "fp8_e5m2")
+_FP8_ROW = (*_FP8_TENSOR, "fp8_e4m3_per_row", "fp8_e5m2_per_row")
+_FP8_QUANTIZERS = {
+    "input_quantizer": (
+        _FP8_TENSOR,
+        "a per-tensor FP8 format",
+        "the forward GEMM sums over the input's columns, the weight-gradient GEMM over its rows",
+    ),
+    "weight_quantizer": (
+        _FP8_TENSOR,
+        "a per-tensor FP8 format",
+        "the forward GEMM sums over the weight's columns, the grad_input GEMM over its rows",
+    ),
+    "grad_quantizer": (
+        (None, "identity", *_FP8_ROW),
+        "a per-tensor or per-row FP8 format",
+        "the grad_input GEMM sums over grad_output's columns",
+    ),
+    "grad_weight_quantizer": (
+        (None, "identity", *_FP8_ROW),
+        "a per-tensor or per-column FP8 format (a *_per_row name scales columns here)",
         "the weight-gradient GEMM sums over grad_output's rows",
     ),
 }
@@ -69,6 +95,19 @@ def int8_refusal(names: dict[str, str | None]) -> str | None:
             return (
                 f"backend='int8' needs a {field} with {expected} "
                 f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason}"
+            )
+    return None
+
+
+def fp8_refusal(names: dict[str, str | None]) -> str | None:
+    """Why ``backend="fp8"`` cannot take the quantizers ``names`` (as :func:`int8_refusal`)."""
+    for field, (allowed, expected, reason) in _FP8_QUANTIZERS.items():
+        name = names[field]
+        if name not in allowed:
+            return (
+                f"backend='fp8' needs a {field} with {expected} "
+                f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason} "
+                "(e.g. FQTConfig.preset('fp8_e5m2', backend='fp8'))"
             )
     return None
 
@@ -108,9 +147,14 @@ class FQTConfig:
             config built on one machine runs well on another. ``"int8"`` takes the quantizers
             whose scales leave the integer GEMMs (docs/method.md §8): per-tensor forward
             operands, per-tensor or per-row ``grad_quantizer``, per-tensor or per-column
-            ``grad_weight_quantizer``.
-        fused: ``None`` (default): ``True`` for ``backend="int8"`` and ``"auto"`` (their fast
-            path: compiled quantizers and integer-GEMM epilogues), ``False`` for simulate;
+            ``grad_weight_quantizer``. ``"fp8"``: ``torch._scaled_mm`` on the FP8 codes, for
+            Linear layers (CUDA compute capability ≥ 8.9, or the CPU; convolutions fall back to
+            simulate with a warning; ``"auto"`` never picks it). It takes per-tensor FP8 forward
+            quantizers and per-tensor or per-row FP8 gradient quantizers, e.g.
+            ``FQTConfig.preset("fp8_e5m2", backend="fp8")`` (docs/method.md §12).
+        fused: ``None`` (default): ``True`` for ``backend="int8"``, ``"fp8"`` and ``"auto"``
+            (their fast path: compiled quantizers and integer-GEMM epilogues), ``False`` for
+            simulate;
             resolved when the config is built (``replace`` keeps it). ``fused=False`` with int8
             runs every kernel eagerly (the debugging path, same codes as simulate's).
             ``True``: run every quantizer's rounding as a ``torch.compile``'d kernel (compiled
@@ -186,6 +230,8 @@ class FQTConfig:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "int8":
             self._check_int8()
+        if self.backend == "fp8":
+            self._check_fp8()
         if self.fused is None:
             object.__setattr__(self, "fused", self.backend != "simulate")
         if not isinstance(self.fused, bool):
@@ -217,6 +263,22 @@ class FQTConfig:
                 "the transform runs on the simulate backend only"
             )
         refusal = int8_refusal({field: getattr(self, field) for field in _INT8_QUANTIZERS})
+        if refusal is not None:
+            raise ValueError(refusal)
+
+    def _check_fp8(self) -> None:
+        """Refuse, naming the field, a quantizer whose codes are not FP8 or whose scale cannot
+        leave an FP8 GEMM: the rule of :meth:`_check_int8` with FP8 formats (``fp8_e4m3``,
+        ``fp8_e5m2``; ``*_per_row`` where a row or column scale is allowed; block formats
+        need block-scaled GEMMs, not implemented). ``None`` or ``identity`` runs that backward
+        GEMM in float32 (``tests/backends/test_fp8.py`` runs every accepted combination against
+        simulate)."""
+        if self.grad_transform is not None:
+            raise ValueError(
+                f"backend='fp8' needs grad_transform=None, got {self.grad_transform!r}: "
+                "the transform runs on the simulate backend only"
+            )
+        refusal = fp8_refusal({field: getattr(self, field) for field in _FP8_QUANTIZERS})
         if refusal is not None:
             raise ValueError(refusal)
 

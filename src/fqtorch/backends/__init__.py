@@ -7,6 +7,8 @@ One module per backend, each with ``linear(input, weight, bias, source, name)`` 
 - ``simulate`` (:mod:`.simulate`): float GEMMs on dequantized operands; runs everything.
 - ``int8`` (:mod:`.int8` for Linear, :mod:`.int8_conv` for Conv2d): ``torch._int_mm`` on the
   integer codes.
+- ``fp8`` (:mod:`.fp8`): ``torch._scaled_mm`` on the FP8 codes, Linear only (a convolution falls
+  back to simulate with a warning).
 - ``auto``: int8 where the device has integer units and the quantizers fit, else simulate,
   decided per device at the first call and said in one log line (:mod:`.auto`).
 
@@ -44,6 +46,7 @@ _MODULES = MappingProxyType(
     {
         "simulate": ("simulate", "simulate"),
         "int8": ("int8", "int8_conv"),
+        "fp8": ("fp8", "fp8"),
     }
 )
 
