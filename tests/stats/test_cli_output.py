@@ -24,3 +24,26 @@ def test_variance_says_the_conversion_summary_once(tmp_path, caplog):
     assert sum(m.startswith("FQT conversion:") for m in messages) == 1, messages
     assert sum("3/3," in m for m in messages) == 1  # every configuration still ran and said so
     assert convert.level == level
+
+
+def test_variance_grad_rounding_reaches_every_configuration(tmp_path, monkeypatch):
+    """--grad-rounding nearest measures the biased ablation: every measured configuration and
+    the profile run with nearest rounding, and variance.json says which rounding it used."""
+    import json
+
+    from fqtorch.stats import cli as stats_cli
+
+    seen = []
+    measure = stats_cli._measure_config
+
+    def spy(model, cfg, *args, **kwargs):
+        seen.append(cfg.grad_rounding)
+        return measure(model, cfg, *args, **kwargs)
+
+    monkeypatch.setattr(stats_cli, "_measure_config", spy)
+    args = ["variance", "--quantizers", "ptq,psq", "--bits", "4", "--batch-size", "16"]
+    args += ["--batches", "2", "--samples", "4", "--profile", "none", "--full-batches", "1"]
+    assert main([*args, "--grad-rounding", "nearest", "--out", str(tmp_path / "v")]) == 0
+    assert seen == ["nearest", "nearest"]
+    results = json.loads((tmp_path / "v" / "variance.json").read_text())["results"]
+    assert [r["rounding"] for r in results] == ["nearest", "nearest"]

@@ -3,7 +3,8 @@
 Writes ``variance.json`` (schema below), ``variance_vs_bits.png`` and ``variance_profile.png``::
 
     {"model", "dataset", "batch_size", "seed", "sampling_variance",
-     "results": [{"quantizer", "bits", "bits_per_element", "quantization_variance", "bias_z_rms",
+     "results": [{"quantizer", "bits", "bits_per_element", "rounding", "quantization_variance",
+                  "bias_z_rms",
                   "bias_z_limit", "bias_z_max", "layers": [{"name", "quantization_variance",
                               "grad_output_error", "grad_output_error_bound"}]}]}
 
@@ -64,6 +65,13 @@ def add_variance_parser(sub: Any) -> None:
         "measured once, whatever --bits says",
     )
     p.add_argument("--bits", default="4,5,6,7,8", help="comma-separated bit widths")
+    p.add_argument(
+        "--grad-rounding",
+        default="stochastic",
+        choices=["stochastic", "nearest"],
+        help="the gradient quantizers' rounding; nearest is the biased ablation the bias test "
+        "should flag",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--batches", type=int, default=4, help="minibatches measured")
     p.add_argument("--samples", type=int, default=16, help="FQT backward passes per minibatch")
@@ -213,6 +221,7 @@ def _measure_config(
         "quantizer": name,
         "bits": grad_q.bits,  # a float format's own width, else grad_bits
         "bits_per_element": float(getattr(grad_q, "bits_per_element", grad_q.bits)),
+        "rounding": cfg.grad_rounding,
         "quantization_variance": report.variance.total,
         "bias_z_rms": report.bias.z_rms,
         "bias_z_max": report.bias.z_max,
@@ -299,7 +308,9 @@ def run_variance(args: argparse.Namespace) -> int:
         (q, b) for q in quantizers for b in (bits[:1] if is_format(q.partition("+")[0]) else bits)
     ]
     for done, (q, b) in enumerate(configs, start=1):
-        cfg = FQTConfig(**_grad_fields(q, b), seed=args.seed, fused=args.fused)
+        cfg = FQTConfig(
+            **_grad_fields(q, b), seed=args.seed, fused=args.fused, grad_rounding=args.grad_rounding
+        )
         with _conversion_summary_said():
             r = _measure_config(model, cfg, batches, args.samples, args.alpha)
         results.append(r)
@@ -324,7 +335,12 @@ def run_variance(args: argparse.Namespace) -> int:
         profile_b = int(b_text or min(bits))
     profile = None
     if args.profile != "none":
-        cfg = FQTConfig(**_grad_fields(profile_q, profile_b), seed=args.seed, fused=args.fused)
+        cfg = FQTConfig(
+            **_grad_fields(profile_q, profile_b),
+            seed=args.seed,
+            fused=args.fused,
+            grad_rounding=args.grad_rounding,
+        )
         with _conversion_summary_said():
             quantize_model(model, cfg)
         profile = variance_profile(model, _loss, batches, args.profile_samples, sampling=sampling)
