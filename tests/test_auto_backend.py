@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from fqtorch import FQTConfig, quantize_model
-from fqtorch.backends import auto, notes
+from fqtorch.backends import FQTPlan, auto, int8, notes
 
 AVX2_FLAGS = ["fpu", "sse2", "ssse3", "sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"]
 
@@ -24,6 +24,12 @@ AVX2_FLAGS = ["fpu", "sse2", "ssse3", "sse4_2", "avx", "avx2", "fma", "f16c", "b
         ("cpu", dict(cpu_capability="AVX512", cpu_flags=[*AVX2_FLAGS, "avx512_vnni"]), "int8"),
         ("cpu", dict(cpu_capability="AVX2", cpu_flags=[*AVX2_FLAGS, "avx_vnni"]), "int8"),
         ("cpu", dict(cpu_capability="AVX512", cpu_flags=[*AVX2_FLAGS, "amx_int8"]), "int8"),
+        # VNNI in the flags but oneDNN capped below it (ONEDNN_MAX_CPU_ISA=AVX2): the probe decides.
+        (
+            "cpu",
+            dict(cpu_flags=[*AVX2_FLAGS, "avx512_vnni"], int_mm_verdict="saturates (test)"),
+            "simulate",
+        ),
         ("cpu", dict(cpu_capability="DEFAULT", cpu_flags=None), "simulate"),
         ("cuda", dict(cuda_capability=(7, 0)), "simulate"),
         ("cuda", dict(cuda_capability=(7, 5)), "int8"),
@@ -33,9 +39,20 @@ AVX2_FLAGS = ["fpu", "sse2", "ssse3", "sse4_2", "avx", "avx2", "fma", "f16c", "b
     ],
 )
 def test_decision_table(device, facts, expected):
+    if device == "cpu" and "int_mm_verdict" not in facts:
+        facts = {**facts, "int_mm_verdict": None}  # the probe passed
     backend, why = auto.decide(device, **facts)
     assert backend == expected, why
     assert why
+
+
+def test_cpu_flags_alone_do_not_choose_int8():
+    """Without the exactness probe's verdict, VNNI in the flags is not enough; a failed probe
+    is said in the reason."""
+    flags = [*AVX2_FLAGS, "avx512_vnni"]
+    assert auto.decide("cpu", cpu_flags=flags)[0] == "simulate"
+    backend, why = auto.decide("cpu", cpu_flags=flags, int_mm_verdict="saturates (test)")
+    assert backend == "simulate" and "saturates (test)" in why
 
 
 def test_refused_quantizers_choose_simulate_and_say_why():
@@ -57,7 +74,12 @@ def test_config_accepts_auto_whatever_the_quantizers():
     assert FQTConfig(backend="simulate").fused is False
     assert FQTConfig(backend="int8").fused is True
     assert FQTConfig(backend="int8", fused=False).fused is False
-    assert FQTConfig(backend="int8").replace(backend="simulate").fused is True  # kept
+    # Derived again for a new backend unless given: int8 without flags is its fast path.
+    assert FQTConfig.preset("psq5").replace(backend="int8").fused is True
+    assert FQTConfig(backend="int8").replace(backend="simulate").fused is False
+    assert FQTConfig(backend="int8").replace(seed=1).replace(backend="simulate").fused is False
+    assert FQTConfig(backend="int8", fused=True).replace(backend="simulate").fused is True
+    assert FQTConfig.preset("psq5", fused=False).replace(backend="int8").fused is False
 
 
 @pytest.fixture
@@ -100,7 +122,33 @@ def test_runs_what_it_says_and_says_it_once(fields, fresh_memo, caplog):
     if fields:
         assert chosen == "simulate" and "do not fit" in lines[0]
     flags = auto.cpu_flags() or frozenset()
-    if not fields and any(flag in flags for flag in auto.INT8_CPU_FLAGS):
+    exact = int8.int_mm_verdict("cpu") is None
+    if not fields and exact and any(flag in flags for flag in auto.INT8_CPU_FLAGS):
         assert chosen == "int8"
+    if not exact:
+        assert chosen == "simulate"
     for a, b in zip(results["auto"], results[chosen], strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "preset,backend",
+    [("psq4", "int8"), ("psq4", "auto"), ("fp8_e5m2", "fp8"), ("psq4", "simulate")],
+)
+def test_attention_products_say_they_run_simulate(preset, backend, fresh_memo):
+    """The attention score and value products run on simulate whatever the backend: every
+    backend that runs the projections elsewhere warns at construction, ``auto`` where it
+    resolves to int8 here."""
+    import warnings
+
+    cfg = FQTConfig.preset(preset, backend=backend, attention_products=True)
+    elsewhere = backend != "simulate"
+    if backend == "auto":
+        elsewhere = auto.resolve(FQTPlan.from_config(cfg), torch.device("cpu")) != "simulate"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        quantize_model(nn.MultiheadAttention(8, 2), cfg)
+    said = [str(w.message) for w in caught if "score and value products" in str(w.message)]
+    assert len(said) == int(elsewhere), said
+    if elsewhere:
+        assert f"backend={backend!r} covers the projections only" in said[0]

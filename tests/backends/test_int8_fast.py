@@ -122,7 +122,7 @@ class TestCompiledPath:
         results = {}
         for name, c in [
             ("compiled", cfg),
-            ("simulate", cfg.replace(backend="simulate")),
+            ("simulate", cfg.replace(backend="simulate", fused=True)),  # the same noise
         ]:
             results[name] = run(quantize_model(copy.deepcopy(base), c), x, g)
         for a, b in zip(results["compiled"], results["simulate"], strict=True):

@@ -115,6 +115,17 @@ class TestAgainstSimulate:
         assert len(calls) == (1 if name == "qat" else 2)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided"])
+    def test_fused_quantizers(self, conv, monkeypatch):
+        """``fused=True`` (the int8 default: compiled quantizers, another noise stream) on both
+        backends gives the same codes, so the integer kernels still give simulate's values."""
+        calls = count_qconv_calls(monkeypatch)
+        make, shape = CONVS[conv]
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)) + 0.2
+        cfg = FQTConfig.preset("psq5", fused=True, weight_quantizer="ptq")
+        assert_same(against_simulate(make, x, cfg))
+        assert len(calls) == 2
+
+    @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided"])
     def test_channels_last(self, conv):
         make, shape = CONVS[conv]
         x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2)) + 0.2
@@ -140,13 +151,50 @@ class TestAgainstSimulate:
         assert_same(against_simulate(make, x, cfg))
         assert len(calls) == 4 + 3  # one call per input channel of each convolution
 
-    def test_batch_chunks_of_the_weight_gradient(self, monkeypatch):
-        """The stride-1 weight gradient sums over N·Hp·Wp positions in chunks of whole samples
-        (here forced to one sample per chunk)."""
-        monkeypatch.setattr(int8_qconv, "chunk_length", lambda a_bits, b_bits: 8)
+    def test_position_chunks_of_the_weight_gradient(self, monkeypatch):
+        """The stride-1 weight gradient sums over N·Hp·Wp positions in chunks of at most
+        ``chunk_length`` positions, across sample boundaries (here forced down to 40, shorter
+        than one padded 12 × 13 plane): every per-tap product is that short, and the values
+        stay simulate's."""
+        monkeypatch.setattr(int8_qconv, "chunk_length", lambda a_bits, b_bits: 40)
+        lengths, int_mm = [], torch._int_mm
+
+        def recording(a, b):
+            lengths.append(a.shape[1])
+            return int_mm(a, b)
+
+        monkeypatch.setattr(torch, "_int_mm", recording)
         make, shape = CONVS["3x3-dilated2-pad2"]
         x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(5)) + 0.3
         assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
+        taps, positions = 9, 4 * 12 * 13
+        assert len(lengths) == taps * -(-positions // 40) and max(lengths) <= 40
+
+
+def test_weight_gradient_over_a_plane_longer_than_one_chunk():
+    """One padded plane (365 × 365 = 133,225 positions) is longer than the int32 chunk of two
+    8-bit codes (131,064): extreme codes (−128 everywhere) sum to 128² · 363² = 2,158,903,296,
+    past int32, and must not wrap. Called on the weight-gradient function itself (the layer path
+    costs seconds)."""
+    from fqtorch.backends.base import ConvOps
+    from fqtorch.backends.int8 import chunk_length
+    from fqtorch.quantizers.base import QuantizedTensor
+
+    side = 363
+    assert (side + 2) ** 2 > chunk_length(8, 8)
+    ops = ConvOps((1, 1), (1, 1), (1, 1), 1)
+    x_codes = torch.full((1, 1, side, side), -128, dtype=torch.int8)
+    h_codes = torch.full((side * side, 1), -128, dtype=torch.int8)
+    unit, zero = torch.ones(1, 1), torch.zeros(1, 1)
+    h = QuantizedTensor(h_codes, unit, zero, 8, h_codes.shape, torch.float32)
+    grad_weight, h_cols = int8_qconv._grad_weight_taps(
+        h, x_codes, torch.ones(()), torch.zeros(()), 8, (1, 1, 3, 3), ops
+    )
+    # Tap (i, j) of a 3 × 3 kernel with padding 1 sees (side − |i − 1|)(side − |j − 1|) inputs.
+    reach = torch.tensor([side - 1, side, side - 1], dtype=torch.float64)
+    expected = 128 * 128 * torch.outer(reach, reach)
+    assert torch.equal(grad_weight.reshape(3, 3), expected)
+    assert int(h_cols) == -128 * side * side
 
 
 def test_chunk_bound_is_float32_exact():
@@ -184,10 +232,12 @@ def test_refused_probe_warns_and_runs_im2col(monkeypatch):
     assert not calls
 
 
-def test_probe_refuses_a_saturating_kernel():
+def test_saturating_kernels_refuse_the_int8_backend():
     """oneDNN's AVX2 int8 kernels (``ONEDNN_MAX_CPU_ISA=AVX2``, in a fresh process) sum u8 × s8
-    pairs in int16, which saturates: the probe refuses them, and the layer warns and still gives
-    simulate's values."""
+    pairs in int16, which saturates in its convolutions and in ``torch._int_mm`` alike: both
+    probes refuse them, and Linear and Conv2d layers on inputs and weights whose codes sit at
+    the ends of the 8-bit grid (±1: codes −128 and 127, the worst case) warn once each that
+    they run simulate and give exactly simulate's values."""
     script = textwrap.dedent(
         """
         import copy
@@ -195,22 +245,35 @@ def test_probe_refuses_a_saturating_kernel():
         import torch
         from torch import nn
         from fqtorch import FQTConfig, quantize_model
-        from fqtorch.backends import int8_qconv
+        from fqtorch.backends import int8, int8_qconv
         assert int8_qconv.qconv_verdict() is not None
-        x = torch.randn(2, 3, 6, 5, generator=torch.Generator().manual_seed(6)) + 0.3
-        base = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1))
-        grads = []
-        for backend in ("simulate", "int8"):
-            torch.manual_seed(0)
-            cfg = FQTConfig.preset("psq5", backend=backend, fused=False)
-            layer = quantize_model(copy.deepcopy(base), cfg)
-            xi = x.clone().requires_grad_(True)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                layer(xi).sum().backward()
-            grads.append(xi.grad)
-        assert any("im2col" in str(w.message) for w in caught), caught
-        torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+        assert int8.int_mm_verdict() is not None
+        gen = torch.Generator().manual_seed(6)
+        sign = lambda *shape: torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+        cases = [
+            (nn.Sequential(nn.Linear(256, 64)), sign(64, 256), "0"),
+            (nn.Sequential(nn.Conv2d(64, 8, 3, padding=1)), sign(2, 64, 6, 5), "0"),
+        ]
+        for base, x, name in cases:
+            with torch.no_grad():
+                base[0].weight.copy_(sign(*base[0].weight.shape))
+            results = []
+            for backend in ("simulate", "int8"):
+                torch.manual_seed(0)
+                cfg = FQTConfig.preset("ptq8", backend=backend, fused=False)
+                layer = quantize_model(copy.deepcopy(base), cfg)
+                xi = x.clone().requires_grad_(True)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = layer(xi)
+                    g = torch.Generator().manual_seed(7)
+                    out.backward(torch.randn(out.shape, generator=g))
+                results.append((out, xi.grad, layer[0].weight.grad))
+            for a, b in zip(*results):
+                assert torch.equal(a, b), (type(base[0]).__name__, (a - b).abs().max())
+            said = [str(w.message) for w in caught]
+            assert any("torch._int_mm does not sum exactly" in m and "simulate" in m
+                       for m in said), said
         print("refused")
         """
     )

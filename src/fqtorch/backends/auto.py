@@ -5,7 +5,9 @@ with AVX-512 VNNI, AVX-VNNI or AMX they run ≈ 9× faster than fp32 GEMMs, on a
 ≈ 30× slower (docs/performance.md); CUDA runs them on the int8 tensor cores of compute
 capability 7.5 (Turing) and later. :func:`decide` is the decision table, a pure function of what
 the hardware reports (so it is tested with made-up capabilities); :func:`resolve` feeds it the
-real device once per device and quantizer set, and says the outcome in one log line.
+real device once per device and quantizer set, and says the outcome in one log line. On the
+CPU the flags are not enough: ``torch._int_mm`` must also pass its exactness probe
+(:func:`~fqtorch.backends.int8.int_mm_verdict`), since oneDNN may run below the CPU's ISA.
 """
 
 from __future__ import annotations
@@ -18,12 +20,15 @@ import torch
 
 from ..config import int8_refusal
 from .base import FQTPlan
+from .int8 import int_mm_verdict
 from .notes import say_once
 
 __all__ = ["INT8_CPU_FLAGS", "cpu_flags", "decide", "resolve"]
 
 # /proc/cpuinfo flags of x86 int8 dot-product units oneDNN's integer GEMMs use.
 INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+# decide()'s int_mm_verdict when nobody ran the probe: the CPU is then not trusted with int8.
+NOT_PROBED = "torch._int_mm's exactness was not probed"
 _ROLES = {
     "input_quantizer": "input",
     "weight_quantizer": "weight",
@@ -39,10 +44,15 @@ def decide(
     cpu_flags: Iterable[str] | None = None,
     cuda_capability: tuple[int, int] | None = None,
     refusal: str | None = None,
+    int_mm_verdict: str | None = NOT_PROBED,
 ) -> tuple[str, str]:
     """``(backend, why)`` for a layer on ``device_type``: ``cpu_flags`` are the CPU's
     /proc/cpuinfo flags (``None``: unknown), ``cuda_capability`` the GPU's (major, minor),
-    ``refusal`` why the int8 backend cannot take the quantizers (``None``: it can)."""
+    ``refusal`` why the int8 backend cannot take the quantizers (``None``: it can),
+    ``int_mm_verdict`` the CPU's exactness probe of ``torch._int_mm``
+    (:func:`~fqtorch.backends.int8.int_mm_verdict`: ``None`` when exact). On the CPU the flags
+    alone do not choose int8: oneDNN may run below the CPU's ISA (``ONEDNN_MAX_CPU_ISA``), where
+    its int8 kernels saturate, so the probe must have passed too."""
     if refusal is not None:
         return "simulate", f"the quantizers do not fit integer GEMMs ({refusal})"
     if device_type == "cpu":
@@ -50,8 +60,10 @@ def decide(
         if cpu_flags is None:
             return "simulate", f"{where}: cannot read the CPU flags to find int8 units"
         found = [flag for flag in INT8_CPU_FLAGS if flag in set(cpu_flags)]
+        if found and int_mm_verdict is not None:
+            return "simulate", f"{where}, int8 units ({', '.join(found)}) but {int_mm_verdict}"
         if found:
-            return "int8", f"{where}, int8 dot-product units ({', '.join(found)})"
+            return "int8", f"{where}, int8 dot-product units ({', '.join(found)}), exact"
         return "simulate", (
             f"{where}, no int8 dot-product units ({'/'.join(INT8_CPU_FLAGS)} absent): "
             "integer GEMMs would run far slower than float ones"
@@ -68,7 +80,8 @@ def decide(
 
 @functools.cache
 def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The CPU's feature flags from ``path`` (Linux), ``None`` where it cannot be read."""
+    """The CPU's feature flags from ``path`` (Linux), ``None`` where it cannot be read; a
+    process-wide memo per path (the CPU does not change under a process), read-only."""
     try:
         text = Path(path).read_text()
     except OSError:
@@ -86,9 +99,14 @@ def _plan_refusal(plan: FQTPlan) -> str | None:
 
 @functools.cache
 def _resolve(device: torch.device, refusal: str | None) -> str:
-    """A memo per device and quantizer set: the hardware is asked, and the outcome said, once."""
+    """A memo per device and quantizer set: the hardware is asked, and the outcome said, once
+    per process (process-wide, read-only after the first call; tests clear it)."""
     if device.type == "cpu":
-        facts = dict(cpu_capability=torch.backends.cpu.get_cpu_capability(), cpu_flags=cpu_flags())
+        facts = dict(
+            cpu_capability=torch.backends.cpu.get_cpu_capability(),
+            cpu_flags=cpu_flags(),
+            int_mm_verdict=int_mm_verdict("cpu"),
+        )
     elif device.type == "cuda":
         facts = dict(cuda_capability=torch.cuda.get_device_capability(device))
     else:

@@ -39,6 +39,7 @@ simulate's values to float32 rounding on the same codes.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -51,7 +52,40 @@ from ..quantizers.uniform import Identity
 from .base import PlanSource, Unsupported, check_finite
 from .notes import compile_disabled, say_once
 
-__all__ = ["chunk_length", "int_mm", "int_mm_supported", "linear"]
+__all__ = ["chunk_length", "int_mm", "int_mm_supported", "int_mm_verdict", "linear"]
+
+
+@functools.cache
+def int_mm_verdict(device_type: str = "cpu") -> str | None:
+    """``None`` where ``torch._int_mm`` sums exactly on this machine's ``device_type`` devices,
+    else why not: every int8 GEMM of this backend (Linear, and Conv2d on either path) would be
+    wrong, not slow, so the backend refuses to run (:func:`linear`, ``int8_conv.conv``).
+
+    CPUs without VNNI or AMX (or oneDNN capped below them, ``ONEDNN_MAX_CPU_ISA=AVX2``) multiply
+    u8 × s8 pairs summed in int16, which saturates: 127 · 127 · 2 codes already give 255 for
+    32,258. The probe multiplies the codes that break it (rows and columns of 127, of −128 and
+    of both alternating; a reduction of 32 codes) against an exact int64 product. A memo per
+    device type (the ISA oneDNN picks is fixed for the process), read-only after the first call:
+    a few microseconds, once per process.
+    """
+    device = torch.device(device_type)
+    k = 32
+    rows = torch.tensor([[127] * k, [-128] * k, [127, -128] * (k // 2)], dtype=torch.int8)
+    a = torch.zeros(32, k, dtype=torch.int8)  # m > 16 and k, n multiples of 8 (CUDA kernels)
+    a[:3] = rows
+    a = a.to(device)
+    b = a[:8].T  # (k, 8) column-major: every pair of the three rows
+    try:
+        got = torch._int_mm(a, b).cpu()
+    except RuntimeError as error:
+        return f"torch._int_mm failed on {device_type} ({str(error).splitlines()[0]})"
+    exact = a.cpu().to(torch.int64) @ b.cpu().to(torch.int64)
+    if not torch.equal(got.to(torch.int64), exact):
+        return (
+            f"torch._int_mm does not sum exactly on this {device_type} (a saturating int8 kernel, "
+            "e.g. no VNNI): integer GEMMs would give wrong results"
+        )
+    return None
 
 
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -538,9 +572,12 @@ def linear(
     input: Tensor, weight: Tensor, bias: Tensor | None, source: PlanSource, name: str
 ) -> Tensor:
     """Run the Linear plan (``input`` (M, in)) on integer GEMMs; :class:`Unsupported` when a
-    shape cannot run."""
+    shape cannot run, or when ``torch._int_mm`` is not exact here (:func:`int_mm_verdict`)."""
     m, k = input.shape
     n = weight.shape[0]
+    verdict = int_mm_verdict(input.device.type)
+    if verdict is not None:
+        raise Unsupported(verdict)
     if not (
         int_mm_supported(m, k, n, input.device)
         and int_mm_supported(n, m, k, input.device)

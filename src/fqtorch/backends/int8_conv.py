@@ -49,6 +49,7 @@ from .int8 import (
     _per_column,
     _per_row,
     _per_tensor,
+    int_mm_verdict,
 )
 
 __all__ = ["conv"]
@@ -222,11 +223,14 @@ class _Int8Conv2d(torch.autograd.Function):
 def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, source: PlanSource,
          name: str) -> Tensor:  # fmt: skip
     """Run the Conv2d plan on integer GEMMs; :class:`Unsupported` for grouped or 1-d
-    convolutions and tensors off the CPU."""
+    convolutions, tensors off the CPU, and where ``torch._int_mm`` is not exact here."""
     if ops.groups != 1 or input.dim() != 4 or input.device.type != "cpu":
         raise Unsupported(
             "this convolution cannot run on integer GEMMs (grouped, 1-d or not on the CPU)"
         )
+    verdict = int_mm_verdict(input.device.type)  # the weight gradient needs it on either path
+    if verdict is not None:
+        raise Unsupported(verdict)
     plan = source.plan
     with torch.no_grad():
         x = plan.input.encode(input)

@@ -27,17 +27,21 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
 - ``grad_weight`` is a reduction over N·H·W, past float32's exact integers at any useful length,
   so it stays on ``torch._int_mm`` (int32, chunks summed in int64): at stride 1, one product per
   tap of the padded input codes, (C, N·Hp·Wp) at that tap's offset, with the gradient codes laid
-  on the same padded grid — no im2col copy. Strided convolutions unfold (``int8_conv``).
+  on the same padded grid — no im2col copy; the N·Hp·Wp positions run in chunks of
+  :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries).
+  Strided convolutions unfold (``int8_conv``).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
-codes; a layer whose probe fails takes the im2col path with a warning.
+codes; a layer whose probe fails takes the im2col path with a warning. The same saturation
+breaks ``torch._int_mm``, which im2col and every weight gradient need: where its own probe fails
+(:func:`~fqtorch.backends.int8.int_mm_verdict`), the whole int8 backend refuses (simulate, with a
+warning) before this module is asked.
 """
 
 from __future__ import annotations
 
 import functools
-import logging
 import warnings
 from typing import Any
 
@@ -50,10 +54,9 @@ from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite
 from .int8 import _grad_bias, _per_column, _per_row, chunk_length
 from .int8_conv import _cols, _conv_grad_weight, _pads, _tap_mask
+from .notes import say_once
 
 __all__ = ["channel_chunk", "conv", "fits_float32", "qconv_verdict"]
-
-log = logging.getLogger(__name__)
 
 _EXACT_FLOAT32 = 2**24  # every integer up to this is a float32
 
@@ -85,9 +88,10 @@ def _qconv_raw(
 def qconv_verdict() -> str | None:
     """``None`` where oneDNN's int8 convolution sums exactly on this machine, else why not.
 
-    Probed once per process (a few ms) on the codes that break saturating kernels: u8 255 next to
-    s8 127/−128, whose pair sums (64,770) leave int16, and a reduction near 2^24, on a
-    padded, strided, dilated convolution, against an exact float64 reference.
+    Probed once per process (a few ms; a process-wide memo, read-only after the first call: the
+    ISA oneDNN dispatches to is fixed for the process) on the codes that break saturating
+    kernels: u8 255 next to s8 127/−128, whose pair sums (64,770) leave int16, and a reduction
+    near 2^24, on a padded, strided, dilated convolution, against an exact float64 reference.
     """
     if not torch.backends.mkldnn.is_available():
         return "oneDNN is not available in this PyTorch build"
@@ -286,10 +290,14 @@ def _grad_weight_taps(
     h_grid[:o, :, :ho, :wo] = h.codes.view(u8).reshape(n, ho, wo, o).permute(3, 0, 1, 2)
     h_grid[o, :, :ho, :wo] = 1
     x_grid, h_grid = x_grid.view(torch.int8), h_grid.view(o + 1, -1).view(torch.int8)
-    per_chunk = max(1, chunk_length(h.bits, x_bits) // plane)  # whole samples per product
-    prod = None  # int32 from one product per tap, int64 over several chunks of samples
-    for start in range(0, n, per_chunk):
-        lo, hi = start * plane, min(n, start + per_chunk) * plane
+    # Chunks of the flattened positions, not of whole samples: one padded plane can itself pass
+    # the int32 bound (Hp·Wp > 131,064 at 8 × 8 bits). Even parts, so no tail is a tiny product.
+    total = n * plane
+    parts = -(-total // chunk_length(h.bits, x_bits))
+    step = -(-total // parts)
+    prod = None  # int32 from one product per tap, int64 over several chunks of positions
+    for lo in range(0, total, step):
+        hi = min(total, lo + step)
         a = h_grid[:, lo:hi]  # (O + 1, L) row-major: 15 % faster than (C + 2, L) × (L, O + 1)
         part = torch.stack([torch._int_mm(a, x_grid[:, lo + off : hi + off].T) for *_, off in taps])
         prod = part if prod is None else prod.to(torch.int64).add_(part)
@@ -387,13 +395,15 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
     return _conv_grad_weight(hq, x_q, mask, codes.shape[0])
 
 
-@functools.cache
 def _announce(name: str, strided: bool) -> None:
+    """Say which kernels the layer runs on, once per process per distinct line
+    (:func:`~fqtorch.backends.notes.say_once`). The line is keyed by what it says (the layer's
+    name and path), not by the layer object: a second model whose same-named layer takes the
+    same path is not announced again, since the line would say nothing new."""
     weight = "im2col + torch._int_mm (strided)" if strided else "torch._int_mm per tap"
-    log.info(
-        "FQT layer %r: Conv2d output and grad_input on oneDNN int8 convolutions, grad_weight on %s",
-        name,
-        weight,
+    say_once(
+        f"FQT layer {name!r}: Conv2d output and grad_input on oneDNN int8 convolutions, "
+        f"grad_weight on {weight}"
     )
 
 

@@ -18,7 +18,9 @@ logger = logging.getLogger("fqtorch.backends")
 
 @functools.cache
 def say_once(message: str) -> None:
-    """Log ``message`` at INFO the first time it is asked for (a memo of what was said)."""
+    """Log ``message`` at INFO the first time it is asked for: a process-wide memo of what was
+    said, keyed by the text (what a line says, not who asked), grown once per distinct line and
+    read afterwards; tests clear it with ``say_once.cache_clear()``."""
     logger.info(message)
 
 

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..backends import auto
 from ..config import FQTConfig
 from .functional import PlanSource, fqt_gemm, fqt_linear
 from .modules import FQTLinear, FQTModule
@@ -132,10 +133,16 @@ class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
         if not isinstance(self.out_proj, FQTModule):
             out_name = f"{name}.out_proj" if name else "out_proj"
             self.out_proj = FQTLinear(self.out_proj, config, name=out_name)
-        if config.attention_products and config.backend == "int8":
+        # The products always run on simulate: say so wherever the projections do not, i.e.
+        # every other backend, and "auto" where it resolves to one on the weights' device (a
+        # model moved to another device later is judged where it was built).
+        backend = config.backend
+        if backend == "auto":
+            backend = auto.resolve(self.plan, self.out_proj.weight.device)
+        if config.attention_products and backend != "simulate":
             warnings.warn(
                 f"FQT layer {name!r}: the attention score and value products run on the "
-                "simulate backend (backend='int8' covers the projections only)",
+                f"simulate backend (backend={config.backend!r} covers the projections only)",
                 RuntimeWarning,
                 stacklevel=2,
             )
