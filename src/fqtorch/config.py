@@ -155,7 +155,8 @@ class FQTConfig:
         fused: ``None`` (default): ``True`` for ``backend="int8"``, ``"fp8"`` and ``"auto"``
             (their fast path: compiled quantizers and integer-GEMM epilogues), ``False`` for
             simulate;
-            resolved when the config is built (``replace`` keeps it). ``fused=False`` with int8
+            resolved when the config is built (``replace`` derives it again for a new
+            ``backend`` unless it was given). ``fused=False`` with int8
             runs every kernel eagerly (the debugging path, same codes as simulate's).
             ``True``: run every quantizer's rounding as a ``torch.compile``'d kernel (compiled
             lazily on first use, with dynamic shapes; eager where compilation is off or fails,
@@ -226,12 +227,21 @@ class FQTConfig:
                 )
             if self.is_qat:
                 raise ValueError("grad_transform needs a grad_quantizer to act before, got None")
+            for field in ("grad_quantizer", "grad_weight_quantizer"):
+                if getattr(self, field) in ("bhq", "rht"):
+                    raise ValueError(
+                        f"grad_transform={self.grad_transform!r} cannot precede "
+                        f"{field}={getattr(self, field)!r}, which has a transform of its own: "
+                        "set grad_transform=None"
+                    )
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
         if self.backend == "int8":
             self._check_int8()
         if self.backend == "fp8":
             self._check_fp8()
+        # Whether fused came from the backend (not given): replace() re-derives it then.
+        object.__setattr__(self, "_fused_derived", self.fused is None)
         if self.fused is None:
             object.__setattr__(self, "fused", self.backend != "simulate")
         if not isinstance(self.fused, bool):
@@ -311,9 +321,13 @@ class FQTConfig:
         return quantizers
 
     def replace(self, **changes: Any) -> FQTConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again). A ``fused`` that was derived from
+        the backend (not given) is derived again from a new ``backend``: int8 without flags is
+        its fast path; a ``fused`` given explicitly is kept."""
         if "grad_quantizer" in changes and "grad_weight_quantizer" not in changes:
             changes["grad_weight_quantizer"] = None  # re-derive the paper's default
+        if "fused" not in changes and self._fused_derived:
+            changes["fused"] = None  # derived again (the same unless the backend changes)
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:

@@ -23,7 +23,15 @@ from torch import Tensor
 from .base import QuantizedTensor, Quantizer, as_rows, check_float, compute_dtype
 from .hadamard import RandomizedHadamardTransform
 
-__all__ = ["TRANSFORMS", "ColumnTransform", "HadamardThen", "with_transform"]
+__all__ = [
+    "TRANSFORMS",
+    "ChannelLayout",
+    "ColumnTransform",
+    "HadamardThen",
+    "channels_view",
+    "is_channel_tensor",
+    "with_transform",
+]
 
 # Transform names FQTConfig accepts, and their block sizes.
 TRANSFORMS = {"rht16": 16, "rht32": 32}
@@ -40,6 +48,49 @@ class ColumnTransform:
 
     def inverse(self, y: Tensor) -> Tensor:
         return self.rows.inverse(y.T).T
+
+
+def is_channel_tensor(x: Tensor, dim: int) -> bool:
+    """Whether ``x`` is a convolution tensor ``(N, C, *S)`` (4-D or 5-D) whose GEMM reduction runs
+    along its channels: ``dim == 1``. Its 2-D row view ``(N, C·S)`` would put a block over the
+    spatial positions of one channel; blocks and transforms must mix channels at one ``(n, s)``.
+    3-D tensors keep the row view: a conv1d ``(N, C, L)`` cannot be told from a batched matmul
+    operand ``(B, M, K)``, whose reduction is its last dim (docs/method.md §12)."""
+    return dim == 1 and x.dim() >= 4
+
+
+def channels_view(x: Tensor) -> Tensor:
+    """``(N, C, *S)`` as ``(N·S, C)``: one row per sample and position, channels along it."""
+    return x.movedim(1, -1).reshape(-1, x.shape[1])
+
+
+def from_channels(view: Tensor, shape: torch.Size) -> Tensor:
+    """The inverse of :func:`channels_view` for a tensor of ``shape``."""
+    return view.reshape(shape[0], *shape[2:], shape[1]).movedim(-1, 1)
+
+
+@dataclass(frozen=True)
+class ChannelLayout:
+    """Undoes a channel view (:func:`channels_view`) at decode time, with what was applied in it.
+
+    ``first``: the inner quantizer's own transform, undone on its 2-D view; ``mixing``: a row
+    transform of the ``(N·S, C)`` view, undone last; ``mixed_shape``: the shape of what the
+    inner quantizer was handed (channels padded to whole transform blocks). Returns a tensor of
+    ``shape``.
+    """
+
+    shape: torch.Size
+    first: object | None = None
+    mixing: ColumnTransform | None = None
+    mixed_shape: torch.Size | None = None
+
+    def inverse(self, values: Tensor) -> Tensor:
+        if self.first is not None:
+            values = self.first.inverse(values)  # type: ignore[attr-defined]
+        if self.mixing is None:
+            return from_channels(values, self.shape)
+        view = self.mixing.inverse(channels_view(values.reshape(self.mixed_shape or self.shape)))
+        return from_channels(view, self.shape)
 
 
 class HadamardThen(Quantizer):
@@ -73,14 +124,21 @@ class HadamardThen(Quantizer):
     def bits_per_element(self) -> float:
         return float(getattr(self.inner, "bits_per_element", self.inner.bits))
 
-    def _length(self, x2d: Tensor) -> tuple[int, int]:
-        length = x2d.shape[self.dim]
+    def _length(self, x2d: Tensor, dim: int) -> tuple[int, int]:
+        length = x2d.shape[dim]
         return length, -(-length // self.block) * self.block
+
+    def _view(self, x: Tensor) -> tuple[Tensor, int, bool]:
+        """(2-D view, the axis mixed in it, whether it is the channel view)."""
+        if is_channel_tensor(x, self.dim):
+            return channels_view(x), 1, True
+        return as_rows(x), self.dim, False
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         check_float(x, self.name)
-        x2d = as_rows(x).to(compute_dtype(x))
-        length, padded = self._length(x2d)
+        x2d, dim, channels = self._view(x)
+        x2d = x2d.to(compute_dtype(x))
+        length, padded = self._length(x2d, dim)
         bits = torch.randint(0, 2, (padded,), generator=generator, device=x.device)
         signs = (2 * bits - 1).to(x2d.dtype)
         low, high = torch.aminmax(x2d)
@@ -88,7 +146,14 @@ class HadamardThen(Quantizer):
         exponent = torch.frexp(absmax).exponent  # exact 2^-e pre-scaling: see .hadamard
         exponent = torch.where(torch.isfinite(absmax), exponent, torch.zeros_like(exponent))
         rows = RandomizedHadamardTransform(signs, self.block, length, exponent)
-        transform = rows if self.dim == 0 else ColumnTransform(rows)
+        transform = rows if dim == 0 else ColumnTransform(rows)
+        if channels:
+            # The inner quantizer sees the mixed tensor in x's shape and lays it out as it would x.
+            mixed_shape = torch.Size((x.shape[0], padded, *x.shape[2:]))  # channels padded
+            mixed = from_channels(transform.forward(x2d), mixed_shape)
+            encoded = self.inner.encode(mixed, generator)
+            layout = ChannelLayout(x.shape, encoded.transform, transform, mixed_shape)  # type: ignore[arg-type]
+            return dataclasses.replace(encoded, transform=layout, shape=x.shape, dtype=x.dtype)
         encoded = self.inner.encode(transform.forward(x2d), generator)
         return dataclasses.replace(encoded, transform=transform, shape=x.shape, dtype=x.dtype)
 
@@ -99,19 +164,24 @@ class HadamardThen(Quantizer):
         its groups' ranges, at most ``2·max a`` for ``Tx`` and at least ``max a`` for ``a`` with
         alternating (checkerboard) signs, so 4× the inner bound of that tensor bounds it."""
         check_float(x, self.name)
-        x2d = as_rows(x).to(torch.float64)
-        lines = x2d if self.dim == 0 else x2d.T  # mixed along dim 0
-        length, padded = self._length(x2d)
+        x2d, dim, channels = self._view(x)
+        x2d = x2d.to(torch.float64)
+        lines = x2d if dim == 0 else x2d.T  # mixed along dim 0
+        length, padded = self._length(x2d, dim)
         a = torch.cat([lines.abs(), lines.new_zeros(padded - length, lines.shape[1])])
         sums = a.reshape(-1, self.block, a.shape[1]).sum(1) / self.block**0.5
-        a = sums.repeat_interleave(self.block, dim=0)
-        a = a if self.dim == 0 else a.T
+        a = sums.repeat_interleave(self.block, dim=0)  # padded too: the inner quantizes them
+        a = a if dim == 0 else a.T
+        index = torch.arange(a.shape[0])[:, None] + torch.arange(a.shape[1])[None, :]
+        checker = 1 - 2 * (index % 2).to(a.dtype)
+        a, signed = a, a * checker
+        if channels:  # the inner quantizer's bound of the tensor it is handed
+            mixed_shape = torch.Size((x.shape[0], padded, *x.shape[2:]))
+            a, signed = from_channels(a, mixed_shape), from_channels(signed, mixed_shape)
         mixed_bound = getattr(self.inner, "mixed_bound", None)
         if mixed_bound is not None:
             return mixed_bound(a)
-        index = torch.arange(a.shape[0])[:, None] + torch.arange(a.shape[1])[None, :]
-        checker = 1 - 2 * (index % 2).to(a.dtype)
-        return 4 * self.inner.variance_bound(a * checker)
+        return 4 * self.inner.variance_bound(signed)
 
     def __repr__(self) -> str:
         return f"rht{self.block}(dim={self.dim})->{self.inner!r}"
