@@ -54,7 +54,7 @@ class TestAgainstSimulate:
         torch.manual_seed(1)
         base = nn.Linear(16, 8)
         x, g = torch.randn(37, 16), torch.randn(37, 8)
-        cfg = FQTConfig(grad_quantizer="rht", grad_bits=4, grad_weight_quantizer="ptq")
+        cfg = FQTConfig(grad_quantizer="rht", grad_bits=4, grad_weight_quantizer="ptq", fused=False)
         a = run(quantize_model(copy.deepcopy(base), cfg), x, g)
         b = run(
             quantize_model(

@@ -13,8 +13,8 @@ import warnings
 import pytest
 import torch
 
+from fqtorch.quantizers import formats, get_quantizer, householder, uniform
 from fqtorch.quantizers import fused as fused_module
-from fqtorch.quantizers import get_quantizer, householder, uniform
 from fqtorch.quantizers.rounding import draw_keys, hash_uniform, index_halves
 from tests.helpers import heavy_rows, library_quantizers, projection_z, z_limit
 
@@ -106,6 +106,7 @@ ENCODE_KERNEL = {
     "symmetric": uniform.fused_symmetric,
     "symmetric_per_row": uniform.fused_symmetric,
     "bhq": householder.fused_affine_encode,
+    **{name: formats.fused_format for name in library_quantizers() if formats.is_format(name)},
 }
 
 
@@ -143,6 +144,11 @@ class TestFusedKernels:
         compiled = get_quantizer(name, 4, rounding=rounding, fused=True).encode(x, gen(5))
         assert_compiled(ENCODE_KERNEL[name])  # else this would compare eager with eager
         reference = eager(get_quantizer(name, 4, rounding=rounding, fused=True)).encode(x, gen(5))
+        if formats.is_format(name):  # float8/e8m0/fp4 storage: compare the stored bytes
+            for a, b in ((compiled.codes, reference.codes), (compiled.scale, reference.scale)):
+                assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+            assert torch.equal(compiled.dequantize(), reference.dequantize())
+            return
         torch.testing.assert_close(compiled.scale, reference.scale, rtol=1e-6, atol=0)
         # bias = low + half·step may be computed with an FMA when compiled: compare it on the
         # scale of a step.

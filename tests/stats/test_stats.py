@@ -307,6 +307,8 @@ def test_variance_cli_schema(tmp_path, fused):
         assert set(r) == {
             "quantizer",
             "bits",
+            "bits_per_element",
+            "rounding",
             "quantization_variance",
             "bias_z_rms",
             "bias_z_limit",
