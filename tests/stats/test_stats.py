@@ -309,6 +309,7 @@ def test_variance_cli_schema(tmp_path, fused):
             "bits",
             "bits_per_element",
             "rounding",
+            "bias_passed",
             "quantization_variance",
             "bias_z_rms",
             "bias_z_limit",

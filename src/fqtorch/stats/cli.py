@@ -4,7 +4,7 @@ Writes ``variance.json`` (schema below), ``variance_vs_bits.png`` and ``variance
 
     {"model", "dataset", "batch_size", "seed", "sampling_variance",
      "results": [{"quantizer", "bits", "bits_per_element", "rounding", "quantization_variance",
-                  "bias_z_rms",
+                  "bias_z_rms", "bias_passed" (every layer's RMS z within its limit),
                   "bias_z_limit", "bias_z_max", "layers": [{"name", "quantization_variance",
                               "grad_output_error", "grad_output_error_bound"}]}]}
 
@@ -315,7 +315,7 @@ def run_variance(args: argparse.Namespace) -> int:
             r = _measure_config(model, cfg, batches, args.samples, args.alpha)
         results.append(r)
         log.info(
-            "%-8s %4d %14.4g %10.3g %8.3f %8.2f %13.2f   %d/%d, %.0fs%s",
+            "%-8s %4d %14.4g %10.3g %8.3f %8.2f %13.4g   %d/%d, %.0fs%s",
             q,
             r["bits"],
             r["quantization_variance"],
@@ -352,7 +352,7 @@ def run_variance(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "sampling_variance": sampling.total,
-        "results": [{k: v for k, v in r.items() if k != "bias_passed"} for r in results],
+        "results": results,
     }
     (out / "variance.json").write_text(json.dumps(payload, indent=2) + "\n")
     extra = {
