@@ -86,30 +86,30 @@ _FORMAT_PRESETS = {
 _REDUCTION_DIM = {"input": 1, "weight": 1, "grad_output": 1, "grad_output_weight": 0}
 
 
-def int8_refusal(names: dict[str, str | None]) -> str | None:
-    """Why ``backend="int8"`` cannot take the quantizers ``names`` (field -> quantizer name, the
-    four ``*_quantizer`` fields), naming the first field at fault; ``None`` when it can."""
-    for field, (allowed, expected, reason) in _INT8_QUANTIZERS.items():
+def _refusal(backend: str, table: dict, names: dict[str, str | None], hint: str = "") -> str | None:
+    """Why ``backend`` cannot take the quantizers ``names`` (field -> quantizer name, the four
+    ``*_quantizer`` fields) under its ``table``, naming the first field at fault; ``None`` when
+    it can."""
+    for field, (allowed, expected, reason) in table.items():
         name = names[field]
         if name not in allowed:
             return (
-                f"backend='int8' needs a {field} with {expected} "
-                f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason}"
+                f"backend={backend!r} needs a {field} with {expected} "
+                f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason}{hint}"
             )
     return None
+
+
+def int8_refusal(names: dict[str, str | None]) -> str | None:
+    """Why ``backend="int8"`` cannot take the quantizers ``names`` (see :func:`_refusal`)."""
+    return _refusal("int8", _INT8_QUANTIZERS, names)
 
 
 def fp8_refusal(names: dict[str, str | None]) -> str | None:
-    """Why ``backend="fp8"`` cannot take the quantizers ``names`` (as :func:`int8_refusal`)."""
-    for field, (allowed, expected, reason) in _FP8_QUANTIZERS.items():
-        name = names[field]
-        if name not in allowed:
-            return (
-                f"backend='fp8' needs a {field} with {expected} "
-                f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason} "
-                "(e.g. FQTConfig.preset('fp8_e5m2', backend='fp8'))"
-            )
-    return None
+    """Why ``backend="fp8"`` cannot take the quantizers ``names`` (see :func:`_refusal`)."""
+    return _refusal(
+        "fp8", _FP8_QUANTIZERS, names, " (e.g. FQTConfig.preset('fp8_e5m2', backend='fp8'))"
+    )
 
 
 def _check_quantizer(field: str, name: object) -> None:
