@@ -124,7 +124,13 @@ def test_claims_read_the_numbers(reproduce):
         "the FQT gradient is unbiased": "yes",
         "variance falls ≈ 4× per bit": "yes",
     }
-    variance["results"][0]["bias_z_max"] = 5.0  # one configuration fails the bias test
+    variance["results"][0]["bias_z_max"] = 50.0  # informational only: still unbiased
+    held = {
+        row.split(" | ")[0].strip("| "): row.split(" | ")[1]
+        for row in reproduce.claims(task, runs, variance)
+    }
+    assert held["the FQT gradient is unbiased"] == "yes"
+    variance["results"][0]["bias_passed"] = False  # one configuration fails the bias test
     runs["bhq5"] = [run("bhq5", 2.005)]
     rows = reproduce.claims(task, runs, variance)
     held = {row.split(" | ")[0].strip("| "): row.split(" | ")[1] for row in rows}
