@@ -267,14 +267,7 @@ class FQTConfig:
         registered one included, is refused until it is listed here
         (``tests/backends/test_int8.py`` runs every accepted combination against simulate).
         """
-        if self.grad_transform is not None:
-            raise ValueError(
-                f"backend='int8' needs grad_transform=None, got {self.grad_transform!r}: "
-                "the transform runs on the simulate backend only"
-            )
-        refusal = int8_refusal({field: getattr(self, field) for field in _INT8_QUANTIZERS})
-        if refusal is not None:
-            raise ValueError(refusal)
+        self._check_gemm_backend(int8_refusal)
 
     def _check_fp8(self) -> None:
         """Refuse, naming the field, a quantizer whose codes are not FP8 or whose scale cannot
@@ -283,12 +276,18 @@ class FQTConfig:
         need block-scaled GEMMs, not implemented). ``None`` or ``identity`` runs that backward
         GEMM in float32 (``tests/backends/test_fp8.py`` runs every accepted combination against
         simulate)."""
+        self._check_gemm_backend(fp8_refusal)
+
+    def _check_gemm_backend(self, refusal_of: Any) -> None:
+        """The shared rule of :meth:`_check_int8` and :meth:`_check_fp8`: no transform, and the
+        quantizers ``refusal_of`` accepts (it names the first field at fault)."""
         if self.grad_transform is not None:
             raise ValueError(
-                f"backend='fp8' needs grad_transform=None, got {self.grad_transform!r}: "
-                "the transform runs on the simulate backend only"
+                f"backend={self.backend!r} needs grad_transform=None, got "
+                f"{self.grad_transform!r}: the transform runs on the simulate backend only"
             )
-        refusal = fp8_refusal({field: getattr(self, field) for field in _FP8_QUANTIZERS})
+        fields = ("input_quantizer", "weight_quantizer", "grad_quantizer", "grad_weight_quantizer")
+        refusal = refusal_of({field: getattr(self, field) for field in fields})
         if refusal is not None:
             raise ValueError(refusal)
 
