@@ -50,8 +50,10 @@ from fqtorch.quantizers.twoway import encode_two_way
 def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, float]:
     """Median times of the parts of an int8 PSQ/BHQ step, measured separately: the three integer
     GEMMs, the four quantizations of the step (input, weight, grad_output per row, grad_output
-    per column) eager and fused (the fused path quantizes grad_output both ways in one graph,
-    as the int8 backend does), and BHQ's transform (forward and inverse)."""
+    per column) eager and fused (the fused path quantizes grad_output both ways in shared
+    passes, as the int8 backend does), BHQ's eager transform (forward and inverse, the
+    ``fused=False`` path) and fused BHQ's quantization (its transform computed inside the
+    passes) with its inverse on the step's ``grad_input``."""
     gen = torch.Generator(device=device).manual_seed(0)
     x, w = torch.randn(m, k, device=device), torch.randn(n, k, device=device)
     g = torch.randn(m, n, device=device)
@@ -85,9 +87,21 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
 
         return quantize
 
-    def transform() -> None:
+    def transform() -> None:  # the eager path's (fused=False)
         t = build_block_householder(g)
         t.inverse(t.forward(g))
+        sync()
+
+    grad_input = torch.randn(m, k, device=device)
+    qi = fqtorch.get_quantizer("ptq", 8, rounding="nearest", fused=True)
+    qw = fqtorch.get_quantizer("symmetric", 8, rounding="nearest", fused=True)
+    qb = fqtorch.get_quantizer("bhq", 5, fused=True)
+    qh = fqtorch.get_quantizer("per_column", 8, fused=True)
+
+    def quantize_bhq_fused() -> None:  # fused BHQ: transform inside the passes, and its inverse
+        qi.encode(x), qw.encode(w)
+        g_codes, _ = encode_two_way(g, qb, qh, gen)
+        g_codes.transform.inverse_(grad_input)  # on the step's (M, K) grad_input
         sync()
 
     buffer = torch.empty_like(g)
@@ -103,6 +117,7 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
         "quantize": median_seconds(quantize_with(False), repeats)["median"],
         "quantize_fused": median_seconds(quantize_with(True), repeats)["median"],
         "bhq_transform": median_seconds(transform, repeats)["median"],
+        "quantize_fused_bhq": median_seconds(quantize_bhq_fused, repeats)["median"],
         "bandwidth_bytes_per_s": 2 * g.numel() * g.element_size() / stream_time,
     }
 
@@ -172,17 +187,20 @@ def print_breakdown(variants: dict, parts: dict) -> None:
         f" ms, fused {parts['quantize_fused'] * 1e3:.1f} ms; BHQ transform {transform * 1e3:.1f}"
         " ms"
     )
+    print(f"BHQ fused quantization with its inverse {parts['quantize_fused_bhq'] * 1e3:.1f} ms")
     for suffix, key in (("", "quantize"), ("_fused", "quantize_fused")):
         for q in ("psq5", "bhq5"):
             name = f"fqt_int8_{q}{suffix}"
             if name not in variants:
                 continue
             total = variants[name]["median"]
-            extra = transform if q == "bhq5" else 0.0
-            other = total - gemm - parts[key] - extra
+            # Fused BHQ: its transform is inside the quantization passes.
+            part = "quantize_fused_bhq" if q == "bhq5" and suffix else key
+            extra = transform if q == "bhq5" and not suffix else 0.0
+            other = total - gemm - parts[part] - extra
             print(
                 f"{name}: {total * 1e3:.1f} ms = GEMM {gemm * 1e3:.1f} + quantize "
-                f"{parts[key] * 1e3:.1f} + transform {extra * 1e3:.1f} + other "
+                f"{parts[part] * 1e3:.1f} + transform {extra * 1e3:.1f} + other "
                 f"{other * 1e3:.1f}; GEMM-only limit / step = {gemm / total:.2f} (separate "
                 f"runs), _int_mm share of the step = {variants[name]['int_mm_share']:.3f} "
                 "(profiler, same run)"

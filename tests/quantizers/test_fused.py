@@ -105,7 +105,7 @@ ENCODE_KERNEL = {
     "rht": uniform.fused_affine,
     "symmetric": uniform.fused_symmetric,
     "symmetric_per_row": uniform.fused_symmetric,
-    "bhq": householder.fused_affine_encode,
+    "bhq": householder.fused_round_transformed,
     **{name: formats.fused_format for name in library_quantizers() if formats.is_format(name)},
 }
 

@@ -432,13 +432,20 @@ def _grad_input_fast(g: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dt
             w.bias.to(f32),
         )  # fmt: skip
         out = acc.view(f32)
-        return out if g.transform is None else g.transform.inverse(out).to(out_dtype)
+        return out if g.transform is None else _inverse_in_place(g.transform, out).to(out_dtype)
     prod, g_rows = _mm_row_sums(g.codes, w.codes.T)  # (M', O) × (O, K)
     out = _compiled_grad_input(
         prod, g_rows, w.codes, g.scale.to(f32), g.bias.to(f32), w.scale.to(f32), w.bias.to(f32),
         dtype,
     )  # fmt: skip
     return out if g.transform is None else g.transform.inverse(out).to(out_dtype)
+
+
+def _inverse_in_place(transform: Any, out: Tensor) -> Tensor:
+    """``transform.inverse(out)``, written over ``out`` (our own buffer) where the transform can
+    (BHQ's ``inverse_``): no second buffer of the product's size."""
+    in_place = getattr(transform, "inverse_", None)
+    return transform.inverse(out) if in_place is None else in_place(out)
 
 
 def _grad_weight_fast(

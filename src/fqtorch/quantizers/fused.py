@@ -3,8 +3,9 @@
 A quantizer built with ``fused=True`` runs its rounding — cast, range reduction, scaling, noise,
 stochastic rounding, clamping, int8 conversion — as one compiled graph (and its decode as
 another), whose uniforms come from :func:`~fqtorch.quantizers.rounding.hash_uniform` inside the
-loop instead of a separate ``torch.rand`` pass. BHQ's and RHT's row transforms stay eager (see
-their modules). Eager and compiled runs of the same kernel give the same codes, so:
+loop instead of a separate ``torch.rand`` pass. BHQ's row transform is computed inside its
+compiled passes on the CPU (its group sums in a fixed order, not a compiled scatter-add); RHT's
+stays eager (see their modules). Eager and compiled runs of the same kernel give the same codes, so:
 
 * compilation happens on the first call, not at import, with dynamic shapes: one graph per
   kernel and static configuration (granularity, rounding, dtype, device), whatever the layer

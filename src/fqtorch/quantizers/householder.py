@@ -22,12 +22,19 @@ atomic scatter-add), so the codes are reproducible on a GPU and for any thread c
 costs a few passes over the N×D tensor; nothing loops in Python or syncs with the device. Ranges
 and transform parameters are computed in float64, so ranges past the float32 maximum and subnormal
 ones both get finite, nonzero row scales.
+
+Fused (``fused=True``) on the CPU, ``T x`` is never materialized: compiled passes compute its rows
+on the fly, each row summing its own group in a fixed order (see :func:`_lane_sums`), and the
+inverse runs in place (:meth:`BlockHouseholderTransform.inverse_`). The same transform and codes
+compiled and eager, and for any thread count.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +49,8 @@ from .base import (
     register_quantizer,
 )
 from .fused import LazyCompiled
+from .rounding import Noise
+from .twoway import _affine_params, _affine_round, _spec
 from .uniform import affine_encode, affine_steps, fused_affine, group_minmax
 
 __all__ = ["BlockHouseholder", "BlockHouseholderTransform", "build_block_householder"]
@@ -64,6 +73,8 @@ class BlockHouseholderTransform:
     coef: Tensor  # (N,) v_r · gain of each row
     gain: Tensor  # (N,) gain of each row's group
     row_scale: Tensor  # (N,) s
+    # The inverse's elementwise pass compiled (a fused quantizer's transform; same values).
+    fused: bool = False
 
     def group_sums(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """``Σ_{r∈g} w_r x_r`` per slot ``g`` for ``x`` (N, D), or (N,) for a vector: each sum runs
@@ -94,7 +105,22 @@ class BlockHouseholderTransform:
         """``(y − coef∘u[group]) / s`` with ``u = vᵀy`` per group (``H_n`` is its own inverse);
         the difference first, as its terms may pass the float maximum once divided by ``s``."""
         u = self.group_sums(y, self.v)
+        if self.fused:
+            return fused_inverse_rows(y, u, self.group, self.row_scale, self.coef)
         return self._spread(u, -self.coef).add_(y).div_(self.row_scale[:, None])
+
+    def inverse_(self, y: Tensor) -> Tensor:
+        """:meth:`inverse` written over ``y`` (N, D), which is returned: no second N×D buffer.
+        Rows the transform leaves alone keep their values; where it leaves every row alone
+        (known without waiting on the CPU), ``y`` is not touched."""
+        if y.device.type == "cpu" and not bool(self.coef.any()):
+            return y
+        u = self.group_sums(y, self.v)
+        if self.fused:
+            fused_inverse_rows_in_place(y, u, self.group, self.row_scale, self.coef)
+        else:
+            y.copy_(_inverse_rows(y, u, self.group, self.row_scale, self.coef))
+        return y
 
     def inverse_column_norms_sq(self) -> Tensor:
         """``‖T⁻¹ e_i‖² = Σ_r (δ_ri − gain·v_r·v_i)² / s_r²`` from group sums, per row ``i``
@@ -190,17 +216,22 @@ class _Plan:
     high: Tensor  # (N, 1)
 
 
-def _plan(x2d: Tensor) -> _Plan | None:
-    """The transform with each group kept only where it lowers the group's variance bound (see the
-    module docstring); ``None`` when N ≤ 2 (no group fits)."""
-    if x2d.shape[0] <= 2:
-        return None
-    low_x, high_x = group_minmax(x2d, "row")
-    spans = (high_x.double() - low_x.double()).squeeze(1)  # float64: finite for finite rows
-    paper = _paper_transform(x2d, spans)
-    y = paper.forward(x2d)
-    low_y, high_y = group_minmax(y, "row")
-    spans_y = (high_y.double() - low_y.double()).squeeze(1)
+def _spans(low: Tensor, high: Tensor) -> Tensor:
+    """Row ranges in float64 (finite for finite rows), (N,)."""
+    return (high.double() - low.double()).squeeze(1)
+
+
+def _decide(
+    paper: BlockHouseholderTransform,
+    spans: Tensor,
+    ranges_x: tuple[Tensor, Tensor],
+    ranges_y: tuple[Tensor, Tensor],
+    dtype: torch.dtype,
+) -> tuple[BlockHouseholderTransform, Tensor, Tensor, Tensor]:
+    """The paper's transform kept only for the groups whose variance bound it lowers (see the
+    module docstring): (transform, keep (N,) bool, low, high of the rows BHQ quantizes)."""
+    (low_x, high_x), (low_y, high_y) = ranges_x, ranges_y
+    spans_y = _spans(low_y, high_y)
     # Per group, (4/D)·bound with and without the transform (the factor B² cancels too). A NaN or
     # Inf makes both non-finite, so the comparison fails and the group stays plain.
     reflected = paper.group_sums(spans_y.square() * paper.inverse_column_norms_sq())
@@ -209,17 +240,34 @@ def _plan(x2d: Tensor) -> _Plan | None:
     # the float grid (half the smallest subnormal) is not small against the quantization noise, so
     # it would bias them, while PSQ's grid is exact.
     leader = paper.members[paper.offsets[paper.group]]
-    keep &= spans[leader] >= torch.finfo(x2d.dtype).tiny
+    keep &= spans[leader] >= torch.finfo(dtype).tiny
     transform = dataclasses.replace(
         paper,
         v=torch.where(keep, paper.v, torch.zeros_like(paper.v)),
         coef=torch.where(keep, paper.coef, torch.zeros_like(paper.coef)),
         row_scale=torch.where(keep, paper.row_scale, torch.ones_like(paper.row_scale)),
     )
-    keep = keep[:, None]
+    column = keep[:, None]
+    low = torch.where(column, low_y, low_x)
+    return transform, keep, low, torch.where(column, high_y, high_x)
+
+
+def _plan(x2d: Tensor) -> _Plan | None:
+    """The transform with each group kept only where it lowers the group's variance bound (see the
+    module docstring), and ``y = T x`` materialized (the eager path); ``None`` when N ≤ 2 (no
+    group fits)."""
+    if x2d.shape[0] <= 2:
+        return None
+    low_x, high_x = group_minmax(x2d, "row")
+    spans = _spans(low_x, high_x)
+    paper = _paper_transform(x2d, spans)
+    y = paper.forward(x2d)
+    transform, keep, low, high = _decide(
+        paper, spans, (low_x, high_x), group_minmax(y, "row"), x2d.dtype
+    )
     # The rows left alone are x's own (in place: y is ours, and a copy would cost a fresh N×D).
-    y = torch.where(keep, y, x2d, out=y)
-    return _Plan(transform, y, torch.where(keep, low_y, low_x), torch.where(keep, high_y, high_x))
+    y = torch.where(keep[:, None], y, x2d, out=y)
+    return _Plan(transform, y, low, high)
 
 
 def build_block_householder(x2d: Tensor) -> BlockHouseholderTransform | None:
@@ -228,8 +276,223 @@ def build_block_householder(x2d: Tensor) -> BlockHouseholderTransform | None:
     return None if plan is None else plan.transform
 
 
-# Fused, only the rounding is compiled: the transform's group sums stay eager.
+# Fused (``fused=True``): neither ``y = T x`` nor its group sums ``u = vᵀ(s∘x)`` are materialized
+# (fresh N×D buffers cost page faults every call). Two compiled passes compute the rows of ``y``
+# on the fly, one for their ranges (which decide the groups kept), one for the rounding. A row of
+# a group of at most _LANES rows sums its group itself: it reads the group's rows (its own among
+# them) and adds them, weighted, in the group's order, left to right. Explicit additions in a fixed
+# order, not a reduction: the same roundings compiled and eager and for any thread count (a
+# compiled scatter-add would accumulate in a thread-dependent order and the codes would stop being
+# reproducible from the seed), and every row of a group gets the same sum. A larger group's sum
+# is computed once, beforehand, the same way: its rows in chunks of _LANES, then the chunks'
+# partial sums _LANES at a time (:func:`_ordered_group_sums`). A padding lane reads a row of the
+# group with weight 0.
+_LANES = 4
+
+
+def _lane_sums(rows: Tensor, index: Tensor, weight: Tensor) -> Tensor:
+    """``Σ_j weight[c, j]·rows[index[c, j]]`` for every ``c``, the lanes added in order."""
+    total = weight[:, :1] * rows[index[:, 0]]
+    for lane in range(1, _LANES):
+        total = total + weight[:, lane : lane + 1] * rows[index[:, lane]]
+    return total
+
+
+def _transformed(x2d: Tensor, rows: tuple[Tensor, ...], own: Tensor | None = None) -> Tensor:
+    """The rows of ``y = T x``, ``s∘x − coef∘u[group]``. ``rows``: each row's lanes (row ids and
+    weights, (N, L)), the sums of the large groups, each row's large group and whether it has
+    one, its scale and coefficient (see :func:`_row_lanes`); ``own``: the rows of ``x`` they
+    are for, when not ``x2d`` itself."""
+    index, weight, large_sums, large_group, large, scale, coef = rows[:7]
+    sums = torch.where(large[:, None], large_sums[large_group], _lane_sums(x2d, index, weight))
+    return (x2d if own is None else own) * scale[:, None] - coef[:, None] * sums
+
+
+def _in_order(rows: tuple[Tensor, ...], order: Tensor) -> tuple[Tensor, ...]:
+    """``rows`` (see :func:`_transformed`; and the kept flags) for the rows of ``x`` in
+    ``order``."""
+    return tuple(t if i == 2 else t[order] for i, t in enumerate(rows))
+
+
+def _transformed_ranges(
+    x2d: Tensor, rows: tuple[Tensor, ...], order: Tensor
+) -> tuple[Tensor, Tensor]:
+    """The ranges of the rows of ``y``, in ``order`` (group by group: the rows a group's rows
+    read are then read once from memory, the others from the cache)."""
+    return group_minmax(_transformed(x2d, _in_order(rows, order), x2d[order]), "row")
+
+
+def _transformed_or_plain(x2d: Tensor, rows: tuple[Tensor, ...]) -> Tensor:
+    """``y`` on the kept rows, ``x`` on the others (``rows[7]``: kept)."""
+    return torch.where(rows[7][:, None], _transformed(x2d, rows), x2d)
+
+
+# The roundings run in row order: in group order (as the ranges) they were no faster (their
+# arithmetic, not their reads, bounds them), and the codes' writes would be scattered.
+def _round_transformed(
+    x2d: Tensor, rows: tuple[Tensor, ...], params: tuple[Tensor, ...], bits: int, rounding: str,
+    noise: Noise,
+) -> Tensor:  # fmt: skip
+    return _affine_round(_transformed_or_plain(x2d, rows), params, bits, rounding, noise)
+
+
+def _round_transformed_two_way(
+    x2d: Tensor, rows: tuple[Tensor, ...], params_g: tuple[Tensor, ...],
+    params_h: tuple[Tensor, ...], spec_g: tuple, spec_h: tuple, noise_g: Noise, noise_h: Noise,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """BHQ's codes of ``x`` and the column quantizer's, in one loop over ``x``."""
+    y = _transformed_or_plain(x2d, rows)
+    return (
+        _affine_round(y, params_g, spec_g[0], spec_g[3], noise_g),
+        _affine_round(x2d, params_h, spec_h[0], spec_h[3], noise_h),
+    )
+
+
+def _row_ranges(x2d: Tensor) -> tuple[Tensor, Tensor]:
+    return group_minmax(x2d, "row")
+
+
+def _two_way_ranges(x2d: Tensor, spec_h: tuple) -> tuple[Tensor, ...]:
+    """The rows' ranges and the column quantizer's grid parameters, in one pass over ``x``."""
+    low, high = group_minmax(x2d, "row")
+    return low, high, _affine_params(*group_minmax(x2d, spec_h[1]), spec_h[0])
+
+
+def _inverse_rows(y: Tensor, sums: Tensor, group: Tensor, scale: Tensor, coef: Tensor) -> Tensor:
+    """``T⁻¹ y`` from the group sums ``u = vᵀy``: ``(y − coef∘u[group]) / s`` on the reflected
+    rows, ``y`` itself on the others."""
+    inverse = (y - coef[:, None] * sums[group]) / scale[:, None]
+    return torch.where(coef[:, None] != 0, inverse, y)
+
+
+def _inverse_rows_in_place(
+    y: Tensor, sums: Tensor, group: Tensor, scale: Tensor, coef: Tensor
+) -> None:
+    y.copy_(_inverse_rows(y, sums, group, scale, coef))
+
+
+fused_lane_sums = LazyCompiled(_lane_sums)
+# Fused off the CPU: y materialized (:func:`_plan`), its rounding compiled.
 fused_affine_encode = LazyCompiled(affine_encode)
+fused_row_ranges = LazyCompiled(_row_ranges)
+fused_two_way_ranges = LazyCompiled(_two_way_ranges)
+fused_transformed_ranges = LazyCompiled(_transformed_ranges)
+fused_round_transformed = LazyCompiled(_round_transformed)
+fused_round_transformed_two_way = LazyCompiled(_round_transformed_two_way)
+fused_inverse_rows = LazyCompiled(_inverse_rows)
+fused_inverse_rows_in_place = LazyCompiled(_inverse_rows_in_place)
+
+
+def _first_lanes(
+    order: Tensor, weight: Tensor, starts: Tensor, sizes: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Row ids and weights (G, L) of the first :data:`_LANES` entries of each group, the groups
+    laid out one after the other in ``order`` from ``starts`` with ``sizes``; padding lanes take
+    the group's first entry with weight 0."""
+    position = starts[:, None] + torch.arange(_LANES, device=starts.device)
+    valid = position < (starts + sizes)[:, None]
+    position = torch.where(valid, position, starts[:, None]).clamp(max=order.numel() - 1)
+    lane_weight = weight[position]
+    return order[position], torch.where(valid, lane_weight, torch.zeros_like(lane_weight))
+
+
+def _ordered_group_sums(
+    x2d: Tensor, order: Tensor, weight: Tensor, sizes: Tensor, kernel: Callable[[LazyCompiled], Any]
+) -> Tensor:
+    """``Σ_{r∈g} w_r x_r`` per group (groups laid out in ``order`` with ``sizes``, ``weight`` in
+    that order), by compiled passes of :data:`_LANES` chunks in a fixed order; the count of passes
+    is read from the sizes (CPU)."""
+    rows = x2d
+    while True:
+        chunks = sizes.add(_LANES - 1).div(_LANES, rounding_mode="floor").clamp(min=1)
+        within = torch.arange(int(chunks.sum()), device=sizes.device)
+        chunk_group = torch.repeat_interleave(
+            torch.arange(sizes.numel(), device=sizes.device), chunks
+        )
+        within = within - (chunks.cumsum(0) - chunks)[chunk_group]
+        starts = (sizes.cumsum(0) - sizes)[chunk_group]
+        begin = starts + _LANES * within
+        left = (starts + sizes[chunk_group] - begin).clamp(min=0)
+        index, lane_weight = _first_lanes(order, weight, begin, left)
+        rows = kernel(fused_lane_sums)(rows, index, lane_weight)
+        if bool((chunks == 1).all()):
+            return rows
+        sizes, order = chunks, torch.arange(rows.shape[0], device=rows.device)
+        weight = torch.ones(rows.shape[0], dtype=rows.dtype, device=rows.device)
+
+
+def _row_lanes(
+    t: BlockHouseholderTransform, x2d: Tensor, kernel: Callable[[LazyCompiled], Any]
+) -> tuple[Tensor, ...]:
+    """What :func:`_transformed` takes for the transform ``t`` (CPU): each row's group as lanes
+    when it has at most :data:`_LANES` rows, else the sums of the large groups, computed here."""
+    n = t.members.numel()
+    sizes = torch.diff(t.offsets, append=t.offsets.new_tensor([n]))
+    weight = (t.v * t.row_scale)[t.members]  # in members order
+    index, lane_weight = _first_lanes(t.members, weight, t.offsets, sizes)
+    large_slot = sizes > _LANES
+    large = large_slot[t.group]
+    own = torch.arange(n, device=x2d.device)[:, None].expand(n, _LANES)
+    index = torch.where(large[:, None], own, index[t.group])
+    lane_weight = torch.where(large[:, None], 0.0, lane_weight[t.group])
+    if bool(large_slot.any()):
+        slot_of = torch.repeat_interleave(torch.arange(sizes.numel(), device=x2d.device), sizes)
+        in_large = large_slot[slot_of]  # in members order
+        large_sums = _ordered_group_sums(
+            x2d, t.members[in_large], weight[in_large], sizes[large_slot], kernel
+        )
+    else:
+        large_sums = x2d.new_zeros(1, x2d.shape[1])
+    large_group = (large_slot.cumsum(0) - 1).clamp(min=0)[t.group]
+    return index, lane_weight, large_sums, large_group, large, t.row_scale, t.coef
+
+
+def _on_the_fly(x2d: Tensor) -> bool:
+    """Whether fused BHQ computes ``y`` inside its passes (:func:`_fused_plan`): on the CPU,
+    where the count of summing passes can be read without waiting on a device."""
+    return x2d.device.type == "cpu"
+
+
+@dataclass(frozen=True)
+class _FusedPlan:
+    """What fused BHQ quantizes, ``y = T x`` described (:func:`_transformed`'s ``rows`` and which
+    rows are kept), not materialized."""
+
+    transform: BlockHouseholderTransform
+    rows: tuple[Tensor, ...]
+    low: Tensor  # (N, 1)
+    high: Tensor  # (N, 1)
+
+
+def _fused_plan(
+    x2d: Tensor, ranges_x: tuple[Tensor, Tensor], kernel: Callable[[LazyCompiled], Any]
+) -> _FusedPlan:
+    """:func:`_plan`'s transform and grids (N > 2, CPU) from the rows' ranges, ``y``'s ranges
+    computed on the fly by ``kernel(fused_transformed_ranges)`` (compiled, or its eager
+    function)."""
+    spans = _spans(*ranges_x)
+    paper = _paper_transform(x2d, spans)
+    rows = _row_lanes(paper, x2d, kernel)
+    low_y, high_y = kernel(fused_transformed_ranges)(x2d, rows, paper.members)
+    rank = torch.empty_like(paper.members)
+    rank[paper.members] = torch.arange(rank.numel(), device=rank.device)
+    ranges_y = low_y[rank], high_y[rank]
+    transform, keep, low, high = _decide(paper, spans, ranges_x, ranges_y, x2d.dtype)
+    # The rows left alone need no sums: their lanes read themselves, with weight 0.
+    index, lane_weight, large_sums, large_group, large = rows[:5]
+    own = torch.arange(x2d.shape[0], device=x2d.device)[:, None].expand_as(index)
+    column = keep[:, None]
+    rows = (
+        torch.where(column, index, own),
+        torch.where(column, lane_weight, 0.0),
+        large_sums,
+        large_group,
+        large & keep,
+        transform.row_scale,
+        transform.coef,
+        keep,
+    )
+    return _FusedPlan(dataclasses.replace(transform, fused=True), rows, low, high)
 
 
 @register_quantizer("bhq")
@@ -243,21 +506,70 @@ class BlockHouseholder(Quantizer):
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         check_float(x, self.name)
-        x2d = as_rows(x).to(compute_dtype(x)).contiguous()
-        plan = _plan(x2d)
-        noise = self.noise(generator, x2d.device)
-        if plan is None:
+        x2d = as_rows(x).detach().to(compute_dtype(x)).contiguous()
+        if x2d.shape[0] <= 2:  # no group fits: PSQ
+            noise = self.noise(generator, x2d.device)
             codes, scale, bias = self.kernel(fused_affine)(
                 x2d, noise, self.bits, "row", self.rounding
             )
             return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype)
+        if self.fused and _on_the_fly(x2d):
+            plan = _fused_plan(x2d, self.kernel(fused_row_ranges)(x2d), self.kernel)
+            noise = self.noise(generator, x2d.device)
+            params = _affine_params(plan.low, plan.high, self.bits)
+            codes = self.kernel(fused_round_transformed)(
+                x2d, plan.rows, params[:3], self.bits, self.rounding, noise
+            )
+            return self._encoded(codes, params, x, plan.transform)
+        plan = _plan(x2d)
+        noise = self.noise(generator, x2d.device)
         # Eager, the rounding overwrites y (a fresh N×D buffer per call would cost page faults);
-        # compiled, it reads y and keeps its intermediates in registers.
+        # compiled (fused, off the CPU), it reads y and keeps its intermediates in registers.
         scratch = None if self.fused else plan.y
         codes, scale, bias = self.kernel(fused_affine_encode)(
             plan.y, plan.low, plan.high, self.bits, self.rounding, noise, scratch
         )
         return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype, plan.transform)
+
+    def encode_two_way(
+        self,
+        x: Tensor,
+        column_quantizer: Quantizer,
+        generator: torch.Generator | None = None,
+        compiled: bool = True,
+    ) -> tuple[QuantizedTensor, QuantizedTensor] | None:
+        """``(self.encode(x), column_quantizer.encode(x))``, the same codes, sharing the passes
+        over ``x``: one for the rows' ranges and the column quantizer's statistics, one for both
+        roundings (:func:`~.twoway.encode_two_way` calls this). ``None`` where it does not apply
+        (this quantizer or the column one not fused, a symmetric column grid, N ≤ 2): the caller
+        then encodes one after the other. ``compiled=False`` runs the same code eagerly."""
+        spec_h = _spec(column_quantizer)
+        x2d = as_rows(x)
+        if not self.fused or spec_h is None or spec_h[2] or x2d.shape[0] <= 2:
+            return None
+        if not _on_the_fly(x2d):
+            return None
+        kernel: Callable[[LazyCompiled], Any] = (lambda k: k) if compiled else (lambda k: k.fn)
+        x2d = x2d.detach().to(compute_dtype(x)).contiguous()
+        low_x, high_x, params_h = kernel(fused_two_way_ranges)(x2d, spec_h)
+        plan = _fused_plan(x2d, (low_x, high_x), kernel)
+        noise_g = self.noise(generator, x2d.device)
+        noise_h = column_quantizer.noise(generator, x2d.device)
+        params_g = _affine_params(plan.low, plan.high, self.bits)
+        spec_g = (self.bits, "row", False, self.rounding)
+        codes_g, codes_h = kernel(fused_round_transformed_two_way)(
+            x2d, plan.rows, params_g[:3], params_h[:3], spec_g, spec_h, noise_g, noise_h
+        )
+        return (
+            self._encoded(codes_g, params_g, x, plan.transform),
+            QuantizedTensor(codes_h, *params_h[3:], column_quantizer.bits, x.shape, x.dtype),
+        )
+
+    def _encoded(
+        self, codes: Tensor, params: tuple[Tensor, ...], x: Tensor, transform: Any
+    ) -> QuantizedTensor:
+        scale, bias = params[3:]
+        return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype, transform)
 
     def variance_bound(self, x: Tensor) -> Tensor:
         """``(D/4)·Σ_i Δ_i² ‖T⁻¹e_i‖²``, Δ_i the step of row i of ``T x`` (docs/method.md §4),
@@ -268,7 +580,11 @@ class BlockHouseholder(Quantizer):
         """
         check_float(x, self.name)
         x2d = as_rows(x).to(compute_dtype(x)).contiguous()
-        plan = _plan(x2d)
+        plan: _Plan | _FusedPlan | None
+        if self.fused and _on_the_fly(x2d) and x2d.shape[0] > 2:  # the plan encode uses
+            plan = _fused_plan(x2d, self.kernel(fused_row_ranges)(x2d), self.kernel)
+        else:
+            plan = _plan(x2d)
         if plan is None:
             low, high = group_minmax(x2d, "row")
         else:

@@ -106,6 +106,12 @@ def encode_two_way(
     graph when both are fused uniform quantizers (else one after the other). ``compiled=False``
     runs the same graph eagerly (for debugging; same codes)."""
     check_float(x, column_quantizer.name)
+    # A row quantizer with its own two-way encode (BHQ: a row transform before the rounding).
+    two_way = getattr(row_quantizer, "encode_two_way", None)
+    if two_way is not None:
+        pair = two_way(x, column_quantizer, generator, compiled)
+        if pair is not None:
+            return pair
     x2d = as_rows(x)
     spec_g, spec_h = _spec(row_quantizer), _spec(column_quantizer)
     if spec_g is None or spec_h is None:
