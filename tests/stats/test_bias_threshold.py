@@ -60,7 +60,8 @@ class TestThreshold:
         params = _Params(["w"], ["layer"], [torch.zeros(8)])
         for values in ((10, 20, 30, 40), (5, 50, 500, 5000)):
             z2 = [torch.full((8,), float(v)) for v in values]
-            report = _bias_report(params, z2, torch.ones(8), samples=16, alpha=1e-3)
+            owner = torch.zeros(8, dtype=torch.long)  # eight projections of the one tensor
+            report = _bias_report(params, owner, z2, torch.ones(8), samples=16, alpha=1e-3)
             assert not report.passed, report.summary()
 
 

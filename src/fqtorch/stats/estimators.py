@@ -204,12 +204,46 @@ def sampling_variance(
     )
 
 
+# The bias test's random directions per parameter tensor, and their seed (fixed: the test is a
+# deterministic function of the draws).
+_RANDOM_DIRECTIONS = 8
+_DIRECTIONS_SEED = 20201207
+
+
+class _Directions:
+    """The directions the bias test projects each parameter tensor's gradient on (docs/method.md
+    §7): ``count`` random ±1 vectors from a fixed seed, all ones, and the sign of the batch's QAT
+    gradient. A projection sums every entry's rounding noise, so it is close to Gaussian even where
+    single entries are not (a weight-gradient entry that a few rare, large roundings feed)."""
+
+    def __init__(self, params: _Params, count: int = _RANDOM_DIRECTIONS) -> None:
+        gen = torch.Generator().manual_seed(_DIRECTIONS_SEED)
+        self.sizes = params.sizes
+        self.signs = [
+            (torch.randint(0, 2, (count, n), generator=gen, dtype=torch.int8) * 2 - 1).to(p.device)
+            for n, p in zip(self.sizes, params.tensors, strict=True)
+        ]
+        self.per_tensor = count + 2
+        # (J,) the parameter tensor each projection belongs to
+        self.owner = torch.arange(len(self.sizes)).repeat_interleave(self.per_tensor)
+
+    def project(self, flat: Tensor, qat_signs: list[Tensor]) -> Tensor:
+        """(J,) projections of a flat gradient: per tensor, its random directions, then all
+        ones, then ``qat_signs`` (the sign of the QAT gradient, per tensor)."""
+        out = []
+        for part, signs, sign in zip(flat.split(self.sizes), self.signs, qat_signs, strict=True):
+            out += [signs.to(part.dtype) @ part, part.sum().reshape(1), (sign @ part).reshape(1)]
+        return torch.cat(out)
+
+
 @dataclass(frozen=True)
 class _Draws:
     qat: Tensor  # (P,) QAT gradient
     mean: Tensor  # (P,) mean FQT gradient
     variance: Tensor  # (P,) per-entry variance of the FQT gradient
     samples: int
+    projections: Tensor | None = None  # (S, J) each draw projected on the bias test's directions
+    qat_signs: list[Tensor] | None = None  # per parameter tensor, the sign of the QAT gradient
 
 
 def _draw(
@@ -221,10 +255,12 @@ def _draw(
     keep: Sequence[str] | None = None,
     forward: _Forward | None = None,
     qat: Tensor | None = None,
+    directions: _Directions | None = None,
 ) -> _Draws:
     """The QAT gradient and ``samples`` FQT backward passes from one forward (``forward``, or a
     new one; ``qat``, its QAT gradient, when already known); only the layers in ``keep``
-    quantize their gradients when given."""
+    quantize their gradients when given. With ``directions``, every draw is also projected on
+    them (the bias test's statistic)."""
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to estimate a variance, got {samples}")
     forward = forward or _Forward(model, loss_fn, batch, params)
@@ -232,10 +268,16 @@ def _draw(
         with exact_backward(model):
             qat = forward.gradient()
     moments = _Moments()
+    signs = None if directions is None else [t.sign() for t in qat.split(params.sizes)]
+    projections = []
     with exact_backward(model, keep) if keep is not None else ExitStack():
         for _ in range(samples):
-            moments.add(forward.gradient())
-    return _Draws(qat, moments.mean, moments.variance(), samples)
+            g = forward.gradient()
+            moments.add(g)
+            if directions is not None:
+                projections.append(directions.project(g, signs))
+    stacked = torch.stack(projections) if projections else None
+    return _Draws(qat, moments.mean, moments.variance(), samples, stacked, signs)
 
 
 def _require_fqt(model: nn.Module) -> dict[str, FQTModule]:
@@ -247,11 +289,15 @@ def _require_fqt(model: nn.Module) -> dict[str, FQTModule]:
 
 @dataclass(frozen=True)
 class LayerBias:
+    """One layer's verdict: ``z_rms`` over its projections (judged against ``limit``);
+    ``z_max``, the largest per-entry |z|, is informational."""
+
     name: str
     z_rms: float
     z_max: float
     limit: float
     entries: int
+    directions: int = 0  # projections judged (per parameter tensor: random, ones, sign(QAT))
 
     @property
     def passed(self) -> bool:
@@ -262,13 +308,17 @@ class LayerBias:
 class BiasReport:
     """z-scores of the mean FQT gradient against the QAT gradient, per layer.
 
-    ``z = (mean_s g_s − g_QAT) / (std_s / √S)`` per entry, Student-t with ``ν = S − 1`` when
-    unbiased. A layer fails when its RMS z over its entries and the B batches exceeds ``limit``,
-    the square root of :func:`~fqtorch.stats.null.z2_threshold` at level ``alpha / L`` for L
-    layers (Bonferroni): a threshold from the null distribution alone (samples and batches, with
-    the entries' correlation at its worst), so the whole report raises a false alarm with
-    probability at most ``alpha``. ``z_max`` is reported, not judged: over many entries Student-t
-    tails make large values expected.
+    Each parameter tensor's gradient is projected on fixed directions (8 random ±1 vectors, all
+    ones, the sign of the QAT gradient); per projection ``u``,
+    ``z = (mean_s u·g_s − u·g_QAT) / (std_s(u·g_s) / √S)``, Student-t with ``ν = S − 1`` when
+    unbiased (a projection sums every entry's rounding noise, so it is near Gaussian even where
+    single entries are heavy-tailed). A layer fails when its RMS z over its projections and the B
+    batches exceeds ``limit``, the square root of :func:`~fqtorch.stats.null.z2_threshold` at
+    level ``alpha / L`` for L layers (Bonferroni): a threshold from the null distribution alone
+    (samples and batches, with the projections' correlation at its worst), so the whole report
+    raises a false alarm with probability at most ``alpha``. ``z_max``, the largest per-entry
+    |z|, is reported, not judged: over many entries Student-t tails make large values expected,
+    and an entry's standard error from S draws misses rare large roundings.
     """
 
     layers: list[LayerBias]
@@ -347,6 +397,7 @@ def measure_quantization(
     variance, z2_batches, z_max, params = _measure(model, loss_fn, batches, samples)
     bias = _bias_report(
         params,
+        _Directions(params).owner,
         z2_batches,
         z_max,
         samples,
@@ -359,27 +410,38 @@ def measure_quantization(
 def _measure(
     model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int, z: bool = True
 ) -> tuple[GradientVariance, list[Tensor], Tensor | None, _Params]:
-    """The quantization variance and (``z=True``) each batch's z² and the largest |z|."""
+    """The quantization variance and (``z=True``) each batch's projection z² and the largest
+    per-entry |z|."""
     _require_fqt(model)
     params = _Params.of(model)
+    directions = _Directions(params) if z else None
     var_sum = z_max = None
     z2_batches = []
     with _restored_buffers(model):
         for b in batches:
-            d = _draw(model, loss_fn, b, samples, params)
+            d = _draw(model, loss_fn, b, samples, params, directions=directions)
             var_sum = d.variance if var_sum is None else var_sum + d.variance
-            if z:
-                scores = _z_scores(d, params)
-                z2_batches.append(scores.square())
-                z_max = scores.abs() if z_max is None else torch.fmax(z_max, scores.abs())
+            if directions is not None:
+                entries, projected = _z_scores(d, params, directions)
+                z2_batches.append(projected.square())
+                z_max = entries.abs() if z_max is None else torch.fmax(z_max, entries.abs())
     layer_of = dict(zip(params.names, params.layers, strict=True))
     variance = GradientVariance(params.per_parameter(var_sum / len(batches)), layer_of)
     return variance, z2_batches, z_max, params
 
 
-def _z_scores(d: _Draws, params: _Params) -> Tensor:
-    """Per entry ``z = (mean − QAT)/(std/√S)``; NaN where the entry has no spread and matches,
-    ``+inf`` where it has no spread and does not.
+def _z(diff: Tensor, se: Tensor, scale: Tensor) -> Tensor:
+    """``diff / se``; where ``se`` is at float-rounding level of ``scale`` (≤ 1e-7): NaN if
+    ``diff`` is within 1e-3 of ``scale`` (no spread, matches), else ``+inf``."""
+    matches = diff.abs() <= 1e-3 * scale + 1e-30
+    verdict = torch.where(matches, math.nan, math.inf).to(diff.dtype)
+    return torch.where(se <= 1e-7 * scale, verdict, diff / se.clamp(min=1e-300))
+
+
+def _z_scores(d: _Draws, params: _Params, directions: _Directions) -> tuple[Tensor, Tensor]:
+    """Per entry ``z = (mean − QAT)/(std/√S)`` and per projection on ``directions`` (the judged
+    one, :class:`BiasReport`); NaN where an entry has no spread and matches, ``+inf`` where it has
+    no spread and does not.
 
     An entry whose spread is at float-rounding level (≤ 1e-7 of its tensor's largest gradient)
     carries no variance to test against: only grid end points feed it, or every draw happened to
@@ -387,20 +449,38 @@ def _z_scores(d: _Draws, params: _Params) -> Tensor:
     must not count as biased). It matches when it is within 1e-3 of that scale: float32
     dequantization of a grid end point errs by ~1 ulp of the grid's range, summed over the rows of
     a GEMM; a biased rounding (nearest at 2-4 bits) errs by 1e-2 or more.
+
+    Projections use the entries with spread only: an entry without spread adds the same value to
+    every draw's projection, so it moves the projections' mean and not their spread, and is left
+    out of the mean difference, as it is left out of the per-entry statistic. A tensor without any
+    entry with spread gets its entries' verdict on every projection (NaN: all match; ``+inf``:
+    one misses). A projection without spread (≤ 1e-7 of its largest possible value) is judged the
+    same way, at 1e-3 of that value.
     """
-    se = (d.variance / d.samples).sqrt()
     diff = d.mean - d.qat
-    scale = torch.cat([t.abs().amax().expand(t.numel()) for t in d.qat.split(params.sizes)])
-    deterministic = se <= 1e-7 * scale
-    exact = diff.abs() <= 1e-3 * scale + 1e-30
-    flagged = torch.where(exact, torch.full_like(diff, math.nan), torch.full_like(diff, math.inf))
-    return torch.where(deterministic, flagged, diff / se.clamp(min=1e-300))
+    se = (d.variance / d.samples).sqrt()
+    sizes = torch.tensor(params.sizes, device=diff.device)
+    tensor_scale = torch.stack([t.abs().amax() for t in d.qat.split(params.sizes)])
+    deterministic = se <= 1e-7 * tensor_scale.repeat_interleave(sizes)
+    entries = _z(diff, se, tensor_scale.repeat_interleave(sizes))
+
+    owner = directions.owner.to(diff.device)
+    projected_diff = directions.project(torch.where(deterministic, 0.0, diff), d.qat_signs)
+    projected_se = (d.projections.var(0) / d.samples).sqrt()
+    reach = (sizes * tensor_scale)[owner]  # the largest |u·g| for a ±1 direction u
+    projected = _z(projected_diff, projected_se, reach)
+    # tensors none of whose entries has spread: their entries' verdict
+    for i, part in enumerate(entries.split(params.sizes)):
+        if not bool(torch.isfinite(part).any()):
+            verdict = math.inf if bool(torch.isinf(part).any()) else math.nan
+            projected[owner == i] = verdict
+    return entries, projected
 
 
 def _mean_z2(z2: Tensor) -> Tensor:
-    """A layer's statistic on one batch: the mean z² over its entries with spread. Without any,
-    ``inf`` if an entry without spread misses the QAT value (a deterministic, biased backward,
-    such as nearest rounding), else 0 (an exact backward)."""
+    """A layer's statistic on one batch: the mean z² over its projections with spread. Without
+    any, ``inf`` if an entry without spread misses the QAT value (a deterministic, biased
+    backward, such as nearest rounding), else 0 (an exact backward)."""
     stochastic = torch.isfinite(z2)
     if bool(stochastic.any()):
         return z2[stochastic].mean()
@@ -409,26 +489,30 @@ def _mean_z2(z2: Tensor) -> Tensor:
 
 def _bias_report(
     params: _Params,
+    owner: Tensor,
     z2_batches: list[Tensor],
     z_max: Tensor,
     samples: int,
     alpha: float,
     forward_order: Callable[[], list[str]] = list,
 ) -> BiasReport:
-    """Per-layer verdicts at family-wise level ``alpha``; ``forward_order()`` (an extra forward
-    pass) runs only on a failure, to name the topmost failing layer."""
+    """Per-layer verdicts at family-wise level ``alpha`` from each batch's projection z²
+    (``owner[j]``: the parameter tensor of projection ``j``) and the per-entry ``z_max``;
+    ``forward_order()`` (an extra forward pass) runs only on a failure, to name the topmost
+    failing layer."""
     batches = len(z2_batches)
     layer_names = list(dict.fromkeys(params.layers))
     limit = math.sqrt(z2_threshold(samples, batches, alpha / len(layer_names)))
+    owner = owner.cpu()
     reports = []
     for name in layer_names:
         keep = [i for i, layer in enumerate(params.layers) if layer == name]
-        per_batch = torch.stack(
-            [_mean_z2(torch.cat([z2.split(params.sizes)[i] for i in keep])) for z2 in z2_batches]
-        )
+        mine = torch.isin(owner, torch.tensor(keep))
+        per_batch = torch.stack([_mean_z2(z2.cpu()[mine]) for z2 in z2_batches])
         n = sum(params.sizes[i] for i in keep)
         zmax = float(torch.cat([z_max.split(params.sizes)[i] for i in keep]).nan_to_num(0).max())
-        reports.append(LayerBias(name, float(per_batch.mean().sqrt()), zmax, limit, n))
+        rms = float(per_batch.mean().sqrt())
+        reports.append(LayerBias(name, rms, zmax, limit, n, int(mine.sum())))
     failing = {r.name for r in reports if not r.passed}
     order = forward_order() if failing else []
     suspect = next((n for n in reversed(order) if n in failing), None)
@@ -465,6 +549,7 @@ def _isolate_culprits(
 ) -> list[str]:
     """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient."""
     params = _Params.of(model)
+    directions = _Directions(params)
     names = list(fqt_modules(model))
     z2: dict[str, list[Tensor]] = {n: [] for n in names}
     z_max: dict[str, Tensor] = {}
@@ -474,12 +559,16 @@ def _isolate_culprits(
             with exact_backward(model):
                 qat = forward.gradient()
             for name in names:
-                d = _draw(model, loss_fn, b, samples, params, [name], forward, qat)
-                z = _z_scores(d, params).abs()
-                z2[name].append(z.square())
+                d = _draw(model, loss_fn, b, samples, params, [name], forward, qat, directions)
+                entries, projected = _z_scores(d, params, directions)
+                z2[name].append(projected.square())
+                z = entries.abs()
                 z_max[name] = torch.fmax(z_max[name], z) if name in z_max else z
     # One test per layer switched on alone, each at family-wise level alpha over the layers.
-    return [n for n in names if not _bias_report(params, z2[n], z_max[n], samples, alpha).passed]
+    owner = directions.owner
+    return [
+        n for n in names if not _bias_report(params, owner, z2[n], z_max[n], samples, alpha).passed
+    ]
 
 
 def check_unbiased(
