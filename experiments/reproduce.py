@@ -15,6 +15,15 @@ task's trained QAT model (``fqtorch variance``, ``experiments/results/<task>/var
 report writes the figures under ``docs/figures/results/`` and the tables between the
 ``<!-- experiments:begin -->`` and ``<!-- experiments:end -->`` markers of docs/results.md.
 
+The grid also trains the floating-point and block-scaled formats (``FORMATS``), a fixed
+per-layer plan (``plan``: ``fqtorch plan`` at budget ``PLAN_BUDGET`` on the task's trained QAT
+model of seed 0, via experiments/plan_checkpoint.py, saved once as
+``experiments/results/<task>/plan/plan.json`` and reused; trained with ``--bits-plan``) and the
+same plan re-planned while training (``adaptive``: ``--adaptive-precision``, see
+``Task.adaptive_flags``); the report compares them with QAT and the uniform presets
+(``MATCH_RULE``, average gradient bits by GEMM size) and says whether the plans match QAT with
+fewer bits than the smallest matching uniform preset.
+
 A run that stops on a non-finite loss is recorded as diverged (not as a number); any other
 failure stops the script with the run's own error line.
 """
@@ -42,17 +51,26 @@ BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"
 
 QUANTIZERS = ("ptq", "psq", "bhq", "rht")
 BITS = (3, 4, 5, 6, 8)
+# floating-point and block-scaled gradient formats (FQTConfig presets, docs/method.md §12)
+FORMATS = ("fp8_e4m3", "mxfp4_sr", "mxfp4_rht_sr", "nvfp4_sr", "nvfp4_rht_sr")
+PLAN_BUDGET = 0.1  # the fixed plan's budget: quantization variance / sampling variance
+BRANCHES = ("grad", "grad_weight")
 
 
 @dataclass(frozen=True)
 class Task:
-    """One model on one data set; ``epochs`` and ``steps`` size it for 2 CPU cores."""
+    """One model on one data set; ``epochs`` and ``steps`` size it for 2 CPU cores.
+
+    ``plan_flags``: ``fqtorch plan``'s flags for the task's fixed plan (measured on its trained
+    QAT model, seed 0); ``adaptive_flags``: ``fqtorch train``'s for the adaptive configuration."""
 
     name: str
     metric: str  # the table's headline: "val_loss" (lower is better) or "val_acc"
     epochs: int
     flags: tuple[str, ...] = ()
     variance_flags: tuple[str, ...] = ()
+    plan_flags: tuple[str, ...] = ()
+    adaptive_flags: tuple[str, ...] = ()
 
 
 TASKS = {
@@ -62,8 +80,21 @@ TASKS = {
         epochs=4,
         flags=("--dataset", "text", "--max-steps-per-epoch", "250"),
         variance_flags=("--dataset", "text", "--batches", "2", "--samples", "8"),
+        # 17 FQT layers probed one at a time: BHQ only, 2 batches x 4 samples (a few minutes)
+        plan_flags=("--dataset", "text", "--quantizers", "bhq", "--batches", "2", "--samples", "4"),
+        # 1000 steps: a measurement (4 quantized + 4 micro-batch backward passes) every 25
+        # steps, a re-plan every 100 (4 measurements per window)
+        adaptive_flags=("--adaptive-precision", "100", "--variance-every", "25"),
     ),
-    "digits": Task("digits", "val_acc", epochs=12, flags=("--dataset", "digits")),
+    "digits": Task(
+        "digits",
+        "val_acc",
+        epochs=12,
+        flags=("--dataset", "digits"),
+        plan_flags=("--dataset", "digits"),
+        # 264 steps: a measurement every 5 steps, a re-plan every 20 (4 measurements per window)
+        adaptive_flags=("--adaptive-precision", "20", "--variance-every", "5"),
+    ),
 }
 
 
@@ -76,11 +107,16 @@ class Config:
     flags: tuple[str, ...] = field(default=())
     quantizer: str | None = None  # the gradient quantizer, for grouping (None: exact / QAT)
     bits: int | None = None
+    # "reference" (exact, QAT), "uniform" (one quantizer and bits for every layer), "format"
+    # (a floating-point or block-scaled preset, also one for every layer), "plan" (the task's
+    # fixed plan, --bits-plan) or "adaptive" (that plan re-planned in training)
+    kind: str = "uniform"
 
 
 def configs() -> list[Config]:
-    """exact, QAT, and each gradient quantizer at each bit width (RHT via --grad-quantizer)."""
-    grid = [Config("exact", "exact"), Config("qat", "qat")]
+    """exact, QAT, each gradient quantizer at each bit width (RHT via --grad-quantizer), the
+    formats, the fixed plan and the adaptive one (both over QAT's forward)."""
+    grid = [Config("exact", "exact", kind="reference"), Config("qat", "qat", kind="reference")]
     for quantizer in QUANTIZERS:
         for bits in BITS:
             if quantizer == "rht":
@@ -89,7 +125,12 @@ def configs() -> list[Config]:
                 )
             else:
                 grid.append(Config(f"{quantizer}{bits}", f"{quantizer}{bits}", (), quantizer, bits))
+    grid += [Config(name, name, kind="format") for name in FORMATS]
+    grid += [Config("plan", "qat", kind="plan"), Config("adaptive", "qat", kind="adaptive")]
     return grid
+
+
+QAT = Config("qat", "qat", kind="reference")
 
 
 # ------------------------------------------------------------------------------------ running
@@ -99,6 +140,44 @@ def summary_path(task: Task, config: Config, seed: int) -> Path:
 
 def run_dir(task: Task, config: Config, seed: int) -> Path:
     return RUNS / task.name / f"{config.name}_s{seed}"
+
+
+def plan_path(task: Task) -> Path:
+    """The task's fixed plan (``fqtorch plan``'s ``plan.json``), made once and reused."""
+    return RESULTS / task.name / "plan" / "plan.json"
+
+
+def plan_command(task: Task, checkpoint: Path) -> list[str]:
+    return [
+        sys.executable, str(ROOT / "experiments" / "plan_checkpoint.py"),
+        "--checkpoint", str(checkpoint), *task.plan_flags, "--budget", str(PLAN_BUDGET),
+        "--seed", "0", "--out", str(plan_path(task).parent),
+    ]  # fmt: skip
+
+
+def make_plan(task: Task) -> Path:
+    """The fixed plan at budget ``PLAN_BUDGET``, measured on the task's trained QAT model (seed 0,
+    trained first when missing); an existing plan.json is reused."""
+    path = plan_path(task)
+    if path.exists():
+        return path
+    checkpoint = run_dir(task, QAT, 0) / "checkpoint.pt"
+    if not checkpoint.exists() or not summary_path(task, QAT, 0).exists():
+        if summary_path(task, QAT, 0).exists():
+            raise SystemExit(
+                f"{task.name}'s plan is measured on QAT seed 0's checkpoint, and {checkpoint} is "
+                f"gone although its summary exists: remove {summary_path(task, QAT, 0)} to "
+                f"retrain it, or put a plan.json at {path}"
+            )
+        train(task, QAT, 0)
+    print(f"planning {task.name}'s gradient bits on its trained QAT model", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(plan_command(task, checkpoint), cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        lines = done.stderr.strip().splitlines()
+        raise RuntimeError(f"planning {task.name} failed: {lines[-1] if lines else ''}")
+    (path.parent / "plan_table.txt").write_text(done.stdout)
+    return path
 
 
 def command(task: Task, config: Config, seed: int) -> list[str]:
@@ -112,6 +191,8 @@ def command(task: Task, config: Config, seed: int) -> list[str]:
         "--preset",
         config.preset,
         *config.flags,
+        *(("--bits-plan", str(plan_path(task))) if config.kind in ("plan", "adaptive") else ()),
+        *(task.adaptive_flags if config.kind == "adaptive" else ()),
         "--epochs",
         str(task.epochs),
         "--seed",
@@ -159,15 +240,17 @@ def train(task: Task, config: Config, seed: int) -> dict:
     diverged = done.returncode != 0 and "non-finite" in error
     if done.returncode != 0 and not diverged:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {error}")
-    lines = (out / "metrics.jsonl").read_text().splitlines()
-    # epoch lines only (adaptive precision also logs {"event": "precision", ...} lines)
-    metrics = [m for m in map(json.loads, lines) if "event" not in m]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # epoch lines (adaptive precision also logs {"event": "precision", ...} lines, kept apart)
+    metrics = [m for m in lines if "event" not in m]
+    events = [m for m in lines if m.get("event") == "precision"]
     final = {} if diverged else json.loads((out / "final.json").read_text())
     summary = {
         "task": task.name,
         "config": config.name,
         "preset": config.preset,
         "flags": list(config.flags),
+        "kind": config.kind,
         "quantizer": config.quantizer,
         "bits": config.bits,
         "seed": seed,
@@ -178,6 +261,7 @@ def train(task: Task, config: Config, seed: int) -> dict:
             {k: m[k] for k in ("epoch", "steps", "train_loss", "val_loss", "val_acc", "seconds")}
             for m in metrics
         ],
+        "precision_events": events,
         "train_seconds": sum(m["seconds"] for m in metrics),
         "wall_seconds_last_invocation": seconds,
         "command": " ".join(cmd[1:]),
@@ -194,7 +278,7 @@ def train(task: Task, config: Config, seed: int) -> dict:
 def measure_variance(task: Task, seed: int, force: bool = False) -> Path | None:
     """``fqtorch variance`` on the task's trained QAT model (seed ``seed``)."""
     out = RESULTS / task.name / "variance"
-    checkpoint = run_dir(task, Config("qat", "qat"), seed) / "checkpoint.pt"
+    checkpoint = run_dir(task, QAT, seed) / "checkpoint.pt"
     if (out / "variance.json").exists() and not force:
         return out
     if not checkpoint.exists():
@@ -234,6 +318,351 @@ def cell(runs: list[dict], key: str, scale: float = 1.0, digits: int = 3) -> str
     if diverged:
         text += f" ({diverged}/{len(runs)} diverged)"
     return text
+
+
+# ------------------------------------------------------------- planned precision and formats
+MATCH_RULE = (
+    "a configuration **matches QAT** when none of its seeds diverged and its mean is within "
+    "the larger of the two standard deviations (over seeds) of QAT's mean: "
+    "|mean − mean_QAT| ≤ max(std, std_QAT)"
+)
+_GRAD_FLAGS = {
+    "--grad-quantizer": "grad_quantizer",
+    "--grad-bits": "grad_bits",
+    "--grad-weight-quantizer": "grad_weight_quantizer",
+    "--grad-weight-bits": "grad_weight_bits",
+}
+
+
+def gradient_choices(config: Config) -> dict[str, tuple[str, int]]:
+    """The (quantizer, bits) of both backward branches that a preset configuration gives every
+    layer: its preset with its flags; an exact branch is ``identity`` (32-bit float)."""
+    from fqtorch import FQTConfig
+
+    fields = {}
+    for flag, value in itertools.pairwise(config.flags):
+        if flag in _GRAD_FLAGS:
+            fields[_GRAD_FLAGS[flag]] = int(value) if flag.endswith("bits") else value
+    fqt = FQTConfig.preset(config.preset).replace(**fields)
+    if fqt.grad_quantizer is None:
+        return {"grad": ("identity", 32), "grad_weight": ("identity", 32)}
+    weight = fqt.grad_weight_quantizer or "identity"
+    return {
+        "grad": (fqt.grad_quantizer, fqt.grad_bits),
+        "grad_weight": (weight, fqt.grad_weight_bits),
+    }
+
+
+def layer_macs(plan: dict) -> dict[str, dict[str, int]]:
+    """Per layer and branch, the backward GEMM's multiply-accumulates that ``fqtorch plan``
+    measured (0: the GEMM does not run, the first layer's ``grad_input``)."""
+    return {
+        layer["name"]: {b: int(layer.get(f"{b}_macs", 0)) for b in BRANCHES}
+        for layer in plan["layers"]
+    }
+
+
+def average_bits(macs: dict[str, dict[str, int]], bits: dict[str, dict[str, float]]) -> float:
+    """GEMM-size-weighted mean gradient bits over every layer and both backward branches:
+    Σ macs × bits per element / Σ macs (plan.py's cost model without the other operand)."""
+    num = den = 0.0
+    for name, sizes in macs.items():
+        for branch in BRANCHES:
+            num += sizes[branch] * bits[name][branch]
+            den += sizes[branch]
+    if den == 0:
+        raise ValueError("average_bits: every GEMM size is 0 (expected a plan's layer sizes)")
+    return num / den
+
+
+def uniform_bits(macs: dict[str, dict[str, int]], config: Config) -> float:
+    """A preset configuration's average bits: its two branch choices in every layer."""
+    from fqtorch.stats.plan import bits_per_element
+
+    choice = gradient_choices(config)
+    per_branch = {b: bits_per_element(*choice[b]) for b in BRANCHES}
+    return average_bits(macs, {name: per_branch for name in macs})
+
+
+def plan_bits(plan: dict) -> dict[str, dict[str, float]]:
+    """Per layer and branch, the bits per element of the plan's choice."""
+    from fqtorch.stats.plan import bits_per_element
+
+    return {
+        layer["name"]: {
+            "grad": bits_per_element(layer["grad_quantizer"], layer["grad_bits"]),
+            "grad_weight": bits_per_element(
+                layer["grad_weight_quantizer"], layer["grad_weight_bits"]
+            ),
+        }
+        for layer in plan["layers"]
+    }
+
+
+def bits_timeline(plan: dict, events: list[dict]) -> list[tuple[int, dict[str, list[int]]]]:
+    """``(step, {layer: [grad_bits, grad_weight_bits]})`` from the start (step 0, the plan) and
+    after each re-plan that changed something (its ``{"event": "precision"}`` lines); an event
+    whose ``bits`` are not the layer's bits at that point is an error (events out of order or
+    from another plan)."""
+    current = {la["name"]: [la["grad_bits"], la["grad_weight_bits"]] for la in plan["layers"]}
+    timeline = [(0, {k: list(v) for k, v in current.items()})]
+    for step, group in itertools.groupby(
+        sorted(events, key=lambda e: e["step"]), key=lambda e: e["step"]
+    ):
+        for event in group:
+            layer = event["layer"]
+            if layer not in current or list(event["bits"]) != current[layer]:
+                raise ValueError(
+                    f"precision event at step {step}: layer {layer!r} bits {event['bits']} "
+                    f"expected {current.get(layer)} (events of another plan?)"
+                )
+            current[layer] = list(event["new_bits"])
+        timeline.append((step, {k: list(v) for k, v in current.items()}))
+    return timeline
+
+
+def timeline_bits(plan: dict, events: list[dict]) -> list[tuple[int, float]]:
+    """``(step, average bits)`` at the start and after each re-plan (``bits_timeline``), each the
+    GEMM-size-weighted mean of ``average_bits``; the quantizers are the plan's (or an event's)."""
+    from fqtorch.stats.plan import bits_per_element
+
+    macs = layer_macs(plan)
+    quantizers = {
+        la["name"]: [la["grad_quantizer"], la["grad_weight_quantizer"]] for la in plan["layers"]
+    }
+    out = []
+    for step, bits in bits_timeline(plan, events):
+        for event in events:
+            if event["step"] == step and event.get("quantizers"):
+                quantizers[event["layer"]] = list(event["quantizers"])
+        per_layer = {
+            name: {
+                b: bits_per_element(q, width)
+                for b, q, width in zip(BRANCHES, quantizers[name], bits[name], strict=True)
+            }
+            for name in bits
+        }
+        out.append((step, average_bits(macs, per_layer)))
+    return out
+
+
+def adaptive_bits(plan: dict, events: list[dict], steps: int) -> float:
+    """The average bits of an adaptive run over its ``steps`` training steps: each step's
+    average bits (a re-plan at step s applies from step s + 1), averaged over the steps."""
+    timeline = timeline_bits(plan, events)
+    if steps <= 0 or timeline[-1][0] > steps:
+        raise ValueError(f"adaptive_bits: {steps} steps, but an event at step {timeline[-1][0]}")
+    ends = [step for step, _ in timeline[1:]] + [steps]
+    pieces = zip(timeline, ends, strict=True)
+    return sum((end - start) * bits for (start, bits), end in pieces) / steps
+
+
+def matches_qat(runs: list[dict], qat: list[dict], key: str) -> bool | None:
+    """``MATCH_RULE``; ``None`` when either side has fewer than 2 finished seeds."""
+    if any(r["diverged"] for r in runs):
+        return False
+    values = [r["final"][key] for r in runs]
+    reference = [r["final"][key] for r in qat if not r["diverged"]]
+    if len(values) < 2 or len(reference) < 2:
+        return None
+    (mean, std), (mean_qat, std_qat) = mean_std(values), mean_std(reference)
+    return abs(mean - mean_qat) <= max(std, std_qat)
+
+
+def run_bits(config: Config, runs: list[dict], plan: dict | None) -> float | None:
+    """A configuration's average gradient bits (the mean over its runs for adaptive)."""
+    if plan is None:
+        return None
+    if config.kind == "plan":
+        return average_bits(layer_macs(plan), plan_bits(plan))
+    if config.kind == "adaptive":
+        values = [
+            adaptive_bits(plan, r.get("precision_events", []), r["curve"][-1]["steps"])
+            for r in runs
+            if r["curve"]
+        ]
+        return statistics.mean(values) if values else None
+    return uniform_bits(layer_macs(plan), config)
+
+
+def comparison(task: Task, runs: dict[str, list[dict]], plan: dict | None) -> list[str]:
+    """QAT, the uniform presets, the formats, the plan and adaptive: the metric, whether it
+    matches QAT, the average gradient bits; then the claim, held or not, with its numbers."""
+    scale, digits = (100, 2) if task.metric == "val_acc" else (1, 4)
+    label = "val accuracy (%)" if task.metric == "val_acc" else "val loss (nats/char)"
+    qat = runs.get("qat", [])
+    qat_values = [r["final"][task.metric] for r in qat if not r["diverged"]]
+    lines = [
+        f"Matching rule: {MATCH_RULE}. Average gradient bits: Σ over layers and both backward "
+        "branches of GEMM multiply-accumulates × the gradient's bits per element, over Σ "
+        "multiply-accumulates (docs/method.md §11's cost model without the other operand's "
+        "bits; 32 for an exact branch; block formats count their scales); the same GEMM sizes "
+        f"(the plan's, at the training batch size) for every row; adaptive: averaged over its "
+        "training steps from its precision events, then over seeds.",
+        "",
+        f"| configuration | kind | {label} | Δ vs QAT | matches QAT | avg gradient bits |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    rows: dict[str, tuple[Config, bool | None, float | None]] = {}
+    for config in configs():
+        rs = runs.get(config.name)
+        if not rs or config.name == "exact":
+            continue
+        bits = run_bits(config, rs, plan)
+        match = matches_qat(rs, qat, task.metric) if config.name != "qat" else None
+        rows[config.name] = (config, match, bits)
+        values = [r["final"][task.metric] for r in rs if not r["diverged"]]
+        delta = (
+            f"{scale * (statistics.mean(values) - statistics.mean(qat_values)):+.{digits}f}"
+            if values and qat_values and config.name != "qat"
+            else "—"
+        )
+        said = {True: "yes", False: "no", None: "—"}[match]
+        bits_text = "—" if bits is None else f"{bits:.2f}"
+        lines.append(
+            f"| {config.name} | {config.kind} | {cell(rs, task.metric, scale, digits)} | {delta} "
+            f"| {said} | {bits_text} |"
+        )
+    if plan is None:
+        lines += ["", "Claim (plan/adaptive match QAT with fewer average bits than the smallest "
+                  "matching uniform preset): not decided — the task's plan (and with it the "
+                  "GEMM sizes the average bits weigh by) is not made yet."]  # fmt: skip
+    else:
+        lines += ["", *claim_lines(rows)]
+    return lines
+
+
+def claim_lines(rows: dict[str, tuple[Config, bool | None, float | None]]) -> list[str]:
+    """Whether plan and adaptive match QAT with fewer average bits than the smallest matching
+    uniform configuration (the quantizer × bits grid and the formats)."""
+    uniform = {
+        name: bits
+        for name, (config, match, bits) in rows.items()
+        if config.kind in ("uniform", "format") and match and bits is not None
+    }
+    grid_only = {n: b for n, b in uniform.items() if rows[n][0].kind == "uniform"}
+    if not uniform:
+        return ["Claim (plan/adaptive match QAT with fewer average bits than the smallest "
+                "matching uniform preset): not decided — no uniform preset matches QAT here "
+                "(or their runs are missing)."]  # fmt: skip
+    best = min(uniform, key=uniform.get)
+    lines = [
+        "Claim: *the plan and the adaptive plan match QAT with fewer average gradient bits than "
+        "the smallest uniform preset that matches it* (uniform: the quantizer × bits grid and "
+        f"the formats; the smallest matching is {best} at {uniform[best]:.2f} bits"
+        + (
+            f"; of the quantizer × bits grid alone, {min(grid_only, key=grid_only.get)} at "
+            f"{min(grid_only.values()):.2f}"
+            if grid_only
+            else ""
+        )
+        + "):",
+        "",
+    ]
+    for name in ("plan", "adaptive"):
+        if name not in rows or rows[name][2] is None:
+            lines.append(f"- {name}: not run yet.")
+            continue
+        _, match, bits = rows[name]
+        if match is None:
+            lines.append(f"- {name}: not decided — fewer than 2 finished seeds.")
+            continue
+        held = match and bits < uniform[best]
+        why = (
+            "does not match QAT"
+            if not match
+            else f"{bits:.2f} bits {'<' if bits < uniform[best] else '≥'} {uniform[best]:.2f}"
+        )
+        extra = ""
+        if grid_only and match:
+            grid_best = min(grid_only.values())
+            extra = (
+                f" (against the quantizer × bits grid alone: {bits:.2f} "
+                f"{'<' if bits < grid_best else '≥'} {grid_best:.2f}, "
+                f"{'held' if bits < grid_best else 'not held'})"
+            )
+        lines.append(f"- {name}: **{'held' if held else 'not held'}** — {why}{extra}.")
+    return lines
+
+
+def plan_layers_table(plan: dict) -> list[str]:
+    """The fixed plan per layer: GEMM sizes, choices, variance shares (predicted, measured)."""
+    sampling = plan["sampling_variance"]
+
+    def share(layer: dict, branch: str, what: str) -> str:
+        value = layer.get(f"{branch}_{what}_variance")
+        return "—" if value is None else f"{value / sampling:.3g}"
+
+    lines = [
+        f"Fixed plan (budget {plan['budget']}; quantization variance / sampling variance: "
+        f"predicted {plan['predicted_quantization_variance'] / sampling:.3g}, measured with all "
+        f"branches on {plan['measured_quantization_variance'] / sampling:.3g}; feasible "
+        f"{plan.get('feasible')}):",
+        "",
+        "| layer | grad_input GEMM MACs | grad_input | share pred. / meas. | weight-grad GEMM MACs "
+        "| weight grad | share pred. / meas. |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for la in plan["layers"]:
+        lines.append(
+            f"| {la['name']} | {la.get('grad_macs', 0):,} | {la['grad_quantizer']}"
+            f"{la['grad_bits']} | {share(la, 'grad', 'predicted')} / "
+            f"{share(la, 'grad', 'measured')} | {la.get('grad_weight_macs', 0):,} | "
+            f"{la['grad_weight_quantizer']}{la['grad_weight_bits']} | "
+            f"{share(la, 'grad_weight', 'predicted')} / {share(la, 'grad_weight', 'measured')} |"
+        )
+    return lines
+
+
+def adaptive_figure(task: Task, runs: list[dict], plan: dict, path: Path) -> None:
+    """Per-layer gradient bits of the adaptive runs over training (seed 0: both branches; every
+    seed: the average bits)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = sorted(runs, key=lambda r: r["seed"])
+    fig, axes = plt.subplots(3, 1, figsize=(7.0, 7.6), sharex=True)
+    first = runs[0]
+    steps = first["curve"][-1]["steps"]
+    timeline = bits_timeline(plan, first.get("precision_events", []))
+    names = [la["name"] for la in plan["layers"]]
+    for i, name in enumerate(names):
+        xs = [s for s, _ in timeline] + [steps]
+        for ax, b in zip(axes[:2], (0, 1), strict=True):
+            ys = [bits[name][b] for _, bits in timeline]
+            offset = 0.06 * (i - (len(names) - 1) / 2)  # overlapping lines stay apart
+            ax.step(xs, [y + offset for y in [*ys, ys[-1]]], where="post", label=name,
+                    color=f"C{i % 10}", lw=1.4)  # fmt: skip
+    from matplotlib.ticker import MaxNLocator
+
+    every = [w for _, bits in timeline for pair in bits.values() for w in pair]
+    for ax in axes[:2]:
+        ax.set_ylim(min(every) - 0.6, max(every) + 0.6)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    axes[0].set_ylabel("grad_input bits")
+    axes[1].set_ylabel("weight-gradient bits")
+    axes[0].set_title(
+        f"{task.name}: adaptive precision, seed {first['seed']} (per layer; lines offset a little "
+        "to stay apart)",
+        fontsize=10,
+    )
+    axes[0].legend(fontsize=7, ncol=2 if len(names) > 6 else 1, loc="upper right")
+    for r in runs:
+        line = timeline_bits(plan, r.get("precision_events", []))
+        xs = [step for step, _ in line] + [r["curve"][-1]["steps"]]
+        ys = [bits for _, bits in line]
+        axes[2].step(xs, [*ys, ys[-1]], where="post", label=f"seed {r['seed']}")
+    axes[2].set_ylabel("average gradient bits")
+    axes[2].set_xlabel("training step")
+    axes[2].legend(fontsize=8)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def table(task: Task, runs: dict[str, list[dict]]) -> str:
@@ -407,7 +836,35 @@ def report(tasks: list[Task]) -> str:
         rows = claims(task, runs, variance)
         if rows:
             parts += ["| claim | held here | the number |", "| --- | --- | --- |", *rows, ""]
+        parts += planned(task, runs)
     return "\n".join(parts)
+
+
+def planned(task: Task, runs: dict[str, list[dict]]) -> list[str]:
+    """The section on planned precision and the formats: the comparison with QAT and the claim,
+    the fixed plan per layer, the adaptive plan's bits over training (a figure)."""
+    path = plan_path(task)
+    plan = json.loads(path.read_text()) if path.exists() else None
+    parts = [f"#### {task.name}: planned precision and the formats", ""]
+    if plan is not None:
+        parts += [
+            f"The fixed plan (`plan`) is `fqtorch plan` at budget {PLAN_BUDGET} measured on the "
+            "trained QAT model of seed 0 (experiments/plan_checkpoint.py; flags "
+            f"`{' '.join(task.plan_flags)}`), saved as "
+            f"`experiments/results/{task.name}/plan/plan.json` and trained with `--preset qat "
+            f"--bits-plan` for every seed; `adaptive` starts from it and re-plans while training "
+            f"(`{' '.join(task.adaptive_flags)}`).",
+            "",
+        ]
+    parts += [*comparison(task, runs, plan), ""]
+    if plan is not None:
+        parts += [*plan_layers_table(plan), ""]
+        adaptive = [r for r in runs.get("adaptive", []) if r["curve"]]
+        if adaptive:
+            figure = FIGURES / f"{task.name}_adaptive_bits.png"
+            adaptive_figure(task, adaptive, plan, figure)
+            parts += [f"![{task.name} adaptive bits](figures/results/{figure.name})", ""]
+    return parts
 
 
 def write_report(markdown: str) -> None:
@@ -441,7 +898,7 @@ def main(argv: list[str] | None = None) -> int:
             state = "done" if summary_path(t, c, s).exists() else (
                 "partial" if (run_dir(t, c, s) / "checkpoint.pt").exists() else "to run"
             )  # fmt: skip
-            print(f"{t.name:<8}{c.name:<8}seed {s}  {state}")
+            print(f"{t.name:<8}{c.name:<14}seed {s}  {state}")
         return 0
     if not args.report_only:
         pending = [(t, c, s) for t, c, s in todo if not summary_path(t, c, s).exists()]
@@ -450,6 +907,10 @@ def main(argv: list[str] | None = None) -> int:
         started = time.perf_counter()
         try:
             for i, (t, c, s) in enumerate(pending, 1):
+                if summary_path(t, c, s).exists():  # QAT seed 0, trained for a plan
+                    continue
+                if c.kind in ("plan", "adaptive"):
+                    make_plan(t)
                 summary = train(t, c, s)
                 result = "diverged" if summary["diverged"] else (
                     f"{t.metric} {summary['final'][t.metric]:.4f}"
@@ -464,7 +925,7 @@ def main(argv: list[str] | None = None) -> int:
             print("interrupted: finished runs are summarized, the current one resumes from its "
                   "last checkpoint when this command runs again", file=sys.stderr)  # fmt: skip
             return 130
-    write_report(report(tasks))
+    write_report(report(list(TASKS.values())))  # every task: the report replaces the whole section
     print(f"wrote {RESULTS_MD} and {FIGURES}/", file=sys.stderr)
     return 0
 

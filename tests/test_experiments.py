@@ -28,7 +28,12 @@ def reproduce(tmp_path, monkeypatch):
     results_md.write_text(f"# Results\n\n{module.BEGIN}\nold\n{module.END}\n\nkept\n")
     monkeypatch.setattr(module, "RESULTS_MD", results_md)
     tiny = module.Task(
-        "digits", "val_acc", epochs=1, flags=("--dataset", "digits", "--max-steps-per-epoch", "2")
+        "digits",
+        "val_acc",
+        epochs=1,
+        flags=("--dataset", "digits", "--max-steps-per-epoch", "2"),
+        plan_flags=("--dataset", "digits", "--batches", "2", "--samples", "2"),
+        adaptive_flags=("--adaptive-precision", "2", "--variance-every", "1"),
     )
     monkeypatch.setattr(module, "TASKS", {"digits": tiny})
     return module
@@ -136,3 +141,182 @@ def test_claims_read_the_numbers(reproduce):
     held = {row.split(" | ")[0].strip("| "): row.split(" | ")[1] for row in rows}
     assert held["the FQT gradient is unbiased"] == "no"
     assert held["5-bit BHQ within 0.5% of QAT"] == "yes"
+
+
+# ----------------------------------------------------- formats, planned and adaptive precision
+def test_the_grid_has_the_formats_the_plan_and_adaptive(reproduce):
+    from fqtorch import FQTConfig
+
+    by_name = {c.name: c for c in reproduce.configs()}
+    formats = ("fp8_e4m3", "mxfp4_sr", "mxfp4_rht_sr", "nvfp4_sr", "nvfp4_rht_sr")
+    for name in formats:
+        assert name in FQTConfig.presets() and by_name[name].preset == name
+        assert by_name[name].kind == "format"
+    assert by_name["plan"].kind == "plan" and by_name["adaptive"].kind == "adaptive"
+    task = reproduce.TASKS["digits"]
+    plan = str(reproduce.plan_path(task))
+    assert plan.endswith("results/digits/plan/plan.json")
+    fixed = reproduce.command(task, by_name["plan"], 0)
+    adaptive = reproduce.command(task, by_name["adaptive"], 0)
+    assert fixed[fixed.index("--bits-plan") + 1] == plan and "--adaptive-precision" not in fixed
+    assert adaptive[adaptive.index("--bits-plan") + 1] == plan
+    assert "--adaptive-precision" in adaptive and "--variance-every" in adaptive
+    assert "--bits-plan" not in reproduce.command(task, by_name["bhq4"], 0)
+    for real in _real_tasks().values():  # the fixture replaced TASKS: the script's own
+        assert "--adaptive-precision" in real.adaptive_flags
+        assert "--variance-every" in real.adaptive_flags
+        assert real.plan_flags[real.plan_flags.index("--dataset") + 1] == real.name
+
+
+def _real_tasks():
+    spec = importlib.util.spec_from_file_location("reproduce_real", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["reproduce_real"] = module
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        del sys.modules["reproduce_real"]
+    return module.TASKS
+
+
+def _runs(name, values, diverged=()):
+    return [
+        {"config": name, "seed": s, "diverged": s in diverged, "final": {"val_acc": v}}
+        for s, v in enumerate(values)
+    ]
+
+
+def test_matching_qat_is_within_the_larger_std(reproduce):
+    qat = _runs("qat", [0.990, 0.995, 1.000])  # mean 0.995, std 0.005
+    match = reproduce.matches_qat
+    assert match(_runs("a", [0.990, 0.991, 0.992]), qat, "val_acc") is True  # |Δ| 0.004
+    assert match(_runs("b", [0.988, 0.989, 0.990]), qat, "val_acc") is False  # |Δ| 0.006
+    # the configuration's own spread counts when it is the larger (std 0.01, |Δ| 0.008)
+    assert match(_runs("c", [0.977, 0.987, 0.997]), qat, "val_acc") is True
+    assert match(_runs("d", [0.998, 0.999, 1.000]), qat, "val_acc") is True  # better, |Δ| 0.004
+    assert match(_runs("e", [1.003, 1.003, 1.003]), qat, "val_acc") is False
+    assert match(_runs("f", [0.995, 0.995, 0.995], diverged=(2,)), qat, "val_acc") is False
+    assert match(_runs("g", [0.995]), qat, "val_acc") is None  # one seed: not decided
+
+
+def _plan():
+    """Two layers: a (grad_input GEMM 0: the first layer) and b; the plan's choices."""
+    layers = [
+        {"name": "a", "grad_quantizer": "bhq", "grad_bits": 4, "grad_weight_quantizer":
+         "per_column", "grad_weight_bits": 6, "grad_macs": 0, "grad_weight_macs": 100},
+        {"name": "b", "grad_quantizer": "psq", "grad_bits": 5, "grad_weight_quantizer":
+         "per_column", "grad_weight_bits": 4, "grad_macs": 300, "grad_weight_macs": 600},
+    ]  # fmt: skip
+    return {
+        "budget": 0.1,
+        "sampling_variance": 1.0,
+        "predicted_quantization_variance": 0.05,
+        "measured_quantization_variance": 0.04,
+        "feasible": True,
+        "layers": layers,
+    }
+
+
+def test_average_bits_of_uniform_plan_and_adaptive(reproduce):
+    plan = _plan()
+    macs = reproduce.layer_macs(plan)
+    assert macs == {"a": {"grad": 0, "grad_weight": 100}, "b": {"grad": 300, "grad_weight": 600}}
+    by_name = {c.name: c for c in reproduce.configs()}
+    # uniform: every layer's branches alike; Σ macs = 1000, of which grad_input 300
+    assert reproduce.uniform_bits(macs, by_name["bhq4"]) == pytest.approx((300 * 4 + 700 * 8) / 1e3)
+    assert reproduce.uniform_bits(macs, by_name["ptq3"]) == pytest.approx((300 * 3 + 700 * 8) / 1e3)
+    assert reproduce.gradient_choices(by_name["rht4"]) == {
+        "grad": ("rht", 4),
+        "grad_weight": ("per_column", 8),
+    }
+    assert reproduce.uniform_bits(macs, by_name["qat"]) == 32.0  # exact gradients
+    assert reproduce.uniform_bits(macs, by_name["mxfp4_sr"]) == pytest.approx(4.25)  # + scales
+    # the plan: a's weight gradient 6 bits on 100, b's 5 on 300 and 4 on 600
+    fixed = (100 * 6 + 300 * 5 + 600 * 4) / 1e3
+    assert reproduce.average_bits(macs, reproduce.plan_bits(plan)) == pytest.approx(fixed)
+    assert reproduce.adaptive_bits(plan, [], 40) == pytest.approx(fixed)  # no change: the plan
+    # adaptive: at step 10 b's weight gradient 4 -> 8 bits, at step 30 a's 6 -> 4, of 40 steps
+    events = [
+        {"event": "precision", "step": 30, "layer": "a", "bits": [4, 6], "new_bits": [4, 4],
+         "quantizers": ["bhq", "per_column"]},
+        {"event": "precision", "step": 10, "layer": "b", "bits": [5, 4], "new_bits": [5, 8],
+         "quantizers": ["psq", "per_column"]},
+    ]  # fmt: skip
+    second = (100 * 6 + 300 * 5 + 600 * 8) / 1e3
+    third = (100 * 4 + 300 * 5 + 600 * 8) / 1e3
+    want = (10 * fixed + 20 * second + 10 * third) / 40
+    assert reproduce.adaptive_bits(plan, events, 40) == pytest.approx(want)
+    assert [s for s, _ in reproduce.bits_timeline(plan, events)] == [0, 10, 30]
+    events[0]["bits"] = [4, 5]  # not a's bits at step 30: another plan's events
+    with pytest.raises(ValueError, match="expected"):
+        reproduce.adaptive_bits(plan, events, 40)
+
+
+def test_the_comparison_and_the_claim(reproduce, monkeypatch):
+    plan = _plan()
+    reproduce.plan_path(reproduce.TASKS["digits"]).parent.mkdir(parents=True)
+    reproduce.plan_path(reproduce.TASKS["digits"]).write_text(json.dumps(plan))
+    task = reproduce.TASKS["digits"]
+
+    def runs(name, values, events=()):
+        rs = _runs(name, values)
+        for r in rs:
+            r["curve"] = [{"epoch": 1, "steps": 40, "val_acc": r["final"]["val_acc"]}]
+            r["precision_events"] = list(events)
+        return rs
+
+    qat = [0.990, 0.995, 1.000]
+    grid = {
+        "qat": runs("qat", qat),
+        "bhq4": runs("bhq4", qat),  # matches at (300 * 4 + 700 * 8) / 1000 = 6.8 bits
+        "bhq3": runs("bhq3", [0.9, 0.9, 0.9]),  # fewer bits, does not match
+        "plan": runs("plan", qat),  # matches at 4.5 bits
+        "adaptive": runs("adaptive", [0.9, 0.91, 0.9]),
+    }
+    text = "\n".join(reproduce.comparison(task, grid, plan))
+    assert "| plan | plan | 99.50 ± 0.50 | +0.00 | yes | 4.50 |" in text
+    assert "| bhq4 | uniform | 99.50 ± 0.50 | +0.00 | yes | 6.80 |" in text
+    assert "| bhq3 | uniform |" in text and "| no | 6.50 |" in text
+    assert "smallest matching is bhq4 at 6.80 bits" in text
+    assert "- plan: **held** — 4.50 bits < 6.80" in text
+    assert "- adaptive: **not held** — does not match QAT" in text
+    grid["adaptive"] = runs("adaptive", [0.995])  # one seed: neither held nor not
+    text = "\n".join(reproduce.comparison(task, grid, plan))
+    assert "- adaptive: not decided — fewer than 2 finished seeds." in text
+    grid["mxfp4_sr"] = runs("mxfp4_sr", qat)  # a format matches at 4.25 bits: fewer than 4.50
+    text = "\n".join(reproduce.comparison(task, grid, plan))
+    assert "- plan: **not held** — 4.50 bits ≥ 4.25" in text
+    assert "quantizer × bits grid alone: 4.50 < 6.80, held" in text
+    markdown = "\n".join(reproduce.planned(task, grid))
+    assert "| b | 300 | psq5 |" in markdown
+    assert (reproduce.FIGURES / "digits_adaptive_bits.png").stat().st_size > 0
+
+
+def test_the_plan_is_made_once_on_qat_seed_0(reproduce, monkeypatch):
+    task = reproduce.TASKS["digits"]
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        out = Path(cmd[cmd.index("--out") + 1])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "plan.json").write_text(json.dumps(_plan()))
+        return subprocess.CompletedProcess(cmd, 0, stdout="table\n", stderr="")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    qat_run = reproduce.run_dir(task, reproduce.QAT, 0)
+    summary = reproduce.summary_path(task, reproduce.QAT, 0)
+    with pytest.raises(SystemExit, match="is gone"):  # summarized, but its checkpoint removed
+        summary.parent.mkdir(parents=True)
+        summary.write_text("{}")
+        reproduce.make_plan(task)
+    qat_run.mkdir(parents=True)
+    (qat_run / "checkpoint.pt").write_bytes(b"")
+    path = reproduce.make_plan(task)
+    assert path == reproduce.plan_path(task) and len(calls) == 1
+    cmd = calls[0]
+    assert cmd[cmd.index("--checkpoint") + 1] == str(qat_run / "checkpoint.pt")
+    assert cmd[cmd.index("--budget") + 1] == "0.1"
+    assert (path.parent / "plan_table.txt").read_text() == "table\n"
+    reproduce.make_plan(task)
+    assert len(calls) == 1  # reused
