@@ -286,8 +286,9 @@ def run_variance(args: argparse.Namespace) -> int:
 
     results = []
     log.info(
-        "bias test: per layer, RMS z over %d batches x %d passes against its null limit "
-        "(false alarms <= %g); max |z| is informational (Student-t tails over many entries)",
+        "bias test: per layer, RMS z of 10 projections per parameter tensor over %d batches x "
+        "%d passes against its null limit (false alarms <= %g); max |z| of single entries is "
+        "informational (Student-t tails over many entries)",
         args.batches,
         args.samples,
         args.alpha,

@@ -1,12 +1,14 @@
 """The null distribution of the bias test: its threshold from the sample and batch counts alone.
 
 Under the null hypothesis (the FQT gradient is an unbiased estimate of the QAT gradient) and
-Gaussian noise per gradient entry, each entry's z-score over ``S`` backward passes is Student-t
-with ``ν = S − 1`` degrees of freedom, so ``z²`` is ``F(1, ν)``, whatever the entries' correlation.
-A layer's statistic is the mean of ``z²`` over its entries and over ``B`` independent batches.
+Gaussian noise on each projection of the gradient the test judges (docs/method.md §7: fixed
+directions per parameter tensor; a projection sums many roundings, so it is near Gaussian), each
+projection's z-score over ``S`` backward passes is Student-t with ``ν = S − 1`` degrees of freedom,
+so ``z²`` is ``F(1, ν)``, whatever the projections' correlation. A layer's statistic is the mean
+of ``z²`` over its projections and over ``B`` independent batches.
 
-The entries of a layer are correlated in unknown ways (a few dominant samples' noise reaches all
-of them), so the threshold assumes the worst: the mean of identically distributed variables is
+The projections of a layer are correlated in unknown ways (a few dominant samples' noise reaches
+all of them), so the threshold assumes the worst: the mean of identically distributed variables is
 smaller in the convex order than any one of them (Jensen), and independent sums keep the order,
 so the statistic ``M`` is dominated by ``Y``, the mean of ``B`` independent ``F(1, ν)`` variables.
 For any ``c < t``, ``P(M ≥ t) ≤ E(M − c)₊ / (t − c) ≤ E(Y − c)₊ / (t − c)``; at ``c`` the
