@@ -92,7 +92,8 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
         t.inverse(t.forward(g))
         sync()
 
-    grad_input = torch.randn(m, k, device=device)
+    product = torch.randn(m, k, device=device)  # stands for the grad_input GEMM's output
+    grad_input = torch.empty_like(product)
     qi = fqtorch.get_quantizer("ptq", 8, rounding="nearest", fused=True)
     qw = fqtorch.get_quantizer("symmetric", 8, rounding="nearest", fused=True)
     qb = fqtorch.get_quantizer("bhq", 5, fused=True)
@@ -101,6 +102,9 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
     def quantize_bhq_fused() -> None:  # fused BHQ: transform inside the passes, and its inverse
         qi.encode(x), qw.encode(w)
         g_codes, _ = encode_two_way(g, qb, qh, gen)
+        # On a fresh copy of the product each run (inverse_ overwrites its argument; repeated
+        # on one buffer its values would drift): the copy, one pass over (M, K), is counted.
+        grad_input.copy_(product)
         g_codes.transform.inverse_(grad_input)  # on the step's (M, K) grad_input
         sync()
 

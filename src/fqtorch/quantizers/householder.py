@@ -26,12 +26,15 @@ ones both get finite, nonzero row scales.
 Fused (``fused=True``) on the CPU, ``T x`` is never materialized: compiled passes compute its rows
 on the fly, each row summing its own group in a fixed order (see :func:`_lane_sums`), and the
 inverse runs in place (:meth:`BlockHouseholderTransform.inverse_`). The same transform and codes
-compiled and eager, and for any thread count.
+compiled and eager, and for any thread count. Where ``torch.compile`` is disabled or fails, those
+passes would hold many N×D temporaries run eagerly, so fused BHQ materializes ``y`` once instead,
+as ``fused=False`` does (the same transform; grids and codes to float32 rounding).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -50,10 +53,21 @@ from .base import (
 )
 from .fused import LazyCompiled
 from .rounding import Noise
-from .twoway import _affine_params, _affine_round, _spec
-from .uniform import affine_encode, affine_steps, fused_affine, group_minmax
+from .uniform import (
+    affine_encode,
+    affine_params,
+    affine_round,
+    affine_steps,
+    fused_affine,
+    group_minmax,
+    uniform_spec,
+)
 
 __all__ = ["BlockHouseholder", "BlockHouseholderTransform", "build_block_householder"]
+
+
+# Elements per block of rows of the eager in-place inverse (its only buffer: 4 MiB in float32).
+_INVERSE_BLOCK = 2**20
 
 
 @dataclass(frozen=True)
@@ -73,7 +87,8 @@ class BlockHouseholderTransform:
     coef: Tensor  # (N,) v_r · gain of each row
     gain: Tensor  # (N,) gain of each row's group
     row_scale: Tensor  # (N,) s
-    # The inverse's elementwise pass compiled (a fused quantizer's transform; same values).
+    # A fused quantizer's transform: the inverse's elementwise pass compiled (the same values as
+    # eager, a non-finite group sum spread over its group included).
     fused: bool = False
 
     def group_sums(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
@@ -105,21 +120,43 @@ class BlockHouseholderTransform:
         """``(y − coef∘u[group]) / s`` with ``u = vᵀy`` per group (``H_n`` is its own inverse);
         the difference first, as its terms may pass the float maximum once divided by ``s``."""
         u = self.group_sums(y, self.v)
-        if self.fused:
+        if self.fused and not _falls_back(fused_inverse_rows):
             return fused_inverse_rows(y, u, self.group, self.row_scale, self.coef)
         return self._spread(u, -self.coef).add_(y).div_(self.row_scale[:, None])
 
     def inverse_(self, y: Tensor) -> Tensor:
-        """:meth:`inverse` written over ``y`` (N, D), which is returned: no second N×D buffer.
-        Rows the transform leaves alone keep their values; where it leaves every row alone
-        (known without waiting on the CPU), ``y`` is not touched."""
-        if y.device.type == "cpu" and not bool(self.coef.any()):
-            return y
+        """:meth:`inverse` written over ``y`` (N, D), which is returned. Rows the transform leaves
+        alone keep their values, unless their group's sum is not finite (NaN, as
+        :meth:`inverse`). On the CPU no second N×D buffer: compiled (a fused quantizer's
+        transform), one pass over ``y``; eager, only the rows it changes, a block of them at a
+        time (:data:`_INVERSE_BLOCK` elements); where it changes none, ``y`` is not written.
+        Elsewhere, eager, ``y.copy_(inverse(y))`` (choosing the rows would wait on the
+        device)."""
         u = self.group_sums(y, self.v)
-        if self.fused:
+        compiled = self.fused and not _falls_back(fused_inverse_rows_in_place)
+        if y.device.type != "cpu":
+            if compiled:
+                fused_inverse_rows_in_place(y, u, self.group, self.row_scale, self.coef)
+                return y
+            return y.copy_(self._spread(u, -self.coef).add_(y).div_(self.row_scale[:, None]))
+        # A sum past the float maximum only marks its rows for the same values again.
+        changed = (self.coef != 0) | ~u.sum(1).isfinite()[self.group]
+        rows = changed.nonzero().squeeze(1)
+        if rows.numel() == 0:
+            return y
+        if compiled:
             fused_inverse_rows_in_place(y, u, self.group, self.row_scale, self.coef)
-        else:
-            y.copy_(_inverse_rows(y, u, self.group, self.row_scale, self.coef))
+            return y
+        # inverse's operations on those rows, y + (−coef·u) then / s (the same values), a block
+        # of rows at a time through one buffer of the block's size.
+        block = max(1, _INVERSE_BLOCK // max(1, y.shape[1]))
+        for chunk in rows.split(block):
+            part = F.embedding_bag(
+                self.group[chunk, None], u, mode="sum", per_sample_weights=-self.coef[chunk, None]
+            )
+            y.index_add_(0, chunk, part)
+            torch.index_select(y, 0, chunk, out=part)
+            y.index_copy_(0, chunk, part.div_(self.row_scale[chunk, None]))
         return y
 
     def inverse_column_norms_sq(self) -> Tensor:
@@ -333,7 +370,7 @@ def _round_transformed(
     x2d: Tensor, rows: tuple[Tensor, ...], params: tuple[Tensor, ...], bits: int, rounding: str,
     noise: Noise,
 ) -> Tensor:  # fmt: skip
-    return _affine_round(_transformed_or_plain(x2d, rows), params, bits, rounding, noise)
+    return affine_round(_transformed_or_plain(x2d, rows), params, bits, rounding, noise)
 
 
 def _round_transformed_two_way(
@@ -343,8 +380,8 @@ def _round_transformed_two_way(
     """BHQ's codes of ``x`` and the column quantizer's, in one loop over ``x``."""
     y = _transformed_or_plain(x2d, rows)
     return (
-        _affine_round(y, params_g, spec_g[0], spec_g[3], noise_g),
-        _affine_round(x2d, params_h, spec_h[0], spec_h[3], noise_h),
+        affine_round(y, params_g, spec_g[0], spec_g[3], noise_g),
+        affine_round(x2d, params_h, spec_h[0], spec_h[3], noise_h),
     )
 
 
@@ -355,14 +392,14 @@ def _row_ranges(x2d: Tensor) -> tuple[Tensor, Tensor]:
 def _two_way_ranges(x2d: Tensor, spec_h: tuple) -> tuple[Tensor, ...]:
     """The rows' ranges and the column quantizer's grid parameters, in one pass over ``x``."""
     low, high = group_minmax(x2d, "row")
-    return low, high, _affine_params(*group_minmax(x2d, spec_h[1]), spec_h[0])
+    return low, high, affine_params(*group_minmax(x2d, spec_h[1]), spec_h[0])
 
 
 def _inverse_rows(y: Tensor, sums: Tensor, group: Tensor, scale: Tensor, coef: Tensor) -> Tensor:
-    """``T⁻¹ y`` from the group sums ``u = vᵀy``: ``(y − coef∘u[group]) / s`` on the reflected
-    rows, ``y`` itself on the others."""
-    inverse = (y - coef[:, None] * sums[group]) / scale[:, None]
-    return torch.where(coef[:, None] != 0, inverse, y)
+    """``T⁻¹ y`` from the group sums ``u = vᵀy``: ``(y − coef∘u[group]) / s`` on every row, as
+    the eager inverse: on a row left alone (``coef = 0``, ``s = 1``) ``y`` itself, or NaN where
+    its group's sum is not finite."""
+    return (y - coef[:, None] * sums[group]) / scale[:, None]
 
 
 def _inverse_rows_in_place(
@@ -381,6 +418,17 @@ fused_round_transformed = LazyCompiled(_round_transformed)
 fused_round_transformed_two_way = LazyCompiled(_round_transformed_two_way)
 fused_inverse_rows = LazyCompiled(_inverse_rows)
 fused_inverse_rows_in_place = LazyCompiled(_inverse_rows_in_place)
+# The passes fused BHQ runs on the fly, by encode and by encode_two_way.
+_ENCODE_KERNELS = (
+    fused_row_ranges,
+    fused_lane_sums,
+    fused_transformed_ranges,
+    fused_round_transformed,
+)
+_TWO_WAY_KERNELS = (
+    fused_two_way_ranges, fused_lane_sums, fused_transformed_ranges,
+    fused_round_transformed_two_way,
+)  # fmt: skip
 
 
 def _first_lanes(
@@ -447,10 +495,26 @@ def _row_lanes(
     return index, lane_weight, large_sums, large_group, large, t.row_scale, t.coef
 
 
-def _on_the_fly(x2d: Tensor) -> bool:
+def _falls_back(kernel: Any) -> bool:
+    """Whether ``kernel`` (what :meth:`~.base.Quantizer.kernel` gave) is a compiled kernel that
+    runs eagerly: ``torch.compile`` disabled, or its compilation failed before. Not so for an
+    eager function asked for explicitly (``kernel.fn``, as the tests' reference runs)."""
+    if not isinstance(kernel, LazyCompiled):
+        return False
+    # TORCH_COMPILE_DISABLE=1 sets the config; TORCHDYNAMO_DISABLE=1 is read by torch.compile.
+    disabled = torch._dynamo.config.disable or os.environ.get("TORCHDYNAMO_DISABLE") == "1"
+    return bool(disabled) or kernel._broken
+
+
+def _on_the_fly(
+    x2d: Tensor, kernel: Callable[[LazyCompiled], Any], kernels: tuple[LazyCompiled, ...]
+) -> bool:
     """Whether fused BHQ computes ``y`` inside its passes (:func:`_fused_plan`): on the CPU,
-    where the count of summing passes can be read without waiting on a device."""
-    return x2d.device.type == "cpu"
+    where the count of summing passes can be read without waiting on a device, and with those
+    passes (``kernels``) compiled. Run eagerly they would hold many N×D temporaries, so where
+    ``torch.compile`` is disabled or failed fused BHQ takes the eager plan (:func:`_plan`),
+    ``y`` materialized once: the same transform, its grids and codes to float32 rounding."""
+    return x2d.device.type == "cpu" and not any(_falls_back(kernel(k)) for k in kernels)
 
 
 @dataclass(frozen=True)
@@ -513,19 +577,21 @@ class BlockHouseholder(Quantizer):
                 x2d, noise, self.bits, "row", self.rounding
             )
             return QuantizedTensor(codes, scale, bias, self.bits, x.shape, x.dtype)
-        if self.fused and _on_the_fly(x2d):
+        if self.fused and _on_the_fly(x2d, self.kernel, _ENCODE_KERNELS):
             plan = _fused_plan(x2d, self.kernel(fused_row_ranges)(x2d), self.kernel)
             noise = self.noise(generator, x2d.device)
-            params = _affine_params(plan.low, plan.high, self.bits)
+            params = affine_params(plan.low, plan.high, self.bits)
             codes = self.kernel(fused_round_transformed)(
                 x2d, plan.rows, params[:3], self.bits, self.rounding, noise
             )
             return self._encoded(codes, params, x, plan.transform)
         plan = _plan(x2d)
         noise = self.noise(generator, x2d.device)
-        # Eager, the rounding overwrites y (a fresh N×D buffer per call would cost page faults);
-        # compiled (fused, off the CPU), it reads y and keeps its intermediates in registers.
-        scratch = None if self.fused else plan.y
+        # Eager (fused=False, or torch.compile disabled), the rounding overwrites y (a fresh N×D
+        # buffer per call would cost page faults); compiled (fused, off the CPU), it reads y and
+        # keeps its intermediates in registers.
+        compiled = self.fused and not _falls_back(self.kernel(fused_affine_encode))
+        scratch = None if compiled else plan.y
         codes, scale, bias = self.kernel(fused_affine_encode)(
             plan.y, plan.low, plan.high, self.bits, self.rounding, noise, scratch
         )
@@ -541,21 +607,23 @@ class BlockHouseholder(Quantizer):
         """``(self.encode(x), column_quantizer.encode(x))``, the same codes, sharing the passes
         over ``x``: one for the rows' ranges and the column quantizer's statistics, one for both
         roundings (:func:`~.twoway.encode_two_way` calls this). ``None`` where it does not apply
-        (this quantizer or the column one not fused, a symmetric column grid, N ≤ 2): the caller
-        then encodes one after the other. ``compiled=False`` runs the same code eagerly."""
-        spec_h = _spec(column_quantizer)
+        (this quantizer or the column one not fused, a symmetric column grid, N ≤ 2, off the
+        CPU, or ``torch.compile`` disabled or failing, see :func:`_on_the_fly`): the caller then
+        encodes one after the other. ``compiled=False`` runs the same code eagerly."""
+        check_float(x, self.name)
+        spec_h = uniform_spec(column_quantizer)
         x2d = as_rows(x)
         if not self.fused or spec_h is None or spec_h[2] or x2d.shape[0] <= 2:
             return None
-        if not _on_the_fly(x2d):
-            return None
         kernel: Callable[[LazyCompiled], Any] = (lambda k: k) if compiled else (lambda k: k.fn)
+        if not _on_the_fly(x2d, kernel, _TWO_WAY_KERNELS):
+            return None
         x2d = x2d.detach().to(compute_dtype(x)).contiguous()
         low_x, high_x, params_h = kernel(fused_two_way_ranges)(x2d, spec_h)
         plan = _fused_plan(x2d, (low_x, high_x), kernel)
         noise_g = self.noise(generator, x2d.device)
         noise_h = column_quantizer.noise(generator, x2d.device)
-        params_g = _affine_params(plan.low, plan.high, self.bits)
+        params_g = affine_params(plan.low, plan.high, self.bits)
         spec_g = (self.bits, "row", False, self.rounding)
         codes_g, codes_h = kernel(fused_round_transformed_two_way)(
             x2d, plan.rows, params_g[:3], params_h[:3], spec_g, spec_h, noise_g, noise_h
@@ -581,7 +649,8 @@ class BlockHouseholder(Quantizer):
         check_float(x, self.name)
         x2d = as_rows(x).to(compute_dtype(x)).contiguous()
         plan: _Plan | _FusedPlan | None
-        if self.fused and _on_the_fly(x2d) and x2d.shape[0] > 2:  # the plan encode uses
+        on_the_fly = self.fused and _on_the_fly(x2d, self.kernel, _ENCODE_KERNELS)
+        if on_the_fly and x2d.shape[0] > 2:  # the plan encode uses
             plan = _fused_plan(x2d, self.kernel(fused_row_ranges)(x2d), self.kernel)
         else:
             plan = _plan(x2d)

@@ -21,8 +21,15 @@ from torch import Tensor
 
 from .base import QuantizedTensor, Quantizer, as_rows, check_float, compute_dtype
 from .fused import LazyCompiled
-from .rounding import Noise, round_to_grid, to_codes
-from .uniform import _fold, _live_steps, _Uniform, affine_encode, group_minmax, symmetric_encode
+from .rounding import Noise
+from .uniform import (
+    affine_encode,
+    affine_params,
+    affine_round,
+    group_minmax,
+    symmetric_encode,
+    uniform_spec,
+)
 
 __all__ = ["encode_two_way", "fused_two_way", "fused_two_way_round", "fused_two_way_stats"]
 
@@ -46,30 +53,15 @@ def _two_way_kernel(
 
 # Two asymmetric grids (PTQ, PSQ, per column: the paper's pair) run as two graphs: the statistics
 # and each group's grid parameters first, materialized (one per row, one per column), then the
-# rounding. In one graph Inductor recomputes a column's grid parameters (range fold, step rounded
-# up, divisor) for every element of the column, which cost more than the rounding itself. Same
-# operations as affine_encode, split in two, so the same codes.
-def _affine_params(low: Tensor, high: Tensor, bits: int) -> tuple[Tensor, ...]:
-    """``affine_encode``'s per-group values: (−low·f, f, divisor, scale, bias)."""
-    half = 2 ** (bits - 1)
-    fold = _fold(low, high)
-    step, divisor = _live_steps(high * fold - low * fold, 2**bits - 1)
-    return -low * fold, fold, divisor, step / fold, (low * fold + half * step) / fold
-
-
-def _affine_round(
-    x2d: Tensor, params: tuple[Tensor, ...], bits: int, rounding: str, noise: Noise
-) -> Tensor:
-    offset, fold, divisor = params[:3]
-    grid = torch.addcmul(offset, x2d, fold).div_(divisor)
-    return to_codes(round_to_grid(grid, rounding, 0, 2**bits - 1, noise), 2 ** (bits - 1))
-
-
+# rounding (:func:`~.uniform.affine_params`, :func:`~.uniform.affine_round`). In one graph
+# Inductor recomputes a column's grid parameters (range fold, step rounded up, divisor) for every
+# element of the column, which cost more than the rounding itself. Same operations as
+# affine_encode, split in two, so the same codes.
 def _two_way_stats(x2d: Tensor, spec_g: tuple, spec_h: tuple) -> tuple[tuple, tuple]:
     x2d = x2d.to(compute_dtype(x2d))
     return (
-        _affine_params(*group_minmax(x2d, spec_g[1]), spec_g[0]),
-        _affine_params(*group_minmax(x2d, spec_h[1]), spec_h[0]),
+        affine_params(*group_minmax(x2d, spec_g[1]), spec_g[0]),
+        affine_params(*group_minmax(x2d, spec_h[1]), spec_h[0]),
     )
 
 
@@ -78,21 +70,14 @@ def _two_way_round(
 ) -> tuple[Tensor, Tensor]:
     x2d = x2d.to(compute_dtype(x2d))
     return (
-        _affine_round(x2d, params[0], spec_g[0], spec_g[3], noise_g),
-        _affine_round(x2d, params[1], spec_h[0], spec_h[3], noise_h),
+        affine_round(x2d, params[0], spec_g[0], spec_g[3], noise_g),
+        affine_round(x2d, params[1], spec_h[0], spec_h[3], noise_h),
     )
 
 
 fused_two_way = LazyCompiled(_two_way_kernel)
 fused_two_way_stats = LazyCompiled(_two_way_stats)
 fused_two_way_round = LazyCompiled(_two_way_round)
-
-
-def _spec(q: Quantizer) -> tuple | None:
-    """The static arguments of :func:`_encode` for a fused uniform quantizer, else ``None``."""
-    if isinstance(q, _Uniform) and q.fused:
-        return (q.bits, q.granularity, q.symmetric, q.rounding)
-    return None
 
 
 def encode_two_way(
@@ -113,7 +98,7 @@ def encode_two_way(
         if pair is not None:
             return pair
     x2d = as_rows(x)
-    spec_g, spec_h = _spec(row_quantizer), _spec(column_quantizer)
+    spec_g, spec_h = uniform_spec(row_quantizer), uniform_spec(column_quantizer)
     if spec_g is None or spec_h is None:
         return row_quantizer.encode(x, generator), column_quantizer.encode(x, generator)
     noise_g = row_quantizer.noise(generator, x2d.device)

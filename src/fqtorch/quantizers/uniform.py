@@ -42,7 +42,10 @@ __all__ = [
     "SymmetricPerRow",
     "SymmetricPerTensor",
     "affine_encode",
+    "affine_params",
+    "affine_round",
     "affine_steps",
+    "uniform_spec",
 ]
 
 _REDUCE_DIM = {"tensor": None, "row": 1, "column": 0}
@@ -126,6 +129,27 @@ def symmetric_encode(
     return to_codes(grid, 0), step, torch.zeros_like(step)
 
 
+# affine_encode split in two (the same operations, so the same codes): each group's grid
+# parameters first, materialized, then the rounding. Kernels that round several grids in one loop
+# (:mod:`.twoway`, :mod:`.householder`) use them: in one graph Inductor would recompute a column's
+# parameters for every element of the column.
+def affine_params(low: Tensor, high: Tensor, bits: int) -> tuple[Tensor, ...]:
+    """:func:`affine_encode`'s per-group values: (−low·f, f, divisor, scale, bias)."""
+    half = 2 ** (bits - 1)
+    fold = _fold(low, high)
+    step, divisor = _live_steps(high * fold - low * fold, 2**bits - 1)
+    return -low * fold, fold, divisor, step / fold, (low * fold + half * step) / fold
+
+
+def affine_round(
+    x2d: Tensor, params: tuple[Tensor, ...], bits: int, rounding: str, noise: Noise
+) -> Tensor:
+    """:func:`affine_encode`'s codes from :func:`affine_params`' first three values."""
+    offset, fold, divisor = params[:3]
+    grid = torch.addcmul(offset, x2d, fold).div_(divisor)
+    return to_codes(round_to_grid(grid, rounding, 0, 2**bits - 1, noise), 2 ** (bits - 1))
+
+
 # The whole uniform encode (cast, ranges, grid, rounding, codes): one fused kernel when compiled.
 # Two functions, not one with a flag, so that each keeps its own small set of compiled graphs.
 def _affine_kernel(
@@ -174,6 +198,14 @@ class _Uniform(Quantizer):
         x2d = as_rows(x).to(compute_dtype(x))
         steps = self._steps(x2d).to(torch.float64)  # a step past 1e19 squares past float32
         return uniform_bound(x2d.numel() // steps.numel(), steps)
+
+
+def uniform_spec(q: Quantizer) -> tuple | None:
+    """``(bits, granularity, symmetric, rounding)`` of a fused uniform quantizer, else ``None``:
+    what the kernels that quantize a tensor two ways take (:mod:`.twoway`)."""
+    if isinstance(q, _Uniform) and q.fused:
+        return (q.bits, q.granularity, q.symmetric, q.rounding)
+    return None
 
 
 @register_quantizer("ptq")
