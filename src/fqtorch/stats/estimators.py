@@ -213,14 +213,16 @@ _DIRECTIONS_SEED = 20201207
 class _Directions:
     """The directions the bias test projects each parameter tensor's gradient on (docs/method.md
     §7): ``count`` random ±1 vectors from a fixed seed, all ones, and the sign of the batch's QAT
-    gradient. A projection sums every entry's rounding noise, so it is close to Gaussian even where
-    single entries are not (a weight-gradient entry that a few rare, large roundings feed)."""
+    gradient. A projection sums every entry's rounding noise, so it is closer to Gaussian than a
+    single entry that a few rare, large roundings feed; not Gaussian where those few roundings
+    feed the whole tensor (docs/method.md §7 measures that case)."""
 
     def __init__(self, params: _Params, count: int = _RANDOM_DIRECTIONS) -> None:
         gen = torch.Generator().manual_seed(_DIRECTIONS_SEED)
         self.sizes = params.sizes
+        # (count, n) bool per tensor: True where the direction is +1 (one byte per entry each)
         self.signs = [
-            (torch.randint(0, 2, (count, n), generator=gen, dtype=torch.int8) * 2 - 1).to(p.device)
+            torch.randint(0, 2, (count, n), generator=gen, dtype=torch.bool).to(p.device)
             for n, p in zip(self.sizes, params.tensors, strict=True)
         ]
         self.per_tensor = count + 2
@@ -232,8 +234,10 @@ class _Directions:
         ones, then ``qat_signs`` (the sign of the QAT gradient, per tensor)."""
         out = []
         for part, signs, sign in zip(flat.split(self.sizes), self.signs, qat_signs, strict=True):
-            out += [signs.to(part.dtype) @ part, part.sum().reshape(1), (sign @ part).reshape(1)]
-        return torch.cat(out)
+            # one direction at a time: a temporary of the tensor's size, not count times it
+            out += [torch.where(plus, part, -part).sum() for plus in signs]
+            out += [part.sum(), sign @ part]
+        return torch.stack(out)
 
 
 @dataclass(frozen=True)
@@ -309,16 +313,17 @@ class BiasReport:
     """z-scores of the mean FQT gradient against the QAT gradient, per layer.
 
     Each parameter tensor's gradient is projected on fixed directions (8 random ±1 vectors, all
-    ones, the sign of the QAT gradient); per projection ``u``,
-    ``z = (mean_s u·g_s − u·g_QAT) / (std_s(u·g_s) / √S)``, Student-t with ``ν = S − 1`` when
-    unbiased (a projection sums every entry's rounding noise, so it is near Gaussian even where
-    single entries are heavy-tailed). A layer fails when its RMS z over its projections and the B
-    batches exceeds ``limit``, the square root of :func:`~fqtorch.stats.null.z2_threshold` at
-    level ``alpha / L`` for L layers (Bonferroni): a threshold from the null distribution alone
-    (samples and batches, with the projections' correlation at its worst), so the whole report
-    raises a false alarm with probability at most ``alpha``. ``z_max``, the largest per-entry
-    |z|, is reported, not judged: over many entries Student-t tails make large values expected,
-    and an entry's standard error from S draws misses rare large roundings.
+    ones, the sign of the QAT gradient); per projection ``u``, ``z = (mean_s u·g_s − u·g_QAT) /
+    (std_s(u·g_s) / √S)``, Student-t with ``ν = S − 1`` when unbiased and the projection's noise
+    Gaussian (a projection sums every entry's rounding noise, so it is closer to Gaussian than
+    single entries; docs/method.md §7 says where it is not). A layer fails when its RMS z over
+    its projections and the B batches exceeds ``limit``, the square root of
+    :func:`~fqtorch.stats.null.z2_threshold` at level ``alpha / L`` for L layers (Bonferroni): a
+    threshold from the null distribution alone (samples and batches, with the projections'
+    correlation at its worst), so the whole report raises a false alarm with probability at most
+    ``alpha``. ``z_max``, the largest per-entry |z|, is reported, not judged: over many entries
+    Student-t tails make large values expected, and an entry's standard error from S draws
+    misses rare large roundings.
     """
 
     layers: list[LayerBias]
@@ -394,10 +399,10 @@ def measure_quantization(
     at family-wise false-alarm level ``alpha`` (:class:`BiasReport`)."""
     check_test_parameters(samples, alpha)
     batches = _as_batches(batches)
-    variance, z2_batches, z_max, params = _measure(model, loss_fn, batches, samples)
+    variance, z2_batches, z_max, params, owner = _measure(model, loss_fn, batches, samples)
     bias = _bias_report(
         params,
-        _Directions(params).owner,
+        owner,
         z2_batches,
         z_max,
         samples,
@@ -409,9 +414,9 @@ def measure_quantization(
 
 def _measure(
     model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int, z: bool = True
-) -> tuple[GradientVariance, list[Tensor], Tensor | None, _Params]:
-    """The quantization variance and (``z=True``) each batch's projection z² and the largest
-    per-entry |z|."""
+) -> tuple[GradientVariance, list[Tensor], Tensor | None, _Params, Tensor | None]:
+    """The quantization variance and (``z=True``) each batch's projection z², the largest
+    per-entry |z| and each projection's parameter tensor."""
     _require_fqt(model)
     params = _Params.of(model)
     directions = _Directions(params) if z else None
@@ -427,7 +432,8 @@ def _measure(
                 z_max = entries.abs() if z_max is None else torch.fmax(z_max, entries.abs())
     layer_of = dict(zip(params.names, params.layers, strict=True))
     variance = GradientVariance(params.per_parameter(var_sum / len(batches)), layer_of)
-    return variance, z2_batches, z_max, params
+    owner = None if directions is None else directions.owner
+    return variance, z2_batches, z_max, params, owner
 
 
 def _z(diff: Tensor, se: Tensor, scale: Tensor) -> Tensor:
@@ -454,8 +460,9 @@ def _z_scores(d: _Draws, params: _Params, directions: _Directions) -> tuple[Tens
     every draw's projection, so it moves the projections' mean and not their spread, and is left
     out of the mean difference, as it is left out of the per-entry statistic. A tensor without any
     entry with spread gets its entries' verdict on every projection (NaN: all match; ``+inf``:
-    one misses). A projection without spread (≤ 1e-7 of its largest possible value) is judged the
-    same way, at 1e-3 of that value.
+    one misses). A projection whose spread is at float-rounding level (≤ 1e-7 of ``√n·max|g|``
+    for a tensor of n entries) gets the same verdict at 1e-3 of that value; an ``+inf`` (no
+    spread, misses) fails its layer (:func:`_mean_z2`).
     """
     diff = d.mean - d.qat
     se = (d.variance / d.samples).sqrt()
@@ -467,7 +474,9 @@ def _z_scores(d: _Draws, params: _Params, directions: _Directions) -> tuple[Tens
     owner = directions.owner.to(diff.device)
     projected_diff = directions.project(torch.where(deterministic, 0.0, diff), d.qat_signs)
     projected_se = (d.projections.var(0) / d.samples).sqrt()
-    reach = (sizes * tensor_scale)[owner]  # the largest |u·g| for a ±1 direction u
+    # float rounding of a sum of n terms of size <= max|g| grows like sqrt(n), as does the
+    # rounding noise's own spread on a ±1 direction
+    reach = (sizes.to(diff.dtype).sqrt() * tensor_scale)[owner]
     projected = _z(projected_diff, projected_se, reach)
     # tensors none of whose entries has spread: their entries' verdict
     for i, part in enumerate(entries.split(params.sizes)):
@@ -478,13 +487,14 @@ def _z_scores(d: _Draws, params: _Params, directions: _Directions) -> tuple[Tens
 
 
 def _mean_z2(z2: Tensor) -> Tensor:
-    """A layer's statistic on one batch: the mean z² over its projections with spread. Without
-    any, ``inf`` if an entry without spread misses the QAT value (a deterministic, biased
-    backward, such as nearest rounding), else 0 (an exact backward)."""
+    """A layer's statistic on one batch: the mean z² over its projections with spread; ``inf``
+    if any projection has none and misses the QAT value (a deterministic, biased tensor, such as
+    nearest rounding gives, even beside a stochastic one); 0 if none has spread (an exact
+    backward)."""
+    if bool(torch.isinf(z2).any()):
+        return z2.new_tensor(math.inf)
     stochastic = torch.isfinite(z2)
-    if bool(stochastic.any()):
-        return z2[stochastic].mean()
-    return z2.new_tensor(math.inf if bool(torch.isinf(z2).any()) else 0.0)
+    return z2[stochastic].mean() if bool(stochastic.any()) else z2.new_tensor(0.0)
 
 
 def _bias_report(

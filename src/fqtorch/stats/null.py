@@ -2,7 +2,8 @@
 
 Under the null hypothesis (the FQT gradient is an unbiased estimate of the QAT gradient) and
 Gaussian noise on each projection of the gradient the test judges (docs/method.md §7: fixed
-directions per parameter tensor; a projection sums many roundings, so it is near Gaussian), each
+directions per parameter tensor; a projection sums many roundings; §7 says where that is not
+enough for Gaussian noise), each
 projection's z-score over ``S`` backward passes is Student-t with ``ν = S − 1`` degrees of freedom,
 so ``z²`` is ``F(1, ν)``, whatever the projections' correlation. A layer's statistic is the mean
 of ``z²`` over its projections and over ``B`` independent batches.
@@ -62,7 +63,7 @@ def check_test_parameters(samples: int, alpha: float) -> None:
 def z2_threshold(samples: int, batches: int, alpha: float) -> float:
     """The level-``alpha`` threshold on a layer's mean ``z²`` over ``batches`` batches of
     ``samples`` backward passes each (module docstring): ``P(mean z² ≥ threshold) ≤ alpha``
-    under the null, for any correlation between the entries."""
+    under the null, for any correlation between the projections."""
     check_test_parameters(samples, alpha)
     if batches < 1:
         raise ValueError(f"batches must be >= 1, got {batches}")
