@@ -314,7 +314,8 @@ def cell(runs: list[dict], key: str, scale: float = 1.0, digits: int = 3) -> str
     if not values:
         return f"diverged ({diverged}/{len(runs)})"
     mean, std = mean_std(values)
-    text = f"{mean:.{digits}f} ± {std:.{digits}f}"
+    # one finished seed has no spread to report (not a spread of 0)
+    text = f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
     if diverged:
         text += f" ({diverged}/{len(runs)} diverged)"
     return text

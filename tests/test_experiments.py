@@ -320,3 +320,14 @@ def test_the_plan_is_made_once_on_qat_seed_0(reproduce, monkeypatch):
     assert (path.parent / "plan_table.txt").read_text() == "table\n"
     reproduce.make_plan(task)
     assert len(calls) == 1  # reused
+
+
+def test_cell_reports_a_spread_only_over_two_or_more_seeds(reproduce):
+    """One finished seed has no spread: its cell is the value alone, not "± 0.000"."""
+
+    def run(value, diverged=False):
+        return {"final": {"val_loss": value}, "diverged": diverged}
+
+    assert reproduce.cell([run(0.9431)], "val_loss") == "0.943"
+    assert reproduce.cell([run(1.0), run(2.0)], "val_loss") == "1.500 ± 0.707"
+    assert reproduce.cell([run(1.0), run(0, True)], "val_loss") == "1.000 (1/2 diverged)"
