@@ -4,7 +4,9 @@ Writes ``variance.json`` (schema below), ``variance_vs_bits.png`` and ``variance
 
     {"model", "dataset", "batch_size", "seed", "sampling_variance",
      "results": [{"quantizer", "bits", "bits_per_element", "rounding", "quantization_variance",
-                  "bias_z_rms", "bias_passed" (every layer's RMS z within its limit),
+                  "bias_z_rms", "bias_passed" (every layer's RMS z within its limit, or its
+                  retest on fresh draws passed), "bias_retested" (the layers whose first
+                  test failed), "bias_failing" (the layers reported biased),
                   "bias_z_limit", "bias_z_max", "layers": [{"name", "quantization_variance",
                               "grad_output_error", "grad_output_error_bound"}]}]}
 
@@ -31,6 +33,7 @@ from torch.utils.data import DataLoader, RandomSampler
 from ..config import FQTConfig
 from ..convert import dequantize_model, fqt_modules, quantize_model
 from ..quantizers.formats import is_format
+from .estimators import RETEST_FACTOR
 from .null import DEFAULT_ALPHA, check_test_parameters
 
 log = logging.getLogger(__name__)
@@ -227,8 +230,20 @@ def _measure_config(
         "bias_z_max": report.bias.z_max,
         "bias_z_limit": report.bias.layers[0].limit,
         "bias_passed": report.bias.passed,
+        "bias_retested": report.bias.retested(),
+        "bias_failing": report.bias.failing(),
         "layers": layers,
     }
+
+
+def _retest_note(result: dict, samples: int) -> str:
+    """The layers whose first bias test failed and were tested again (``BiasReport``)."""
+    if not result["bias_retested"]:
+        return ""
+    confirmed = [n for n in result["bias_retested"] if n in result["bias_failing"]]
+    outcome = f"biased: {', '.join(confirmed)}" if confirmed else "passed"
+    draws = RETEST_FACTOR * samples
+    return f"  (retested {', '.join(result['bias_retested'])} on {draws} fresh draws: {outcome})"
 
 
 def run_variance(args: argparse.Namespace) -> int:
@@ -327,7 +342,7 @@ def run_variance(args: argparse.Namespace) -> int:
             done,
             len(configs),
             time.perf_counter() - start,
-            "" if r["bias_passed"] else "  BIASED",
+            ("" if r["bias_passed"] else "  BIASED") + _retest_note(r, args.samples),
         )
 
     profile_q, profile_b = quantizers[0], min(bits)
