@@ -431,9 +431,7 @@ def measure_quantization(
     bias = _bias_report(params, owner, z2_batches, z_max, samples, alpha)
     suspects = [r.name for r in bias.layers if not r.passed and math.isfinite(r.z_rms)]
     if suspects:
-        _, z2_again, z_max_again, _, _ = _measure(
-            model, loss_fn, batches, RETEST_FACTOR * samples
-        )
+        _, z2_again, z_max_again, _, _ = _measure(model, loss_fn, batches, RETEST_FACTOR * samples)
         again = _bias_report(params, owner, z2_again, z_max_again, RETEST_FACTOR * samples, alpha)
         retests = {r.name: r for r in again.layers if r.name in suspects}
         layers = [dataclasses.replace(r, retest=retests.get(r.name)) for r in bias.layers]
