@@ -12,9 +12,10 @@ a false alarm; the family-wise level is ``--alpha``.
 
     python experiments/bias_level.py --formats nvfp4,mxfp4,fp8_e5m2 --sets 200
 
-Writes ``experiments/results/bias_level/<format>.json`` (the per-set verdicts and the per-layer
-mean z² of the first test) and prints the table docs/method.md §7 quotes. A format whose file
-holds the requested sets is skipped (delete it to measure again).
+Writes ``experiments/results/bias_level/<format>_b<batches>[_a<alpha>].json`` (the per-set
+verdicts and the per-layer mean z² of the first test, saved every 25 sets) and prints the table
+docs/method.md §7 quotes. A file measured with the same parameters is extended to ``--sets``, not
+measured again.
 """
 
 from __future__ import annotations
@@ -62,10 +63,25 @@ def batches_for(train, index: int, count: int, size: int) -> list[tuple[torch.Te
     return [(x[i : i + size], y[i : i + size]) for i in range(0, count * size, size)]
 
 
-def measure_format(model, train, fmt: str, args: argparse.Namespace) -> dict:
-    sets = []
+def measure_format(model, train, fmt: str, args: argparse.Namespace, path: Path) -> dict:
+    """Sets ``len(done) .. --sets - 1`` (``done``: the sets already in ``path`` under the same
+    parameters), saving ``path`` every 25 sets and at the end."""
+    result = {
+        "format": fmt,
+        "sets": [],
+        "samples": args.samples,
+        "batches": args.batches,
+        "batch_size": args.batch_size,
+        "alpha": args.alpha,
+        "null_mean_z2": (args.samples - 1) / (args.samples - 3),
+    }
+    if path.exists():
+        done = json.loads(path.read_text())
+        if all(done.get(k) == v for k, v in result.items() if k != "sets"):
+            result["sets"] = done["sets"]
+    sets = result["sets"]
     start = time.perf_counter()
-    for i in range(args.sets):
+    for i in range(len(sets), args.sets):
         fqt = quantize_model(copy.deepcopy(model), FQTConfig(grad_quantizer=fmt, seed=1000 + i))
         fqt.train()
         batches = batches_for(train, i, args.batches, args.batch_size)
@@ -90,21 +106,22 @@ def measure_format(model, train, fmt: str, args: argparse.Namespace) -> dict:
             f"({time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-    limit = report.layers[0].limit
-    return {
-        "format": fmt,
-        "sets": sets,
-        "samples": args.samples,
-        "batches": args.batches,
-        "batch_size": args.batch_size,
-        "alpha": args.alpha,
-        "limit_z_rms": limit,
-        "null_mean_z2": (args.samples - 1) / (args.samples - 3),
-        "command": "python " + " ".join(sys.argv),
-        "versions": {"torch": torch.__version__, "fqtorch": __version__},
-        "python": platform.python_version(),
-        "cpu": platform.processor() or platform.machine(),
-    }
+        result["limit_z_rms"] = report.layers[0].limit
+        if (i + 1) % 25 == 0 or i + 1 == args.sets:
+            _save(path, result)
+    return result
+
+
+def _save(path: Path, result: dict) -> None:
+    result.update(
+        command="python " + " ".join(sys.argv),
+        versions={"torch": torch.__version__, "fqtorch": __version__},
+        python=platform.python_version(),
+        cpu=platform.processor() or platform.machine(),
+    )
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    tmp.replace(path)
 
 
 def table(results: list[dict]) -> str:
@@ -146,16 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
     for fmt in args.formats.split(","):
-        path = args.out / f"{fmt}.json"
-        if path.exists():
-            done = json.loads(path.read_text())
-            if len(done["sets"]) >= args.sets and done["samples"] == args.samples:
-                print(f"{fmt}: {len(done['sets'])} sets already measured ({path})")
-                results.append(done)
-                continue
-        result = measure_format(model, train, fmt, args)
-        path.write_text(json.dumps(result, indent=1) + "\n")
-        results.append(result)
+        level = "" if args.alpha == 1e-3 else f"_a{args.alpha:g}"
+        path = args.out / f"{fmt}_b{args.batches}{level}.json"
+        results.append(measure_format(model, train, fmt, args, path))
     print(table(results))
     return 0
 

@@ -4,6 +4,7 @@ both sides on real quantizers."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -11,8 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from fqtorch import FQTConfig, quantize_model
+from fqtorch.convert import fqt_modules
 from fqtorch.models import build_model
-from fqtorch.stats import estimators, measure_quantization
+from fqtorch.stats import check_unbiased, estimators, measure_quantization
 from fqtorch.stats.estimators import RETEST_FACTOR
 from tests.stats.test_stats import digits_batches
 
@@ -63,6 +65,34 @@ class TestRetestPlumbing:
         last = [name for name, _ in model.named_modules() if name in report.failing()][-1]
         assert report.suspect == last  # the topmost failing layer, as without a retest
 
+    def test_retest_draws_are_fresh(self, monkeypatch):
+        """The retest's backward passes continue each layer's generator from where the first
+        stage left it (a retest replaying the first stage's stream would partly repeat it)."""
+        model = _model()
+        batches = digits_batches(1)
+        measure_quantization(model, F.cross_entropy, batches, 4)  # every generator exists now
+        real, starts = estimators._measure, []
+
+        def spy(model, loss_fn, batches, samples, z=True):
+            starts.append([m._generator.get_state() for m in fqt_modules(model).values()])
+            return real(model, loss_fn, batches, samples, z)
+
+        monkeypatch.setattr(estimators, "_measure", spy)
+        first = estimators._bias_report
+
+        def failing(*args):  # every layer fails the first stage: the retest runs
+            report = first(*args)
+            return dataclasses.replace(
+                report, layers=[dataclasses.replace(r, z_rms=1e9) for r in report.layers]
+            )
+
+        monkeypatch.setattr(estimators, "_bias_report", failing)
+        measure_quantization(model, F.cross_entropy, batches, 8)
+        assert len(starts) == 2
+        ends = [m._generator.get_state() for m in fqt_modules(model).values()]
+        for start_1, start_2, end in zip(*starts, ends, strict=True):
+            assert not torch.equal(start_1, start_2) and not torch.equal(start_2, end)
+
     def test_passing_layers_are_not_retested(self, scripted):
         calls, script = scripted
         script += [1.0]
@@ -84,12 +114,33 @@ def test_cli_line_names_the_retested_layers_and_the_outcome():
 
 @pytest.mark.slow
 class TestRetestOnRealQuantizers:
-    def test_deterministic_bias_is_not_retested(self):
-        """Nearest rounding has no spread: ``+inf``, certain, and not worth a retest."""
+    def test_deterministic_bias_stays_biased_on_retest(self):
+        """Nearest rounding has no spread: ``+inf`` in the first test and in the retest."""
         model = _model(grad_rounding="nearest")
         report = measure_quantization(model, F.cross_entropy, digits_batches(2), 8).bias
         assert not report.passed and math.isinf(report.z_rms)
-        assert report.retested() == []
+        assert report.retested() == report.failing()
+        assert all(math.isinf(layer.retest.z_rms) for layer in report.layers if layer.retest)
+
+    def test_culprits_are_retested_before_they_are_named(self, monkeypatch):
+        """check_unbiased switches each layer on alone; a layer is named only when its retest on
+        four times the draws fails too."""
+        real, calls = estimators._retested, []
+
+        def spy(first, measure_again):
+            report = real(first, measure_again)
+            calls.append((first.samples, report.retested()))
+            return report
+
+        monkeypatch.setattr(estimators, "_retested", spy)
+        model = _model(grad_rounding="nearest")
+        report = check_unbiased(model, F.cross_entropy, digits_batches(1), samples=8)
+        layers = list(fqt_modules(model))
+        assert len(calls) == 1 + len(layers)  # the whole model, then each layer alone
+        assert all(samples == 8 for samples, _ in calls)
+        assert report.culprits and all(c in layers for c in report.culprits)
+        retested_alone = {name for _, names in calls[1:] for name in names}
+        assert set(report.culprits) <= retested_alone
 
     def test_small_bias_is_still_caught_after_retest(self):
         """A shift of a tenth of a grid step (the power test's quantizer): the first test and the
@@ -100,7 +151,4 @@ class TestRetestOnRealQuantizers:
         model = _model("test_shift_tenth_step")
         batches = digits_batches(d["batches"], size=d["batch_size"])
         report = measure_quantization(model, F.cross_entropy, batches, d["samples"]).bias
-        assert not report.passed
-        assert report.retested() and all(
-            not layer.retest.passed for layer in report.layers if layer.name in report.failing()
-        )
+        assert not report.passed and report.retested()

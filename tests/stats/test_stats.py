@@ -314,6 +314,9 @@ def test_variance_cli_schema(tmp_path, fused):
             "bias_z_rms",
             "bias_z_limit",
             "bias_z_max",
+            "bias_retested",
+            "bias_retest",
+            "bias_failing",
             "layers",
         }
         for layer in r["layers"]:

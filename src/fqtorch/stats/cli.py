@@ -6,7 +6,8 @@ Writes ``variance.json`` (schema below), ``variance_vs_bits.png`` and ``variance
      "results": [{"quantizer", "bits", "bits_per_element", "rounding", "quantization_variance",
                   "bias_z_rms", "bias_passed" (every layer's RMS z within its limit, or its
                   retest on fresh draws passed), "bias_retested" (the layers whose first
-                  test failed), "bias_failing" (the layers reported biased),
+                  test failed), "bias_retest" ({layer: {"z_rms", "limit"}} of those retests
+                  on 4x the draws), "bias_failing" (the layers reported biased),
                   "bias_z_limit", "bias_z_max", "layers": [{"name", "quantization_variance",
                               "grad_output_error", "grad_output_error_bound"}]}]}
 
@@ -231,6 +232,11 @@ def _measure_config(
         "bias_z_limit": report.bias.layers[0].limit,
         "bias_passed": report.bias.passed,
         "bias_retested": report.bias.retested(),
+        "bias_retest": {
+            r.name: {"z_rms": r.retest.z_rms, "limit": r.retest.limit}
+            for r in report.bias.layers
+            if r.retest is not None
+        },
         "bias_failing": report.bias.failing(),
         "layers": layers,
     }

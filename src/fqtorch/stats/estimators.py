@@ -295,8 +295,8 @@ def _require_fqt(model: nn.Module) -> dict[str, FQTModule]:
 class LayerBias:
     """One layer's verdict: ``z_rms`` over its projections (judged against ``limit``);
     ``z_max``, the largest per-entry |z|, is informational. ``retest``: the same test on fresh
-    draws, ``RETEST_FACTOR`` times as many, run when this one failed with a finite statistic; the
-    layer is biased only when both fail (:class:`BiasReport`)."""
+    draws, ``RETEST_FACTOR`` times as many, run when this one failed; the layer is biased only
+    when both fail (:class:`BiasReport`)."""
 
     name: str
     z_rms: float
@@ -328,13 +328,17 @@ class BiasReport:
     Student-t tails make large values expected, and an entry's standard error from S draws
     misses rare large roundings.
 
-    A layer that fails with a finite statistic is tested again on fresh draws, ``RETEST_FACTOR``
-    × S per batch, at the same level (``LayerBias.retest``), and is reported biased only when that
-    fails too. Under Gaussian projection noise this keeps the false-alarm rate at most ``alpha``
-    (the retest alone is a level-``alpha`` test) and adds power (more draws); where rare, large
+    A layer that fails is tested again on fresh draws of the same batches, ``RETEST_FACTOR`` × S
+    per batch, at the same level (``LayerBias.retest``), and is reported biased only when that
+    fails too. The reported layers are a subset of those the retest rejects, and the retest is a
+    level-``alpha`` test over all L layers, so under Gaussian projection noise the false-alarm rate
+    stays at most ``alpha`` whatever the dependence between the two stages. Where rare, large
     roundings make the projections heavy-tailed and S draws underestimate their spread, a false
-    alarm needs two independent exceedances, the second on four times the roundings
-    (docs/method.md §7 measures the rate). A deterministic bias (``+inf``) is not retested.
+    alarm needs a second exceedance on draws that are fresh given the batch, with four times the
+    roundings (docs/method.md §7 measures both stages). Power: at most the first test's, and close
+    to it, since a real bias has four times the non-centrality in the retest. A layer with no
+    spread that misses its QAT value (``+inf``) is retested too: a real deterministic bias stays
+    ``+inf``, while an entry fed by a few roundings that all went the same way by chance does not.
     """
 
     layers: list[LayerBias]
@@ -428,18 +432,33 @@ def measure_quantization(
     check_test_parameters(samples, alpha)
     batches = _as_batches(batches)
     variance, z2_batches, z_max, params, owner = _measure(model, loss_fn, batches, samples)
-    bias = _bias_report(params, owner, z2_batches, z_max, samples, alpha)
-    suspects = [r.name for r in bias.layers if not r.passed and math.isfinite(r.z_rms)]
-    if suspects:
-        _, z2_again, z_max_again, _, _ = _measure(model, loss_fn, batches, RETEST_FACTOR * samples)
-        again = _bias_report(params, owner, z2_again, z_max_again, RETEST_FACTOR * samples, alpha)
-        retests = {r.name: r for r in again.layers if r.name in suspects}
-        layers = [dataclasses.replace(r, retest=retests.get(r.name)) for r in bias.layers]
-        bias = dataclasses.replace(bias, layers=layers)
+    bias = _retested(
+        _bias_report(params, owner, z2_batches, z_max, samples, alpha),
+        lambda: _measure(model, loss_fn, batches, RETEST_FACTOR * samples),
+    )
     if not bias.passed:
         order = _forward_order(model, loss_fn, batches[0])
         bias = dataclasses.replace(bias, suspect=_topmost(bias.failing(), order))
     return QuantizationReport(variance, bias)
+
+
+_Measured = tuple[Any, list[Tensor], Tensor, _Params, Tensor]  # _measure's output
+
+
+def _retested(first: BiasReport, measure_again: Callable[[], _Measured]) -> BiasReport:
+    """``first`` with each failing layer's retest attached (:class:`BiasReport`);
+    ``measure_again()`` draws the fresh ``RETEST_FACTOR`` × S backward passes (``_measure``'s
+    output), only when some layer failed."""
+    suspects = first.failing()
+    if not suspects:
+        return first
+    _, z2_batches, z_max, params, owner = measure_again()
+    again = _bias_report(
+        params, owner, z2_batches, z_max, RETEST_FACTOR * first.samples, first.alpha
+    )
+    retests = {r.name: r for r in again.layers if r.name in suspects}
+    layers = [dataclasses.replace(r, retest=retests.get(r.name)) for r in first.layers]
+    return dataclasses.replace(first, layers=layers)
 
 
 def _topmost(failing: list[str], order: list[str]) -> str | None:
@@ -586,28 +605,34 @@ def bias_test(
 def _isolate_culprits(
     model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int, alpha: float
 ) -> list[str]:
-    """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient."""
+    """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient: one
+    test per layer switched on alone, each at family-wise level ``alpha`` over the layers and
+    retested like the whole model's (:class:`BiasReport`)."""
     params = _Params.of(model)
     directions = _Directions(params)
-    names = list(fqt_modules(model))
-    z2: dict[str, list[Tensor]] = {n: [] for n in names}
-    z_max: dict[str, Tensor] = {}
-    with _restored_buffers(model):
-        for b in batches:
-            forward = _Forward(model, loss_fn, b, params)
-            with exact_backward(model):
-                qat = forward.gradient()
-            for name in names:
-                d = _draw(model, loss_fn, b, samples, params, [name], forward, qat, directions)
+
+    def measure(name: str, draws: int) -> _Measured:
+        z2, z_max = [], None
+        with _restored_buffers(model):
+            for b in batches:
+                forward = _Forward(model, loss_fn, b, params)
+                with exact_backward(model):
+                    qat = forward.gradient()
+                d = _draw(model, loss_fn, b, draws, params, [name], forward, qat, directions)
                 entries, projected = _z_scores(d, params, directions)
-                z2[name].append(projected.square())
+                z2.append(projected.square())
                 z = entries.abs()
-                z_max[name] = torch.fmax(z_max[name], z) if name in z_max else z
-    # One test per layer switched on alone, each at family-wise level alpha over the layers.
-    owner = directions.owner
-    return [
-        n for n in names if not _bias_report(params, owner, z2[n], z_max[n], samples, alpha).passed
-    ]
+                z_max = z if z_max is None else torch.fmax(z_max, z)
+        return None, z2, z_max, params, directions.owner
+
+    culprits = []
+    for name in fqt_modules(model):
+        _, z2, z_max, _, owner = measure(name, samples)
+        first = _bias_report(params, owner, z2, z_max, samples, alpha)
+        report = _retested(first, lambda name=name: measure(name, RETEST_FACTOR * samples))
+        if not report.passed:
+            culprits.append(name)
+    return culprits
 
 
 def check_unbiased(
