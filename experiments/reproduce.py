@@ -17,7 +17,7 @@ report writes the figures under ``docs/figures/results/`` and the tables between
 
 The grid also trains the floating-point and block-scaled formats (``FORMATS``), a fixed
 per-layer plan (``plan``: ``fqtorch plan`` at budget ``PLAN_BUDGET`` on the task's trained QAT
-model of seed 0, via experiments/plan_checkpoint.py, saved once as
+model of seed 0, via ``fqtorch plan --checkpoint``, saved once as
 ``experiments/results/<task>/plan/plan.json`` and reused; trained with ``--bits-plan``) and the
 same plan re-planned while training (``adaptive``: ``--adaptive-precision``, see
 ``Task.adaptive_flags``); the report compares them with QAT and the uniform presets
@@ -149,8 +149,7 @@ def plan_path(task: Task) -> Path:
 
 def plan_command(task: Task, checkpoint: Path) -> list[str]:
     return [
-        sys.executable, str(ROOT / "experiments" / "plan_checkpoint.py"),
-        "--checkpoint", str(checkpoint), *task.plan_flags, "--budget", str(PLAN_BUDGET),
+        sys.executable, "-m", "fqtorch", "plan", "--checkpoint", str(checkpoint), *task.plan_flags, "--budget", str(PLAN_BUDGET),
         "--seed", "0", "--out", str(plan_path(task).parent),
     ]  # fmt: skip
 
@@ -850,7 +849,7 @@ def planned(task: Task, runs: dict[str, list[dict]]) -> list[str]:
     if plan is not None:
         parts += [
             f"The fixed plan (`plan`) is `fqtorch plan` at budget {PLAN_BUDGET} measured on the "
-            "trained QAT model of seed 0 (experiments/plan_checkpoint.py; flags "
+            "trained QAT model of seed 0 (`fqtorch plan --checkpoint`; flags "
             f"`{' '.join(task.plan_flags)}`), saved as "
             f"`experiments/results/{task.name}/plan/plan.json` and trained with `--preset qat "
             f"--bits-plan` for every seed; `adaptive` starts from it and re-plans while training "

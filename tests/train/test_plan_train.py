@@ -212,3 +212,22 @@ def test_ddp_adaptive_precision_resumes_mid_window_exactly(tmp_path):
     a, b = (load_checkpoint(d / "checkpoint.pt")["precision"] for d in (full, stopped))
     assert a == b
     assert_same_parameters(full / "checkpoint.pt", stopped / "checkpoint.pt")
+
+
+def test_plan_for_a_trained_checkpoint(plan_file, tmp_path, capsys):
+    """``--checkpoint`` plans for the trained model (its sampling variance is not the fresh
+    model's under the same flags); a file that is not a checkpoint gets one clear line."""
+    run = tmp_path / "run"
+    assert fqtorch_main("train", *SHORT, "--lr", "0.5", "--out", run) == 0
+    out = tmp_path / "plan"
+    flags = (*TINY, "--quantizers", "psq", "--checkpoint", run / "checkpoint.pt")
+    assert fqtorch_main("plan", *flags, "--out", out) == 0
+    trained = json.loads((out / "plan.json").read_text())
+    fresh = json.loads(plan_file.read_text())
+    assert trained["sampling_variance"] != pytest.approx(fresh["sampling_variance"], rel=1e-3)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    capsys.readouterr()
+    assert fqtorch_main("plan", *TINY, "--checkpoint", bad, "--out", out) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "bad.pt" in err[0], err

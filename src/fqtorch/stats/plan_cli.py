@@ -74,7 +74,11 @@ def add_plan_parser(sub: Any) -> None:
         p.add_argument("--device", default="cpu")
         p.add_argument("--block-size", type=int, default=64)
         p.add_argument("--out", default="runs/plan", metavar="DIR")
-        p.set_defaults(checkpoint=None)
+        p.add_argument(
+            "--checkpoint",
+            help="a checkpoint.pt of fqtorch train: plan for that trained model (default: a "
+            "freshly initialized one)",
+        )
 
 
 def run_plan(args: argparse.Namespace) -> int:
