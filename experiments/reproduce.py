@@ -149,8 +149,9 @@ def plan_path(task: Task) -> Path:
 
 def plan_command(task: Task, checkpoint: Path) -> list[str]:
     return [
-        sys.executable, "-m", "fqtorch", "plan", "--checkpoint", str(checkpoint), *task.plan_flags, "--budget", str(PLAN_BUDGET),
-        "--seed", "0", "--out", str(plan_path(task).parent),
+        sys.executable, "-m", "fqtorch", "plan", "--checkpoint", str(checkpoint),
+        *task.plan_flags, "--budget", str(PLAN_BUDGET), "--seed", "0",
+        "--out", str(plan_path(task).parent),
     ]  # fmt: skip
 
 
