@@ -125,19 +125,23 @@ def _save(path: Path, result: dict) -> None:
 
 
 def table(results: list[dict]) -> str:
+    """The markdown table docs/method.md §7 quotes: per file, the sets, the first test's failures,
+    the sets reported biased after the retest, and the last layer's mean z² (its null value)."""
     rows = [
-        "| format | sets | first test failed | reported biased | last layer: mean z² (null) |",
-        "| --- | --- | --- | --- | --- |",
+        "| format | batches B | α | sets | first test failed | reported biased "
+        "| last layer: mean z² (null) | largest layer mean z² / limit |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in results:
         sets = r["sets"]
         last = list(sets[0]["mean_z2"])[-1]
         z2 = sum(s["mean_z2"][last] for s in sets) / len(sets)
+        worst = max(max(s["mean_z2"].values()) for s in sets)
         first = sum(bool(s["first_failed"]) for s in sets)
         final = sum(bool(s["failed"]) for s in sets)
         rows.append(
-            f"| {r['format']} | {len(sets)} | {first} | {final} | {z2:.2f} "
-            f"({r['null_mean_z2']:.2f}) |"
+            f"| {r['format']} | {r['batches']} | {r['alpha']:g} | {len(sets)} | {first} | {final} "
+            f"| {z2:.2f} ({r['null_mean_z2']:.2f}) | {worst:.1f} / {r['limit_z_rms'] ** 2:.1f} |"
         )
     return "\n".join(rows)
 
@@ -152,7 +156,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--alpha", type=float, default=1e-3)
     parser.add_argument("--out", type=Path, default=ROOT / "experiments/results/bias_level")
     parser.add_argument("--cache", type=Path, default=ROOT / "runs/bias_level/confident")
+    parser.add_argument(
+        "--table", action="store_true", help="print the table of every file in --out and stop"
+    )
     args = parser.parse_args(argv)
+    if args.table:
+        files = sorted(args.out.glob("*.json"), key=lambda p: (p.stem.count("_a"), p.stem))
+        print(table([json.loads(p.read_text()) for p in files]))
+        return 0
     if args.sets < 1 or not 0 < args.alpha < 1:
         parser.error("--sets must be >= 1 and --alpha in (0, 1)")
     from fqtorch.data import build_datasets
