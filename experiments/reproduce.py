@@ -80,8 +80,11 @@ TASKS = {
         epochs=4,
         flags=("--dataset", "text", "--max-steps-per-epoch", "250"),
         variance_flags=("--dataset", "text", "--batches", "2", "--samples", "8"),
-        # 17 FQT layers probed one at a time: BHQ only, 2 batches x 4 samples (a few minutes)
-        plan_flags=("--dataset", "text", "--quantizers", "bhq", "--batches", "2", "--samples", "4"),
+        # 17 FQT layers probed one at a time: BHQ at 3-8 bits, 2 batches x 4 samples (minutes)
+        plan_flags=(
+            *("--dataset", "text", "--quantizers", "bhq", "--bits", "3,4,5,6,7,8"),
+            *("--batches", "2", "--samples", "4"),
+        ),
         # 1000 steps: a measurement (4 quantized + 4 micro-batch backward passes) every 25
         # steps, a re-plan every 100 (4 measurements per window)
         adaptive_flags=("--adaptive-precision", "100", "--variance-every", "25"),
@@ -91,7 +94,12 @@ TASKS = {
         "val_acc",
         epochs=12,
         flags=("--dataset", "digits"),
-        plan_flags=("--dataset", "digits"),
+        # every candidate the uniform rows have: integer grids at 3-8 bits and the 4-bit formats
+        plan_flags=(
+            *("--dataset", "digits", "--bits", "3,4,5,6,7,8"),
+            *("--quantizers", "psq,bhq,mxfp4,nvfp4"),
+            *("--weight-quantizers", "per_column,mxfp4,nvfp4"),
+        ),
         # 264 steps: a measurement every 5 steps, a re-plan every 20 (4 measurements per window)
         adaptive_flags=("--adaptive-precision", "20", "--variance-every", "5"),
     ),

@@ -293,3 +293,21 @@ def test_non_finite_gradient_matches_simulate():
     sim, fp8 = both(base, x, g, **fields)
     assert torch.equal(sim[1].isnan(), fp8[1].isnan())
     assert bool(fp8[1][2].isnan().all()) and not bool(fp8[1][[0, 1, 3, 4, 5]].isnan().any())
+
+
+def test_the_three_gemms_run_in_scaled_mm(monkeypatch):
+    """Forward, ``grad_input`` and ``grad_weight`` are each one ``torch._scaled_mm`` on float8
+    codes (a dequantize-and-matmul path would match simulate too)."""
+    real, seen = torch._scaled_mm, []
+
+    def spy(a, b, *args, **kwargs):
+        seen.append((a.dtype, b.dtype))
+        return real(a, b, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    gen = torch.Generator().manual_seed(5)
+    x, g = torch.randn(12, 24, generator=gen), torch.randn(12, 10, generator=gen)
+    fields = {**BASE, "grad_quantizer": "fp8_e5m2", "grad_weight_quantizer": "fp8_e5m2"}
+    run(quantize_model(nn.Linear(24, 10), FQTConfig(backend="fp8", **fields)), x, g)
+    assert len(seen) == 3
+    assert all(dt in (torch.float8_e4m3fn, torch.float8_e5m2) for pair in seen for dt in pair)

@@ -152,3 +152,19 @@ class TestRetestOnRealQuantizers:
         batches = digits_batches(d["batches"], size=d["batch_size"])
         report = measure_quantization(model, F.cross_entropy, batches, d["samples"]).bias
         assert not report.passed and report.retested()
+
+
+def test_variance_json_records_the_retest():
+    """``fqtorch variance``'s per-configuration record: nearest rounding fails both tests, so
+    every failing layer was retested, at a tighter limit, with ``+inf`` again."""
+    from fqtorch.stats.cli import _measure_config
+
+    torch.manual_seed(0)
+    model = build_model("digits_cnn").train()
+    cfg = FQTConfig(grad_quantizer="psq", grad_bits=4, grad_rounding="nearest", seed=0)
+    r = _measure_config(model, cfg, digits_batches(1), 4, 1e-3)
+    assert not r["bias_passed"] and r["bias_failing"]
+    assert r["bias_retested"] == r["bias_failing"] == list(r["bias_retest"])
+    for layer in r["bias_failing"]:
+        assert math.isinf(r["bias_retest"][layer]["z_rms"])
+        assert r["bias_retest"][layer]["limit"] < r["bias_z_limit"]

@@ -271,6 +271,14 @@ def _draw(
     if qat is None:
         with exact_backward(model):
             qat = forward.gradient()
+    if not bool(torch.isfinite(qat).all()):
+        parts = zip(params.names, qat.split(params.sizes), strict=True)
+        bad = [name for name, t in parts if not bool(torch.isfinite(t).all())]
+        raise ValueError(
+            f"the QAT (exact-backward) gradient is not finite in {', '.join(bad[:4])}"
+            f"{' …' if len(bad) > 4 else ''} on this batch: "
+            "the test compares FQT with a finite reference; check the model and loss on it"
+        )
     moments = _Moments()
     signs = None if directions is None else [t.sign() for t in qat.split(params.sizes)]
     projections = []
@@ -364,8 +372,13 @@ class BiasReport:
     def summary(self) -> str:
         if self.passed:
             state = "passed"
-        elif self.culprits is not None:
+        elif self.culprits:
             state = f"FAILED: the gradient quantizers of {self.culprits} are biased"
+        elif self.culprits is not None:
+            state = (
+                f"FAILED (topmost biased gradient: layer {self.suspect!r}; no layer's "
+                "quantizers are biased alone: the bias needs several layers quantized together)"
+            )
         else:
             state = f"FAILED (topmost biased gradient: layer {self.suspect!r})"
         retested = self.retested()
@@ -493,10 +506,12 @@ def _measure(
 
 def _z(diff: Tensor, se: Tensor, scale: Tensor) -> Tensor:
     """``diff / se``; where ``se`` is at float-rounding level of ``scale`` (≤ 1e-7): NaN if
-    ``diff`` is within 1e-3 of ``scale`` (no spread, matches), else ``+inf``."""
+    ``diff`` is within 1e-3 of ``scale`` (no spread, matches), else ``+inf``. ``+inf`` wherever
+    ``diff`` or ``se`` is not finite (a NaN or infinite FQT gradient fails, never matches)."""
     matches = diff.abs() <= 1e-3 * scale + 1e-30
     verdict = torch.where(matches, math.nan, math.inf).to(diff.dtype)
-    return torch.where(se <= 1e-7 * scale, verdict, diff / se.clamp(min=1e-300))
+    z = torch.where(se <= 1e-7 * scale, verdict, diff / se.clamp(min=1e-300))
+    return torch.where(torch.isfinite(diff) & torch.isfinite(se), z, math.inf)
 
 
 def _z_scores(d: _Draws, params: _Params, directions: _Directions) -> tuple[Tensor, Tensor]:
@@ -573,11 +588,12 @@ def _bias_report(
         mine = torch.isin(owner, torch.tensor(keep))
         per_batch = torch.stack([_mean_z2(z2.cpu()[mine]) for z2 in z2_batches])
         n = sum(params.sizes[i] for i in keep)
-        zmax = float(torch.cat([z_max.split(params.sizes)[i] for i in keep]).nan_to_num(0).max())
+        zmax = torch.cat([z_max.split(params.sizes)[i] for i in keep])
+        zmax = float(zmax.nan_to_num(0.0, posinf=math.inf).max())
         rms = float(per_batch.mean().sqrt())
         reports.append(LayerBias(name, rms, zmax, limit, n, int(mine.sum())))
     z_rms = float(torch.stack([_mean_z2(z2) for z2 in z2_batches]).mean().sqrt())
-    z_max = float(z_max.nan_to_num(0).max())
+    z_max = float(z_max.nan_to_num(0.0, posinf=math.inf).max())
     return BiasReport(reports, samples, batches, z_rms, z_max, alpha)
 
 
@@ -606,32 +622,38 @@ def _isolate_culprits(
     model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int, alpha: float
 ) -> list[str]:
     """The FQT layers whose gradient quantizers alone (all others exact) bias the gradient: one
-    test per layer switched on alone, each at family-wise level ``alpha`` over the layers and
-    retested like the whole model's (:class:`BiasReport`)."""
+    test per layer switched on alone, retested like the whole model's (:class:`BiasReport`), each
+    at family-wise level ``alpha / L`` over the L configurations (Bonferroni), so that naming an
+    unbiased layer has probability at most ``alpha`` for the whole list."""
     params = _Params.of(model)
     directions = _Directions(params)
+    culprits = []
+    with _restored_buffers(model):
+        # one forward and QAT gradient per batch, shared by every layer's test (the graphs of all
+        # batches are kept until the last layer is tested)
+        forwards = []
+        for b in batches:
+            forward = _Forward(model, loss_fn, b, params)
+            with exact_backward(model):
+                forwards.append((b, forward, forward.gradient()))
 
-    def measure(name: str, draws: int) -> _Measured:
-        z2, z_max = [], None
-        with _restored_buffers(model):
-            for b in batches:
-                forward = _Forward(model, loss_fn, b, params)
-                with exact_backward(model):
-                    qat = forward.gradient()
+        def measure(name: str, draws: int) -> _Measured:
+            z2, z_max = [], None
+            for b, forward, qat in forwards:
                 d = _draw(model, loss_fn, b, draws, params, [name], forward, qat, directions)
                 entries, projected = _z_scores(d, params, directions)
                 z2.append(projected.square())
                 z = entries.abs()
                 z_max = z if z_max is None else torch.fmax(z_max, z)
-        return None, z2, z_max, params, directions.owner
+            return None, z2, z_max, params, directions.owner
 
-    culprits = []
-    for name in fqt_modules(model):
-        _, z2, z_max, _, owner = measure(name, samples)
-        first = _bias_report(params, owner, z2, z_max, samples, alpha)
-        report = _retested(first, lambda name=name: measure(name, RETEST_FACTOR * samples))
-        if not report.passed:
-            culprits.append(name)
+        layers = list(fqt_modules(model))
+        for name in layers:
+            _, z2, z_max, _, owner = measure(name, samples)
+            first = _bias_report(params, owner, z2, z_max, samples, alpha / len(layers))
+            report = _retested(first, lambda name=name: measure(name, RETEST_FACTOR * samples))
+            if not report.passed:
+                culprits.append(name)
     return culprits
 
 
