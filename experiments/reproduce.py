@@ -612,12 +612,15 @@ def plan_layers_table(plan: dict) -> list[str]:
         "| weight grad | share pred. / meas. |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
+    from fqtorch.stats.plan import choice_label
+
     for la in plan["layers"]:
+        grad = choice_label(la["grad_quantizer"], la["grad_bits"])
+        weight = choice_label(la["grad_weight_quantizer"], la["grad_weight_bits"])
         lines.append(
-            f"| {la['name']} | {la.get('grad_macs', 0):,} | {la['grad_quantizer']}"
-            f"{la['grad_bits']} | {share(la, 'grad', 'predicted')} / "
-            f"{share(la, 'grad', 'measured')} | {la.get('grad_weight_macs', 0):,} | "
-            f"{la['grad_weight_quantizer']}{la['grad_weight_bits']} | "
+            f"| {la['name']} | {la.get('grad_macs', 0):,} | {grad} | "
+            f"{share(la, 'grad', 'predicted')} / "
+            f"{share(la, 'grad', 'measured')} | {la.get('grad_weight_macs', 0):,} | {weight} | "
             f"{share(la, 'grad_weight', 'predicted')} / {share(la, 'grad_weight', 'measured')} |"
         )
     return lines

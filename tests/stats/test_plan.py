@@ -133,6 +133,19 @@ def test_cost_reads_bits_per_element():
     )
 
 
+def test_a_format_is_one_candidate_at_its_own_width():
+    """``("mxfp4", b)`` for any b is MXFP4 (4-bit elements): one candidate, recorded and shown
+    at its own width, not as many identical ones labelled with the asked bits."""
+    from fqtorch.stats.plan import _check_candidates, choice_label
+
+    got = _check_candidates([("mxfp4", b) for b in range(3, 9)] + [("bhq", 3), ("bhq", 8)])
+    assert got["grad"] == got["grad_weight"] == [("bhq", 3), ("bhq", 8), ("mxfp4", 4)]
+    assert choice_label("mxfp4", 4) == "mxfp4" and choice_label("bhq", 3) == "bhq3"
+    assert (
+        choice_label("per_column", 4) == "per_column4" and choice_label("fp8_e4m3", 8) == "fp8_e4m3"
+    )
+
+
 def test_planning_leaves_a_psq_model_as_it_was():
     """With generators: planning draws noise from them and must put them back."""
     model = quantize_model(TwoInputs(1.0), FQTConfig(grad_quantizer="psq", seed=5))

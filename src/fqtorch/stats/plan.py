@@ -364,7 +364,7 @@ class PrecisionPlan:
                 q, b = layer.choice(branch)
                 pred, meas = layer.predicted.get(branch), layer.measured.get(branch)
                 rows.append(
-                    f"{layer.name:<24} {branch:<12} {_choice(q, b):<14} "
+                    f"{layer.name:<24} {branch:<12} {choice_label(q, b):<14} "
                     f"{_share(pred, s):>10} {_share(meas, s):>10}"
                 )
         measured = self.measured_quantization_variance
@@ -379,7 +379,9 @@ class PrecisionPlan:
         return "\n".join(rows)
 
 
-def _choice(quantizer: str, bits: int) -> str:
+def choice_label(quantizer: str, bits: int) -> str:
+    if quantizer != "identity" and _fixed_width(quantizer, bits):
+        return quantizer  # a format: its name says its width
     return f"{quantizer}:{bits}" if quantizer[-1].isdigit() else f"{quantizer}{bits}"
 
 
@@ -585,7 +587,10 @@ def _check_candidates(
                     f"{', '.join(list_quantizers())}"
                 )
             get_quantizer(name, bits)  # bits checked here, with the quantizer's own message
-        per_branch[branch] = sorted({(str(n), int(b)) for n, b in cands})
+        # a format fixes its own width: one candidate at that width, whatever bits were asked
+        per_branch[branch] = sorted(
+            {(str(n), get_quantizer(n, b).bits if _fixed_width(n, b) else int(b)) for n, b in cands}
+        )
     return per_branch
 
 
