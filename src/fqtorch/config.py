@@ -83,7 +83,7 @@ _FORMAT_PRESETS = {
     "nvfp4_rht_sr": ("nvfp4", "nvfp4", "rht16"),
 }
 # The axis of each role's 2-D view its GEMM sums over: blocks and transforms run along it.
-_REDUCTION_DIM = {"input": 1, "weight": 1, "grad_output": 1, "grad_output_weight": 1}
+_REDUCTION_DIM = {"input": 1, "weight": 1, "grad_output": 1, "grad_output_weight": 0}
 
 
 def _refusal(backend: str, table: dict, names: dict[str, str | None], hint: str = "") -> str | None:
