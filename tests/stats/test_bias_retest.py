@@ -32,10 +32,10 @@ def scripted(monkeypatch):
     real, calls, script = estimators._measure, [], []
 
     def fake(model, loss_fn, batches, samples, z=True):
-        variance, z2, z_max, params, owner = real(model, loss_fn, batches, 4, z)
+        variance, z2, z_max, params, owner, nonfinite = real(model, loss_fn, batches, 4, z)
         calls.append(samples)
         value = script[len(calls) - 1]
-        return variance, [torch.full_like(t, value) for t in z2], z_max, params, owner
+        return variance, [torch.full_like(t, value) for t in z2], z_max, params, owner, nonfinite
 
     monkeypatch.setattr(estimators, "_measure", fake)
     return calls, script

@@ -264,14 +264,15 @@ def _draw(
     """The QAT gradient and ``samples`` FQT backward passes from one forward (``forward``, or a
     new one; ``qat``, its QAT gradient, when already known); only the layers in ``keep``
     quantize their gradients when given. With ``directions``, every draw is also projected on
-    them (the bias test's statistic)."""
+    them (the bias test's statistic), and a non-finite QAT gradient raises ``ValueError`` (the
+    test has no reference); a variance measurement keeps its NaN."""
     if samples < 2:
         raise ValueError(f"samples must be >= 2 to estimate a variance, got {samples}")
     forward = forward or _Forward(model, loss_fn, batch, params)
     if qat is None:
         with exact_backward(model):
             qat = forward.gradient()
-    if not bool(torch.isfinite(qat).all()):
+    if directions is not None and not bool(torch.isfinite(qat).all()):
         parts = zip(params.names, qat.split(params.sizes), strict=True)
         bad = [name for name, t in parts if not bool(torch.isfinite(t).all())]
         raise ValueError(
@@ -313,9 +314,12 @@ class LayerBias:
     entries: int
     directions: int = 0  # projections judged (per parameter tensor: random, ones, sign(QAT))
     retest: LayerBias | None = None
+    nonfinite: bool = False  # a draw had a NaN or an infinite entry: fails, never retested
 
     @property
     def passed(self) -> bool:
+        if self.nonfinite:
+            return False
         return self.z_rms <= self.limit or (self.retest is not None and self.retest.passed)
 
 
@@ -381,6 +385,9 @@ class BiasReport:
             )
         else:
             state = f"FAILED (topmost biased gradient: layer {self.suspect!r})"
+        broken = [layer.name for layer in self.layers if layer.nonfinite]
+        if broken:
+            state += f"; NaN or infinite FQT gradients in layers {broken}"
         retested = self.retested()
         again = ""
         if retested:
@@ -444,9 +451,11 @@ def measure_quantization(
     at family-wise false-alarm level ``alpha`` (:class:`BiasReport`)."""
     check_test_parameters(samples, alpha)
     batches = _as_batches(batches)
-    variance, z2_batches, z_max, params, owner = _measure(model, loss_fn, batches, samples)
+    variance, z2_batches, z_max, params, owner, nonfinite = _measure(
+        model, loss_fn, batches, samples
+    )
     bias = _retested(
-        _bias_report(params, owner, z2_batches, z_max, samples, alpha),
+        _bias_report(params, owner, z2_batches, z_max, samples, alpha, nonfinite),
         lambda: _measure(model, loss_fn, batches, RETEST_FACTOR * samples),
     )
     if not bias.passed:
@@ -455,19 +464,21 @@ def measure_quantization(
     return QuantizationReport(variance, bias)
 
 
-_Measured = tuple[Any, list[Tensor], Tensor, _Params, Tensor]  # _measure's output
+# _measure's output: variance, z² per batch, per-entry max |z|, params, owners, non-finite flags
+_Measured = tuple[Any, list[Tensor], Tensor, _Params, Tensor, Tensor]
 
 
 def _retested(first: BiasReport, measure_again: Callable[[], _Measured]) -> BiasReport:
     """``first`` with each failing layer's retest attached (:class:`BiasReport`);
     ``measure_again()`` draws the fresh ``RETEST_FACTOR`` × S backward passes (``_measure``'s
-    output), only when some layer failed."""
-    suspects = first.failing()
+    output), only when some layer failed for a reason a retest can clear: a layer with a
+    non-finite draw fails whatever the retest gives, and is not retested."""
+    suspects = [r.name for r in first.layers if not r.passed and not r.nonfinite]
     if not suspects:
         return first
-    _, z2_batches, z_max, params, owner = measure_again()
+    _, z2_batches, z_max, params, owner, nonfinite = measure_again()
     again = _bias_report(
-        params, owner, z2_batches, z_max, RETEST_FACTOR * first.samples, first.alpha
+        params, owner, z2_batches, z_max, RETEST_FACTOR * first.samples, first.alpha, nonfinite
     )
     retests = {r.name: r for r in again.layers if r.name in suspects}
     layers = [dataclasses.replace(r, retest=retests.get(r.name)) for r in first.layers]
@@ -484,12 +495,14 @@ def _measure(
     model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int, z: bool = True
 ) -> tuple[GradientVariance, list[Tensor], Tensor | None, _Params, Tensor | None]:
     """The quantization variance and (``z=True``) each batch's projection z², the largest
-    per-entry |z| and each projection's parameter tensor."""
+    per-entry |z|, each projection's parameter tensor and, per parameter tensor, whether any
+    draw had a non-finite entry."""
     _require_fqt(model)
     params = _Params.of(model)
     directions = _Directions(params) if z else None
     var_sum = z_max = None
     z2_batches = []
+    nonfinite = torch.zeros(len(params.sizes), dtype=torch.bool)
     with _restored_buffers(model):
         for b in batches:
             d = _draw(model, loss_fn, b, samples, params, directions=directions)
@@ -498,10 +511,18 @@ def _measure(
                 entries, projected = _z_scores(d, params, directions)
                 z2_batches.append(projected.square())
                 z_max = entries.abs() if z_max is None else torch.fmax(z_max, entries.abs())
+                nonfinite |= _nonfinite(d, params)
     layer_of = dict(zip(params.names, params.layers, strict=True))
     variance = GradientVariance(params.per_parameter(var_sum / len(batches)), layer_of)
     owner = None if directions is None else directions.owner
-    return variance, z2_batches, z_max, params, owner
+    return variance, z2_batches, z_max, params, owner, nonfinite
+
+
+def _nonfinite(d: _Draws, params: _Params) -> Tensor:
+    """Per parameter tensor: whether any of the draws had a NaN or an infinite entry (their
+    mean or variance is then not finite)."""
+    bad = ~(torch.isfinite(d.mean) & torch.isfinite(d.variance))
+    return torch.stack([part.any() for part in bad.split(params.sizes)]).cpu()
 
 
 def _z(diff: Tensor, se: Tensor, scale: Tensor) -> Tensor:
@@ -574,10 +595,12 @@ def _bias_report(
     z_max: Tensor,
     samples: int,
     alpha: float,
+    nonfinite: Tensor | None = None,
 ) -> BiasReport:
     """Per-layer verdicts at family-wise level ``alpha`` from each batch's projection z²
-    (``owner[j]``: the parameter tensor of projection ``j``) and the per-entry ``z_max``; no
-    retest and no suspect (the caller's)."""
+    (``owner[j]``: the parameter tensor of projection ``j``) and the per-entry ``z_max``;
+    ``nonfinite[i]``: parameter tensor i had a non-finite draw (its layer fails). No retest and
+    no suspect (the caller's)."""
     batches = len(z2_batches)
     layer_names = list(dict.fromkeys(params.layers))
     limit = math.sqrt(z2_threshold(samples, batches, alpha / len(layer_names)))
@@ -591,7 +614,8 @@ def _bias_report(
         zmax = torch.cat([z_max.split(params.sizes)[i] for i in keep])
         zmax = float(zmax.nan_to_num(0.0, posinf=math.inf).max())
         rms = float(per_batch.mean().sqrt())
-        reports.append(LayerBias(name, rms, zmax, limit, n, int(mine.sum())))
+        bad = nonfinite is not None and bool(nonfinite[keep].any())
+        reports.append(LayerBias(name, rms, zmax, limit, n, int(mine.sum()), nonfinite=bad))
     z_rms = float(torch.stack([_mean_z2(z2) for z2 in z2_batches]).mean().sqrt())
     z_max = float(z_max.nan_to_num(0.0, posinf=math.inf).max())
     return BiasReport(reports, samples, batches, z_rms, z_max, alpha)
@@ -639,18 +663,20 @@ def _isolate_culprits(
 
         def measure(name: str, draws: int) -> _Measured:
             z2, z_max = [], None
+            nonfinite = torch.zeros(len(params.sizes), dtype=torch.bool)
             for b, forward, qat in forwards:
                 d = _draw(model, loss_fn, b, draws, params, [name], forward, qat, directions)
                 entries, projected = _z_scores(d, params, directions)
                 z2.append(projected.square())
                 z = entries.abs()
                 z_max = z if z_max is None else torch.fmax(z_max, z)
-            return None, z2, z_max, params, directions.owner
+                nonfinite |= _nonfinite(d, params)
+            return None, z2, z_max, params, directions.owner, nonfinite
 
         layers = list(fqt_modules(model))
         for name in layers:
-            _, z2, z_max, _, owner = measure(name, samples)
-            first = _bias_report(params, owner, z2, z_max, samples, alpha / len(layers))
+            _, z2, z_max, _, owner, nonfinite = measure(name, samples)
+            first = _bias_report(params, owner, z2, z_max, samples, alpha / len(layers), nonfinite)
             report = _retested(first, lambda name=name: measure(name, RETEST_FACTOR * samples))
             if not report.passed:
                 culprits.append(name)
