@@ -493,7 +493,7 @@ def _topmost(failing: list[str], order: list[str]) -> str | None:
 
 def _measure(
     model: nn.Module, loss_fn: LossFn, batches: list[Batch], samples: int, z: bool = True
-) -> tuple[GradientVariance, list[Tensor], Tensor | None, _Params, Tensor | None]:
+) -> tuple[GradientVariance, list[Tensor], Tensor | None, _Params, Tensor | None, Tensor]:
     """The quantization variance and (``z=True``) each batch's projection z², the largest
     per-entry |z|, each projection's parameter tensor and, per parameter tensor, whether any
     draw had a non-finite entry."""

@@ -380,6 +380,8 @@ class PrecisionPlan:
 
 
 def choice_label(quantizer: str, bits: int) -> str:
+    """A plan's choice as tables print it: ``bhq3``, ``per_column4``, ``ptq:8`` (a name ending in
+    a digit), and a format by its name alone (``mxfp4``: it fixes its own width)."""
     if quantizer != "identity" and _fixed_width(quantizer, bits):
         return quantizer  # a format: its name says its width
     return f"{quantizer}:{bits}" if quantizer[-1].isdigit() else f"{quantizer}{bits}"
