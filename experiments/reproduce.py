@@ -690,9 +690,7 @@ def table(task: Task, runs: dict[str, list[dict]]) -> str:
     lines[-1:-1] = [
         "Machines (each run's summary, `environment`): "
         + "; ".join(f"{n} run(s) on {cpu}" for cpu, n in sorted(machines.items()))
-        + ". The same seed differs between machines by float rounding, which training amplifies "
-        "(QAT seed 0, retrained: text val loss 0.9393 on the AMD EPYC, 0.9386 on the Intel Xeon; "
-        "digits val loss 0.0305 and 0.0312, accuracy 99.72% on both)."
+        + "."
     ]
     if task.metric == "val_loss":
         lines += ["| configuration | val loss (nats/char) | bits per character | runs |"]
