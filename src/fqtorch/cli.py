@@ -35,6 +35,14 @@ def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
     for flag in ("input-quantizer", "weight-quantizer", "grad-quantizer", "grad-weight-quantizer"):
         group.add_argument(f"--{flag}", metavar="NAME", help=f"one of: {names}")
     group.add_argument("--grad-rounding", choices=["stochastic", "nearest"])
+    group.add_argument(
+        "--grad-transform",
+        type=lambda v: None if v == "none" else v,
+        choices=[None, "rht16", "rht32"],
+        metavar="{rht16,rht32,none}",
+        help="a random Hadamard transform of blocks of 16 or 32 before both gradient quantizers "
+        "(none: off, whatever the preset says)",
+    )
     group.add_argument("--backend", choices=list(BACKENDS))
     group.add_argument(
         "--fused",

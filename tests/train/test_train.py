@@ -86,6 +86,26 @@ class TestEndToEnd:
         args = build_parser().parse_args(["train", "--config", str(cfg), "--no-attention-products"])
         assert TrainConfig.from_dict(_train_options(args)).fqt == {"attention_products": False}
 
+    def test_grad_transform_from_file_and_flag(self, tmp_path):
+        """``grad_transform`` is an FQT field: a flag sets it, ``none`` turns a preset's off, and
+        a config file's bad value is one clear error."""
+        from fqtorch.cli import _train_options, build_parser
+        from fqtorch.train import load_config_file
+
+        def fqt(*flags):
+            args = build_parser().parse_args(["train", *flags])
+            return TrainConfig.from_dict(_train_options(args)).fqt_config()
+
+        assert fqt("--preset", "mxfp4_sr", "--grad-transform", "rht32").grad_transform == "rht32"
+        assert fqt("--preset", "mxfp4_rht_sr").grad_transform == "rht32"
+        assert fqt("--preset", "mxfp4_rht_sr", "--grad-transform", "none").grad_transform is None
+        with pytest.raises(SystemExit):
+            fqt("--grad-transform", "rht8")
+        cfg = tmp_path / "cfg.yaml"
+        cfg.write_text("preset: psq4\ngrad_transform: rht7\n")
+        with pytest.raises(ValueError, match="grad_transform must be one of"):
+            TrainConfig.from_dict(load_config_file(cfg)).fqt_config()
+
     @pytest.mark.slow
     def test_fused_int8(self, tmp_path, monkeypatch):
         """The loss stays finite, and the GEMMs really ran as integer products."""

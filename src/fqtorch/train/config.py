@@ -26,6 +26,7 @@ FQT_FIELDS = (
     "grad_weight_bits",
     "grad_weight_quantizer",
     "grad_rounding",
+    "grad_transform",
     "backend",
     "fused",
     "attention_products",

@@ -449,6 +449,7 @@ def _describe_fqt(cfg: TrainConfig) -> str:
         grad = (
             f"grad_output {fqt.grad_quantizer} {fqt.grad_bits}-bit, weight-gradient branch "
             f"{fqt.grad_weight_quantizer} {fqt.grad_weight_bits}-bit, {fqt.grad_rounding} rounding"
+            + (f", {fqt.grad_transform} transform first" if fqt.grad_transform else "")
         )
     return (
         f"{name}: input {fqt.input_quantizer} {fqt.input_bits}-bit, weight "
