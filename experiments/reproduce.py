@@ -273,7 +273,8 @@ def train(task: Task, config: Config, seed: int) -> dict:
         "precision_events": events,
         "train_seconds": sum(m["seconds"] for m in metrics),
         "wall_seconds_last_invocation": seconds,
-        "command": " ".join(cmd[1:]),
+        # paths relative to the repository: the same command on any checkout
+        "command": " ".join(cmd[1:]).replace(f"{ROOT}/", ""),
         "environment": environment(),
     }
     path = summary_path(task, config, seed)

@@ -74,7 +74,8 @@ def test_runs_once_then_skips_and_reports(reproduce, monkeypatch):
     assert calls == []  # both summarized: nothing trains again
 
 
-def test_a_non_finite_stop_is_diverged_and_other_failures_raise(reproduce, monkeypatch):
+def test_a_non_finite_stop_is_diverged_and_other_failures_raise(reproduce, monkeypatch, tmp_path):
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)  # the fixture's runs/ lie under it
     task, config = reproduce.TASKS["digits"], reproduce.configs()[1]
     run = reproduce.run_dir(task, config, 0)
 
@@ -90,6 +91,7 @@ def test_a_non_finite_stop_is_diverged_and_other_failures_raise(reproduce, monke
     monkeypatch.setattr(reproduce, "environment", lambda: {})
     summary = reproduce.train(task, config, 0)
     assert summary["diverged"] and "non-finite" in summary["error"]
+    assert str(tmp_path) not in summary["command"] and " --out runs/" in summary["command"]
     assert reproduce.cell([summary], "val_acc") == "diverged (1/1)"
 
     monkeypatch.setattr(subprocess, "run", fake("error: --data-dir x does not exist", 2))
