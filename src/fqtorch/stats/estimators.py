@@ -500,29 +500,43 @@ def _measure(
     _require_fqt(model)
     params = _Params.of(model)
     directions = _Directions(params) if z else None
-    var_sum = z_max = None
-    z2_batches = []
-    nonfinite = torch.zeros(len(params.sizes), dtype=torch.bool)
+    stats = _ZStats(params, directions) if z else None
+    var_sum = None
     with _restored_buffers(model):
         for b in batches:
             d = _draw(model, loss_fn, b, samples, params, directions=directions)
             var_sum = d.variance if var_sum is None else var_sum + d.variance
-            if directions is not None:
-                entries, projected = _z_scores(d, params, directions)
-                z2_batches.append(projected.square())
-                z_max = entries.abs() if z_max is None else torch.fmax(z_max, entries.abs())
-                nonfinite |= _nonfinite(d, params)
+            if stats is not None:
+                stats.add(d)
     layer_of = dict(zip(params.names, params.layers, strict=True))
     variance = GradientVariance(params.per_parameter(var_sum / len(batches)), layer_of)
-    owner = None if directions is None else directions.owner
-    return variance, z2_batches, z_max, params, owner, nonfinite
+    if stats is None:
+        return variance, [], None, params, None, torch.zeros(len(params.sizes), dtype=torch.bool)
+    return variance, *stats.result()
 
 
-def _nonfinite(d: _Draws, params: _Params) -> Tensor:
-    """Per parameter tensor: whether any of the draws had a NaN or an infinite entry (their
-    mean or variance is then not finite)."""
-    bad = ~(torch.isfinite(d.mean) & torch.isfinite(d.variance))
-    return torch.stack([part.any() for part in bad.split(params.sizes)]).cpu()
+class _ZStats:
+    """The bias test's statistics over batches of draws: each batch's projection z², the
+    largest per-entry |z|, and per parameter tensor whether any draw had a NaN or an infinite
+    entry (its mean or variance is then not finite)."""
+
+    def __init__(self, params: _Params, directions: _Directions) -> None:
+        self.params, self.directions = params, directions
+        self.z2: list[Tensor] = []
+        self.z_max: Tensor | None = None
+        self.nonfinite = torch.zeros(len(params.sizes), dtype=torch.bool)
+
+    def add(self, d: _Draws) -> None:
+        entries, projected = _z_scores(d, self.params, self.directions)
+        self.z2.append(projected.square())
+        z = entries.abs()
+        self.z_max = z if self.z_max is None else torch.fmax(self.z_max, z)
+        bad = ~(torch.isfinite(d.mean) & torch.isfinite(d.variance))
+        self.nonfinite |= torch.stack([t.any() for t in bad.split(self.params.sizes)]).cpu()
+
+    def result(self) -> tuple[list[Tensor], Tensor | None, _Params, Tensor, Tensor]:
+        """``_measure``'s output after the variance."""
+        return self.z2, self.z_max, self.params, self.directions.owner, self.nonfinite
 
 
 def _z(diff: Tensor, se: Tensor, scale: Tensor) -> Tensor:
@@ -662,16 +676,10 @@ def _isolate_culprits(
                 forwards.append((b, forward, forward.gradient()))
 
         def measure(name: str, draws: int) -> _Measured:
-            z2, z_max = [], None
-            nonfinite = torch.zeros(len(params.sizes), dtype=torch.bool)
+            stats = _ZStats(params, directions)
             for b, forward, qat in forwards:
-                d = _draw(model, loss_fn, b, draws, params, [name], forward, qat, directions)
-                entries, projected = _z_scores(d, params, directions)
-                z2.append(projected.square())
-                z = entries.abs()
-                z_max = z if z_max is None else torch.fmax(z_max, z)
-                nonfinite |= _nonfinite(d, params)
-            return None, z2, z_max, params, directions.owner, nonfinite
+                stats.add(_draw(model, loss_fn, b, draws, params, [name], forward, qat, directions))
+            return None, *stats.result()
 
         layers = list(fqt_modules(model))
         for name in layers:
