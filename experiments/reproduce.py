@@ -285,10 +285,10 @@ def train(task: Task, config: Config, seed: int) -> dict:
     return summary
 
 
-def measure_variance(task: Task, seed: int, force: bool = False) -> Path | None:
-    """``fqtorch variance`` on the task's trained QAT model (seed ``seed``)."""
+def measure_variance(task: Task, force: bool = False) -> Path | None:
+    """``fqtorch variance`` on the task's trained QAT model of seed 0 (the plan's model too)."""
     out = RESULTS / task.name / "variance"
-    checkpoint = run_dir(task, QAT, seed) / "checkpoint.pt"
+    checkpoint = run_dir(task, QAT, 0) / "checkpoint.pt"
     if (out / "variance.json").exists() and not force:
         return out
     if not checkpoint.exists():
@@ -911,6 +911,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--configs", nargs="+", help="only these configurations (names)")
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--report-only", action="store_true", help="no training or measuring")
+    parser.add_argument(
+        "--no-variance", action="store_true",
+        help="train only; leave the variance measurement (on QAT seed 0) to a later run",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     tasks = [TASKS[t] for t in args.tasks]
     grid = [c for c in configs() if not args.configs or c.name in args.configs]
@@ -944,8 +948,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{i}/{len(pending)}] {t.name} {c.name} seed {s}: {result} "
                       f"({summary['train_seconds']:.0f} s; {elapsed / 60:.1f} min in all)",
                       file=sys.stderr)  # fmt: skip
-            for t in tasks:
-                measure_variance(t, min(args.seeds))
+            for t in tasks if not args.no_variance else ():
+                measure_variance(t)
         except KeyboardInterrupt:
             print("interrupted: finished runs are summarized, the current one resumes from its "
                   "last checkpoint when this command runs again", file=sys.stderr)  # fmt: skip
