@@ -107,3 +107,24 @@ def test_grid_reaches_top_of_range(name):
             assert (torch.maximum(-low, high) / step <= 2**7 - 1).all()
         else:
             assert ((high - low) / step <= 2**8 - 1).all()
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 65, 200, 4096 + 17])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_column_minmax_is_the_one_stage_reduction(rows: int, dtype: torch.dtype) -> None:
+    """Per-column ranges reduced in blocks of rows (``_column_minmax``) equal ``aminmax`` down the
+    columns bit for bit, with a NaN, infinities and a transposed (non-contiguous) input, eagerly
+    and compiled. (A block size that drops or repeats rows would miss the planted extremes.)"""
+    g = gen(rows)
+    x = (torch.randn(rows, 37, generator=g) * 1e3).to(dtype)
+    last = rows - 1  # the tail past the last whole block, when there is one
+    x[last, 0], x[0, 1], x[last, 2], x[rows // 2, 3] = 7e4, -7e4, float("inf"), float("-inf")
+    x[last, 4] = float("nan")
+    compiled = torch.compile(group_minmax, dynamic=True)
+    for tensor in (x, x.T.contiguous().T):
+        expected = torch.aminmax(tensor, dim=0, keepdim=True)
+        for got in (group_minmax(tensor, "column"), compiled(tensor, "column")):
+            for a, b in zip(got, expected, strict=True):
+                assert a.shape == (1, 37) and a.dtype == dtype
+                assert torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5))
+                assert torch.equal(a.isnan(), b.isnan())
