@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import inspect
 import itertools
 import json
 import math
@@ -53,6 +54,7 @@ BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"
 QUANTIZERS = ("ptq", "psq", "bhq", "rht")
 BITS = (3, 4, 5, 6, 8)
 # floating-point and block-scaled gradient formats (FQTConfig presets, docs/method.md §12)
+LOW_BITS = (3, 4)  # the uniform rows with weight gradients at these bits too (bhq3_w3, ...)
 FORMATS = ("fp8_e4m3", "mxfp4_sr", "mxfp4_rht_sr", "nvfp4_sr", "nvfp4_rht_sr")
 PLAN_BUDGET = 0.1  # the fixed plan's budget: quantization variance / sampling variance
 BRANCHES = ("grad", "grad_weight")
@@ -134,6 +136,13 @@ def configs() -> list[Config]:
                 )
             else:
                 grid.append(Config(f"{quantizer}{bits}", f"{quantizer}{bits}", (), quantizer, bits))
+    # Every layer at the plans' lowest integer candidates on both branches: BHQ at b bits with a
+    # b-bit per-column weight gradient (the presets keep weight gradients at 8 bits), so the plan
+    # is also compared with uniform low bits it could have chosen everywhere.
+    grid += [
+        Config(f"bhq{b}_w{b}", f"bhq{b}", ("--grad-weight-bits", str(b)), "bhq", b)
+        for b in LOW_BITS
+    ]
     grid += [Config(name, name, kind="format") for name in FORMATS]
     grid += [Config("plan", "qat", kind="plan"), Config("adaptive", "qat", kind="adaptive")]
     return grid
@@ -515,8 +524,13 @@ def comparison(task: Task, runs: dict[str, list[dict]], plan: dict | None) -> li
         "| --- | --- | --- | --- | --- | --- |",
     ]
     rows: dict[str, tuple[Config, bool | None, float | None]] = {}
+    # uniform and format rows not decided (not run, or fewer than 2 seeds), with their bits
+    pending: dict[str, float] = {}
     for config in configs():
         rs = runs.get(config.name)
+        undecided = not rs or matches_qat(rs, qat, task.metric) is None
+        if plan is not None and config.kind in ("uniform", "format") and undecided:
+            pending[config.name] = uniform_bits(layer_macs(plan), config)
         if not rs or config.name == "exact":
             continue
         bits = run_bits(config, rs, plan)
@@ -539,30 +553,59 @@ def comparison(task: Task, runs: dict[str, list[dict]], plan: dict | None) -> li
                   "matching uniform preset): not decided — the task's plan (and with it the "
                   "GEMM sizes the average bits weigh by) is not made yet."]  # fmt: skip
     else:
-        lines += ["", *claim_lines(rows)]
+        lines += ["", *claim_lines(rows, pending, measuring_cost(task))]
     return lines
 
 
-def claim_lines(rows: dict[str, tuple[Config, bool | None, float | None]]) -> list[str]:
+def measuring_cost(task: Task) -> tuple[int, int]:
+    """An adaptive run's extra backward passes: every ``--variance-every`` K steps the monitor
+    (``fqtorch.stats.VarianceMonitor``, the training loop's defaults) runs ``samples`` quantized
+    backward passes of the batch at the current bits and ``micro_batches`` exact passes of
+    1/``micro_batches`` of it (one batch at 32 bits in all). Returns ``(K, samples)``."""
+    from fqtorch.stats import VarianceMonitor
+
+    flags = task.adaptive_flags
+    every = int(flags[flags.index("--variance-every") + 1])
+    return every, inspect.signature(VarianceMonitor).parameters["samples"].default
+
+
+def with_measurements(bits: float, every: int, samples: int) -> float:
+    """Average bits per backward multiply-accumulate, the monitor's passes counted: per K steps,
+    K + ``samples`` batches at ``bits`` and one at 32 (``measuring_cost``)."""
+    return ((every + samples) * bits + 32.0) / (every + samples + 1)
+
+
+def claim_lines(
+    rows: dict[str, tuple[Config, bool | None, float | None]],
+    pending: dict[str, float] | None = None,
+    cost: tuple[int, int] | None = None,
+) -> list[str]:
     """Whether plan and adaptive match QAT with fewer average bits than the smallest matching
-    uniform configuration (the quantizer × bits grid and the formats)."""
+    uniform configuration (the quantizer × bits grid, the low-bit rows and the formats).
+
+    ``pending``: uniform and format rows not decided yet (not run, or fewer than 2 seeds), with
+    their bits; one at no more bits than the plan's leaves the claim not decided, since it could
+    still match. ``cost``: the adaptive run's measurements (``measuring_cost``), for the same
+    comparison with them counted."""
+    pending = pending or {}
     uniform = {
         name: bits
         for name, (config, match, bits) in rows.items()
         if config.kind in ("uniform", "format") and match and bits is not None
     }
     grid_only = {n: b for n, b in uniform.items() if rows[n][0].kind == "uniform"}
-    if not uniform:
-        return ["Claim (plan/adaptive match QAT with fewer average bits than the smallest "
-                "matching uniform preset): not decided — no uniform preset matches QAT here "
-                "(or their runs are missing)."]  # fmt: skip
-    best = min(uniform, key=uniform.get)
+    best = min(uniform, key=uniform.get) if uniform else None
+    smallest = (
+        f"the smallest matching is {best} at {uniform[best]:.2f} bits"
+        if best
+        else "none of those decided matches"
+    )
     lines = [
         "Claim: *the plan and the adaptive plan match QAT with fewer average gradient bits than "
-        "the smallest uniform preset that matches it* (uniform: the quantizer × bits grid and "
-        f"the formats; the smallest matching is {best} at {uniform[best]:.2f} bits"
+        "the smallest uniform configuration that matches it* (uniform: the quantizer × bits "
+        f"grid, the low-bit rows and the formats; {smallest}"
         + (
-            f"; of the quantizer × bits grid alone, {min(grid_only, key=grid_only.get)} at "
+            f"; of the quantizer × bits presets alone, {min(grid_only, key=grid_only.get)} at "
             f"{min(grid_only.values()):.2f}"
             if grid_only
             else ""
@@ -578,22 +621,37 @@ def claim_lines(rows: dict[str, tuple[Config, bool | None, float | None]]) -> li
         if match is None:
             lines.append(f"- {name}: not decided — fewer than 2 finished seeds.")
             continue
-        held = match and bits < uniform[best]
-        why = (
-            "does not match QAT"
-            if not match
-            else f"{bits:.2f} bits {'<' if bits < uniform[best] else '≥'} {uniform[best]:.2f}"
-        )
-        extra = ""
-        if grid_only and match:
-            grid_best = min(grid_only.values())
-            extra = (
-                f" (against the quantizer × bits grid alone: {bits:.2f} "
-                f"{'<' if bits < grid_best else '≥'} {grid_best:.2f}, "
-                f"{'held' if bits < grid_best else 'not held'})"
+        if not match:
+            lines.append(f"- {name}: **not held** — does not match QAT.")
+            continue
+        lines.append(f"- {name}: {_verdict(bits, uniform, pending)}.")
+        if name == "adaptive" and cost is not None:
+            every, samples = cost
+            counted = with_measurements(bits, every, samples)
+            lines.append(
+                f"  Counting its variance measurements too (every {every} steps, {samples} "
+                f"quantized backward passes and one batch of exact ones: {counted:.2f} bits per "
+                f"backward multiply-accumulate): {_verdict(counted, uniform, pending)}."
             )
-        lines.append(f"- {name}: **{'held' if held else 'not held'}** — {why}{extra}.")
     return lines
+
+
+def _verdict(bits: float, uniform: dict[str, float], pending: dict[str, float]) -> str:
+    """held / not held / not decided for a configuration that matches QAT at ``bits``."""
+    beaten = {n: b for n, b in uniform.items() if b <= bits}
+    if beaten:
+        name = min(beaten, key=beaten.get)
+        return f"**not held** — {bits:.2f} bits ≥ {beaten[name]:.2f} ({name})"
+    undecided = sorted(n for n, b in pending.items() if b <= bits)
+    if undecided:
+        return (
+            f"not decided — {bits:.2f} bits, but {', '.join(undecided)} (no more bits) "
+            "could still match: fewer than 2 finished seeds"
+        )
+    if not uniform:
+        return f"**held** — {bits:.2f} bits; no uniform configuration matches QAT"
+    best = min(uniform.values())
+    return f"**held** — {bits:.2f} bits < {best:.2f}"
 
 
 def plan_layers_table(plan: dict) -> list[str]:

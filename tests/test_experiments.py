@@ -280,15 +280,31 @@ def test_the_comparison_and_the_claim(reproduce, monkeypatch):
     assert "| bhq4 | uniform | 99.50 ± 0.50 | +0.00 | yes | 6.80 |" in text
     assert "| bhq3 | uniform |" in text and "| no | 6.50 |" in text
     assert "smallest matching is bhq4 at 6.80 bits" in text
-    assert "- plan: **held** — 4.50 bits < 6.80" in text
+    # rows with no more bits than the plan's not run yet: they could still match
+    assert "- plan: not decided — 4.50 bits, but bhq3_w3, bhq4_w4, mxfp4_rht_sr, mxfp4_sr" in text
     assert "- adaptive: **not held** — does not match QAT" in text
+    low = [0.95, 0.96, 0.95]  # run, and not matching: the claim is decided
+    for name in ("bhq3_w3", "bhq4_w4", "mxfp4_sr", "mxfp4_rht_sr", "nvfp4_sr", "nvfp4_rht_sr"):
+        grid[name] = runs(name, low)
+    text = "\n".join(reproduce.comparison(task, grid, plan))
+    assert "- plan: **held** — 4.50 bits < 6.80" in text
     grid["adaptive"] = runs("adaptive", [0.995])  # one seed: neither held nor not
     text = "\n".join(reproduce.comparison(task, grid, plan))
     assert "- adaptive: not decided — fewer than 2 finished seeds." in text
     grid["mxfp4_sr"] = runs("mxfp4_sr", qat)  # a format matches at 4.25 bits: fewer than 4.50
     text = "\n".join(reproduce.comparison(task, grid, plan))
-    assert "- plan: **not held** — 4.50 bits ≥ 4.25" in text
-    assert "quantizer × bits grid alone: 4.50 < 6.80, held" in text
+    assert "- plan: **not held** — 4.50 bits ≥ 4.25 (mxfp4_sr)" in text
+    # adaptive matching at the plan's 4.50 bits (no events); its measurements counted: every K
+    # steps, 4 quantized passes at 4.50 and one exact batch: ((K + 4) · 4.5 + 32) / (K + 5)
+    grid["adaptive"] = runs("adaptive", qat)
+    grid["mxfp4_sr"] = runs("mxfp4_sr", low)
+    text = "\n".join(reproduce.comparison(task, grid, plan))
+    assert "- adaptive: **held** — 4.50 bits < 6.80" in text
+    every, samples = reproduce.measuring_cost(task)
+    assert samples == 4
+    counted = ((every + 4) * 4.5 + 32) / (every + 5)
+    assert counted > 6.8
+    assert f"accumulate): **not held** — {counted:.2f} bits ≥ 6.80 (bhq4)" in text
     markdown = "\n".join(reproduce.planned(task, grid))
     assert "| b | 300 | psq5 |" in markdown
     assert (reproduce.FIGURES / "digits_adaptive_bits.png").stat().st_size > 0
