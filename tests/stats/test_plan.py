@@ -101,6 +101,94 @@ def test_measured_per_bit_factor_and_prediction():
     assert 0.7 < ratio < 1.4, plan.table()
 
 
+def _scripted_measure(monkeypatch, kappa: float, verify_factor=(1.0,)) -> list[str]:
+    """Replace the planner's measurements with a known law: a branch at ``b`` bits adds
+    ``c · (2^b − 1)^(−2κ)`` (c = 1 per layer and running branch), read on the whole gradient
+    for a grad probe and on its own layer for a weight-gradient probe; the i-th verification
+    measures ``verify_factor[i]`` times that law. Returns the calls' descriptions, in order."""
+    from fqtorch.stats import plan as plan_module
+
+    calls = []
+
+    def law(bits: int) -> float:
+        return float(2**bits - 1) ** (-2 * kappa)
+
+    def scripted(model, loss_fn, batches, samples, assignments, progress, description):
+        calls.append(description)
+        factor = verify_factor[calls.count("verifying") - 1] if description == "verifying" else 1
+        out = []
+        for assignment in assignments:
+            per_layer = {  # a's and b's grad_input GEMMs do not run (x needs no gradient)
+                name: factor
+                * sum(law(b) for br, (q, b) in branches.items() if br != "grad" or name == "head")
+                for name, branches in assignment.items()
+            }
+            out.append((sum(per_layer.values()), per_layer))
+        return out
+
+    monkeypatch.setattr(plan_module, "_measure", scripted)
+    return calls
+
+
+def test_prediction_follows_the_measured_per_bit_law(monkeypatch):
+    """Probed at 2 and 8 bits only, a variance falling as ``(2^b − 1)^-1`` (κ = 1/2, 2x per bit
+    rather than 4x) is predicted at 5 bits by that law, not by the 4x-per-bit default."""
+    _scripted_measure(monkeypatch, kappa=0.5)
+    plan = _plan(_model(), budget=1e6)
+    frontier = {tuple(row[:2]): row[3] for row in plan.layer("a").frontier["grad_weight"]}
+    assert frontier[("ptq", 5)] == pytest.approx(1 / 31, rel=1e-9)  # absolute, not / S
+    assert abs(plan.layer("a").per_bit["grad_weight"] - 85 ** (1 / 6)) < 1e-9
+
+
+def test_the_budget_is_checked_on_the_measurement_not_the_prediction(monkeypatch):
+    """A plan that measures 3x its prediction is chosen again against a budget scaled down by
+    3 and measured once more: within the budget when that measurement is 3x its prediction
+    again, over it (and plan.json says so) when it is 10x."""
+    from fqtorch.stats.plan import AIM
+
+    budget = 0.05
+    calls = _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(3.0, 3.0))
+    plan = _plan(_model(), budget=budget)
+    assert calls == ["planning", "verifying", "verifying"]
+    assert plan.measured_within_budget is True and plan.feasible
+    assert plan.predicted_quantization_variance <= AIM * budget * plan.sampling_variance / 3
+    calls = _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(3.0, 10.0))
+    with pytest.warns(RuntimeWarning, match="over the budget"):
+        plan = _plan(_model(), budget=budget)
+    assert calls == ["planning", "verifying", "verifying"]
+    assert plan.measured_within_budget is False and plan.feasible
+    assert plan.measured_quantization_variance == pytest.approx(
+        10 * plan.predicted_quantization_variance
+    )
+
+
+def test_a_retry_within_the_budget_but_not_its_aim_stays_feasible(monkeypatch):
+    """Scaled by the first measurement, the aim (AIM x budget) is out of reach but the budget
+    itself is not (the most precise plan measures 0.9 x budget): the retry takes the budget,
+    and the plan stays feasible and within it."""
+    budget = 0.05
+    _scripted_measure(monkeypatch, kappa=1.0)
+    sampling = _plan(_model(), budget=budget).sampling_variance
+    most_precise = 4 / 255**2  # head's grad and the three weight gradients at 8 bits
+    factor = 0.9 * budget * sampling / most_precise
+    calls = _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(factor, factor))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = _plan(_model(), budget=budget)
+    assert calls == ["planning", "verifying", "verifying"]
+    assert plan.feasible and plan.measured_within_budget is True
+
+
+def test_a_retry_out_of_reach_gives_the_highest_precision_and_says_so(monkeypatch):
+    """The first plan measures 1e6x its prediction: scaled by that, no choice meets the budget;
+    the plan keeps every branch at its most precise candidate and is marked not feasible."""
+    _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(1e6, 1e6))
+    with pytest.warns(RuntimeWarning, match="scaled by that"):
+        plan = _plan(_model(), budget=0.05)
+    assert not plan.feasible and plan.measured_within_budget is False
+    assert {(lay.grad_bits, lay.grad_weight_bits) for lay in plan.layers} == {(8, 8)}
+
+
 class _Blocky(PerRow):
     """A stand-in for a block format whose shared scales cost bits beyond the codes."""
 
@@ -120,6 +208,11 @@ def test_cost_reads_bits_per_element():
     cands = {"grad": [("test_plan_blocky", 4)], "grad_weight": [("ptq", 4)]}
     plan = _plan(_model(), budget=1e6, candidates=cands)
     assert plan.average_bits() == {"grad": 4.25, "grad_weight": 4.0}
+    payload = plan.to_dict()
+    for layer in payload["layers"]:
+        layer.pop("grad_macs", None)
+    no_sizes = PrecisionPlan.from_dict(payload).average_bits()
+    assert math.isnan(no_sizes["grad"]) and no_sizes["grad_weight"] == 4.0
     assert plan.layer("head").per_bit == {}  # one bit width each: no per-bit factor to report
     # a branch whose GEMM does not run (a's grad_input: x needs no gradient) costs 0 whatever
     # it holds, and takes the narrowest candidate
@@ -416,6 +509,22 @@ def test_adaptive_state_and_low_snr_warning():
     other.load_state_dict(state)
     assert other.state_dict() == state and other.bits()["head"] == [8, 8]
     assert other.layers["head"].config.grad_quantizer == "psq"
+
+
+def test_low_snr_is_judged_on_the_choices_the_window_was_measured_under():
+    """A layer measured at 4 bits with no signal and raised to 8 by that re-plan is not named
+    (it was not at its most precise); one measured at 8 bits with no signal is named even when
+    the re-plan lowers it (room in the budget)."""
+    ctl = _controlled(bits=4)
+    ctl.observe({"head": 50.0}, {"head": 1.0}, {"head": 51.0})  # Q/S = 50: raised
+    ctl.replan()
+    assert ctl.bits()["head"] == [8, 8]
+    assert ctl.low_snr() == []
+    ctl = _controlled(bits=8)
+    ctl.observe({"head": 1e-4}, {"head": 1.0}, {"head": 1.0001})  # far below the band: lowered
+    ctl.replan()
+    assert ctl.bits()["head"][0] < 8
+    assert ctl.low_snr() == ["head"]
 
 
 def test_adaptive_window_divides_total_sums_once():

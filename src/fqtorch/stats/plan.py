@@ -286,12 +286,16 @@ class PrecisionPlan:
         return model
 
     def average_bits(self) -> dict[str, float]:
-        """GEMM-size-weighted mean gradient bits per branch (bits per element)."""
+        """GEMM-size-weighted mean gradient bits per branch (bits per element); NaN for a
+        branch whose GEMM sizes the plan does not record (a plan.json without ``*_macs``)."""
         out = {}
         for branch in BRANCHES:
             num = den = 0.0
+            if any(branch not in layer.macs for layer in self.layers):
+                out[branch] = math.nan
+                continue
             for layer in self.layers:
-                macs = layer.macs.get(branch, 1)
+                macs = layer.macs[branch]
                 num += macs * bits_per_element(*layer.choice(branch))
                 den += macs
             out[branch] = num / den if den else math.nan
@@ -803,8 +807,22 @@ def plan_precision(
             scale = measured_total / predicted_total
             at, ok = _choose(frontiers, AIM * budget * sampling / scale)
             if not ok:
-                at, _ = _choose(frontiers, budget * sampling / scale)
+                at, ok = _choose(frontiers, budget * sampling / scale)
             chosen = {k: frontiers[k][i] for k, i in at.items()}
+            if not ok:  # scaled by the measurement, the budget is out of reach: most precise
+                feasible = False
+                chosen = {
+                    k: min(opts, key=lambda o: (o.variance, -o.width))
+                    for k, opts in options_by_branch.items()
+                }
+                warnings.warn(
+                    f"plan_precision: the first plan measured {scale:.3g} x its prediction; "
+                    f"scaled by that, budget {budget:g} x sampling variance is not met even "
+                    "with every branch at its most precise candidate; the plan keeps every "
+                    "branch at its most precise candidate",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
             predicted_total = sum(o.variance for o in chosen.values())
         within = measured_total <= budget * sampling
         if feasible and not within:
@@ -991,6 +1009,9 @@ class PrecisionController:
             for n in self.layers
             if w.get(f"noise/{n}", 0.0) > 0
         }
+        # the layers at their most precise options while the window was measured (low_snr
+        # judges the window's SNR against these, not against the choices made below)
+        self._measured_at_top = self._at_top()
         self.window = {}
         if not w.get("count") or not w.get("s"):
             return []
@@ -1025,6 +1046,14 @@ class PrecisionController:
             change["predicted_ratio"] = scale * self.predicted()
         return changes
 
+    def _at_top(self) -> set[str]:
+        """Layers whose branches are all at their most precise options."""
+        return {
+            n
+            for n in self.layers
+            if all(self.at[(n, b)] == len(self.frontiers[(n, b)]) - 1 for b in BRANCHES)
+        }
+
     @staticmethod
     def _set(layer: FQTModule, choice: Mapping[str, Candidate]) -> None:
         (gq, gb), (wq, wb) = choice["grad"], choice["grad_weight"]
@@ -1039,14 +1068,11 @@ class PrecisionController:
         )
 
     def low_snr(self) -> list[str]:
-        """Layers at their most precise options whose signal-to-quantization-noise ratio fell
-        below the threshold in the last window, not named before."""
+        """Layers whose signal-to-quantization-noise ratio fell below the threshold in the last
+        window while they were at their most precise options (the choices the window was
+        measured under, before that re-plan changed them), not named before."""
         snr = getattr(self, "_snr", {})
-        top = {
-            n
-            for n in self.layers
-            if all(self.at[(n, b)] == len(self.frontiers[(n, b)]) - 1 for b in BRANCHES)
-        }
+        top = getattr(self, "_measured_at_top", set())
         new = [
             n
             for n, value in snr.items()
