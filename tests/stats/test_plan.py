@@ -527,6 +527,19 @@ def test_low_snr_is_judged_on_the_choices_the_window_was_measured_under():
     assert ctl.low_snr() == ["head"]
 
 
+def test_low_snr_of_a_gradient_averaged_over_ranks():
+    """Two ranks (windows summed, as DDP does), each measuring S = 1, Q = 0.05 on its batch; the
+    step's gradient is their mean, ``‖g‖² = ‖∇L‖² + (S + Q)/2``. A true signal of 0.3 is SNR
+    0.3 / (Q/2) = 12: not named (subtracting a whole S + Q would make it negative); 0.2 is 8:
+    named."""
+    for signal, named in ((0.3, []), (0.2, ["head"])):
+        ctl = _controlled(bits=8)
+        for _ in range(2):
+            ctl.observe({"head": 0.05}, {"head": 1.0}, {"head": signal + 1.05 / 2}, ranks=2)
+        ctl.replan()
+        assert ctl.low_snr() == named, signal
+
+
 def test_adaptive_window_divides_total_sums_once():
     """Two measurements Q = (1, 1), S = (0.1, 10): the window's ratio is 2/10.1 ≈ 0.2, inside
     the band of a 0.25 budget (the mean of the ratios, 5.05, is not)."""

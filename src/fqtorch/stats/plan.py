@@ -977,10 +977,19 @@ class PrecisionController:
         quantization: Mapping[str, float],
         sampling: Mapping[str, float],
         grad_norm_sq: Mapping[str, float] | None = None,
+        ranks: int = 1,
     ) -> None:
         """One measurement (:class:`~fqtorch.stats.VarianceRatio`'s per-layer quantization and
         sampling variance, all parameters) and the step's per-layer gradient squared norms
-        (layers without a gradient left out)."""
+        (layers without a gradient left out).
+
+        ``ranks``: the gradient is the mean of that many ranks' gradients (DDP), each with the
+        measured variances, so its own are ``1/ranks`` of them: both are scaled by that (the
+        ratio ``ΣQ/ΣS`` does not change; the signal ``‖g‖² − (S + Q)/ranks`` stays unbiased
+        and the noise is the update's)."""
+        if ranks > 1:
+            quantization = {k: v / ranks for k, v in quantization.items()}
+            sampling = {k: v / ranks for k, v in sampling.items()}
         q_total, s_total = sum(quantization.values()), sum(sampling.values())
         if not (math.isfinite(q_total) and math.isfinite(s_total) and s_total > 0):
             return

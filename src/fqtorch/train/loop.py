@@ -856,7 +856,8 @@ class _Run:
             }
         report = self.monitor.measure((x, y))
         if self.precision is not None:
-            self.precision.observe(report.quantization, report.sampling, norms)
+            # .grad is the mean over the ranks' gradients; the report is this rank's
+            self.precision.observe(report.quantization, report.sampling, norms, self.rt.world)
         if self.rt.main:
             line = {"epoch": self.epoch, "step": self.step, **report.to_dict()}
             with (self.out / "variance.jsonl").open("a") as f:
