@@ -342,10 +342,13 @@ def cell(runs: list[dict], key: str, scale: float = 1.0, digits: int = 3) -> str
 
 # ------------------------------------------------------------- planned precision and formats
 MATCH_RULE = (
-    "a configuration **matches QAT** when none of its seeds diverged and its mean is within "
-    "the larger of the two standard deviations (over seeds) of QAT's mean: "
-    "|mean − mean_QAT| ≤ max(std, std_QAT)"
+    "a configuration **matches QAT** when none of its seeds diverged and its mean is no worse "
+    "than QAT's by more than the larger of the two standard deviations (over seeds): "
+    "worse by ≤ max(std, std_QAT), where worse is mean_QAT − mean for accuracy and "
+    "mean − mean_QAT for loss (better than QAT by any margin matches: one rule for every row, "
+    "the plan's too)"
 )
+HIGHER_IS_BETTER = {"val_acc"}
 _GRAD_FLAGS = {
     "--grad-quantizer": "grad_quantizer",
     "--grad-bits": "grad_bits",
@@ -486,7 +489,8 @@ def matches_qat(runs: list[dict], qat: list[dict], key: str) -> bool | None:
     if len(values) < 2 or len(reference) < 2:
         return None
     (mean, std), (mean_qat, std_qat) = mean_std(values), mean_std(reference)
-    return abs(mean - mean_qat) <= max(std, std_qat)
+    worse = mean_qat - mean if key in HIGHER_IS_BETTER else mean - mean_qat
+    return worse <= max(std, std_qat)
 
 
 def run_bits(config: Config, runs: list[dict], plan: dict | None) -> float | None:
