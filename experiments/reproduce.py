@@ -592,12 +592,13 @@ def claim_lines(
     still match. ``cost``: the adaptive run's measurements (``measuring_cost``), for the same
     comparison with them counted."""
     pending = pending or {}
+    by_name = {c.name: c for c in configs()}
     uniform = {
         name: bits
         for name, (config, match, bits) in rows.items()
         if config.kind in ("uniform", "format") and match and bits is not None
     }
-    grid_only = {n: b for n, b in uniform.items() if rows[n][0].kind == "uniform"}
+    grid_only = {n: b for n, b in uniform.items() if not rows[n][0].flags}
     best = min(uniform, key=uniform.get) if uniform else None
     smallest = (
         f"the smallest matching is {best} at {uniform[best]:.2f} bits"
@@ -609,7 +610,7 @@ def claim_lines(
         "the smallest uniform configuration that matches it* (uniform: the quantizer × bits "
         f"grid, the low-bit rows and the formats; {smallest}"
         + (
-            f"; of the quantizer × bits presets alone, {min(grid_only, key=grid_only.get)} at "
+            f"; of the library's presets alone, {min(grid_only, key=grid_only.get)} at "
             f"{min(grid_only.values()):.2f}"
             if grid_only
             else ""
@@ -628,7 +629,13 @@ def claim_lines(
         if not match:
             lines.append(f"- {name}: **not held** — does not match QAT.")
             continue
-        lines.append(f"- {name}: {_verdict(bits, uniform, pending)}.")
+        presets = {n: b for n, b in uniform.items() if not rows[n][0].flags}
+        waiting = {n: b for n, b in pending.items() if not by_name[n].flags}
+        lines.append(
+            f"- {name}: {_verdict(bits, uniform, pending)}; against the library's presets "
+            f"alone (no flags: the quantizer × bits presets and the formats), "
+            f"{_verdict(bits, presets, waiting)}."
+        )
         if name == "adaptive" and cost is not None:
             every, samples = cost
             counted = with_measurements(bits, every, samples)

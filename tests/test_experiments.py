@@ -311,6 +311,16 @@ def test_the_comparison_and_the_claim(reproduce, monkeypatch):
     counted = ((every + 4) * 4.5 + 32) / (every + 5)
     assert counted > 6.8
     assert f"accumulate): **not held** — {counted:.2f} bits ≥ 6.80 (bhq4)" in text
+    # a low-bit row (not a preset: it has flags) matches at 3 bits: not held, but held against
+    # the presets alone
+    grid["bhq3_w3"] = runs("bhq3_w3", qat)
+    text = "\n".join(reproduce.comparison(task, grid, plan))
+    assert "| bhq3_w3 | uniform | 99.50 ± 0.50 | +0.00 | yes | 3.00 |" in text
+    assert (
+        "- plan: **not held** — 4.50 bits ≥ 3.00 (bhq3_w3); against the library's presets "
+        "alone (no flags: the quantizer × bits presets and the formats), **held** — 4.50 bits "
+        "< 6.80." in text
+    )
     markdown = "\n".join(reproduce.planned(task, grid))
     assert "| b | 300 | psq5 |" in markdown
     assert (reproduce.FIGURES / "digits_adaptive_bits.png").stat().st_size > 0
