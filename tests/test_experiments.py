@@ -57,6 +57,29 @@ def test_a_checkpoint_without_summary_resumes(reproduce):
     assert cmd[cmd.index("--resume") + 1] == str(run)
 
 
+def test_the_variance_is_measured_on_qat_seed_0_whatever_the_seeds(reproduce, monkeypatch):
+    """``--seeds 2`` still measures on QAT seed 0's checkpoint (the plan's model), once;
+    ``--no-variance`` trains only."""
+    task = reproduce.TASKS["digits"]
+    for seed in (0, 2):  # both checkpoints exist: the measurement must pick seed 0's
+        run = reproduce.run_dir(task, reproduce.QAT, seed)
+        run.mkdir(parents=True)
+        (run / "checkpoint.pt").write_bytes(b"")
+        reproduce.summary_path(task, reproduce.QAT, seed).parent.mkdir(parents=True, exist_ok=True)
+        reproduce.summary_path(task, reproduce.QAT, seed).write_text("{}")
+    monkeypatch.setattr(reproduce, "report", lambda tasks: "")
+    monkeypatch.setattr(reproduce, "write_report", lambda markdown: None)
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: calls.append(cmd))
+    assert reproduce.main(["--seeds", "2", "--configs", "qat", "--no-variance"]) == 0
+    assert calls == []
+    assert reproduce.main(["--seeds", "2", "--configs", "qat"]) == 0
+    (cmd,) = calls
+    assert cmd[cmd.index("--checkpoint") + 1] == str(
+        reproduce.run_dir(task, reproduce.QAT, 0) / "checkpoint.pt"
+    )
+
+
 @pytest.mark.slow
 def test_runs_once_then_skips_and_reports(reproduce, monkeypatch):
     monkeypatch.setattr(reproduce, "measure_variance", lambda *args: None)  # its own test
