@@ -196,6 +196,30 @@ def outside_int_mm(step: Callable[[], Any], device: str, steps: int = 2) -> dict
     return {"outside_int_mm": (total - gemm) / steps / 1e6, "int_mm": gemm / steps / 1e6}
 
 
+INTEGER_KERNELS = ("onednn::qconv2d_pointwise", "onednn::qconv_prepack", "aten::_int_mm")
+
+
+def integer_breakdown(step, steps: int = 2) -> dict[str, float]:
+    """Seconds per step inside the integer kernels and outside them (every op's own CPU time,
+    ``torch.profiler``; the profiler's own overhead lands outside)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    kernels = {k: sum(e.self_cpu_time_total for e in events if e.key == k) for k in INTEGER_KERNELS}
+    inside = sum(kernels.values())
+    compiled = sum(e.self_cpu_time_total for e in events if "CompiledFxGraph" in e.key)
+    return {
+        "integer_kernels": inside / steps / 1e6,
+        "outside_integer_kernels": (total - inside) / steps / 1e6,
+        "compiled_quantizers": compiled / steps / 1e6,
+        **{k: v / steps / 1e6 for k, v in kernels.items()},
+    }
+
+
 def layer_step(
     layer: nn.Module, x: torch.Tensor, grad_out: torch.Tensor, autocast: bool, device: str
 ) -> None:

@@ -37,6 +37,7 @@ from torch import nn
 from common import (
     add_variant_flag,
     environment,
+    integer_breakdown,
     layer_step,
     median_seconds,
     peak_memory,
@@ -61,30 +62,6 @@ LAYERS = {
     "r50_stage3": (32, 128, 128, 3, 1, 28),
     "r50_stage5": (32, 512, 512, 3, 1, 7),
 }
-
-
-INTEGER_KERNELS = ("onednn::qconv2d_pointwise", "onednn::qconv_prepack", "aten::_int_mm")
-
-
-def integer_breakdown(step, steps: int = 2) -> dict[str, float]:
-    """Seconds per step inside the integer kernels and outside them (every op's own CPU time,
-    ``torch.profiler``; the profiler's own overhead lands outside)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            step()
-    events = prof.key_averages()
-    total = sum(e.self_cpu_time_total for e in events)
-    kernels = {k: sum(e.self_cpu_time_total for e in events if e.key == k) for k in INTEGER_KERNELS}
-    inside = sum(kernels.values())
-    compiled = sum(e.self_cpu_time_total for e in events if "CompiledFxGraph" in e.key)
-    return {
-        "integer_kernels": inside / steps / 1e6,
-        "outside_integer_kernels": (total - inside) / steps / 1e6,
-        "compiled_quantizers": compiled / steps / 1e6,
-        **{k: v / steps / 1e6 for k, v in kernels.items()},
-    }
 
 
 def run_layer(

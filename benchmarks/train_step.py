@@ -1,16 +1,20 @@
-"""Whole training steps (forward, backward, SGD step) of char_gpt and PreAct ResNet-20.
+"""Whole training steps (forward, backward, SGD step) of char_gpt, PreAct ResNet-20, ResNet-18.
 
-    python benchmarks/train_step.py [--models char_gpt,preact_resnet20] [--batch 32]
-                                    [--variants PATTERNS] [--repeats 5] [--device cpu|cuda]
-                                    [--json out.json]
+    python benchmarks/train_step.py [--models char_gpt,preact_resnet20,resnet18] [--batch 32]
+                                    [--image-size N] [--variants PATTERNS] [--repeats 5]
+                                    [--device cpu|cuda] [--json out.json]
+
+Images are 32×32 for PreAct ResNet-20 (CIFAR) and 224×224 for ResNet-18 (ImageNet, 1000
+classes) unless ``--image-size`` says otherwise.
 
 Variants (``--variants`` picks some; fp32 and bf16 autocast always run): fp32, bf16 autocast,
 QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused``; median ms
 [min–max] of ``--repeats`` runs after 2 warm-up runs, and ratios to fp32 and bf16 measured in
 this process; on CUDA, the step's peak memory; for integer steps, the overhead measure: op time
-outside ``_int_mm`` (``torch.profiler``, this process) over the fp32 step's median. The int8
-backend runs every Linear and Conv2d layer on ``torch._int_mm`` (grouped convolutions would fall
-back to simulate; these models have none).
+outside the integer kernels (``_int_mm``, and on the CPU oneDNN's integer convolution with its
+weight packing; ``torch.profiler``, this process) over the fp32 step's median. The int8 backend
+runs every Linear layer on ``torch._int_mm`` and every Conv2d on the integer convolution or
+``_int_mm`` (grouped convolutions would fall back to simulate; these models have none).
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from torch import nn
 from common import (
     add_variant_flag,
     environment,
+    integer_breakdown,
     median_seconds,
     outside_int_mm,
     peak_memory,
@@ -38,16 +43,26 @@ from common import (
 )
 from fqtorch.models import build_model
 
+# image models: (classes, default image size)
+IMAGES = {"preact_resnet20": (10, 32), "resnet18": (1000, 224)}
 
-def make(name: str, batch: int, device: str) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+
+def make(
+    name: str, batch: int, device: str, image_size: int | None = None
+) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
     torch.manual_seed(0)
     if name == "char_gpt":
         model = build_model(name, num_classes=96, block_size=128, dim=256, layers=4, heads=4)
         x = torch.randint(0, 96, (batch, 128))
         y = torch.randint(0, 96, (batch, 128))
+    elif name in IMAGES:
+        classes, size = IMAGES[name]
+        size = image_size or size
+        model = build_model(name, num_classes=classes)
+        x, y = torch.randn(batch, 3, size, size), torch.randint(0, classes, (batch,))
     else:
-        model = build_model(name, num_classes=10)
-        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        known = ", ".join(("char_gpt", *IMAGES))
+        raise SystemExit(f"--models: unknown model {name!r}; expected one of {known}")
     return model.to(device), x.to(device), y.to(device)
 
 
@@ -55,8 +70,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
-    parser.add_argument("--models", default="char_gpt,preact_resnet20")
+    parser.add_argument("--models", default="char_gpt,preact_resnet20,resnet18")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--image-size", type=int, help="image models' input size")
     add_variant_flag(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -68,7 +84,7 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*cannot run on integer GEMMs.*")
     report = {"environment": env, "args": vars(args), "models": {}}
     for name in args.models.split(","):
-        model, x, y = make(name, args.batch, args.device)
+        model, x, y = make(name, args.batch, args.device, args.image_size)
         results = {}
         print(f"\n{name}, batch {args.batch}, median of {args.repeats}", flush=True)
         for variant, (m, autocast) in step_variants(model, names).items():
@@ -96,15 +112,21 @@ def main() -> None:
             step()
             results[variant]["peak_bytes"] = peak_memory(args.device)
             if variant.startswith(("fqt_int8", "fqt_auto")):
-                results[variant].update(outside_int_mm(step, args.device))
+                if args.device == "cpu":  # _int_mm and oneDNN's integer convolutions
+                    parts = integer_breakdown(step)
+                    parts["outside_int_mm"] = parts["outside_integer_kernels"]
+                    parts["int_mm"] = parts["integer_kernels"]
+                    results[variant].update(parts)
+                else:
+                    results[variant].update(outside_int_mm(step, args.device))
             print(f"  {variant:<26}{results[variant]['median'] * 1e3:>10.1f} ms", flush=True)
         print_table(results)
         fp32 = results["fp32"]["median"]
         for variant, t in results.items():
             if "outside_int_mm" in t:
                 print(
-                    f"{variant}: outside _int_mm {t['outside_int_mm'] * 1e3:.1f} ms, inside "
-                    f"{t['int_mm'] * 1e3:.1f} ms (profiler); outside _int_mm / fp32 step = "
+                    f"{variant}: outside the integer kernels {t['outside_int_mm'] * 1e3:.1f} ms, "
+                    f"inside {t['int_mm'] * 1e3:.1f} ms (profiler); outside / fp32 step = "
                     f"{t['outside_int_mm'] / fp32:.3f}"
                 )
         report["models"][name] = results

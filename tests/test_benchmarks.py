@@ -3,16 +3,19 @@ by running them, docs/performance.md)."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
-def _run(*args: str) -> subprocess.CompletedProcess:
+def _run(*args: str, script: str = "gemm.py") -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gemm.py"), *args],
+        [sys.executable, str(BENCHMARKS / script), *args],
         capture_output=True,
         text=True,
         timeout=300,
@@ -31,3 +34,32 @@ def test_gemm_bad_shape_is_one_line():
     done = _run("--shapes", "64x32")
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("--shapes: expected MxKxN")
+
+
+def test_train_step_counts_integer_convolutions_as_integer_kernels(tmp_path):
+    """ResNet-18 (small images here) runs fp32, bf16 and the int8 step; the overhead measure
+    counts oneDNN's integer convolutions with ``_int_mm`` as integer kernels."""
+    out = tmp_path / "train_step.json"
+    done = _run(
+        *("--models", "resnet18", "--image-size", "32", "--batch", "2", "--repeats", "1"),
+        *("--variants", "fp32,bf16*,fqt_int8_psq5", "--json", str(out)),
+        script="train_step.py",
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resnet18, batch 2" in done.stdout
+    assert any(x.startswith("fqt_int8_psq5: outside") for x in done.stdout.splitlines())
+    from fqtorch.backends.int8_qconv import qconv_verdict
+
+    int8 = json.loads(out.read_text())["models"]["resnet18"]["fqt_int8_psq5"]
+    qconv, int_mm = int8["onednn::qconv2d_pointwise"], int8["aten::_int_mm"]
+    assert int_mm > 0, int8  # the classifier (and the convolutions' fallback)
+    if qconv_verdict() is None:  # this CPU's integer convolutions are exact: they run
+        assert qconv > 0, int8
+    inside = sum(v for k, v in int8.items() if "::" in k)
+    assert int8["int_mm"] == pytest.approx(inside, rel=1e-9)  # every integer kernel counted
+
+
+def test_train_step_unknown_model_is_one_line():
+    done = _run("--models", "resnet1", script="train_step.py")
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("--models: unknown model 'resnet1'")
