@@ -53,8 +53,8 @@ BEGIN, END = "<!-- experiments:begin -->", "<!-- experiments:end -->"
 
 QUANTIZERS = ("ptq", "psq", "bhq", "rht")
 BITS = (3, 4, 5, 6, 8)
-# floating-point and block-scaled gradient formats (FQTConfig presets, docs/method.md §12)
 LOW_BITS = (3, 4)  # the uniform rows with weight gradients at these bits too (bhq3_w3, ...)
+# floating-point and block-scaled gradient formats (FQTConfig presets, docs/method.md §12)
 FORMATS = ("fp8_e4m3", "mxfp4_sr", "mxfp4_rht_sr", "nvfp4_sr", "nvfp4_rht_sr")
 PLAN_BUDGET = 0.1  # the fixed plan's budget: quantization variance / sampling variance
 BRANCHES = ("grad", "grad_weight")
