@@ -199,9 +199,10 @@ def outside_int_mm(step: Callable[[], Any], device: str, steps: int = 2) -> dict
 INTEGER_KERNELS = ("onednn::qconv2d_pointwise", "onednn::qconv_prepack", "aten::_int_mm")
 
 
-def integer_breakdown(step, steps: int = 2) -> dict[str, float]:
+def integer_breakdown(step, steps: int = 2, top: int = 0) -> dict[str, Any]:
     """Seconds per step inside the integer kernels and outside them (every op's own CPU time,
-    ``torch.profiler``; the profiler's own overhead lands outside)."""
+    ``torch.profiler``; the profiler's own overhead lands outside); with ``top``, also the
+    ``top`` ops with the most own time (``"top_ops"``: [op, seconds per step, calls per step])."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -212,12 +213,18 @@ def integer_breakdown(step, steps: int = 2) -> dict[str, float]:
     kernels = {k: sum(e.self_cpu_time_total for e in events if e.key == k) for k in INTEGER_KERNELS}
     inside = sum(kernels.values())
     compiled = sum(e.self_cpu_time_total for e in events if "CompiledFxGraph" in e.key)
-    return {
+    out: dict[str, Any] = {
         "integer_kernels": inside / steps / 1e6,
         "outside_integer_kernels": (total - inside) / steps / 1e6,
         "compiled_quantizers": compiled / steps / 1e6,
         **{k: v / steps / 1e6 for k, v in kernels.items()},
     }
+    if top:
+        ranked = sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]
+        out["top_ops"] = [
+            [e.key, e.self_cpu_time_total / steps / 1e6, e.count / steps] for e in ranked
+        ]
+    return out
 
 
 def layer_step(

@@ -12,7 +12,8 @@ QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused``; 
 [min–max] of ``--repeats`` runs after 2 warm-up runs, and ratios to fp32 and bf16 measured in
 this process; on CUDA, the step's peak memory; for integer steps, the overhead measure: op time
 outside the integer kernels (``_int_mm``, and on the CPU oneDNN's integer convolution with its
-weight packing; ``torch.profiler``, this process) over the fp32 step's median. The int8 backend
+weight packing, which is reported apart too; ``torch.profiler``, this process) over the fp32
+step's median (JSON: ``integer_kernels``, ``outside_integer_kernels``). The int8 backend
 runs every Linear layer on ``torch._int_mm`` and every Conv2d on the integer convolution or
 ``_int_mm`` (grouped convolutions would fall back to simulate; these models have none).
 """
@@ -73,6 +74,9 @@ def main() -> None:
     parser.add_argument("--models", default="char_gpt,preact_resnet20,resnet18")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--image-size", type=int, help="image models' input size")
+    parser.add_argument(
+        "--top-ops", type=int, default=0, help="print the N ops with the most time (int8, CPU)"
+    )
     add_variant_flag(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -113,22 +117,28 @@ def main() -> None:
             results[variant]["peak_bytes"] = peak_memory(args.device)
             if variant.startswith(("fqt_int8", "fqt_auto")):
                 if args.device == "cpu":  # _int_mm and oneDNN's integer convolutions
-                    parts = integer_breakdown(step)
-                    parts["outside_int_mm"] = parts["outside_integer_kernels"]
-                    parts["int_mm"] = parts["integer_kernels"]
-                    results[variant].update(parts)
+                    results[variant].update(integer_breakdown(step, top=args.top_ops))
                 else:
-                    results[variant].update(outside_int_mm(step, args.device))
+                    parts = outside_int_mm(step, args.device)
+                    results[variant].update(
+                        integer_kernels=parts["int_mm"],
+                        outside_integer_kernels=parts["outside_int_mm"],
+                    )
             print(f"  {variant:<26}{results[variant]['median'] * 1e3:>10.1f} ms", flush=True)
         print_table(results)
         fp32 = results["fp32"]["median"]
         for variant, t in results.items():
-            if "outside_int_mm" in t:
+            if "outside_integer_kernels" in t:
+                packing = t.get("onednn::qconv_prepack", 0.0)
                 print(
-                    f"{variant}: outside the integer kernels {t['outside_int_mm'] * 1e3:.1f} ms, "
-                    f"inside {t['int_mm'] * 1e3:.1f} ms (profiler); outside / fp32 step = "
-                    f"{t['outside_int_mm'] / fp32:.3f}"
+                    f"{variant}: outside the integer kernels "
+                    f"{t['outside_integer_kernels'] * 1e3:.1f} ms, inside "
+                    f"{t['integer_kernels'] * 1e3:.1f} ms (of which oneDNN's weight packing "
+                    f"{packing * 1e3:.1f} ms; profiler); outside / fp32 step = "
+                    f"{t['outside_integer_kernels'] / fp32:.3f}"
                 )
+                for op, seconds, calls in t.get("top_ops", []):
+                    print(f"  {op[:60]:<62}{seconds * 1e3:>9.1f} ms/step {calls:>7.0f} calls")
         report["models"][name] = results
         write_json(args.json, report)
 

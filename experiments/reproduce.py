@@ -563,9 +563,10 @@ def comparison(task: Task, runs: dict[str, list[dict]], plan: dict | None) -> li
 
 def measuring_cost(task: Task) -> tuple[int, int]:
     """An adaptive run's extra backward passes: every ``--variance-every`` K steps the monitor
-    (``fqtorch.stats.VarianceMonitor``, the training loop's defaults) runs ``samples`` quantized
-    backward passes of the batch at the current bits and ``micro_batches`` exact passes of
-    1/``micro_batches`` of it (one batch at 32 bits in all). Returns ``(K, samples)``."""
+    (``fqtorch.stats.VarianceMonitor``, the training loop's defaults) runs one exact backward
+    pass of the batch (the QAT gradient the quantized draws are centred on), ``samples``
+    quantized passes at the current bits, and ``micro_batches`` exact passes of
+    1/``micro_batches`` of the batch: two batches at 32 bits in all. Returns ``(K, samples)``."""
     from fqtorch.stats import VarianceMonitor
 
     flags = task.adaptive_flags
@@ -575,8 +576,8 @@ def measuring_cost(task: Task) -> tuple[int, int]:
 
 def with_measurements(bits: float, every: int, samples: int) -> float:
     """Average bits per backward multiply-accumulate, the monitor's passes counted: per K steps,
-    K + ``samples`` batches at ``bits`` and one at 32 (``measuring_cost``)."""
-    return ((every + samples) * bits + 32.0) / (every + samples + 1)
+    K + ``samples`` batches at ``bits`` and two at 32 (``measuring_cost``)."""
+    return ((every + samples) * bits + 2 * 32.0) / (every + samples + 2)
 
 
 def claim_lines(
@@ -633,7 +634,8 @@ def claim_lines(
         waiting = {n: b for n, b in pending.items() if not by_name[n].flags}
         lines.append(
             f"- {name}: {_verdict(bits, uniform, pending)}; against the library's presets "
-            f"alone (no flags: the quantizer × bits presets and the formats), "
+            f"alone (no flags: the quantizer × bits presets and the formats; not RHT, which "
+            f"takes --grad-quantizer), "
             f"{_verdict(bits, presets, waiting)}."
         )
         if name == "adaptive" and cost is not None:
@@ -641,8 +643,8 @@ def claim_lines(
             counted = with_measurements(bits, every, samples)
             lines.append(
                 f"  Counting its variance measurements too (every {every} steps, {samples} "
-                f"quantized backward passes and one batch of exact ones: {counted:.2f} bits per "
-                f"backward multiply-accumulate): {_verdict(counted, uniform, pending)}."
+                f"quantized backward passes and two batches of exact ones: {counted:.2f} bits "
+                f"per backward multiply-accumulate): {_verdict(counted, uniform, pending)}."
             )
     return lines
 

@@ -56,10 +56,20 @@ def test_train_step_counts_integer_convolutions_as_integer_kernels(tmp_path):
     if qconv_verdict() is None:  # this CPU's integer convolutions are exact: they run
         assert qconv > 0, int8
     inside = sum(v for k, v in int8.items() if "::" in k)
-    assert int8["int_mm"] == pytest.approx(inside, rel=1e-9)  # every integer kernel counted
+    assert int8["integer_kernels"] == pytest.approx(inside, rel=1e-9)  # every one counted
 
 
 def test_train_step_unknown_model_is_one_line():
     done = _run("--models", "resnet1", script="train_step.py")
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("--models: unknown model 'resnet1'")
+
+
+def test_column_ranges_prints_both_reductions():
+    done = _run("--shapes", "130x24,64x8", "--repeats", "1", script="column_ranges.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "130x24 | " in done.stdout and "64x8 | " in done.stdout
+    assert "one stage: " in done.stdout and "two stages: " in done.stdout
+    bad = _run("--shapes", "130", script="column_ranges.py")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("--shapes: expected ROWSxCOLS")

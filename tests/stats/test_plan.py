@@ -183,9 +183,16 @@ def test_a_retry_out_of_reach_gives_the_highest_precision_and_says_so(monkeypatc
     """The first plan measures 1e6x its prediction: scaled by that, no choice meets the budget;
     the plan keeps every branch at its most precise candidate and is marked not feasible."""
     _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(1e6, 1e6))
-    with pytest.warns(RuntimeWarning, match="scaled by that"):
+    with pytest.warns(RuntimeWarning, match="not met even at the highest precision"):
         plan = _plan(_model(), budget=0.05)
     assert not plan.feasible and plan.measured_within_budget is False
+    assert {(lay.grad_bits, lay.grad_weight_bits) for lay in plan.layers} == {(8, 8)}
+    # the most precise plan then measures within the budget after all: feasible, no warning
+    _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(1e6, 1.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plan = _plan(_model(), budget=0.05)
+    assert plan.feasible and plan.measured_within_budget is True
     assert {(lay.grad_bits, lay.grad_weight_bits) for lay in plan.layers} == {(8, 8)}
 
 

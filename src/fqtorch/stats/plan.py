@@ -787,6 +787,7 @@ def plan_precision(
             }
         alone = [(n, b) for n in layers for b in BRANCHES if sizes.get(n, {}).get(b, 0)]
         predicted_total = sum(o.variance for o in chosen.values())
+        out_of_reach = None  # the retry's measured/predicted scale, where it left no choice
         for attempt in range(2):
             full = {n: {b: chosen[(n, b)].candidate for b in BRANCHES} for n in layers}
             grads = [(n, b) for n, b in alone if b == "grad"]
@@ -810,22 +811,24 @@ def plan_precision(
                 at, ok = _choose(frontiers, budget * sampling / scale)
             chosen = {k: frontiers[k][i] for k, i in at.items()}
             if not ok:  # scaled by the measurement, the budget is out of reach: most precise
-                feasible = False
+                out_of_reach = scale
                 chosen = {
                     k: min(opts, key=lambda o: (o.variance, -o.width))
                     for k, opts in options_by_branch.items()
                 }
-                warnings.warn(
-                    f"plan_precision: the first plan measured {scale:.3g} x its prediction; "
-                    f"scaled by that, budget {budget:g} x sampling variance is not met even "
-                    "with every branch at its most precise candidate; the plan keeps every "
-                    "branch at its most precise candidate",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
             predicted_total = sum(o.variance for o in chosen.values())
         within = measured_total <= budget * sampling
-        if feasible and not within:
+        if out_of_reach is not None and not within:  # measured, not only predicted: infeasible
+            feasible = False
+            warnings.warn(
+                f"plan_precision: the first plan measured {out_of_reach:.3g} x its prediction; "
+                "with every branch at its most precise candidate the plan still measures "
+                f"{measured_total / sampling:.3g} x the sampling variance, over the budget "
+                f"{budget:g}: not met even at the highest precision",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        elif feasible and not within:
             warnings.warn(
                 f"plan_precision: the plan measures {measured_total / sampling:.3g} x the sampling "
                 f"variance, over the budget {budget:g} (predicted "

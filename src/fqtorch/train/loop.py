@@ -913,9 +913,9 @@ class _Run:
             self.tensorboard.scalars(bits, self.step)
         if low:
             log.warning(
-                "step %d: gradient signal-to-quantization-noise ratio (||g||^2 - S - Q)/Q below "
-                "%g with the most precise gradient quantizers allowed in layers %s: quantized "
-                "training may stop helping there",
+                "step %d: gradient signal-to-quantization-noise ratio below %g while the most "
+                "precise gradient quantizers allowed were on, in layers %s (docs/method.md §11): "
+                "quantized training may stop helping there",
                 self.step,
                 ctl.snr_threshold,
                 ", ".join(low),
