@@ -8,6 +8,8 @@ the eager codes.
 
 from __future__ import annotations
 
+import types
+
 import pytest
 import torch
 
@@ -120,9 +122,14 @@ def test_column_minmax_is_the_one_stage_reduction(rows: int, dtype: torch.dtype)
     last = rows - 1  # the tail past the last whole block, when there is one
     x[last, 0], x[0, 1], x[last, 2], x[rows // 2, 3] = 7e4, -7e4, float("inf"), float("-inf")
     x[last, 4] = float("nan")
-    # fullgraph: a graph break raises instead of falling back to eager; the limit covers every
-    # (dtype, rows, layout) case of this test sharing one code object
-    compiled = torch.compile(group_minmax, dynamic=True, fullgraph=True)
+    # fullgraph: a graph break raises instead of falling back to eager. A copy of the function
+    # with its own code object: the suite's other compiled kernels may already have used up
+    # dynamo's recompile limit on group_minmax's (then dynamo skips it, and fullgraph refuses);
+    # the raised limit covers every (dtype, rows, layout) case of this test
+    fresh = types.FunctionType(
+        group_minmax.__code__.replace(co_name="group_minmax_under_test"), group_minmax.__globals__
+    )
+    compiled = torch.compile(fresh, dynamic=True, fullgraph=True)
     for tensor in (x, x.T.contiguous().T):
         expected = torch.aminmax(tensor, dim=0, keepdim=True)
         with torch._dynamo.config.patch(recompile_limit=64):
