@@ -780,11 +780,12 @@ def plan_precision(
                 stacklevel=2,
             )
         chosen = {k: frontiers[k][i] for k, i in at.items()}
-        if not feasible:  # the most precise: least variance, then most bits (a GEMM not run)
-            chosen = {
-                k: min(opts, key=lambda o: (o.variance, -o.width))
-                for k, opts in options_by_branch.items()
-            }
+        most_precise = {  # least variance, then most bits (a GEMM not run)
+            k: min(opts, key=lambda o: (o.variance, -o.width))
+            for k, opts in options_by_branch.items()
+        }
+        if not feasible:
+            chosen = most_precise
         alone = [(n, b) for n in layers for b in BRANCHES if sizes.get(n, {}).get(b, 0)]
         predicted_total = sum(o.variance for o in chosen.values())
         out_of_reach = None  # the retry's measured/predicted scale, where it left no choice
@@ -812,10 +813,7 @@ def plan_precision(
             chosen = {k: frontiers[k][i] for k, i in at.items()}
             if not ok:  # scaled by the measurement, the budget is out of reach: most precise
                 out_of_reach = scale
-                chosen = {
-                    k: min(opts, key=lambda o: (o.variance, -o.width))
-                    for k, opts in options_by_branch.items()
-                }
+                chosen = most_precise
             predicted_total = sum(o.variance for o in chosen.values())
         within = measured_total <= budget * sampling
         if out_of_reach is not None and not within:  # measured, not only predicted: infeasible
