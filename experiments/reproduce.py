@@ -561,29 +561,37 @@ def comparison(task: Task, runs: dict[str, list[dict]], plan: dict | None) -> li
     return lines
 
 
-def measuring_cost(task: Task) -> tuple[int, int]:
+def measuring_cost(task: Task) -> tuple[int, int, int]:
     """An adaptive run's extra backward passes: every ``--variance-every`` K steps the monitor
     (``fqtorch.stats.VarianceMonitor``, the training loop's defaults) runs one exact backward
     pass of the batch (the QAT gradient the quantized draws are centred on), ``samples``
     quantized passes at the current bits, and ``micro_batches`` exact passes of
-    1/``micro_batches`` of the batch: two batches at 32 bits in all. Returns ``(K, samples)``."""
-    from fqtorch.stats import VarianceMonitor
+    1/``micro_batches`` of the batch: two batches at 32 bits in all. The controller's probes
+    (``PrecisionController.probe``) add ``probe_samples`` passes with only the weight-gradient
+    GEMMs quantized and ``probe_samples`` with one grad branch quantized (counted at 32 bits).
+    Returns ``(K, samples, probe_samples)``."""
+    from fqtorch.stats import PrecisionController, VarianceMonitor
 
     flags = task.adaptive_flags
     every = int(flags[flags.index("--variance-every") + 1])
-    return every, inspect.signature(VarianceMonitor).parameters["samples"].default
+    samples = inspect.signature(VarianceMonitor).parameters["samples"].default
+    probes = inspect.signature(PrecisionController).parameters["probe_samples"].default
+    return every, samples, probes
 
 
-def with_measurements(bits: float, every: int, samples: int) -> float:
-    """Average bits per backward multiply-accumulate, the monitor's passes counted: per K steps,
-    K + ``samples`` batches at ``bits`` and two at 32 (``measuring_cost``)."""
-    return ((every + samples) * bits + 2 * 32.0) / (every + samples + 2)
+def with_measurements(bits: float, every: int, samples: int, probes: int) -> float:
+    """Average bits per backward multiply-accumulate, the measurements counted
+    (``measuring_cost``): per K steps, K + ``samples`` batches at ``bits``, two at 32,
+    ``probes`` with half the GEMMs at ``bits`` and half at 32, and ``probes`` at 32 (the two
+    backward GEMMs of a layer have the same size)."""
+    spent = (every + samples) * bits + 2 * 32.0 + probes * (bits + 32.0) / 2 + probes * 32.0
+    return spent / (every + samples + 2 + 2 * probes)
 
 
 def claim_lines(
     rows: dict[str, tuple[Config, bool | None, float | None]],
     pending: dict[str, float] | None = None,
-    cost: tuple[int, int] | None = None,
+    cost: tuple[int, int, int] | None = None,
 ) -> list[str]:
     """Whether plan and adaptive match QAT with fewer average bits than the smallest matching
     uniform configuration (the quantizer × bits grid, the low-bit rows and the formats).
@@ -639,12 +647,13 @@ def claim_lines(
             f"{_verdict(bits, presets, waiting)}."
         )
         if name == "adaptive" and cost is not None:
-            every, samples = cost
-            counted = with_measurements(bits, every, samples)
+            every, samples, probes = cost
+            counted = with_measurements(bits, every, samples, probes)
             lines.append(
                 f"  Counting its variance measurements too (every {every} steps, {samples} "
-                f"quantized backward passes and two batches of exact ones: {counted:.2f} bits "
-                f"per backward multiply-accumulate): {_verdict(counted, uniform, pending)}."
+                f"quantized backward passes, two batches of exact ones and {2 * probes} probe "
+                f"passes: {counted:.2f} bits per backward multiply-accumulate): "
+                f"{_verdict(counted, uniform, pending)}."
             )
     return lines
 

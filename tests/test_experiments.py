@@ -324,14 +324,15 @@ def test_the_comparison_and_the_claim(reproduce, monkeypatch):
     text = "\n".join(reproduce.comparison(task, grid, plan))
     assert "- plan: **not held** — 4.50 bits ≥ 4.25 (mxfp4_sr)" in text
     # adaptive matching at the plan's 4.50 bits (no events); its measurements counted: every K
-    # steps, 4 quantized passes at 4.50 and two exact batches: ((K + 4) · 4.5 + 64) / (K + 6)
+    # steps, 4 quantized passes at 4.50, two exact batches, 2 probe passes at (4.5 + 32) / 2
+    # and 2 at 32: ((K + 4) · 4.5 + 64 + 36.5 + 64) / (K + 10)
     grid["adaptive"] = runs("adaptive", qat)
     grid["mxfp4_sr"] = runs("mxfp4_sr", low)
     text = "\n".join(reproduce.comparison(task, grid, plan))
     assert "- adaptive: **held** — 4.50 bits < 6.80" in text
-    every, samples = reproduce.measuring_cost(task)
-    assert samples == 4
-    counted = ((every + 4) * 4.5 + 64) / (every + 6)
+    every, samples, probes = reproduce.measuring_cost(task)
+    assert (samples, probes) == (4, 2)
+    counted = ((every + 4) * 4.5 + 64 + 36.5 + 64) / (every + 10)
     assert counted > 6.8
     assert f"accumulate): **not held** — {counted:.2f} bits ≥ 6.80 (bhq4)" in text
     # a low-bit row (not a preset: it has flags) matches at 3 bits: not held, but held against

@@ -654,3 +654,108 @@ def test_adaptive_with_cross_layer_coupling_meets_the_total_budget():
     after = window()
     assert after <= 0.1, (before, after, ctl.bits())
     assert ctl.replan() == []
+
+
+# ------------------------------------------------------------- adaptive control, per branch
+def _deep_controller(bits: int = 6):
+    from fqtorch.stats import PrecisionController
+
+    config = FQTConfig(grad_quantizer="psq", grad_bits=bits, grad_weight_bits=bits, seed=3)
+    model = quantize_model(Deep(), config)
+    return model, PrecisionController(fqt_modules(model), budget=0.1)
+
+
+def _drive_branches(ctl, level, replans: int, probes: bool = True, seed: int = 0):
+    """Feed what branch ``k`` at ``b`` bits would measure, ``level(i, k) · 4^(6 − b)`` of S at
+    re-plan ``i``, ±30 % noise on every number, two measurements a window; with ``probes`` the
+    weight-gradient branches and the next grad branch in turn, as :meth:`probe` would."""
+    g = torch.Generator().manual_seed(seed)
+
+    def noisy(x: float) -> float:
+        return x * float(torch.empty(()).uniform_(0.7, 1.3, generator=g))
+
+    history, records = [], []
+    for i in range(replans):
+        for _ in range(2):
+            bits = ctl.bits()
+            true = {
+                (n, br): level(i, (n, br)) * 4.0 ** (6 - bits[n][j])
+                for n in ctl.layers
+                for j, br in enumerate(("grad", "grad_weight"))
+            }
+            branches = None
+            if probes:
+                _, keys = ctl._probe_plan()
+                ctl.probed += 1
+                flat = [k for key in keys for k in (key if isinstance(key, list) else [key])]
+                branches = {k: noisy(true[k]) for k in flat}
+            ctl.observe({"l1": noisy(sum(true.values()))}, {"l1": 1.0}, branches=branches)
+        records += ctl.replan()
+        history.append(ctl.bits())
+    return history, records
+
+
+def test_adaptive_raises_the_branch_whose_variance_grew_past_its_share():
+    """Six branches at 0.008 of S each (total 0.048, inside the band [0.025, 0.1] through the
+    noise); at re-plan 10 ``l2``'s weight-gradient branch grows 4x (total 0.072, still inside).
+    Its estimate passes its share of the budget (0.1 / 6): that branch alone is raised one bit
+    (4x back), and then nothing moves. Without probes the total alone, inside the band, moves
+    nothing."""
+
+    def level(i, key):
+        return 0.032 if i >= 10 and key == ("l2", "grad_weight") else 0.008
+
+    _, ctl = _deep_controller()
+    history, records = _drive_branches(ctl, level, replans=25)
+    assert history[9] == {n: [6, 6] for n in ("l1", "l2", "l3")}, history[9]
+    assert history[-1] == {"l1": [6, 6], "l2": [6, 7], "l3": [6, 6]}, history[-1]
+    assert history[12:] == [history[-1]] * len(history[12:])  # steady after the response
+    assert [r["layer"] for r in records] == ["l2"]
+    assert records[0]["trigger"] == "past their share: l2 grad_weight"
+    _, ctl = _deep_controller()
+    history, records = _drive_branches(ctl, level, replans=25, probes=False)
+    assert records == [] and history[-1] == {n: [6, 6] for n in ("l1", "l2", "l3")}
+
+
+def test_adaptive_with_probes_does_not_oscillate_on_steady_unequal_branches():
+    """Branches at unequal steady levels (one grad branch 30x the weakest): after settling the
+    bits hold still through noise of ±30 %, and the total lands inside the band."""
+    levels = {("l1", "grad"): 0.3, ("l3", "grad_weight"): 0.05}
+
+    _, ctl = _deep_controller()
+    history, _ = _drive_branches(ctl, lambda i, k: levels.get(k, 0.01), replans=30)
+    assert history[8:] == [history[8]] * len(history[8:]), history
+    bits = history[-1]
+    total = sum(
+        levels.get((n, br), 0.01) * 4.0 ** (6 - bits[n][j])
+        for n in bits
+        for j, br in enumerate(("grad", "grad_weight"))
+    )
+    assert 0.025 <= total <= 0.1, (total, bits)
+    assert bits["l1"][0] == max(b for v in bits.values() for b in v)  # the noisiest: most bits
+
+
+def test_probe_attributes_weight_gradient_noise_to_its_own_layer():
+    """The weight-gradient branches, probed together, give each layer exactly the variance of
+    its branch probed alone (same generators): a weight-gradient branch's noise stays in its
+    layer's weight gradient. The grad branches are probed one per call, in turn, and the
+    round robin's position survives state_dict."""
+    from fqtorch.stats.plan import _kept_generators, _measure, _unpack
+
+    model, ctl = _deep_controller(bits=4)
+    batch = _batches(1, size=64)[0]
+    with _kept_generators(model):
+        together = ctl.probe(model, F.mse_loss, batch)
+    assert set(together) == {(n, "grad_weight") for n in ("l1", "l2", "l3")} | {("l1", "grad")}
+    for name in ("l1", "l2", "l3"):
+        key = (name, "grad_weight")
+        with _kept_generators(model):
+            probe = [{name: {key[1]: ctl._choice(key)}}]  # per_column at 4 bits
+            alone = _measure(model, F.mse_loss, [batch], 2, probe, None, "")
+        assert _unpack([[key]], alone)[key] == together[key] > 0
+    assert [k for k in ctl.probe(model, F.mse_loss, batch) if k[1] == "grad"] == [("l2", "grad")]
+    state = ctl.state_dict()
+    _, other = _deep_controller(bits=4)
+    other.load_state_dict(state)
+    assert [k for k in other.probe(model, F.mse_loss, batch) if k[1] == "grad"] == [("l3", "grad")]
+    assert model.training  # left as it was

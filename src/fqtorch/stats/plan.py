@@ -882,27 +882,41 @@ SNR_THRESHOLD = 10.0
 
 
 class PrecisionController:
-    """Re-plan gradient quantizers during training from the cheap estimates of
-    :class:`~fqtorch.stats.VarianceMonitor` (docs/method.md §11, "In training").
+    """Re-plan gradient quantizers during training from cheap measurements (docs/method.md §11,
+    "In training").
 
-    Why the total and not each layer's ratio: the monitor measures, per parameter, the
-    quantization variance of the gradient with every quantizer on. Noise added by a layer's
-    ``grad`` branch flows into the gradients of every layer below it, so a layer's own ratio
-    mostly reports its neighbours' noise; splitting it by source would take one measurement
-    per branch, the cost of planning. What the measurements do give cheaply and without bias
-    is the total, ``ΣQ / ΣS`` over all parameters (normalisation layers included), which is
-    what the budget is about.
+    **What is measured.** Every ``--variance-every`` steps :class:`~fqtorch.stats.VarianceMonitor`
+    gives the total ``ΣQ/ΣS`` (every quantizer on, all parameters, normalisation layers
+    included), which is what the budget is about. A layer's own ratio says little about its own
+    branches: noise from a ``grad`` branch lands in the gradients of every layer below. So
+    :meth:`probe` measures branches by source, at their current choices, for
+    ``2 · probe_samples`` more backward passes per measurement:
 
-    The rule: :meth:`observe` adds each measurement's ``ΣQ`` and ``ΣS`` to the window;
-    :meth:`replan` (every K steps) divides them once, ``R = ΣQ/ΣS``. While
-    ``lower_below · budget ≤ R ≤ budget`` nothing changes. Otherwise every branch's planned
-    variance is scaled by ``c = R / P`` (``P``: the plan's predicted total at the current
-    choices, as a fraction of its sampling variance) and each branch is chosen again on its
-    stored frontier (:func:`plan_precision`'s greedy) aiming at ``AIM · budget``. The greedy
-    is deterministic in its target, so a steady ``c`` chooses the same plan again: no
-    oscillation. The frontiers come from ``plan`` (``plan.json``); without one every branch gets
-    the same assumed frontier over ``[min_bits, max_bits]`` of its quantizer (4× per bit, equal
-    shares), so all branches move together. Fixed-width formats (bits ignored) never move.
+    - every weight-gradient branch in one set of passes (the others exact): a weight-gradient
+      branch's noise stays in its own layer's weight gradient, so each layer's measured variance
+      is that branch's contribution;
+    - one ``grad`` branch alone, the next one in turn (round robin): its contribution to the
+      whole gradient.
+
+    **The estimate per branch.** Each probed branch keeps its measured variance relative to its
+    frontier's prediction (its *drift*); branches not yet probed take the total's ``R / P`` (``P``:
+    the predicted total at the current choices). The branches' estimates (drift × the frontier's
+    variance) are then scaled together so that they sum to the measured total ``R``: the probes
+    say who is noisy, the total says how noisy in all.
+
+    **The decision** (:meth:`replan`, every K steps). Nothing changes while
+    ``lower_below · budget ≤ R ≤ budget`` and no branch's estimate is past its *share* of the
+    budget (its part of the budget at the last decision, in proportion to its estimate then; at
+    the start, its part of the plan's prediction). Otherwise each branch's frontier is scaled by
+    its own estimate / prediction and the greedy of :func:`plan_precision` chooses again, aiming
+    at ``AIM · budget``: a branch whose variance grew is the cheapest place to buy variance back,
+    so it is raised first; the others are lowered where the budget has room. The greedy is
+    deterministic, so steady measurements choose the same plan again (no oscillation), and the
+    new shares put every branch's estimate below its share. Without probes (:meth:`observe`
+    without ``branches``) every branch drifts like the total. The frontiers come from ``plan``
+    (``plan.json``); without one every branch gets the same assumed frontier over
+    ``[min_bits, max_bits]`` of its quantizer (4× per bit, equal shares) until it is probed.
+    Fixed-width formats (bits ignored) never move, but their measured variance counts.
 
     A layer whose own branches are at their most precise option and whose gradient
     signal-to-quantization-noise ratio is below ``snr_threshold`` is named in a warning
@@ -920,9 +934,12 @@ class PrecisionController:
         max_bits: int = 8,
         lower_below: float = 0.25,
         snr_threshold: float = SNR_THRESHOLD,
+        probe_samples: int = 2,
     ) -> None:
         if not layers:
             raise ValueError("adaptive precision needs FQT layers")
+        if probe_samples < 2:
+            raise ValueError(f"probe_samples must be >= 2, got {probe_samples!r}")
         if not budget > 0:
             raise ValueError(f"budget must be > 0, got {budget!r}")
         self.layers = dict(layers)
@@ -945,6 +962,12 @@ class PrecisionController:
         self.at = {k: self._index(k) for k in self.frontiers}
         self.window: dict[str, float] = {}
         self.warned: list[str] = []
+        self.probe_samples = int(probe_samples)
+        # per branch: measured / predicted variance at the choice it was probed at (or, for a
+        # branch whose frontier predicts 0, the measured variance itself), the last probe's
+        self.drift: dict[tuple[str, str], float] = {}
+        self.share: dict[tuple[str, str], float] = {}  # its part of the budget (fraction of S)
+        self.probed = 0  # grad branches probed so far (the round robin's position)
 
     def _assumed(self, config: FQTConfig, branch: str) -> list[_Option]:
         q_field, b_field = _FIELDS[branch]
@@ -973,16 +996,56 @@ class PrecisionController:
         """The plan's predicted total at the current choices (fraction of sampling variance)."""
         return sum(self.frontiers[k][i].variance for k, i in self.at.items())
 
+    def _choice(self, key: tuple[str, str]) -> Candidate:
+        return self.frontiers[key][self.at[key]].candidate
+
+    def _probe_plan(self) -> tuple[list[dict[str, dict[str, Candidate]]], list[Any]]:
+        """The next probe's assignments (for :func:`_branches`) and their keys (as
+        :func:`_unpack` reads them): the weight-gradient branches together, then the next
+        ``grad`` branch in turn. Branches with an exact GEMM (``identity``) are left out."""
+        on = {k for k in self.frontiers if self._choice(k)[0] != "identity"}
+        weight = [(n, "grad_weight") for n in self.layers if (n, "grad_weight") in on]
+        grads = [(n, "grad") for n in self.layers if (n, "grad") in on]
+        assignments: list[dict[str, dict[str, Candidate]]] = []
+        keys: list[Any] = []
+        if weight:
+            assignments.append({n: {b: self._choice((n, b))} for n, b in weight})
+            keys.append(weight)
+        if grads:
+            n, b = grads[self.probed % len(grads)]
+            assignments.append({n: {b: self._choice((n, b))}})
+            keys.append((n, b))
+        return assignments, keys
+
+    def probe(
+        self, model: nn.Module, loss_fn: LossFn, batch: Batch
+    ) -> dict[tuple[str, str], float]:
+        """Measure branches by source at their current choices on ``batch`` (the class doc):
+        ``probe_samples`` backward passes of one forward with every weight-gradient branch on,
+        and as many with the next ``grad`` branch alone. Returns each probed branch's
+        quantization variance (the same units as the monitor's). Pass it to :meth:`observe`
+        with the measurement of the same batch."""
+        assignments, keys = self._probe_plan()
+        if not assignments:
+            return {}
+        was_training = model.training
+        measured = _measure(model, loss_fn, [batch], self.probe_samples, assignments, None, "")
+        model.train(was_training)
+        self.probed += any(isinstance(k, tuple) for k in keys)
+        return _unpack(keys, measured)
+
     def observe(
         self,
         quantization: Mapping[str, float],
         sampling: Mapping[str, float],
         grad_norm_sq: Mapping[str, float] | None = None,
         ranks: int = 1,
+        branches: Mapping[tuple[str, str], float] | None = None,
     ) -> None:
         """One measurement (:class:`~fqtorch.stats.VarianceRatio`'s per-layer quantization and
-        sampling variance, all parameters) and the step's per-layer gradient squared norms
-        (layers without a gradient left out).
+        sampling variance, all parameters), the step's per-layer gradient squared norms
+        (layers without a gradient left out), and :meth:`probe`'s per-branch variances of the
+        same batch (optional).
 
         ``ranks``: the gradient is the mean of that many ranks' gradients (DDP), each with the
         measured variances, so its own are ``1/ranks`` of them: both are scaled by that (the
@@ -991,6 +1054,7 @@ class PrecisionController:
         if ranks > 1:
             quantization = {k: v / ranks for k, v in quantization.items()}
             sampling = {k: v / ranks for k, v in sampling.items()}
+            branches = {k: v / ranks for k, v in (branches or {}).items()}
         q_total, s_total = sum(quantization.values()), sum(sampling.values())
         if not (math.isfinite(q_total) and math.isfinite(s_total) and s_total > 0):
             return
@@ -998,6 +1062,10 @@ class PrecisionController:
         w["q"] = w.get("q", 0.0) + q_total
         w["s"] = w.get("s", 0.0) + s_total
         w["count"] = w.get("count", 0.0) + 1
+        for (name, branch), q in (branches or {}).items():
+            if (name, branch) in self.frontiers and math.isfinite(q):
+                w[f"pq/{name}/{branch}"] = w.get(f"pq/{name}/{branch}", 0.0) + q
+                w[f"ps/{name}/{branch}"] = w.get(f"ps/{name}/{branch}", 0.0) + s_total
         for name in self.layers:
             g2 = None if grad_norm_sq is None else grad_norm_sq.get(name)
             q, s = quantization.get(name), sampling.get(name)
@@ -1009,7 +1077,40 @@ class PrecisionController:
     def window_keys(self) -> list[str]:
         """The window's sums in a fixed order (to all-reduce them across ranks)."""
         names = [f"{w}/{n}" for w in ("signal", "noise") for n in self.layers]
-        return ["q", "s", "count", *names]
+        probes = [f"{w}/{n}/{b}" for w in ("pq", "ps") for n, b in self.frontiers]
+        return ["q", "s", "count", *names, *probes]
+
+    def estimates(self, ratio: float) -> dict[tuple[str, str], float]:
+        """Each branch's quantization variance at its current choice (fraction of S), the
+        probes' drifts (``R / P`` for a branch never probed) scaled to sum to ``ratio``."""
+        predicted = self.predicted()
+        level = ratio / predicted if predicted > 0 else 0.0
+        shape = {}
+        for key, i in self.at.items():
+            v = self.frontiers[key][i].variance
+            drift = self.drift.get(key)
+            shape[key] = (level * v if drift is None else drift * v) if v > 0 else (drift or 0.0)
+        total = sum(shape.values())
+        return {k: e * ratio / total for k, e in shape.items()} if total > 0 else shape
+
+    def _scaled(self, estimates: Mapping[tuple[str, str], float]) -> dict[Any, list[_Option]]:
+        """The frontiers scaled by each branch's estimate / prediction at its choice."""
+        out = {}
+        for key, f in self.frontiers.items():
+            v = f[self.at[key]].variance
+            if v > 0:
+                c = estimates[key] / v
+                out[key] = [dataclasses.replace(o, variance=o.variance * c) for o in f]
+            else:  # a fixed-width format: one option, its measured variance (none: 0)
+                out[key] = [dataclasses.replace(o, variance=estimates[key]) for o in f]
+        return out
+
+    def _set_shares(self, estimates: Mapping[tuple[str, str], float]) -> None:
+        total = sum(estimates.values())
+        n = len(estimates)
+        self.share = {
+            k: self.budget * (e / total if total > 0 else 1.0 / n) for k, e in estimates.items()
+        }
 
     def replan(self) -> list[dict[str, Any]]:
         """Apply the decision; one record per changed layer (the window is cleared)."""
@@ -1025,20 +1126,49 @@ class PrecisionController:
         self.window = {}
         if not w.get("count") or not w.get("s"):
             return []
+        for (name, branch), i in self.at.items():  # the window was measured at these choices
+            s = w.get(f"ps/{name}/{branch}", 0.0)
+            if s > 0:
+                measured = w[f"pq/{name}/{branch}"] / s
+                v = self.frontiers[(name, branch)][i].variance
+                self.drift[(name, branch)] = measured / v if v > 0 else measured
         ratio = w["q"] / w["s"]
-        if self.lower_below * self.budget <= ratio <= self.budget:
+        if not self.predicted() > 0:
             return []
-        predicted = self.predicted()
-        if not predicted > 0:
+        if not self.share:  # the start: each branch's part of the plan's prediction
+            self._set_shares({k: self.frontiers[k][i].variance for k, i in self.at.items()})
+        estimates = self.estimates(ratio)
+        frontiers = self._scaled(estimates)
+        over = sorted(
+            k
+            for k, e in estimates.items()
+            if e > self.share.get(k, math.inf) and self.at[k] < len(frontiers[k]) - 1
+        )
+        if not self.lower_below * self.budget <= ratio <= self.budget:
+            # the total out of its band: choose every branch again (raise, and lower where the
+            # budget has room), and give each branch its new share of the budget
+            at, ok = _choose(frontiers, AIM * self.budget)
+            if not ok:
+                at, _ = _choose(frontiers, self.budget)
+            self._set_shares({k: frontiers[k][i].variance for k, i in at.items()})
+            trigger = "total above the budget" if ratio > self.budget else "total below the band"
+        elif over:
+            # a branch past its share: raise it to its cheapest option within the share; the
+            # others and the shares stay
+            at = dict(self.at)
+            for k in over:
+                f = frontiers[k]
+                at[k] = next(
+                    (j for j in range(at[k] + 1, len(f)) if f[j].variance <= self.share[k]),
+                    len(f) - 1,
+                )
+            trigger = "past their share: " + ", ".join(f"{n} {b}" for n, b in over)
+        else:
             return []
-        scale = ratio / predicted
-        at, ok = _choose(self.frontiers, AIM * self.budget / scale)
-        if not ok:
-            at, _ = _choose(self.frontiers, self.budget / scale)
         changes = []
         for name, layer in self.layers.items():
-            old = {b: self.frontiers[(name, b)][self.at[(name, b)]].candidate for b in BRANCHES}
-            new = {b: self.frontiers[(name, b)][at[(name, b)]].candidate for b in BRANCHES}
+            old = {b: self._choice((name, b)) for b in BRANCHES}
+            new = {b: frontiers[(name, b)][at[(name, b)]].candidate for b in BRANCHES}
             if new == old:
                 continue
             self._set(layer, new)
@@ -1046,14 +1176,17 @@ class PrecisionController:
                 {
                     "layer": name,
                     "ratio": ratio,
+                    "trigger": trigger,
                     "bits": [old["grad"][1], old["grad_weight"][1]],
                     "new_bits": [new["grad"][1], new["grad_weight"][1]],
                     "quantizers": [new["grad"][0], new["grad_weight"][0]],
+                    "estimates": [estimates[(name, b)] for b in BRANCHES],
                 }
             )
         self.at = at
+        predicted_ratio = sum(frontiers[k][i].variance for k, i in at.items())
         for change in changes:
-            change["predicted_ratio"] = scale * self.predicted()
+            change["predicted_ratio"] = predicted_ratio
         return changes
 
     def _at_top(self) -> set[str]:
@@ -1102,6 +1235,9 @@ class PrecisionController:
             ],
             "window": dict(self.window),
             "warned": list(self.warned),
+            "drift": [[n, b, v] for (n, b), v in self.drift.items()],
+            "share": [[n, b, v] for (n, b), v in self.share.items()],
+            "probed": self.probed,
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1118,6 +1254,10 @@ class PrecisionController:
             )
         self.window = {k: float(v) for k, v in state["window"].items()}
         self.warned = list(state["warned"])
+        # absent from checkpoints written before the per-branch probes: start without them
+        self.drift = {(n, b): float(v) for n, b, v in state.get("drift", [])}
+        self.share = {(n, b): float(v) for n, b, v in state.get("share", [])}
+        self.probed = int(state.get("probed", 0))
 
 
 def _fixed_width(quantizer: str, bits: int) -> bool:

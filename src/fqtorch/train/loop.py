@@ -856,8 +856,11 @@ class _Run:
             }
         report = self.monitor.measure((x, y))
         if self.precision is not None:
+            branches = self.precision.probe(self.model, self.loss_fn, (x, y))
             # .grad is the mean over the ranks' gradients; the report is this rank's
-            self.precision.observe(report.quantization, report.sampling, norms, self.rt.world)
+            self.precision.observe(
+                report.quantization, report.sampling, norms, self.rt.world, branches
+            )
         if self.rt.main:
             line = {"epoch": self.epoch, "step": self.step, **report.to_dict()}
             with (self.out / "variance.jsonl").open("a") as f:
@@ -893,12 +896,13 @@ class _Run:
             return
         for change in changes:
             log.info(
-                "step %d: %s gradient bits %s -> %s (total quantization/sampling variance "
-                "%.3g, budget %g)",
+                "step %d: %s gradient bits %s -> %s (%s; total quantization/sampling "
+                "variance %.3g, budget %g)",
                 self.step,
                 change["layer"],
                 change["bits"],
                 change["new_bits"],
+                change["trigger"],
                 change["ratio"],
                 ctl.budget,
             )
