@@ -13,6 +13,7 @@ import textwrap
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fqtorch import FQTConfig, quantize_model
@@ -282,3 +283,36 @@ def test_saturating_kernels_refuse_the_int8_backend():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and "refused" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(
+    "shape, kernel, stride, padding, dilation",
+    [
+        ((2, 5, 11, 9), (3, 3), (2, 2), (1, 1), (1, 1)),
+        ((2, 5, 11, 9), (1, 1), (2, 2), (0, 0), (1, 1)),
+        ((2, 5, 11, 9), (1, 1), (1, 1), (0, 0), (1, 1)),  # channels-last: a view, no copy
+        ((1, 3, 17, 16), (7, 7), (2, 2), (3, 3), (1, 1)),
+        ((3, 4, 12, 13), (3, 2), (2, 3), (2, 1), (2, 1)),
+    ],
+)
+def test_int8_im2col_is_the_unfold_of_the_codes(shape, kernel, stride, padding, dilation,
+                                                channels_last):  # fmt: skip
+    """The int8 im2col (a strided view copied once) is ``F.unfold`` of the codes, row-major,
+    for strides, paddings, dilations, rectangular kernels and channels-last codes, with the
+    codes' extremes."""
+    from fqtorch.backends.base import ConvOps
+    from fqtorch.backends.int8_conv import _cols, _pads
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+    codes.view(-1)[:2] = torch.tensor([-128, 127], dtype=torch.int8)
+    if channels_last:
+        codes = codes.contiguous(memory_format=torch.channels_last)
+    ops = ConvOps(stride, padding, dilation, 1)
+    pads = _pads(ops)
+    reference = F.unfold(F.pad(codes.double(), pads), kernel, dilation=dilation, stride=stride)
+    expect = reference.transpose(1, 2).reshape(-1, reference.shape[1]).to(torch.int8)
+    got = _cols(codes, pads, kernel, ops)
+    assert got.dtype == torch.int8 and got.stride() == (got.shape[1], 1)
+    assert torch.equal(got, expect)

@@ -69,9 +69,20 @@ def _unfold(x: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:
 
 
 def _cols(codes: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:
-    """im2col of int8 codes -> (N·L, C·kh·kw) int8; padded taps hold code 0."""
-    cols = _unfold(codes.to(torch.float32), pads, kernel, ops)
-    return cols.reshape(-1, cols.shape[2]).to(torch.int8)
+    """im2col of int8 codes -> (N·L, C·kh·kw) int8, row-major; padded taps hold code 0.
+
+    The windows are a strided view of the (padded) codes, ``(N, Ho, Wo, C, kh, kw)``, copied
+    once into the GEMM's layout: one byte per element read and written, where ``F.unfold``
+    (floating point only) took a float32 copy, the unfold, its transpose and a cast back."""
+    padded = F.pad(codes, pads) if any(pads) else codes
+    n, c, hp, wp = padded.shape
+    (kh, kw), (dh, dw), (sh, sw) = kernel, ops.dilation, ops.stride
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    s_n, s_c, s_h, s_w = padded.stride()
+    windows = padded.as_strided(
+        (n, ho, wo, c, kh, kw), (s_n, sh * s_h, sw * s_w, s_c, dh * s_h, dw * s_w)
+    )
+    return windows.reshape(n * ho * wo, c * kh * kw)
 
 
 def _tap_mask(
