@@ -435,13 +435,20 @@ def _branches(
             saved[name] = (layer.config, layer.plan)
             chosen = assignment.get(name, {})
             g, w = chosen.get("grad"), chosen.get("grad_weight")
+            # A grad_transform acts in front of both gradient quantizers and needs a
+            # grad_quantizer: with only the weight-gradient branch on, grad_quantizer is
+            # "identity" (exact) so that the transform stays in front of that branch; with
+            # neither on, the transform goes too.
+            transform = layer.config.grad_transform if g or w else None
+            g_name = g[0] if g else ("identity" if transform else None)
             # "identity", not None, for an exact weight-gradient GEMM: with None the config
             # fills in a default weight-gradient quantizer whenever grad_quantizer is set.
             config = layer.config.replace(
-                grad_quantizer=g[0] if g else None,
+                grad_quantizer=g_name,
                 grad_bits=g[1] if g else layer.config.grad_bits,
-                grad_weight_quantizer=w[0] if w else ("identity" if g else None),
+                grad_weight_quantizer=w[0] if w else ("identity" if g_name else None),
                 grad_weight_bits=w[1] if w else layer.config.grad_weight_bits,
+                grad_transform=transform,
             )
             set_layer_config(layer, config)
         yield
@@ -879,6 +886,10 @@ def plan_precision(
 
 # ------------------------------------------------------------------------- adaptive precision
 SNR_THRESHOLD = 10.0
+# A branch is raised on its own (rule 2) when its estimate is past this many times its share:
+# one bit's growth (4x, 3.2x the share at the aim) is caught; the noise of one window's
+# estimate (one probe of 2 passes over S from micro-batches) is not.
+SHARE_TOLERANCE = 2.0
 
 
 class PrecisionController:
@@ -968,6 +979,9 @@ class PrecisionController:
         self.drift: dict[tuple[str, str], float] = {}
         self.share: dict[tuple[str, str], float] = {}  # its part of the budget (fraction of S)
         self.probed = 0  # grad branches probed so far (the round robin's position)
+        # branches whose GEMM does not run (a grad branch whose input needs no gradient), found
+        # at the first probe: one option, no variance, never probed
+        self.idle: set[tuple[str, str]] | None = None
 
     def _assumed(self, config: FQTConfig, branch: str) -> list[_Option]:
         q_field, b_field = _FIELDS[branch]
@@ -1003,7 +1017,8 @@ class PrecisionController:
         """The next probe's assignments (for :func:`_branches`) and their keys (as
         :func:`_unpack` reads them): the weight-gradient branches together, then the next
         ``grad`` branch in turn. Branches with an exact GEMM (``identity``) are left out."""
-        on = {k for k in self.frontiers if self._choice(k)[0] != "identity"}
+        idle = self.idle or set()
+        on = {k for k in self.frontiers if self._choice(k)[0] != "identity" and k not in idle}
         weight = [(n, "grad_weight") for n in self.layers if (n, "grad_weight") in on]
         grads = [(n, "grad") for n in self.layers if (n, "grad") in on]
         assignments: list[dict[str, dict[str, Candidate]]] = []
@@ -1025,6 +1040,11 @@ class PrecisionController:
         and as many with the next ``grad`` branch alone. Returns each probed branch's
         quantization variance (the same units as the monitor's). Pass it to :meth:`observe`
         with the measurement of the same batch."""
+        if self.idle is None:
+            sizes = _gemm_sizes(model, batch)
+            self._set_idle(
+                {(n, b) for n in self.layers for b in BRANCHES if sizes.get(n, {}).get(b) == 0}
+            )
         assignments, keys = self._probe_plan()
         if not assignments:
             return {}
@@ -1033,6 +1053,15 @@ class PrecisionController:
         model.train(was_training)
         self.probed += any(isinstance(k, tuple) for k in keys)
         return _unpack(keys, measured)
+
+    def _set_idle(self, idle: set[tuple[str, str]]) -> None:
+        """Branches whose GEMM does not run keep their current choice as their only option,
+        with no cost and no variance (as :func:`plan_precision`'s frontiers give them)."""
+        self.idle = set(idle)
+        for key in self.idle:
+            self.frontiers[key] = [_Option(self._choice(key), 0.0, 0.0)]
+            self.at[key] = 0
+            self.share.pop(key, None)
 
     def observe(
         self,
@@ -1065,7 +1094,7 @@ class PrecisionController:
         for (name, branch), q in (branches or {}).items():
             if (name, branch) in self.frontiers and math.isfinite(q):
                 w[f"pq/{name}/{branch}"] = w.get(f"pq/{name}/{branch}", 0.0) + q
-                w[f"ps/{name}/{branch}"] = w.get(f"ps/{name}/{branch}", 0.0) + s_total
+                w[f"pn/{name}/{branch}"] = w.get(f"pn/{name}/{branch}", 0.0) + 1
         for name in self.layers:
             g2 = None if grad_norm_sq is None else grad_norm_sq.get(name)
             q, s = quantization.get(name), sampling.get(name)
@@ -1077,7 +1106,7 @@ class PrecisionController:
     def window_keys(self) -> list[str]:
         """The window's sums in a fixed order (to all-reduce them across ranks)."""
         names = [f"{w}/{n}" for w in ("signal", "noise") for n in self.layers]
-        probes = [f"{w}/{n}/{b}" for w in ("pq", "ps") for n, b in self.frontiers]
+        probes = [f"{w}/{n}/{b}" for w in ("pq", "pn") for n, b in self.frontiers]
         return ["q", "s", "count", *names, *probes]
 
     def estimates(self, ratio: float) -> dict[tuple[str, str], float]:
@@ -1091,6 +1120,9 @@ class PrecisionController:
             drift = self.drift.get(key)
             shape[key] = (level * v if drift is None else drift * v) if v > 0 else (drift or 0.0)
         total = sum(shape.values())
+        if not total > 0 and ratio > 0:  # every probe measured 0: fall back to the total's level
+            shape = {k: level * self.frontiers[k][i].variance for k, i in self.at.items()}
+            total = sum(shape.values())
         return {k: e * ratio / total for k, e in shape.items()} if total > 0 else shape
 
     def _scaled(self, estimates: Mapping[tuple[str, str], float]) -> dict[Any, list[_Option]]:
@@ -1127,9 +1159,11 @@ class PrecisionController:
         if not w.get("count") or not w.get("s"):
             return []
         for (name, branch), i in self.at.items():  # the window was measured at these choices
-            s = w.get(f"ps/{name}/{branch}", 0.0)
-            if s > 0:
-                measured = w[f"pq/{name}/{branch}"] / s
+            probes = w.get(f"pn/{name}/{branch}", 0.0)
+            if probes > 0:
+                # the probes' mean over the window's mean S (all its measurements: a ratio of
+                # sums, not of one probe's Q to that one batch's S)
+                measured = (w[f"pq/{name}/{branch}"] / probes) / (w["s"] / w["count"])
                 v = self.frontiers[(name, branch)][i].variance
                 self.drift[(name, branch)] = measured / v if v > 0 else measured
         ratio = w["q"] / w["s"]
@@ -1142,19 +1176,25 @@ class PrecisionController:
         over = sorted(
             k
             for k, e in estimates.items()
-            if e > self.share.get(k, math.inf) and self.at[k] < len(frontiers[k]) - 1
+            if e > SHARE_TOLERANCE * self.share.get(k, math.inf)
+            and self.at[k] < len(frontiers[k]) - 1
         )
         if not self.lower_below * self.budget <= ratio <= self.budget:
-            # the total out of its band: choose every branch again (raise, and lower where the
-            # budget has room), and give each branch its new share of the budget
-            at, ok = _choose(frontiers, AIM * self.budget)
+            # the total out of its band: choose every branch again, aiming at AIM · budget, and
+            # give each branch its new share of the budget. Above the budget no branch is
+            # lowered (its noisy estimate would trade bits between branches on every excursion);
+            # below the band there is room, and every branch may move.
+            floor = dict(self.at) if ratio > self.budget else dict.fromkeys(self.at, 0)
+            above = {k: f[floor[k] :] for k, f in frontiers.items()}
+            at, ok = _choose(above, AIM * self.budget)
             if not ok:
-                at, _ = _choose(frontiers, self.budget)
+                at, _ = _choose(above, self.budget)
+            at = {k: i + floor[k] for k, i in at.items()}
             self._set_shares({k: frontiers[k][i].variance for k, i in at.items()})
             trigger = "total above the budget" if ratio > self.budget else "total below the band"
         elif over:
-            # a branch past its share: raise it to its cheapest option within the share; the
-            # others and the shares stay
+            # a branch past its share (SHARE_TOLERANCE times it): raise it to its cheapest
+            # option within the share; the others and the shares stay
             at = dict(self.at)
             for k in over:
                 f = frontiers[k]
@@ -1238,6 +1278,7 @@ class PrecisionController:
             "drift": [[n, b, v] for (n, b), v in self.drift.items()],
             "share": [[n, b, v] for (n, b), v in self.share.items()],
             "probed": self.probed,
+            "idle": None if self.idle is None else [list(k) for k in sorted(self.idle)],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -1258,6 +1299,8 @@ class PrecisionController:
         self.drift = {(n, b): float(v) for n, b, v in state.get("drift", [])}
         self.share = {(n, b): float(v) for n, b, v in state.get("share", [])}
         self.probed = int(state.get("probed", 0))
+        idle = state.get("idle")
+        self.idle = None if idle is None else {(str(n), str(b)) for n, b in idle}
 
 
 def _fixed_width(quantizer: str, bits: int) -> bool:
