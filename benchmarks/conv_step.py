@@ -13,6 +13,7 @@ Layers (``--layers`` picks some by name; ``--batch`` overrides their batch size)
     r50_reduce   ResNet-50: 256 → 64, 1×1, 56×56
     r50_stage3   ResNet-50: 128 → 128, 3×3, 28×28
     r50_stage5   ResNet-50: 512 → 512, 3×3, 7×7
+    r50_down     ResNet-50: 128 → 128, 3×3, stride 2, 56×56 (stage 3's first block)
 
 Inputs are post-ReLU, as inside a residual block. Variants and output as in
 ``linear_step.py``: fp32, bf16 autocast, QAT, FQT-simulate / FQT-int8 with PTQ, PSQ and BHQ at
@@ -61,6 +62,7 @@ LAYERS = {
     "r50_reduce": (32, 256, 64, 1, 1, 56),
     "r50_stage3": (32, 128, 128, 3, 1, 28),
     "r50_stage5": (32, 512, 512, 3, 1, 7),
+    "r50_down": (32, 128, 128, 3, 2, 56),
 }
 
 
