@@ -521,14 +521,19 @@ def test_adaptive_state_and_low_snr_warning():
 def test_low_snr_is_judged_on_the_choices_the_window_was_measured_under():
     """A layer measured at 4 bits with no signal and raised to 8 by that re-plan is not named
     (it was not at its most precise); one measured at 8 bits with no signal is named even when
-    the re-plan lowers it (room in the budget)."""
+    the re-plan lowers it (room in the budget, a second window running)."""
     ctl = _controlled(bits=4)
     ctl.observe({"head": 50.0}, {"head": 1.0}, {"head": 51.0})  # Q/S = 50: raised
     ctl.replan()
     assert ctl.bits()["head"] == [8, 8]
     assert ctl.low_snr() == []
     ctl = _controlled(bits=8)
-    ctl.observe({"head": 1e-4}, {"head": 1.0}, {"head": 1.0001})  # far below the band: lowered
+    ctl.observe({"head": 1e-4}, {"head": 1.0}, {"head": 1.0001})  # far below the band: waits
+    ctl.replan()
+    assert ctl.bits()["head"] == [8, 8]
+    ctl.low_snr()
+    ctl.warned = []
+    ctl.observe({"head": 1e-4}, {"head": 1.0}, {"head": 1.0001})  # the second window: lowered
     ctl.replan()
     assert ctl.bits()["head"][0] < 8
     assert ctl.low_snr() == ["head"]
@@ -567,7 +572,8 @@ def test_adaptive_leaves_fixed_width_formats_and_high_start_bits_alone():
     for i in range(3):
         ctl.observe({"head": 0.001}, {"head": 1.0})  # lots of room
         changes = ctl.replan()
-        if i == 0:  # moved from where the layer was (8 bits), not from a clamped max_bits
+        assert bool(changes) == (i == 1)  # below the band: lowered at the second window
+        if i == 1:  # moved from where the layer was (8 bits), not from a clamped max_bits
             assert [c["bits"] for c in changes if c["layer"] == "head"] == [[8, 8]]
         for change in changes:
             assert change["bits"][0] == change["new_bits"][0], change  # mxfp8: no bits to move
@@ -821,3 +827,21 @@ def test_probe_attributes_weight_gradient_noise_to_its_own_layer():
     assert other.idle == ctl.idle
     assert [k for k in other.probe(model, F.mse_loss, batch) if k[1] == "grad"] == [("l2", "grad")]
     assert model.training  # left as it was
+
+
+def test_adaptive_lowers_only_after_two_windows_below_the_band():
+    """One window far below the band between normal ones (a noisy window) lowers nothing; two
+    in a row lower. Above the budget it raises at once. The streak survives state_dict."""
+    ctl = _controlled()
+    for ratio in (0.05, 0.001, 0.05, 0.001):
+        ctl.observe({"head": ratio}, {"head": 1.0})
+        assert ctl.replan() == []
+    ctl.observe({"head": 0.001}, {"head": 1.0})
+    state = ctl.state_dict()
+    assert ctl.replan() and ctl.bits()["head"][0] < 6
+    other = _controlled()
+    other.load_state_dict(state)
+    assert other.replan() and other.bits() == ctl.bits()
+    ctl = _controlled()
+    ctl.observe({"head": 1.0}, {"head": 1.0})
+    assert ctl.replan() and ctl.bits()["head"][0] > 6

@@ -982,6 +982,7 @@ class PrecisionController:
         # branches whose GEMM does not run (a grad branch whose input needs no gradient), found
         # at the first probe: one option, no variance, never probed
         self.idle: set[tuple[str, str]] | None = None
+        self.below = 0  # consecutive windows whose total was below the band
 
     def _assumed(self, config: FQTConfig, branch: str) -> list[_Option]:
         q_field, b_field = _FIELDS[branch]
@@ -1179,11 +1180,16 @@ class PrecisionController:
             if e > SHARE_TOLERANCE * self.share.get(k, math.inf)
             and self.at[k] < len(frontiers[k]) - 1
         )
-        if not self.lower_below * self.budget <= ratio <= self.budget:
+        low = ratio < self.lower_below * self.budget
+        self.below = self.below + 1 if low else 0
+        if ratio > self.budget or (low and self.below >= 2):
             # the total out of its band: choose every branch again, aiming at AIM · budget, and
             # give each branch its new share of the budget. Above the budget no branch is
             # lowered (its noisy estimate would trade bits between branches on every excursion);
-            # below the band there is room, and every branch may move.
+            # below the band, for the second window running (one low window is as likely a
+            # noisy one: raising is safe, lowering waits for confirmation), every branch may
+            # move.
+            self.below = 0
             floor = dict(self.at) if ratio > self.budget else dict.fromkeys(self.at, 0)
             above = {k: f[floor[k] :] for k, f in frontiers.items()}
             at, ok = _choose(above, AIM * self.budget)
@@ -1278,6 +1284,7 @@ class PrecisionController:
             "drift": [[n, b, v] for (n, b), v in self.drift.items()],
             "share": [[n, b, v] for (n, b), v in self.share.items()],
             "probed": self.probed,
+            "below": self.below,
             "idle": None if self.idle is None else [list(k) for k in sorted(self.idle)],
         }
 
@@ -1299,6 +1306,7 @@ class PrecisionController:
         self.drift = {(n, b): float(v) for n, b, v in state.get("drift", [])}
         self.share = {(n, b): float(v) for n, b, v in state.get("share", [])}
         self.probed = int(state.get("probed", 0))
+        self.below = int(state.get("below", 0))
         idle = state.get("idle")
         self.idle = None if idle is None else {(str(n), str(b)) for n, b in idle}
 
