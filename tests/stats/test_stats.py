@@ -381,3 +381,46 @@ def test_variance_cli_bad_input_leaves_nothing_behind(tmp_path):
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "--samples: samples must be >= 4" in result.stderr
     assert not out.exists()
+
+
+class _Tied(nn.Module):
+    """An embedding and an output head sharing one weight (tied, as in GPT-2)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(11, 6)
+        self.mix = nn.Linear(6, 6)
+        self.head = nn.Linear(6, 11, bias=False)
+        self.head.weight = self.embed.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.mix(self.embed(x))))
+
+
+def test_a_tied_parameter_counts_once():
+    """The sampling variance of a model with tied weights is that of ``model.parameters()``'s
+    gradient (each tensor once), computed by hand from the same batches' gradients; the tied
+    weight belongs to the FQT layer that holds it (the head), where its weight-gradient
+    quantization noise lands."""
+    from fqtorch.stats import sampling_variance
+
+    torch.manual_seed(0)
+    model = quantize_model(_Tied(), FQTConfig(seed=1))
+    assert model.head.weight is model.embed.weight
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randint(0, 11, (8,), generator=g), torch.randint(0, 11, (8,), generator=g))
+        for _ in range(4)
+    ]
+    result = sampling_variance(model, F.cross_entropy, batches)
+    assert sorted(result.per_parameter) == ["head.weight", "mix.bias", "mix.weight"]
+    assert sorted(result.per_layer) == ["head", "mix"]
+    grads = []
+    for x, y in batches:
+        model.zero_grad()
+        with fqtorch.stats.exact_backward(model):
+            F.cross_entropy(model(x), y).backward()
+        grads.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
+    stacked = torch.stack(grads)
+    expect = float(stacked.var(0).sum())
+    assert result.total == pytest.approx(expect, rel=1e-9)

@@ -59,13 +59,27 @@ class _Params:
 
     @classmethod
     def of(cls, model: nn.Module) -> _Params:
-        names, layers, tensors = [], [], []
+        """Each trainable parameter once, as ``model.parameters()`` gives it. A parameter
+        shared by several modules (tied embeddings) belongs to the first FQT layer that holds
+        it (its weight-gradient noise lands there), else to the first module."""
+        holders: dict[int, list[tuple[str, str, nn.Module]]] = {}
+        order: list[Tensor] = []
         for module_name, module in model.named_modules():
             for pname, p in module.named_parameters(recurse=False):
                 if p.requires_grad:
-                    names.append(f"{module_name}.{pname}" if module_name else pname)
-                    layers.append(module_name)
-                    tensors.append(p)
+                    if id(p) not in holders:
+                        holders[id(p)] = []
+                        order.append(p)
+                    holders[id(p)].append((module_name, pname, module))
+        names, layers, tensors = [], [], []
+        for p in order:
+            found = holders[id(p)]
+            module_name, pname, _ = next(
+                (h for h in found if isinstance(h[2], FQTModule)), found[0]
+            )
+            names.append(f"{module_name}.{pname}" if module_name else pname)
+            layers.append(module_name)
+            tensors.append(p)
         return cls(names, layers, tensors)
 
     @property
