@@ -671,13 +671,19 @@ def _deep_controller(bits: int = 6):
     return model, PrecisionController(fqt_modules(model), budget=0.1)
 
 
-def _drive_branches(ctl, level, replans: int, probes: bool = True, seed: int = 0):
+def _drive_branches(
+    ctl, level, replans: int, probes: bool = True, seed: int = 0, sigma: float | None = None
+):
     """Feed what branch ``k`` at ``b`` bits would measure, ``level(i, k) · 4^(6 − b)`` of S at
-    re-plan ``i``, ±30 % noise on every number, two measurements a window; with ``probes`` the
-    weight-gradient branches and the next grad branch in turn, as :meth:`probe` would."""
+    re-plan ``i``, two measurements a window, noise on every number: ±30 % uniform, or with
+    ``sigma`` log-normal (``exp(N(0, sigma²))``: at 0.35 one reading in 20 is off by 2x, as
+    the real probes' spread between windows); with ``probes`` the weight-gradient branches and
+    the next grad branch in turn, as :meth:`probe` would."""
     g = torch.Generator().manual_seed(seed)
 
     def noisy(x: float) -> float:
+        if sigma is not None:
+            return x * math.exp(sigma * float(torch.randn((), generator=g)))
         return x * float(torch.empty(()).uniform_(0.7, 1.3, generator=g))
 
     history, records = [], []
@@ -702,14 +708,14 @@ def _drive_branches(ctl, level, replans: int, probes: bool = True, seed: int = 0
 
 
 def test_adaptive_raises_the_branch_whose_variance_grew_past_its_share():
-    """Six branches at 0.008 of S each (total 0.048, inside the band [0.025, 0.1] through the
-    noise); at re-plan 10 ``l2``'s weight-gradient branch grows 4x (total 0.072, still inside).
-    Its estimate passes its share of the budget (0.1 / 6): that branch alone is raised one bit
-    (4x back), and then nothing moves. Without probes the total alone, inside the band, moves
-    nothing."""
+    """Six branches at 0.006 of S each (total 0.036, inside the band [0.025, 0.1] through the
+    noise); at re-plan 10 ``l2``'s weight-gradient branch grows 8x (total 0.078, still inside).
+    Its estimate passes twice its share of the budget (0.1 / 6) for two windows running: that
+    branch alone is raised one bit (4x back), and then nothing moves. Without probes the
+    total alone, inside the band, moves nothing."""
 
     def level(i, key):
-        return 0.032 if i >= 10 and key == ("l2", "grad_weight") else 0.008
+        return 0.048 if i >= 10 and key == ("l2", "grad_weight") else 0.006
 
     _, ctl = _deep_controller()
     history, records = _drive_branches(ctl, level, replans=25)
@@ -731,9 +737,9 @@ def test_adaptive_raises_the_branch_whose_variance_grew_past_its_share():
 def test_adaptive_with_probes_does_not_oscillate_on_steady_branches(levels):
     """Steady branches (all at 0.016 of S, a total of 0.096 just inside the band; or one grad
     branch 30x the weakest), ±30 % noise on every number, 10 seeds, 200 re-plans each. No
-    oscillation: after settling (20 re-plans) a rare noise excursion above the budget may
-    still raise a branch once, never lower one, and the last 100 re-plans hold still; the total
-    sits inside the band."""
+    oscillation: after settling (20 re-plans) a rare noise excursion may still raise a branch
+    once, never lower one, and the last 100 re-plans hold still; the total sits inside the
+    band."""
     for seed in range(10):
         _, ctl = _deep_controller()
         history, _ = _drive_branches(ctl, lambda i, k: levels.get(k, 0.016), replans=200, seed=seed)
@@ -845,3 +851,73 @@ def test_adaptive_lowers_only_after_two_windows_below_the_band():
     ctl = _controlled()
     ctl.observe({"head": 1.0}, {"head": 1.0})
     assert ctl.replan() and ctl.bits()["head"][0] > 6
+
+
+def test_per_branch_raises_ignore_heavy_tailed_noise_on_steady_branches():
+    """Log-normal noise (``exp(N(0, 0.35²))``: one reading in 20 off by 2x, as real probes'
+    spread between windows on a small model) on steady branches, 10 seeds x 200 re-plans: a
+    branch is never raised on its own (rule 2 wants twice its share two windows running).
+    The total's band still reacts to such noise (documented in docs/method.md)."""
+    for levels in ({}, {("l1", "grad"): 0.3, ("l3", "grad_weight"): 0.05}):
+        for seed in range(10):
+            _, ctl = _deep_controller()
+            _, records = _drive_branches(
+                ctl, lambda i, k, lv=levels: lv.get(k, 0.016), replans=200, seed=seed, sigma=0.35
+            )
+            assert not [r for r in records if r["trigger"].startswith("past")], (levels, seed)
+
+
+def test_a_branch_that_reads_zero_is_not_sent_to_its_most_bits():
+    """A weight-gradient probe of exactly 0 (no gradient reached the layer that window) keeps
+    no drift of 0 and the next full re-plan leaves it a share (a tenth of an equal one at
+    least): a small positive reading afterwards moves nothing."""
+    _, ctl = _deep_controller()
+    zero = {("l2", "grad_weight"): 0.0, ("l1", "grad_weight"): 0.03, ("l3", "grad_weight"): 0.03}
+    ctl.observe({"l1": 0.2}, {"l1": 1.0}, branches=zero)  # above the budget: a full re-plan
+    ctl.replan()
+    assert ("l2", "grad_weight") not in ctl.drift
+    assert ctl.share[("l2", "grad_weight")] >= 0.1 * 0.1 / 6
+    before = ctl.bits()
+    for _ in range(2):
+        ctl.observe({"l1": 0.05}, {"l1": 1.0}, branches={("l2", "grad_weight"): 1e-4})
+        assert ctl.replan() == []
+    assert ctl.bits() == before
+    ctl._set_shares({k: 0.0 if k == ("l2", "grad") else 0.01 for k in ctl.frontiers})
+    assert ctl.share[("l2", "grad")] == pytest.approx(0.1 * 0.1 / 6)  # the floor
+
+
+def test_all_zero_probes_fall_back_to_the_totals_level():
+    """Every probed branch read 0 while the total did not: the estimates follow the predicted
+    shares scaled to the total (not all 0, which would send every branch to its cheapest)."""
+    _, ctl = _deep_controller()
+    for key in ctl.frontiers:
+        ctl.drift[key] = 0.0
+    estimates = ctl.estimates(0.06)
+    predicted = {k: ctl.frontiers[k][i].variance for k, i in ctl.at.items()}
+    total = sum(predicted.values())
+    assert estimates == pytest.approx({k: 0.06 * v / total for k, v in predicted.items()})
+
+
+def test_drift_is_the_probes_mean_over_the_windows_mean_sampling_variance():
+    """A grad branch probed in one of a window's two measurements (S = 1 and 3): its measured
+    share is its reading over the window's mean S (2), not over that one measurement's S."""
+    _, ctl = _deep_controller()
+    ctl.observe({"l1": 0.1}, {"l1": 1.0}, branches={("l2", "grad"): 0.02})
+    ctl.observe({"l1": 0.3}, {"l1": 3.0})
+    ctl.replan()
+    v = ctl.frontiers[("l2", "grad")][ctl.at[("l2", "grad")]].variance
+    assert ctl.drift[("l2", "grad")] == pytest.approx(0.02 / 2.0 / v)
+
+
+def test_gemm_sizes_see_an_input_passed_by_keyword():
+    """A layer called as ``layer(input=x)`` with ``x`` needing a gradient runs its grad GEMM:
+    it is not taken for idle."""
+    from fqtorch.stats.plan import _gemm_sizes
+
+    class ByKeyword(Deep):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.l3(input=torch.tanh(self.l2(input=torch.tanh(self.l1(x)))))
+
+    model = quantize_model(ByKeyword(), FQTConfig(seed=3))
+    sizes = _gemm_sizes(model, _batches(1)[0])
+    assert sizes["l1"]["grad"] == 0 and sizes["l2"]["grad"] > 0 and sizes["l3"]["grad"] > 0

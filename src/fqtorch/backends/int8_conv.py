@@ -69,7 +69,10 @@ def _unfold(x: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:
 
 
 def _cols(codes: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:
-    """im2col of int8 codes -> (N·L, C·kh·kw) int8, row-major; padded taps hold code 0.
+    """im2col of int8 codes -> (N·L, C·kh·kw) int8; padded taps hold code 0. Read only: where
+    the windows are the codes themselves (a 1×1 kernel at stride 1 without padding) it is a
+    view of ``codes``, not always row-major (``_int_mm`` copies what it needs); else a fresh
+    row-major copy.
 
     The windows are a strided view of the (padded) codes, ``(N, Ho, Wo, C, kh, kw)``, copied
     once into the GEMM's layout: one byte per element read and written, where ``F.unfold``

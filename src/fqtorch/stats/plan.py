@@ -491,7 +491,7 @@ def _gemm_sizes(model: nn.Module, batch: Batch) -> dict[str, dict[str, int]]:
     sizes: dict[str, dict[str, int]] = {}
 
     def hook(name: str) -> Callable[..., None]:
-        def record(module: nn.Module, args: tuple, output: Any) -> None:
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             out = output[0] if isinstance(output, tuple) else output
             weight = getattr(module, "weight", None)
             if isinstance(weight, Tensor) and weight.dim() >= 2:
@@ -500,12 +500,13 @@ def _gemm_sizes(model: nn.Module, batch: Batch) -> dict[str, dict[str, int]]:
             else:  # a layer with several weights: count every parameter once per token
                 per_output = sum(p.numel() for p in module.parameters()) // max(out.shape[-1], 1)
             macs = int(out.numel()) * int(per_output)
-            needs = any(isinstance(a, Tensor) and a.requires_grad for a in args)
+            given = (*args, *kwargs.values())  # an input passed by keyword counts too
+            needs = any(isinstance(a, Tensor) and a.requires_grad for a in given)
             sizes[name] = {"grad": macs if needs else 0, "grad_weight": macs}
 
         return record
 
-    handles = [m.register_forward_hook(hook(n)) for n, m in layers.items()]
+    handles = [m.register_forward_hook(hook(n), with_kwargs=True) for n, m in layers.items()]
     try:
         with _restored_buffers(model), torch.enable_grad():
             model(batch[0])
@@ -983,6 +984,7 @@ class PrecisionController:
         # at the first probe: one option, no variance, never probed
         self.idle: set[tuple[str, str]] | None = None
         self.below = 0  # consecutive windows whose total was below the band
+        self.pending: set[tuple[str, str]] = set()  # past their share in the last window
 
     def _assumed(self, config: FQTConfig, branch: str) -> list[_Option]:
         q_field, b_field = _FIELDS[branch]
@@ -1063,6 +1065,7 @@ class PrecisionController:
             self.frontiers[key] = [_Option(self._choice(key), 0.0, 0.0)]
             self.at[key] = 0
             self.share.pop(key, None)
+            self.drift.pop(key, None)
 
     def observe(
         self,
@@ -1139,10 +1142,14 @@ class PrecisionController:
         return out
 
     def _set_shares(self, estimates: Mapping[tuple[str, str], float]) -> None:
+        """Each branch's part of the budget, in proportion to its estimate, and at least a
+        tenth of an equal part (a branch estimated at 0 would otherwise have no room at all,
+        and its next positive reading would send it to its most bits)."""
         total = sum(estimates.values())
-        n = len(estimates)
+        floor = 0.1 / len(estimates)
         self.share = {
-            k: self.budget * (e / total if total > 0 else 1.0 / n) for k, e in estimates.items()
+            k: self.budget * max(e / total if total > 0 else 0.0, floor)
+            for k, e in estimates.items()
         }
 
     def replan(self) -> list[dict[str, Any]]:
@@ -1166,7 +1173,10 @@ class PrecisionController:
                 # sums, not of one probe's Q to that one batch's S)
                 measured = (w[f"pq/{name}/{branch}"] / probes) / (w["s"] / w["count"])
                 v = self.frontiers[(name, branch)][i].variance
-                self.drift[(name, branch)] = measured / v if v > 0 else measured
+                if measured > 0 or v == 0:
+                    self.drift[(name, branch)] = measured / v if v > 0 else measured
+                else:  # no noise this window (no gradient reached it): it drifts like the total
+                    self.drift.pop((name, branch), None)
         ratio = w["q"] / w["s"]
         if not self.predicted() > 0:
             return []
@@ -1174,12 +1184,14 @@ class PrecisionController:
             self._set_shares({k: self.frontiers[k][i].variance for k, i in self.at.items()})
         estimates = self.estimates(ratio)
         frontiers = self._scaled(estimates)
-        over = sorted(
+        past = {
             k
             for k, e in estimates.items()
             if e > SHARE_TOLERANCE * self.share.get(k, math.inf)
             and self.at[k] < len(frontiers[k]) - 1
-        )
+        }
+        over = sorted(past & self.pending)  # past it for the second window running
+        self.pending = past
         low = ratio < self.lower_below * self.budget
         self.below = self.below + 1 if low else 0
         if ratio > self.budget or (low and self.below >= 2):
@@ -1189,7 +1201,7 @@ class PrecisionController:
             # below the band, for the second window running (one low window is as likely a
             # noisy one: raising is safe, lowering waits for confirmation), every branch may
             # move.
-            self.below = 0
+            self.below, self.pending = 0, set()
             floor = dict(self.at) if ratio > self.budget else dict.fromkeys(self.at, 0)
             above = {k: f[floor[k] :] for k, f in frontiers.items()}
             at, ok = _choose(above, AIM * self.budget)
@@ -1208,6 +1220,7 @@ class PrecisionController:
                     (j for j in range(at[k] + 1, len(f)) if f[j].variance <= self.share[k]),
                     len(f) - 1,
                 )
+            self.pending -= set(over)
             trigger = "past their share: " + ", ".join(f"{n} {b}" for n, b in over)
         else:
             return []
@@ -1285,6 +1298,7 @@ class PrecisionController:
             "share": [[n, b, v] for (n, b), v in self.share.items()],
             "probed": self.probed,
             "below": self.below,
+            "pending": [list(k) for k in sorted(self.pending)],
             "idle": None if self.idle is None else [list(k) for k in sorted(self.idle)],
         }
 
@@ -1307,6 +1321,7 @@ class PrecisionController:
         self.share = {(n, b): float(v) for n, b, v in state.get("share", [])}
         self.probed = int(state.get("probed", 0))
         self.below = int(state.get("below", 0))
+        self.pending = {(str(n), str(b)) for n, b in state.get("pending", [])}
         idle = state.get("idle")
         self.idle = None if idle is None else {(str(n), str(b)) for n, b in idle}
 
