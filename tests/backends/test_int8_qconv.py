@@ -318,3 +318,30 @@ def test_int8_im2col_is_the_unfold_of_the_codes(shape, kernel, stride, padding, 
     assert got.dtype == torch.int8 and torch.equal(got, expect)
     if kernel != (1, 1) or stride != (1, 1):  # a copy, in the GEMM's row-major layout
         assert got.stride() == (got.shape[1], 1)
+
+
+def test_a_channels_last_input_is_encoded_in_its_own_layout():
+    """A channels-last input's codes are those of the same input in NCHW order, element for
+    element, and come back channels-last (no copy to NCHW); NCHW inputs are unchanged; a whole
+    layer gives bit-identical outputs and gradients either way."""
+    from fqtorch.backends.int8_conv import _encode_input
+
+    config = FQTConfig.preset("psq5", backend="int8", seed=1, fused=False)  # eager: fast
+    quantizer = config.build_quantizers()["input"]
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 5, 7, 6, generator=g) * torch.logspace(-3, 3, 5).reshape(1, 5, 1, 1)
+    last = x.contiguous(memory_format=torch.channels_last)
+    a, b = _encode_input(quantizer, x), _encode_input(quantizer, last)
+    assert torch.equal(a.codes.reshape(x.shape), b.codes.reshape(x.shape))
+    assert torch.equal(a.scale, b.scale) and torch.equal(a.bias, b.bias)
+    assert b.codes.is_contiguous(memory_format=torch.channels_last) and b.shape == x.shape
+    assert a.codes.dim() == 2  # NCHW: the quantizer's own rows
+    torch.manual_seed(0)
+    layer = nn.Sequential(nn.Conv2d(5, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, stride=2))
+    results = []
+    for inp in (x, last):
+        model = quantize_model(copy.deepcopy(layer), config)
+        out = model(inp.clone().requires_grad_())
+        out.square().sum().backward()
+        results.append([out.detach().contiguous(), *(p.grad for p in model.parameters())])
+    assert all(torch.equal(u, v) for u, v in zip(*results, strict=True))

@@ -30,13 +30,14 @@ simulate path (:func:`conv` raises :class:`~fqtorch.backends.base.Unsupported`).
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..quantizers.base import QuantizedTensor
+from ..quantizers.base import QuantizedTensor, Quantizer
 from ..quantizers.uniform import Identity
 from .base import ConvOps, PlanSource, Unsupported, check_finite
 from .int8 import (
@@ -234,6 +235,26 @@ class _Int8Conv2d(torch.autograd.Function):
         return grad_input, None, None, grad_bias, None, grad_weight, None, None
 
 
+def _encode_input(quantizer: Quantizer, input: Tensor) -> QuantizedTensor:
+    """The input's codes. A channels-last input under a round-to-nearest quantizer is encoded in
+    its own memory order, ``(N, H·W·C)`` rows (a view, where ``as_rows`` would copy it to NCHW
+    order), and its codes come back as the channels-last ``(N, C, H, W)`` tensor that the
+    integer convolution takes without another copy. The codes are the same element for
+    element: rounding to nearest depends on the element and the tensor's statistics alone (the
+    int8 backend's input quantizer is per tensor; :func:`_per_tensor` checks it). The conv
+    backend reads these codes as ``codes.reshape(input.shape)`` only."""
+    channels_last = input.dim() == 4 and not input.is_contiguous()
+    channels_last = channels_last and input.is_contiguous(memory_format=torch.channels_last)
+    if not channels_last or getattr(quantizer, "rounding", None) != "nearest":
+        return quantizer.encode(input)
+    nhwc = input.permute(0, 2, 3, 1)  # contiguous
+    x = quantizer.encode(nhwc)
+    if x.scale.numel() != 1:  # not per tensor: the caller refuses it with its own message
+        return x
+    codes = x.codes.reshape(nhwc.shape).permute(0, 3, 1, 2)
+    return dataclasses.replace(x, codes=codes, shape=input.shape)
+
+
 def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, source: PlanSource,
          name: str) -> Tensor:  # fmt: skip
     """Run the Conv2d plan on integer GEMMs; :class:`Unsupported` for grouped or 1-d
@@ -247,7 +268,7 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, sourc
         raise Unsupported(verdict)
     plan = source.plan
     with torch.no_grad():
-        x = plan.input.encode(input)
+        x = _encode_input(plan.input, input)
         w = plan.weight.encode(weight)
     _per_tensor(x, "input")
     _per_tensor(w, "weight")
