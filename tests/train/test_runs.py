@@ -183,6 +183,7 @@ class TestExactResume:
             return result
 
         monkeypatch.setattr(train_loop._Run, "_train_step", press_ctrl_c)
+        before = signal.getsignal(signal.SIGINT)  # SIG_IGN under nohup or in a background job
         assert fqtorch_main(*EXACT, "--out", out) == 130
         err = capsys.readouterr().err
         assert err.strip().splitlines()[-1] == (
@@ -190,7 +191,7 @@ class TestExactResume:
             f"Resume with: fqtorch train --resume {out}"
         )
         assert "Traceback" not in err
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+        assert signal.getsignal(signal.SIGINT) is before  # the handler restored
         state = load_checkpoint(out / "checkpoint.pt")
         assert (state["epoch"], state["step"], state["epoch_step"]) == (0, 5, 5)
         monkeypatch.setattr(train_loop._Run, "_train_step", original)
