@@ -1051,9 +1051,7 @@ class PrecisionController:
         assignments, keys = self._probe_plan()
         if not assignments:
             return {}
-        was_training = model.training
         measured = _measure(model, loss_fn, [batch], self.probe_samples, assignments, None, "")
-        model.train(was_training)
         self.probed += any(isinstance(k, tuple) for k in keys)
         return _unpack(keys, measured)
 

@@ -1,0 +1,62 @@
+"""im2col of int8 codes: the library's one strided copy (``int8_conv._cols``) against the
+float32 route it replaced (cast, ``F.unfold``, transpose copy, cast back), one process.
+
+    python benchmarks/im2col.py [--repeats 5]
+
+The layers: ResNet-18's strided convolutions at batch 8 (224² images). Both give the same codes
+(tests/backends/test_int8_qconv.py); only the time differs. Median [min–max] ms and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+
+import torch
+import torch.nn.functional as F
+
+from common import environment, median_seconds, print_header
+from fqtorch.backends.base import ConvOps
+from fqtorch.backends.int8_conv import _cols, _pads
+
+# name: (input shape, kernel, stride, padding)
+LAYERS = {
+    "stem 7x7 s2": ((8, 3, 224, 224), (7, 7), (2, 2), (3, 3)),
+    "layer2 3x3 s2": ((8, 64, 56, 56), (3, 3), (2, 2), (1, 1)),
+    "layer2 shortcut 1x1 s2": ((8, 64, 56, 56), (1, 1), (2, 2), (0, 0)),
+    "layer3 3x3 s2": ((8, 128, 28, 28), (3, 3), (2, 2), (1, 1)),
+}
+
+
+def float_route(codes: torch.Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> torch.Tensor:
+    padded = F.pad(codes.to(torch.float32), pads)
+    cols = F.unfold(padded, kernel, dilation=ops.dilation, stride=ops.stride).transpose(1, 2)
+    return cols.reshape(-1, cols.shape[2]).to(torch.int8)
+
+
+def cell(t: dict) -> str:
+    return f"{t['median'] * 1e3:.1f} [{t['min'] * 1e3:.1f}–{t['max'] * 1e3:.1f}]"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    print_header(environment())
+    print("\nlayer | float32 route ms | int8 strided copy ms | float / int8")
+    for name, (shape, kernel, stride, padding) in LAYERS.items():
+        g = torch.Generator().manual_seed(0)
+        codes = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
+        ops = ConvOps(stride, padding, (1, 1), 1)
+        pads = _pads(ops)
+        before = functools.partial(float_route, codes, pads, kernel, ops)
+        after = functools.partial(_cols, codes, pads, kernel, ops)
+        assert torch.equal(before(), after())
+        old, new = median_seconds(before, args.repeats), median_seconds(after, args.repeats)
+        print(f"{name} | {cell(old)} | {cell(new)} | {old['median'] / new['median']:.1f}x")
+
+
+if __name__ == "__main__":
+    main()
