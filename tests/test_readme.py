@@ -32,3 +32,11 @@ def test_main_command_runs_twice(tmp_path, monkeypatch):
         torch.set_num_threads(threads)
     runs = sorted((tmp_path / "runs").iterdir())
     assert len(runs) == 2 and all((run / "final.json").is_file() for run in runs)
+
+
+def test_ci_runs_the_readme_test_command():
+    """`.ci/run` runs the README's test command, character for character."""
+    blocks = re.findall(r"```bash\n(.*?)```", README.read_text(), re.S)
+    command = next(line for block in blocks for line in block.splitlines() if "pytest" in line)
+    ci = (README.parent / ".ci" / "run").read_text().splitlines()
+    assert command.strip() in [line.strip() for line in ci]
