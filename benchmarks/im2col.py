@@ -1,10 +1,11 @@
 """im2col of int8 codes: the library's one strided copy (``int8_conv._cols``) against the
 float32 route it replaced (cast, ``F.unfold``, transpose copy, cast back), one process.
 
-    python benchmarks/im2col.py [--repeats 5]
+    python benchmarks/im2col.py [--repeats 5] [--batch 8]
 
-The layers: ResNet-18's strided convolutions at batch 8 (224² images). Both give the same codes
-(tests/backends/test_int8_qconv.py); only the time differs. Median [min–max] ms and the ratio.
+The layers: ResNet-18's strided convolutions at batch 8 (224² images; ``--batch`` changes it).
+Both give the same codes (tests/backends/test_int8_qconv.py); only the time differs. Median
+[min–max] ms and the ratio.
 """
 
 from __future__ import annotations
@@ -43,11 +44,18 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=8)
     args = parser.parse_args()
+    if args.repeats < 1 or args.batch < 1:
+        parser.error(
+            f"--repeats and --batch: expected positive integers, got {args.repeats} "
+            f"and {args.batch}"
+        )
     print_header(environment())
     print("\nlayer | float32 route ms | int8 strided copy ms | float / int8")
     for name, (shape, kernel, stride, padding) in LAYERS.items():
         g = torch.Generator().manual_seed(0)
+        shape = (args.batch, *shape[1:])
         codes = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
         ops = ConvOps(stride, padding, (1, 1), 1)
         pads = _pads(ops)
