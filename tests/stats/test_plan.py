@@ -921,3 +921,35 @@ def test_gemm_sizes_see_an_input_passed_by_keyword():
     model = quantize_model(ByKeyword(), FQTConfig(seed=3))
     sizes = _gemm_sizes(model, _batches(1)[0])
     assert sizes["l1"]["grad"] == 0 and sizes["l2"]["grad"] > 0 and sizes["l3"]["grad"] > 0
+
+
+def test_grad_norms_count_a_tied_weight_once_where_its_variance_is():
+    """Two FQT layers sharing one weight: its squared gradient norm counts once, under the
+    first layer, where the variance measurement also puts it (its per-layer sums are over
+    ``_Params.of``'s attribution); the second layer gets only its bias's norm."""
+    from fqtorch.stats.estimators import _Params
+    from fqtorch.stats.plan import PrecisionController
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+            self.b.weight = self.a.weight
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.b(torch.tanh(self.a(x)))
+
+    model = quantize_model(Tied(), FQTConfig(seed=3))
+    ctl = PrecisionController(fqt_modules(model), budget=0.1)
+    x, y = _batches(1)[0][0][:, :6], torch.randn(32, 6, generator=torch.Generator().manual_seed(1))
+    F.mse_loss(model(x), y).backward()
+    norms = ctl.grad_norm_sq()
+    a, b = model.a, model.b
+    weight = float(a.weight.grad.double().square().sum())
+    assert norms["a"] == pytest.approx(weight + float(a.bias.grad.double().square().sum()))
+    assert norms["b"] == pytest.approx(float(b.bias.grad.double().square().sum()))
+    params = _Params.of(model)
+    measured = {}
+    for layer, p in zip(params.layers, params.tensors, strict=True):
+        measured[layer] = measured.get(layer, 0.0) + float(p.grad.double().square().sum())
+    assert norms == pytest.approx(measured)

@@ -1267,6 +1267,21 @@ class PrecisionController:
             ),
         )
 
+    def grad_norm_sq(self) -> dict[str, float]:
+        """Each layer's squared gradient norm from its parameters' ``.grad``, for :meth:`observe`.
+        A parameter held by several layers (tied weights) counts once, under the first: the
+        variance measurement puts its noise there too. Layers with no gradient (a skipped
+        non-finite step) are left out."""
+        seen: set[int] = set()
+        norms = {}
+        for name, layer in self.layers.items():
+            own = [p for p in layer.parameters(recurse=False) if id(p) not in seen]
+            seen.update(id(p) for p in own)
+            grads = [p.grad for p in own if p.requires_grad and p.grad is not None]
+            if grads:
+                norms[name] = sum(float(g.double().square().sum()) for g in grads)
+        return norms
+
     def low_snr(self) -> list[str]:
         """Layers whose signal-to-quantization-noise ratio fell below the threshold in the last
         window while they were at their most precise options (the choices the window was

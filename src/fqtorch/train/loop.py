@@ -849,11 +849,7 @@ class _Run:
         if self.monitor is None or self.step % self.cfg.variance_every:
             return
         if self.precision is not None:  # before measuring: the step's gradient is in .grad
-            norms = {  # layers with no gradient (a skipped non-finite step) left out
-                name: sum(float(p.grad.double().square().sum()) for p in grads)
-                for name, layer in self.precision.layers.items()
-                if (grads := [p for p in layer.parameters(recurse=False) if p.grad is not None])
-            }
+            norms = self.precision.grad_norm_sq()
         report = self.monitor.measure((x, y))
         if self.precision is not None:
             branches = self.precision.probe(self.model, self.loss_fn, (x, y))
