@@ -761,7 +761,13 @@ def adaptive_figure(task: Task, runs: list[dict], plan: dict, path: Path) -> Non
 
 def table(task: Task, runs: dict[str, list[dict]]) -> str:
     seeds = sorted({r["seed"] for rs in runs.values() for r in rs})
-    lines = [f"Seeds: {', '.join(map(str, seeds))}; mean ± std over the seeds.", ""]
+    lines = [
+        f"Seeds {', '.join(map(str, seeds))}; mean ± std over the seeds each row has (`runs`; "
+        "a row with one run shows no spread).",
+        provenance(runs),
+        flatness(task, runs),
+        "",
+    ]
     machines = collections.Counter(
         f"{r.get('environment', {}).get('cpu', 'unknown CPU')} "
         f"({r.get('environment', {}).get('threads', '?')} threads)"
@@ -791,6 +797,61 @@ def table(task: Task, runs: dict[str, list[dict]]) -> str:
             row = [cell(rs, "val_acc", 100, 2), cell(rs, "val_loss", digits=4)]
         lines.append(f"| {config.name} | {' | '.join(row)} | {len(rs)} |")
     return "\n".join(lines)
+
+
+def corpus() -> str:
+    """What ``--dataset text`` trains on here (the running interpreter's copy)."""
+    from fqtorch.data.datasets import default_corpus
+    from fqtorch.train.config import TrainConfig
+
+    path = default_corpus()
+    text = path.read_text(encoding="utf-8")
+    cut = int(0.9 * len(text))
+    return (
+        f"Corpus: `pydoc_data/topics.py` of Python {platform.python_version()}'s standard "
+        f"library (the Python documentation's topics: English prose and code), "
+        f"{path.stat().st_size:,} bytes, {len(text):,} characters, {len(set(text))} distinct; "
+        f"the first 90% ({cut:,} characters) train, the last 10% ({len(text) - cut:,}) "
+        f"validate, in blocks of {TrainConfig.block_size} characters. Another Python version "
+        "ships a different file; `--dataset text --data-dir FILE` trains on any UTF-8 text."
+    )
+
+
+def provenance(runs: dict[str, list[dict]]) -> str:
+    """Which code and versions the summaries came from (each records its own)."""
+    envs = [r.get("environment", {}) for rs in runs.values() for r in rs]
+
+    def counted(key: str) -> str:
+        counts = collections.Counter(e.get(key, "unknown") for e in envs)
+        return ", ".join(f"`{v}` ({n})" for v, n in sorted(counts.items()))
+
+    return (
+        f"Code (each summary's `environment.commit`, runs per commit): {counted('commit')}; "
+        f"torch {counted('torch')}; Python {counted('python')}."
+    )
+
+
+FLAT = 0.01  # a validation curve is flat when its last epoch changed it by less than this
+
+
+def flatness(task: Task, runs: dict[str, list[dict]]) -> str:
+    """Whether QAT's validation loss has flattened: its relative fall over the last epoch, per
+    seed, against ``FLAT``."""
+    falls = [
+        (r["curve"][-2]["val_loss"] - r["curve"][-1]["val_loss"]) / r["curve"][-2]["val_loss"]
+        for r in runs.get("qat", [])
+        if not r["diverged"] and len(r["curve"]) >= 2
+    ]
+    if not falls:
+        return "QAT's curve: no finished run with two epochs."
+    text = ", ".join(f"{100 * f:.1f}%" for f in falls)
+    flat = all(f < FLAT for f in falls)
+    return (
+        f"Schedule: {task.epochs} epochs. QAT's validation loss fell by {text} over the last "
+        f"epoch (one per seed); the rule here calls a curve flat when the last epoch moves it "
+        f"by less than {100 * FLAT:.0f}%: "
+        + ("**flat**." if flat else "**not flat**: QAT was still improving when training ended.")
+    )
 
 
 def curves_figure(task: Task, runs: dict[str, list[dict]], path: Path) -> None:
@@ -858,12 +919,16 @@ def claims(task: Task, runs: dict[str, list[dict]], variance: dict | None) -> li
         values = [r["final"][key] for r in runs.get(name, []) if not r["diverged"]]
         return statistics.mean(values) if values else None
 
+    def n(name: str) -> str:  # how many runs a mean is over (one run has no spread)
+        return f"(n={len(runs.get(name, []))})"
+
     qat, bhq5 = mean_of("qat", task.metric), mean_of("bhq5", task.metric)
     if qat is not None and bhq5 is not None:
         gap = (bhq5 - qat) / abs(qat) * (1 if task.metric == "val_loss" else -1)
         rows.append(
             f"| 5-bit BHQ within 0.5% of QAT | {'yes' if gap <= 0.005 else 'no'} | "
-            f"{task.metric} {bhq5:.4f} vs {qat:.4f}: {100 * gap:+.2f}% (positive = worse) |"
+            f"{task.metric} {bhq5:.4f} {n('bhq5')} vs {qat:.4f} {n('qat')}: {100 * gap:+.2f}% "
+            "(positive = worse) |"
         )
     low = min(BITS)
     worst = {q: mean_of(f"{q}{low}", task.metric) for q in QUANTIZERS}
@@ -871,7 +936,7 @@ def claims(task: Task, runs: dict[str, list[dict]], variance: dict | None) -> li
         sign = 1 if task.metric == "val_loss" else -1
         first = max(worst, key=lambda q: sign * worst[q])
         diverged = {q: sum(r["diverged"] for r in runs.get(f"{q}{low}", [])) for q in QUANTIZERS}
-        values = ", ".join(f"{q} {v:.4f}" for q, v in worst.items())
+        values = ", ".join(f"{q} {v:.4f} {n(f'{q}{low}')}" for q, v in worst.items())
         rows.append(
             f"| low-bit PTQ fails first | {'yes' if first == 'ptq' else 'no'} | "
             f"{low} bits, {task.metric}: {values}; diverged runs {diverged} |"
@@ -921,7 +986,10 @@ def report(tasks: list[Task]) -> str:
         variance = json.loads(variance_json.read_text()) if variance_json.exists() else None
         curves = FIGURES / f"{task.name}_curves.png"
         curves_figure(task, runs, curves)
-        parts += [f"### {task.name}", "", table(task, runs), ""]
+        parts += [f"### {task.name}", ""]
+        if task.name == "text":
+            parts += [corpus(), ""]
+        parts += [table(task, runs), ""]
         parts += [f"![{task.name} curves](figures/results/{curves.name})", ""]
         if variance is not None:
             bounds = FIGURES / f"{task.name}_error_vs_bound.png"
