@@ -389,3 +389,23 @@ def test_cell_reports_a_spread_only_over_two_or_more_seeds(reproduce):
     assert reproduce.cell([run(0.9431)], "val_loss") == "0.943"
     assert reproduce.cell([run(1.0), run(2.0)], "val_loss") == "1.500 ± 0.707"
     assert reproduce.cell([run(1.0), run(0, True)], "val_loss") == "1.000 (1/2 diverged)"
+
+
+def test_flatness_and_provenance_lines(reproduce):
+    """QAT's curve is called flat only when every seed's last epoch moved the validation loss by
+    less than 1%; the provenance line counts each summary's commit and versions."""
+    task = reproduce.TASKS["digits"]  # the fixture's one task
+
+    def qat(*losses, commit="abc1234"):
+        curve = [{"epoch": i + 1, "val_loss": v} for i, v in enumerate(losses)]
+        env = {"commit": commit, "torch": "2.13.0+cpu", "python": "3.11.7"}
+        return {"curve": curve, "diverged": False, "environment": env}
+
+    steep = {"qat": [qat(1.2, 1.0, 0.98), qat(1.2, 1.0, 0.995)]}
+    assert "**not flat**" in reproduce.flatness(task, steep)  # 2.0% and 0.5%
+    assert "2.0%, 0.5%" in reproduce.flatness(task, steep)
+    flat = {"qat": [qat(1.2, 1.0, 0.995), qat(1.2, 1.0, 1.001, commit="def5678")]}
+    assert "**flat**" in reproduce.flatness(task, flat)
+    assert "no finished run" in reproduce.flatness(task, {"qat": [qat(1.0)]})
+    line = reproduce.provenance(flat)
+    assert "`abc1234` (1), `def5678` (1)" in line and "Python `3.11.7` (2)" in line
