@@ -231,3 +231,42 @@ def test_plan_for_a_trained_checkpoint(plan_file, tmp_path, capsys):
     assert fqtorch_main("plan", *TINY, "--checkpoint", bad, "--out", out) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.pt" in err[0], err
+
+
+def test_adaptive_precision_writes_tensorboard_and_names_drowned_layers(
+    tmp_path, monkeypatch, caplog
+):
+    """End to end: every re-plan writes each layer's bits to TensorBoard (``precision/*``, at
+    the re-plan steps), and the low-SNR warning reaches the log. The threshold is raised so
+    that every layer measured at its most bits is "drowned" (8-bit gradients, the top)."""
+    import logging
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from fqtorch.stats import plan as plan_module
+
+    class Strict(plan_module.PrecisionController):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs, snr_threshold=1e30)
+
+    monkeypatch.setattr(plan_module, "PrecisionController", Strict)
+    out = tmp_path / "run"
+    args = (*ADAPTIVE, "--grad-bits", "8", "--tensorboard", "--quiet", "--out", out)
+    with caplog.at_level(logging.WARNING, logger="fqtorch"):
+        assert fqtorch_main("train", *args) == 0
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    tags = [t for t in events.Tags()["scalars"] if t.startswith("precision/")]
+    layers = set(fqt_modules(_digits_model()))
+    assert {t.split("/")[1] for t in tags} == layers
+    assert {t.rsplit("/", 1)[1] for t in tags} == {"grad_bits", "grad_weight_bits"}
+    assert [e.step for e in events.Scalars(tags[0])] == [3, 6, 9]
+    warnings = [r.getMessage() for r in caplog.records if "signal-to-quantization" in r.message]
+    assert len(warnings) == 1 and all(n in warnings[0] for n in layers), warnings
+
+
+def _digits_model():
+    from fqtorch import FQTConfig, quantize_model
+    from fqtorch.models import build_model
+
+    return quantize_model(build_model("digits_cnn", num_classes=10), FQTConfig())
