@@ -860,18 +860,33 @@ def curves_figure(task: Task, runs: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for name in ("qat", "ptq4", "psq4", "bhq4", "rht4"):
-        for i, r in enumerate(sorted(runs.get(name, []), key=lambda r: r["seed"])):
-            steps = [c["steps"] for c in r["curve"]]
-            values = [c[task.metric] * (100 if task.metric == "val_acc" else 1) for c in r["curve"]]
-            style = {"color": f"C{['qat', 'ptq4', 'psq4', 'bhq4', 'rht4'].index(name)}"}
-            ax.plot(steps, values, label=name if i == 0 else None, alpha=0.8, **style)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation loss" if task.metric == "val_loss" else "validation accuracy (%)")
-    ax.set_title(f"{task.name}: QAT and the 4-bit gradient quantizers (one line per seed)")
-    ax.legend()
-    ax.grid(alpha=0.3)
+    # validation loss on every task (the figure); accuracy beside it where it is the
+    # headline metric
+    metrics = ["val_loss"] + (["val_acc"] if task.metric == "val_acc" else [])
+    fig, axes = plt.subplots(1, len(metrics), figsize=(6.4 * len(metrics), 4.2), squeeze=False)
+    names = ["qat", "ptq4", "psq4", "bhq4", "rht4"]
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        scale = 100 if metric == "val_acc" else 1
+        for name in names:
+            for i, r in enumerate(sorted(runs.get(name, []), key=lambda r: r["seed"])):
+                steps = [c["steps"] for c in r["curve"]]
+                values = [c[metric] * scale for c in r["curve"]]
+                ax.plot(
+                    steps,
+                    values,
+                    marker=".",
+                    label=name if i == 0 else None,
+                    alpha=0.8,
+                    color=f"C{names.index(name)}",
+                )
+        ax.set_xlabel("training step")
+        ax.set_ylabel("validation loss" if metric == "val_loss" else "validation accuracy (%)")
+        ax.legend()
+        ax.grid(alpha=0.3)
+    fig.suptitle(
+        f"{task.name}: QAT and the 4-bit gradient quantizers\n(one line per seed, a point per "
+        "evaluation)"
+    )
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
