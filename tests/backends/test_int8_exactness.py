@@ -72,6 +72,30 @@ def test_worst_case_codes_over_several_chunks():
     assert torch.equal(b_cols, torch.full((2,), -128 * k, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("layout", ["a row-major", "a transposed view"])
+@pytest.mark.parametrize("b_layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("k", [1, 7, 8, 33, 1000])
+def test_every_operand_layout_gives_the_exact_product_and_sums(layout, b_layout, k):
+    """``_int_mm`` over its layouts (a row-major ``b`` is taken as it is on the CPU, a transposed
+    ``a`` bordered by a copy) and reductions (k = 1, padded: the CPU kernel misreads some k = 1
+    layouts; k not a multiple of 8): the product and both border sums equal int64 arithmetic, extreme
+    codes included."""
+    gen = torch.Generator().manual_seed(k)
+    m, n = 19, 13
+    a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, n), generator=gen, dtype=torch.int8)
+    a[0], b[:, 0] = -128, -128  # the largest products
+    if layout == "a transposed view":
+        a = a.T.contiguous().T
+    if b_layout == "column-major":
+        b = b.T.contiguous().T
+    prod, a_rows, b_cols = _int_mm(a, 8, b, 8)
+    a64, b64 = a.to(torch.int64), b.to(torch.int64)
+    assert torch.equal(prod.to(torch.int64), a64 @ b64)
+    assert torch.equal(a_rows.to(torch.int64), a64.sum(1))
+    assert torch.equal(b_cols.to(torch.int64), b64.sum(0))
+
+
 def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
     x = x.clone().requires_grad_(True)
     out = layer(x)

@@ -107,10 +107,16 @@ def int_mm(a: Tensor, b: Tensor) -> Tensor:
     layout cuBLASLt's int8 kernels use. The layouts are judged by the strides, not by
     ``is_contiguous()``, which accepts a (1, k) view of a column (strides (1, 1)) that the CPU
     kernel misreads (torch 2.13).
+
+    On the CPU a row-major ``b`` (n > 1) is taken as it is too: the int8 backend runs only where
+    the kernel has VNNI or AMX (:func:`int_mm_verdict`), and there it multiplies a row-major
+    right operand as fast as a column-major one, while transposing a large one costs more than
+    the product (:func:`_int_mm`).
     """
     if not _row_major(a):
         a = a.new_empty(a.shape).copy_(a)
-    if not _row_major(b.T):
+    cpu_row_major = b.device.type == "cpu" and b.shape[1] > 1 and _row_major(b)
+    if not (_row_major(b.T) or cpu_row_major):
         b = b.new_empty(b.T.shape).copy_(b.T).T
     return torch._int_mm(a, b)
 
@@ -143,6 +149,12 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
     or chunking is needed and ``a`` is already row-major (the forward and ``grad_input``, where
     ``a`` is the large activation or gradient), ``a`` is used as it is, not copied: only ``b`` (the
     weight) is bordered, and its column sums are summed directly.
+
+    On the CPU, a row-major ``b`` (the unfolded input codes of a convolution's weight gradient,
+    the larger operand there) is taken as it is, not transposed: the kernel runs that layout as
+    fast, and a transposing copy of a matrix with a few hundred columns is slow (106 ms for
+    ResNet-18's stem columns, (100352, 147), at one thread). ``a`` is bordered below by a row of
+    ones for ``1ᵀ b``, and its row sums are summed from the bordered copy.
     """
     (m, k), n = a.shape, b.shape[1]
     padded = -(-k // 8) * 8
@@ -153,6 +165,16 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
         bordered_bt[n:] = 1
         acc = int_mm(a, bordered_bt.T)
         return acc[:, :n], acc[:, n], b.sum(0, dtype=torch.int32)
+    if k <= step and b.device.type == "cpu" and n > 1 and b.stride() == (n, 1):
+        # the CPU kernel needs no multiple of 8, only k > 1 (zero rows: copied row by row)
+        kept = k if k > 1 else 8
+        bordered_a = a.new_zeros(m + 1, kept)  # row-major
+        bordered_a[:m, :k] = a
+        bordered_a[m, :k] = 1
+        if kept != k:
+            b = torch.cat([b, b.new_zeros(kept - k, n)])
+        acc = int_mm(bordered_a, b)  # (m + 1, n)
+        return acc[:m], _code_sum(bordered_a[:m], 1, a_bits), acc[m]
     bordered_a = a.new_zeros(m + 1, padded)  # row-major
     bordered_a[:m, :k] = a
     bordered_a[m, :k] = 1
