@@ -79,11 +79,7 @@ def test_im2col_checks_and_prints_every_layer():
     done = _run("--batch", "1", "--repeats", "1", script="im2col.py")
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [x for x in done.stdout.splitlines() if x.endswith("x") and " | " in x]
-    assert [x.split(" | ")[0] for x in rows] == [
-        "stem 7x7 s2",
-        "layer2 3x3 s2",
-        "layer2 shortcut 1x1 s2",
-        "layer3 3x3 s2",
-    ]
+    layers = ["stem 7x7 s2", "layer2 3x3 s2", "layer2 shortcut 1x1 s2", "layer3 3x3 s2"]
+    assert [x.split(" | ")[0] for x in rows] == layers * 2  # im2col, then the product
     bad = _run("--batch", "0", script="im2col.py")
     assert bad.returncode != 0 and "--batch" in bad.stderr.strip().splitlines()[-1]

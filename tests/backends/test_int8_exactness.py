@@ -78,8 +78,8 @@ def test_worst_case_codes_over_several_chunks():
 def test_every_operand_layout_gives_the_exact_product_and_sums(layout, b_layout, k):
     """``_int_mm`` over its layouts (a row-major ``b`` is taken as it is on the CPU, a transposed
     ``a`` bordered by a copy) and reductions (k = 1, padded: the CPU kernel misreads some k = 1
-    layouts; k not a multiple of 8): the product and both border sums equal int64 arithmetic, extreme
-    codes included."""
+    layouts; k not a multiple of 8): the product and both border sums equal int64 arithmetic,
+    extreme codes included."""
     gen = torch.Generator().manual_seed(k)
     m, n = 19, 13
     a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
