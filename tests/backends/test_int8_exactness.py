@@ -297,3 +297,40 @@ def test_int_mm_reads_one_row_views_of_a_column():
     expected = column.T.long() @ other.long()
     assert torch.equal(int8.int_mm(column.T, other).long(), expected)
     assert torch.equal(int8.int_mm(other.T, column).long(), expected.T)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize(
+    "shape,dim,layout",
+    [((97, 13), 0, "row"), ((13, 97), 1, "row"), ((97, 13), 0, "col"), ((13, 97), 1, "col"),
+     ((70, 7, 6), 0, "row"), ((5, 70, 6), 1, "row"), ((1, 90), 1, "row"), ((90, 1), 0, "row"),
+     ((5, 7), 0, "row")],
+)  # fmt: skip
+def test_code_sums_are_exact(bits, shape, dim, layout):
+    """``_code_sum`` (a product with ones on the CPU) equals int64 sums, extreme codes and
+    transposed views included; shapes it does not take to the GEMM fall back to ``sum``."""
+    from fqtorch.backends.int8 import _code_sum
+
+    gen = torch.Generator().manual_seed(len(shape) + dim)
+    low = -(2 ** (bits - 1))
+    codes = torch.randint(low, -low, shape, generator=gen, dtype=torch.int8)
+    codes.view(-1)[:3] = low
+    if layout == "col":
+        codes = codes.T.contiguous().T
+    got = _code_sum(codes, dim, bits)
+    assert got.dtype == torch.int32
+    assert torch.equal(got.to(torch.int64), codes.to(torch.int64).sum(dim))
+
+
+def test_float32_fit_sums_absolute_codes_exactly():
+    """``fits_float32`` bounds Σ|w| per output channel: −128 codes count 128 (an int8 ``abs``
+    would wrap them to −128), and the bound is tight at float32's 2^24."""
+    from fqtorch.backends.int8_qconv import fits_float32
+
+    w = torch.full((3, 16, 4, 4), -128, dtype=torch.int8)  # Σ|w| = 32768 = 2^15 per channel
+    assert fits_float32(w, 10)  # 2^9 · 2^15 = 2^24
+    assert not fits_float32(w, 11)
+    w[:, :8] = 0  # 2^14 per channel: 2^10 · 2^14 = 2^24
+    assert fits_float32(w, 11)
+    w[2, 0, 0, 0] = 1  # one code past the bound in one channel
+    assert not fits_float32(w, 11)

@@ -52,7 +52,7 @@ from torch import Tensor
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite
-from .int8 import _grad_bias, _per_column, _per_row, chunk_length
+from .int8 import _code_sum, _grad_bias, _per_column, _per_row, chunk_length
 from .int8_conv import _cols, _conv_grad_weight, _pads, _tap_mask
 from .notes import say_once
 
@@ -121,7 +121,9 @@ def fits_float32(w: Tensor, a_bits: int) -> bool:
     (O, C, kh, kw) is exact in float32: ``2^(a_bits−1) · max_o Σ |w[o]| ≤ 2^24``. A bound from
     the weight codes (read once, small) instead of their worst case: 8-bit weight codes seldom
     all sit at the ends of their grid, so most layers run in one call."""
-    sums = w.reshape(w.shape[0], -1).to(torch.int32).abs().sum(1)
+    flat = w.reshape(w.shape[0], -1)
+    # Σ|w| = Σ max(w, 0) − Σ min(w, 0): exact int32 sums of int8 codes (abs of int8 −128 wraps)
+    sums = _code_sum(flat.clamp(min=0), 1, 8) - _code_sum(flat.clamp(max=0), 1, 8)
     return 2 ** (a_bits - 1) * int(sums.max()) <= _EXACT_FLOAT32
 
 
