@@ -198,10 +198,12 @@ def make_plan(task: Task) -> Path:
     return path
 
 
-def command(task: Task, config: Config, seed: int) -> list[str]:
+def command(task: Task, config: Config, seed: int, resume: bool = True) -> list[str]:
+    """The run's ``fqtorch train`` command; ``--resume`` while its checkpoint exists (unless
+    ``resume`` is false: the full command, for the summary)."""
     out = run_dir(task, config, seed)
     base = [sys.executable, "-m", "fqtorch", "train"]
-    if (out / "checkpoint.pt").exists():
+    if resume and (out / "checkpoint.pt").exists():
         return [*base, "--resume", str(out), "--quiet"]
     return [
         *base,
@@ -248,6 +250,7 @@ def environment() -> dict[str, str]:
 def train(task: Task, config: Config, seed: int) -> dict:
     """Run (or resume) one training run to its end and write its summary."""
     out = run_dir(task, config, seed)
+    full = command(task, config, seed, resume=False)  # before a fresh run writes a checkpoint
     cmd = command(task, config, seed)
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
@@ -282,8 +285,9 @@ def train(task: Task, config: Config, seed: int) -> dict:
         "precision_events": events,
         "train_seconds": sum(m["seconds"] for m in metrics),
         "wall_seconds_last_invocation": seconds,
-        # paths relative to the repository: the same command on any checkout
-        "command": " ".join(cmd[1:]).replace(f"{ROOT}/", ""),
+        # the full command (not the --resume of a run continued across sessions), with paths
+        # relative to the repository: the same command on any checkout
+        "command": " ".join(full[1:]).replace(f"{ROOT}/", ""),
         "environment": environment(),
     }
     path = summary_path(task, config, seed)

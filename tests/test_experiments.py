@@ -55,6 +55,8 @@ def test_a_checkpoint_without_summary_resumes(reproduce):
     (run / "checkpoint.pt").write_bytes(b"")
     cmd = reproduce.command(task, config, 0)
     assert cmd[cmd.index("--resume") + 1] == str(run)
+    full = reproduce.command(task, config, 0, resume=False)  # what its summary records
+    assert "--resume" not in full and full[full.index("--out") + 1] == str(run)
 
 
 def test_the_variance_is_measured_on_qat_seed_0_whatever_the_seeds(reproduce, monkeypatch):
