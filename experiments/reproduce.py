@@ -770,6 +770,7 @@ def table(task: Task, runs: dict[str, list[dict]]) -> str:
         "a row with one run shows no spread).",
         provenance(runs),
         flatness(task, runs),
+        cost(task, runs),
         "",
     ]
     machines = collections.Counter(
@@ -833,6 +834,28 @@ def provenance(runs: dict[str, list[dict]]) -> str:
         f"Code (each summary's `environment.commit`, runs per commit): {counted('commit')}; "
         f"torch {counted('torch')}; Python {counted('python')}."
     )
+
+
+SEEDS = (0, 1, 2)  # the grid's seeds (the tables' target)
+
+
+def cost(task: Task, runs: dict[str, list[dict]]) -> str:
+    """What the grid has cost so far and what is left, in training time (each summary's
+    ``train_seconds``, summed over its invocations; machines and load differ)."""
+    done = [r for rs in runs.values() for r in rs]
+    hours = sum(r.get("train_seconds", 0.0) for r in done) / 3600
+    missing = len(configs()) * len(SEEDS) - sum(
+        1 for c in configs() for r in runs.get(c.name, []) if r["seed"] in SEEDS
+    )
+    line = f"Cost: {len(done)} runs, {hours:.1f} h of training in all"
+    if missing and done:
+        median = statistics.median(r.get("train_seconds", 0.0) for r in done) / 3600
+        line += (
+            f"; {missing} of the {len(configs()) * len(SEEDS)} runs (seeds "
+            f"{', '.join(map(str, SEEDS))}) still to go, ≈ {missing * median:.1f} h more at the "
+            f"median run's {60 * median:.0f} min"
+        )
+    return line + "."
 
 
 FLAT = 0.01  # a validation curve is flat when its last epoch changed it by less than this
@@ -1074,7 +1097,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--tasks", nargs="+", choices=list(TASKS), default=list(TASKS))
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--configs", nargs="+", help="only these configurations (names)")
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
     parser.add_argument("--report-only", action="store_true", help="no training or measuring")

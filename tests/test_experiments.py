@@ -411,3 +411,14 @@ def test_flatness_and_provenance_lines(reproduce):
     assert "no finished run" in reproduce.flatness(task, {"qat": [qat(1.0)]})
     line = reproduce.provenance(flat)
     assert "`abc1234` (1), `def5678` (1)" in line and "Python `3.11.7` (2)" in line
+
+
+def test_cost_line_counts_runs_and_projects_the_rest(reproduce):
+    configs = reproduce.configs()
+    runs = {configs[0].name: [{"seed": s, "train_seconds": 600.0} for s in (0, 1, 2)]}
+    line = reproduce.cost(reproduce.TASKS["digits"], runs)
+    total = len(configs) * 3
+    assert line.startswith("Cost: 3 runs, 0.5 h of training in all")
+    assert f"{total - 3} of the {total} runs" in line and "median run's 10 min" in line
+    every = {c.name: [{"seed": s, "train_seconds": 1.0} for s in (0, 1, 2)] for c in configs}
+    assert "still to go" not in reproduce.cost(reproduce.TASKS["digits"], every)
