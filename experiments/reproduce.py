@@ -804,16 +804,25 @@ def table(task: Task, runs: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def corpus() -> str:
-    """What ``--dataset text`` trains on here (the running interpreter's copy)."""
+def corpus(runs: dict[str, list[dict]]) -> str:
+    """What ``--dataset text`` trains on: this interpreter's copy, said to be the runs' own
+    only where their summaries name the same Python version."""
     from fqtorch.data.datasets import default_corpus
     from fqtorch.train.config import TrainConfig
 
     path = default_corpus()
     text = path.read_text(encoding="utf-8")
     cut = int(0.9 * len(text))
+    versions = {r.get("environment", {}).get("python") for rs in runs.values() for r in rs}
+    here = platform.python_version()
+    caveat = (
+        ""
+        if versions == {here}
+        else f" (measured here; the runs used Python {', '.join(sorted(map(str, versions)))}, "
+        "whose file may differ)"
+    )
     return (
-        f"Corpus: `pydoc_data/topics.py` of Python {platform.python_version()}'s standard "
+        f"Corpus{caveat}: `pydoc_data/topics.py` of Python {here}'s standard "
         f"library (the Python documentation's topics: English prose and code), "
         f"{path.stat().st_size:,} bytes, {len(text):,} characters, {len(set(text))} distinct; "
         f"the first 90% ({cut:,} characters) train, the last 10% ({len(text) - cut:,}) "
@@ -871,13 +880,18 @@ def flatness(task: Task, runs: dict[str, list[dict]]) -> str:
     ]
     if not falls:
         return "QAT's curve: no finished run with two epochs."
-    text = ", ".join(f"{100 * f:.1f}%" for f in falls)
-    flat = all(f < FLAT for f in falls)
+    text = ", ".join(f"{100 * f:+.1f}%" for f in falls)
+    flat = all(abs(f) < FLAT for f in falls)
+    still = (
+        "QAT was still improving when training ended"
+        if all(f > 0 for f in falls)
+        else "QAT's last epoch moved it by more than that"
+    )
     return (
-        f"Schedule: {task.epochs} epochs. QAT's validation loss fell by {text} over the last "
-        f"epoch (one per seed); the rule here calls a curve flat when the last epoch moves it "
-        f"by less than {100 * FLAT:.0f}%: "
-        + ("**flat**." if flat else "**not flat**: QAT was still improving when training ended.")
+        f"Schedule: {task.epochs} epochs. QAT's validation loss changed over the last epoch by "
+        f"{text} (one per seed; + is a fall, − a rise); the rule here calls a curve flat when the "
+        f"last epoch moves it by less than {100 * FLAT:.0f}% either way: "
+        + ("**flat**." if flat else f"**not flat**: {still}.")
     )
 
 
@@ -962,7 +976,7 @@ def claims(task: Task, runs: dict[str, list[dict]], variance: dict | None) -> li
         return statistics.mean(values) if values else None
 
     def n(name: str) -> str:  # how many runs a mean is over (one run has no spread)
-        return f"(n={len(runs.get(name, []))})"
+        return f"(n={sum(not r['diverged'] for r in runs.get(name, []))})"
 
     qat, bhq5 = mean_of("qat", task.metric), mean_of("bhq5", task.metric)
     if qat is not None and bhq5 is not None:
@@ -1030,7 +1044,7 @@ def report(tasks: list[Task]) -> str:
         curves_figure(task, runs, curves)
         parts += [f"### {task.name}", ""]
         if task.name == "text":
-            parts += [corpus(), ""]
+            parts += [corpus(runs), ""]
         parts += [table(task, runs), ""]
         parts += [f"![{task.name} curves](figures/results/{curves.name})", ""]
         if variance is not None:

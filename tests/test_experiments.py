@@ -404,10 +404,12 @@ def test_flatness_and_provenance_lines(reproduce):
         return {"curve": curve, "diverged": False, "environment": env}
 
     steep = {"qat": [qat(1.2, 1.0, 0.98), qat(1.2, 1.0, 0.995)]}
-    assert "**not flat**" in reproduce.flatness(task, steep)  # 2.0% and 0.5%
-    assert "2.0%, 0.5%" in reproduce.flatness(task, steep)
+    assert "**not flat**: QAT was still improving" in reproduce.flatness(task, steep)
+    assert "+2.0%, +0.5%" in reproduce.flatness(task, steep)
     flat = {"qat": [qat(1.2, 1.0, 0.995), qat(1.2, 1.0, 1.001, commit="def5678")]}
     assert "**flat**" in reproduce.flatness(task, flat)
+    rising = {"qat": [qat(1.2, 1.0, 1.3)]}  # a 30% rise is not flat either
+    assert "**not flat**: QAT's last epoch moved it" in reproduce.flatness(task, rising)
     assert "no finished run" in reproduce.flatness(task, {"qat": [qat(1.0)]})
     line = reproduce.provenance(flat)
     assert "`abc1234` (1), `def5678` (1)" in line and "Python `3.11.7` (2)" in line

@@ -334,3 +334,36 @@ def test_float32_fit_sums_absolute_codes_exactly():
     assert fits_float32(w, 11)
     w[2, 0, 0, 0] = 1  # one code past the bound in one channel
     assert not fits_float32(w, 11)
+
+
+def test_code_sums_switch_to_int64_past_the_int32_bound():
+    """At ``chunk_length(8, 1)`` codes of −128 the sum is the int32 minimum's neighbour, in
+    int32; 64 more and it is past int32: int64, the right value (not a wrapped int32)."""
+    from fqtorch.backends.int8 import _code_sum
+
+    k = chunk_length(8, 1)
+    codes = torch.full((k + 64, 2), -128, dtype=torch.int8)
+    inside = _code_sum(codes[:k], 0, 8)
+    assert inside.dtype == torch.int32 and inside.tolist() == [-128 * k] * 2
+    past = _code_sum(codes, 0, 8)
+    assert past.dtype == torch.int64 and past.tolist() == [-128 * (k + 64)] * 2
+    assert _code_sum(codes[:k].T, -1, 8).tolist() == [-128 * k] * 2  # a negative dim
+
+
+def test_no_product_reaches_the_kernel_with_a_single_term_reduction(monkeypatch):
+    """The CPU kernel misreads some k = 1 layouts (torch 2.13): whatever the operands' layouts,
+    ``_int_mm`` pads a one-term reduction before ``torch._int_mm`` sees it."""
+    seen = []
+    real = torch._int_mm
+
+    def spy(a, b):
+        seen.append(a.shape[1])
+        return real(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", spy)
+    a = torch.tensor([[3], [-128], [5]], dtype=torch.int8)
+    for b in (torch.tensor([[7, -128]], dtype=torch.int8), torch.tensor([[7, -128]]).T.T):
+        for left in (a, a.T.contiguous().T):
+            prod, rows, cols = _int_mm(left, 8, b.to(torch.int8), 8)
+            assert torch.equal(prod.long(), left.long() @ b.long())
+    assert seen and 1 not in seen

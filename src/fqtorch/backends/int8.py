@@ -202,6 +202,7 @@ def _code_sum(codes: Tensor, dim: int, bits: int) -> Tensor:
     cannot overflow (the :func:`chunk_length` bound against a 1-bit operand of ones), else
     int64. On the CPU, long sums of int8 codes in int32 are a product with ones (``_int_mm``),
     1.5-7x faster than ``sum(dtype=torch.int32)``, which first copies the codes to int32."""
+    dim %= codes.dim()
     exact = codes.shape[dim] <= chunk_length(bits, 1)
     cpu_int8 = exact and codes.device.type == "cpu" and codes.dtype == torch.int8
     if cpu_int8 and codes.dim() >= 2 and (dim == 0 or codes.dim() == 2):
