@@ -366,4 +366,6 @@ def test_no_product_reaches_the_kernel_with_a_single_term_reduction(monkeypatch)
         for left in (a, a.T.contiguous().T):
             prod, rows, cols = _int_mm(left, 8, b.to(torch.int8), 8)
             assert torch.equal(prod.long(), left.long() @ b.long())
+            assert torch.equal(rows.long(), left.long().sum(1))
+            assert torch.equal(cols.long(), b.long().sum(0))
     assert seen and 1 not in seen
