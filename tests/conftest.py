@@ -6,8 +6,8 @@ import torch
 
 def pytest_configure(config):
     # Under pytest-xdist (``-n auto``) each worker is its own process. Share the cores out among
-    # them, and pass the count on to the subprocesses tests start: two workers of two threads
-    # each on two cores run 3-5x slower than two of one thread.
+    # them, and pass the count on to the subprocesses tests start (two workers of two threads
+    # each on two cores would oversubscribe them, and OpenMP's waiting threads slow every op).
     workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
     if workers:
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
