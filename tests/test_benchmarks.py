@@ -83,3 +83,12 @@ def test_im2col_checks_and_prints_every_layer():
     assert [x.split(" | ")[0] for x in rows] == layers * 2  # im2col, then the product
     bad = _run("--batch", "0", script="im2col.py")
     assert bad.returncode != 0 and "--batch" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_code_sums_checks_and_prints_every_row():
+    done = _run("--repeats", "1", script="code_sums.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [x.split(" | ")[0] for x in done.stdout.splitlines() if x.endswith("x") and " | " in x]
+    assert len(rows) == 4 and rows[-1].startswith("fits_float32")
+    bad = _run("--repeats", "0", script="code_sums.py")
+    assert bad.returncode != 0 and "--repeats" in bad.stderr.strip().splitlines()[-1]
