@@ -92,3 +92,12 @@ def test_code_sums_checks_and_prints_every_row():
     assert len(rows) == 4 and rows[-1].startswith("fits_float32")
     bad = _run("--repeats", "0", script="code_sums.py")
     assert bad.returncode != 0 and "--repeats" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_epilogues_checks_and_prints_every_shape():
+    done = _run("--repeats", "1", script="epilogues.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for c in (64, 128, 256, 512):
+        assert f"({c}, {c}, 3, 3) |" in done.stdout
+    bad = _run("--repeats", "0", script="epilogues.py")
+    assert bad.returncode != 0 and "--repeats: expected a positive integer" in bad.stderr

@@ -122,9 +122,19 @@ class TestAgainstSimulate:
         calls = count_qconv_calls(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)) + 0.2
+        epilogues = []
+        compiled = int8_qconv._compiled_taps_terms
+
+        def spy(*args):
+            epilogues.append(args[0].shape)
+            return compiled(*args)
+
+        monkeypatch.setattr(int8_qconv, "_compiled_taps_terms", spy)
         cfg = FQTConfig.preset("psq5", fused=True, weight_quantizer="ptq")
         assert_same(against_simulate(make, x, cfg))
         assert len(calls) == 2
+        # the stride-1 weight gradient's epilogue is the compiled one; strided layers unfold
+        assert len(epilogues) == (1 if conv == "3x3-pad1" else 0)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided"])
     def test_channels_last(self, conv):
@@ -196,6 +206,37 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk():
     expected = 128 * 128 * torch.outer(reach, reach)
     assert torch.equal(grad_weight.reshape(3, 3), expected)
     assert int(h_cols) == -128 * side * side
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_weight_gradient_epilogue_compiled_and_eager(dtype):
+    """The weight gradient's epilogue (:func:`int8_qconv.taps_terms`), compiled and eager,
+    against the four terms written out in float64 and rounded once to float32: products past
+    2^24 (int32) and past 2^31 (int64, from chunks), zero points far from zero, so the terms
+    cancel."""
+    gen = torch.Generator().manual_seed(3)
+    taps, o, c = 9, 6, 5
+    high = 2**30 if dtype == torch.int32 else 2**40
+    prod = torch.randint(-high, high, (taps, o + 1, c + 2), generator=gen, dtype=torch.int64)
+    prod = prod.to(dtype)
+    s_h = torch.rand(o, 1, generator=gen) * 1e-3 + 1e-5
+    b_h = -40.0 * s_h.squeeze(1) * torch.rand(o, generator=gen)
+    s_x, b_x = torch.tensor([[0.02]]), torch.tensor([[-1.3]])
+    p = prod.double()
+    sh, bh = s_h.double().reshape(o, 1, 1), b_h.double().reshape(o, 1, 1)
+    sx, bx = float(s_x), float(b_x)
+    expected = torch.empty(o, c, taps, dtype=torch.float64)
+    for t in range(taps):
+        expected[:, :, t] = (
+            sh[:, :, 0] * sx * p[t, :o, :c]
+            + sh[:, :, 0] * bx * p[t, :o, c : c + 1]
+            + bh[:, :, 0] * sx * p[t, o : o + 1, :c]
+            + bh[:, :, 0] * bx * p[t, o, c]
+        )
+    for compiled in (False, True):
+        got = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float32, compiled)
+        assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (o, c, taps)
+        torch.testing.assert_close(got, expected.float(), rtol=1.2e-7, atol=0)
 
 
 def test_chunk_bound_is_float32_exact():

@@ -180,10 +180,10 @@ class _Int8Conv2d(torch.autograd.Function):
             (ctx.needs_input_grad[3]),
         )
         grad_input = grad_weight = grad_bias = None
-        w_values = (w2d.to(torch.float32) * ws + wb).reshape(w_shape)
         if need_input:
             if isinstance(plan.grad_output, Identity):
                 x_like = torch.empty(in_shape, dtype=torch.float32, device=grad.device)
+                w_values = (w2d.to(torch.float32) * ws + wb).reshape(w_shape)
                 grad_input = ops.grad_input(grad, ops.prepare(x_like), w_values)
             else:
                 g = plan.grad_output.encode(grad, generator)  # rows = samples (N', O·ho·wo)
@@ -228,8 +228,8 @@ class _Int8Conv2d(torch.autograd.Function):
                 h_cols = None
                 if need_weight:
                     grad_weight, h_cols = _conv_grad_weight(hq, x_q, mask, batch)
-                    grad_weight = grad_weight.to(w_values.dtype).reshape(w_shape)
-                grad_bias = _grad_bias(hq, h_cols).to(w_values.dtype) if need_bias else None
+                    grad_weight = grad_weight.to(torch.float32).reshape(w_shape)
+                grad_bias = _grad_bias(hq, h_cols).float() if need_bias else None
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, None, None, grad_bias, None, grad_weight, None, None

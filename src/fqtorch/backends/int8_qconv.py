@@ -50,9 +50,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quantizers.base import QuantizedTensor
+from ..quantizers.fused import LazyCompiled
 from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite
-from .int8 import _code_sum, _grad_bias, _per_column, _per_row, chunk_length
+from .int8 import _code_sum, _compiled_path, _grad_bias, _per_column, _per_row, chunk_length
 from .int8_conv import _cols, _conv_grad_weight, _pads, _tap_mask
 from .notes import say_once
 
@@ -261,9 +262,11 @@ def _tap_offsets(ops: ConvOps, kernel: tuple[int, int], width: int) -> list[tupl
 
 
 def _grad_weight_taps(
-    h: QuantizedTensor, codes: Tensor, xs: Tensor, xb: Tensor, x_bits: int, w_shape, ops: ConvOps
-) -> tuple[Tensor, Tensor]:
-    """Stride-1 ``grad_weight`` (O, C, kh, kw) float64 and the column sums of ``h``'s codes: one
+    h: QuantizedTensor, codes: Tensor, xs: Tensor, xb: Tensor, x_bits: int, w_shape,
+    ops: ConvOps, out_dtype: torch.dtype = torch.float64, compiled: bool = False,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Stride-1 ``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64,
+    :func:`_taps_terms`, compiled with ``compiled``) and the column sums of ``h``'s codes: one
     ``_int_mm`` per tap of the input codes on the padded grid, flattened (C, N·Hp·Wp), at the
     tap's offset, with ``h``'s codes on the same grid (zero codes off the output positions).
 
@@ -303,15 +306,41 @@ def _grad_weight_taps(
         a = h_grid[:, lo:hi]  # (O + 1, L) row-major: 15 % faster than (C + 2, L) × (L, O + 1)
         part = torch.stack([torch._int_mm(a, x_grid[:, lo + off : hi + off].T) for *_, off in taps])
         prod = part if prod is None else prod.to(torch.int64).add_(part)
-    f64 = torch.float64
-    s_h, b_h = h.scale.to(f64).reshape(-1, 1, 1), h.bias.to(f64).reshape(-1, 1, 1)
-    s_x, b_x = xs.to(f64).reshape(()), xb.to(f64).reshape(())
-    terms = prod.to(f64).permute(1, 2, 0)  # (O + 1, C + 2, T)
-    out = terms[:o, :c] * (s_h * s_x)
-    out.add_(s_h * b_x * terms[:o, c : c + 1])  # M ⋆ C_h
-    out.add_(b_h * s_x * terms[o : o + 1, :c])  # 1 ⋆ Σ_n C_x
-    out.add_(b_h * b_x * terms[o : o + 1, c : c + 1])  # N (1 ⋆ M)
+    out = taps_terms(prod, h.scale, h.bias, xs, xb, out_dtype, compiled)
     return out.reshape(w_shape), prod[0, :o, c + 1]
+
+
+def taps_terms(
+    prod: Tensor, s_h: Tensor, b_h: Tensor, s_x: Tensor, b_x: Tensor, out_dtype: torch.dtype,
+    compiled: bool = False,
+) -> Tensor:  # fmt: skip
+    """The weight gradient (O, C, T), contiguous, in ``out_dtype``, from the bordered per-tap
+    products ``prod`` (T, O + 1, C + 2) of :func:`_grad_weight_taps`: the four terms in float64
+    (the products pass float32's exact integers), rounded once. The terms are computed in the
+    products' own (T, O, C) order (one compiled pass with ``compiled``; a few eager passes
+    without, the debugging path), then laid out as (O, C, T) in one copy: a pass that reads the
+    products across taps is 3× slower."""
+    terms = _compiled_taps_terms if compiled else _taps_terms
+    return terms(prod, s_h, b_h, s_x, b_x, out_dtype).permute(1, 2, 0).contiguous()
+
+
+def _taps_terms(
+    prod: Tensor, s_h: Tensor, b_h: Tensor, s_x: Tensor, b_x: Tensor, out_dtype: torch.dtype
+) -> Tensor:
+    """:func:`taps_terms` in the products' (T, O, C) order."""
+    f64 = torch.float64
+    o, c = prod.shape[1] - 1, prod.shape[2] - 2
+    s_h, b_h = s_h.to(f64).reshape(1, -1, 1), b_h.to(f64).reshape(1, -1, 1)
+    s_x, b_x = s_x.to(f64).reshape(()), b_x.to(f64).reshape(())
+    terms = prod.to(f64)
+    out = terms[:, :o, :c] * (s_h * s_x)
+    out.add_(s_h * b_x * terms[:, :o, c : c + 1])  # M ⋆ C_h
+    out.add_(b_h * s_x * terms[:, o : o + 1, :c])  # 1 ⋆ Σ_n C_x
+    out.add_(b_h * b_x * terms[:, o : o + 1, c : c + 1])  # N (1 ⋆ M)
+    return out.to(out_dtype)
+
+
+_compiled_taps_terms = LazyCompiled(_taps_terms)
 
 
 class _QConv2d(torch.autograd.Function):
@@ -348,11 +377,14 @@ class _QConv2d(torch.autograd.Function):
             ctx.needs_input_grad[3],
         )
         grad_input = grad_weight = grad_bias = None
-        w_values = (w2d.to(torch.float32) * ws + wb).reshape(w_shape)
+
+        def w_values() -> Tensor:  # the weight's values, for an exact (identity) branch only
+            return (w2d.to(torch.float32) * ws + wb).reshape(w_shape)
+
         if need_input:
             if isinstance(plan.grad_output, Identity):
                 x_like = torch.empty(in_shape, dtype=torch.float32, device=grad.device)
-                grad_input = ops.grad_input(grad, ops.prepare(x_like), w_values)
+                grad_input = ops.grad_input(grad, ops.prepare(x_like), w_values())
             else:
                 g = plan.grad_output.encode(grad, generator)  # rows = samples
                 _per_row(g)
@@ -366,7 +398,7 @@ class _QConv2d(torch.autograd.Function):
             if isinstance(plan.grad_output_weight, Identity):
                 if need_weight:
                     x_values = ops.prepare(codes.to(torch.float32) * xs + xb)
-                    grad_weight = ops.grad_weight(grad, x_values, w_values)
+                    grad_weight = ops.grad_weight(grad, x_values, w_values())
                 grad_bias = columns.sum(0)
             else:
                 hq = plan.grad_output_weight.encode(columns, generator)
@@ -375,14 +407,15 @@ class _QConv2d(torch.autograd.Function):
                 if need_weight:
                     if all(s == 1 for s in ops.stride):
                         grad_weight, h_cols = _grad_weight_taps(
-                            hq, codes, xs, xb, x_bits, w_shape, ops
-                        )
+                            hq, codes, xs, xb, x_bits, w_shape, ops, torch.float32,
+                            _compiled_path(plan),
+                        )  # fmt: skip
                     else:
                         grad_weight, h_cols = _im2col_grad_weight(
                             hq, codes, xs, xb, x_bits, w_shape, ops
                         )
-                    grad_weight = grad_weight.to(w_values.dtype).reshape(w_shape)
-                grad_bias = _grad_bias(hq, h_cols).to(w_values.dtype) if need_bias else None
+                    grad_weight = grad_weight.to(torch.float32).reshape(w_shape)
+                grad_bias = _grad_bias(hq, h_cols).float() if need_bias else None
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, None, None, grad_bias, None, grad_weight, None, None
