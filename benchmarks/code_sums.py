@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from common import environment, median_seconds, print_header
+from common import environment, median_seconds, ms_cell, print_header
 from fqtorch.backends.int8 import _code_sum
 from fqtorch.backends.int8_qconv import fits_float32
 
@@ -28,10 +28,6 @@ SUMS = {  # name: (shape, dim)
     "(513, 4608) over rows": ((513, 4608), 0),
 }
 BITS = 5
-
-
-def cell(t: dict) -> str:
-    return f"{t['median'] * 1e3:.2f} [{t['min'] * 1e3:.2f}–{t['max'] * 1e3:.2f}]"
 
 
 def old_fit(w: torch.Tensor, a_bits: int) -> bool:
@@ -67,7 +63,7 @@ def main() -> None:
     )  # fmt: skip
     for name, before, after in rows:
         old, new = median_seconds(before, args.repeats), median_seconds(after, args.repeats)
-        print(f"{name} | {cell(old)} | {cell(new)} | {old['median'] / new['median']:.1f}x")
+        print(f"{name} | {ms_cell(old)} | {ms_cell(new)} | {old['median'] / new['median']:.1f}x")
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import argparse
 import torch
 
 import fqtorch
-from common import environment, median_seconds, print_header
+from common import environment, median_seconds, ms_cell, print_header
 from fqtorch.quantizers import twoway, uniform
 from fqtorch.quantizers.fused import LazyCompiled
 from fqtorch.quantizers.uniform import uniform_spec
@@ -24,10 +24,6 @@ from fqtorch.quantizers.uniform import uniform_spec
 
 def one_stage(x2d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.aminmax(x2d, dim=0, keepdim=True)
-
-
-def cell(t: dict) -> str:
-    return f"{t['median'] * 1e3:.2f} [{t['min'] * 1e3:.2f}–{t['max'] * 1e3:.2f}]"
 
 
 def main() -> None:
@@ -54,7 +50,7 @@ def main() -> None:
         x = torch.randn(rows, cols, generator=torch.Generator().manual_seed(0))
         row = [f"{rows}x{cols}"]
         for fn in (compiled["one stage"], compiled["two stages"], one_stage, two_stage):
-            row.append(cell(median_seconds(lambda fn=fn, x=x: fn(x), args.repeats)))
+            row.append(ms_cell(median_seconds(lambda fn=fn, x=x: fn(x), args.repeats)))
         print(" | ".join(row))
     # the Linear step's two-way statistics (PSQ5 rows, per-column 8-bit), largest shape
     rows, cols = max(shapes, key=lambda s: s[0] * s[1])
@@ -69,7 +65,7 @@ def main() -> None:
             t = median_seconds(lambda stats=stats: stats(x, spec_g, spec_h), args.repeats)
         finally:
             uniform._column_minmax = two_stage
-        print(f"{name}: {cell(t)}")
+        print(f"{name}: {ms_cell(t)}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> 
     }
 
 
+def ms_cell(t: dict[str, float], digits: int = 2) -> str:
+    """``median [min–max]`` of :func:`median_seconds`'s result, in milliseconds."""
+    return (
+        f"{t['median'] * 1e3:.{digits}f} [{t['min'] * 1e3:.{digits}f}–{t['max'] * 1e3:.{digits}f}]"
+    )
+
+
 def cpu_model() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

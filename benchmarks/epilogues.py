@@ -17,15 +17,11 @@ import functools
 
 import torch
 
-from common import environment, median_seconds, print_header
+from common import environment, median_seconds, ms_cell, print_header
 from fqtorch.backends.int8_qconv import taps_terms
 
 CHANNELS = (64, 128, 256, 512)
 TAPS = 9
-
-
-def cell(t: dict) -> str:
-    return f"{t['median'] * 1e3:.2f} [{t['min'] * 1e3:.2f}–{t['max'] * 1e3:.2f}]"
 
 
 def main() -> None:
@@ -49,7 +45,7 @@ def main() -> None:
         torch.testing.assert_close(compiled(), eager(), rtol=1.2e-7, atol=0)
         old, new = median_seconds(eager, args.repeats), median_seconds(compiled, args.repeats)
         ratio = old["median"] / new["median"]
-        print(f"({c}, {c}, 3, 3) | {cell(old)} | {cell(new)} | {ratio:.1f}x")
+        print(f"({c}, {c}, 3, 3) | {ms_cell(old)} | {ms_cell(new)} | {ratio:.1f}x")
 
 
 if __name__ == "__main__":

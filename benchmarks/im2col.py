@@ -19,7 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from common import environment, median_seconds, print_header
+from common import environment, median_seconds, ms_cell, print_header
 from fqtorch.backends.base import ConvOps
 from fqtorch.backends.int8 import _int_mm
 from fqtorch.backends.int8_conv import _cols, _pads
@@ -50,10 +50,6 @@ def tn_route(h: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a, bt.T)[:o, :k]
 
 
-def cell(t: dict) -> str:
-    return f"{t['median'] * 1e3:.1f} [{t['min'] * 1e3:.1f}–{t['max'] * 1e3:.1f}]"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
@@ -79,7 +75,9 @@ def main() -> None:
         after = functools.partial(_cols, codes, pads, kernel, ops)
         assert torch.equal(before(), after())
         old, new = median_seconds(before, args.repeats), median_seconds(after, args.repeats)
-        print(f"{name} | {cell(old)} | {cell(new)} | {old['median'] / new['median']:.1f}x")
+        print(
+            f"{name} | {ms_cell(old, 1)} | {ms_cell(new, 1)} | {old['median'] / new['median']:.1f}x"
+        )
         columns[name] = after()
     print("\nweight-gradient product | TN route ms | columns as they are ms | TN / as they are")
     for name, cols in columns.items():
@@ -91,7 +89,9 @@ def main() -> None:
         after = functools.partial(_int_mm, h.T, GRAD_BITS, cols, 8)
         assert torch.equal(before(), after()[0])
         old, new = median_seconds(before, args.repeats), median_seconds(after, args.repeats)
-        print(f"{name} | {cell(old)} | {cell(new)} | {old['median'] / new['median']:.1f}x")
+        print(
+            f"{name} | {ms_cell(old, 1)} | {ms_cell(new, 1)} | {old['median'] / new['median']:.1f}x"
+        )
 
 
 if __name__ == "__main__":
