@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
@@ -76,6 +77,18 @@ def assert_same(results) -> None:
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
 
 
+def spy_compiled_epilogue(monkeypatch) -> list:
+    """The product shapes the compiled weight-gradient epilogue is called with."""
+    calls, compiled = [], int8_qconv._compiled_taps_terms
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return compiled(*args)
+
+    monkeypatch.setattr(int8_qconv, "_compiled_taps_terms", spy)
+    return calls
+
+
 def count_qconv_calls(monkeypatch) -> list:
     calls = []
     raw = int8_qconv._qconv_raw
@@ -107,6 +120,7 @@ class TestAgainstSimulate:
         most codes at one end of the grid. Both run on the integer kernels (2 calls: output,
         grad_input; ``qat`` has no integer grad_input)."""
         calls = count_qconv_calls(monkeypatch)
+        epilogues = spy_compiled_epilogue(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
         x = x.relu() if inputs == "relu" else x + 0.37
@@ -114,6 +128,20 @@ class TestAgainstSimulate:
         cfg = FQTConfig.preset(name, fused=False, **PRESETS[preset])
         assert_same(against_simulate(make, x, cfg))
         assert len(calls) == (1 if name == "qat" else 2)
+        assert not epilogues  # fused=False: the eager epilogue
+
+    @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-pad1-stride2"])
+    def test_float64_model_keeps_float64_gradients(self, conv):
+        """A float64 layer's weight and bias gradients are float64 values, not float32 ones
+        cast back (its zero-point terms are computed in float64 either way)."""
+        make, shape = CONVS[conv]
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+        cfg = FQTConfig.preset("psq5", fused=True)  # hash noise: the same draws in both backends
+        results = against_simulate(lambda: make().double(), x + 0.3, cfg)
+        assert_same(results)
+        for grad in results["int8"][2:]:  # weight, bias
+            assert grad.dtype == torch.float64
+            assert not torch.equal(grad, grad.float().double())
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided"])
     def test_fused_quantizers(self, conv, monkeypatch):
@@ -122,14 +150,7 @@ class TestAgainstSimulate:
         calls = count_qconv_calls(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)) + 0.2
-        epilogues = []
-        compiled = int8_qconv._compiled_taps_terms
-
-        def spy(*args):
-            epilogues.append(args[0].shape)
-            return compiled(*args)
-
-        monkeypatch.setattr(int8_qconv, "_compiled_taps_terms", spy)
+        epilogues = spy_compiled_epilogue(monkeypatch)
         cfg = FQTConfig.preset("psq5", fused=True, weight_quantizer="ptq")
         assert_same(against_simulate(make, x, cfg))
         assert len(calls) == 2
@@ -210,21 +231,22 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk():
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
 def test_weight_gradient_epilogue_compiled_and_eager(dtype):
-    """The weight gradient's epilogue (:func:`int8_qconv.taps_terms`), compiled and eager,
-    against the four terms written out in float64 and rounded once to float32: products past
-    2^24 (int32) and past 2^31 (int64, from chunks), zero points far from zero, so the terms
-    cancel."""
+    """The weight gradient's epilogue (:func:`int8_qconv.taps_terms`) against the four terms
+    written out in float64 and rounded once to float32: eager bit for bit, compiled within one
+    float32 rounding of it (Inductor may order the float64 sums otherwise). Products past 2^24
+    (int32) and past 2^31 (int64, from chunks); scales that give the four terms comparable sizes,
+    so that rounding any of them (or a scale product) to float32 first changes the result."""
     gen = torch.Generator().manual_seed(3)
     taps, o, c = 9, 6, 5
     high = 2**30 if dtype == torch.int32 else 2**40
     prod = torch.randint(-high, high, (taps, o + 1, c + 2), generator=gen, dtype=torch.int64)
     prod = prod.to(dtype)
     s_h = torch.rand(o, 1, generator=gen) * 1e-3 + 1e-5
-    b_h = -40.0 * s_h.squeeze(1) * torch.rand(o, generator=gen)
-    s_x, b_x = torch.tensor([[0.02]]), torch.tensor([[-1.3]])
+    b_h = s_h.squeeze(1) * (torch.rand(o, generator=gen) - 0.5)
+    s_x, b_x = torch.tensor([[0.0213]]), torch.tensor([[-0.0171]])
     p = prod.double()
     sh, bh = s_h.double().reshape(o, 1, 1), b_h.double().reshape(o, 1, 1)
-    sx, bx = float(s_x), float(b_x)
+    sx, bx = float(s_x), float(b_x)  # float32 scales, exact in float64
     expected = torch.empty(o, c, taps, dtype=torch.float64)
     for t in range(taps):
         expected[:, :, t] = (
@@ -233,10 +255,17 @@ def test_weight_gradient_epilogue_compiled_and_eager(dtype):
             + bh[:, :, 0] * sx * p[t, o : o + 1, :c]
             + bh[:, :, 0] * bx * p[t, o, c]
         )
-    for compiled in (False, True):
-        got = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float32, compiled)
-        assert got.dtype == torch.float32 and got.is_contiguous() and got.shape == (o, c, taps)
-        torch.testing.assert_close(got, expected.float(), rtol=1.2e-7, atol=0)
+    eager = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float32, False)
+    assert eager.dtype == torch.float32 and eager.is_contiguous() and eager.shape == (o, c, taps)
+    assert torch.equal(eager, expected.float())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a compile failure falls back: not here
+        compiled = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float32, True)
+    assert compiled.is_contiguous() and compiled.shape == (o, c, taps)
+    torch.testing.assert_close(compiled, eager, rtol=1.2e-7, atol=0)
+    # float64 out: the terms, not rounded to float32
+    wide = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float64, False)
+    torch.testing.assert_close(wide, expected, rtol=1e-15, atol=0)
 
 
 def test_chunk_bound_is_float32_exact():

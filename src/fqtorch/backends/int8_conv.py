@@ -226,10 +226,11 @@ class _Int8Conv2d(torch.autograd.Function):
                 hq = plan.grad_output_weight.encode(columns, generator)
                 _per_column(hq)
                 h_cols = None
+                w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
                     grad_weight, h_cols = _conv_grad_weight(hq, x_q, mask, batch)
-                    grad_weight = grad_weight.to(torch.float32).reshape(w_shape)
-                grad_bias = _grad_bias(hq, h_cols).float() if need_bias else None
+                    grad_weight = grad_weight.to(w_dtype).reshape(w_shape)
+                grad_bias = _grad_bias(hq, h_cols).to(w_dtype) if need_bias else None
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, None, None, grad_bias, None, grad_weight, None, None
