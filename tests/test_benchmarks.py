@@ -101,3 +101,16 @@ def test_epilogues_checks_and_prints_every_shape():
         assert f"({c}, {c}, 3, 3) |" in done.stdout
     bad = _run("--repeats", "0", script="epilogues.py")
     assert bad.returncode != 0 and "--repeats: expected a positive integer" in bad.stderr
+
+
+def test_qconv_packing_prints_every_layer():
+    from fqtorch.backends.int8_qconv import qconv_verdict
+
+    if qconv_verdict() is not None:
+        pytest.skip(f"oneDNN's int8 convolution is not exact here: {qconv_verdict()}")
+    done = _run("--batch", "1", "--repeats", "1", script="qconv_packing.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    for c in (64, 128, 256, 512):
+        assert f"({c}, {c}, 3, 3) on" in done.stdout
+    bad = _run("--batch", "0", script="qconv_packing.py")
+    assert bad.returncode != 0 and "--batch" in bad.stderr.strip().splitlines()[-1]
