@@ -267,7 +267,7 @@ def _grad_weight_taps(
     ops: ConvOps, out_dtype: torch.dtype = torch.float64, compiled: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """Stride-1 ``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64,
-    :func:`_taps_terms`, compiled with ``compiled``) and the column sums of ``h``'s codes: one
+    :func:`taps_terms`, compiled with ``compiled``) and the column sums of ``h``'s codes: one
     ``_int_mm`` per tap of the input codes on the padded grid, flattened (C, N·Hp·Wp), at the
     tap's offset, with ``h``'s codes on the same grid (zero codes off the output positions).
 
@@ -319,8 +319,8 @@ def taps_terms(
     products ``prod`` (T, O + 1, C + 2) of :func:`_grad_weight_taps`: the four terms in float64
     (the products pass float32's exact integers), rounded once. The terms are computed in the
     products' own (T, O, C) order (one compiled pass with ``compiled``; a few eager passes
-    without, the debugging path), then laid out as (O, C, T) in one copy: a pass that reads the
-    products across taps is 3× slower."""
+    without, the debugging path), then laid out as (O, C, T) in one copy (a compiled pass in the
+    weight's order, reading the products across taps, was slower)."""
     terms = _compiled_taps_terms if compiled else _taps_terms
     return terms(prod, s_h, b_h, s_x, b_x, out_dtype).permute(1, 2, 0).contiguous()
 
