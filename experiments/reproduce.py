@@ -74,6 +74,7 @@ class Task:
     variance_flags: tuple[str, ...] = ()
     plan_flags: tuple[str, ...] = ()
     adaptive_flags: tuple[str, ...] = ()
+    plan_note: str = ""  # said under the plan's description in the report
 
 
 TASKS = {
@@ -84,7 +85,7 @@ TASKS = {
         flags=("--dataset", "text", "--max-steps-per-epoch", "250"),
         variance_flags=("--dataset", "text", "--batches", "2", "--samples", "8"),
         # 17 FQT layers probed one at a time, 2 batches x 4 samples, over the candidates digits
-        # has (the uniform rows' integer grids at 3-8 bits and the 4-bit formats). Until 247c00d
+        # has (the uniform rows' integer grids at 3-8 bits and the 4-bit formats). Through 247c00d
         # the char-GPT's candidates were BHQ alone; the formats were added after its plan tied
         # mxfp4_sr's bits (docs/results.md gives both plans' results).
         plan_flags=(
@@ -96,6 +97,11 @@ TASKS = {
         # 1000 steps: a measurement (4 quantized + 4 micro-batch backward passes) every 25
         # steps, a re-plan every 100 (4 measurements per window)
         adaptive_flags=("--adaptive-precision", "100", "--variance-every", "25"),
+        plan_note=(
+            "This is the char-GPT's second plan: the first (through commit 247c00d) had BHQ "
+            "alone as candidates, tied mxfp4_sr at 4.25 bits, and the formats were added after "
+            "that result was seen (docs/results.md, above the generated section)."
+        ),
     ),
     "digits": Task(
         "digits",
@@ -531,7 +537,11 @@ def comparison(task: Task, runs: dict[str, list[dict]], plan: dict | None) -> li
         "multiply-accumulates (docs/method.md §11's cost model without the other operand's "
         "bits; 32 for an exact branch; block formats count their scales); the same GEMM sizes "
         f"(the plan's, at the training batch size) for every row; adaptive: averaged over its "
-        "training steps from its precision events, then over seeds.",
+        "training steps from its precision events, then over seeds. The claim is about the "
+        "gradients' bits alone: the forwards differ (int8 for QAT, the plans and the integer "
+        "presets; the formats' own for the format presets: MXFP8 for mxfp4_sr, NVFP4 for "
+        "nvfp4_sr), and with §11's full cost (× the other operand's bits) a format preset with "
+        "a 4-bit forward can cost less than a plan over an 8-bit one.",
         "",
         f"| configuration | kind | {label} | Δ vs QAT | matches QAT | avg gradient bits |",
         "| --- | --- | --- | --- | --- | --- |",
@@ -566,7 +576,8 @@ def comparison(task: Task, runs: dict[str, list[dict]], plan: dict | None) -> li
                   "matching uniform preset): not decided — the task's plan (and with it the "
                   "GEMM sizes the average bits weigh by) is not made yet."]  # fmt: skip
     else:
-        lines += ["", *claim_lines(rows, pending, measuring_cost(task))]
+        seeds = {name: sum(not r["diverged"] for r in runs.get(name, [])) for name in rows}
+        lines += ["", *claim_lines(rows, pending, measuring_cost(task), seeds)]
     return lines
 
 
@@ -601,6 +612,7 @@ def claim_lines(
     rows: dict[str, tuple[Config, bool | None, float | None]],
     pending: dict[str, float] | None = None,
     cost: tuple[int, int, int] | None = None,
+    seeds: dict[str, int] | None = None,
 ) -> list[str]:
     """Whether plan and adaptive match QAT with fewer average bits than the smallest matching
     uniform configuration (the quantizer × bits grid, the low-bit rows and the formats).
@@ -608,8 +620,15 @@ def claim_lines(
     ``pending``: uniform and format rows not decided yet (not run, or fewer than 2 seeds), with
     their bits; one at no more bits than the plan's leaves the claim not decided, since it could
     still match. ``cost``: the adaptive run's measurements (``measuring_cost``), for the same
-    comparison with them counted."""
+    comparison with them counted. ``seeds``: runs per row, said where a compared row has
+    fewer than 3."""
     pending = pending or {}
+    seeds = seeds or {}
+
+    def runs_of(name: str) -> str:
+        n = seeds.get(name, 3)
+        return f" ({n} seeds so far)" if n < 3 else ""
+
     by_name = {c.name: c for c in configs()}
     uniform = {
         name: bits
@@ -619,7 +638,7 @@ def claim_lines(
     grid_only = {n: b for n, b in uniform.items() if not rows[n][0].flags}
     best = min(uniform, key=uniform.get) if uniform else None
     smallest = (
-        f"the smallest matching is {best} at {uniform[best]:.2f} bits"
+        f"the smallest matching is {best} at {uniform[best]:.2f} bits{runs_of(best)}"
         if best
         else "none of those decided matches"
     )
@@ -629,7 +648,7 @@ def claim_lines(
         f"grid, the low-bit rows and the formats; {smallest}"
         + (
             f"; of the library's presets alone, {min(grid_only, key=grid_only.get)} at "
-            f"{min(grid_only.values()):.2f}"
+            f"{min(grid_only.values()):.2f}{runs_of(min(grid_only, key=grid_only.get))}"
             if grid_only
             else ""
         )
@@ -1087,7 +1106,8 @@ def planned(task: Task, runs: dict[str, list[dict]]) -> list[str]:
             f"`{' '.join(task.plan_flags)}`), saved as "
             f"`experiments/results/{task.name}/plan/plan.json` and trained with `--preset qat "
             f"--bits-plan` for every seed; `adaptive` starts from it and re-plans while training "
-            f"(`{' '.join(task.adaptive_flags)}`).",
+            f"(`{' '.join(task.adaptive_flags)}`)."
+            + (f" {task.plan_note}" if task.plan_note else ""),
             "",
         ]
     parts += [*comparison(task, runs, plan), ""]
@@ -1097,7 +1117,13 @@ def planned(task: Task, runs: dict[str, list[dict]]) -> list[str]:
         if adaptive:
             figure = FIGURES / f"{task.name}_adaptive_bits.png"
             adaptive_figure(task, adaptive, plan, figure)
-            parts += [f"![{task.name} adaptive bits](figures/results/{figure.name})", ""]
+            parts += [
+                f"![{task.name} adaptive bits](figures/results/{figure.name})",
+                "",
+                "The per-layer panels plot each branch's `bits` (a 4-bit format at 4), offset a "
+                "little per layer; seeds whose bits move at the same steps draw over each other.",
+                "",
+            ]
     return parts
 
 

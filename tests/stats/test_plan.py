@@ -451,6 +451,23 @@ def _controlled(bits: int = 6):
     return PrecisionController(fqt_modules(model), budget=0.1)
 
 
+def test_controller_bits_per_element_tells_formats_from_integer_grids():
+    """TensorBoard's ``precision/*`` values: NVFP4 and a 4-bit grid both have ``bits`` 4, and
+    per element they differ (the block scales); an exact branch is 32."""
+    from fqtorch.stats import PrecisionController
+
+    cfg = FQTConfig(
+        grad_quantizer="psq", grad_bits=4, grad_weight_quantizer="nvfp4", grad_weight_bits=4
+    )
+    ctl = PrecisionController(fqt_modules(quantize_model(TwoInputs(1.0), cfg)), budget=0.1)
+    for name, (g, w) in ctl.bits_per_element().items():
+        assert ctl.bits()[name] == [4, 4]
+        assert g == 4.0 and w == 4.5, name
+    qat = FQTConfig(grad_quantizer=None, grad_weight_quantizer="per_column", grad_weight_bits=6)
+    ctl = PrecisionController(fqt_modules(quantize_model(TwoInputs(1.0), qat)), budget=0.1)
+    assert all(b == [32.0, 6.0] for b in ctl.bits_per_element().values())
+
+
 def _drive(ctl, scale_at, replans: int, seed: int = 0) -> list[dict[str, list[int]]]:
     """Feed the controller what a layer at ``b`` bits would measure: ``Q/S = c · 4^(6 − b)``
     with ``c = scale_at(i)`` at re-plan ``i``, times ±30 % noise, two measurements a window."""

@@ -1009,6 +1009,19 @@ class PrecisionController:
     def bits(self) -> dict[str, list[int]]:
         return {n: [m.config.grad_bits, m.config.grad_weight_bits] for n, m in self.layers.items()}
 
+    def bits_per_element(self) -> dict[str, list[float]]:
+        """Per layer, ``[grad, grad_weight]`` storage bits per gradient element
+        (:func:`bits_per_element`): a block format's scales count, so a change between formats
+        or between a format and an integer grid of the same bits shows (32: an exact branch)."""
+        out = {}
+        for name, m in self.layers.items():
+            cfg = m.config
+            out[name] = [
+                bits_per_element(cfg.grad_quantizer or "identity", cfg.grad_bits),
+                bits_per_element(cfg.grad_weight_quantizer or "identity", cfg.grad_weight_bits),
+            ]
+        return out
+
     def predicted(self) -> float:
         """The plan's predicted total at the current choices (fraction of sampling variance)."""
         return sum(self.frontiers[k][i].variance for k, i in self.at.items())

@@ -907,9 +907,10 @@ class _Run:
                 for change in changes:
                     line = {"event": "precision", "epoch": self.epoch + 1, "step": self.step}
                     f.write(json.dumps({**line, **change}) + "\n")
-        if self.tensorboard is not None:
-            bits = {f"precision/{n}/grad_bits": b[0] for n, b in ctl.bits().items()}
-            bits.update({f"precision/{n}/grad_weight_bits": b[1] for n, b in ctl.bits().items()})
+        if self.tensorboard is not None:  # bits per element: a format's scales count
+            per_element = ctl.bits_per_element()
+            bits = {f"precision/{n}/grad_bits": b[0] for n, b in per_element.items()}
+            bits.update({f"precision/{n}/grad_weight_bits": b[1] for n, b in per_element.items()})
             self.tensorboard.scalars(bits, self.step)
         if low:
             log.warning(
