@@ -310,7 +310,7 @@ def test_the_comparison_and_the_claim(reproduce, monkeypatch):
     assert "| plan | plan | 99.50 ± 0.50 | +0.00 | yes | 4.50 |" in text
     assert "| bhq4 | uniform | 99.50 ± 0.50 | +0.00 | yes | 6.80 |" in text
     assert "| bhq3 | uniform |" in text and "| no | 6.50 |" in text
-    assert "smallest matching is bhq4 at 6.80 bits" in text
+    assert "smallest matching is bhq4 at 6.80 bits;" in text  # 3 seeds: nothing more said
     # rows with no more bits than the plan's not run yet: they could still match
     assert "- plan: not decided — 4.50 bits, but bhq3_w3, bhq4_w4, mxfp4_rht_sr, mxfp4_sr" in text
     assert "- adaptive: **not held** — does not match QAT" in text
@@ -347,6 +347,9 @@ def test_the_comparison_and_the_claim(reproduce, monkeypatch):
         "alone (no flags: the quantizer × bits presets and the formats; not RHT, which takes "
         "--grad-quantizer), **held** — 4.50 bits < 6.80." in text
     )
+    grid["bhq3_w3"] = grid["bhq3_w3"][:2]  # two seeds: the claim says so
+    text = "\n".join(reproduce.comparison(task, grid, plan))
+    assert "smallest matching is bhq3_w3 at 3.00 bits (2 seeds so far);" in text
     markdown = "\n".join(reproduce.planned(task, grid))
     assert "| b | 300 | psq5 |" in markdown
     assert (reproduce.FIGURES / "digits_adaptive_bits.png").stat().st_size > 0
