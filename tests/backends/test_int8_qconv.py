@@ -261,6 +261,7 @@ def test_weight_gradient_epilogue_compiled_and_eager(dtype):
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile failure falls back: not here
         compiled = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float32, True)
+    assert not int8_qconv._compiled_taps_terms._broken  # nor an earlier fallback in this process
     assert compiled.is_contiguous() and compiled.shape == (o, c, taps)
     torch.testing.assert_close(compiled, eager, rtol=1.2e-7, atol=0)
     # float64 out: the terms, not rounded to float32
