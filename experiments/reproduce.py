@@ -160,6 +160,10 @@ def configs() -> list[Config]:
 
 
 QAT = Config("qat", "qat", kind="reference")
+# QAT on twice the task's schedule, seed 0 only: how much lower a longer schedule takes the loss
+# (the report's check that the task's schedule is long enough; not a row of the tables)
+LONG = Config("qat_long", "qat", kind="schedule")
+LONG_FACTOR = 2
 
 
 # ------------------------------------------------------------------------------------ running
@@ -225,7 +229,7 @@ def command(task: Task, config: Config, seed: int, resume: bool = True) -> list[
         *(("--bits-plan", str(plan_path(task))) if config.kind in ("plan", "adaptive") else ()),
         *(task.adaptive_flags if config.kind == "adaptive" else ()),
         "--epochs",
-        str(task.epochs),
+        str(task.epochs * (LONG_FACTOR if config.kind == "schedule" else 1)),
         "--seed",
         str(seed),
         "--out",
@@ -916,6 +920,45 @@ def flatness(task: Task, runs: dict[str, list[dict]]) -> str:
         f"{text} (one per seed; + is a fall, − a rise); the rule here calls a curve flat when the "
         f"last epoch moves it by less than {100 * FLAT:.0f}% either way: "
         + ("**flat**." if flat else f"**not flat**: {still}.")
+        + f" {schedule_check(task, runs)}"
+    )
+
+
+def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
+    """QAT seed 0 on the task's schedule against the same seed on ``LONG_FACTOR`` times it: is
+    the schedule long enough that a longer one would not change QAT's loss by ``FLAT``?"""
+    epochs = task.epochs * LONG_FACTOR
+    long = runs.get(LONG.name, [])
+    base = [r for r in runs.get("qat", []) if r["seed"] == 0] if long else []
+    if not base:
+        return (
+            f"The schedule check (QAT seed 0 on {epochs} epochs: `python experiments/"
+            f"reproduce.py --tasks {task.name} --configs {LONG.name} --seeds 0`) has not run yet."
+        )
+    if long[0]["diverged"] or base[0]["diverged"]:
+        return f"The schedule check: QAT seed 0 diverged on {epochs} or {task.epochs} epochs."
+    short, longer = base[0]["final"]["val_loss"], long[0]["final"]["val_loss"]
+    fall = (short - longer) / short
+    curve = long[0]["curve"]
+    last = (curve[-2]["val_loss"] - curve[-1]["val_loss"]) / curve[-2]["val_loss"]
+    spread = [r["final"]["val_loss"] for r in runs.get("qat", []) if not r["diverged"]]
+    spread_text = (
+        f" (QAT's std over its {len(spread)} seeds: {statistics.stdev(spread):.4f})"
+        if len(spread) > 1
+        else ""
+    )
+    verdict = (
+        "**long enough**: a schedule twice as long would not change QAT's loss by that much"
+        if abs(fall) < FLAT
+        else f"**not long enough**: twice the schedule {'lowers' if fall > 0 else 'raises'} "
+        "QAT's loss by more than that, so the rows compare runs still "
+        + ("improving" if fall > 0 else "before the point where QAT starts to overfit")
+    )
+    return (
+        f"Schedule check: QAT seed 0 on {epochs} epochs (`qat_long`, same steps per epoch and "
+        f"learning-rate shape) ends at validation loss {longer:.4f} against {short:.4f} on "
+        f"{task.epochs}{spread_text}, {100 * fall:+.1f}% (its own last epoch: {100 * last:+.1f}%); "
+        f"by the same {100 * FLAT:.0f}% rule the {task.epochs}-epoch schedule is {verdict}."
     )
 
 
@@ -944,6 +987,15 @@ def curves_figure(task: Task, runs: dict[str, list[dict]], path: Path) -> None:
                     alpha=0.8,
                     color=f"C{names.index(name)}",
                 )
+        for r in runs.get(LONG.name, [])[:1]:  # the schedule check, where it has run
+            ax.plot(
+                [c["steps"] for c in r["curve"]],
+                [c[metric] * scale for c in r["curve"]],
+                "k--",
+                marker=".",
+                lw=1,
+                label=f"qat, {task.epochs * LONG_FACTOR} epochs (seed 0)",
+            )
         ax.set_xlabel("training step")
         ax.set_ylabel("validation loss" if metric == "val_loss" else "validation accuracy (%)")
         ax.legend()
@@ -1152,11 +1204,13 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = parser.parse_args(argv)
     tasks = [TASKS[t] for t in args.tasks]
-    grid = [c for c in configs() if not args.configs or c.name in args.configs]
+    grid = [c for c in [*configs(), LONG] if not args.configs or c.name in args.configs]
     if args.configs and len(grid) != len(args.configs):
-        known = ", ".join(c.name for c in configs())
+        known = ", ".join(c.name for c in [*configs(), LONG])
         parser.error(f"unknown configuration in {args.configs}; known: {known}")
-    todo = [(t, c, s) for t in tasks for c in grid for s in args.seeds]
+    todo = [
+        (t, c, s) for t in tasks for c in grid for s in args.seeds if c != LONG or s == 0
+    ]  # fmt: skip
     if args.list:
         for t, c, s in todo:
             state = "done" if summary_path(t, c, s).exists() else (

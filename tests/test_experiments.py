@@ -418,6 +418,39 @@ def test_flatness_and_provenance_lines(reproduce):
     assert "`abc1234` (1), `def5678` (1)" in line and "Python `3.11.7` (2)" in line
 
 
+def test_the_schedule_check_runs_qat_seed_0_on_twice_the_epochs(reproduce, monkeypatch):
+    """``qat_long`` trains QAT seed 0 only, on ``LONG_FACTOR`` times the task's epochs, whatever
+    seeds are asked for; the report compares it with QAT seed 0 by the 1% rule."""
+    task = reproduce.TASKS["digits"]
+    cmd = reproduce.command(task, reproduce.LONG, 0)
+    assert cmd[cmd.index("--epochs") + 1] == str(2 * task.epochs)
+    assert cmd[cmd.index("--preset") + 1] == "qat"
+    trained = []
+    monkeypatch.setattr(reproduce, "train", lambda t, c, s: trained.append((c.name, s)) or {
+        "diverged": False, "final": {t.metric: 0.5}, "train_seconds": 1.0})  # fmt: skip
+    assert reproduce.main(["--seeds", "0", "1", "2", "--configs", "qat", "qat_long"]) == 0
+    assert trained == [("qat", 0), ("qat", 1), ("qat", 2), ("qat_long", 0)]
+    trained.clear()
+    assert reproduce.main(["--seeds", "1", "--configs", "qat_long"]) == 0
+    assert trained == []  # seed 0 only
+
+    def run(*losses, seed=0):
+        curve = [{"epoch": i + 1, "val_loss": v} for i, v in enumerate(losses)]
+        return {"curve": curve, "diverged": False, "seed": seed, "final": {"val_loss": losses[-1]}}
+
+    qat = [run(1.2, 1.0), run(1.2, 1.02, seed=1)]
+    assert "has not run yet" in reproduce.schedule_check(task, {"qat": qat})
+    still = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.1, 0.98, 0.97, 0.95)]})
+    assert "+5.0%" in still and "**not long enough**" in still and "still improving" in still
+    assert "std over its 2 seeds: 0.0141" in still and "last epoch: +2.1%" in still
+    enough = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.1, 0.995)]})
+    assert "+0.5%" in enough and "**long enough**" in enough
+    overfit = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(0.9, 1.05)]})
+    assert "-5.0%" in overfit and "raises" in overfit
+    # and the flatness line carries it
+    assert "Schedule check" in reproduce.flatness(task, {"qat": qat, "qat_long": [run(1.0, 0.99)]})
+
+
 def test_cost_line_counts_runs_and_projects_the_rest(reproduce):
     configs = reproduce.configs()
     runs = {configs[0].name: [{"seed": s, "train_seconds": 600.0} for s in (0, 1, 2)]}
