@@ -192,7 +192,8 @@ def test_the_grid_has_the_formats_the_plan_and_adaptive(reproduce):
     for real in _real_tasks().values():  # the fixture replaced TASKS: the script's own
         assert "--adaptive-precision" in real.adaptive_flags
         assert "--variance-every" in real.adaptive_flags
-        assert real.plan_flags[real.plan_flags.index("--dataset") + 1] == real.name
+        dataset = real.flags[real.flags.index("--dataset") + 1]
+        assert real.plan_flags[real.plan_flags.index("--dataset") + 1] == dataset
 
 
 def _real_tasks():
@@ -446,9 +447,36 @@ def test_the_schedule_check_runs_qat_seed_0_on_twice_the_epochs(reproduce, monke
     enough = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.1, 0.995)]})
     assert "+0.5%" in enough and "**long enough**" in enough
     overfit = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(0.9, 1.05)]})
-    assert "-5.0%" in overfit and "raises" in overfit
+    assert "-5.0%" in overfit and "**long enough**: twice the schedule raises" in overfit
     # and the flatness line carries it
     assert "Schedule check" in reproduce.flatness(task, {"qat": qat, "qat_long": [run(1.0, 0.99)]})
+
+
+def test_an_archived_task_is_reported_not_trained(reproduce, monkeypatch, capsys):
+    """A superseded task keeps its summaries in the report, under its note; training it is
+    refused with one line, and the default tasks leave it out."""
+    old = reproduce.Task("old", "val_acc", epochs=1, flags=("--dataset", "digits"),
+                         archived="Superseded by digits.")  # fmt: skip
+    monkeypatch.setitem(reproduce.TASKS, "old", old)
+    summary = {"config": "qat", "seed": 0, "diverged": False, "curve": [],
+               "final": {"val_acc": 0.9, "val_loss": 0.3, "epochs": 1}}  # fmt: skip
+    (reproduce.RESULTS / "old").mkdir(parents=True)
+    (reproduce.RESULTS / "old" / "qat_s0.json").write_text(json.dumps(summary))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail("nothing trains"))
+    with pytest.raises(SystemExit):
+        reproduce.main(["--tasks", "old", "--configs", "qat"])
+    assert "old is archived" in capsys.readouterr().err
+    assert reproduce.main(["--tasks", "old", "--report-only"]) == 0
+    text = reproduce.RESULTS_MD.read_text()
+    assert "### old\n\n**Archived.** Superseded by digits." in text
+    trained = []
+    monkeypatch.setattr(reproduce, "train", lambda t, c, s: trained.append(t.name) or {
+        "diverged": False, "final": {t.metric: 0.5}, "train_seconds": 1.0})  # fmt: skip
+    assert reproduce.main(["--seeds", "0", "--configs", "qat"]) == 0
+    assert trained == ["digits"]
+    trained.clear()  # its schedule check may still run
+    assert reproduce.main(["--tasks", "old", "--seeds", "0", "--configs", "qat_long"]) == 0
+    assert trained == ["old"]
 
 
 def test_cost_line_counts_runs_and_projects_the_rest(reproduce):
