@@ -4,6 +4,7 @@
     python experiments/reproduce.py --list          # the runs and which are done
     python experiments/reproduce.py --report-only   # rebuild tables/figures from the summaries
     python experiments/reproduce.py --tasks digits --seeds 0   # a part of the grid
+    python experiments/reproduce.py --jobs 2        # two runs at a time, each on half the cores
 
 Runs are ``fqtorch train`` subprocesses, one per (task, configuration, seed), in
 ``runs/experiments/<task>/<config>_s<seed>`` (not committed). A finished run leaves a summary,
@@ -36,11 +37,13 @@ import inspect
 import itertools
 import json
 import math
+import os
 import platform
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -270,7 +273,9 @@ def command(task: Task, config: Config, seed: int, resume: bool = True) -> list[
     ]
 
 
-def environment() -> dict[str, str]:
+def environment(threads: int | None = None) -> dict[str, str]:
+    """Versions, CPU and commit; ``threads``: the run's own thread count where it was set for
+    it (``--jobs``), else this process's."""
     import torch
 
     cpu = platform.processor() or platform.machine()
@@ -289,18 +294,20 @@ def environment() -> dict[str, str]:
         "python": platform.python_version(),
         "cpu": cpu,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "threads": str(torch.get_num_threads()),
+        "threads": str(threads or torch.get_num_threads()),
         "commit": commit,
     }
 
 
-def train(task: Task, config: Config, seed: int) -> dict:
-    """Run (or resume) one training run to its end and write its summary."""
+def train(task: Task, config: Config, seed: int, threads: int | None = None) -> dict:
+    """Run (or resume) one training run to its end and write its summary; ``threads``: the
+    run's ``OMP_NUM_THREADS`` (None: inherited)."""
     out = run_dir(task, config, seed)
     full = command(task, config, seed, resume=False)  # before a fresh run writes a checkpoint
     cmd = command(task, config, seed)
+    env = None if threads is None else {**os.environ, "OMP_NUM_THREADS": str(threads)}
     started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    done = subprocess.run(cmd, cwd=ROOT, stderr=subprocess.PIPE, text=True, env=env)
     seconds = time.perf_counter() - started
     error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
     if done.returncode in (130, 143):
@@ -335,7 +342,7 @@ def train(task: Task, config: Config, seed: int) -> dict:
         # the full command (not the --resume of a run continued across sessions), with paths
         # relative to the repository: the same command on any checkout
         "command": " ".join(full[1:]).replace(f"{ROOT}/", ""),
-        "environment": environment(),
+        "environment": environment(threads),
     }
     path = summary_path(task, config, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1229,6 +1236,52 @@ def write_report(markdown: str) -> None:
 
 
 # --------------------------------------------------------------------------------------- main
+def job_threads(jobs: int) -> int | None:
+    """Each run's threads with ``jobs`` runs at a time: the cores (or a set
+    ``OMP_NUM_THREADS``) split evenly, at least one; None (inherit) for one job at a time."""
+    if jobs == 1:
+        return None
+    total = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    return max(1, total // jobs)
+
+
+def run_all(pending: list[tuple[Task, Config, int]], jobs: int) -> None:
+    """Train ``pending``, ``jobs`` runs at a time, a line per finished run. The plans the plan
+    and adaptive runs take are made first. On a failure or Ctrl-C no new run starts; the
+    running ones stop (Ctrl-C reaches them too) or finish, and the error is raised."""
+    for t in {t.name: t for t, c, _ in pending if c.kind in ("plan", "adaptive")}.values():
+        make_plan(t)  # trains QAT seed 0 first where it has to
+    pending = [(t, c, s) for t, c, s in pending if not summary_path(t, c, s).exists()]
+    threads = job_threads(jobs)
+    if jobs > 1:
+        print(f"{jobs} runs at a time, {threads} thread(s) each", file=sys.stderr)
+    started, finished = time.perf_counter(), 0
+    queue, running = list(pending), {}
+    with ThreadPoolExecutor(jobs) as pool:  # leaving it waits for the running runs
+        try:
+            while queue or running:
+                while queue and len(running) < jobs:  # a new run starts only after a success
+                    t, c, s = queue.pop(0)
+                    running[pool.submit(train, t, c, s, threads)] = (t, c, s)
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    t, c, s = running.pop(future)
+                    summary = future.result()
+                    finished += 1
+                    result = "diverged" if summary["diverged"] else (
+                        f"{t.metric} {summary['final'][t.metric]:.4f}"
+                    )  # fmt: skip
+                    elapsed = time.perf_counter() - started
+                    print(f"[{finished}/{len(pending)}] {t.name} {c.name} seed {s}: {result} "
+                          f"({summary['train_seconds']:.0f} s; {elapsed / 60:.1f} min in all)",
+                          file=sys.stderr)  # fmt: skip
+        except Exception:
+            if running:
+                print("a run failed: no new run starts; waiting for the running ones to finish",
+                      file=sys.stderr)  # fmt: skip
+            raise
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1241,6 +1294,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=list(SEEDS))
     parser.add_argument("--configs", nargs="+", help="only these configurations (names)")
     parser.add_argument("--list", action="store_true", help="list the runs and their state")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="runs at a time, each on the CPU count / JOBS threads (OMP_NUM_THREADS, if set, "
+        "is split the same way); on 2 cores 2 one-thread char-GPT runs do ≈ 1.35× the work of one "
+        "two-thread run (docs/results.md)",
+    )  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="no training or measuring")
     parser.add_argument(
         "--no-variance", action="store_true",
@@ -1270,30 +1329,19 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
             print(f"{t.name:<8}{c.name:<14}seed {s}  {state}")
         return 0
+    if args.jobs < 1:
+        parser.error(f"--jobs takes a positive number of runs at a time, not {args.jobs}")
     if not args.report_only:
         pending = [(t, c, s) for t, c, s in todo if not summary_path(t, c, s).exists()]
         print(f"{len(todo) - len(pending)} of {len(todo)} runs done; {len(pending)} to run",
               file=sys.stderr)  # fmt: skip
-        started = time.perf_counter()
         try:
-            for i, (t, c, s) in enumerate(pending, 1):
-                if summary_path(t, c, s).exists():  # QAT seed 0, trained for a plan
-                    continue
-                if c.kind in ("plan", "adaptive"):
-                    make_plan(t)
-                summary = train(t, c, s)
-                result = "diverged" if summary["diverged"] else (
-                    f"{t.metric} {summary['final'][t.metric]:.4f}"
-                )  # fmt: skip
-                elapsed = time.perf_counter() - started
-                print(f"[{i}/{len(pending)}] {t.name} {c.name} seed {s}: {result} "
-                      f"({summary['train_seconds']:.0f} s; {elapsed / 60:.1f} min in all)",
-                      file=sys.stderr)  # fmt: skip
+            run_all(pending, args.jobs)
             for t in tasks if not args.no_variance else ():
                 measure_variance(t)
         except KeyboardInterrupt:
-            print("interrupted: finished runs are summarized, the current one resumes from its "
-                  "last checkpoint when this command runs again", file=sys.stderr)  # fmt: skip
+            print("interrupted: finished runs are summarized, the current ones resume from their "
+                  "last checkpoints when this command runs again", file=sys.stderr)  # fmt: skip
             return 130
     write_report(report(list(TASKS.values())))  # every task: the report replaces the whole section
     print(f"wrote {RESULTS_MD} and {FIGURES}/", file=sys.stderr)

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -85,9 +86,11 @@ def test_the_variance_is_measured_on_qat_seed_0_whatever_the_seeds(reproduce, mo
 @pytest.mark.slow
 def test_runs_once_then_skips_and_reports(reproduce, monkeypatch):
     monkeypatch.setattr(reproduce, "measure_variance", lambda *args: None)  # its own test
-    assert reproduce.main(["--seeds", "0", "--configs", "qat", "bhq4"]) == 0
+    # two real runs at a time, one thread each
+    assert reproduce.main(["--seeds", "0", "--configs", "qat", "bhq4", "--jobs", "2"]) == 0
     summary = json.loads((reproduce.RESULTS / "digits" / "bhq4_s0.json").read_text())
     assert summary["diverged"] is False and summary["final"]["epochs"] == 1
+    assert summary["environment"]["threads"] == str(reproduce.job_threads(2))
     assert summary["curve"][0]["steps"] == 2
     text = reproduce.RESULTS_MD.read_text()
     assert "| bhq4 |" in text and "| qat |" in text and "old" not in text and "kept" in text
@@ -113,7 +116,7 @@ def test_a_non_finite_stop_is_diverged_and_other_failures_raise(reproduce, monke
         return run_
 
     monkeypatch.setattr(subprocess, "run", fake("error: non-finite loss or gradient at ...", 2))
-    monkeypatch.setattr(reproduce, "environment", lambda: {})
+    monkeypatch.setattr(reproduce, "environment", lambda threads=None: {})
     summary = reproduce.train(task, config, 0)
     assert summary["diverged"] and "non-finite" in summary["error"]
     assert str(tmp_path) not in summary["command"] and " --out runs/" in summary["command"]
@@ -427,7 +430,7 @@ def test_the_schedule_check_runs_qat_seed_0_on_twice_the_epochs(reproduce, monke
     assert cmd[cmd.index("--epochs") + 1] == str(2 * task.epochs)
     assert cmd[cmd.index("--preset") + 1] == "qat"
     trained = []
-    monkeypatch.setattr(reproduce, "train", lambda t, c, s: trained.append((c.name, s)) or {
+    monkeypatch.setattr(reproduce, "train", lambda t, c, s, *_: trained.append((c.name, s)) or {
         "diverged": False, "final": {t.metric: 0.5}, "train_seconds": 1.0})  # fmt: skip
     assert reproduce.main(["--seeds", "0", "1", "2", "--configs", "qat", "qat_long"]) == 0
     assert trained == [("qat", 0), ("qat", 1), ("qat", 2), ("qat_long", 0)]
@@ -470,13 +473,86 @@ def test_an_archived_task_is_reported_not_trained(reproduce, monkeypatch, capsys
     text = reproduce.RESULTS_MD.read_text()
     assert "### old\n\n**Archived.** Superseded by digits." in text
     trained = []
-    monkeypatch.setattr(reproduce, "train", lambda t, c, s: trained.append(t.name) or {
+    monkeypatch.setattr(reproduce, "train", lambda t, c, s, *_: trained.append(t.name) or {
         "diverged": False, "final": {t.metric: 0.5}, "train_seconds": 1.0})  # fmt: skip
     assert reproduce.main(["--seeds", "0", "--configs", "qat"]) == 0
     assert trained == ["digits"]
     trained.clear()  # its schedule check may still run
     assert reproduce.main(["--tasks", "old", "--seeds", "0", "--configs", "qat_long"]) == 0
     assert trained == ["old"]
+
+
+def test_jobs_run_in_parallel_on_split_threads(reproduce, monkeypatch, capsys):
+    """--jobs 2 trains every pending run, two at a time, each on half the threads; a failed run
+    stops new ones from starting and is raised; --jobs 0 is refused."""
+    import threading
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "4")
+    assert reproduce.job_threads(1) is None and reproduce.job_threads(2) == 2
+    assert reproduce.job_threads(8) == 1
+    both = threading.Barrier(2, timeout=10)  # two runs must be in train() at once
+    calls = []
+
+    def fake(t, c, s, threads=None):
+        calls.append((c.name, s, threads))
+        both.wait()
+        return {"diverged": False, "final": {t.metric: 0.5}, "train_seconds": 1.0}
+
+    monkeypatch.setattr(reproduce, "train", fake)
+    assert reproduce.main(["--seeds", "0", "1", "--configs", "qat", "--jobs", "2"]) == 0
+    assert sorted(calls) == [("qat", 0, 2), ("qat", 1, 2)]
+    assert "2 runs at a time, 2 thread(s) each" in capsys.readouterr().err
+
+    started = []
+
+    def failing(t, c, s, threads=None):
+        started.append(s)
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(reproduce, "train", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        reproduce.main(["--seeds", "0", "1", "2", "3", "--configs", "exact", "--jobs", "1"])
+    assert started == [0]  # nothing after the failure started
+    started.clear()
+
+    def one_fails(t, c, s, threads=None):
+        started.append(s)
+        if s == 0:
+            raise RuntimeError("boom")
+        time.sleep(0.3)  # still running when seed 0 fails: waited for
+        return {"diverged": False, "final": {t.metric: 0.5}, "train_seconds": 1.0}
+
+    monkeypatch.setattr(reproduce, "train", one_fails)
+    with pytest.raises(RuntimeError, match="boom"):
+        reproduce.main(["--seeds", "0", "1", "2", "3", "--configs", "exact", "--jobs", "2"])
+    assert sorted(started) == [0, 1]
+    assert "a run failed: no new run starts; waiting" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        reproduce.main(["--jobs", "0"])
+    assert "--jobs takes a positive number" in capsys.readouterr().err
+
+
+def test_train_gives_the_run_its_threads_and_records_them(reproduce, monkeypatch):
+    task, config = reproduce.TASKS["digits"], reproduce.configs()[1]
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        seen.update(kwargs)
+        out = reproduce.run_dir(task, config, 0)
+        out.mkdir(parents=True, exist_ok=True)
+        line = {"epoch": 1, "steps": 2, "train_loss": 1.0, "val_loss": 1.0, "val_acc": 0.5,
+                "seconds": 3.0}  # fmt: skip
+        (out / "metrics.jsonl").write_text(json.dumps(line) + "\n")
+        (out / "final.json").write_text(json.dumps({"val_loss": 1.0, "val_acc": 0.5}))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    summary = reproduce.train(task, config, 0, threads=1)
+    assert seen["env"]["OMP_NUM_THREADS"] == "1" and summary["environment"]["threads"] == "1"
+    seen.clear()
+    reproduce.summary_path(task, config, 0).unlink()
+    reproduce.train(task, config, 0)
+    assert seen["env"] is None  # inherited
 
 
 def test_cost_line_counts_runs_and_projects_the_rest(reproduce):
