@@ -248,12 +248,25 @@ def make_plan(task: Task) -> Path:
     return path
 
 
+def epochs(task: Task, config: Config) -> int:
+    return task.epochs * (LONG_FACTOR if config.kind == "schedule" else 1)
+
+
 def command(task: Task, config: Config, seed: int, resume: bool = True) -> list[str]:
     """The run's ``fqtorch train`` command; ``--resume`` while its checkpoint exists (unless
-    ``resume`` is false: the full command, for the summary)."""
+    ``resume`` is false: the full command, for the summary). A run directory whose saved
+    configuration has another number of epochs (a run of an older schedule) is refused: a resume
+    keeps its own schedule, so it would be summarized under this one."""
     out = run_dir(task, config, seed)
     base = [sys.executable, "-m", "fqtorch", "train"]
     if resume and (out / "checkpoint.pt").exists():
+        saved = json.loads((out / "config.json").read_text())["config"]["epochs"]
+        if saved != epochs(task, config):
+            raise RuntimeError(
+                f"{out} holds a run of {saved} epochs, but {task.name} {config.name} trains "
+                f"{epochs(task, config)}: move that directory away (an older schedule's run) "
+                "and run this again"
+            )
         return [*base, "--resume", str(out), "--quiet"]
     return [
         *base,
@@ -264,7 +277,7 @@ def command(task: Task, config: Config, seed: int, resume: bool = True) -> list[
         *(("--bits-plan", str(plan_path(task))) if config.kind in ("plan", "adaptive") else ()),
         *(task.adaptive_flags if config.kind == "adaptive" else ()),
         "--epochs",
-        str(task.epochs * (LONG_FACTOR if config.kind == "schedule" else 1)),
+        str(epochs(task, config)),
         "--seed",
         str(seed),
         "--out",
@@ -320,6 +333,11 @@ def train(task: Task, config: Config, seed: int, threads: int | None = None) -> 
     metrics = [m for m in lines if "event" not in m]
     events = [m for m in lines if m.get("event") == "precision"]
     final = {} if diverged else json.loads((out / "final.json").read_text())
+    if not diverged and final.get("epochs") != epochs(task, config):
+        raise RuntimeError(
+            f"{out} finished after {final.get('epochs')} epochs, not the {epochs(task, config)} "
+            f"of {task.name} {config.name}: not summarized"
+        )
     summary = {
         "task": task.name,
         "config": config.name,
@@ -918,12 +936,18 @@ SEEDS = (0, 1, 2)  # the grid's seeds (the tables' target)
 def cost(task: Task, runs: dict[str, list[dict]]) -> str:
     """What the grid has cost so far and what is left, in training time (each summary's
     ``train_seconds``, summed over its invocations; machines and load differ)."""
-    done = [r for rs in runs.values() for r in rs]
+    done = [r for name, rs in runs.items() if name != LONG.name for r in rs]
     hours = sum(r.get("train_seconds", 0.0) for r in done) / 3600
     missing = len(configs()) * len(SEEDS) - sum(
         1 for c in configs() for r in runs.get(c.name, []) if r["seed"] in SEEDS
     )
     line = f"Cost: {len(done)} runs, {hours:.1f} h of training in all"
+    check = runs.get(LONG.name, [])
+    if check:
+        check_hours = sum(r.get("train_seconds", 0.0) for r in check) / 3600
+        line += f" (and the schedule check, {check_hours:.1f} h)"
+    if task.archived:
+        return line + f"; archived: the other {missing} runs will not be trained."
     if missing and done:
         median = statistics.median(r.get("train_seconds", 0.0) for r in done) / 3600
         line += (
@@ -966,20 +990,24 @@ def flatness(task: Task, runs: dict[str, list[dict]]) -> str:
 def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
     """QAT seed 0 on the task's schedule against the same seed on ``LONG_FACTOR`` times it: is
     the schedule long enough that a longer one would not lower QAT's loss by ``FLAT`` or more?
-    (A longer schedule that raises it, by overfitting, says the schedule is long enough.)"""
-    epochs = task.epochs * LONG_FACTOR
-    long = runs.get(LONG.name, [])
-    base = [r for r in runs.get("qat", []) if r["seed"] == 0] if long else []
-    if not base:
+    The longer run counts at its best evaluation, so one that dips lower and then overfits back
+    up still says the schedule was too short."""
+    long_epochs = task.epochs * LONG_FACTOR
+    long = [r for r in runs.get(LONG.name, []) if r["seed"] == 0]
+    if not long:
         return (
-            f"The schedule check (QAT seed 0 on {epochs} epochs: `python experiments/"
+            f"The schedule check (QAT seed 0 on {long_epochs} epochs: `python experiments/"
             f"reproduce.py --tasks {task.name} --configs {LONG.name} --seeds 0`) has not run yet."
         )
+    base = [r for r in runs.get("qat", []) if r["seed"] == 0]
+    if not base:
+        return f"The schedule check ran, but QAT seed 0 on {task.epochs} epochs has not."
     if long[0]["diverged"] or base[0]["diverged"]:
-        return f"The schedule check: QAT seed 0 diverged on {epochs} or {task.epochs} epochs."
-    short, longer = base[0]["final"]["val_loss"], long[0]["final"]["val_loss"]
-    fall = (short - longer) / short
+        return f"The schedule check: QAT seed 0 diverged on {long_epochs} or {task.epochs} epochs."
+    short, final = base[0]["final"]["val_loss"], long[0]["final"]["val_loss"]
     curve = long[0]["curve"]
+    best = min(curve, key=lambda c: c["val_loss"])
+    fall = (short - best["val_loss"]) / short  # + : the longer schedule went lower
     last = (curve[-2]["val_loss"] - curve[-1]["val_loss"]) / curve[-2]["val_loss"]
     spread = [r["final"]["val_loss"] for r in runs.get("qat", []) if not r["diverged"]]
     spread_text = (
@@ -989,21 +1017,21 @@ def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
     )
     if fall >= FLAT:
         verdict = (
-            "**not long enough**: twice the schedule lowers QAT's loss by more than that, so the "
+            "**not long enough**: a longer schedule lowers QAT's loss by more than that, so the "
             "rows compare runs that were still improving"
         )
-    elif fall <= -FLAT:
-        verdict = (
-            "**long enough**: twice the schedule raises QAT's loss (it overfits), so a longer "
-            "one would not lower it"
-        )
     else:
-        verdict = "**long enough**: twice the schedule moves QAT's loss by less than that"
+        overfits = (final - best["val_loss"]) / best["val_loss"] >= FLAT
+        verdict = "**long enough**: a longer schedule does not lower QAT's loss by that much" + (
+            " (it overfits instead)" if overfits else ""
+        )
     return (
-        f"Schedule check: QAT seed 0 on {epochs} epochs (`qat_long`, same steps per epoch and "
-        f"learning-rate shape) ends at validation loss {longer:.4f} against {short:.4f} on "
-        f"{task.epochs}{spread_text}, {100 * fall:+.1f}% (its own last epoch: {100 * last:+.1f}%); "
-        f"by the same {100 * FLAT:.0f}% rule the {task.epochs}-epoch schedule is {verdict}."
+        f"Schedule check: QAT seed 0 on {long_epochs} epochs (`qat_long`, same steps per epoch "
+        f"and learning-rate shape) reaches validation loss {best['val_loss']:.4f} at its best "
+        f"(epoch {best['epoch']}) and ends at {final:.4f} (its last epoch: "
+        f"{100 * last:+.1f}%), against {short:.4f} on {task.epochs}{spread_text}: "
+        f"{100 * fall:+.1f}% at its best; by the same {100 * FLAT:.0f}% rule the "
+        f"{task.epochs}-epoch schedule is {verdict}."
     )
 
 
@@ -1237,11 +1265,20 @@ def write_report(markdown: str) -> None:
 
 # --------------------------------------------------------------------------------------- main
 def job_threads(jobs: int) -> int | None:
-    """Each run's threads with ``jobs`` runs at a time: the cores (or a set
-    ``OMP_NUM_THREADS``) split evenly, at least one; None (inherit) for one job at a time."""
+    """Each run's threads with ``jobs`` runs at a time: the cores this process may use (or a
+    set ``OMP_NUM_THREADS``) split evenly, at least one; None (inherit) for one job at a
+    time."""
     if jobs == 1:
         return None
-    total = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    omp = os.environ.get("OMP_NUM_THREADS", "")
+    if omp:
+        if not omp.isdigit() or int(omp) < 1:
+            raise SystemExit(f"OMP_NUM_THREADS={omp!r}: expected a positive whole number")
+        total = int(omp)
+    elif hasattr(os, "sched_getaffinity"):
+        total = len(os.sched_getaffinity(0))
+    else:
+        total = os.cpu_count() or 1
     return max(1, total // jobs)
 
 
@@ -1264,8 +1301,14 @@ def run_all(pending: list[tuple[Task, Config, int]], jobs: int) -> None:
                     t, c, s = queue.pop(0)
                     running[pool.submit(train, t, c, s, threads)] = (t, c, s)
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
+                failed = None
                 for future in done:
                     t, c, s = running.pop(future)
+                    if future.exception() is not None:
+                        failed = failed or future.exception()
+                        print(f"{t.name} {c.name} seed {s} failed: {future.exception()}",
+                              file=sys.stderr)  # fmt: skip
+                        continue
                     summary = future.result()
                     finished += 1
                     result = "diverged" if summary["diverged"] else (
@@ -1275,9 +1318,13 @@ def run_all(pending: list[tuple[Task, Config, int]], jobs: int) -> None:
                     print(f"[{finished}/{len(pending)}] {t.name} {c.name} seed {s}: {result} "
                           f"({summary['train_seconds']:.0f} s; {elapsed / 60:.1f} min in all)",
                           file=sys.stderr)  # fmt: skip
-        except Exception:
+                if failed is not None:
+                    raise failed
+        except BaseException:
             if running:
-                print("a run failed: no new run starts; waiting for the running ones to finish",
+                names = ", ".join(f"{t.name} {c.name} seed {s}" for t, c, s in running.values())
+                print(f"stopping: no new run starts; the running ones ({names}) finish, or on "
+                      "Ctrl-C stop and resume from their checkpoints later",
                       file=sys.stderr)  # fmt: skip
             raise
 
@@ -1297,7 +1344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--jobs", type=int, default=1,
         help="runs at a time, each on the CPU count / JOBS threads (OMP_NUM_THREADS, if set, "
-        "is split the same way); on 2 cores 2 one-thread char-GPT runs do ≈ 1.35× the work of one "
+        "is split the same way); on 2 cores 2 one-thread char-GPT runs do ≈ 1.3× the work of one "
         "two-thread run (docs/results.md)",
     )  # fmt: skip
     parser.add_argument("--report-only", action="store_true", help="no training or measuring")
@@ -1322,6 +1369,8 @@ def main(argv: list[str] | None = None) -> int:
     todo = [
         (t, c, s) for t in tasks for c in grid for s in args.seeds if c != LONG or s == 0
     ]  # fmt: skip
+    if LONG in grid and 0 not in args.seeds:
+        print(f"{LONG.name} (the schedule check) runs seed 0 only", file=sys.stderr)
     if args.list:
         for t, c, s in todo:
             state = "done" if summary_path(t, c, s).exists() else (

@@ -54,10 +54,17 @@ def test_a_checkpoint_without_summary_resumes(reproduce):
     run = reproduce.run_dir(task, config, 0)
     run.mkdir(parents=True)
     (run / "checkpoint.pt").write_bytes(b"")
+    saved = {"config": {"epochs": task.epochs}}
+    (run / "config.json").write_text(json.dumps(saved))
     cmd = reproduce.command(task, config, 0)
     assert cmd[cmd.index("--resume") + 1] == str(run)
     full = reproduce.command(task, config, 0, resume=False)  # what its summary records
     assert "--resume" not in full and full[full.index("--out") + 1] == str(run)
+    # a run directory of another schedule (the task's epochs changed since) is not resumed: a
+    # resume keeps its own epochs, and would be summarized under the new schedule
+    (run / "config.json").write_text(json.dumps({"config": {"epochs": task.epochs + 3}}))
+    with pytest.raises(RuntimeError, match=f"holds a run of {task.epochs + 3} epochs"):
+        reproduce.command(task, config, 0)
 
 
 def test_the_variance_is_measured_on_qat_seed_0_whatever_the_seeds(reproduce, monkeypatch):
@@ -445,12 +452,22 @@ def test_the_schedule_check_runs_qat_seed_0_on_twice_the_epochs(reproduce, monke
     qat = [run(1.2, 1.0), run(1.2, 1.02, seed=1)]
     assert "has not run yet" in reproduce.schedule_check(task, {"qat": qat})
     still = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.1, 0.98, 0.97, 0.95)]})
-    assert "+5.0%" in still and "**not long enough**" in still and "still improving" in still
+    assert "+5.0% at its best" in still and "**not long enough**" in still
+    assert "still improving" in still and "(epoch 4)" in still
     assert "std over its 2 seeds: 0.0141" in still and "last epoch: +2.1%" in still
     enough = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.1, 0.995)]})
-    assert "+0.5%" in enough and "**long enough**" in enough
-    overfit = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(0.9, 1.05)]})
-    assert "-5.0%" in overfit and "**long enough**: twice the schedule raises" in overfit
+    assert "+0.5% at its best" in enough and "**long enough**" in enough
+    assert "overfits" not in enough
+    overfit = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.0, 0.995, 1.03)]})
+    assert "**long enough**" in overfit and "(it overfits instead)" in overfit
+    # lower at its best, then back up past the short run: a longer schedule did help
+    dip = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.2, 0.9, 1.05)]})
+    assert "+10.0% at its best" in dip and "**not long enough**" in dip and "ends at 1.0500" in dip
+    other_seed = {"qat": qat, "qat_long": [run(1.0, 0.5, seed=1)]}  # the check is seed 0's
+    assert "has not run yet" in reproduce.schedule_check(task, other_seed)
+    assert "QAT seed 0 on 1 epochs has not" in reproduce.schedule_check(
+        task, {"qat": qat[1:], "qat_long": [run(1.1, 0.99)]}
+    )
     # and the flatness line carries it
     assert "Schedule check" in reproduce.flatness(task, {"qat": qat, "qat_long": [run(1.0, 0.99)]})
 
@@ -520,13 +537,18 @@ def test_jobs_run_in_parallel_on_split_threads(reproduce, monkeypatch, capsys):
         if s == 0:
             raise RuntimeError("boom")
         time.sleep(0.3)  # still running when seed 0 fails: waited for
+        finished.append(s)
         return {"diverged": False, "final": {t.metric: 0.5}, "train_seconds": 1.0}
 
     monkeypatch.setattr(reproduce, "train", one_fails)
+    finished = []
     with pytest.raises(RuntimeError, match="boom"):
         reproduce.main(["--seeds", "0", "1", "2", "3", "--configs", "exact", "--jobs", "2"])
+    assert finished == [1]  # the running one was waited for
     assert sorted(started) == [0, 1]
-    assert "a run failed: no new run starts; waiting" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "digits exact seed 0 failed: boom" in err
+    assert "stopping: no new run starts; the running ones (digits exact seed 1) finish" in err
     with pytest.raises(SystemExit):
         reproduce.main(["--jobs", "0"])
     assert "--jobs takes a positive number" in capsys.readouterr().err
@@ -543,16 +565,23 @@ def test_train_gives_the_run_its_threads_and_records_them(reproduce, monkeypatch
         line = {"epoch": 1, "steps": 2, "train_loss": 1.0, "val_loss": 1.0, "val_acc": 0.5,
                 "seconds": 3.0}  # fmt: skip
         (out / "metrics.jsonl").write_text(json.dumps(line) + "\n")
-        (out / "final.json").write_text(json.dumps({"val_loss": 1.0, "val_acc": 0.5}))
+        (out / "final.json").write_text(json.dumps({"val_loss": 1.0, "val_acc": 0.5, **epochs}))
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(subprocess, "run", fake_run)
-    summary = reproduce.train(task, config, 0, threads=1)
-    assert seen["env"]["OMP_NUM_THREADS"] == "1" and summary["environment"]["threads"] == "1"
+    epochs = {"epochs": task.epochs}
+    summary = reproduce.train(task, config, 0, threads=3)  # not this process's count
+    assert seen["env"]["OMP_NUM_THREADS"] == "3" and summary["environment"]["threads"] == "3"
     seen.clear()
     reproduce.summary_path(task, config, 0).unlink()
     reproduce.train(task, config, 0)
     assert seen["env"] is None  # inherited
+    # a run that finished after other epochs than the task's is not summarized
+    reproduce.summary_path(task, config, 0).unlink()
+    epochs["epochs"] = task.epochs + 1
+    with pytest.raises(RuntimeError, match=f"finished after {task.epochs + 1} epochs"):
+        reproduce.train(task, config, 0)
+    assert not reproduce.summary_path(task, config, 0).exists()
 
 
 def test_cost_line_counts_runs_and_projects_the_rest(reproduce):
