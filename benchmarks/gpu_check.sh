@@ -13,5 +13,6 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out
 python -m pytest -q -m cuda tests 2>&1 | tee "$out/cuda_tests.txt"
 python benchmarks/linear_step.py --device cuda --json "$out/linear_step.json" | tee "$out/linear_step.txt"
 python benchmarks/train_step.py --device cuda --json "$out/train_step.json" | tee "$out/train_step.txt"
-# int8 Conv2d runs on the CPU only for now: on CUDA its rows show the simulate fallback.
+# int8 Conv2d on CUDA: im2col + torch._int_mm (never run on a GPU before this script; its
+# CUDA tests are in the pytest run above); shapes _int_mm cannot run fall back to simulate.
 python benchmarks/conv_step.py --device cuda --json "$out/conv_step.json" | tee "$out/conv_step.txt"

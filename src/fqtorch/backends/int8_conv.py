@@ -24,7 +24,8 @@ constant kernel ``b_w``); what col2im puts on padding is cropped. In ``grad_weig
 terms with ``b_x`` (Linear: ``s_o b_x colsum(C_h)[o]`` and ``M b_o b_x``) become
 ``s_o b_x (S_hᵀ M)[o, t]`` and ``N b_o b_x colsum(M)[t]``, with ``S_h`` (L, O) the
 per-position sums of the codes of ``grad_output`` over the batch. The mask corrections are GEMMs
-1/N the size of the main ones. Grouped and 1-d convolutions, and CUDA tensors for now, run the
+1/N the size of the main ones. On CUDA this is the layer's path (no integer convolution kernels
+are used there yet), for shapes its ``torch._int_mm`` runs. Grouped and 1-d convolutions run the
 simulate path (:func:`conv` raises :class:`~fqtorch.backends.base.Unsupported`).
 """
 
@@ -52,6 +53,7 @@ from .int8 import (
     _per_tensor,
     int_mm_verdict,
 )
+from .notes import say_once
 
 __all__ = ["conv"]
 
@@ -256,15 +258,45 @@ def _encode_input(quantizer: Quantizer, input: Tensor) -> QuantizedTensor:
     return dataclasses.replace(x, codes=codes, shape=input.shape)
 
 
+def _cuda_shapes(input: Tensor, weight: Tensor, ops: ConvOps) -> str | None:
+    """``None`` where CUDA's ``torch._int_mm`` runs all three of the layer's GEMMs, else why not.
+    Its kernels need m > 16 and k, n multiples of 8; :func:`~fqtorch.backends.int8._int_mm` pads
+    the reduction, so the output channels O and the unfolded width C·kh·kw (the GEMMs' n, which
+    are bordered by 8 columns of ones) must be multiples of 8, and N·L and O above 16."""
+    n, c = input.shape[:2]
+    o, _, kh, kw = weight.shape
+    left, right, top, bottom = _pads(ops)
+    positions = 1
+    for size, k, pad, stride, dil in zip(
+        input.shape[2:], (kh, kw), (top + bottom, left + right), ops.stride, ops.dilation,
+        strict=True,
+    ):  # fmt: skip
+        positions *= (size + pad - dil * (k - 1) - 1) // stride + 1
+    width = c * kh * kw
+    if n * positions > 16 and o > 16 and o % 8 == 0 and width % 8 == 0:
+        return None
+    return (
+        f"torch._int_mm on CUDA needs O and C·kh·kw multiples of 8 and N·L, O above 16; this "
+        f"convolution has O = {o}, C·kh·kw = {width}, N·L = {n * positions}"
+    )
+
+
 def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, source: PlanSource,
          name: str) -> Tensor:  # fmt: skip
     """Run the Conv2d plan on integer GEMMs; :class:`Unsupported` for grouped or 1-d
-    convolutions, tensors off the CPU, and where ``torch._int_mm`` is not exact here."""
-    if ops.groups != 1 or input.dim() != 4 or input.device.type != "cpu":
+    convolutions, devices other than the CPU and CUDA, shapes CUDA's ``torch._int_mm`` cannot
+    run, and where ``torch._int_mm`` is not exact here. On the CPU the layer first goes to
+    oneDNN's integer convolutions (:mod:`fqtorch.backends.int8_qconv`); on CUDA it runs im2col
+    + ``torch._int_mm``."""
+    device = input.device.type
+    if ops.groups != 1 or input.dim() != 4 or device not in ("cpu", "cuda"):
         raise Unsupported(
-            "this convolution cannot run on integer GEMMs (grouped, 1-d or not on the CPU)"
+            "this convolution cannot run on integer GEMMs (grouped, 1-d, or on neither the CPU "
+            "nor CUDA)"
         )
-    verdict = int_mm_verdict(input.device.type)  # the weight gradient needs it on either path
+    verdict = int_mm_verdict(device)  # the weight gradient needs it on either path
+    if verdict is None and device == "cuda":
+        verdict = _cuda_shapes(input, weight, ops)
     if verdict is not None:
         raise Unsupported(verdict)
     plan = source.plan
@@ -273,10 +305,14 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, sourc
         w = plan.weight.encode(weight)
     _per_tensor(x, "input")
     _per_tensor(w, "weight")
-    # Integer convolution kernels where they are exact here; int8_qconv builds on this module.
-    from . import int8_qconv
+    if device == "cpu":
+        # Integer convolution kernels where they are exact here; int8_qconv builds on this
+        # module.
+        from . import int8_qconv
 
-    out = int8_qconv.conv(input, x, w, bias, ops, weight, source, name)
-    if out is not None:
-        return out
+        out = int8_qconv.conv(input, x, w, bias, ops, weight, source, name)
+        if out is not None:
+            return out
+    else:
+        say_once(f"FQT layer {name!r}: Conv2d on im2col + torch._int_mm ({device})")
     return _Int8Conv2d.apply(input, x, w, bias, ops, weight, source, name)

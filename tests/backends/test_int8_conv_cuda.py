@@ -1,0 +1,94 @@
+"""The int8 Conv2d on CUDA: im2col + ``torch._int_mm`` (no integer convolution kernels there),
+for the shapes CUDA's ``_int_mm`` runs; other shapes fall back to simulate with the reason. The
+shape rule is checked here on any machine; the CUDA runs (int8 == simulate from the same codes)
+need a GPU (``-m cuda``, ``benchmarks/gpu_check.sh``)."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from fqtorch import FQTConfig, quantize_model
+from fqtorch.backends.base import ConvOps
+from fqtorch.backends.int8_conv import _cuda_shapes
+
+
+def ops(stride=(1, 1), padding=(0, 0), dilation=(1, 1), pad=None) -> ConvOps:
+    return ConvOps(stride, padding, dilation, 1, pad)
+
+
+@pytest.mark.parametrize(
+    "input_shape, weight_shape, conv_ops, reason",
+    [
+        ((8, 64, 56, 56), (64, 64, 3, 3), ops(padding=(1, 1)), None),  # ResNet's 3x3 blocks
+        ((2, 16, 9, 8), (32, 16, 1, 1), ops(stride=(2, 2)), None),  # N·L = 2·5·4 = 40
+        ((8, 3, 224, 224), (64, 3, 7, 7), ops((2, 2), (3, 3)), "C·kh·kw = 147"),  # the stem
+        ((2, 16, 9, 8), (20, 16, 3, 3), ops(padding=(1, 1)), "O = 20"),
+        ((2, 16, 9, 8), (16, 16, 3, 3), ops(padding=(1, 1)), "O = 16"),  # m = O of grad_weight
+        ((1, 16, 4, 4), (32, 16, 3, 3), ops(), "N·L = 4"),  # 2×2 output positions
+        ((1, 16, 4, 4), (32, 16, 3, 3), ops(pad=(1, 1, 1, 1)), "N·L = 16"),  # "same" padding
+        ((1, 16, 5, 5), (32, 16, 3, 3), ops(dilation=(2, 2)), "N·L = 1"),
+    ],
+)
+def test_cuda_shape_rule(input_shape, weight_shape, conv_ops, reason):
+    """O and C·kh·kw multiples of 8, N·L and O above 16, with the output size from stride,
+    padding (integer and the extra ``"same"`` pad) and dilation."""
+    got = _cuda_shapes(torch.empty(input_shape, device="meta"),
+                       torch.empty(weight_shape, device="meta"), conv_ops)  # fmt: skip
+    if reason is None:
+        assert got is None
+    else:
+        assert got is not None and reason in got and "multiples of 8" in got
+
+
+# Shapes CUDA's _int_mm runs: channels multiples of 8, O above 16; every padding mode, strides
+# and dilation of the CPU tests.
+CUDA_CONVS = {
+    "3x3-pad1": (lambda: nn.Conv2d(16, 24, 3, padding=1), (16, 9, 8)),
+    "3x3-pad1-stride2": (lambda: nn.Conv2d(8, 24, 3, stride=2, padding=1), (8, 9, 8)),
+    "3x3-dilated2-pad2": (lambda: nn.Conv2d(8, 32, 3, padding=2, dilation=2), (8, 8, 9)),
+    "4x4-same-nobias": (lambda: nn.Conv2d(8, 24, 4, padding="same", bias=False), (8, 9, 8)),
+    "1x1-stride2": (lambda: nn.Conv2d(16, 32, 1, stride=2), (16, 9, 7)),
+}
+
+
+def _results(make, x, cfg):
+    torch.manual_seed(0)
+    base = make().cuda()
+    with torch.no_grad():  # off-centre weights: a zero point on the weight's grid
+        base.weight.add_(0.5 * base.weight.abs().max())
+    out = {}
+    for backend in ("simulate", "int8"):
+        torch.manual_seed(0)
+        layer = quantize_model(copy.deepcopy(base), cfg.replace(backend=backend))
+        xi = x.clone().requires_grad_(True)
+        y = layer(xi)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).cuda()
+        y.backward(g)
+        out[backend] = (y.detach(), xi.grad, *[p.grad for p in layer.parameters()])
+    return out
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("preset", ["psq5", "bhq4", "ptq8"])
+@pytest.mark.parametrize("name", list(CUDA_CONVS))
+def test_cuda_int8_conv_matches_simulate(name, preset):
+    make, chw = CUDA_CONVS[name]
+    x = torch.randn(4, *chw, generator=torch.Generator().manual_seed(3)).cuda() + 0.3
+    cfg = FQTConfig.preset(preset, weight_quantizer="ptq")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to simulate
+        results = _results(make, x, cfg)
+    for a, b in zip(results["simulate"], results["int8"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+@pytest.mark.cuda
+def test_cuda_stem_falls_back_to_simulate_with_the_reason():
+    x = torch.randn(2, 3, 32, 32).cuda()
+    with pytest.warns(RuntimeWarning, match=r"C·kh·kw = 147.*using the simulate backend"):
+        _results(lambda: nn.Conv2d(3, 64, 7, stride=2, padding=3), x, FQTConfig.preset("psq5"))
