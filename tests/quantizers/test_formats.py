@@ -501,6 +501,24 @@ def test_fused_kernel_matches_eager():
             assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("name", ["mxfp4", "nvfp4", "mxfp8", "fp8_e4m3_per_row"])
+def test_blocks_down_the_columns_are_the_transposes_blocks_along_the_rows(name, fused):
+    """Blocks (or per-line scales) down the columns of ``x`` are those along the rows of ``xᵀ``:
+    the same codes, scales and values from the same generator (the encoder hands the kernel the
+    lines row-major, whichever way they run), with a padded last block (37 rows)."""
+    x = sample_data(37, 24)
+    down = get_quantizer(name, rounding="stochastic", block_dim=0, fused=fused)
+    along = get_quantizer(name, rounding="stochastic", block_dim=1, fused=fused)
+    a = down.encode(x, torch.Generator().manual_seed(4))
+    b = along.encode(x.T.contiguous(), torch.Generator().manual_seed(4))
+    # block formats store the lines (blocks along the last dim); per-line scales keep x's layout
+    flip = (lambda t: t.T) if a.codes.shape == x.shape else (lambda t: t)
+    assert torch.equal(a.codes.view(torch.uint8), flip(b.codes.view(torch.uint8)))
+    assert torch.equal(a.scale.float(), flip(b.scale.float()))
+    assert torch.equal(a.dequantize(), b.dequantize().T)
+
+
 class SmallNet(nn.Module):
     def __init__(self):
         super().__init__()
