@@ -988,10 +988,12 @@ def flatness(task: Task, runs: dict[str, list[dict]]) -> str:
 
 
 def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
-    """QAT seed 0 on the task's schedule against the same seed on ``LONG_FACTOR`` times it: is
-    the schedule long enough that a longer one would not lower QAT's loss by ``FLAT`` or more?
-    The longer run counts at its best evaluation, so one that dips lower and then overfits back
-    up still says the schedule was too short."""
+    """QAT seed 0 on the task's schedule against the same seed on ``LONG_FACTOR`` times it, in
+    the task's headline metric: the schedule is long enough when the longer run, at its best
+    evaluation, improves on the shorter one's final value by less than ``FLAT`` of that value
+    or QAT's spread over its seeds, whichever is larger (a gain below the seeds' spread cannot
+    be told from seed noise). At its best: a run that dips lower and overfits back up still says
+    the schedule was too short."""
     long_epochs = task.epochs * LONG_FACTOR
     long = [r for r in runs.get(LONG.name, []) if r["seed"] == 0]
     if not long:
@@ -1004,34 +1006,39 @@ def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
         return f"The schedule check ran, but QAT seed 0 on {task.epochs} epochs has not."
     if long[0]["diverged"] or base[0]["diverged"]:
         return f"The schedule check: QAT seed 0 diverged on {long_epochs} or {task.epochs} epochs."
-    short, final = base[0]["final"]["val_loss"], long[0]["final"]["val_loss"]
+    key, sign = task.metric, (1 if task.metric == "val_acc" else -1)  # sign: + is better
+    accuracy = key == "val_acc"
+    name = "validation accuracy" if accuracy else "validation loss"
+
+    def show(value: float, signed: bool = False) -> str:
+        text = f"{100 * value:{'+' if signed else ''}.2f} %" if accuracy else f"{value:.4f}"
+        return text if not signed or accuracy else f"{value:+.4f}"
+
+    short, final = base[0]["final"][key], long[0]["final"][key]
     curve = long[0]["curve"]
-    best = min(curve, key=lambda c: c["val_loss"])
-    fall = (short - best["val_loss"]) / short  # + : the longer schedule went lower
-    last = (curve[-2]["val_loss"] - curve[-1]["val_loss"]) / curve[-2]["val_loss"]
-    spread = [r["final"]["val_loss"] for r in runs.get("qat", []) if not r["diverged"]]
+    best = max(curve, key=lambda c: sign * c[key])
+    gain = sign * (best[key] - short)  # + : the longer schedule did better
+    seeds = [r["final"][key] for r in runs.get("qat", []) if not r["diverged"]]
+    spread = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
+    threshold = max(FLAT * abs(short), spread)
     spread_text = (
-        f" (QAT's std over its {len(spread)} seeds: {statistics.stdev(spread):.4f})"
-        if len(spread) > 1
-        else ""
+        f"{show(spread)} over its {len(seeds)} seeds" if len(seeds) > 1 else "one seed so far"
     )
-    if fall >= FLAT:
+    if gain >= threshold:
         verdict = (
-            "**not long enough**: a longer schedule lowers QAT's loss by more than that, so the "
-            "rows compare runs that were still improving"
+            "**not long enough**: a longer schedule improves QAT by more than that, so the rows "
+            "compare runs that were still improving"
         )
     else:
-        overfits = (final - best["val_loss"]) / best["val_loss"] >= FLAT
-        verdict = "**long enough**: a longer schedule does not lower QAT's loss by that much" + (
-            " (it overfits instead)" if overfits else ""
-        )
+        overfits = sign * (best[key] - final) >= FLAT * abs(best[key])
+        verdict = "**long enough**" + (" (the longer run overfits instead)" if overfits else "")
     return (
         f"Schedule check: QAT seed 0 on {long_epochs} epochs (`qat_long`, same steps per epoch "
-        f"and learning-rate shape) reaches validation loss {best['val_loss']:.4f} at its best "
-        f"(epoch {best['epoch']}) and ends at {final:.4f} (its last epoch: "
-        f"{100 * last:+.1f}%), against {short:.4f} on {task.epochs}{spread_text}: "
-        f"{100 * fall:+.1f}% at its best; by the same {100 * FLAT:.0f}% rule the "
-        f"{task.epochs}-epoch schedule is {verdict}."
+        f"and learning-rate shape) reaches {name} {show(best[key])} at its best (epoch "
+        f"{best['epoch']}) and ends at {show(final)}, against {show(short)} on {task.epochs}: "
+        f"{show(gain, signed=True)} at its best. The {task.epochs}-epoch schedule counts as long "
+        f"enough when that gain is below the larger of {100 * FLAT:.0f}% of the value and QAT's "
+        f"std ({spread_text}), here {show(threshold)}: it is {verdict}."
     )
 
 

@@ -3,6 +3,7 @@ recorded as such, and the report rebuilds docs/results.md's tables from the summ
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -445,31 +446,44 @@ def test_the_schedule_check_runs_qat_seed_0_on_twice_the_epochs(reproduce, monke
     assert reproduce.main(["--seeds", "1", "--configs", "qat_long"]) == 0
     assert trained == []  # seed 0 only
 
-    def run(*losses, seed=0):
-        curve = [{"epoch": i + 1, "val_loss": v} for i, v in enumerate(losses)]
-        return {"curve": curve, "diverged": False, "seed": seed, "final": {"val_loss": losses[-1]}}
+    def run(*values, seed=0, key="val_loss"):
+        curve = [{"epoch": i + 1, key: v} for i, v in enumerate(values)]
+        return {"curve": curve, "diverged": False, "seed": seed, "final": {key: values[-1]}}
 
-    qat = [run(1.2, 1.0), run(1.2, 1.02, seed=1)]
-    assert "has not run yet" in reproduce.schedule_check(task, {"qat": qat})
-    still = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.1, 0.98, 0.97, 0.95)]})
-    assert "+5.0% at its best" in still and "**not long enough**" in still
+    loss = dataclasses.replace(task, metric="val_loss")
+    check = reproduce.schedule_check
+    qat = [run(1.2, 1.0), run(1.2, 1.02, seed=1)]  # std 0.01414 > 1% of 1.0: the threshold
+    assert "has not run yet" in check(loss, {"qat": qat})
+    still = check(loss, {"qat": qat, "qat_long": [run(1.1, 0.98, 0.97, 0.95)]})
+    assert "+0.0500 at its best" in still and "**not long enough**" in still
     assert "still improving" in still and "(epoch 4)" in still
-    assert "std over its 2 seeds: 0.0141" in still and "last epoch: +2.1%" in still
-    enough = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.1, 0.995)]})
-    assert "+0.5% at its best" in enough and "**long enough**" in enough
+    assert "std (0.0141 over its 2 seeds), here 0.0141" in still
+    enough = check(loss, {"qat": qat, "qat_long": [run(1.1, 0.995)]})
+    assert "+0.0050 at its best" in enough and "**long enough**" in enough
     assert "overfits" not in enough
-    overfit = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.0, 0.995, 1.03)]})
-    assert "**long enough**" in overfit and "(it overfits instead)" in overfit
+    overfit = check(loss, {"qat": qat, "qat_long": [run(1.0, 0.995, 1.03)]})
+    assert "**long enough**" in overfit and "(the longer run overfits instead)" in overfit
     # lower at its best, then back up past the short run: a longer schedule did help
-    dip = reproduce.schedule_check(task, {"qat": qat, "qat_long": [run(1.2, 0.9, 1.05)]})
-    assert "+10.0% at its best" in dip and "**not long enough**" in dip and "ends at 1.0500" in dip
+    dip = check(loss, {"qat": qat, "qat_long": [run(1.2, 0.9, 1.05)]})
+    assert "+0.1000 at its best" in dip and "**not long enough**" in dip and "ends at 1.0500" in dip
+    # the seeds' spread: a gain of 0.05 is within a spread of 0.07; one seed: 1% of the value
+    noisy = [run(1.0), run(1.1, seed=1)]
+    assert "**long enough**" in check(loss, {"qat": noisy, "qat_long": [run(1.0, 0.95)]})
+    one = check(loss, {"qat": qat[:1], "qat_long": [run(1.0, 0.985)]})
+    assert "one seed so far), here 0.0100" in one and "**not long enough**" in one
+    # accuracy: higher is better, shown in percent
+    acc = [run(0.98, key="val_acc"), run(0.99, seed=1, key="val_acc")]
+    better = check(task, {"qat": acc, "qat_long": [run(0.97, 0.995, key="val_acc")]})
+    assert "accuracy 99.50 % at its best" in better and "+1.50 %" in better
+    assert "**not long enough**" in better and "here 0.98 %" in better
+    same = check(task, {"qat": acc, "qat_long": [run(0.97, 0.985, key="val_acc")]})
+    assert "**long enough**" in same
     other_seed = {"qat": qat, "qat_long": [run(1.0, 0.5, seed=1)]}  # the check is seed 0's
-    assert "has not run yet" in reproduce.schedule_check(task, other_seed)
-    assert "QAT seed 0 on 1 epochs has not" in reproduce.schedule_check(
-        task, {"qat": qat[1:], "qat_long": [run(1.1, 0.99)]}
-    )
+    assert "has not run yet" in check(loss, other_seed)
+    missing = check(loss, {"qat": qat[1:], "qat_long": [run(1.1, 0.99)]})
+    assert "QAT seed 0 on 1 epochs has not" in missing
     # and the flatness line carries it
-    assert "Schedule check" in reproduce.flatness(task, {"qat": qat, "qat_long": [run(1.0, 0.99)]})
+    assert "Schedule check" in reproduce.flatness(loss, {"qat": qat, "qat_long": [run(1.0, 0.99)]})
 
 
 def test_an_archived_task_is_reported_not_trained(reproduce, monkeypatch, capsys):

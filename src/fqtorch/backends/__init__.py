@@ -90,7 +90,7 @@ def conv(
     """A convolution (``ops``) on ``source.plan.backend``."""
     backend = source.plan.backend
     if backend == "auto":
-        backend = auto.resolve(source.plan, input.device)
+        backend = auto.conv_backend(auto.resolve(source.plan, input.device), input.device.type)
     if backend != "simulate":
         try:
             return get_backend(backend, "conv").conv(input, weight, bias, ops, source, name)

@@ -23,7 +23,7 @@ from .base import FQTPlan
 from .int8 import int_mm_verdict
 from .notes import say_once
 
-__all__ = ["INT8_CPU_FLAGS", "cpu_flags", "decide", "resolve"]
+__all__ = ["INT8_CPU_FLAGS", "conv_backend", "cpu_flags", "decide", "resolve"]
 
 # /proc/cpuinfo flags of x86 int8 dot-product units oneDNN's integer GEMMs use.
 INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
@@ -119,3 +119,18 @@ def _resolve(device: torch.device, refusal: str | None) -> str:
 def resolve(plan: FQTPlan, device: torch.device) -> str:
     """The backend ``backend="auto"`` runs ``plan``'s layer calls on, on ``device``."""
     return _resolve(device, _plan_refusal(plan))
+
+
+def conv_backend(resolved: str, device_type: str) -> str:
+    """The backend ``backend="auto"`` runs a convolution on, given what :func:`resolve` chose:
+    on CUDA, simulate (cuDNN's float convolutions) rather than int8, whose CUDA Conv2d path
+    (im2col + ``torch._int_mm``) has not been timed against cuDNN yet; ``backend="int8"`` opts
+    in. Said once."""
+    if resolved == "int8" and device_type == "cuda":
+        say_once(
+            "fqtorch backend='auto' on cuda: Conv2d layers stay on simulate (cuDNN); the int8 "
+            "im2col + torch._int_mm path there is not yet measured against it "
+            "(backend='int8' runs it)"
+        )
+        return "simulate"
+    return resolved

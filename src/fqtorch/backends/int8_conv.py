@@ -262,7 +262,9 @@ def _cuda_shapes(input: Tensor, weight: Tensor, ops: ConvOps) -> str | None:
     """``None`` where CUDA's ``torch._int_mm`` runs all three of the layer's GEMMs, else why not.
     Its kernels need m > 16 and k, n multiples of 8; :func:`~fqtorch.backends.int8._int_mm` pads
     the reduction, so the output channels O and the unfolded width C·kh·kw (the GEMMs' n, which
-    are bordered by 8 columns of ones) must be multiples of 8, and N·L and O above 16."""
+    are bordered by 8 columns of ones) must be multiples of 8, N·L (the forward's and
+    ``grad_input``'s m) above 16, and O at least 16 (``grad_weight``'s m is O plus a bordering
+    row of ones)."""
     n, c = input.shape[:2]
     o, _, kh, kw = weight.shape
     left, right, top, bottom = _pads(ops)
@@ -273,10 +275,10 @@ def _cuda_shapes(input: Tensor, weight: Tensor, ops: ConvOps) -> str | None:
     ):  # fmt: skip
         positions *= (size + pad - dil * (k - 1) - 1) // stride + 1
     width = c * kh * kw
-    if n * positions > 16 and o > 16 and o % 8 == 0 and width % 8 == 0:
+    if n * positions > 16 and o >= 16 and o % 8 == 0 and width % 8 == 0:
         return None
     return (
-        f"torch._int_mm on CUDA needs O and C·kh·kw multiples of 8 and N·L, O above 16; this "
+        f"torch._int_mm on CUDA needs O and C·kh·kw multiples of 8, O ≥ 16 and N·L > 16; this "
         f"convolution has O = {o}, C·kh·kw = {width}, N·L = {n * positions}"
     )
 

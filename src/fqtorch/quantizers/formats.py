@@ -404,6 +404,8 @@ class FormatQuantizer(Quantizer):
             # The groups run down the columns: hand the kernel their lines row-major (one
             # transposing copy), the canonical layout it would build, so the same values. On a
             # strided view the compiled kernel read across rows for every group, 4× slower.
+            # (Per-line FP8 codes then come back as a transposed view, column-major: the same
+            # values; the fp8 backend takes either layout.)
             lines, args = x2d.T.contiguous(), (*args[:3], 1, *args[4:])
         values, stored, tensor = self.kernel(fused_format)(lines, noise, *args)
         rows, cols = x2d.shape
