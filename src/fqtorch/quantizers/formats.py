@@ -382,12 +382,14 @@ class FormatQuantizer(Quantizer):
                 "range its scales represent (float64 input: rescale it first)"
             )
 
-    def _kernel_args(self) -> tuple[object, ...]:
+    def _kernel_args(self, block_dim: int | None = None) -> tuple[object, ...]:
+        """The kernel's arguments after the input and the noise (``block_dim``: another
+        orientation than the quantizer's)."""
         return (
             self.element.name,
             self.kind,
             self.block_size,
-            self.block_dim,
+            self.block_dim if block_dim is None else block_dim,
             self.scale,
             self.rounding,
             self.scale_rule == "no_clip",
@@ -406,7 +408,7 @@ class FormatQuantizer(Quantizer):
             # strided view the compiled kernel read across rows for every group, 4× slower.
             # (Per-line FP8 codes then come back as a transposed view, column-major: the same
             # values; the fp8 backend takes either layout.)
-            lines, args = x2d.T.contiguous(), (*args[:3], 1, *args[4:])
+            lines, args = x2d.T.contiguous(), self._kernel_args(block_dim=1)
         values, stored, tensor = self.kernel(fused_format)(lines, noise, *args)
         rows, cols = x2d.shape
         if self.kind != "block":
