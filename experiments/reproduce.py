@@ -1311,10 +1311,11 @@ def run_all(pending: list[tuple[Task, Config, int]], jobs: int) -> None:
                 failed = None
                 for future in done:
                     t, c, s = running.pop(future)
-                    if future.exception() is not None:
-                        failed = failed or future.exception()
-                        print(f"{t.name} {c.name} seed {s} failed: {future.exception()}",
-                              file=sys.stderr)  # fmt: skip
+                    error = future.exception()
+                    if error is not None:
+                        failed = failed or error
+                        how = "stopped" if isinstance(error, KeyboardInterrupt) else "failed"
+                        print(f"{t.name} {c.name} seed {s} {how}: {error}", file=sys.stderr)
                         continue
                     summary = future.result()
                     finished += 1

@@ -567,6 +567,15 @@ def test_jobs_run_in_parallel_on_split_threads(reproduce, monkeypatch, capsys):
         reproduce.main(["--jobs", "0"])
     assert "--jobs takes a positive number" in capsys.readouterr().err
 
+    def interrupted(t, c, s, threads=None):
+        raise KeyboardInterrupt("fqtorch train: interrupted; saved ... (test)")
+
+    monkeypatch.setattr(reproduce, "train", interrupted)
+    assert reproduce.main(["--seeds", "0", "--configs", "exact", "--jobs", "2"]) == 130
+    err = capsys.readouterr().err
+    assert "digits exact seed 0 stopped: fqtorch train: interrupted" in err
+    assert "resume from their last checkpoints" in err
+
 
 def test_train_gives_the_run_its_threads_and_records_them(reproduce, monkeypatch):
     task, config = reproduce.TASKS["digits"], reproduce.configs()[1]
