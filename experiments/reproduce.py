@@ -994,7 +994,7 @@ def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
     or QAT's spread over its seeds, whichever is larger (a gain below the seeds' spread cannot
     be told from seed noise). At its best: a run that dips lower and overfits back up still says
     the schedule was too short."""
-    long_epochs = task.epochs * LONG_FACTOR
+    long_epochs = epochs(task, LONG)
     long = [r for r in runs.get(LONG.name, []) if r["seed"] == 0]
     if not long:
         return (
@@ -1011,8 +1011,8 @@ def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
     name = "validation accuracy" if accuracy else "validation loss"
 
     def show(value: float, signed: bool = False) -> str:
-        text = f"{100 * value:{'+' if signed else ''}.2f} %" if accuracy else f"{value:.4f}"
-        return text if not signed or accuracy else f"{value:+.4f}"
+        sign = "+" if signed else ""
+        return f"{100 * value:{sign}.2f} %" if accuracy else f"{value:{sign}.4f}"
 
     short, final = base[0]["final"][key], long[0]["final"][key]
     curve = long[0]["curve"]
@@ -1074,7 +1074,7 @@ def curves_figure(task: Task, runs: dict[str, list[dict]], path: Path) -> None:
                 "k--",
                 marker=".",
                 lw=1,
-                label=f"qat, {task.epochs * LONG_FACTOR} epochs (seed 0)",
+                label=f"qat, {epochs(task, LONG)} epochs (seed 0)",
             )
         ax.set_xlabel("training step")
         ax.set_ylabel("validation loss" if metric == "val_loss" else "validation accuracy (%)")

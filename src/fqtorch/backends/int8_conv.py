@@ -65,6 +65,14 @@ def _pads(ops: ConvOps) -> list[int]:
     return [pw + extra[0], pw + extra[1], ph + extra[2], ph + extra[3]]
 
 
+def _out_size(shape: tuple, pads: list[int], kernel: tuple, ops: ConvOps) -> tuple[int, int]:
+    """(Ho, Wo) of a convolution over an (H, W) plane ``shape`` with the F.pad amounts ``pads``
+    (:func:`_pads`), ``kernel`` (kh, kw), stride and dilation."""
+    (h, w), (kh, kw), (sh, sw), (dh, dw) = shape, kernel, ops.stride, ops.dilation
+    hp, wp = h + pads[2] + pads[3], w + pads[0] + pads[1]
+    return (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+
+
 def _unfold(x: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:
     """im2col (N, C, H, W) -> (N, L, C·kh·kw), zero-padded."""
     padded = F.pad(x, pads) if any(pads) else x
@@ -81,9 +89,9 @@ def _cols(codes: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor
     once into the GEMM's layout: one byte per element read and written, where ``F.unfold``
     (floating point only) took a float32 copy, the unfold, its transpose and a cast back."""
     padded = F.pad(codes, pads) if any(pads) else codes
-    n, c, hp, wp = padded.shape
+    n, c = padded.shape[:2]
     (kh, kw), (dh, dw), (sh, sw) = kernel, ops.dilation, ops.stride
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _out_size(codes.shape[2:], pads, kernel, ops)
     s_n, s_c, s_h, s_w = padded.stride()
     windows = padded.as_strided(
         (n, ho, wo, c, kh, kw), (s_n, sh * s_h, sw * s_w, s_c, dh * s_h, dw * s_w)
@@ -150,9 +158,7 @@ class _Int8Conv2d(torch.autograd.Function):
                 taps = mask @ w2d.T.to(dtype)
             count = mask.sum(1, keepdim=True)  # (L, 1): the number of real taps
         acc.view(n, -1, o).add_(b_x * s_w * taps + b_x * b_w * count)
-        hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
-        ho = (hp - ops.dilation[0] * (kh - 1) - 1) // ops.stride[0] + 1
-        wo = (wp - ops.dilation[1] * (kw - 1) - 1) // ops.stride[1] + 1
+        ho, wo = _out_size((h, wd), pads, (kh, kw), ops)
         out = acc.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
         if bias is not None:
             out = out + bias.to(out.dtype)[None, :, None, None]
@@ -267,13 +273,8 @@ def _cuda_shapes(input: Tensor, weight: Tensor, ops: ConvOps) -> str | None:
     row of ones)."""
     n, c = input.shape[:2]
     o, _, kh, kw = weight.shape
-    left, right, top, bottom = _pads(ops)
-    positions = 1
-    for size, k, pad, stride, dil in zip(
-        input.shape[2:], (kh, kw), (top + bottom, left + right), ops.stride, ops.dilation,
-        strict=True,
-    ):  # fmt: skip
-        positions *= (size + pad - dil * (k - 1) - 1) // stride + 1
+    ho, wo = _out_size(input.shape[2:], _pads(ops), (kh, kw), ops)
+    positions = ho * wo
     width = c * kh * kw
     if n * positions > 16 and o >= 16 and o % 8 == 0 and width % 8 == 0:
         return None

@@ -54,7 +54,7 @@ from ..quantizers.fused import LazyCompiled
 from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite
 from .int8 import _code_sum, _compiled_path, _grad_bias, _per_column, _per_row, chunk_length
-from .int8_conv import _cols, _conv_grad_weight, _pads, _tap_mask
+from .int8_conv import _cols, _conv_grad_weight, _out_size, _pads, _tap_mask
 from .notes import say_once
 
 __all__ = ["channel_chunk", "conv", "fits_float32", "qconv_verdict"]
@@ -220,7 +220,7 @@ def _grad_input(g: QuantizedTensor, w2d: Tensor, ws: Tensor, wb: Tensor, w_bits:
     pads = _pads(ops)
     hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
     (sh, sw), (dh, dw) = ops.stride, ops.dilation
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    ho, wo = _out_size((h, wd), pads, (kh, kw), ops)
     u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
     if sh > 1 or sw > 1:  # zeros between the strided positions: code 0 is u8 128
         dilated = u8.new_full((rows, o, (ho - 1) * sh + 1, (wo - 1) * sw + 1), 128)
