@@ -139,3 +139,42 @@ def test_column_minmax_is_the_one_stage_reduction(rows: int, dtype: torch.dtype)
                 assert a.shape == (1, 37) and a.dtype == dtype
                 assert torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5))
                 assert torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("granularity", ["row", "column", "tensor"])
+def test_eager_ranges_equal_aminmax(granularity: str) -> None:
+    """Eagerly on the CPU the ranges are ``amin`` and ``amax`` apiece (faster than ``aminmax`` over
+    a dimension); their values are ``aminmax``'s, NaN and infinities included."""
+    x = torch.randn(300, 70, generator=gen(3)) * 1e3
+    x[5, 7], x[9, 2], x[299, 69], x[100, 0] = float("nan"), float("inf"), float("-inf"), 3e38
+    for tensor in (x, x.T.contiguous().T):
+        dim = {"row": 1, "column": 0, "tensor": None}[granularity]
+        if dim is None:
+            expected = [r.reshape(1, 1) for r in torch.aminmax(tensor)]
+        else:
+            expected = torch.aminmax(tensor, dim=dim, keepdim=True)
+        for a, b in zip(group_minmax(tensor, granularity), expected, strict=True):
+            assert a.shape == b.shape
+            assert torch.equal(a.nan_to_num(0.5), b.nan_to_num(0.5))
+            assert torch.equal(a.isnan(), b.isnan())
+
+
+@pytest.mark.parametrize("name", [n for n in CODED if n not in TRANSFORMS])
+def test_groups_of_signed_zeros_give_the_compiled_codes(name: str) -> None:
+    """Groups holding both +0 and -0 (whose range's zero may take either sign eagerly, where the
+    compiled kernel reduces with ``aminmax``) give the same codes and values eagerly and compiled,
+    and such a group's values are zeros."""
+    g = gen(4)
+    x = torch.randn(24, 40, generator=g)
+    signs = torch.rand(24, 40, generator=g) < 0.5
+    zeros = torch.where(signs, torch.tensor(-0.0), torch.tensor(0.0))
+    x[:8], x[:, :8] = zeros[:8], zeros[:, :8]  # whole rows and whole columns of mixed zeros
+    for rounding in ("nearest", "stochastic"):
+        compiled = get_quantizer(name, 4, rounding=rounding, fused=True)
+        reference = eager(get_quantizer(name, 4, rounding=rounding, fused=True))
+        got, want = reference.encode(x, gen(1)), compiled.encode(x, gen(1))
+        assert torch.equal(got.codes, want.codes)
+        assert torch.equal(got.dequantize(), want.dequantize())
+        plain = get_quantizer(name, 4, rounding=rounding)(x, gen(1))
+        groups = {"per_column": plain[:, :8], "psq": plain[:8], "symmetric_per_row": plain[:8]}
+        assert (groups.get(name, torch.zeros(())) == 0).all()
