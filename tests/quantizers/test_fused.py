@@ -220,3 +220,15 @@ class TestLazyCompiled:
         with pytest.raises(ValueError, match="bad input shape"):
             kernel(torch.ones(3))
         assert not kernel._broken
+
+
+def test_compiled_kernels_are_named_in_a_profiler_trace() -> None:
+    """A compiled quantizer shows in ``torch.profiler`` under its function's name, not only as an
+    anonymous compiled graph (so a profile says which kernel took the time)."""
+    q = get_quantizer("psq", 5, fused=True)
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    q.encode(x, torch.Generator().manual_seed(1))  # compile outside the trace
+    with torch.profiler.profile() as prof:
+        q.encode(x, torch.Generator().manual_seed(1))
+    names = {event.key for event in prof.key_averages()}
+    assert "fqtorch::_affine_kernel" in names, sorted(names)

@@ -41,6 +41,7 @@ class LazyCompiled:
         self.fn = fn
         self._compiled: Callable[..., Any] | None = None
         self._broken = False
+        self._label = f"fqtorch::{fn.__qualname__}"
 
     def __call__(self, *args: Any) -> Any:
         if self._broken:
@@ -51,7 +52,11 @@ class LazyCompiled:
         # of the graph guards (one graph serves a layer's input and its weight alike).
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
-            with torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_KERNEL):
+            # Named in a torch.profiler trace (there it is otherwise an anonymous compiled graph).
+            with (
+                torch.profiler.record_function(self._label),
+                torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_KERNEL),
+            ):
                 return self._compiled(*args)
         except Exception as error:  # any compiler failure: fall back below
             result = self.fn(*args)  # a genuine error in fn raises here, unchanged
