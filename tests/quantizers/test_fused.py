@@ -110,6 +110,14 @@ ENCODE_KERNEL = {
 }
 
 
+# (quantizer, split): the uniform encodes run as one compiled graph or two (by size), both tested.
+SPLITS = [
+    (name, split)
+    for name in CODED
+    for split in ((False, True) if isinstance(ENCODE_KERNEL[name], uniform._TwoGraphs) else (None,))
+]
+
+
 def compile_unavailable() -> str | None:
     """Why ``torch.compile`` cannot build a kernel on this machine, or ``None`` when it can."""
     try:
@@ -119,30 +127,38 @@ def compile_unavailable() -> str | None:
     return None
 
 
-def assert_compiled(kernel: fused_module.LazyCompiled) -> None:
-    """The last call of ``kernel`` ran its compiled graph: it has one and never fell back to
-    eager. Where compiling is disabled or impossible it skips, saying why; elsewhere a fallback
-    fails."""
+def assert_compiled(kernel: fused_module.Kernel, split: bool | None = None) -> None:
+    """The last call of ``kernel`` ran its compiled graphs (a uniform encode: two when ``split``):
+    it has them and never fell back to eager. Where compiling is disabled or impossible it skips,
+    saying why; elsewhere a fallback fails."""
     if torch._dynamo.config.disable:
         pytest.skip(f"{kernel} ran eagerly: torch.compile is disabled (TORCH_COMPILE_DISABLE)")
-    if kernel._broken:
-        reason = compile_unavailable()
-        if reason is not None:
-            pytest.skip(f"{kernel} ran eagerly: {reason}")
-        pytest.fail(f"{kernel} fell back to eager although torch.compile works here")
-    assert kernel._compiled is not None, f"{kernel} was never compiled"
+    parts = (kernel,)
+    if isinstance(kernel, uniform._TwoGraphs):  # a uniform encode: one graph, or two
+        parts = (kernel.stats, kernel.rounding) if split else (kernel.whole,)
+    for part in parts:
+        if part._broken:
+            reason = compile_unavailable()
+            if reason is not None:
+                pytest.skip(f"{part} ran eagerly: {reason}")
+            pytest.fail(f"{part} fell back to eager although torch.compile works here")
+        assert part._compiled is not None, f"{part} was never compiled"
 
 
 @pytest.mark.slow
 class TestFusedKernels:
     """Compiled and eager runs of a fused quantizer give the same codes, bit for bit."""
 
-    @pytest.mark.parametrize("name", CODED)
+    @pytest.mark.parametrize("name,split", SPLITS)
     @pytest.mark.parametrize("rounding", ["stochastic", "nearest"])
-    def test_compiled_equals_eager(self, name, rounding):
+    def test_compiled_equals_eager(self, name, split, rounding, monkeypatch):
         x = heavy_rows(300, 70, seed=4)
+        kernel = ENCODE_KERNEL[name]
+        if split is not None:  # a uniform encode: as one compiled graph, or as two
+            threshold = x.numel() if split else x.numel() + 1
+            monkeypatch.setattr(kernel, "split_from", dict.fromkeys(kernel.split_from, threshold))
         compiled = get_quantizer(name, 4, rounding=rounding, fused=True).encode(x, gen(5))
-        assert_compiled(ENCODE_KERNEL[name])  # else this would compare eager with eager
+        assert_compiled(kernel, split)  # else this would compare eager with eager
         reference = eager(get_quantizer(name, 4, rounding=rounding, fused=True)).encode(x, gen(5))
         if formats.is_format(name):  # float8/e8m0/fp4 storage: compare the stored bytes
             for a, b in ((compiled.codes, reference.codes), (compiled.scale, reference.scale)):
@@ -226,9 +242,9 @@ def test_compiled_kernels_are_named_in_a_profiler_trace() -> None:
     """A compiled quantizer shows in ``torch.profiler`` under its function's name, not only as an
     anonymous compiled graph (so a profile says which kernel took the time)."""
     q = get_quantizer("psq", 5, fused=True)
-    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(1024, 256, generator=torch.Generator().manual_seed(0))  # two graphs' size
     q.encode(x, torch.Generator().manual_seed(1))  # compile outside the trace
     with torch.profiler.profile() as prof:
         q.encode(x, torch.Generator().manual_seed(1))
     names = {event.key for event in prof.key_averages()}
-    assert "fqtorch::_affine_kernel" in names, sorted(names)
+    assert {"fqtorch::_affine_stats", "fqtorch::_affine_rounding"} <= names, sorted(names)

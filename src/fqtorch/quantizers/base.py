@@ -22,7 +22,7 @@ from typing import Any, Protocol, TypeVar
 import torch
 from torch import Tensor
 
-from .fused import LazyCompiled
+from .fused import Kernel, LazyCompiled
 from .rounding import Noise, draw_keys
 
 __all__ = [
@@ -148,7 +148,7 @@ class Quantizer(abc.ABC):
             return None
         return draw_keys(generator, device) if self.fused else generator
 
-    def kernel(self, fused_kernel: LazyCompiled) -> Callable[..., Any]:
+    def kernel(self, fused_kernel: Kernel) -> Callable[..., Any]:
         """The compiled kernel when the quantizer is fused, else its eager function."""
         return fused_kernel if self.fused else fused_kernel.fn
 

@@ -19,15 +19,23 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
-__all__ = ["GRAPHS_PER_KERNEL", "LazyCompiled"]
+__all__ = ["GRAPHS_PER_KERNEL", "Kernel", "LazyCompiled"]
 
 # Graphs one kernel may hold (dynamo's default limit, 8, is meant for one call site; a quantizer
 # kernel serves every layer and tensor role of a model).
 GRAPHS_PER_KERNEL = 64
+
+
+class Kernel(Protocol):
+    """A quantizer kernel: called, it runs compiled; ``fn`` is the same computation, eager."""
+
+    fn: Callable[..., Any]
+
+    def __call__(self, *args: Any) -> Any: ...
 
 
 class LazyCompiled:

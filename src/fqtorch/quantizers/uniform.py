@@ -18,6 +18,8 @@ output is NaN: never finite garbage. Training loops and ``GradScaler`` see it an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -185,8 +187,25 @@ def affine_round(
     return to_codes(round_to_grid(grid, rounding, 0, 2**bits - 1, noise), 2 ** (bits - 1))
 
 
-# The whole uniform encode (cast, ranges, grid, rounding, codes): one fused kernel when compiled.
-# Two functions, not one with a flag, so that each keeps its own small set of compiled graphs.
+def symmetric_params(low: Tensor, high: Tensor, bits: int) -> tuple[Tensor, ...]:
+    """:func:`symmetric_encode`'s per-group values for ranges ``[low, high]``: (divisor, scale,
+    bias)."""
+    step, divisor = _live_steps(torch.maximum(-low, high), 2 ** (bits - 1) - 1)
+    return divisor, step, torch.zeros_like(step)
+
+
+def symmetric_round(
+    x2d: Tensor, params: tuple[Tensor, ...], bits: int, rounding: str, noise: Noise
+) -> Tensor:
+    """:func:`symmetric_encode`'s codes from :func:`symmetric_params`' first value."""
+    limit = 2 ** (bits - 1) - 1
+    return to_codes(round_to_grid(x2d / params[0], rounding, -limit, limit, noise), 0)
+
+
+# The whole uniform encode (cast, ranges, grid, rounding, codes). Eagerly one function; compiled,
+# two graphs (_TwoGraphs): in one graph Inductor recomputes a group's grid parameters for every
+# element, which made a compiled per-column encode 2-2.5x and a per-row one 1.1-1.4x slower.
+# Two functions per grid, not one with a flag, so that each keeps its own small set of graphs.
 def _affine_kernel(
     x2d: Tensor, noise: Noise, bits: int, granularity: str, rounding: str
 ) -> tuple[Tensor, Tensor, Tensor]:
@@ -203,8 +222,64 @@ def _symmetric_kernel(
     return symmetric_encode(x2d, torch.maximum(-low, high), bits, rounding, noise)
 
 
-fused_affine = LazyCompiled(_affine_kernel)
-fused_symmetric = LazyCompiled(_symmetric_kernel)
+def _affine_stats(x2d: Tensor, bits: int, granularity: str) -> tuple[Tensor, ...]:
+    x2d = x2d.to(compute_dtype(x2d))
+    return affine_params(*group_minmax(x2d, granularity), bits)
+
+
+def _affine_rounding(
+    x2d: Tensor, params: tuple[Tensor, ...], bits: int, rounding: str, noise: Noise
+) -> Tensor:
+    return affine_round(x2d.to(compute_dtype(x2d)), params, bits, rounding, noise)
+
+
+def _symmetric_stats(x2d: Tensor, bits: int, granularity: str) -> tuple[Tensor, ...]:
+    x2d = x2d.to(compute_dtype(x2d))
+    return symmetric_params(*group_minmax(x2d, granularity), bits)
+
+
+def _symmetric_rounding(
+    x2d: Tensor, params: tuple[Tensor, ...], bits: int, rounding: str, noise: Noise
+) -> Tensor:
+    return symmetric_round(x2d.to(compute_dtype(x2d)), params, bits, rounding, noise)
+
+
+class _TwoGraphs:
+    """A uniform encode ``(x2d, noise, bits, granularity, rounding) -> (codes, scale, bias)``:
+    ``fn`` eagerly; called, compiled: on a large tensor as two graphs (the groups' grid
+    parameters, materialized, then the rounding), on a small one as one graph (a second compiled
+    call costs about 0.1 ms, more than it saves there). All run the same operations, so they give
+    the same codes."""
+
+    def __init__(
+        self, fn: Callable[..., Any], stats: Callable[..., Any], rounding: Callable[..., Any]
+    ) -> None:
+        self.fn = fn
+        # Elements from which the two graphs are faster, by granularity (one thread, Intel Xeon:
+        # benchmarks/uniform_encode.py, docs/performance.md): a column's parameters recomputed per
+        # element cost most.
+        self.split_from = {"column": 2**16, "row": 2**18, "tensor": 2**18}
+        self.whole = LazyCompiled(fn)
+        self.stats, self.rounding = LazyCompiled(stats), LazyCompiled(rounding)
+
+    def __call__(
+        self, x2d: Tensor, noise: Noise, bits: int, granularity: str, rounding: str
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.splits(x2d.numel(), granularity):
+            return self.whole(x2d, noise, bits, granularity, rounding)
+        params = self.stats(x2d, bits, granularity)
+        return self.rounding(x2d, params, bits, rounding, noise), params[-2], params[-1]
+
+    def splits(self, numel: int, granularity: str) -> bool:
+        """Whether a tensor of ``numel`` elements is encoded by the two graphs."""
+        return numel >= self.split_from[granularity]
+
+    def __repr__(self) -> str:
+        return f"_TwoGraphs({self.fn.__qualname__})"
+
+
+fused_affine = _TwoGraphs(_affine_kernel, _affine_stats, _affine_rounding)
+fused_symmetric = _TwoGraphs(_symmetric_kernel, _symmetric_stats, _symmetric_rounding)
 
 
 class _Uniform(Quantizer):
