@@ -75,6 +75,35 @@ def test_column_ranges_prints_both_reductions():
     assert bad.stderr.strip().splitlines()[-1].startswith("--shapes: expected ROWSxCOLS")
 
 
+def test_column_ranges_prints_the_eager_reductions_apiece():
+    done = _run("--shapes", "130x24", "--repeats", "1", script="column_ranges.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = next(x for x in done.stdout.splitlines() if x.startswith("130x24 | "))
+    assert len(row.split(" | ")) == 8  # the shape, five column reductions, two row reductions
+
+
+def test_uniform_encode_checks_and_prints_every_quantizer():
+    done = _run("--shapes", "96x40", "--repeats", "1", script="uniform_encode.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    names = ("ptq", "psq", "per_column", "symmetric", "symmetric_per_row")
+    rows = [x.split(" | ") for x in done.stdout.splitlines() if x.split(" | ")[0] in names]
+    assert [r[0] for r in rows] == list(names) and all(len(r) == 4 for r in rows)
+    bad = _run("--shapes", "96", script="uniform_encode.py")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1].startswith("--shapes: expected ROWSxCOLS")
+
+
+def test_first_step_times_compiled_and_eager_steps():
+    done = _run("--steps", "2", script="first_step.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = [x for x in done.stdout.splitlines() if x.startswith("linear int8 psq5")]
+    assert len(lines) == 2 and "compiled" in lines[0] and "fused=False" in lines[1]
+    assert all(x.split(": steps ")[1].count(",") == 1 and x.endswith(" s") for x in lines)
+    bad = _run("--steps", "0", script="first_step.py")
+    assert bad.returncode != 0
+    assert bad.stderr.strip().splitlines()[-1] == "--steps: expected at least 1, got 0"
+
+
 def test_im2col_checks_and_prints_every_layer():
     done = _run("--batch", "1", "--repeats", "1", script="im2col.py")
     assert done.returncode == 0, done.stderr[-2000:]
