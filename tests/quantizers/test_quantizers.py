@@ -438,3 +438,21 @@ class TestErrors:
 
         cfg = fqtorch.FQTConfig(grad_quantizer=name, grad_bits=4)
         assert cfg.build_quantizers()["grad_output"].name == name
+
+
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float32])
+def test_dequantize_is_codes_times_scale_plus_bias_and_leaves_the_codes(fused, dtype):
+    """The decode runs in place on a copy: the codes (int8, or a float container a user's
+    quantizer might keep) come back unchanged, the values are ``codes * scale + bias``."""
+    g = gen(21)
+    codes = torch.randint(-16, 16, (40, 24), generator=g).to(dtype)
+    kept = codes.clone()
+    for scale, bias in [
+        (torch.rand(40, 1, generator=g), torch.randn(40, 1, generator=g)),
+        (torch.rand(1, 24, generator=g), torch.randn(1, 24, generator=g)),
+        (torch.rand(1, 1, generator=g), torch.zeros(1, 1)),
+    ]:
+        q = QuantizedTensor(codes, scale, bias, 5, codes.shape, torch.float32)
+        assert torch.equal(q.dequantize(fused=fused), codes.float() * scale + bias)
+        assert torch.equal(codes, kept)

@@ -82,7 +82,9 @@ class QuantizedTensor:
 
 
 def _decode(codes: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-    return codes.to(scale.dtype) * scale + bias
+    # In place on a fresh copy of the codes (copy=True: never on the codes themselves, whatever
+    # their dtype): the values of ``codes * scale + bias`` without two more full-size temporaries.
+    return codes.to(scale.dtype, copy=True).mul_(scale).add_(bias)
 
 
 _decode_fused = LazyCompiled(_decode)
