@@ -424,3 +424,26 @@ def test_a_tied_parameter_counts_once():
     stacked = torch.stack(grads)
     expect = float(stacked.var(0).sum())
     assert result.total == pytest.approx(expect, rel=1e-9)
+
+
+@pytest.mark.parametrize(
+    "flags,message",
+    [
+        (["--profile", "xyz"], "--profile: grad_quantizer='xyz' is not a registered quantizer"),
+        (["--profile", "bhq:x"], "--profile: expected QUANTIZER:BITS (e.g. bhq:4), got 'bhq:x'"),
+        (["--profile", "bhq:9"], "--profile: bits must be in 2..8, got 9"),
+        (["--profile-samples", "1"], "--profile-samples must be >= 2, got 1"),
+        (["--batches", "0"], "--batches must be >= 1, got 0"),
+        (["--bits", "4,9"], "--bits: each must be in 2..8, got 9"),
+    ],
+)
+def test_variance_cli_checks_every_flag_before_measuring(tmp_path, capsys, flags, message):
+    """Flags the run only needs at its end (the profile's) are checked before the grid is
+    measured, so a typo costs nothing: one line naming the flag, nothing written."""
+    from fqtorch.cli import main
+
+    out = tmp_path / "never"
+    assert main(["variance", *flags, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()

@@ -178,6 +178,19 @@ class TestErrors:
         )
         if not torch.cuda.is_available():
             assert "CUDA is not available" in error("--device", "cuda", "--out", x)
+        for flag, value, message in [
+            ("--lr", "-1", "--lr: lr must be > 0, got -1.0"),
+            ("--lr", "nan", "--lr: lr must be > 0, got nan"),
+            ("--momentum", "-1", "--momentum: momentum must be >= 0"),
+            ("--weight-decay", "-1", "--weight-decay: weight_decay must be >= 0"),
+            ("--warmup-epochs", "-1", "--warmup-epochs: warmup_epochs must be >= 0"),
+            ("--label-smoothing", "1", "--label-smoothing: label_smoothing must be in [0, 1)"),
+            ("--block-size", "0", "--block-size: block_size must be >= 1"),
+            ("--max-steps-per-epoch", "0", "max_steps_per_epoch must be >= 1"),
+            ("--device", "tpu", "--device: device must be auto, cpu, cuda or cuda:N"),
+            ("--device", "cpu:1", "device must be auto, cpu, cuda or cuda:N, got 'cpu:1'"),
+        ]:
+            assert message in error(flag, value, "--out", x), (flag, value)
         assert "this run has one; start it with torchrun" in error("--fsdp", "--out", x)
         assert "--variance-every: variance_every needs each rank's whole gradients" in error(
             "--fsdp", "--variance-every", "2", "--out", x

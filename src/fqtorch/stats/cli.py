@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..config import FQTConfig
 from ..convert import dequantize_model, fqt_modules, quantize_model
+from ..quantizers.base import MAX_BITS, MIN_BITS
 from ..quantizers.formats import is_format
 from .estimators import RETEST_FACTOR
 from .null import DEFAULT_ALPHA, check_test_parameters
@@ -117,6 +118,27 @@ def _grad_fields(name: str, bits: int) -> dict[str, Any]:
     """The FQTConfig fields of a ``--quantizers`` entry: ``NAME`` or ``NAME+TRANSFORM``."""
     quantizer, _, transform = name.partition("+")
     return {"grad_quantizer": quantizer, "grad_bits": bits, "grad_transform": transform or None}
+
+
+def _profile_choice(text: str | None, quantizers: list[str], bits: list[int]) -> tuple | None:
+    """``--profile``'s (quantizer, bits), checked; ``None`` for ``none``. Default: the first
+    quantizer at the fewest bits."""
+    if text == "none":
+        return None
+    if not text:
+        return quantizers[0], min(bits)
+    name, _, b_text = text.partition(":")
+    try:
+        b = int(b_text) if b_text else min(bits)
+    except ValueError:
+        raise ValueError(f"--profile: expected QUANTIZER:BITS (e.g. bhq:4), got {text!r}") from None
+    if not MIN_BITS <= b <= MAX_BITS:
+        raise ValueError(f"--profile: bits must be in {MIN_BITS}..{MAX_BITS}, got {b}")
+    try:
+        FQTConfig(**_grad_fields(name, b))
+    except ValueError as exc:
+        raise ValueError(f"--profile: {exc}") from None
+    return name, b
 
 
 def _parse_list(text: str, kind: type, what: str) -> list:
@@ -260,8 +282,14 @@ def run_variance(args: argparse.Namespace) -> int:
     for q in quantizers:
         FQTConfig(**_grad_fields(q, 8))  # validate names before any work
     for b in bits:
-        FQTConfig(grad_bits=b)
+        if not MIN_BITS <= b <= MAX_BITS:
+            raise ValueError(f"--bits: each must be in {MIN_BITS}..{MAX_BITS}, got {b}")
     check_test_parameters(args.samples, args.alpha)  # the error names the flag (fqtorch.cli)
+    if args.batches < 1:
+        raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    profile_choice = _profile_choice(args.profile, quantizers, bits)  # checked before the grid
+    if profile_choice is not None and args.profile_samples < 2:
+        raise ValueError(f"--profile-samples must be >= 2, got {args.profile_samples}")
     model, spec, model_name = _model_and_data(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -351,12 +379,20 @@ def run_variance(args: argparse.Namespace) -> int:
             ("" if r["bias_passed"] else "  BIASED") + _retest_note(r, args.samples),
         )
 
-    profile_q, profile_b = quantizers[0], min(bits)
-    if args.profile and args.profile != "none":
-        profile_q, _, b_text = args.profile.partition(":")
-        profile_b = int(b_text or min(bits))
+    # The grid's results are on disk before the profile runs.
+    payload = {
+        "model": model_name,
+        "dataset": args.dataset,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "sampling_variance": sampling.total,
+        "results": results,
+    }
+    (out / "variance.json").write_text(json.dumps(payload, indent=2) + "\n")
+
     profile = None
-    if args.profile != "none":
+    if profile_choice is not None:
+        profile_q, profile_b = profile_choice
         cfg = FQTConfig(
             **_grad_fields(profile_q, profile_b),
             seed=args.seed,
@@ -368,15 +404,6 @@ def run_variance(args: argparse.Namespace) -> int:
         profile = variance_profile(model, _loss, batches, args.profile_samples, sampling=sampling)
         dequantize_model(model)
 
-    payload = {
-        "model": model_name,
-        "dataset": args.dataset,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "sampling_variance": sampling.total,
-        "results": results,
-    }
-    (out / "variance.json").write_text(json.dumps(payload, indent=2) + "\n")
     extra = {
         "profile": None
         if profile is None
@@ -390,7 +417,8 @@ def run_variance(args: argparse.Namespace) -> int:
         "seconds": time.perf_counter() - start,
     }
     (out / "variance_details.json").write_text(json.dumps(extra, indent=2) + "\n")
-    figures = _plots(out, payload, profile, f"{profile_q}{profile_b}")
+    profile_name = "" if profile_choice is None else "".join(map(str, profile_choice))
+    figures = _plots(out, payload, profile, profile_name)
     log.info(
         "wrote %s/variance.json, variance_details.json%s (%.1fs)",
         out,

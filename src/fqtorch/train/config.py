@@ -146,6 +146,7 @@ class TrainConfig:
         for name in ("variance_every", "checkpoint_every", "workers", "adaptive_precision"):
             if int(getattr(self, name)) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        self._check_ranges()
         if self.fsdp and self.variance_every:
             raise ValueError(
                 "variance_every needs each rank's whole gradients, which fsdp shards; leave out "
@@ -166,6 +167,29 @@ class TrainConfig:
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory to continue (out)")
         self.fqt_config()  # validate the quantization plan now
+
+    def _check_ranges(self) -> None:
+        """Numbers a run could take without failing but would train wrongly with, refused with
+        the option named (after the dataset's defaults are filled in)."""
+        if not self.lr > 0:  # also NaN
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        for name in ("momentum", "weight_decay", "warmup_epochs"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("block_size", "image_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps_per_epoch is not None and self.max_steps_per_epoch < 1:
+            raise ValueError(
+                f"max_steps_per_epoch must be >= 1 (or left out), got {self.max_steps_per_epoch}"
+            )
+        kind, _, index = self.device.partition(":")
+        if kind not in ("auto", "cpu", "cuda") or (
+            index and (kind != "cuda" or not index.isdigit())
+        ):
+            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
 
     def _check_types(self) -> None:
         """Every option of the type its field declares (a config file can hold anything): a
