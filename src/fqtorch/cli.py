@@ -27,6 +27,18 @@ def _tqdm_progress(iterable: Iterable, total: int, description: str) -> Iterable
     )
 
 
+def _dataset_defaults(flag: str) -> str:
+    """``default per dataset: digits 12, cifar10 200, ...`` for a training option's flag."""
+    from .train.config import DATASET_DEFAULTS
+
+    key = flag.replace("-", "_")
+    values = ", ".join(
+        f"{name} {d[key]:g}" if not isinstance(d[key], str) else f"{name} {d[key]}"
+        for name, d in DATASET_DEFAULTS.items()
+    )
+    return f"default per dataset: {values}"
+
+
 def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("quantization (override the preset's FQTConfig fields)")
     names = ", ".join(list_quantizers())
@@ -81,14 +93,17 @@ def _train_parser(sub: Any) -> None:
     p.add_argument(
         "--preset", help="an FQTConfig preset, or 'exact' for no quantization (default bhq5)"
     )
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int, help="per process")
-    p.add_argument("--lr", type=float)
-    p.add_argument("--momentum", type=float)
-    p.add_argument("--weight-decay", type=float)
-    p.add_argument("--warmup-epochs", type=float)
-    p.add_argument("--label-smoothing", type=float)
-    p.add_argument("--optimizer", choices=["sgd", "adamw"])
+    for flag, kind, extra in [
+        ("epochs", int, ""),
+        ("batch-size", int, "per process; "),
+        ("lr", float, ""),
+        ("momentum", float, ""),
+        ("weight-decay", float, ""),
+        ("warmup-epochs", float, ""),
+        ("label-smoothing", float, ""),
+    ]:
+        p.add_argument(f"--{flag}", type=kind, help=extra + _dataset_defaults(flag))
+    p.add_argument("--optimizer", choices=["sgd", "adamw"], help=_dataset_defaults("optimizer"))
     p.add_argument("--seed", type=int)
     p.add_argument(
         "--out", metavar="DIR", help="run directory (default: a new runs/<date>_<time> per run)"
@@ -225,12 +240,12 @@ def _name_the_flag(message: str, args: argparse.Namespace, argv: Sequence[str]) 
     return message
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    try:
+def _dispatch(args: argparse.Namespace) -> int:
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    # Log lines while a progress bar is up (an epoch's, Ctrl-C's notice) go above the bar, not
+    # onto its line.
+    with logging_redirect_tqdm():
         if args.command == "train":
             return _run_train(args)
         if args.command in ("plan", "autobits"):
@@ -240,6 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from .stats.cli import run_variance
 
         return run_variance(args)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return _dispatch(args)
     except (
         ValueError,
         TypeError,

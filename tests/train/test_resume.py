@@ -27,8 +27,18 @@ def test_hyperparameters_given_anew_take_effect(tmp_path, caplog):
     out = tmp_path / "run"
     args = ("--max-steps-per-epoch", "4", "--warmup-epochs", "0", "--quiet")
     assert fqtorch_main("train", "--epochs", "1", *args, "--out", out) == 0
+    record = json.loads((out / "config.json").read_text())
+    record["argv"] = ["the first start"]  # (in process argv is pytest's: mark the first one)
+    (out / "config.json").write_text(json.dumps(record))
     new = ("--lr", "0.02", "--weight-decay", "0.001", "--momentum", "0.5")
     assert fqtorch_main("train", "--resume", out, "--epochs", "3", *new) == 0
+    # config.json: the options in force now, the first start kept, the resume added
+    record = json.loads((out / "config.json").read_text())
+    assert record["config"]["lr"] == 0.02 and record["config"]["epochs"] == 3
+    assert record["argv"] == ["the first start"]
+    [resumed] = record["resumes"]
+    assert (resumed["step"], resumed["epoch"]) == (4, 1) and resumed["argv"] != record["argv"]
+    assert {"versions", "git_commit"} <= set(resumed)
     assert "resume: lr 0.05 -> 0.02, weight_decay 0.0005 -> 0.001, momentum 0.9 -> 0.5" in (
         caplog.text
     )

@@ -213,6 +213,12 @@ class TestErrors:
         bad.write_text('{"epochs": 3,}')
         assert fqtorch_main("train", "--config", bad, "--out", tmp_path / "x") == 2
         assert f"{bad} is not valid JSON: " in capsys.readouterr().err
+        toml = tmp_path / "run.toml"
+        toml.write_text("epochs = 3\n")
+        assert fqtorch_main("train", "--config", toml, "--out", tmp_path / "x") == 2
+        assert f"config file {toml}: expected a .yaml, .yml or .json file" in (
+            capsys.readouterr().err
+        )
         assert not (tmp_path / "x").exists()
 
     def test_out_is_a_file(self, tmp_path, capsys):
@@ -222,6 +228,28 @@ class TestErrors:
         err = capsys.readouterr().err
         assert f"--out {file} is a file; name a directory" in err and "Traceback" not in err
         assert file.read_text() == "keep me"
+
+    def test_a_directory_of_other_files_is_not_overwritten(self, tmp_path, capsys):
+        out = tmp_path / "model"  # say, a model folder with its own config.json
+        out.mkdir()
+        (out / "config.json").write_text('{"hidden_size": 768}')
+        (out / "final.json").write_text("{}")
+        assert fqtorch_main("train", *SHORT, "--out", out) == 2
+        err = capsys.readouterr().err
+        assert f"--out {out} holds files that are not an fqtorch run (config.json, final.json)" in (
+            err
+        )
+        assert (out / "config.json").read_text() == '{"hidden_size": 768}'
+        assert sorted(p.name for p in out.iterdir()) == ["config.json", "final.json"]
+        empty = tmp_path / "empty"
+        empty.mkdir()
+        assert fqtorch_main("train", *SHORT, "--out", empty) == 0  # an empty one is taken
+
+    def test_resume_of_a_missing_run_makes_no_directory(self, tmp_path, capsys):
+        missing = tmp_path / "typo"
+        assert fqtorch_main("train", "--resume", missing) == 2
+        assert f"--resume: no checkpoint at {missing / 'checkpoint.pt'}" in capsys.readouterr().err
+        assert not missing.exists()
 
     def test_existing_run_is_not_overwritten(self, tmp_path, capsys):
         out = tmp_path / "run"

@@ -266,6 +266,8 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             values = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             raise ValueError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
+    elif path.suffix != ".json":
+        raise ValueError(f"config file {path}: expected a .yaml, .yml or .json file")
     else:
         try:
             values = json.loads(text)

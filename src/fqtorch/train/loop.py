@@ -187,12 +187,17 @@ def _keep_lines(path: Path, keep: Callable[[dict], bool]) -> None:
     os.replace(tmp, path)
 
 
+def _a(word: str) -> str:
+    """``word`` with its indefinite article ("an image", "a text")."""
+    return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
+
+
 def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> nn.Module:
     info = get_model_info(cfg.model)
     if info.task != spec.task:
         raise ValueError(
-            f"--model {cfg.model} is a {info.task} model; --dataset {cfg.dataset} "
-            f"needs a {spec.task} model"
+            f"--model {cfg.model} is {_a(info.task)} model; --dataset {cfg.dataset} "
+            f"needs {_a(spec.task)} model"
         )
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank
     if spec.task == "text":
@@ -784,8 +789,8 @@ class _Run:
         r = self.resumed
         if r["epoch"] >= self.cfg.epochs:
             return (
-                f"finished its {_epochs(r['epoch'])}; evaluating it again (pass --epochs N above "
-                f"{r['epoch']} to extend it)"
+                f"finished its {_epochs(r['epoch'])}; evaluating it again; pass --epochs N above "
+                f"{r['epoch']} to extend it"
             )
         where = (
             f"resuming in epoch {r['epoch'] + 1} at step {r['step']} "
@@ -1034,13 +1039,20 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
             "every run gets a new directory under runs/)"
         )
     run.out = _run_dir(run)
+    ckpt = run.out / "checkpoint.pt"
+    if cfg.resume and not ckpt.is_file():  # before any directory is made for it
+        raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
+    foreign = [] if cfg.resume else _foreign_files(run.out)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+        raise TrainingError(
+            f"--out {run.out} holds files that are not an fqtorch run ({shown}); name a new or "
+            "empty directory, or leave --out out: every run gets a new directory under runs/"
+        )
     if run.rt.main:  # before anything is read or written: one process per run directory
         run.out.mkdir(parents=True, exist_ok=True)
         lock_run(run.out)
-    ckpt = run.out / "checkpoint.pt"
     if cfg.resume:
-        if not ckpt.exists():
-            raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
         run.restore(ckpt)
     elif ckpt.exists():
         raise TrainingError(
@@ -1063,22 +1075,51 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
     else:
         for name in ("metrics.jsonl", "variance.jsonl", "final.json"):
             (run.out / name).unlink(missing_ok=True)
-    _write_json(
-        run.out / "config.json",
-        {
-            "config": {**cfg.to_dict(), "out": str(run.out)},
-            "fqt": None if cfg.fqt_config() is None else cfg.fqt_config().to_dict(),
-            "world_size": run.rt.world,
-            "device": str(run.rt.device),
-            "versions": {
-                "fqtorch": fqtorch.__version__,
-                "torch": torch.__version__,
-                "python": sys.version.split()[0],
-            },
-            "git_commit": _git_commit(),
-            "argv": sys.argv,
+    started = {
+        "versions": {
+            "fqtorch": fqtorch.__version__,
+            "torch": torch.__version__,
+            "python": sys.version.split()[0],
         },
-    )
+        "git_commit": _git_commit(),
+        "argv": sys.argv,
+    }
+    record = {
+        "config": {**cfg.to_dict(), "out": str(run.out)},
+        "fqt": None if cfg.fqt_config() is None else cfg.fqt_config().to_dict(),
+        "world_size": run.rt.world,
+        "device": str(run.rt.device),
+        **started,
+    }
+    if cfg.resume:  # the run's first start stays on record; each resume is added to it
+        before = _read_record(run.out / "config.json")
+        if before is not None:
+            record.update({k: before[k] for k in started if k in before})
+            resumed = {**started, "step": run.step, "epoch": run.epoch}
+            record["resumes"] = [*before.get("resumes", []), resumed]
+    _write_json(run.out / "config.json", record)
+
+
+def _read_record(path: Path) -> dict[str, Any] | None:
+    """An fqtorch run's ``config.json`` (``None`` when missing, unreadable or someone else's)."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    ours = isinstance(record, dict) and {"config", "fqt", "argv"} <= set(record)
+    return record if ours else None
+
+
+def _foreign_files(out: Path) -> list[str]:
+    """What an existing ``out`` holds that no fqtorch run wrote: nothing for a new or empty
+    directory, or one whose ``config.json`` is an fqtorch run's (then the run's own files are
+    replaced); else every name in it, sorted."""
+    if not out.is_dir():
+        return []
+    names = sorted(p.name for p in out.iterdir() if p.name != "lock")
+    if not names or _read_record(out / "config.json") is not None:
+        return []
+    return names
 
 
 def train(cfg: TrainConfig, progress: Progress | None = None) -> dict[str, Any]:
