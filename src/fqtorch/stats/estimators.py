@@ -411,9 +411,10 @@ class BiasReport:
                 f"{len(kept)} of {len(retested)} layer(s) passed"
             )
         return (
-            f"unbiasedness check {state}: RMS z {self.z_rms:.3f}, max |z| {self.z_max:.2f} "
+            f"unbiasedness check {state}: RMS z {self.z_rms:.3f} "
             f"over {self.batches} batch(es) × {self.samples} backward passes "
-            f"(limit {self.layers[0].limit:.2f} per layer at false-alarm level {self.alpha:g})"
+            f"(a layer's RMS z limit {self.layers[0].limit:.2f} at false-alarm level "
+            f"{self.alpha:g}; max |z| of single entries {self.z_max:.2f}, for information)"
             f"{again}"
         )
 
