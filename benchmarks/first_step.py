@@ -27,10 +27,11 @@ def steps(fused: bool, layer: str, preset: str, count: int) -> list[float]:
     torch.manual_seed(0)
     if layer == "linear":
         base: nn.Module = nn.Linear(1024, 1024)
-        x = torch.randn(2048, 1024)
+        x = torch.randn(2048, 1024, requires_grad=True)
     else:
         base = nn.Conv2d(64, 64, 3, padding=1)
-        x = torch.randn(8, 64, 56, 56)
+        x = torch.randn(8, 64, 56, 56, requires_grad=True)
+    # The input needs its gradient, as a layer inside a model does: all three GEMMs run.
     cfg = fqtorch.FQTConfig.preset(preset, backend="int8", fused=fused)
     model = fqtorch.quantize_model(nn.Sequential(base), cfg)
     times = []

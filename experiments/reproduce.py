@@ -370,11 +370,16 @@ def train(task: Task, config: Config, seed: int, threads: int | None = None) -> 
     return summary
 
 
+# What `fqtorch variance` writes last: its results are complete when this exists (variance.json
+# is written before the profile, so an interrupted measurement leaves it alone).
+VARIANCE_DONE = "variance_details.json"
+
+
 def measure_variance(task: Task, force: bool = False) -> Path | None:
     """``fqtorch variance`` on the task's trained QAT model of seed 0 (the plan's model too)."""
     out = RESULTS / task.name / "variance"
     checkpoint = run_dir(task, QAT, 0) / "checkpoint.pt"
-    if (out / "variance.json").exists() and not force:
+    if (out / VARIANCE_DONE).exists() and not force:
         return out
     if not checkpoint.exists():
         return None
@@ -1195,7 +1200,8 @@ def report(tasks: list[Task]) -> str:
         if not runs:
             continue
         variance_json = RESULTS / task.name / "variance" / "variance.json"
-        variance = json.loads(variance_json.read_text()) if variance_json.exists() else None
+        done = (variance_json.parent / VARIANCE_DONE).exists()
+        variance = json.loads(variance_json.read_text()) if done else None
         curves = FIGURES / f"{task.name}_curves.png"
         curves_figure(task, runs, curves)
         parts += [f"### {task.name}", ""]

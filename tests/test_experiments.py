@@ -91,6 +91,23 @@ def test_the_variance_is_measured_on_qat_seed_0_whatever_the_seeds(reproduce, mo
     )
 
 
+def test_a_variance_measurement_is_done_only_when_its_last_file_is_written(reproduce, monkeypatch):
+    """``fqtorch variance`` writes variance.json before its profile: one stopped in the profile
+    left it alone, and is measured again; one that wrote variance_details.json is skipped."""
+    task = reproduce.TASKS["digits"]
+    run = reproduce.run_dir(task, reproduce.QAT, 0)
+    run.mkdir(parents=True)
+    (run / "checkpoint.pt").write_bytes(b"")
+    out = reproduce.RESULTS / "digits" / "variance"
+    out.mkdir(parents=True)
+    (out / "variance.json").write_text("{}")
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda cmd, **kwargs: calls.append(cmd))
+    assert reproduce.measure_variance(task) == out and len(calls) == 1
+    (out / "variance_details.json").write_text("{}")
+    assert reproduce.measure_variance(task) == out and len(calls) == 1
+
+
 @pytest.mark.slow
 def test_runs_once_then_skips_and_reports(reproduce, monkeypatch):
     monkeypatch.setattr(reproduce, "measure_variance", lambda *args: None)  # its own test

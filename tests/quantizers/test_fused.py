@@ -118,6 +118,20 @@ SPLITS = [
 ]
 
 
+class _Counted:
+    """A kernel part that notes its calls in ``log`` (attributes are the part's own)."""
+
+    def __init__(self, part, name: str, log: list[str]) -> None:
+        self.part, self.name, self.log = part, name, log
+
+    def __call__(self, *args):
+        self.log.append(self.name)
+        return self.part(*args)
+
+    def __getattr__(self, attr):
+        return getattr(self.part, attr)
+
+
 def compile_unavailable() -> str | None:
     """Why ``torch.compile`` cannot build a kernel on this machine, or ``None`` when it can."""
     try:
@@ -154,11 +168,16 @@ class TestFusedKernels:
     def test_compiled_equals_eager(self, name, split, rounding, monkeypatch):
         x = heavy_rows(300, 70, seed=4)
         kernel = ENCODE_KERNEL[name]
+        calls: list[str] = []
         if split is not None:  # a uniform encode: as one compiled graph, or as two
-            threshold = x.numel() if split else x.numel() + 1
+            threshold = 0 if split else 2**62  # (RHT encodes its padded transform, not x)
             monkeypatch.setattr(kernel, "split_from", dict.fromkeys(kernel.split_from, threshold))
+            for part in ("whole", "stats", "rounding"):
+                monkeypatch.setattr(kernel, part, _Counted(getattr(kernel, part), part, calls))
         compiled = get_quantizer(name, 4, rounding=rounding, fused=True).encode(x, gen(5))
         assert_compiled(kernel, split)  # else this would compare eager with eager
+        if split is not None:  # and the path under test is the one that ran
+            assert calls == (["stats", "rounding"] if split else ["whole"]), calls
         reference = eager(get_quantizer(name, 4, rounding=rounding, fused=True)).encode(x, gen(5))
         if formats.is_format(name):  # float8/e8m0/fp4 storage: compare the stored bytes
             for a, b in ((compiled.codes, reference.codes), (compiled.scale, reference.scale)):

@@ -9,6 +9,7 @@ import torch
 
 import fqtorch
 from fqtorch.quantizers import Quantizer, get_quantizer, list_quantizers, register_quantizer
+from fqtorch.quantizers import base as base_module
 from fqtorch.quantizers.base import QuantizedTensor, as_rows
 from fqtorch.quantizers.formats import is_format
 from fqtorch.quantizers.householder import build_block_householder
@@ -456,3 +457,13 @@ def test_dequantize_is_codes_times_scale_plus_bias_and_leaves_the_codes(fused, d
         q = QuantizedTensor(codes, scale, bias, 5, codes.shape, torch.float32)
         assert torch.equal(q.dequantize(fused=fused), codes.float() * scale + bias)
         assert torch.equal(codes, kept)
+    # scale or bias that widen the result (a larger shape, a wider dtype): as out of place
+    row = codes[:1]
+    scale, bias = torch.rand(40, 1, generator=g), torch.randn(1, 24, generator=g).double()
+    for s, b, shape, dtype in [
+        (scale, bias.float(), (40, 24), torch.float32),
+        (1 + 0 * scale[:1], bias, (1, 24), torch.float64),
+    ]:
+        got = base_module._decode(row, s, b) if not fused else base_module._decode_fused(row, s, b)
+        want = row.to(s.dtype) * s + b
+        assert got.shape == shape and got.dtype == dtype and torch.equal(got, want)

@@ -82,9 +82,14 @@ class QuantizedTensor:
 
 
 def _decode(codes: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
-    # In place on a fresh copy of the codes (copy=True: never on the codes themselves, whatever
-    # their dtype): the values of ``codes * scale + bias`` without two more full-size temporaries.
-    return codes.to(scale.dtype, copy=True).mul_(scale).add_(bias)
+    # ``codes * scale + bias``, in place on a fresh copy of the codes (copy=True: never on the
+    # codes themselves, whatever their dtype) to spare two full-size temporaries; out of place
+    # where scale or bias would widen the result's shape or dtype (the same values either way).
+    values = codes.to(scale.dtype, copy=True)
+    widens = torch.broadcast_shapes(codes.shape, scale.shape, bias.shape) != codes.shape
+    if widens or torch.result_type(values, bias) != values.dtype:
+        return values * scale + bias
+    return values.mul_(scale).add_(bias)
 
 
 _decode_fused = LazyCompiled(_decode)

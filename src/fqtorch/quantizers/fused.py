@@ -17,6 +17,7 @@ stays eager (see their modules). Eager and compiled runs of the same kernel give
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -60,11 +61,14 @@ class LazyCompiled:
         # of the graph guards (one graph serves a layer's input and its weight alike).
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
-            # Named in a torch.profiler trace (there it is otherwise an anonymous compiled graph).
-            with (
-                torch.profiler.record_function(self._label),
-                torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_KERNEL),
-            ):
+            # Named in a torch.profiler trace (there it is otherwise an anonymous compiled graph);
+            # the label costs ~10 us a call, so only while a profiler records.
+            named = (
+                torch.profiler.record_function(self._label)
+                if torch.autograd.profiler._is_profiler_enabled
+                else contextlib.nullcontext()
+            )
+            with named, torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_KERNEL):
                 return self._compiled(*args)
         except Exception as error:  # any compiler failure: fall back below
             result = self.fn(*args)  # a genuine error in fn raises here, unchanged

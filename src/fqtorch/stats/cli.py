@@ -416,9 +416,10 @@ def run_variance(args: argparse.Namespace) -> int:
         "bias_passed": [r["bias_passed"] for r in results],
         "seconds": time.perf_counter() - start,
     }
-    (out / "variance_details.json").write_text(json.dumps(extra, indent=2) + "\n")
     profile_name = "" if profile_choice is None else "".join(map(str, profile_choice))
     figures = _plots(out, payload, profile, profile_name)
+    # Written last: a measurement is complete when this file exists (experiments/reproduce.py).
+    (out / "variance_details.json").write_text(json.dumps(extra, indent=2) + "\n")
     log.info(
         "wrote %s/variance.json, variance_details.json%s (%.1fs)",
         out,

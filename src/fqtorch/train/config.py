@@ -185,11 +185,16 @@ class TrainConfig:
             raise ValueError(
                 f"max_steps_per_epoch must be >= 1 (or left out), got {self.max_steps_per_epoch}"
             )
-        kind, _, index = self.device.partition(":")
-        if kind not in ("auto", "cpu", "cuda") or (
-            index and (kind != "cuda" or not index.isdigit())
-        ):
-            raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        if self.device != "auto":
+            import torch
+
+            try:
+                torch.device(self.device)
+            except RuntimeError:
+                raise ValueError(
+                    "device must be auto or a torch device (cpu, cuda, cuda:N, ...), "
+                    f"got {self.device!r}"
+                ) from None
 
     def _check_types(self) -> None:
         """Every option of the type its field declares (a config file can hold anything): a

@@ -1042,7 +1042,9 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
     ckpt = run.out / "checkpoint.pt"
     if cfg.resume and not ckpt.is_file():  # before any directory is made for it
         raise CheckpointError(f"--resume: no checkpoint at {ckpt}")
-    foreign = [] if cfg.resume else _foreign_files(run.out)
+    # Rank 0 looks, before it writes anything: another rank could see its first files appear
+    # (under torchrun, one rank's error stops them all).
+    foreign = _foreign_files(run.out) if run.rt.main and not cfg.resume else []
     if foreign:
         shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
         raise TrainingError(
@@ -1094,8 +1096,15 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
     if cfg.resume:  # the run's first start stays on record; each resume is added to it
         before = _read_record(run.out / "config.json")
         if before is not None:
-            record.update({k: before[k] for k in started if k in before})
-            resumed = {**started, "step": run.step, "epoch": run.epoch}
+            first = (*started, "world_size", "device")
+            record.update({k: before[k] for k in first if k in before})
+            resumed = {
+                **started,
+                "world_size": run.rt.world,
+                "device": str(run.rt.device),
+                "step": run.step,
+                "epoch": run.epoch,
+            }
             record["resumes"] = [*before.get("resumes", []), resumed]
     _write_json(run.out / "config.json", record)
 
@@ -1116,7 +1125,13 @@ def _foreign_files(out: Path) -> list[str]:
     replaced); else every name in it, sorted."""
     if not out.is_dir():
         return []
-    names = sorted(p.name for p in out.iterdir() if p.name != "lock")
+    # A run's own files before its config.json: the lock, TensorBoard's folder, a file being
+    # written (_write_json's .tmp).
+    names = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.name not in ("lock", "tensorboard") and p.suffix != ".tmp"
+    )
     if not names or _read_record(out / "config.json") is not None:
         return []
     return names
