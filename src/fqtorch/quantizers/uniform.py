@@ -64,10 +64,9 @@ def group_minmax(x2d: Tensor, granularity: str) -> tuple[Tensor, Tensor]:
         low, high = torch.aminmax(x2d)
         return low.reshape(1, 1), high.reshape(1, 1)
     if x2d.device.type == "cpu" and not torch.compiler.is_compiling():
-        # Eagerly on the CPU, ATen's aminmax over a dimension runs 5-6x slower than amin and amax
-        # apiece (one thread, rows and columns of a (2048, 768) tensor: 4.3 and 7.0 ms against
-        # 0.8 and 1.1 ms). Same values; where a group holds both +0 and -0, the zero's sign may
-        # differ, which changes no code (docs/performance.md, "Eager ranges").
+        # Eagerly on the CPU, ATen's aminmax over a dimension runs 2-6x slower than amin and amax
+        # apiece (benchmarks/column_ranges.py; docs/performance.md, "Eager ranges"). Same values;
+        # where a group holds both +0 and -0, the zero's sign may differ, which changes no code.
         return x2d.amin(dim, keepdim=True), x2d.amax(dim, keepdim=True)
     if dim == 0 and x2d.device.type == "cpu":  # on CUDA a column reduction reads coalesced
         return _column_minmax(x2d)
@@ -204,7 +203,7 @@ def symmetric_round(
 
 # The whole uniform encode (cast, ranges, grid, rounding, codes). Eagerly one function; compiled,
 # two graphs (_TwoGraphs): in one graph Inductor recomputes a group's grid parameters for every
-# element, which made a compiled per-column encode 2-2.5x and a per-row one 1.1-1.4x slower.
+# element, which made a compiled per-column encode 2-2.5x and a per-row one 1.1-1.5x slower.
 # Two functions per grid, not one with a flag, so that each keeps its own small set of graphs.
 def _affine_kernel(
     x2d: Tensor, noise: Noise, bits: int, granularity: str, rounding: str
