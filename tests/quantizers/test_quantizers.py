@@ -460,10 +460,10 @@ def test_dequantize_is_codes_times_scale_plus_bias_and_leaves_the_codes(fused, d
     # scale or bias that widen the result (a larger shape, a wider dtype): as out of place
     row = codes[:1]
     scale, bias = torch.rand(40, 1, generator=g), torch.randn(1, 24, generator=g).double()
-    for s, b, shape, dtype in [
+    for s, b, wide_shape, wide_dtype in [
         (scale, bias.float(), (40, 24), torch.float32),
         (1 + 0 * scale[:1], bias, (1, 24), torch.float64),
     ]:
         got = base_module._decode(row, s, b) if not fused else base_module._decode_fused(row, s, b)
         want = row.to(s.dtype) * s + b
-        assert got.shape == shape and got.dtype == dtype and torch.equal(got, want)
+        assert got.shape == wide_shape and got.dtype == wide_dtype and torch.equal(got, want)
