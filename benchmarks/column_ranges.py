@@ -18,7 +18,7 @@ import argparse
 import torch
 
 import fqtorch
-from common import environment, median_seconds, ms_cell, print_header
+from common import environment, matrix_shapes, median_seconds, ms_cell, print_header
 from fqtorch.quantizers import twoway, uniform
 from fqtorch.quantizers.fused import LazyCompiled
 from fqtorch.quantizers.uniform import uniform_spec
@@ -46,12 +46,7 @@ def main() -> None:
     parser.add_argument("--shapes", default="8192x4096,100352x64,25088x128,1568x512,2048x512")
     parser.add_argument("--repeats", type=int, default=9)
     args = parser.parse_args()
-    try:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        if any(len(s) != 2 for s in shapes):
-            raise ValueError
-    except ValueError:
-        raise SystemExit(f"--shapes: expected ROWSxCOLS[,...], got {args.shapes!r}") from None
+    shapes = matrix_shapes(args.shapes)
     print_header(environment())
     two_stage = uniform._column_minmax
     compiled = {

@@ -21,6 +21,17 @@ from torch import nn
 import fqtorch
 
 
+def matrix_shapes(text: str) -> list[tuple[int, int]]:
+    """``--shapes ROWSxCOLS[,...]`` as (rows, cols) pairs; a one-line ``SystemExit`` otherwise."""
+    try:
+        shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
+        if any(len(s) != 2 for s in shapes):
+            raise ValueError
+    except ValueError:
+        raise SystemExit(f"--shapes: expected ROWSxCOLS[,...], got {text!r}") from None
+    return shapes  # type: ignore[return-value]
+
+
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> dict[str, float]:
     """Median, min and max wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs."""
     for _ in range(warmup):

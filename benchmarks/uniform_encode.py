@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 import fqtorch
-from common import environment, median_seconds, ms_cell, print_header
+from common import environment, matrix_shapes, median_seconds, ms_cell, print_header
 from fqtorch.quantizers import uniform
 from fqtorch.quantizers.fused import LazyCompiled
 
@@ -86,12 +86,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--steps", default="", help="models for the whole-step A/B, e.g. resnet18")
     args = parser.parse_args()
-    try:
-        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        if any(len(s) != 2 for s in shapes):
-            raise ValueError
-    except ValueError:
-        raise SystemExit(f"--shapes: expected ROWSxCOLS[,...], got {args.shapes!r}") from None
+    shapes = matrix_shapes(args.shapes)
     print_header(environment())
     one_graph = {
         False: LazyCompiled(uniform._affine_kernel),

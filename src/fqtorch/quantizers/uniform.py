@@ -159,10 +159,8 @@ def symmetric_encode(
     x2d: Tensor, absmax: Tensor, bits: int, rounding: str, noise: Noise
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Codes, scale and (zero) bias of the grid ``[-absmax, absmax] -> [-L, L]``."""
-    limit = 2 ** (bits - 1) - 1
-    step, divisor = _live_steps(absmax, limit)
-    grid = round_to_grid(x2d / divisor, rounding, -limit, limit, noise)
-    return to_codes(grid, 0), step, torch.zeros_like(step)
+    params = symmetric_params(-absmax, absmax, bits)
+    return symmetric_round(x2d, params, bits, rounding, noise), params[1], params[2]
 
 
 # affine_encode split in two (the same operations, so the same codes): each group's grid
