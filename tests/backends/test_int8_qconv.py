@@ -46,16 +46,19 @@ PRESETS = {
 }
 
 
-def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor | None):
+def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor | None, grad_format=None):
     x = x.clone().requires_grad_(True)
     out = layer(x)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(9)) if g is None else g
+    if grad_format is not None:
+        g = g.contiguous(memory_format=grad_format)
     out.backward(g)
     return (out.detach(), x.grad, *[p.grad for p in layer.parameters()]), g
 
 
-def against_simulate(make, x, cfg: FQTConfig, memory_format=None):
-    """int8 and simulate results of ``make()`` under ``cfg`` from the same weights and seed."""
+def against_simulate(make, x, cfg: FQTConfig, memory_format=None, grad_format=None):
+    """int8 and simulate results of ``make()`` under ``cfg`` from the same weights and seed, and
+    the same ``grad_output`` (laid out as ``grad_format``)."""
     gen = torch.Generator().manual_seed(0)
     base = make()
     weight = base[0].weight if isinstance(base, nn.Sequential) else base.weight
@@ -68,7 +71,7 @@ def against_simulate(make, x, cfg: FQTConfig, memory_format=None):
     for backend in ("simulate", "int8"):
         torch.manual_seed(0)
         layer = quantize_model(copy.deepcopy(base), cfg.replace(backend=backend))
-        results[backend], g = run(layer, x, g)
+        results[backend], g = run(layer, x, g, grad_format)
     return results
 
 
@@ -163,6 +166,37 @@ class TestAgainstSimulate:
         x = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2)) + 0.2
         cfg = FQTConfig.preset("bhq5", fused=False)
         assert_same(against_simulate(make, x, cfg, memory_format=torch.channels_last))
+
+    @pytest.mark.parametrize("preset", ["psq5", "bhq4", "ptq8"])
+    @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-pad1-stride2", "3x2-dilated-strided", "1x1"])
+    def test_channels_last_gradient(self, conv, preset, monkeypatch):
+        """A channels-last ``grad_output`` (what a model hands back to this layer's channels-last
+        output) is quantized per sample in its memory order by both backends: simulate's values,
+        and its codes reach the ``grad_input`` kernel channels-last, not copied into it."""
+        layouts = []
+        raw = int8_qconv._qconv_raw
+
+        def spy(u8, *args):
+            layouts.append(u8.is_contiguous(memory_format=torch.channels_last))
+            return raw(u8, *args)
+
+        monkeypatch.setattr(int8_qconv, "_qconv_raw", spy)
+        make, shape = CONVS[conv]
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(4)) + 0.2
+        cfg = FQTConfig.preset(preset, fused=False)
+        assert_same(against_simulate(make, x, cfg, grad_format=torch.channels_last))
+        assert layouts[-1], "grad_input's codes were handed over in NCHW order"
+
+    def test_channels_last_gradient_on_im2col(self, monkeypatch):
+        """The im2col fallback takes the memory-order codes as its GEMM rows: simulate's
+        values."""
+        monkeypatch.setattr(int8_qconv, "qconv_verdict", lambda: "the probe failed (test)")
+        make, shape = CONVS["3x3-pad1-stride2"]
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(5)) + 0.2
+        cfg = FQTConfig.preset("bhq4", fused=False)
+        with pytest.warns(RuntimeWarning, match="im2col"):
+            results = against_simulate(make, x, cfg, grad_format=torch.channels_last)
+        assert_same(results)
 
     @pytest.mark.parametrize("preset", ["psq8", "ptq8"])
     def test_channel_chunks(self, preset, monkeypatch):

@@ -467,3 +467,18 @@ def test_dequantize_is_codes_times_scale_plus_bias_and_leaves_the_codes(fused, d
         got = base_module._decode(row, s, b) if not fused else base_module._decode_fused(row, s, b)
         want = row.to(s.dtype) * s + b
         assert got.shape == wide_shape and got.dtype == wide_dtype and torch.equal(got, want)
+
+
+@pytest.mark.parametrize("name", library_quantizers())
+def test_column_equivariance_is_claimed_truthfully(name):
+    """A quantizer that says it is ``column_equivariant`` (backends then read a channels-last
+    gradient in memory order) gives, with nearest rounding, the values of the permuted input as
+    the permuted values, exactly; one that does not say so (block formats, row transforms along
+    the row) is checked to differ, so the check can fail."""
+    q = get_quantizer(name, 4, rounding="nearest")
+    x = heavy_rows(12, 96, seed=4)
+    x[:, 5] *= 1e3  # an outlier column: a block or a row transform spreads it differently
+    perm = torch.randperm(96, generator=torch.Generator().manual_seed(1))
+    permuted_first = q(x[:, perm], torch.Generator().manual_seed(2))  # rht's signs
+    permuted_after = q(x, torch.Generator().manual_seed(2))[:, perm]
+    assert torch.equal(permuted_first, permuted_after) == q.column_equivariant, name

@@ -32,6 +32,7 @@ __all__ = [
     "PlanSource",
     "Unsupported",
     "check_finite",
+    "memory_order_rows",
 ]
 
 
@@ -156,6 +157,24 @@ class ConvOps:
     def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor:
         spatial = like.shape[2:]
         return columns.reshape(like.shape[0], *spatial, like.shape[1]).movedim(-1, 1)
+
+
+def memory_order_rows(quantizer: Quantizer, grad: Tensor) -> Tensor | None:
+    """A channels-last ``grad`` (N, C, H, W) as its (N, H, W, C) view, whose samples a
+    per-sample quantizer then reads in memory order, or ``None`` where it is read in (C, H, W)
+    order as usual: other layouts, and quantizers that are not
+    :attr:`~fqtorch.quantizers.base.Quantizer.column_equivariant` (block formats, row
+    transforms along the row), whose values would change with the order.
+
+    The order changes no distribution (each element gets its own uniform, groups are whole rows),
+    and it spares a transposing copy of the gradient and, on the int8 backend, of its codes.
+    Which uniform an element gets follows the order, so two backends give the same codes for the
+    same gradient tensor, its layout included."""
+    channels_last = grad.dim() == 4 and not grad.is_contiguous()
+    channels_last = channels_last and grad.is_contiguous(memory_format=torch.channels_last)
+    if not channels_last or not quantizer.column_equivariant:
+        return None
+    return grad.permute(0, 2, 3, 1)
 
 
 def check_finite(grad_output: Tensor, name: str) -> None:

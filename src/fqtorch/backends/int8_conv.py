@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..quantizers.base import QuantizedTensor, Quantizer
 from ..quantizers.uniform import Identity
-from .base import ConvOps, PlanSource, Unsupported, check_finite
+from .base import ConvOps, PlanSource, Unsupported, check_finite, memory_order_rows
 from .int8 import (
     _affine,
     _code_sum,
@@ -194,10 +194,13 @@ class _Int8Conv2d(torch.autograd.Function):
                 w_values = (w2d.to(torch.float32) * ws + wb).reshape(w_shape)
                 grad_input = ops.grad_input(grad, ops.prepare(x_like), w_values)
             else:
-                g = plan.grad_output.encode(grad, generator)  # rows = samples (N', O·ho·wo)
-                _per_row(g)
+                g, nhwc = encode_samples(plan.grad_output, grad, generator)
+                _per_row(g)  # rows = samples (N', O·ho·wo)
                 rows = g.codes.shape[0]
-                g_cols = g.codes.reshape(rows, o, ho * wo).transpose(1, 2).reshape(-1, o)
+                if nhwc:  # (N', ho·wo·O): the rows of the GEMM as they are
+                    g_cols = g.codes.reshape(-1, o)
+                else:
+                    g_cols = g.codes.reshape(rows, o, ho * wo).transpose(1, 2).reshape(-1, o)
                 prod, g_rows, w_cols = _int_mm(g_cols, g.bits, w2d, w_bits)  # (N'·L, O) × (O, Ck²)
                 dtype = _epilogue_dtype(prod)
                 s_g, b_g = (
@@ -242,6 +245,18 @@ class _Int8Conv2d(torch.autograd.Function):
         if not (need_bias and has_bias):
             grad_bias = None
         return grad_input, None, None, grad_bias, None, grad_weight, None, None
+
+
+def encode_samples(
+    quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None
+) -> tuple[QuantizedTensor, bool]:
+    """``grad_output``'s per-sample codes, and whether their rows hold each sample in (H, W, C)
+    order (a channels-last gradient read in memory order, :func:`~.base.memory_order_rows`, as
+    the simulate backend reads it) rather than (C, H, W)."""
+    nhwc = memory_order_rows(quantizer, grad)
+    if nhwc is None:
+        return quantizer.encode(grad, generator), False
+    return quantizer.encode(nhwc, generator), True
 
 
 def _encode_input(quantizer: Quantizer, input: Tensor) -> QuantizedTensor:

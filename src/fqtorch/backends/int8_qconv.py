@@ -54,7 +54,7 @@ from ..quantizers.fused import LazyCompiled
 from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite
 from .int8 import _code_sum, _compiled_path, _grad_bias, _per_column, _per_row, chunk_length
-from .int8_conv import _cols, _conv_grad_weight, _out_size, _pads, _tap_mask
+from .int8_conv import _cols, _conv_grad_weight, _out_size, _pads, _tap_mask, encode_samples
 from .notes import say_once
 
 __all__ = ["channel_chunk", "conv", "fits_float32", "qconv_verdict"]
@@ -209,11 +209,12 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     return out.add_(acc[:, o:].float() * (s_x * b_w).float())  # s_x b_w conv(C_x, 1)
 
 
-def _grad_input(g: QuantizedTensor, w2d: Tensor, ws: Tensor, wb: Tensor, w_bits: int, w_shape,
-                in_shape, ops: ConvOps) -> Tensor:  # fmt: skip
-    """``grad_input`` (N', C, H, W) float32 from the codes of ``grad_output`` (per-row scale and
-    bias; module docstring), before the row transform's inverse: the convolution of the
-    zero-dilated, padded codes with the flipped weight codes."""
+def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Tensor,
+                w_bits: int, w_shape, in_shape, ops: ConvOps) -> Tensor:  # fmt: skip
+    """``grad_input`` (N', C, H, W) float32, channels-last, from the codes of ``grad_output``
+    (per-row scale and bias; rows in (H, W, O) order with ``nhwc``, else (O, H, W); module
+    docstring), before the row transform's inverse: the convolution of the zero-dilated, padded
+    codes with the flipped weight codes."""
     rows = g.codes.shape[0]
     o, c, kh, kw = w_shape
     _, _, h, wd = in_shape
@@ -221,9 +222,13 @@ def _grad_input(g: QuantizedTensor, w2d: Tensor, ws: Tensor, wb: Tensor, w_bits:
     hp, wp = h + pads[2] + pads[3], wd + pads[0] + pads[1]
     (sh, sw), (dh, dw) = ops.stride, ops.dilation
     ho, wo = _out_size((h, wd), pads, (kh, kw), ops)
-    u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
+    if nhwc:  # channels-last, the layout the kernel takes: no copy
+        u8 = _to_u8(g.codes.reshape(rows, ho, wo, o).permute(0, 3, 1, 2))
+    else:
+        u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
     if sh > 1 or sw > 1:  # zeros between the strided positions: code 0 is u8 128
-        dilated = u8.new_full((rows, o, (ho - 1) * sh + 1, (wo - 1) * sw + 1), 128)
+        hd, wdd = (ho - 1) * sh + 1, (wo - 1) * sw + 1
+        dilated = u8.new_full((rows, hd, wdd, o), 128).permute(0, 3, 1, 2)  # channels-last
         dilated[:, :, ::sh, ::sw] = u8
         u8 = dilated
     hd, wdd = u8.shape[2:]
@@ -387,12 +392,16 @@ class _QConv2d(torch.autograd.Function):
                 x_like = torch.empty(in_shape, dtype=torch.float32, device=grad.device)
                 grad_input = ops.grad_input(grad, ops.prepare(x_like), w_values())
             else:
-                g = plan.grad_output.encode(grad, generator)  # rows = samples
+                g, nhwc = encode_samples(plan.grad_output, grad, generator)  # rows = samples
                 _per_row(g)
-                grad_input = _grad_input(g, w2d, ws, wb, w_bits, w_shape, in_shape, ops)
+                grad_input = _grad_input(g, nhwc, w2d, ws, wb, w_bits, w_shape, in_shape, ops)
                 if g.transform is not None:
-                    flat = grad_input.reshape(grad_input.shape[0], -1)
-                    grad_input = g.transform.inverse(flat).reshape(in_shape)
+                    # The transform mixes rows, column by column: the columns may come in any
+                    # order, here the channels-last result's memory order (no copy).
+                    flat = grad_input.permute(0, 2, 3, 1).reshape(grad_input.shape[0], -1)
+                    inverse = g.transform.inverse(flat)  # the real rows (rht pads them)
+                    grad_input = inverse.reshape(in_shape[0], *in_shape[2:], in_shape[1])
+                    grad_input = grad_input.permute(0, 3, 1, 2)
             grad_input = grad_input.to(in_dtype)
         if need_weight or need_bias:
             columns = ops.columns(grad)  # (N·L, O)

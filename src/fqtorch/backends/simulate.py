@@ -14,7 +14,15 @@ from torch import Tensor
 
 from ..quantizers.base import Quantizer
 from ..quantizers.uniform import Identity
-from .base import ConvOps, FQTPlan, GemmOps, LinearOps, PlanSource, check_finite
+from .base import (
+    ConvOps,
+    FQTPlan,
+    GemmOps,
+    LinearOps,
+    PlanSource,
+    check_finite,
+    memory_order_rows,
+)
 
 __all__ = ["conv", "fqt_gemm", "linear"]
 
@@ -22,7 +30,14 @@ _LINEAR = LinearOps()
 
 
 def _quantize_grad(quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None) -> Tensor:
-    return grad if isinstance(quantizer, Identity) else quantizer(grad, generator)
+    """``grad_output`` quantized per sample; a channels-last one in its memory order
+    (:func:`~.base.memory_order_rows`), as the int8 backend reads it."""
+    if isinstance(quantizer, Identity):
+        return grad
+    nhwc = memory_order_rows(quantizer, grad)
+    if nhwc is None:
+        return quantizer(grad, generator)
+    return quantizer(nhwc, generator).permute(0, 3, 1, 2)
 
 
 class _FQTFunction(torch.autograd.Function):

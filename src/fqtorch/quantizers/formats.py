@@ -352,6 +352,12 @@ class FormatQuantizer(Quantizer):
         return self.rounding == "stochastic" and self.scale_rule == "no_clip"
 
     @property
+    def column_equivariant(self) -> bool:  # type: ignore[override]
+        """Per-tensor and per-line scales follow a permutation; blocks of 16 or 32 consecutive
+        elements do not."""
+        return self.kind != "block"
+
+    @property
     def bits_per_element(self) -> float:
         """Element bits plus the block scale's share (per-tensor and per-row scales amortize to 0
         over a tensor or a long row and are not counted)."""

@@ -90,6 +90,8 @@ class RandomizedHadamardTransform:
 class RandomizedHadamard(Quantizer):
     """Per-row stochastic rounding after a random-sign Hadamard mix of ``block`` rows."""
 
+    column_equivariant = True  # the mix runs over rows, column by column; one tensor scale
+
     def __init__(
         self, bits: int = 8, *, rounding: str = "stochastic", fused: bool = False, block: int = 16
     ) -> None:

@@ -568,6 +568,8 @@ class BlockHouseholder(Quantizer):
     output of its group NaN.
     """
 
+    column_equivariant = True  # row ranges, and a transform that mixes rows column by column
+
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         check_float(x, self.name)
         x2d = as_rows(x).detach().to(compute_dtype(x)).contiguous()

@@ -284,6 +284,7 @@ class _Uniform(Quantizer):
 
     granularity = "tensor"
     symmetric = False
+    column_equivariant = True  # per tensor, row or column: groups follow a permutation
 
     def _steps(self, x2d: Tensor) -> Tensor:
         """The steps :meth:`encode` uses, one per group."""
@@ -355,6 +356,8 @@ class SymmetricPerRow(_Uniform):
 @register_quantizer("identity")
 class Identity(Quantizer):
     """The null quantizer: returns its input unchanged (exact, unbiased, zero variance)."""
+
+    column_equivariant = True
 
     @property
     def unbiased(self) -> bool:
