@@ -80,15 +80,16 @@ def assert_same(results) -> None:
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
 
 
-def spy_compiled_epilogue(monkeypatch) -> list:
-    """The product shapes the compiled weight-gradient epilogue is called with."""
-    calls, compiled = [], int8_qconv._compiled_taps_terms
+def spy_compiled_epilogue(monkeypatch, name: str = "_compiled_taps_terms") -> list:
+    """The first-argument shapes the compiled epilogue ``name`` (by default the weight
+    gradient's) is called with."""
+    calls, compiled = [], getattr(int8_qconv, name)
 
     def spy(*args):
         calls.append(args[0].shape)
         return compiled(*args)
 
-    monkeypatch.setattr(int8_qconv, "_compiled_taps_terms", spy)
+    monkeypatch.setattr(int8_qconv, name, spy)
     return calls
 
 
@@ -124,6 +125,8 @@ class TestAgainstSimulate:
         grad_input; ``qat`` has no integer grad_input)."""
         calls = count_qconv_calls(monkeypatch)
         epilogues = spy_compiled_epilogue(monkeypatch)
+        outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
+        grad_inputs = spy_compiled_epilogue(monkeypatch, "_compiled_grad_input_terms")
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
         x = x.relu() if inputs == "relu" else x + 0.37
@@ -131,7 +134,7 @@ class TestAgainstSimulate:
         cfg = FQTConfig.preset(name, fused=False, **PRESETS[preset])
         assert_same(against_simulate(make, x, cfg))
         assert len(calls) == (1 if name == "qat" else 2)
-        assert not epilogues  # fused=False: the eager epilogue
+        assert not (epilogues or outputs or grad_inputs)  # fused=False: the eager epilogues
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-pad1-stride2"])
     def test_float64_model_keeps_float64_gradients(self, conv):
@@ -154,9 +157,12 @@ class TestAgainstSimulate:
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)) + 0.2
         epilogues = spy_compiled_epilogue(monkeypatch)
+        outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
+        grad_inputs = spy_compiled_epilogue(monkeypatch, "_compiled_grad_input_terms")
         cfg = FQTConfig.preset("psq5", fused=True, weight_quantizer="ptq")
         assert_same(against_simulate(make, x, cfg))
         assert len(calls) == 2
+        assert len(outputs) == len(grad_inputs) == 1  # compiled output and grad_input epilogues
         # the stride-1 weight gradient's epilogue is the compiled one; strided layers unfold
         assert len(epilogues) == (1 if conv == "3x3-pad1" else 0)
 
@@ -261,6 +267,34 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk():
     expected = 128 * 128 * torch.outer(reach, reach)
     assert torch.equal(grad_weight.reshape(3, 3), expected)
     assert int(h_cols) == -128 * side * side
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int32])
+def test_output_and_grad_input_epilogues_compiled_and_eager(dtype):
+    """The forward's and ``grad_input``'s epilogues against the terms written out in float64:
+    eager and compiled each within a few float32 roundings of them (compiled may contract a
+    multiply and add), on the kernel's channels-last accumulator (float32, or int32 from channel
+    chunks), and the result stays channels-last (no copy for the next layer or the inverse)."""
+    gen = torch.Generator().manual_seed(4)
+    last = torch.channels_last
+    acc = (torch.randn(4, 9, 6, 5, generator=gen) * 2**20).round().to(dtype)
+    acc = acc.contiguous(memory_format=last)
+    const = torch.randn(1, 8, 6, 5, generator=gen).contiguous(memory_format=last)
+    a, b = torch.tensor(3e-6), torch.tensor(-5e-6)
+    rows = [torch.rand(4, 1, 1, 1, generator=gen) + 0.1 for _ in range(3)]
+    main, sums, f64 = acc[:, :8], acc[:, 8:], torch.float64
+    output = const.to(f64) + a.to(f64) * main.to(f64) + b.to(f64) * sums.to(f64)
+    r = [t.to(f64) for t in rows]
+    grad_input = r[0] * main.to(f64) + r[1] * sums.to(f64) + r[2] * const.to(f64)
+    for name, expected, args in (
+        ("_output_terms", output, (main, sums, const, a, b)),
+        ("_grad_input_terms", grad_input, (main, sums, const, *rows)),
+    ):
+        scale = float(expected.abs().max())
+        for fn in (getattr(int8_qconv, name), getattr(int8_qconv, "_compiled" + name)):
+            got = fn(*args)
+            assert got.dtype == torch.float32 and got.is_contiguous(memory_format=last), fn
+            assert float((got.to(f64) - expected).abs().max()) <= 4 * 2**-24 * scale, fn
 
 
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int64])

@@ -179,9 +179,32 @@ def _mask_terms(mask: Tensor, w: Tensor, ops: ConvOps, transposed: bool, like: T
     return F.conv2d(mask, w, stride=ops.stride, dilation=ops.dilation)
 
 
+def _output_terms(main: Tensor, sums: Tensor, const: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """The forward's epilogue: ``const + a · main + b · sums``, ``main`` the kernel's code
+    convolution (N, O, Ho, Wo), ``sums`` its extra channel of receptive-field code sums."""
+    out = torch.addcmul(const, main, a)
+    return out.add_(sums.float() * b)
+
+
+def _grad_input_terms(
+    main: Tensor, sums: Tensor, const: Tensor, a: Tensor, b: Tensor, b_g: Tensor
+) -> Tensor:
+    """``grad_input``'s epilogue: ``a · main + b · sums + b_g · const``, with per-row ``a``,
+    ``b`` and ``b_g`` (N', 1, 1, 1)."""
+    out = main.float() * a
+    out.add_(sums.float() * b)
+    return out.addcmul_(b_g, const)
+
+
+# One compiled pass each (fused=True), where eager makes two or three full-size passes.
+_compiled_output_terms = LazyCompiled(_output_terms)
+_compiled_grad_input_terms = LazyCompiled(_grad_input_terms)
+
+
 def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, ops: ConvOps,
-             bias: Tensor | None) -> Tensor:  # fmt: skip
-    """The output (N, O, Ho, Wo) float32 (module docstring)."""
+             bias: Tensor | None, compiled: bool = False) -> Tensor:  # fmt: skip
+    """The output (N, O, Ho, Wo) float32 (module docstring); the epilogue compiled with
+    ``compiled``."""
     _, c, h, wd = codes.shape
     o, _, kh, kw = wc.shape
     pads = _pads(ops)
@@ -205,16 +228,18 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
         const = const + bias.to(f64)[None, :, None, None]
     # const in the kernel's (channels-last) layout: mixed layouts make this pass 5× slower.
     const = const.float().contiguous(memory_format=torch.channels_last)
-    out = torch.addcmul(const, acc[:, :o], (s_x * s_w).float())
-    return out.add_(acc[:, o:].float() * (s_x * b_w).float())  # s_x b_w conv(C_x, 1)
+    terms = _compiled_output_terms if compiled else _output_terms
+    # s_x s_w conv(C_x, C_w) + s_x b_w conv(C_x, 1) + const
+    return terms(acc[:, :o], acc[:, o:], const, (s_x * s_w).float(), (s_x * b_w).float())
 
 
 def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Tensor,
-                w_bits: int, w_shape, in_shape, ops: ConvOps) -> Tensor:  # fmt: skip
+                w_bits: int, w_shape, in_shape, ops: ConvOps,
+                compiled: bool = False) -> Tensor:  # fmt: skip
     """``grad_input`` (N', C, H, W) float32, channels-last, from the codes of ``grad_output``
     (per-row scale and bias; rows in (H, W, O) order with ``nhwc``, else (O, H, W); module
     docstring), before the row transform's inverse: the convolution of the zero-dilated, padded
-    codes with the flipped weight codes."""
+    codes with the flipped weight codes; the epilogue compiled with ``compiled``."""
     rows = g.codes.shape[0]
     o, c, kh, kw = w_shape
     _, _, h, wd = in_shape
@@ -256,10 +281,10 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     one = torch.ones(1, 1, kh, kw, dtype=dt)
     count = o * _mask_terms(mask, one, ops, True, like[:, :1]).to(f64)  # (1, 1, H, W)
     const = (s_w * real + b_w * count).float().contiguous(memory_format=torch.channels_last)
-    out = acc[:, :c].float() if acc.dtype != torch.float32 else acc[:, :c]
-    out = out * (s_g * s_w).float()
-    out.add_(acc[:, c:].float() * (s_g * b_w).float())  # s_g b_w convᵀ(C_g, 1)
-    return out.addcmul_(b_g.float(), const)
+    terms = _compiled_grad_input_terms if compiled else _grad_input_terms
+    # s_g s_w convᵀ(C_g, C_w) + s_g b_w convᵀ(C_g, 1) + b_g const
+    a, b = (s_g * s_w).float(), (s_g * b_w).float()
+    return terms(acc[:, :c], acc[:, c:], const, a, b, b_g.float())
 
 
 def _tap_offsets(ops: ConvOps, kernel: tuple[int, int], width: int) -> list[tuple[int, int, int]]:
@@ -357,8 +382,9 @@ class _QConv2d(torch.autograd.Function):
         codes = x.codes.reshape(input.shape)
         w2d = w.codes.reshape(weight.shape[0], -1)
         # Integers stay exact: autocast would run the float zero-point terms in bf16/fp16.
+        compiled = _compiled_path(source.plan)
         with torch.autocast(input.device.type, enabled=False):
-            out = _forward(x, codes, w2d.reshape(weight.shape), w, ops, bias)
+            out = _forward(x, codes, w2d.reshape(weight.shape), w, ops, bias, compiled)
         ctx.save_for_backward(codes, x.scale, x.bias, w2d, w.scale, w.bias)
         ctx.meta = (input.shape, input.dtype, weight.shape, bias is not None)
         ctx.bits = (x.bits, w.bits)
@@ -394,7 +420,9 @@ class _QConv2d(torch.autograd.Function):
             else:
                 g, nhwc = encode_samples(plan.grad_output, grad, generator)  # rows = samples
                 _per_row(g)
-                grad_input = _grad_input(g, nhwc, w2d, ws, wb, w_bits, w_shape, in_shape, ops)
+                grad_input = _grad_input(
+                    g, nhwc, w2d, ws, wb, w_bits, w_shape, in_shape, ops, _compiled_path(plan)
+                )
                 if g.transform is not None:
                     # The transform mixes rows, column by column: the columns may come in any
                     # order, here the channels-last result's memory order (no copy).
