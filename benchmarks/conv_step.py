@@ -1,7 +1,8 @@
 """One training step (forward + both backward GEMMs) of a Conv2d layer, all variants in one process.
 
     python benchmarks/conv_step.py [--layers NAMES] [--batch B] [--variants PATTERNS]
-                                   [--repeats 5] [--device cpu|cuda] [--json out.json]
+                                   [--channels-last] [--repeats 5] [--device cpu|cuda]
+                                   [--json out.json]
 
 Layers (``--layers`` picks some by name; ``--batch`` overrides their batch size):
 
@@ -67,14 +68,22 @@ LAYERS = {
 
 
 def run_layer(
-    spec: tuple[int, ...], batch: int | None, device: str, repeats: int, names: list[str]
+    spec: tuple[int, ...],
+    batch: int | None,
+    device: str,
+    repeats: int,
+    names: list[str],
+    channels_last: bool = False,
 ) -> dict:
     default_batch, cin, cout, kernel, stride, size = spec
     torch.manual_seed(0)
     base = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False).to(device)
     x = torch.randn(batch or default_batch, cin, size, size, device=device).relu()
-    x.requires_grad_(True)
     grad_out = torch.randn_like(base(x)).detach()
+    if channels_last:  # as inside a model whose convolutions hand on channels-last tensors
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad_out = grad_out.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
 
     def step(layer: nn.Module, autocast: bool) -> None:
         layer_step(layer, x, grad_out, autocast, device)
@@ -113,6 +122,12 @@ def main() -> None:
     )
     parser.add_argument("--layers", default=",".join(LAYERS), help="comma-separated names")
     parser.add_argument("--batch", type=int, help="override every layer's batch size")
+    parser.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="input and grad_output channels-last, as inside a model (the int8 convolution's "
+        "output is channels-last, so the layers after it get such tensors back)",
+    )
     add_variant_flag(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
@@ -129,7 +144,7 @@ def main() -> None:
         spec = LAYERS[layer]
         batch = args.batch or spec[0]
         print(f"\n{layer}: batch {batch}, {spec[1:]}, median of {args.repeats}", flush=True)
-        results = run_layer(spec, args.batch, args.device, args.repeats, names)
+        results = run_layer(spec, args.batch, args.device, args.repeats, names, args.channels_last)
         report["layers"][layer] = {"batch": batch, "spec": spec, "variants": results}
         print_table(results, memory_key="saved_bytes")
         write_json(args.json, report)

@@ -35,6 +35,21 @@ def test_gemm_prints_every_variant_with_ratios():
     assert "fp32/x" in done.stdout and "bf16/x" in done.stdout
 
 
+def test_conv_step_runs_channels_last_layers():
+    """A layer step with channels-last input and ``grad_output`` (as inside a model) runs every
+    baseline and the int8 step, and prints the overhead measure."""
+    done = _run(
+        *("--layers", "r56_stage3", "--batch", "2", "--repeats", "1", "--channels-last"),
+        *("--variants", "fp32,bf16*,fqt_int8_psq5"),
+        script="conv_step.py",
+        compile=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = done.stdout.splitlines()
+    assert any(x.strip().startswith("fqt_int8_psq5") and "outside" in x for x in lines), lines
+    assert "fell back" not in done.stdout
+
+
 def test_gemm_bad_shape_is_one_line():
     done = _run("--shapes", "64x32")
     assert done.returncode != 0
