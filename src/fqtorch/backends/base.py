@@ -32,7 +32,7 @@ __all__ = [
     "PlanSource",
     "Unsupported",
     "check_finite",
-    "memory_order_rows",
+    "hwc_rows",
 ]
 
 
@@ -159,20 +159,19 @@ class ConvOps:
         return columns.reshape(like.shape[0], *spatial, like.shape[1]).movedim(-1, 1)
 
 
-def memory_order_rows(quantizer: Quantizer, grad: Tensor) -> Tensor | None:
-    """A channels-last ``grad`` (N, C, H, W) as its (N, H, W, C) view, whose samples a
-    per-sample quantizer then reads in memory order, or ``None`` where it is read in (C, H, W)
-    order as usual: other layouts, and quantizers that are not
-    :attr:`~fqtorch.quantizers.base.Quantizer.column_equivariant` (block formats, row
-    transforms along the row), whose values would change with the order.
+def hwc_rows(quantizer: Quantizer, grad: Tensor) -> Tensor | None:
+    """A convolution's ``grad`` (N, C, H, W) as its (N, H, W, C) view, whose rows (one per
+    sample, in (H, W, C) order) the per-sample quantizer reads, or ``None`` where it reads the
+    (C, H, W) rows as usual: other ranks, and quantizers that are not
+    :attr:`~fqtorch.quantizers.base.Quantizer.column_equivariant` (block formats, transforms
+    along the row), whose values would change with the order.
 
-    The order changes no distribution (each element gets its own uniform, groups are whole rows),
-    and it spares a transposing copy of the gradient and, on the int8 backend, of its codes.
-    Which uniform an element gets follows the order, so two backends give the same codes for the
-    same gradient tensor, its layout included."""
-    channels_last = grad.dim() == 4 and not grad.is_contiguous()
-    channels_last = channels_last and grad.is_contiguous(memory_format=torch.channels_last)
-    if not channels_last or not quantizer.column_equivariant:
+    The order changes no distribution (each element gets its own uniform; groups are whole rows
+    or tensors), and it is the order of channels-last memory, which the int8 convolution's
+    output hands back: there the gradient and its codes need no transposing copy. It does not
+    depend on the layout, so every backend gives the same codes from the same seed whatever
+    layout a model's gradients arrive in (an NCHW gradient is copied)."""
+    if grad.dim() != 4 or not quantizer.column_equivariant:
         return None
     return grad.permute(0, 2, 3, 1)
 

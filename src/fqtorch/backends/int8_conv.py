@@ -40,7 +40,7 @@ from torch import Tensor
 
 from ..quantizers.base import QuantizedTensor, Quantizer
 from ..quantizers.uniform import Identity
-from .base import ConvOps, PlanSource, Unsupported, check_finite, memory_order_rows
+from .base import ConvOps, PlanSource, Unsupported, check_finite, hwc_rows
 from .int8 import (
     _affine,
     _code_sum,
@@ -251,9 +251,8 @@ def encode_samples(
     quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None
 ) -> tuple[QuantizedTensor, bool]:
     """``grad_output``'s per-sample codes, and whether their rows hold each sample in (H, W, C)
-    order (a channels-last gradient read in memory order, :func:`~.base.memory_order_rows`, as
-    the simulate backend reads it) rather than (C, H, W)."""
-    nhwc = memory_order_rows(quantizer, grad)
+    order (:func:`~.base.hwc_rows`, as the simulate backend reads it) rather than (C, H, W)."""
+    nhwc = hwc_rows(quantizer, grad)
     if nhwc is None:
         return quantizer.encode(grad, generator), False
     return quantizer.encode(nhwc, generator), True

@@ -21,7 +21,7 @@ from .base import (
     LinearOps,
     PlanSource,
     check_finite,
-    memory_order_rows,
+    hwc_rows,
 )
 
 __all__ = ["conv", "fqt_gemm", "linear"]
@@ -30,11 +30,11 @@ _LINEAR = LinearOps()
 
 
 def _quantize_grad(quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``grad_output`` quantized per sample; a channels-last one in its memory order
-    (:func:`~.base.memory_order_rows`), as the int8 backend reads it."""
+    """``grad_output`` quantized per sample; a convolution's read as (H, W, C) per sample
+    (:func:`~.base.hwc_rows`), as the int8 backend reads it."""
     if isinstance(quantizer, Identity):
         return grad
-    nhwc = memory_order_rows(quantizer, grad)
+    nhwc = hwc_rows(quantizer, grad)
     if nhwc is None:
         return quantizer(grad, generator)
     return quantizer(nhwc, generator).permute(0, 3, 1, 2)

@@ -143,10 +143,10 @@ class Quantizer(abc.ABC):
     # Whether encoding treats a row's elements alike, so that quantizing ``x[:, π]`` for a
     # permutation ``π`` of the columns gives the values of quantizing ``x``, permuted by ``π``
     # (exactly for nearest rounding, in distribution for stochastic rounding): groups of whole
-    # rows or of single columns, transforms that mix rows only. A backend may then read a
-    # gradient's elements in memory order (a channels-last sample as (H, W, C)) instead of
-    # copying it (:func:`fqtorch.backends.base.memory_order_rows`). Block formats and
-    # transforms along the row are not.
+    # rows or of single columns, transforms that mix rows only. The backends then read a
+    # convolution's gradient sample as (H, W, C), the order of channels-last memory
+    # (:func:`fqtorch.backends.base.hwc_rows`). Block formats and transforms along the row are
+    # not.
     column_equivariant: bool = False
 
     def __init__(self, bits: int = 8, *, rounding: str = "stochastic", fused: bool = False) -> None:

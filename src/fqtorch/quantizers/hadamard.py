@@ -90,7 +90,7 @@ class RandomizedHadamardTransform:
 class RandomizedHadamard(Quantizer):
     """Per-row stochastic rounding after a random-sign Hadamard mix of ``block`` rows."""
 
-    column_equivariant = True  # the mix runs over rows, column by column; one tensor scale
+    column_equivariant = True  # mixes rows, column by column; per-row grids
 
     def __init__(
         self, bits: int = 8, *, rounding: str = "stochastic", fused: bool = False, block: int = 16
