@@ -222,6 +222,15 @@ class TestAgainstSimulate:
             off = (b - a).abs() > 1e-4 * float(a.abs().max())
             assert float(off.float().mean()) < 0.02, f"{int(off.sum())} of {off.numel()} differ"
 
+    @pytest.mark.parametrize("batch", [1, 3])
+    def test_one_position_weight_gradient(self, batch):
+        """A 1×1 convolution of 1×1 images (a head after global pooling; an unbatched input):
+        with one sample the weight gradient's reduction is one position, whose (·, 1) operands
+        the CPU kernel misreads unless padded."""
+        make = lambda: nn.Conv2d(24, 10, 1)  # noqa: E731
+        x = torch.randn(batch, 24, 1, 1, generator=torch.Generator().manual_seed(6)).relu()
+        assert_same(against_simulate(make, x + 0.1, FQTConfig.preset("psq5", fused=False)))
+
     def test_channels_last_gradient_on_im2col(self, monkeypatch):
         """The im2col fallback takes the memory-order codes as its GEMM rows: simulate's
         values."""

@@ -160,9 +160,10 @@ class ConvOps:
 
 
 def hwc_rows(quantizer: Quantizer, grad: Tensor) -> Tensor | None:
-    """A convolution's ``grad`` (N, C, H, W) as its (N, H, W, C) view, whose rows (one per
+    """A 2-d convolution's ``grad`` (N, C, H, W) as its (N, H, W, C) view, whose rows (one per
     sample, in (H, W, C) order) the per-sample quantizer reads, or ``None`` where it reads the
-    (C, H, W) rows as usual: other ranks, and quantizers that are not
+    (C, H, W) rows as usual: other ranks (a 1-d convolution's (N, C, L) keeps (C, L)), and
+    quantizers that are not
     :attr:`~fqtorch.quantizers.base.Quantizer.column_equivariant` (block formats, transforms
     along the row), whose values would change with the order.
 

@@ -335,10 +335,21 @@ def _grad_weight_taps(
     for lo in range(0, total, step):
         hi = min(total, lo + step)
         a = h_grid[:, lo:hi]  # (O + 1, L) row-major: 15 % faster than (C + 2, L) × (L, O + 1)
-        part = torch.stack([torch._int_mm(a, x_grid[:, lo + off : hi + off].T) for *_, off in taps])
+        part = torch.stack(
+            [_positions_product(a, x_grid[:, lo + off : hi + off]) for *_, off in taps]
+        )
         prod = part if prod is None else prod.to(torch.int64).add_(part)
     out = taps_terms(prod, h.scale, h.bias, xs, xb, out_dtype, compiled)
     return out.reshape(w_shape), prod[0, :o, c + 1]
+
+
+def _positions_product(a: Tensor, x: Tensor) -> Tensor:
+    """``a`` (M, L) × ``x``ᵀ, ``x`` (K, L): int32 (M, K). One position (L = 1, a batch of one
+    1×1 image) makes both operands (·, 1) views with strides (1, 1), which the CPU kernel
+    misreads (torch 2.13: garbage, not an error); that reduction is padded with zero codes to 8."""
+    if a.shape[1] == 1:
+        a, x = F.pad(a, (0, 7)), F.pad(x, (0, 7))
+    return torch._int_mm(a, x.T)
 
 
 def taps_terms(

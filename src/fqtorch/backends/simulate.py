@@ -29,12 +29,14 @@ __all__ = ["conv", "fqt_gemm", "linear"]
 _LINEAR = LinearOps()
 
 
-def _quantize_grad(quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None) -> Tensor:
-    """``grad_output`` quantized per sample; a convolution's read as (H, W, C) per sample
+def _quantize_grad(
+    quantizer: Quantizer, grad: Tensor, generator: torch.Generator | None, ops: GemmOps
+) -> Tensor:
+    """``grad_output`` quantized per sample; a 2-d convolution's read as (H, W, C) per sample
     (:func:`~.base.hwc_rows`), as the int8 backend reads it."""
     if isinstance(quantizer, Identity):
         return grad
-    nhwc = hwc_rows(quantizer, grad)
+    nhwc = hwc_rows(quantizer, grad) if isinstance(ops, ConvOps) else None
     if nhwc is None:
         return quantizer(grad, generator)
     return quantizer(nhwc, generator).permute(0, 3, 1, 2)
@@ -89,7 +91,7 @@ class _FQTFunction(torch.autograd.Function):
         grad_input = grad_weight = grad_bias = None
         with torch.autocast(grad_output.device.type, enabled=False):
             if need_input:
-                grad = _quantize_grad(plan.grad_output, grad_output, generator)
+                grad = _quantize_grad(plan.grad_output, grad_output, generator, ops)
                 grad_input = ops.grad_input(grad, input_q, weight_q)
             if need_weight or need_bias:
                 grad = grad_output

@@ -43,7 +43,9 @@ class LazyCompiled:
     """``fn``, compiled by ``torch.compile`` on first call; eager ``fn`` where compiling fails.
 
     The wrapper is a memo of compiled code (like ``torch.compile``'s own cache); it holds no
-    state that changes results: eager and compiled runs compute the same thing.
+    state that changes results: eager and compiled runs compute the same thing (the
+    quantizers' codes bit for bit, tested; float epilogues to float32 rounding, since the
+    compiler may contract a multiply and an add).
     """
 
     def __init__(self, fn: Callable[..., Any]) -> None:
@@ -76,7 +78,7 @@ class LazyCompiled:
             warnings.warn(
                 f"fqtorch: torch.compile failed for {self.fn.__qualname__} "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                "running it eagerly from now on (same results, slower)",
+                "running it eagerly from now on (the same computation, slower)",
                 RuntimeWarning,
                 stacklevel=2,
             )
