@@ -166,7 +166,9 @@ class _Int8Conv2d(torch.autograd.Function):
         ctx.meta = (input.shape, input.dtype, weight.shape, pads, (ho, wo), bias is not None)
         ctx.bits = (x.bits, w.bits)
         ctx.ops, ctx.source, ctx.name = ops, source, name
-        return out.contiguous().to(input.dtype)
+        # Channels-last, as computed (and as the integer convolutions return it): the
+        # gradient that comes back is then read as (H, W, C) without a copy (hwc_rows).
+        return out.contiguous(memory_format=torch.channels_last).to(input.dtype)
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor | None, ...]:
