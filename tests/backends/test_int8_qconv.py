@@ -232,7 +232,7 @@ class TestAgainstSimulate:
         assert_same(against_simulate(make, x + 0.1, FQTConfig.preset("psq5", fused=False)))
 
     def test_channels_last_gradient_on_im2col(self, monkeypatch):
-        """The im2col fallback takes the memory-order codes as its GEMM rows: simulate's
+        """The im2col fallback takes the (H, W, C)-order codes as its GEMM rows: simulate's
         values."""
         monkeypatch.setattr(int8_qconv, "qconv_verdict", lambda: "the probe failed (test)")
         make, shape = CONVS["3x3-pad1-stride2"]
