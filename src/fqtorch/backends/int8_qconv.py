@@ -252,8 +252,8 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     else:
         u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
     if sh > 1 or sw > 1:  # zeros between the strided positions: code 0 is u8 128
-        hd, wdd = (ho - 1) * sh + 1, (wo - 1) * sw + 1
-        dilated = u8.new_full((rows, hd, wdd, o), 128).permute(0, 3, 1, 2)  # channels-last
+        spread = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
+        dilated = u8.new_full((rows, *spread, o), 128).permute(0, 3, 1, 2)  # channels-last
         dilated[:, :, ::sh, ::sw] = u8
         u8 = dilated
     hd, wdd = u8.shape[2:]

@@ -1097,14 +1097,8 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
         before = _read_record(run.out / "config.json")
         if before is not None:
             first = (*started, "world_size", "device")
+            resumed = {**{k: record[k] for k in first}, "step": run.step, "epoch": run.epoch}
             record.update({k: before[k] for k in first if k in before})
-            resumed = {
-                **started,
-                "world_size": run.rt.world,
-                "device": str(run.rt.device),
-                "step": run.step,
-                "epoch": run.epoch,
-            }
             record["resumes"] = [*before.get("resumes", []), resumed]
     _write_json(run.out / "config.json", record)
 
