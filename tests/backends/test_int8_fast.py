@@ -8,6 +8,7 @@ PSQ preset and the 4-bit PTQ one) and reused across tests (dynamic shapes)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import pytest
@@ -96,6 +97,8 @@ SHAPES = {
     "fast": ((64, 32), 24),  # every GEMM on the compiled path
     "odd rows": ((37, 32), 24),  # the weight-gradient GEMM pads its reduction: eager
     "odd features": ((64, 30), 24),  # the forward GEMM pads its reduction: eager
+    "one output": ((64, 32), 1),  # (·, 1) codes: the weight gradient takes the bordered product
+    "one feature": ((64, 1), 24),  # (·, 1) input codes: the same, and the forward pads
 }
 
 
@@ -145,12 +148,17 @@ class TestCompiledPath:
             (int8._forward_fast(x, w, bias, f32), int8._forward(x, w, bias).to(f32)),
             (int8._grad_input_fast(g, w, f32), int8._grad_input(g, w).to(f32)),
         ]
-        grad_weight, grad_bias = int8._grad_weight_fast(h, x, f32)
         eager_weight, h_cols = int8._grad_weight(h, x)
-        pairs += [
-            (grad_weight, eager_weight.to(f32)),
-            (grad_bias, int8._grad_bias(h, h_cols).to(f32)),
-        ]
+        # h's codes row-major (the CPU's unbordered product, the weight's layout out) and
+        # column-major (the bordered product that other devices take)
+        column_major = dataclasses.replace(h, codes=h.codes.T.contiguous().T)
+        for codes in (h, column_major):
+            grad_weight, grad_bias = int8._grad_weight_fast(codes, x, f32)
+            assert grad_weight.is_contiguous()  # else autograd copies it into the weight's layout
+            pairs += [
+                (grad_weight, eager_weight.to(f32)),
+                (grad_bias, int8._grad_bias(h, h_cols).to(f32)),
+            ]
         for got, expected in pairs:
             torch.testing.assert_close(
                 got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max())
