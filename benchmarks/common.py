@@ -109,6 +109,9 @@ VARIANTS = (
         for q in ("ptq", "psq", "bhq")
     ]
     + ["fqt_auto_psq5", "fqt_auto_bhq5"]
+    # not a training setting: round-to-nearest gradients (biased), to measure what the
+    # stochastic rounding's noise costs the compiled int8 step
+    + ["fqt_int8_psq5_fused_nearest"]
 )
 
 
@@ -128,8 +131,9 @@ def step_variants(
     """``name -> (model, autocast)`` for the variants in ``names`` (default all of
     :data:`VARIANTS`): fp32, bf16 autocast, QAT, and FQT-simulate / FQT-int8 with PTQ, PSQ and
     BHQ at 5 bits, eager (``fused=False``) or ``_fused`` (compiled quantizers and, on int8,
-    compiled epilogues), and ``fqt_auto_*`` (``backend="auto"`` with its defaults), each FQT
-    model a converted copy of ``base``."""
+    compiled epilogues), ``fqt_auto_*`` (``backend="auto"`` with its defaults) and
+    ``*_nearest`` (gradients rounded to nearest: biased, only to measure what the noise costs),
+    each FQT model a converted copy of ``base``."""
     out: dict[str, tuple[nn.Module, bool]] = {}
     for name in names or VARIANTS:
         if name in ("fp32", "bf16_autocast"):
@@ -138,11 +142,13 @@ def step_variants(
         if name == "qat":
             cfg = fqtorch.FQTConfig.preset("qat")
         else:
-            _, backend, preset, *fused = name.split("_")
+            _, backend, preset, *flags = name.split("_")
             default = None if backend == "auto" else False
             cfg = fqtorch.FQTConfig.preset(
-                preset, backend=backend, fused=True if fused else default
+                preset, backend=backend, fused=True if "fused" in flags else default
             )
+            if "nearest" in flags:
+                cfg = cfg.replace(grad_rounding="nearest")
         out[name] = (fqtorch.quantize_model(copy.deepcopy(base), cfg), False)
     return out
 
@@ -246,7 +252,24 @@ def integer_breakdown(step, steps: int = 2, top: int = 0) -> dict[str, Any]:
         out["top_ops"] = [
             [e.key, e.self_cpu_time_total / steps / 1e6, e.count / steps] for e in ranked
         ]
+        # fqtorch's compiled kernels by name, with the anonymous compiled graph they call
+        named = [e for e in events if e.key.startswith("fqtorch::")]
+        out["fqtorch_kernels"] = [
+            [e.key, e.cpu_time_total / steps / 1e6, e.count / steps]
+            for e in sorted(named, key=lambda e: -e.cpu_time_total)
+        ]
     return out
+
+
+def print_top_ops(t: dict[str, Any]) -> None:
+    """The ``top_ops`` (own time) and ``fqtorch_kernels`` (with their compiled graphs) of an
+    :func:`integer_breakdown`."""
+    for op, seconds, calls in t.get("top_ops", []):
+        print(f"  {op[:60]:<62}{seconds * 1e3:>9.1f} ms/step {calls:>7.0f} calls")
+    if t.get("fqtorch_kernels"):
+        print("  fqtorch's compiled kernels (each with the compiled graph it calls):")
+    for op, seconds, calls in t.get("fqtorch_kernels", []):
+        print(f"    {op[:58]:<60}{seconds * 1e3:>9.1f} ms/step {calls:>7.0f} calls")
 
 
 def layer_step(

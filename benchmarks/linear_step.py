@@ -2,7 +2,7 @@
 
     python benchmarks/linear_step.py [--shapes 4096x1024x1024,8192x1024x4096,8192x4096x1024]
                                      [--variants PATTERNS] [--repeats 5] [--device cpu|cuda]
-                                     [--json out.json]
+                                     [--top-ops N] [--json out.json]
 
 A shape ``MxKxN`` is M rows, K → N features. Variants (``--variants`` picks some; fp32 and bf16
 autocast always run, as every ratio is against them): fp32, bf16 autocast, QAT, FQT-simulate and
@@ -29,12 +29,14 @@ import fqtorch
 from common import (
     add_variant_flag,
     environment,
+    integer_breakdown,
     layer_step,
     median_seconds,
     outside_int_mm,
     peak_memory,
     print_header,
     print_table,
+    print_top_ops,
     reset_peak_memory,
     saved_bytes,
     select,
@@ -142,7 +144,9 @@ def int_mm_share(step: Callable[[], None], device: str) -> float:
     return gemm / total if total else float("nan")
 
 
-def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str]) -> dict:
+def run_shape(
+    m: int, k: int, n: int, device: str, repeats: int, names: list[str], top_ops: int = 0
+) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(k, n).to(device)
     x = torch.randn(m, k, device=device, requires_grad=True)
@@ -158,6 +162,9 @@ def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str
         if name.startswith(("fqt_int8", "fqt_auto")):
             t["int_mm_share"] = int_mm_share(lambda layer=layer: step(layer, False), device)
             t.update(outside_int_mm(lambda layer=layer: step(layer, False), device))
+            if top_ops and device == "cpu":
+                parts = integer_breakdown(lambda layer=layer: step(layer, False), top=top_ops)
+                t.update(top_ops=parts["top_ops"], fqtorch_kernels=parts["fqtorch_kernels"])
         reset_peak_memory(device)
         step(layer, autocast)
         t["peak_bytes"] = peak_memory(device)
@@ -169,7 +176,8 @@ def run_shape(m: int, k: int, n: int, device: str, repeats: int, names: list[str
 
 
 def print_overhead(variants: dict) -> None:
-    """The overhead measure of every integer step: time outside ``_int_mm`` / fp32 step."""
+    """The overhead measure of every integer step: time outside ``_int_mm`` / fp32 step (and,
+    with ``--top-ops``, where the step's time goes)."""
     fp32 = variants["fp32"]["median"]
     for name, t in variants.items():
         if "outside_int_mm" in t:
@@ -178,6 +186,7 @@ def print_overhead(variants: dict) -> None:
                 f"{t['int_mm'] * 1e3:.1f} ms (profiler); outside _int_mm / fp32 step = "
                 f"{t['outside_int_mm'] / fp32:.3f}"
             )
+            print_top_ops(t)
 
 
 def print_breakdown(variants: dict, parts: dict) -> None:
@@ -219,6 +228,9 @@ def main() -> None:
     add_variant_flag(parser)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument(
+        "--top-ops", type=int, default=0, help="print the N ops with the most time (int8, CPU)"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     env = environment()
@@ -228,7 +240,7 @@ def main() -> None:
     report = {"environment": env, "args": vars(args), "shapes": {}}
     for m, k, n in shapes:
         print(f"\nLinear step M={m}, {k} -> {n}, median of {args.repeats}", flush=True)
-        res = run_shape(m, k, n, args.device, args.repeats, names)
+        res = run_shape(m, k, n, args.device, args.repeats, names, args.top_ops)
         report["shapes"][f"{m}x{k}x{n}"] = res
         print_table(res["variants"], memory_key="saved_bytes")
         print_breakdown(res["variants"], res["breakdown_int8"])

@@ -36,6 +36,7 @@ from common import (
     peak_memory,
     print_header,
     print_table,
+    print_top_ops,
     reset_peak_memory,
     select,
     step_variants,
@@ -137,8 +138,7 @@ def main() -> None:
                     f"{packing * 1e3:.1f} ms; profiler); outside / fp32 step = "
                     f"{t['outside_integer_kernels'] / fp32:.3f}"
                 )
-                for op, seconds, calls in t.get("top_ops", []):
-                    print(f"  {op[:60]:<62}{seconds * 1e3:>9.1f} ms/step {calls:>7.0f} calls")
+                print_top_ops(t)
         report["models"][name] = results
         write_json(args.json, report)
 

@@ -50,6 +50,30 @@ def test_conv_step_runs_channels_last_layers():
     assert "fell back" not in done.stdout
 
 
+def test_linear_step_measures_both_roundings():
+    """The int8 step with stochastic and with round-to-nearest gradients (what the noise costs)
+    runs beside the baselines, each with its overhead measure."""
+    done = _run(
+        *("--shapes", "64x32x16", "--repeats", "1", "--top-ops", "3"),
+        *("--variants", "fp32,bf16*,fqt_int8_psq5_fused*"),
+        script="linear_step.py",
+        compile=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    for name in ("fqt_int8_psq5_fused", "fqt_int8_psq5_fused_nearest"):
+        assert f"{name}: outside _int_mm" in done.stdout, name
+    assert "ms/step" in done.stdout  # --top-ops
+
+
+def test_weight_gradient_checks_and_prints_both_products():
+    done = _run("--shapes", "64x32x16", "--repeats", "1", script="weight_gradient.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "64x32x16 | weight gradient |" in done.stdout
+    assert "64x32x16 | grad_input |" in done.stdout
+    bad = _run("--shapes", "63x32x16", script="weight_gradient.py")
+    assert bad.returncode != 0 and "--shapes: expected MxKxO" in bad.stderr
+
+
 def test_gemm_bad_shape_is_one_line():
     done = _run("--shapes", "64x32")
     assert done.returncode != 0

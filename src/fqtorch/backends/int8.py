@@ -488,9 +488,8 @@ def _grad_weight_fast(
     copy, and the (O, K) product is the weight's own layout, so no operand and no result is
     transposed (the bordered ``[C_xᵀ; 1ᵀ] C_h`` it replaced copied the input codes transposed,
     and autograd then copied the transposed gradient: docs/performance.md). ``h``'s column
-    sums are a product with rows of ones (8: a multiple of 8 rows; 3–4× faster than the
-    compiled reduction down the columns). Elsewhere (:func:`_int_mm`) ``h`` is copied into the
-    TN layout and bordered."""
+    sums: :func:`_code_sum`. Elsewhere (:func:`_int_mm`) ``h`` is copied into the TN layout and
+    bordered."""
     rows, k = x.codes.shape
     if not (rows % 8 == 0 and rows <= chunk_length(h.bits, x.bits)):
         grad_weight, h_cols = _grad_weight(h, x)
@@ -500,7 +499,7 @@ def _grad_weight_fast(
     # A (1, ·) or (·, 1) operand's strides are ambiguous to the CPU kernel (:func:`int_mm`).
     if cpu and _row_major(h.codes) and _row_major(x.codes) and min(h.codes.shape[1], k) > 1:
         prod = torch._int_mm(h.codes.T, x.codes)  # (O, K)
-        h_cols = torch._int_mm(h.codes.new_ones(_BORDER, rows), h.codes)[0]
+        h_cols = _code_sum(h.codes, 0, h.bits)
         return _compiled_grad_weight(prod, h_cols, x.codes, *affine, out_dtype)
     prod, h_cols, _ = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, M) × (M, K)
     return _compiled_grad_weight(prod, h_cols, x.codes, *affine, out_dtype)
