@@ -7,6 +7,7 @@ chunk length forced down."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 
 import pytest
@@ -17,6 +18,7 @@ from fqtorch import FQTConfig, quantize_model
 from fqtorch.backends import int8, int8_conv, int8_qconv
 from fqtorch.backends.int8 import _int_mm, chunk_length
 from fqtorch.nn.functional import ConvOps, FQTPlan, fqt_conv, fqt_linear
+from fqtorch.quantizers import get_quantizer
 from fqtorch.quantizers.base import QuantizedTensor
 
 LONG = 2**18  # past chunk_length(8, 8) = 131,064
@@ -221,6 +223,22 @@ class TestLongReductions:
         assert_exact(results["int8"][1], grad_bias)
         assert_float32_close(results["simulate"][0], grad_weight)
         assert_float32_close(results["simulate"][1], grad_bias)
+
+    @pytest.mark.parametrize("codes", [(-128, -128), (127, -128), (-128, 127)])
+    def test_compiled_linear_weight_gradient_at_the_int32_bound(self, codes):
+        """The compiled path's one product ``C_hᵀ C_x`` (``C_hᵀ`` read column-major) over the
+        longest reduction it takes, ``chunk_length(8, 8)`` rows of the largest codes: exact,
+        where a wrapped int32 would flip the sign."""
+        rows, gen = chunk_length(8, 8), torch.Generator().manual_seed(4)
+        xq = get_quantizer("ptq", 8).encode(torch.randn(rows, 16, generator=gen) + 1, gen)
+        hq = get_quantizer("per_column", 8).encode(torch.randn(rows, 24, generator=gen), gen)
+        xq = dataclasses.replace(xq, codes=torch.full_like(xq.codes, codes[1]))
+        hq = dataclasses.replace(hq, codes=torch.full_like(hq.codes, codes[0]))
+        assert not int32_overflows(hq.codes.T, xq.codes)  # at the bound, not past it
+        assert rows * abs(codes[0] * codes[1]) > 2**31 - 2**25  # within 1.6 % of it
+        grad_weight, grad_bias = int8._grad_weight_fast(hq, xq, torch.float32)
+        assert_exact(grad_weight, values64(hq).T @ values64(xq))
+        assert_exact(grad_bias, values64(hq).sum(0))
 
     def test_conv_weight_gradient_over_2_18_positions(self):
         gen = torch.Generator().manual_seed(1)
