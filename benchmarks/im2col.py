@@ -2,11 +2,15 @@
 float32 route it replaced (cast, ``F.unfold``, transpose copy, cast back), one process; then
 the weight-gradient product of those columns, ``[C_hᵀ; 1ᵀ] · cols`` (``int8._int_mm``, the
 columns taken row-major as they are) against the "TN" route it replaced (the columns copied
-transposed, a border of ones on each operand).
+transposed, a border of ones on each operand); last, the columns in (C, kh, kw) order
+(``_cols``) against (kh, kw, C) order from a channels-last copy of the codes
+(``_cols_taps_first``, which the strided weight gradient takes where
+``int8_conv.taps_first_pays``).
 
     python benchmarks/im2col.py [--repeats 5] [--batch 8]
 
-The layers: ResNet-18's strided convolutions at batch 8 (224² images; ``--batch`` changes it).
+The layers: ResNet-18's strided convolutions (224² images) and PreAct ResNet-20's (32²), at
+batch 8 (``--batch`` changes it).
 Both give the same codes (tests/backends/test_int8_qconv.py); only the time differs. Median
 [min–max] ms and the ratio.
 """
@@ -22,7 +26,7 @@ import torch.nn.functional as F
 from common import environment, median_seconds, ms_cell, print_header
 from fqtorch.backends.base import ConvOps
 from fqtorch.backends.int8 import _int_mm
-from fqtorch.backends.int8_conv import _cols, _pads
+from fqtorch.backends.int8_conv import _cols, _cols_taps_first, _pads, taps_first_pays
 
 # name: (input shape, kernel, stride, padding, output channels)
 LAYERS = {
@@ -30,6 +34,8 @@ LAYERS = {
     "layer2 3x3 s2": ((8, 64, 56, 56), (3, 3), (2, 2), (1, 1), 128),
     "layer2 shortcut 1x1 s2": ((8, 64, 56, 56), (1, 1), (2, 2), (0, 0), 128),
     "layer3 3x3 s2": ((8, 128, 28, 28), (3, 3), (2, 2), (1, 1), 256),
+    "PreAct ResNet-20 stage2 3x3 s2": ((8, 16, 32, 32), (3, 3), (2, 2), (1, 1), 32),
+    "PreAct ResNet-20 stage3 3x3 s2": ((8, 32, 16, 16), (3, 3), (2, 2), (1, 1), 64),
 }
 GRAD_BITS = 5  # the gradient codes' width (PSQ5)
 
@@ -79,6 +85,21 @@ def main() -> None:
             f"{name} | {ms_cell(old, 1)} | {ms_cell(new, 1)} | {old['median'] / new['median']:.1f}x"
         )
         columns[name] = after()
+    print("\nlayer | (C, kh, kw) ms | (kh, kw, C) ms | ratio | taps first taken")
+    for name, (shape, kernel, stride, padding, _) in LAYERS.items():
+        codes = torch.randint(-128, 128, (args.batch, *shape[1:]), dtype=torch.int8)
+        ops = ConvOps(stride, padding, (1, 1), 1)
+        pads = _pads(ops)
+        channels_first = functools.partial(_cols, codes, pads, kernel, ops)
+        taps_first = functools.partial(_cols_taps_first, codes, pads, kernel, ops)
+        reordered = channels_first().view(-1, shape[1], *kernel).permute(0, 2, 3, 1)
+        assert torch.equal(taps_first(), reordered.reshape(reordered.shape[0], -1))
+        old = median_seconds(channels_first, args.repeats)
+        new = median_seconds(taps_first, args.repeats)
+        print(
+            f"{name} | {ms_cell(old, 1)} | {ms_cell(new, 1)} | "
+            f"{old['median'] / new['median']:.1f}x | {taps_first_pays(shape[1], kernel)}"
+        )
     print("\nweight-gradient product | TN route ms | columns as they are ms | TN / as they are")
     for name, cols in columns.items():
         g = torch.Generator().manual_seed(1)

@@ -148,7 +148,10 @@ def test_im2col_checks_and_prints_every_layer():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [x for x in done.stdout.splitlines() if x.endswith("x") and " | " in x]
     layers = ["stem 7x7 s2", "layer2 3x3 s2", "layer2 shortcut 1x1 s2", "layer3 3x3 s2"]
+    layers += ["PreAct ResNet-20 stage2 3x3 s2", "PreAct ResNet-20 stage3 3x3 s2"]
     assert [x.split(" | ")[0] for x in rows] == layers * 2  # im2col, then the product
+    orders = [x for x in done.stdout.splitlines() if x.endswith((" | True", " | False"))]
+    assert [x.split(" | ")[0] for x in orders] == layers  # (C, kh, kw) against (kh, kw, C)
     bad = _run("--batch", "0", script="im2col.py")
     assert bad.returncode != 0 and "--batch" in bad.stderr.strip().splitlines()[-1]
 

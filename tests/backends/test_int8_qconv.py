@@ -35,6 +35,16 @@ CONVS = {
     "4x4-same-nobias": (lambda: nn.Conv2d(3, 4, 4, padding="same", bias=False), (3, 9, 8)),
     "1x1": (lambda: nn.Conv2d(6, 4, 1), (6, 5, 7)),
     "1x1-stride2": (lambda: nn.Conv2d(6, 4, 1, stride=2), (6, 5, 7)),
+    # from 8 channels a strided weight gradient unfolds taps first (int8_conv.taps_first_pays)
+    "3x3-pad1-stride2-8ch": (lambda: nn.Conv2d(8, 4, 3, stride=2, padding=1), (8, 9, 8)),
+    "3x2-dilated-strided-9ch": (
+        lambda: nn.Conv2d(9, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1)),
+        (9, 10, 9),
+    ),
+    "3x3-reflect-stride2-8ch": (
+        lambda: nn.Conv2d(8, 4, 3, stride=2, padding=1, padding_mode="reflect"),
+        (8, 9, 8),
+    ),
 }
 # Presets, one with an asymmetric weight grid (a zero point on the weight: the b_w terms).
 PRESETS = {
@@ -480,7 +490,7 @@ def test_int8_im2col_is_the_unfold_of_the_codes(shape, kernel, stride, padding, 
     where it copies), for strides, paddings, dilations, rectangular kernels and channels-last
     codes, with the codes' extremes."""
     from fqtorch.backends.base import ConvOps
-    from fqtorch.backends.int8_conv import _cols, _pads
+    from fqtorch.backends.int8_conv import _cols, _cols_taps_first, _pads
 
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(-128, 128, shape, generator=g, dtype=torch.int8)
@@ -495,6 +505,11 @@ def test_int8_im2col_is_the_unfold_of_the_codes(shape, kernel, stride, padding, 
     assert got.dtype == torch.int8 and torch.equal(got, expect)
     if kernel != (1, 1) or stride != (1, 1):  # a copy, in the GEMM's row-major layout
         assert got.stride() == (got.shape[1], 1)
+    # taps first: the same columns in (kh, kw, C) order, always a row-major copy
+    taps_first = _cols_taps_first(codes, pads, kernel, ops)
+    columns = expect.view(-1, shape[1], *kernel).permute(0, 2, 3, 1).reshape(expect.shape)
+    assert torch.equal(taps_first, columns)
+    assert taps_first.stride() == (taps_first.shape[1], 1)
 
 
 def test_a_channels_last_input_is_encoded_in_its_own_layout():

@@ -54,7 +54,16 @@ from ..quantizers.fused import LazyCompiled
 from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite
 from .int8 import _code_sum, _compiled_path, _grad_bias, _per_column, _per_row, chunk_length
-from .int8_conv import _cols, _conv_grad_weight, _out_size, _pads, _tap_mask, encode_samples
+from .int8_conv import (
+    _cols,
+    _cols_taps_first,
+    _conv_grad_weight,
+    _out_size,
+    _pads,
+    _tap_mask,
+    encode_samples,
+    taps_first_pays,
+)
 from .notes import say_once
 
 __all__ = ["channel_chunk", "conv", "fits_float32", "qconv_verdict"]
@@ -472,12 +481,20 @@ class _QConv2d(torch.autograd.Function):
 
 
 def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
-    """Strided convolutions: the im2col weight gradient of :mod:`.int8_conv`."""
+    """Strided convolutions: the im2col weight gradient of :mod:`.int8_conv`, its columns in
+    (kh, kw, C) order where that unfolds faster (:func:`~.int8_conv.taps_first_pays`; the
+    result is put back in the weight's (C, kh, kw) order, a copy of the small gradient)."""
     pads, kernel = _pads(ops), tuple(w_shape[2:])
-    x_cols = _cols(codes, pads, kernel, ops)
+    (o, c), taps_first = w_shape[:2], taps_first_pays(codes.shape[1], kernel)
+    x_cols = (_cols_taps_first if taps_first else _cols)(codes, pads, kernel, ops)
     x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
-    mask = _tap_mask(codes.shape, pads, kernel, ops, codes.device)
-    return _conv_grad_weight(hq, x_q, mask, codes.shape[0])
+    mask = _tap_mask(codes.shape, pads, kernel, ops, codes.device)  # (L, C·kh·kw)
+    if taps_first and mask is not None:
+        mask = mask.view(-1, c, *kernel).permute(0, 2, 3, 1).reshape(mask.shape)
+    grad_weight, h_cols = _conv_grad_weight(hq, x_q, mask, codes.shape[0])
+    if taps_first:
+        grad_weight = grad_weight.view(o, *kernel, c).permute(0, 3, 1, 2).reshape(o, -1)
+    return grad_weight, h_cols
 
 
 def _announce(name: str, strided: bool) -> None:
