@@ -83,12 +83,15 @@ def main() -> None:
     args = parser.parse_args()
     if args.repeats < 1:
         parser.error(f"--repeats: expected a positive integer, got {args.repeats}")
+    longest = int8.chunk_length(8, 8)  # one int32 product (the "before" has no chunks)
     try:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-        if any(len(s) != 3 or min(s) < 2 or s[0] % 8 for s in shapes):
+        if any(len(s) != 3 or min(s) < 2 or s[0] % 8 or s[0] > longest for s in shapes):
             raise ValueError
     except ValueError:
-        parser.error(f"--shapes: expected MxKxO with M a multiple of 8, got {args.shapes!r}")
+        parser.error(
+            f"--shapes: expected MxKxO with M a multiple of 8 up to {longest}, got {args.shapes!r}"
+        )
     print_header(environment())
     print("\nshape | product | before ms | now ms | before / now")
     for m, k, o in shapes:

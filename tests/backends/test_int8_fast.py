@@ -99,6 +99,7 @@ SHAPES = {
     "odd features": ((64, 30), 24),  # the forward GEMM pads its reduction: eager
     "one output": ((64, 32), 1),  # (·, 1) codes: the weight gradient takes the bordered product
     "one feature": ((64, 1), 24),  # (·, 1) input codes: the same, and the forward pads
+    "narrow": ((16, 3), 5),  # few, odd features both ways: the unbordered weight gradient
 }
 
 
