@@ -98,7 +98,7 @@ def main() -> None:
         new = median_seconds(taps_first, args.repeats)
         print(
             f"{name} | {ms_cell(old, 1)} | {ms_cell(new, 1)} | "
-            f"{old['median'] / new['median']:.1f}x | {taps_first_pays(shape[1], kernel)}"
+            f"{old['median'] / new['median']:.1f}x | {taps_first_pays(kernel)}"
         )
     print("\nweight-gradient product | TN route ms | columns as they are ms | TN / as they are")
     for name, cols in columns.items():

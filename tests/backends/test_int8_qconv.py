@@ -35,7 +35,7 @@ CONVS = {
     "4x4-same-nobias": (lambda: nn.Conv2d(3, 4, 4, padding="same", bias=False), (3, 9, 8)),
     "1x1": (lambda: nn.Conv2d(6, 4, 1), (6, 5, 7)),
     "1x1-stride2": (lambda: nn.Conv2d(6, 4, 1, stride=2), (6, 5, 7)),
-    # from 8 channels a strided weight gradient unfolds taps first (int8_conv.taps_first_pays)
+    # wider strided layers (their weight gradient unfolds taps first, as every kernel > 1x1)
     "3x3-pad1-stride2-8ch": (lambda: nn.Conv2d(8, 4, 3, stride=2, padding=1), (8, 9, 8)),
     "3x2-dilated-strided-9ch": (
         lambda: nn.Conv2d(9, 5, (3, 2), stride=(2, 1), padding=(1, 0), dilation=(2, 1)),

@@ -101,9 +101,9 @@ def _cols(codes: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor
 
 def _cols_taps_first(codes: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:
     """:func:`_cols` with the columns in (kh, kw, C) order, taps outermost: the windows are read
-    from a channels-last copy of the padded codes, a run of C (for a window row, kw·C) bytes at
-    a time, where the (C, kh, kw) order reads kw bytes at a time across C planes: 3–4× faster
-    for a 3×3 kernel from 8 channels up (``benchmarks/im2col.py``), slower for few channels."""
+    from a channels-last copy of the padded codes, a window row's kw·C bytes at a time, where
+    the (C, kh, kw) order reads kw bytes at a time across C planes (``benchmarks/im2col.py``:
+    2–7× faster for ResNet-18's and PreAct ResNet-20's strided 3×3 and 7×7 kernels)."""
     padded = F.pad(codes.contiguous(memory_format=torch.channels_last), pads)
     n, c = padded.shape[:2]
     (kh, kw), (dh, dw), (sh, sw) = kernel, ops.dilation, ops.stride
@@ -115,10 +115,11 @@ def _cols_taps_first(codes: Tensor, pads: list[int], kernel: tuple, ops: ConvOps
     return windows.reshape(n * ho * wo, kh * kw * c)
 
 
-def taps_first_pays(channels: int, kernel: tuple) -> bool:
-    """Whether :func:`_cols_taps_first` beats :func:`_cols` (measured: from 8 channels, for
-    kernels larger than 1×1; a 1×1 window is one byte either way)."""
-    return channels >= 8 and kernel[0] * kernel[1] > 1
+def taps_first_pays(kernel: tuple) -> bool:
+    """Whether :func:`_cols_taps_first` beats :func:`_cols`: for every kernel larger than 1×1
+    (``benchmarks/im2col.py``, from ResNet-18's 3-channel stem up); a 1×1 window is a single
+    byte either way, and there the channels-last copy is pure cost."""
+    return kernel[0] * kernel[1] > 1
 
 
 def _tap_mask(

@@ -485,7 +485,7 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
     (kh, kw, C) order where that unfolds faster (:func:`~.int8_conv.taps_first_pays`; the
     result is put back in the weight's (C, kh, kw) order, a copy of the small gradient)."""
     pads, kernel = _pads(ops), tuple(w_shape[2:])
-    (o, c), taps_first = w_shape[:2], taps_first_pays(codes.shape[1], kernel)
+    (o, c), taps_first = w_shape[:2], taps_first_pays(kernel)
     x_cols = (_cols_taps_first if taps_first else _cols)(codes, pads, kernel, ops)
     x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
     mask = _tap_mask(codes.shape, pads, kernel, ops, codes.device)  # (L, C·kh·kw)
