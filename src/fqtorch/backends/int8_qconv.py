@@ -490,10 +490,10 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
     x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
     mask = _tap_mask(codes.shape, pads, kernel, ops, codes.device)  # (L, C·kh·kw)
     if taps_first and mask is not None:
-        mask = mask.view(-1, c, *kernel).permute(0, 2, 3, 1).reshape(mask.shape)
+        mask = mask.reshape(-1, c, *kernel).permute(0, 2, 3, 1).reshape(mask.shape)
     grad_weight, h_cols = _conv_grad_weight(hq, x_q, mask, codes.shape[0])
     if taps_first:
-        grad_weight = grad_weight.view(o, *kernel, c).permute(0, 3, 1, 2).reshape(o, -1)
+        grad_weight = grad_weight.reshape(o, *kernel, c).permute(0, 3, 1, 2).reshape(o, -1)
     return grad_weight, h_cols
 
 
