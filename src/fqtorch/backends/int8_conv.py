@@ -103,7 +103,7 @@ def _cols_taps_first(codes: Tensor, pads: list[int], kernel: tuple, ops: ConvOps
     """:func:`_cols` with the columns in (kh, kw, C) order, taps outermost: the windows are read
     from a channels-last copy of the padded codes, a window row's kw·C bytes at a time, where
     the (C, kh, kw) order reads kw bytes at a time across C planes (``benchmarks/im2col.py``:
-    2–7× faster for ResNet-18's and PreAct ResNet-20's strided 3×3 and 7×7 kernels)."""
+    1.8–8× faster for ResNet-18's and PreAct ResNet-20's strided 3×3 and 7×7 kernels)."""
     padded = F.pad(codes.contiguous(memory_format=torch.channels_last), pads)
     n, c = padded.shape[:2]
     (kh, kw), (dh, dw), (sh, sw) = kernel, ops.dilation, ops.stride
