@@ -74,6 +74,13 @@ def test_weight_gradient_checks_and_prints_both_products():
     assert bad.returncode != 0 and "--shapes: expected MxKxO" in bad.stderr
 
 
+def test_gradient_grid_checks_and_prints_every_layer():
+    done = _run("--repeats", "1", script="gradient_grid.py", compile=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [x for x in done.stdout.splitlines() if x.endswith((" | True", " | False"))]
+    assert len(rows) == 6 and rows[0].startswith("ResNet-50 conv2")
+
+
 def test_gemm_bad_shape_is_one_line():
     done = _run("--shapes", "64x32")
     assert done.returncode != 0

@@ -176,6 +176,27 @@ class TestAgainstSimulate:
         # the stride-1 weight gradient's epilogue is the compiled one; strided layers unfold
         assert len(epilogues) == (1 if conv == "3x3-pad1" else 0)
 
+    @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-dilated2-pad2", "1x1"])
+    @pytest.mark.parametrize("grad_format", [None, torch.channels_last])
+    def test_gradient_grid_by_compiled_transpose(self, conv, grad_format, monkeypatch):
+        """The stride-1 weight gradient's grid of ``h`` codes built by the compiled transpose
+        (taken from 64 channels on 28² planes; forced here on small layers) gives simulate's
+        values, whatever ``grad_output``'s layout."""
+        monkeypatch.setattr(int8_qconv, "compiled_transpose_pays", lambda channels, plane: True)
+        transposes = spy_compiled_epilogue(monkeypatch, "_compiled_transpose")
+        make, shape = CONVS[conv]
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(8)) + 0.2
+        cfg = FQTConfig.preset("psq5", fused=True, weight_quantizer="ptq")
+        assert_same(against_simulate(make, x, cfg, grad_format=grad_format))
+        assert len(transposes) == 1
+
+    def test_compiled_transpose_rule(self):
+        """ResNet-50's planes take it, PreAct ResNet-20's do not."""
+        assert int8_qconv.compiled_transpose_pays(64, 56 * 56)
+        assert int8_qconv.compiled_transpose_pays(128, 28 * 28)
+        assert not int8_qconv.compiled_transpose_pays(16, 32 * 32)
+        assert not int8_qconv.compiled_transpose_pays(64, 8 * 8)
+
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided"])
     def test_channels_last(self, conv):
         make, shape = CONVS[conv]

@@ -332,7 +332,10 @@ def _grad_weight_taps(
     x_real[c, :, rows, cols] = 1  # M
     x_grid[c + 1, : n * plane] = 1
     h_grid = torch.zeros(o + 1, n, hp, wp, dtype=u8, device=codes.device)
-    h_grid[:o, :, :ho, :wo] = h.codes.view(u8).reshape(n, ho, wo, o).permute(3, 0, 1, 2)
+    if compiled and compiled_transpose_pays(o, ho * wo):
+        h_grid[:o, :, :ho, :wo] = _compiled_transpose(h.codes.view(u8)).view(o, n, ho, wo)
+    else:
+        h_grid[:o, :, :ho, :wo] = h.codes.view(u8).reshape(n, ho, wo, o).permute(3, 0, 1, 2)
     h_grid[o, :, :ho, :wo] = 1
     x_grid, h_grid = x_grid.view(torch.int8), h_grid.view(o + 1, -1).view(torch.int8)
     # Chunks of the flattened positions, not of whole samples: one padded plane can itself pass
@@ -350,6 +353,23 @@ def _grad_weight_taps(
         prod = part if prod is None else prod.to(torch.int64).add_(part)
     out = taps_terms(prod, h.scale, h.bias, xs, xb, out_dtype, compiled)
     return out.reshape(w_shape), prod[0, :o, c + 1]
+
+
+def _transpose(t: Tensor) -> Tensor:
+    return t.T.contiguous()
+
+
+# Inductor's tiled transpose of the (positions, O) gradient codes, then a plain copy into the
+# grid: on ResNet-50's planes 3× faster than ATen's one permuting copy, slower on small ones
+# (``benchmarks/conv_step.py``, docs/performance.md).
+_compiled_transpose = LazyCompiled(_transpose)
+
+
+def compiled_transpose_pays(channels: int, plane: int) -> bool:
+    """Whether ``h``'s grid takes the compiled transpose: from 64 output channels on planes of
+    28 × 28 positions and more (measured faster there, slower at PreAct ResNet-20's 16–64
+    channels on 8² to 32² planes)."""
+    return channels >= 64 and plane >= 28 * 28
 
 
 def _positions_product(a: Tensor, x: Tensor) -> Tensor:
