@@ -361,7 +361,7 @@ def _transpose(t: Tensor) -> Tensor:
 
 # Inductor's tiled transpose of the (positions, O) gradient codes, then a plain copy into the
 # grid: on ResNet-50's planes 3× faster than ATen's one permuting copy, slower on small ones
-# (``benchmarks/conv_step.py``, docs/performance.md).
+# (``benchmarks/gradient_grid.py``, docs/performance.md).
 _compiled_transpose = LazyCompiled(_transpose)
 
 
