@@ -360,7 +360,7 @@ def _transpose(t: Tensor) -> Tensor:
 
 
 # Inductor's tiled transpose of the (positions, O) gradient codes, then a plain copy into the
-# grid: on ResNet-50's planes 3× faster than ATen's one permuting copy, slower on small ones
+# grid: on ResNet-50's planes 2.3–2.5× faster than ATen's one permuting copy, slower on small ones
 # (``benchmarks/gradient_grid.py``, docs/performance.md).
 _compiled_transpose = LazyCompiled(_transpose)
 
