@@ -49,6 +49,22 @@ def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> 
     }
 
 
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, dict[str, float]]:
+    """Median, min and max seconds of each function, run in turn ``repeats`` times (after two
+    warm-up rounds), so that the machine's drift falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for round_ in range(repeats + 2):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            if round_ >= 2:
+                times[name].append(time.perf_counter() - start)
+    return {
+        name: {"median": sorted(t)[len(t) // 2], "min": min(t), "max": max(t)}
+        for name, t in times.items()
+    }
+
+
 def ms_cell(t: dict[str, float], digits: int = 2) -> str:
     """``median [min–max]`` of :func:`median_seconds`'s result, in milliseconds."""
     return (

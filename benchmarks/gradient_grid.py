@@ -16,9 +16,8 @@ import argparse
 
 import torch
 
-from common import environment, ms_cell, print_header
+from common import environment, interleaved, ms_cell, print_header
 from fqtorch.backends import int8_qconv
-from weight_gradient import interleaved
 
 # name: (batch, output channels, output plane side); 3×3 kernels, padding 1
 LAYERS = {

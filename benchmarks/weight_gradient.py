@@ -15,12 +15,11 @@ column-major copy of them first. Both sides give the same values (checked here).
 from __future__ import annotations
 
 import argparse
-import time
 from collections.abc import Callable
 
 import torch
 
-from common import environment, ms_cell, print_header
+from common import environment, interleaved, ms_cell, print_header
 from fqtorch.backends import int8
 from fqtorch.quantizers import get_quantizer
 
@@ -55,22 +54,6 @@ def products(m: int, k: int, o: int) -> dict[str, tuple[Callable, Callable]]:
             lambda: torch._int_mm(gq.codes, w.codes.T.contiguous().T),
             lambda: torch._int_mm(gq.codes, w.codes),
         ),
-    }
-
-
-def interleaved(fns: dict, repeats: int) -> dict[str, dict[str, float]]:
-    """Median, min and max seconds of each function, run in turn ``repeats`` times (after two
-    warm-up rounds), so that the machine's drift falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for round_ in range(repeats + 2):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            if round_ >= 2:
-                times[name].append(time.perf_counter() - start)
-    return {
-        name: {"median": sorted(t)[len(t) // 2], "min": min(t), "max": max(t)}
-        for name, t in times.items()
     }
 
 
