@@ -3,11 +3,38 @@
 from __future__ import annotations
 
 import math
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor
 
+from fqtorch.backends.int8_qconv import qconv_verdict
 from fqtorch.quantizers import get_quantizer, list_quantizers
+
+
+@contextmanager
+def warnings_as_errors() -> Iterator[None]:
+    """Every warning raised inside is an error (a fallback to simulate, a refusal), except two
+    that depend on where the test runs, not on fqtorch:
+
+    - PyTorch's own deprecation notices, which come from whichever torch module a test happens
+      to import first in its process (the first ``torch.compile`` imports ``torch.utils.mkldnn``,
+      which warns about ``torch.jit``), so they depend on the order the tests run in;
+    - on a CPU whose oneDNN int8 convolution saturates (AVX2 without VNNI: ``qconv_verdict()``
+      says why), a Conv2d's warning that it runs on im2col + ``torch._int_mm`` instead. That is
+      still the integer path (the probe's own tests check the warning)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for category in (DeprecationWarning, FutureWarning):
+            warnings.filterwarnings("ignore", category=category, module=r"torch(\.|$)")
+        if qconv_verdict() is not None:
+            warnings.filterwarnings(
+                "ignore", message=r".*running its Conv2d on im2col", category=RuntimeWarning
+            )
+        yield
+
 
 # Indicator directions are added per row and per column of a target's 2-D view only up to this
 # many of each (beyond it they would dominate the cost of the test and its Bonferroni count).

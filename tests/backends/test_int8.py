@@ -7,7 +7,6 @@ import copy
 import itertools
 import math
 import re
-import warnings
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import fqtorch
 from fqtorch import FQTConfig, quantize_model
 from fqtorch.nn.functional import FQTPlan, fqt_linear
 from fqtorch.quantizers.base import get_quantizer
-from tests.helpers import projection_z, z_limit
+from tests.helpers import projection_z, warnings_as_errors, z_limit
 
 
 def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
@@ -156,8 +155,7 @@ class TestConfig:
     def test_padded_conv_runs_on_integers_whatever_the_input_grid(self):
         cfg = FQTConfig.preset("psq4", backend="int8")
         padded = quantize_model(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)), cfg)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no fallback: real zero need not be a code
+        with warnings_as_errors():  # no fallback: real zero need not be a code
             padded(torch.randn(2, 3, 6, 6) + 0.3).sum().backward()
 
 
@@ -370,8 +368,7 @@ class TestSettings:
         make = lambda: nn.Conv2d(3, 4, 3, padding=1)  # noqa: E731
         x = torch.randn(1, 3, 7, 6) + 0.4
         cfg = FQTConfig.preset("bhq4")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with warnings_as_errors():
             if layout == "channels_last":
                 results = int8_and_simulate(make, x, cfg, memory_format=torch.channels_last)
             else:

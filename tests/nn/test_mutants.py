@@ -16,6 +16,7 @@ from fqtorch import FQTConfig, quantize_model
 from fqtorch.backends import int8
 from fqtorch.nn import FQTConv2d, FQTLinear, FQTPlan, fqt_linear
 from fqtorch.nn.modules import FQTTransposedLinear, layer_seed
+from tests.helpers import warnings_as_errors
 
 EXACT = FQTConfig(
     input_quantizer="identity",
@@ -93,8 +94,7 @@ class TestFallbacks:
         for backend in ("simulate", "int8"):
             cfg = FQTConfig.preset("psq4", backend=backend, fused=False)
             layer = quantize_model(copy.deepcopy(base), cfg)
-            with warnings.catch_warnings():
-                warnings.simplefilter("error")  # no fallback to simulate
+            with warnings_as_errors():  # no fallback to simulate
                 grads.append(input_grad(layer, x, g))
         torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-5)
 

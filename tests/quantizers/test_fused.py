@@ -8,7 +8,6 @@ unbiasedness and for their variance bound; the compile fallback by forcing a fai
 from __future__ import annotations
 
 import math
-import warnings
 
 import pytest
 import torch
@@ -16,7 +15,7 @@ import torch
 from fqtorch.quantizers import formats, get_quantizer, householder, uniform
 from fqtorch.quantizers import fused as fused_module
 from fqtorch.quantizers.rounding import draw_keys, hash_uniform, index_halves
-from tests.helpers import heavy_rows, library_quantizers, projection_z, z_limit
+from tests.helpers import heavy_rows, library_quantizers, projection_z, warnings_as_errors, z_limit
 
 CODED = [name for name in library_quantizers() if name != "identity"]
 STOCHASTIC = ["ptq", "psq", "per_column", "bhq", "rht", "symmetric"]
@@ -243,8 +242,7 @@ class TestLazyCompiled:
         kernel = fused_module.LazyCompiled(lambda x: x * 2)
         with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
             assert torch.equal(kernel(torch.ones(3)), torch.full((3,), 2.0))
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")
+        with warnings_as_errors():
             assert torch.equal(kernel(torch.ones(2)), torch.full((2,), 2.0))
 
     def test_a_genuine_error_is_raised_unchanged(self):

@@ -18,6 +18,7 @@ from fqtorch.quantizers.base import is_registered, register_quantizer
 from fqtorch.quantizers.uniform import PerRow
 from fqtorch.stats import PrecisionPlan, load_plan, plan_precision
 from fqtorch.stats.plan import _choose, _frontier, _Option, bits_per_element
+from tests.helpers import warnings_as_errors
 
 PTQ = [("ptq", b) for b in range(2, 9)]
 
@@ -172,8 +173,7 @@ def test_a_retry_within_the_budget_but_not_its_aim_stays_feasible(monkeypatch):
     most_precise = 4 / 255**2  # head's grad and the three weight gradients at 8 bits
     factor = 0.9 * budget * sampling / most_precise
     calls = _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(factor, factor))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         plan = _plan(_model(), budget=budget)
     assert calls == ["planning", "verifying", "verifying"]
     assert plan.feasible and plan.measured_within_budget is True
@@ -189,8 +189,7 @@ def test_a_retry_out_of_reach_gives_the_highest_precision_and_says_so(monkeypatc
     assert {(lay.grad_bits, lay.grad_weight_bits) for lay in plan.layers} == {(8, 8)}
     # the most precise plan then measures within the budget after all: feasible, no warning
     _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(1e6, 1.0))
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
+    with warnings_as_errors():
         plan = _plan(_model(), budget=0.05)
     assert plan.feasible and plan.measured_within_budget is True
     assert {(lay.grad_bits, lay.grad_weight_bits) for lay in plan.layers} == {(8, 8)}
