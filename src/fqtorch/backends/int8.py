@@ -61,9 +61,11 @@ def int_mm_verdict(device_type: str = "cpu") -> str | None:
     else why not: every int8 GEMM of this backend (Linear, and Conv2d on either path) would be
     wrong, not slow, so the backend refuses to run (:func:`linear`, ``int8_conv.conv``).
 
-    CPUs without VNNI or AMX (or oneDNN capped below them, ``ONEDNN_MAX_CPU_ISA=AVX2``) multiply
-    u8 × s8 pairs summed in int16, which saturates: 127 · 127 · 2 codes already give 255 for
-    32,258. The probe multiplies the codes that break it (rows and columns of 127, of −128 and
+    oneDNN's kernels for CPUs without VNNI or AMX multiply u8 × s8 pairs summed in int16, which
+    saturates: 127 · 127 · 2 codes already give 255 for 32,258. ATen hands ``_int_mm`` to oneDNN
+    on CPUs with AVX-512 VNNI, so a process there with oneDNN capped below it
+    (``ONEDNN_MAX_CPU_ISA=AVX2``) gets the saturating kernel; on an AVX2-only CPU ATen runs its
+    own kernel, which is exact (and slow). The probe multiplies the codes that break it (rows and columns of 127, of −128 and
     of both alternating; a reduction of 32 codes) against an exact int64 product. A memo per
     device type (the ISA oneDNN picks is fixed for the process), read-only after the first call:
     a few microseconds, once per process.

@@ -34,7 +34,8 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
 codes; a layer whose probe fails takes the im2col path with a warning. The same saturation
-breaks ``torch._int_mm``, which im2col and every weight gradient need: where its own probe fails
+breaks ``torch._int_mm`` where ATen hands it to those oneDNN kernels (a CPU with VNNI, oneDNN
+capped below it); im2col and every weight gradient need it: where its own probe fails
 (:func:`~fqtorch.backends.int8.int_mm_verdict`), the whole int8 backend refuses (simulate, with a
 warning) before this module is asked.
 """
