@@ -93,7 +93,8 @@ def fresh_memo():
 
 
 def auto_lines(caplog) -> list[str]:
-    return [r.getMessage() for r in caplog.records if "backend='auto'" in r.getMessage()]
+    messages = [r.getMessage() for r in caplog.records]
+    return [m for m in messages if m.startswith("fqtorch backend='auto'")]
 
 
 @pytest.mark.parametrize("fields", [{}, {"input_quantizer": "psq"}])
@@ -152,3 +153,41 @@ def test_attention_products_say_they_run_simulate(preset, backend, fresh_memo):
     assert len(said) == int(elsewhere), said
     if elsewhere:
         assert f"backend={backend!r} covers the projections only" in said[0]
+
+
+def test_cpu_speed_note_names_the_missing_units():
+    """An explicit ``backend="int8"`` on a CPU without int8 dot-product units is said to run a
+    slow generic kernel; with any of the units, or with unreadable flags, nothing is said."""
+    note = int8.cpu_speed_note(frozenset(AVX2_FLAGS))
+    assert note is not None
+    assert all(flag in note for flag in int8.INT8_CPU_FLAGS)
+    assert "far slower than float GEMMs" in note and "backend='auto' takes simulate" in note
+    for unit in int8.INT8_CPU_FLAGS:
+        assert int8.cpu_speed_note(frozenset([*AVX2_FLAGS, unit])) is None
+    assert int8.cpu_speed_note(None) is None
+
+
+@pytest.mark.parametrize("units", [False, True])
+@pytest.mark.parametrize("layer", ["linear", "conv"])
+def test_int8_layers_say_the_slow_cpu_once(layer, units, fresh_memo, caplog, monkeypatch):
+    """Linear and Conv2d layer calls on the int8 backend say the note once per process where
+    the CPU (made up here) lacks int8 units, and never where it has them."""
+    flags = frozenset([*AVX2_FLAGS, *(["avx512_vnni"] if units else [])])
+    monkeypatch.setattr(int8, "cpu_flags", lambda: flags)
+    cfg = FQTConfig.preset("psq5", backend="int8", fused=False)
+    base, x = (nn.Linear(6, 8), torch.randn(4, 6))
+    if layer == "conv":
+        base, x = nn.Conv2d(3, 4, 3), torch.randn(2, 3, 6, 6)
+    model = quantize_model(nn.Sequential(base, nn.Tanh(), base.__class__(*_widths(base))), cfg)
+    with caplog.at_level(logging.INFO, logger="fqtorch.backends"):
+        for _ in range(2):
+            model(x).sum().backward()
+    said = [r.getMessage() for r in caplog.records if "int8 dot-product units" in r.getMessage()]
+    assert said == ([] if units else [int8.cpu_speed_note(flags)])
+
+
+def _widths(layer: nn.Module) -> tuple:
+    """Constructor arguments of a second layer that takes ``layer``'s output."""
+    if isinstance(layer, nn.Conv2d):
+        return (layer.out_channels, 2, 3)
+    return (layer.out_features, 3)

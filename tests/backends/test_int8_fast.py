@@ -179,7 +179,7 @@ class TestCompiledPath:
             for fused in (True, True, False, False):
                 cfg = FQTConfig.preset("psq5", backend="int8", fused=fused)
                 run(quantize_model(copy.deepcopy(base), cfg), x, g)
-        lines = [r.getMessage() for r in caplog.records if "int8 backend" in r.getMessage()]
+        lines = [r.getMessage() for r in caplog.records if "int8 backend:" in r.getMessage()]
         assert len(lines) == 2, lines
         assert "compiled" in lines[0] and "eager" in lines[1] and "fused=False" in lines[1]
         notes.say_once.cache_clear()

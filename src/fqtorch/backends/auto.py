@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Iterable
-from pathlib import Path
 
 import torch
 
 from ..config import int8_refusal
 from .base import FQTPlan
-from .int8 import int_mm_verdict
+from .int8 import INT8_CPU_FLAGS, cpu_flags, int_mm_verdict
 from .notes import say_once
 
 __all__ = ["INT8_CPU_FLAGS", "conv_backend", "cpu_flags", "decide", "resolve"]
 
-# /proc/cpuinfo flags of x86 int8 dot-product units oneDNN's integer GEMMs use.
-INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 # decide()'s int_mm_verdict when nobody ran the probe: the CPU is then not trusted with int8.
 NOT_PROBED = "torch._int_mm's exactness was not probed"
 _ROLES = {
@@ -76,20 +73,6 @@ def decide(
             return "int8", f"CUDA compute capability {major}.{minor}: int8 tensor cores"
         return "simulate", f"CUDA compute capability {major}.{minor} < 7.5: no int8 tensor cores"
     return "simulate", f"no int8 backend for device type {device_type!r}"
-
-
-@functools.cache
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
-    """The CPU's feature flags from ``path`` (Linux), ``None`` where it cannot be read; a
-    process-wide memo per path (the CPU does not change under a process), read-only."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return None
-    for line in text.splitlines():
-        if line.startswith(("flags", "Features")):
-            return frozenset(line.split(":", 1)[1].split())
-    return None
 
 
 def _plan_refusal(plan: FQTPlan) -> str | None:

@@ -40,6 +40,7 @@ simulate's values to float32 rounding on the same codes.
 from __future__ import annotations
 
 import functools
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,7 +53,19 @@ from ..quantizers.uniform import Identity
 from .base import PlanSource, Unsupported, check_finite
 from .notes import compile_disabled, say_once
 
-__all__ = ["chunk_length", "int_mm", "int_mm_supported", "int_mm_verdict", "linear"]
+__all__ = [
+    "INT8_CPU_FLAGS",
+    "chunk_length",
+    "cpu_flags",
+    "cpu_speed_note",
+    "int_mm",
+    "int_mm_supported",
+    "int_mm_verdict",
+    "linear",
+]
+
+# /proc/cpuinfo flags of x86 int8 dot-product units oneDNN's integer GEMMs use.
+INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
 
 
 @functools.cache
@@ -65,10 +78,10 @@ def int_mm_verdict(device_type: str = "cpu") -> str | None:
     saturates: 127 · 127 · 2 codes already give 255 for 32,258. ATen hands ``_int_mm`` to oneDNN
     on CPUs with AVX-512 VNNI, so a process there with oneDNN capped below it
     (``ONEDNN_MAX_CPU_ISA=AVX2``) gets the saturating kernel; on an AVX2-only CPU ATen runs its
-    own kernel, which is exact (and slow). The probe multiplies the codes that break it (rows and columns of 127, of −128 and
-    of both alternating; a reduction of 32 codes) against an exact int64 product. A memo per
-    device type (the ISA oneDNN picks is fixed for the process), read-only after the first call:
-    a few microseconds, once per process.
+    own kernel, which is exact (and slow). The probe multiplies the codes that break it (rows
+    and columns of 127, of −128 and of both alternating; a reduction of 32 codes) against an
+    exact int64 product. A memo per device type (the ISA oneDNN picks is fixed for the
+    process), read-only after the first call: a few microseconds, once per process.
     """
     device = torch.device(device_type)
     k = 32
@@ -88,6 +101,42 @@ def int_mm_verdict(device_type: str = "cpu") -> str | None:
             "e.g. no VNNI): integer GEMMs would give wrong results"
         )
     return None
+
+
+@functools.cache
+def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
+    """The CPU's feature flags from ``path`` (Linux), ``None`` where it cannot be read; a
+    process-wide memo per path (the CPU does not change under a process), read-only."""
+    try:
+        text = Path(path).read_text()
+    except OSError:
+        return None
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            return frozenset(line.split(":", 1)[1].split())
+    return None
+
+
+def cpu_speed_note(flags: frozenset[str] | None) -> str | None:
+    """What to tell a user who runs this backend on a CPU with ``flags``: ``None`` where it has
+    int8 dot-product units (or its flags are unknown), else that ``torch._int_mm`` runs a generic
+    kernel there, exact but far slower than a float GEMM (on an AVX2-only AMD EPYC, 10-80x
+    slower than fp32: docs/performance.md), which is why ``backend="auto"`` takes simulate."""
+    if flags is None or any(flag in flags for flag in INT8_CPU_FLAGS):
+        return None
+    return (
+        f"fqtorch int8 backend on cpu: this CPU has no int8 dot-product units "
+        f"({'/'.join(INT8_CPU_FLAGS)} absent), so torch._int_mm runs a generic kernel: exact, "
+        "but far slower than float GEMMs (backend='auto' takes simulate here)"
+    )
+
+
+def say_cpu_speed(device: torch.device) -> None:
+    """Say :func:`cpu_speed_note` once per process for a layer call on ``device``."""
+    if device.type == "cpu":
+        note = cpu_speed_note(cpu_flags())
+        if note is not None:
+            say_once(note)
 
 
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -626,4 +675,5 @@ def linear(
             f"torch._int_mm cannot run shape {tuple(input.shape)} x {tuple(weight.shape)} "
             f"on {input.device}"
         )
+    say_cpu_speed(input.device)
     return _Int8Linear.apply(input, weight, bias, source, name)

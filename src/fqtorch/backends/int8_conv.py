@@ -52,6 +52,7 @@ from .int8 import (
     _per_row,
     _per_tensor,
     int_mm_verdict,
+    say_cpu_speed,
 )
 from .notes import say_once
 
@@ -341,6 +342,7 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, sourc
         verdict = _cuda_shapes(input, weight, ops)
     if verdict is not None:
         raise Unsupported(verdict)
+    say_cpu_speed(input.device)
     plan = source.plan
     with torch.no_grad():
         x = _encode_input(plan.input, input)
