@@ -24,7 +24,10 @@ def warnings_as_errors() -> Iterator[None]:
       which warns about ``torch.jit``), so they depend on the order the tests run in;
     - on a CPU whose oneDNN int8 convolution saturates (AVX2 without VNNI: ``qconv_verdict()``
       says why), a Conv2d's warning that it runs on im2col + ``torch._int_mm`` instead. That is
-      still the integer path (the probe's own tests check the warning)."""
+      still the integer path (the probe's own tests check the warning).
+
+    fqtorch's own warnings are RuntimeWarnings (attributed to the caller's line), which the first
+    exception never covers."""
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for category in (DeprecationWarning, FutureWarning):

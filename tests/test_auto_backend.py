@@ -22,7 +22,8 @@ AVX2_FLAGS = ["fpu", "sse2", "ssse3", "sse4_2", "avx", "avx2", "fma", "f16c", "b
         ("cpu", dict(cpu_capability="AVX2", cpu_flags=AVX2_FLAGS), "simulate"),
         ("cpu", dict(cpu_capability="AVX512", cpu_flags=[*AVX2_FLAGS, "avx512f"]), "simulate"),
         ("cpu", dict(cpu_capability="AVX512", cpu_flags=[*AVX2_FLAGS, "avx512_vnni"]), "int8"),
-        ("cpu", dict(cpu_capability="AVX2", cpu_flags=[*AVX2_FLAGS, "avx_vnni"]), "int8"),
+        # AVX-VNNI alone: ATen runs torch._int_mm as a generic loop there
+        ("cpu", dict(cpu_capability="AVX2", cpu_flags=[*AVX2_FLAGS, "avx_vnni"]), "simulate"),
         ("cpu", dict(cpu_capability="AVX512", cpu_flags=[*AVX2_FLAGS, "amx_int8"]), "int8"),
         # VNNI in the flags but oneDNN capped below it (ONEDNN_MAX_CPU_ISA=AVX2): the probe decides.
         (
@@ -162,6 +163,7 @@ def test_cpu_speed_note_names_the_missing_units():
     assert note is not None
     assert all(flag in note for flag in int8.INT8_CPU_FLAGS)
     assert "far slower than float GEMMs" in note and "backend='auto' takes simulate" in note
+    assert int8.cpu_speed_note(frozenset([*AVX2_FLAGS, "avx_vnni"])) is not None
     for unit in int8.INT8_CPU_FLAGS:
         assert int8.cpu_speed_note(frozenset([*AVX2_FLAGS, unit])) is None
     assert int8.cpu_speed_note(None) is None

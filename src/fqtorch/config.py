@@ -141,7 +141,7 @@ class FQTConfig:
             ``"int8"`` (``torch._int_mm`` on the integer codes, for Linear and Conv2d layers; a
             grouped or 1-d convolution, or a convolution on CUDA, falls back to simulate with
             a warning) or ``"auto"``: int8 where the device has integer units (a CPU with
-            AVX-512 VNNI, AVX-VNNI or AMX, a CUDA GPU of compute capability ≥ 7.5) and the
+            AVX-512 VNNI or AMX, a CUDA GPU of compute capability ≥ 7.5) and the
             quantizers allow it, simulate elsewhere — decided per device at the first layer
             call, with one log line saying which and why (``fqtorch.backends.auto``), so a
             config built on one machine runs well on another. ``"int8"`` takes the quantizers

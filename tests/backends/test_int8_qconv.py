@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqtorch import FQTConfig, quantize_model
-from fqtorch.backends import int8_qconv
+from fqtorch.backends import int8, int8_qconv
 
 # (name, layer factory, input (C, H, W)); every stride, padding mode and dilation the backend
 # takes. Rectangular kernels and inputs catch a swapped axis.
@@ -444,7 +444,7 @@ def test_refused_probe_warns_and_runs_im2col(monkeypatch):
 def test_saturating_kernels_refuse_the_int8_backend():
     """oneDNN's AVX2 int8 kernels (``ONEDNN_MAX_CPU_ISA=AVX2``, in a fresh process) sum u8 × s8
     pairs in int16, which saturates: the convolution probe refuses them on every machine. Whether
-    ``torch._int_mm`` goes through them depends on the CPU (on one with VNNI or AMX, ATen routes it
+    ``torch._int_mm`` goes through them depends on the CPU (on one with AVX-512 VNNI, ATen routes it
     to oneDNN, which the cap then makes saturate; on an AVX2-only CPU it takes ATen's own exact
     kernel), so its probe may refuse or accept. Either way, Linear and Conv2d layers on inputs and
     weights whose codes sit at the ends of the 8-bit grid (±1: codes −128 and 127, the worst
@@ -509,6 +509,59 @@ def test_saturating_kernels_refuse_the_int8_backend():
         [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0 and "refused" in done.stdout, done.stderr[-2000:]
+
+
+def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``torch._int_mm`` as oneDNN's kernels below AVX-512 VNNI compute it: ``a`` shifted to
+    u8 (+128), adjacent u8 × s8 products summed in pairs in saturating int16, the pairs summed
+    in int32, the shift taken off again with ``b``'s column sums."""
+    ua, sb = a.to(torch.int32) + 128, b.to(torch.int32)
+    if ua.shape[1] % 2:
+        ua, sb = F.pad(ua, (0, 1)), F.pad(sb, (0, 0, 0, 1))  # a zero pair partner
+    pairs = ua[:, 0::2, None] * sb[None, 0::2, :] + ua[:, 1::2, None] * sb[None, 1::2, :]
+    return pairs.clamp(-(2**15), 2**15 - 1).sum(1) - 128 * sb.sum(0, keepdim=True)
+
+
+def test_a_saturating_int_mm_sends_every_layer_to_simulate(monkeypatch):
+    """With a saturating ``torch._int_mm`` (faked in process, so on every machine) its probe
+    refuses it, and Linear and Conv2d layers on worst-case codes (inputs and weights of ±1: codes
+    −128 and 127) each warn that they run simulate, and give exactly simulate's values."""
+    gen = torch.Generator().manual_seed(6)
+    small = torch.randint(-8, 8, (24, 33), generator=gen, dtype=torch.int8)
+    wide = torch.full((24, 33), 127, dtype=torch.int8)
+    exact = small.long() @ small.T.long()
+    assert torch.equal(_saturating_int_mm(small, small.T).long(), exact)  # faithful below
+    assert not torch.equal(_saturating_int_mm(wide, wide.T).long(), wide.long() @ wide.T.long())
+    monkeypatch.setattr(torch, "_int_mm", _saturating_int_mm)
+    int8.int_mm_verdict.cache_clear()
+    try:
+        assert "does not sum exactly" in (int8.int_mm_verdict("cpu") or "")
+        sign = lambda *shape: torch.randint(0, 2, shape, generator=gen).float() * 2 - 1  # noqa: E731
+        cases = [
+            (nn.Sequential(nn.Linear(64, 16)), sign(24, 64)),
+            (nn.Sequential(nn.Conv2d(16, 8, 3, padding=1)), sign(2, 16, 6, 5)),
+        ]
+        for base, x in cases:
+            with torch.no_grad():
+                base[0].weight.copy_(sign(*base[0].weight.shape))
+            results = []
+            for backend in ("simulate", "int8"):
+                torch.manual_seed(0)
+                cfg = FQTConfig.preset("ptq8", backend=backend, fused=False)
+                layer = quantize_model(copy.deepcopy(base), cfg)
+                xi = x.clone().requires_grad_(True)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    out = layer(xi)
+                    out.backward(torch.ones_like(out))
+                results.append((out, xi.grad, layer[0].weight.grad))
+            for a, b in zip(*results, strict=True):
+                assert torch.equal(a, b), (type(base[0]).__name__, (a - b).abs().max())
+            said = [str(w.message) for w in caught if "FQT layer" in str(w.message)]
+            assert len(said) == 1 and "torch._int_mm does not sum exactly" in said[0], said
+            assert "simulate" in said[0]
+    finally:
+        int8.int_mm_verdict.cache_clear()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from . import auto, simulate
 from .base import ConvOps, FixedPlan, FQTPlan, GemmOps, LinearOps, PlanSource, Unsupported
+from .notes import user_stacklevel
 
 __all__ = [
     "ConvOps",
@@ -63,9 +64,10 @@ def get_backend(name: str, kind: str = "linear") -> ModuleType:
 
 
 def _fallback(name: str, why: Unsupported) -> None:
-    # stacklevel: _fallback, linear/conv here, fqt_linear/fqt_conv, the layer's forward.
     warnings.warn(
-        f"FQT layer {name!r}: {why}; using the simulate backend", RuntimeWarning, stacklevel=5
+        f"FQT layer {name!r}: {why}; using the simulate backend",
+        RuntimeWarning,
+        stacklevel=user_stacklevel(),
     )
 
 

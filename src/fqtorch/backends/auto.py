@@ -1,13 +1,15 @@
 """``backend="auto"``: the int8 backend where the device has integer units, simulate elsewhere.
 
 The integer GEMMs (``torch._int_mm``) pay only on hardware with int8 dot-product units: on a CPU
-with AVX-512 VNNI, AVX-VNNI or AMX they run ≈ 9× faster than fp32 GEMMs, on an AVX2-only CPU
-≈ 30× slower (docs/performance.md); CUDA runs them on the int8 tensor cores of compute
-capability 7.5 (Turing) and later. :func:`decide` is the decision table, a pure function of what
-the hardware reports (so it is tested with made-up capabilities); :func:`resolve` feeds it the
-real device once per device and quantizer set, and says the outcome in one log line. On the
-CPU the flags are not enough: ``torch._int_mm`` must also pass its exactness probe
-(:func:`~fqtorch.backends.int8.int_mm_verdict`), since oneDNN may run below the CPU's ISA.
+with AVX-512 VNNI or AMX they run ≈ 9× faster than fp32 GEMMs. Elsewhere ATen runs them as a
+generic loop, 10–80× slower than fp32 on an AVX2-only CPU (docs/performance.md), and so on a
+CPU with AVX-VNNI alone too, which ATen's check does not count. CUDA runs them on the int8
+tensor cores of compute capability 7.5 (Turing) and later. :func:`decide` is the decision
+table, a pure function of what the hardware reports (so it is tested with made-up
+capabilities); :func:`resolve` feeds it the real device once per device and quantizer set, and
+says the outcome in one log line. On the CPU the flags are not enough: ``torch._int_mm`` must
+also pass its exactness probe (:func:`~fqtorch.backends.int8.int_mm_verdict`), since oneDNN
+may run below the CPU's ISA.
 """
 
 from __future__ import annotations
@@ -62,8 +64,8 @@ def decide(
         if found:
             return "int8", f"{where}, int8 dot-product units ({', '.join(found)}), exact"
         return "simulate", (
-            f"{where}, no int8 dot-product units ({'/'.join(INT8_CPU_FLAGS)} absent): "
-            "integer GEMMs would run far slower than float ones"
+            f"{where}, no int8 dot-product kernel for torch._int_mm ({'/'.join(INT8_CPU_FLAGS)} "
+            "absent): integer GEMMs would run far slower than float ones"
         )
     if device_type == "cuda":
         if cuda_capability is None:

@@ -64,8 +64,10 @@ __all__ = [
     "linear",
 ]
 
-# /proc/cpuinfo flags of x86 int8 dot-product units oneDNN's integer GEMMs use.
-INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+# /proc/cpuinfo flags with which ATen runs torch._int_mm on oneDNN's int8 kernels: it checks for
+# AVX-512 VNNI (every AMX CPU has it; AVX-VNNI alone does not count). Elsewhere it runs a generic
+# loop, exact but far slower than an fp32 matmul.
+INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni")
 
 
 @functools.cache
@@ -98,7 +100,7 @@ def int_mm_verdict(device_type: str = "cpu") -> str | None:
     if not torch.equal(got.to(torch.int64), exact):
         return (
             f"torch._int_mm does not sum exactly on this {device_type} (a saturating int8 kernel, "
-            "e.g. no VNNI): integer GEMMs would give wrong results"
+            "e.g. oneDNN capped below AVX-512 VNNI): integer GEMMs would give wrong results"
         )
     return None
 
@@ -118,16 +120,17 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
 
 
 def cpu_speed_note(flags: frozenset[str] | None) -> str | None:
-    """What to tell a user who runs this backend on a CPU with ``flags``: ``None`` where it has
-    int8 dot-product units (or its flags are unknown), else that ``torch._int_mm`` runs a generic
-    kernel there, exact but far slower than a float GEMM (on an AVX2-only AMD EPYC, 10-80x
-    slower than fp32: docs/performance.md), which is why ``backend="auto"`` takes simulate."""
+    """What to tell a user who runs this backend on a CPU with ``flags``: ``None`` where ATen
+    runs ``torch._int_mm`` on oneDNN's int8 kernels (:data:`INT8_CPU_FLAGS`) or the flags are
+    unknown, else that it runs a generic loop there, exact but far slower than a float GEMM (on
+    an AVX2-only AMD EPYC, 10-80x slower than fp32: docs/performance.md), which is why
+    ``backend="auto"`` takes simulate."""
     if flags is None or any(flag in flags for flag in INT8_CPU_FLAGS):
         return None
     return (
-        f"fqtorch int8 backend on cpu: this CPU has no int8 dot-product units "
-        f"({'/'.join(INT8_CPU_FLAGS)} absent), so torch._int_mm runs a generic kernel: exact, "
-        "but far slower than float GEMMs (backend='auto' takes simulate here)"
+        "fqtorch int8 backend on cpu: torch._int_mm has no int8 dot-product kernel for this CPU "
+        f"(ATen gives it one with AVX-512 VNNI: {'/'.join(INT8_CPU_FLAGS)} absent), so it runs a "
+        "generic loop: exact, but far slower than float GEMMs (backend='auto' takes simulate here)"
     )
 
 

@@ -342,13 +342,13 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, sourc
         verdict = _cuda_shapes(input, weight, ops)
     if verdict is not None:
         raise Unsupported(verdict)
-    say_cpu_speed(input.device)
     plan = source.plan
     with torch.no_grad():
         x = _encode_input(plan.input, input)
         w = plan.weight.encode(weight)
     _per_tensor(x, "input")
     _per_tensor(w, "weight")
+    say_cpu_speed(input.device)
     if device == "cpu":
         # Integer convolution kernels where they are exact here; int8_qconv builds on this
         # module.

@@ -34,8 +34,8 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
 codes; a layer whose probe fails takes the im2col path with a warning. The same saturation
-breaks ``torch._int_mm`` where ATen hands it to those oneDNN kernels (a CPU with VNNI, oneDNN
-capped below it); im2col and every weight gradient need it: where its own probe fails
+breaks ``torch._int_mm`` where ATen hands it to those oneDNN kernels (a CPU with AVX-512 VNNI,
+oneDNN capped below it); im2col and every weight gradient need it: where its own probe fails
 (:func:`~fqtorch.backends.int8.int_mm_verdict`), the whole int8 backend refuses (simulate, with a
 warning) before this module is asked.
 """
@@ -65,7 +65,7 @@ from .int8_conv import (
     encode_samples,
     taps_first_pays,
 )
-from .notes import say_once
+from .notes import say_once, user_stacklevel
 
 __all__ = ["channel_chunk", "conv", "fits_float32", "qconv_verdict"]
 
@@ -539,7 +539,7 @@ def conv(input: Tensor, x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | N
         warnings.warn(
             f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm",
             RuntimeWarning,
-            stacklevel=4,
+            stacklevel=user_stacklevel(),
         )
         return None
     _announce(name, any(s > 1 for s in ops.stride))
