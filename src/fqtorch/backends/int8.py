@@ -119,12 +119,13 @@ def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str] | None:
     return None
 
 
+@functools.cache
 def cpu_speed_note(flags: frozenset[str] | None) -> str | None:
     """What to tell a user who runs this backend on a CPU with ``flags``: ``None`` where ATen
     runs ``torch._int_mm`` on oneDNN's int8 kernels (:data:`INT8_CPU_FLAGS`) or the flags are
     unknown, else that it runs a generic loop there, exact but far slower than a float GEMM (on
     an AVX2-only AMD EPYC, 10-80x slower than fp32: docs/performance.md), which is why
-    ``backend="auto"`` takes simulate."""
+    ``backend="auto"`` takes simulate. A memo per set of flags (every int8 layer call asks)."""
     if flags is None or any(flag in flags for flag in INT8_CPU_FLAGS):
         return None
     return (
