@@ -150,8 +150,10 @@ def test_attention_products_say_they_run_simulate(preset, backend, fresh_memo):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         quantize_model(nn.MultiheadAttention(8, 2), cfg)
-    said = [str(w.message) for w in caught if "score and value products" in str(w.message)]
+    ours = [w for w in caught if "score and value products" in str(w.message)]
+    said = [str(w.message) for w in ours]
     assert len(said) == int(elsewhere), said
+    assert all(w.filename == __file__ for w in ours)  # quantize_model's caller, this file
     if elsewhere:
         assert f"backend={backend!r} covers the projections only" in said[0]
 

@@ -296,9 +296,10 @@ class TestHooksAndParametrizations:
 
     def test_hooks_on_an_fqt_layer_are_not_carried_back_silently(self):
         model = quantize_model(nn.Sequential(nn.Linear(3, 3)), FQTConfig())
-        with pytest.warns(RuntimeWarning, match="forward pre hooks are not carried over"):
+        with pytest.warns(RuntimeWarning, match="forward pre hooks are not carried over") as said:
             model[0].register_forward_pre_hook(lambda module, args: None)
             dequantize_model(model)
+        assert said[0].filename == __file__  # this line's call, not fqtorch's convert.py
         assert type(model[0]) is nn.Linear and not model[0]._forward_pre_hooks
 
 

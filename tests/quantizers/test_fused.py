@@ -8,6 +8,7 @@ unbiasedness and for their variance bound; the compile fallback by forcing a fai
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -265,3 +266,40 @@ def test_compiled_kernels_are_named_in_a_profiler_trace() -> None:
         q.encode(x, torch.Generator().manual_seed(1))
     names = {event.key for event in prof.key_averages()}
     assert {"fqtorch::_affine_stats", "fqtorch::_affine_rounding"} <= names, sorted(names)
+
+
+def test_a_compiler_failure_runs_eagerly_after_one_warning(monkeypatch):
+    """Where ``torch.compile`` cannot build a kernel, the kernel runs its eager function (the
+    same codes), says so once, at the caller's line (not fqtorch's), naming the error's first
+    line; a genuine error in the function itself raises unchanged."""
+
+    def no_compiler(fn, **options):
+        def run(*args):
+            raise RuntimeError("no C++ compiler found\n(the compiler's long report)")
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    kernel = uniform._TwoGraphs(
+        uniform._affine_kernel, uniform._affine_stats, uniform._affine_rounding
+    )  # its own instance: the module's kernels keep compiling in later tests
+    x = heavy_rows(12, 40, seed=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        first = kernel(x, torch.Generator().manual_seed(5), 4, "row", "stochastic")
+        second = kernel(x, torch.Generator().manual_seed(5), 4, "row", "stochastic")
+    eager = uniform._affine_kernel(x, torch.Generator().manual_seed(5), 4, "row", "stochastic")
+    for got in (first, second):
+        for a, b in zip(got, eager, strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    said = [w for w in caught if "torch.compile failed" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in caught]
+    assert said[0].filename == __file__  # through _TwoGraphs and LazyCompiled: this file
+    assert "RuntimeError: no C++ compiler found)" in str(said[0].message)
+    assert "long report" not in str(said[0].message) and kernel.whole._broken
+
+    def faulty(t):
+        raise ValueError("a bug in the kernel itself")
+
+    with pytest.raises(ValueError, match="a bug in the kernel itself"):
+        fused_module.LazyCompiled(faulty)(torch.ones(2))

@@ -81,8 +81,11 @@ def test_budget_met_at_the_lowest_candidate_gives_the_lowest():
 
 
 def test_infeasible_budget_gives_the_highest_precision_and_says_so():
-    with pytest.warns(RuntimeWarning, match="not met even with every branch at its most precise"):
+    with pytest.warns(
+        RuntimeWarning, match="not met even with every branch at its most precise"
+    ) as said:
         plan = _plan(_model(), budget=1e-9)
+    assert said[0].filename == __file__  # the caller's line, not the planner's
     assert not plan.feasible
     assert {(lay.grad_bits, lay.grad_weight_bits) for lay in plan.layers} == {(8, 8)}
     assert "NOT MET" in plan.table()
@@ -141,6 +144,25 @@ def test_prediction_follows_the_measured_per_bit_law(monkeypatch):
     assert abs(plan.layer("a").per_bit["grad_weight"] - 85 ** (1 / 6)) < 1e-9
 
 
+def test_a_variance_of_zero_at_the_top_probe_assumes_the_default_law_and_says_so(monkeypatch):
+    """A branch whose variance underflows to 0 at its 8-bit probe (κ = 200: ``255^-400``) has
+    no per-bit law to fit; the planner assumes 4x per bit there and warns once, naming the
+    branches, at the caller's line."""
+    from fqtorch.stats.plan import _ASSUMED_PER_BIT
+
+    _scripted_measure(monkeypatch, kappa=200.0)
+    with pytest.warns(RuntimeWarning, match="variance 0 measured at some bits") as said:
+        plan = _plan(_model(), budget=1e6)
+    assert len(said) == 1 and said[0].filename == __file__
+    assert f"assumed {_ASSUMED_PER_BIT:g}x per bit there" in str(said[0].message)
+    assert "a/grad_weight/ptq" in str(said[0].message)
+    assert plan.layer("a").per_bit["grad_weight"] == _ASSUMED_PER_BIT
+    _scripted_measure(monkeypatch, kappa=1.0)  # both probes positive: a fitted law, no warning
+    with warnings_as_errors():
+        plan = _plan(_model(), budget=1e6)
+    assert plan.layer("a").per_bit["grad_weight"] != _ASSUMED_PER_BIT
+
+
 def test_the_budget_is_checked_on_the_measurement_not_the_prediction(monkeypatch):
     """A plan that measures 3x its prediction is chosen again against a budget scaled down by
     3 and measured once more: within the budget when that measurement is 3x its prediction
@@ -154,8 +176,9 @@ def test_the_budget_is_checked_on_the_measurement_not_the_prediction(monkeypatch
     assert plan.measured_within_budget is True and plan.feasible
     assert plan.predicted_quantization_variance <= AIM * budget * plan.sampling_variance / 3
     calls = _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(3.0, 10.0))
-    with pytest.warns(RuntimeWarning, match="over the budget"):
+    with pytest.warns(RuntimeWarning, match="over the budget") as said:
         plan = _plan(_model(), budget=budget)
+    assert said[0].filename == __file__
     assert calls == ["planning", "verifying", "verifying"]
     assert plan.measured_within_budget is False and plan.feasible
     assert plan.measured_quantization_variance == pytest.approx(
@@ -183,8 +206,9 @@ def test_a_retry_out_of_reach_gives_the_highest_precision_and_says_so(monkeypatc
     """The first plan measures 1e6x its prediction: scaled by that, no choice meets the budget;
     the plan keeps every branch at its most precise candidate and is marked not feasible."""
     _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(1e6, 1e6))
-    with pytest.warns(RuntimeWarning, match="not met even at the highest precision"):
+    with pytest.warns(RuntimeWarning, match="not met even at the highest precision") as said:
         plan = _plan(_model(), budget=0.05)
+    assert said[0].filename == __file__
     assert not plan.feasible and plan.measured_within_budget is False
     assert {(lay.grad_bits, lay.grad_weight_bits) for lay in plan.layers} == {(8, 8)}
     # the most precise plan then measures within the budget after all: feasible, no warning

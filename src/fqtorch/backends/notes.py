@@ -8,19 +8,12 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import sys
 
 import torch
 
-__all__ = ["compile_disabled", "say_once", "user_stacklevel"]
+from ..quantizers.callers import user_stacklevel
 
-# Frames in these directories are fqtorch's or PyTorch's own (a layer's forward runs under
-# torch.nn.Module's call machinery): a warning is attributed to the first frame outside them.
-_INTERNAL = tuple(
-    os.path.dirname(os.path.abspath(path)) + os.sep
-    for path in (os.path.dirname(__file__), torch.__file__)  # fqtorch/, torch/
-)
+__all__ = ["compile_disabled", "say_once", "user_stacklevel"]
 
 logger = logging.getLogger("fqtorch.backends")
 
@@ -36,13 +29,3 @@ def say_once(message: str) -> None:
 def compile_disabled() -> bool:
     """Whether ``torch.compile`` runs functions eagerly here (``TORCH_COMPILE_DISABLE=1``)."""
     return bool(torch._dynamo.config.disable)
-
-
-def user_stacklevel() -> int:
-    """The ``stacklevel`` that attributes a warning raised by the caller of this function to the
-    first frame outside fqtorch and PyTorch: the user's line that called the layer or function,
-    not ``torch/nn/modules/module.py``."""
-    frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
-        frame, level = frame.f_back, level + 1
-    return level

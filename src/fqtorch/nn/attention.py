@@ -45,6 +45,7 @@ from torch import Tensor, nn
 
 from ..backends import auto
 from ..config import FQTConfig
+from ..quantizers.callers import user_stacklevel
 from .functional import PlanSource, fqt_gemm, fqt_linear
 from .modules import FQTLinear, FQTModule
 
@@ -144,7 +145,7 @@ class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
                 f"FQT layer {name!r}: the attention score and value products run on the "
                 f"simulate backend (backend={config.backend!r} covers the projections only)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
 
     def _linear(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:

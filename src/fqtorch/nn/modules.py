@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import FQTConfig
+from ..quantizers.callers import user_stacklevel
 from .functional import ConvOps, FQTPlan, fqt_conv, fqt_linear
 
 __all__ = [
@@ -145,7 +146,7 @@ class FQTModule(nn.Module):
                 f"FQT layer {self.name!r}: its {', '.join(hooks)} are not carried over to the "
                 "float layer; register them on the float layer again",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         if cls is None:
             raise NotImplementedError(

@@ -24,6 +24,8 @@ from typing import Any, Protocol
 
 import torch
 
+from .callers import user_stacklevel
+
 __all__ = ["GRAPHS_PER_KERNEL", "Kernel", "LazyCompiled"]
 
 # Graphs one kernel may hold (dynamo's default limit, 8, is meant for one call site; a quantizer
@@ -80,7 +82,7 @@ class LazyCompiled:
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                 "running it eagerly from now on (the same computation, slower)",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
             return result
 

@@ -53,6 +53,7 @@ from ..config import FQTConfig
 from ..convert import fqt_modules, quantize_model
 from ..nn.modules import FQTModule
 from ..quantizers.base import get_quantizer, is_registered, list_quantizers
+from ..quantizers.callers import user_stacklevel
 from .estimators import (
     Batch,
     LossFn,
@@ -770,7 +771,7 @@ def plan_precision(
                 f"plan_precision: variance 0 measured at some bits for {_preview(assumed)}; "
                 f"assumed {_ASSUMED_PER_BIT:g}x per bit there",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         # Aim below the budget: the prediction is itself an estimate, and a plan that fills the
         # budget to its edge measures over it about half the time.
@@ -785,7 +786,7 @@ def plan_precision(
                 f"{sum(f[-1].variance for f in frontiers.values()) / sampling:.3g}); the plan "
                 "keeps every branch at its most precise candidate",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         chosen = {k: frontiers[k][i] for k, i in at.items()}
         most_precise = {  # least variance, then most bits (a GEMM not run)
@@ -832,7 +833,7 @@ def plan_precision(
                 f"{measured_total / sampling:.3g} x the sampling variance, over the budget "
                 f"{budget:g}: not met even at the highest precision",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         elif feasible and not within:
             warnings.warn(
@@ -841,7 +842,7 @@ def plan_precision(
                 f"{predicted_total / sampling:.3g}); plan.json records "
                 "measured_within_budget: false",
                 RuntimeWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
     plan_layers = []
     for name in layers:

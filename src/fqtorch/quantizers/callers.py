@@ -1,0 +1,32 @@
+"""Whose line a warning names: the user's, not fqtorch's or PyTorch's own frames.
+
+fqtorch warns from deep inside layer calls (under ``torch.nn.Module.__call__``), backward
+passes, compiled-kernel wrappers and planners; a fixed ``stacklevel`` names one of those
+internal lines. :func:`user_stacklevel` walks out to the first frame outside both packages.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+__all__ = ["user_stacklevel"]
+
+# Frames in these directories are fqtorch's or PyTorch's own (a layer's forward runs under
+# torch.nn.Module's call machinery): a warning is attributed to the first frame outside them.
+_INTERNAL = tuple(
+    os.path.dirname(os.path.abspath(path)) + os.sep
+    for path in (os.path.dirname(os.path.abspath(__file__)), torch.__file__)  # fqtorch/, torch/
+)
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` that attributes a warning raised by the caller of this function to the
+    first frame outside fqtorch and PyTorch: the user's line that called the layer or function,
+    not ``torch/nn/modules/module.py``."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
