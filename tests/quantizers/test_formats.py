@@ -632,7 +632,8 @@ class TestConvolutionLayout:
 
 class TestNearestScales:
     """Round-to-nearest uses the standard scale rule, on blocks whose maxima have mantissa 1.9,
-    where it differs from the no-clip rule (and from rounding the NVFP4 block scale up)."""
+    where it differs from the no-clip rule (and from rounding the NVFP4 block scale up); the
+    no-clip rule holds down to tensors of subnormals."""
 
     @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2_per_row", "mxfp8", "mxfp4"])
     def test_power_of_two_scale(self, name):
@@ -652,6 +653,23 @@ class TestNearestScales:
         amax = x.reshape(16, 4, 16).abs().amax(-1)
         expected = e4m3_round(amax / 6 / tensor_scale)
         assert torch.equal(encoded.scale.float(), expected)
+
+    @pytest.mark.parametrize("k", [1, 3, 7, 21])
+    def test_nvfp4_never_clips_a_tensor_of_subnormals(self, k):
+        """A tensor whose largest value is a float32 subnormal gets the smallest tensor scale
+        (2^-126). A block maximum just above 6x an E4M3 multiple, ``(6k·2^14 + 1)·2^-149``,
+        then still gets a block scale S with 6·S ≥ its maximum (``amax / 6`` computed among
+        subnormals rounded down onto the multiple, and every draw clipped the maximum to 6·S);
+        the variance bound (float64) uses the same S."""
+        top = (6 * k * 2**14 + 1) * 2.0**-149
+        x = torch.full((1, 16), top / 3)
+        x[0, 0] = top
+        assert float(x[0, 0]) == top and top < 2.0**-126  # subnormal, held exactly
+        q = get_quantizer("nvfp4")
+        encoded = q.encode(x, gen())
+        effective = encoded.scale.double() * encoded.tensor_scale.double()
+        assert float(6 * effective.max()) >= top
+        assert float(q._scaled(x)[1].max()) == float(effective.max())
 
 
 class TestInputDtypes:

@@ -228,7 +228,8 @@ class TestRegistryProperties:
     @pytest.mark.parametrize("name", ALL)
     def test_bfloat16_and_noncontiguous(self, name):
         """A non-contiguous view quantizes to what its contiguous copy does; bf16 input is
-        quantized in float32 (the same codes as its float32 copy) and returned in bf16."""
+        quantized in float32 (the same codes as its float32 copy) and returned in bf16, rounded
+        to nearest (documented: biased by up to half a bf16 ulp; ``q(x.float())`` is not)."""
         q = get_quantizer(name, 6)
         x = heavy_rows(10, 12).T  # non-contiguous
         assert not x.is_contiguous()

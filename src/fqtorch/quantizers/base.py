@@ -133,6 +133,11 @@ class Quantizer(abc.ABC):
     the dequantized values. With ``rounding="stochastic"`` the quantizer is unbiased,
     ``E[q(x)] = x``; with ``"nearest"`` it is deterministic and biased.
 
+    A bf16 or fp16 ``x`` is quantized in float32 and its values are returned in ``x``'s dtype,
+    rounded to nearest: grid points are rarely bf16/fp16 numbers, so that final rounding biases
+    each entry by up to half an ulp of the dtype. For unbiased values of a half-precision
+    tensor, pass ``x.float()`` (the FQT layers quantize gradients in float32: docs/method.md §9).
+
     ``fused=True`` runs the quantizer as a ``torch.compile``'d kernel (:mod:`.fused`) whose
     uniforms come from a counter-based hash keyed by two draws from the generator, instead of
     ``torch.rand``: a different (equally unbiased, equally reproducible) noise stream, the same
@@ -169,7 +174,8 @@ class Quantizer(abc.ABC):
 
     @property
     def unbiased(self) -> bool:
-        """Whether ``E[q(x)] = x`` for every ``x`` (stochastic rounding gives this)."""
+        """Whether ``E[q(x)] = x`` for every float32/float64 ``x`` (stochastic rounding gives
+        this; a bf16/fp16 result is rounded to nearest in its dtype: see the class docstring)."""
         return self.rounding == "stochastic"
 
     @property

@@ -210,7 +210,10 @@ def _scales(
     t = torch.where(mant == 0.5, exp - 1, exp)  # ceil(log2(.)), exact at powers of two
     t = torch.where(amax_t > 0, t, torch.zeros_like(t)).clamp(_NV_TENSOR_MIN, _E8M0_MAX)
     tensor = torch.exp2(t.to(amax.dtype))
-    block = _e4m3_scale(amax / fmt.max / tensor, ceil=no_clip)
+    # Divided by the power-of-two tensor scale first (exact): for a tensor of subnormals, whose
+    # tensor scale is clamped at 2^-126, amax / 6 would round in the subnormal range, possibly
+    # down onto an E4M3 multiple, and the ceiling would then give a scale that clips.
+    block = _e4m3_scale(amax / tensor / fmt.max, ceil=no_clip)
     return block * tensor, torch.where(finite, block, nan), tensor
 
 

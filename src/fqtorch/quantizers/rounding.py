@@ -1,8 +1,12 @@
 """Rounding onto an integer grid: round-to-nearest and stochastic rounding.
 
-Stochastic rounding ``SR(v) = floor(v + u)``, ``u ~ U[0, 1)``, rounds up with probability
-``frac(v)``, so ``E[SR(v)] = v`` and ``Var[SR(v)] = frac(v)(1 − frac(v)) ≤ 1/4``
-(docs/method.md §4).
+Stochastic rounding ``SR(v) = floor(v) + [u < frac(v)]``, ``u ~ U[0, 1)``, rounds up with
+probability ``frac(v)``, so ``E[SR(v)] = v`` and ``Var[SR(v)] = frac(v)(1 − frac(v)) ≤ 1/4``
+(docs/method.md §4). The float32 uniforms are multiples of ``2**-24``, so the probability is
+``frac(v)`` up to that resolution: exactly for a float32 ``|v| ≥ 1/2`` (its fraction is such a
+multiple), within ``2**-24`` grid steps below. (The textbook ``floor(v + u)`` is worse in floating
+point: the sum rounds to nearest first, so it rounds up with probability ``frac(v) + ulp(v)/2``,
+a bias that grows with ``|v|``: ``2**-17`` steps at ``v ≈ 255``.)
 
 The uniforms come from one of two explicit sources, so a seed fixes every draw either way:
 
@@ -18,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["Noise", "draw_keys", "hash_uniform", "round_to_grid"]
+__all__ = ["Noise", "draw_keys", "hash_uniform", "round_to_grid", "stochastic_round_"]
 
 # Where the uniforms come from: a generator (``torch.rand``), hash keys, or ``None`` (the
 # default generator; only for nearest rounding or ad hoc use).
@@ -82,6 +86,17 @@ def hash_uniform(shape: torch.Size | tuple[int, ...], keys: Tensor, dtype: torch
     return (top.to(dtype) * (2.0**-_UNIFORM_BITS)).reshape(shape)
 
 
+def stochastic_round_(v: Tensor, uniform: Tensor) -> Tensor:
+    """``floor(v) + [uniform < frac(v)]``, overwriting ``v`` and ``uniform`` (temporaries).
+
+    ``frac(v) = v − floor(v)`` is exact for ``v ≥ 0`` and ``v ≤ −1/2`` (Sterbenz's lemma); for
+    ``−1/2 < v < 0`` it is ``1 − |v|`` rounded once (by at most ``2**-25`` in float32).
+    """
+    whole = torch.floor(v)
+    up = uniform.lt_(v.sub_(whole))  # 1.0 where the uniform falls below the fraction
+    return whole.add_(up)
+
+
 def round_to_grid(v: Tensor, rounding: str, low: float, high: float, noise: Noise = None) -> Tensor:
     """Round ``v`` (in grid units) to an integer in ``[low, high]``, as a float tensor.
 
@@ -94,7 +109,7 @@ def round_to_grid(v: Tensor, rounding: str, low: float, high: float, noise: Nois
             uniform = hash_uniform(v.shape, noise, v.dtype)
         else:
             uniform = torch.rand(v.shape, generator=noise, dtype=v.dtype, device=v.device)
-        rounded = v.add_(uniform).floor_()
+        rounded = stochastic_round_(v, uniform)
     return rounded.clamp_(low, high)
 
 
