@@ -65,6 +65,21 @@ class TestThreshold:
             assert not report.passed, report.summary()
 
 
+def test_the_limit_splits_alpha_over_the_layers():
+    """Each of L layers is judged at level alpha / L (Bonferroni: family-wise level alpha): six
+    layers at the CLI's defaults (S = 16, B = 4, alpha = 1e-3) get the limit 3.36 on RMS z that
+    docs/method.md §7 states, one layer alone a lower one."""
+    for layers in (1, 6):
+        names = [f"l{i}" for i in range(layers)]
+        params = _Params(names, names, [torch.zeros(2) for _ in names])
+        owner = torch.arange(layers).repeat_interleave(2)
+        z2 = [torch.ones(2 * layers) for _ in range(4)]
+        report = _bias_report(params, owner, z2, torch.ones(2 * layers), samples=16, alpha=1e-3)
+        expected = math.sqrt(z2_threshold(16, 4, 1e-3 / layers))
+        assert [layer.limit for layer in report.layers] == [expected] * layers
+    assert round(expected, 2) == 3.36
+    assert math.sqrt(z2_threshold(16, 4, 1e-3)) < expected
+
 def cli_defaults() -> dict:
     args = build_parser().parse_args(["variance"])
     return {k: getattr(args, k) for k in ("batches", "batch_size", "samples", "alpha")}

@@ -3,8 +3,12 @@
 FQT behaves like QAT while quantization variance is small against sampling variance (docs/method.md
 §3). Every K steps the training loop hands the current batch to :meth:`VarianceMonitor.measure`:
 the quantization variance comes from ``samples`` backward passes of one forward; the sampling
-variance of a size-N minibatch is estimated from ``m`` micro-batches of size N/m of the same batch,
-as ``Var[micro-batch gradient] / m`` (a minibatch mean of m independent micro-batch means).
+variance of a size-N minibatch is estimated from ``m`` micro-batches of the same batch: with
+micro-batch mean gradients ``ḡ_i`` of ``n_i`` samples and their weighted mean ``ḡ``,
+``Σ_i n_i (ḡ_i − ḡ)² / ((m − 1)·N)``, unbiased for ``Var[ḡ]`` whether or not the ``n_i`` are
+equal (``Var[micro-batch gradient] / m`` when they are). The micro-batches run their own forward
+passes, so layers that look across the batch (BatchNorm in train mode) see micro-batch
+statistics: the estimate is then that of the micro-batch model.
 """
 
 from __future__ import annotations
@@ -72,13 +76,17 @@ class VarianceMonitor:
         inputs, targets = batch
         m = min(self.micro_batches, len(targets))
         params = _Params.of(self.model)
+        chunks = list(zip(inputs.chunk(m), targets.chunk(m), strict=True))
         with _restored_buffers(self.model), exact_backward(self.model):
-            grads = [
-                _Forward(self.model, self.loss_fn, (x, y), params).gradient()
-                for x, y in zip(inputs.chunk(m), targets.chunk(m), strict=True)
-            ]
-        stacked = torch.stack(grads)
-        per_entry = stacked.var(0) / len(grads)
+            grads = [_Forward(self.model, self.loss_fn, c, params).gradient() for c in chunks]
+        stacked = torch.stack(grads)  # (chunks, entries), float64
+        # chunk() splits 10 samples in 4 as 3, 3, 3, 1: each mean weighs by its size
+        sizes = torch.tensor([len(y) for _, y in chunks], dtype=stacked.dtype)
+        sizes = sizes.to(stacked.device)[:, None]
+        total = float(sizes.sum())
+        mean = (sizes * stacked).sum(0) / total
+        spread = (sizes * (stacked - mean).square()).sum(0)
+        per_entry = spread / ((len(grads) - 1) * total)
         layer_of = dict(zip(params.names, params.layers, strict=True))
         return GradientVariance(params.per_parameter(per_entry), layer_of).per_layer
 
