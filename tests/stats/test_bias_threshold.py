@@ -80,6 +80,7 @@ def test_the_limit_splits_alpha_over_the_layers():
     assert round(expected, 2) == 3.36
     assert math.sqrt(z2_threshold(16, 4, 1e-3)) < expected
 
+
 def cli_defaults() -> dict:
     args = build_parser().parse_args(["variance"])
     return {k: getattr(args, k) for k in ("batches", "batch_size", "samples", "alpha")}
