@@ -576,9 +576,12 @@ def _z_scores(d: _Draws, params: _Params, directions: _Directions) -> tuple[Tens
     dequantization of a grid end point errs by ~1 ulp of the grid's range, summed over the rows of
     a GEMM; a biased rounding (nearest at 2-4 bits) errs by 1e-2 or more.
 
-    Projections use the entries with spread only: an entry without spread adds the same value to
-    every draw's projection, so it moves the projections' mean and not their spread, and is left
-    out of the mean difference, as it is left out of the per-entry statistic. A tensor without any
+    Projections take every entry's difference, with spread or without: whether an entry showed
+    spread depends on the draws (one that rounds up rarely shows none in most sets of draws, and
+    then sits below its QAT value), so leaving such entries out selects on the draws and biases
+    the projections (``tests/stats/test_bias_projections.py``: z ≈ 19 on a null of rare
+    roundings). An entry without spread adds the same value to every draw's projection: it moves
+    the projection's mean, which is what is tested, and not its spread. A tensor without any
     entry with spread gets its entries' verdict on every projection (NaN: all match; ``+inf``:
     one misses). A projection whose spread is at float-rounding level (≤ 1e-7 of ``√n·max|g|``
     for a tensor of n entries) gets the same verdict at 1e-3 of that value; an ``+inf`` (no
@@ -588,11 +591,10 @@ def _z_scores(d: _Draws, params: _Params, directions: _Directions) -> tuple[Tens
     se = (d.variance / d.samples).sqrt()
     sizes = torch.tensor(params.sizes, device=diff.device)
     tensor_scale = torch.stack([t.abs().amax() for t in d.qat.split(params.sizes)])
-    deterministic = se <= 1e-7 * tensor_scale.repeat_interleave(sizes)
     entries = _z(diff, se, tensor_scale.repeat_interleave(sizes))
 
     owner = directions.owner.to(diff.device)
-    projected_diff = directions.project(torch.where(deterministic, 0.0, diff), d.qat_signs)
+    projected_diff = directions.project(diff, d.qat_signs)
     projected_se = (d.projections.var(0) / d.samples).sqrt()
     # float rounding of a sum of n terms of size <= max|g| grows like sqrt(n), as does the
     # rounding noise's own spread on a ±1 direction
