@@ -90,7 +90,9 @@ def add_variance_parser(sub: Any) -> None:
         "--full-batches",
         type=int,
         default=None,
-        help="cap on the batches used for the full-data gradient (default: all)",
+        help="cap on the batches of 256 used for the full-data gradient (default: all); a cap "
+        "makes it an estimate, and the sampling variance reads high by about batch size / "
+        "(256 x cap) of itself",
     )
     p.add_argument(
         "--profile",
