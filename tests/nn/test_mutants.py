@@ -271,3 +271,34 @@ def test_attention_refuses_another_float_type():
 
     with pytest.raises(TypeError, match="converts an nn.MultiheadAttention, got Linear"):
         FQTMultiheadAttention(nn.Linear(4, 4), FQTConfig.preset("bhq5"))
+
+
+def test_a_warning_with_no_user_frame_names_the_outermost_one():
+    """On a thread whose every Python frame is fqtorch's (autograd's worker threads call
+    backward functions with no user frame below), a warning names the outermost frame, not
+    ``sys:1``."""
+    import _thread
+    import os
+    import time
+
+    import fqtorch
+    from fqtorch.quantizers.callers import user_stacklevel
+
+    inside = os.path.join(os.path.dirname(fqtorch.__file__), "a_module.py")
+    source = (
+        "import warnings\n"
+        "def run(said):\n"
+        "    with warnings.catch_warnings(record=True) as caught:\n"
+        "        warnings.simplefilter('always')\n"
+        "        warnings.warn('note', RuntimeWarning, stacklevel=user_stacklevel())\n"
+        "    said.extend(caught)\n"
+    )
+    namespace = {"user_stacklevel": user_stacklevel}
+    exec(compile(source, inside, "exec"), namespace)
+    said: list = []
+    _thread.start_new_thread(namespace["run"], (said,))
+    for _ in range(500):
+        if said:
+            break
+        time.sleep(0.01)
+    assert len(said) == 1 and said[0].filename == inside, said

@@ -175,7 +175,8 @@ class Quantizer(abc.ABC):
     @property
     def unbiased(self) -> bool:
         """Whether ``E[q(x)] = x`` for every float32/float64 ``x`` (stochastic rounding gives
-        this; a bf16/fp16 result is rounded to nearest in its dtype: see the class docstring)."""
+        this, to the uniforms' resolution, under ``2**-24`` of a step: :mod:`.rounding`; a
+        bf16/fp16 result is rounded to nearest in its dtype: see the class docstring)."""
         return self.rounding == "stochastic"
 
     @property

@@ -25,8 +25,9 @@ _INTERNAL = tuple(
 def user_stacklevel() -> int:
     """The ``stacklevel`` that attributes a warning raised by the caller of this function to the
     first frame outside fqtorch and PyTorch: the user's line that called the layer or function,
-    not ``torch/nn/modules/module.py``."""
+    not ``torch/nn/modules/module.py``. Where every frame is internal (a backward pass on an
+    autograd worker thread, ``python -m fqtorch``), the outermost one."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_INTERNAL):
         frame, level = frame.f_back, level + 1
     return level

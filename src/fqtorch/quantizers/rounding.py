@@ -2,11 +2,14 @@
 
 Stochastic rounding ``SR(v) = floor(v) + [u < frac(v)]``, ``u ~ U[0, 1)``, rounds up with
 probability ``frac(v)``, so ``E[SR(v)] = v`` and ``Var[SR(v)] = frac(v)(1 − frac(v)) ≤ 1/4``
-(docs/method.md §4). The float32 uniforms are multiples of ``2**-24``, so the probability is
-``frac(v)`` up to that resolution: exactly for a float32 ``|v| ≥ 1/2`` (its fraction is such a
-multiple), within ``2**-24`` grid steps below. (The textbook ``floor(v + u)`` is worse in floating
+(docs/method.md §4). The CPU generator's float32 uniforms and the hash's (any dtype) are
+multiples of ``2**-24``, so the probability is ``frac(v)`` up to that resolution: exactly for a
+float32 ``|v| ≥ 1/2`` (its fraction is such a multiple), high by less than ``2**-24`` grid steps
+elsewhere (float32 below 1/2, float64 with hash noise). CUDA's generator draws at another
+resolution (about ``2**-25`` steps off). The textbook ``floor(v + u)`` is worse in floating
 point: the sum rounds to nearest first, so it rounds up with probability ``frac(v) + ulp(v)/2``,
-a bias that grows with ``|v|``: ``2**-17`` steps at ``v ≈ 255``.)
+a bias that grows with ``|v|`` (``2**-17`` steps at ``v ≈ 255``). The exact form costs two more
+elementwise passes and a temporary in eager code (nothing in a compiled kernel).
 
 The uniforms come from one of two explicit sources, so a seed fixes every draw either way:
 
