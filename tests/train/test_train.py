@@ -194,6 +194,9 @@ class TestErrors:
         assert "--variance-every: variance_every needs each rank's whole gradients" in error(
             "--fsdp", "--variance-every", "2", "--out", x
         )
+        assert "--variance-every: variance_every estimates the sampling variance" in error(
+            "--batch-size", "1", "--variance-every", "2", "--out", x
+        )
         assert not x.exists()
 
     def test_version(self):

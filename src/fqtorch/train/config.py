@@ -152,6 +152,11 @@ class TrainConfig:
                 "variance_every needs each rank's whole gradients, which fsdp shards; leave out "
                 "--variance-every or --fsdp"
             )
+        if self.variance_every and self.batch_size < 2:
+            raise ValueError(
+                "variance_every estimates the sampling variance from micro-batches of each "
+                f"batch, so it needs batch_size >= 2 (per process), got {self.batch_size}"
+            )
         if self.bits_plan is not None:
             self._check_bits_plan()
         if self.adaptive_precision and not (self.variance_every and self.fqt_config()):
