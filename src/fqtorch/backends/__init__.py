@@ -25,9 +25,9 @@ from types import MappingProxyType, ModuleType
 
 from torch import Tensor
 
+from ..quantizers.callers import user_stacklevel
 from . import auto, simulate
 from .base import ConvOps, FixedPlan, FQTPlan, GemmOps, LinearOps, PlanSource, Unsupported
-from .notes import user_stacklevel
 
 __all__ = [
     "ConvOps",

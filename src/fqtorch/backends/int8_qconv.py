@@ -51,6 +51,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quantizers.base import QuantizedTensor
+from ..quantizers.callers import user_stacklevel
 from ..quantizers.fused import LazyCompiled
 from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite
@@ -65,7 +66,7 @@ from .int8_conv import (
     encode_samples,
     taps_first_pays,
 )
-from .notes import say_once, user_stacklevel
+from .notes import say_once
 
 __all__ = ["channel_chunk", "conv", "fits_float32", "qconv_verdict"]
 

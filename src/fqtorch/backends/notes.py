@@ -11,9 +11,7 @@ import logging
 
 import torch
 
-from ..quantizers.callers import user_stacklevel
-
-__all__ = ["compile_disabled", "say_once", "user_stacklevel"]
+__all__ = ["compile_disabled", "say_once"]
 
 logger = logging.getLogger("fqtorch.backends")
 
