@@ -265,6 +265,43 @@ def test_variance_monitor():
     assert json.dumps(ratio.to_dict())
 
 
+def test_measuring_leaves_training_as_it_was():
+    """A run that measures after every step (the monitor, the adaptive-precision probe) trains
+    bit for bit as one that does not: the measurements draw dropout masks and rounding noise,
+    and put both streams back. The last layer's generator is created inside the first
+    measurement (no draw has made it yet) and must be gone again after it."""
+    from fqtorch.convert import fqt_modules
+    from fqtorch.stats import PrecisionController
+
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randn(16, 12, generator=g), torch.randint(0, 3, (16,), generator=g))]
+    batches *= 4
+
+    def run(measure: bool) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = quantize_model(
+            nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Dropout(0.3), nn.Linear(32, 3)),
+            FQTConfig.preset("bhq4", seed=1),
+        )
+        monitor = VarianceMonitor(model, F.cross_entropy, samples=2, micro_batches=2)
+        ctl = PrecisionController(fqt_modules(model), budget=0.1)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        for i, (x, y) in enumerate(batches):
+            if measure and i == 0:  # before any draw: generators not yet created
+                monitor.measure((x, y))
+                assert all(layer._generator is None for layer in fqt_modules(model).values())
+            F.cross_entropy(model(x), y).backward()
+            if measure:
+                monitor.measure((x, y))
+                ctl.probe(model, F.cross_entropy, (x, y))
+            opt.step()
+            opt.zero_grad()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for quiet, measured in zip(run(False), run(True), strict=True):
+        assert torch.equal(quiet, measured)
+
+
 @pytest.mark.parametrize("batch", [8, 13])
 def test_variance_monitor_sampling_is_unbiased_for_uneven_micro_batches(batch):
     """The monitor's sampling variance of a size-N batch gradient, over many batches, averages

@@ -205,6 +205,19 @@ class FQTModule(nn.Module):
         if self._generator is not None:
             self._generator.manual_seed(self._seed)
 
+    @contextmanager
+    def kept_generator(self) -> Iterator[None]:
+        """Within the block, draws advance the layer's generator as usual; on exit it is back
+        where it was (not yet created, if it was not)."""
+        saved = self._generator
+        state = None if saved is None else saved.get_state()
+        try:
+            yield
+        finally:
+            if saved is not None and state is not None:
+                saved.set_state(state)
+            self._generator = saved
+
     def generator_state(self) -> Tensor | None:
         """The generator's state (a uint8 tensor, safe for ``weights_only`` checkpoints)."""
         return None if self._generator is None else self._generator.get_state()

@@ -104,6 +104,20 @@ def _restored_buffers(model: nn.Module) -> Iterator[None]:
 
 
 @contextmanager
+def kept_random_streams(model: nn.Module, device: torch.device) -> Iterator[None]:
+    """Measure without disturbing training: on exit, the global random state (dropout's; the
+    CUDA one of ``device`` too) and every FQT layer's rounding generator are as on entry, so a
+    run that measures every K steps trains exactly as one that does not."""
+    with ExitStack() as stack:
+        stack.enter_context(
+            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
+        )
+        for layer in fqt_modules(model).values():
+            stack.enter_context(layer.kept_generator())
+        yield
+
+
+@contextmanager
 def exact_backward(model: nn.Module, keep: Sequence[str] = ()) -> Iterator[None]:
     """Within the block, every FQT layer of ``model`` except those named in ``keep`` has an exact
     backward (its gradient quantizers off); restored on exit."""

@@ -27,6 +27,7 @@ from .estimators import (
     _Params,
     _restored_buffers,
     exact_backward,
+    kept_random_streams,
 )
 from .estimators import quantization_variance as _quantization_variance
 
@@ -91,8 +92,12 @@ class VarianceMonitor:
         return GradientVariance(params.per_parameter(per_entry), layer_of).per_layer
 
     def measure(self, batch: Batch) -> VarianceRatio:
+        """The ratios on ``batch``. The model's buffers, its random streams (dropout's, the FQT
+        layers' rounding generators) and its mode are left as they were: training goes on as
+        if nothing had been measured."""
         was_training = self.model.training
-        quant = _quantization_variance(self.model, self.loss_fn, batch, self.samples).per_layer
-        sampling = self._sampling(batch)
+        with kept_random_streams(self.model, batch[0].device):
+            quant = _quantization_variance(self.model, self.loss_fn, batch, self.samples)
+            sampling = self._sampling(batch)
         self.model.train(was_training)
-        return VarianceRatio(quant, sampling)
+        return VarianceRatio(quant.per_layer, sampling)

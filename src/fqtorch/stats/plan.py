@@ -63,6 +63,7 @@ from .estimators import (
     _Params,
     _require_fqt,
     _restored_buffers,
+    kept_random_streams,
     sampling_variance,
 )
 
@@ -1057,15 +1058,16 @@ class PrecisionController:
         and as many with the next ``grad`` branch alone. Returns each probed branch's
         quantization variance (the same units as the monitor's). Pass it to :meth:`observe`
         with the measurement of the same batch."""
-        if self.idle is None:
-            sizes = _gemm_sizes(model, batch)
-            self._set_idle(
-                {(n, b) for n in self.layers for b in BRANCHES if sizes.get(n, {}).get(b) == 0}
-            )
-        assignments, keys = self._probe_plan()
-        if not assignments:
-            return {}
-        measured = _measure(model, loss_fn, [batch], self.probe_samples, assignments, None, "")
+        with kept_random_streams(model, batch[0].device):  # training's draws stay as they were
+            if self.idle is None:
+                sizes = _gemm_sizes(model, batch)
+                self._set_idle(
+                    {(n, b) for n in self.layers for b in BRANCHES if sizes.get(n, {}).get(b) == 0}
+                )
+            assignments, keys = self._probe_plan()
+            if not assignments:
+                return {}
+            measured = _measure(model, loss_fn, [batch], self.probe_samples, assignments, None, "")
         self.probed += any(isinstance(k, tuple) for k in keys)
         return _unpack(keys, measured)
 
