@@ -1,13 +1,15 @@
 """First-use compile time: the first training steps of one int8 FQT layer in a fresh process.
 
     python benchmarks/first_step.py [--layer linear|conv] [--preset psq5] [--steps 3]
+                                    [--rows 2048] [--features 1024]
     TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) python benchmarks/first_step.py   # an empty cache
 
 ``backend="int8"`` runs compiled kernels by default (quantizers, the two-way rounding, the GEMM
 epilogues); the first step compiles them, or loads them from Inductor's on-disk cache when an
 earlier process compiled them. This prints the wall time of each of the first ``--steps``
-forward + backward steps of a Linear layer (2048 rows, 1024 → 1024) or a Conv2d (batch 8,
-64 → 64, 3×3, 56×56), and of the same steps with ``fused=False`` (eager: nothing to compile).
+forward + backward steps of a Linear layer (``--rows`` 2048, ``--features`` 1024 → 1024) or a
+Conv2d (batch 8, 64 → 64, 3×3, 56×56), and of the same steps with ``fused=False`` (eager:
+nothing to compile).
 Run it once with an empty cache (above) for the cold time, then again for the warm one.
 """
 
@@ -23,11 +25,13 @@ import fqtorch
 from common import environment, print_header
 
 
-def steps(fused: bool, layer: str, preset: str, count: int) -> list[float]:
+def steps(
+    fused: bool, layer: str, preset: str, count: int, rows: int = 2048, features: int = 1024
+) -> list[float]:
     torch.manual_seed(0)
     if layer == "linear":
-        base: nn.Module = nn.Linear(1024, 1024)
-        x = torch.randn(2048, 1024, requires_grad=True)
+        base: nn.Module = nn.Linear(features, features)
+        x = torch.randn(rows, features, requires_grad=True)
     else:
         base = nn.Conv2d(64, 64, 3, padding=1)
         x = torch.randn(8, 64, 56, 56, requires_grad=True)
@@ -49,13 +53,16 @@ def main() -> None:
     parser.add_argument("--layer", choices=("linear", "conv"), default="linear")
     parser.add_argument("--preset", default="psq5", help="an integer preset, e.g. psq5, bhq5")
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--rows", type=int, default=2048, help="the Linear layer's input rows")
+    parser.add_argument("--features", type=int, default=1024, help="the Linear layer's width")
     args = parser.parse_args()
-    if args.steps < 1:
-        raise SystemExit(f"--steps: expected at least 1, got {args.steps}")
+    for name in ("steps", "rows", "features"):
+        if getattr(args, name) < 1:
+            raise SystemExit(f"--{name}: expected at least 1, got {getattr(args, name)}")
     print_header(environment())
     for fused in (True, False):
         label = "compiled (the default)" if fused else "eager (fused=False)"
-        times = steps(fused, args.layer, args.preset, args.steps)
+        times = steps(fused, args.layer, args.preset, args.steps, args.rows, args.features)
         cells = ", ".join(f"{t:.2f}" for t in times)
         print(f"{args.layer} int8 {args.preset}, {label}: steps {cells} s")
 

@@ -140,7 +140,10 @@ def test_uniform_encode_checks_and_prints_every_quantizer():
 
 
 def test_first_step_times_compiled_and_eager_steps():
-    done = _run("--steps", "2", script="first_step.py", compile=False)
+    # the script's logic at a small size (its 2048 × 1024 default takes a minute on AVX2 CPUs)
+    done = _run(
+        "--steps", "2", "--rows", "64", "--features", "64", script="first_step.py", compile=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     lines = [x for x in done.stdout.splitlines() if x.startswith("linear int8 psq5")]
     assert len(lines) == 2 and "compiled" in lines[0] and "fused=False" in lines[1]
