@@ -268,8 +268,8 @@ def test_variance_monitor():
 def test_measuring_leaves_training_as_it_was():
     """A run that measures after every step (the monitor, the adaptive-precision probe) trains
     bit for bit as one that does not: the measurements draw dropout masks and rounding noise,
-    and put both streams back. The last layer's generator is created inside the first
-    measurement (no draw has made it yet) and must be gone again after it."""
+    and put both streams back. The layers' generators are created inside the first
+    measurements (no draw has made them yet) and must be gone again after them."""
     from fqtorch.convert import fqt_modules
     from fqtorch.stats import PrecisionController
 
@@ -289,6 +289,7 @@ def test_measuring_leaves_training_as_it_was():
         for i, (x, y) in enumerate(batches):
             if measure and i == 0:  # before any draw: generators not yet created
                 monitor.measure((x, y))
+                ctl.probe(model, F.cross_entropy, (x, y))
                 assert all(layer._generator is None for layer in fqt_modules(model).values())
             F.cross_entropy(model(x), y).backward()
             if measure:

@@ -105,13 +105,15 @@ def _restored_buffers(model: nn.Module) -> Iterator[None]:
 
 @contextmanager
 def kept_random_streams(model: nn.Module, device: torch.device) -> Iterator[None]:
-    """Measure without disturbing training: on exit, the global random state (dropout's; the
-    CUDA one of ``device`` too) and every FQT layer's rounding generator are as on entry, so a
-    run that measures every K steps trains exactly as one that does not."""
+    """Measure without disturbing training: on exit, the global random state (dropout's: the
+    CPU's, and that of ``device`` and of every CUDA device holding a parameter) and every FQT
+    layer's rounding generator are as on entry, so a run that measures every K steps trains
+    exactly as one that does not. Other accelerators' (MPS, XPU) global streams are not kept."""
+    cuda = {p.device for p in model.parameters() if p.device.type == "cuda"}
+    cuda |= {device} if device.type == "cuda" else set()
     with ExitStack() as stack:
-        stack.enter_context(
-            torch.random.fork_rng(devices=[device] if device.type == "cuda" else [])
-        )
+        indices = {torch.cuda.current_device() if d.index is None else d.index for d in cuda}
+        stack.enter_context(torch.random.fork_rng(devices=sorted(indices)))
         for layer in fqt_modules(model).values():
             stack.enter_context(layer.kept_generator())
         yield
