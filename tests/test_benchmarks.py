@@ -66,7 +66,9 @@ def test_linear_step_measures_both_roundings():
 
 
 def test_weight_gradient_checks_and_prints_both_products():
-    done = _run("--shapes", "64x32x16", "--repeats", "1", script="weight_gradient.py")
+    done = _run(
+        "--shapes", "64x32x16", "--repeats", "1", script="weight_gradient.py", compile=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "64x32x16 | weight gradient |" in done.stdout
     assert "64x32x16 | grad_input |" in done.stdout
@@ -95,6 +97,7 @@ def test_train_step_counts_integer_convolutions_as_integer_kernels(tmp_path):
         *("--models", "resnet18", "--image-size", "32", "--batch", "2", "--repeats", "1"),
         *("--variants", "fp32,bf16*,fqt_int8_psq5", "--json", str(out)),
         script="train_step.py",
+        compile=False,
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "resnet18, batch 2" in done.stdout
@@ -117,7 +120,9 @@ def test_train_step_unknown_model_is_one_line():
 
 
 def test_column_ranges_prints_both_reductions():
-    done = _run("--shapes", "130x24,64x8", "--repeats", "1", script="column_ranges.py")
+    done = _run(
+        "--shapes", "130x24,64x8", "--repeats", "1", script="column_ranges.py", compile=False
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "130x24 | " in done.stdout and "64x8 | " in done.stdout
     row = next(x for x in done.stdout.splitlines() if x.startswith("130x24 | "))
@@ -176,7 +181,7 @@ def test_code_sums_checks_and_prints_every_row():
 
 
 def test_epilogues_checks_and_prints_every_shape():
-    done = _run("--repeats", "1", script="epilogues.py")
+    done = _run("--repeats", "1", script="epilogues.py", compile=False)
     assert done.returncode == 0, done.stderr[-2000:]
     for c in (64, 128, 256, 512):
         assert f"({c}, {c}, 3, 3) |" in done.stdout
