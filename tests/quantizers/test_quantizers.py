@@ -483,3 +483,17 @@ def test_column_equivariance_is_claimed_truthfully(name):
     permuted_first = q(x[:, perm], torch.Generator().manual_seed(2))  # rht's signs
     permuted_after = q(x, torch.Generator().manual_seed(2))[:, perm]
     assert torch.equal(permuted_first, permuted_after) == q.column_equivariant, name
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("inner,transform", [("psq", "rht16"), ("mxfp4", "rht32")])
+def test_transformed_bound_on_cuda_equals_cpu(inner, transform):
+    """A transform's variance bound builds its checkerboard on the input's device (it was built on
+    the CPU: a device error for CUDA input)."""
+    from fqtorch.quantizers.transforms import with_transform
+
+    q = with_transform(get_quantizer(inner, 4), transform, dim=1)
+    x = heavy_rows(64, 96, seed=2)
+    cpu, cuda = q.variance_bound(x), q.variance_bound(x.cuda())
+    assert cuda.device.type == "cuda"
+    torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-9, atol=0)

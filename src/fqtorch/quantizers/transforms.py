@@ -172,7 +172,8 @@ class HadamardThen(Quantizer):
         sums = a.reshape(-1, self.block, a.shape[1]).sum(1) / self.block**0.5
         a = sums.repeat_interleave(self.block, dim=0)  # padded too: the inner quantizes them
         a = a if dim == 0 else a.T
-        index = torch.arange(a.shape[0])[:, None] + torch.arange(a.shape[1])[None, :]
+        rows, cols = (torch.arange(n, device=a.device) for n in a.shape)
+        index = rows[:, None] + cols[None, :]
         checker = 1 - 2 * (index % 2).to(a.dtype)
         a, signed = a, a * checker
         if channels:  # the inner quantizer's bound of the tensor it is handed
