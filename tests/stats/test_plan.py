@@ -851,18 +851,19 @@ def test_probe_attributes_weight_gradient_noise_to_its_own_layer():
     its branch probed alone (same generators): a weight-gradient branch's noise stays in its
     layer's weight gradient. The grad branches are probed one per call, in turn, and the
     round robin's position survives state_dict."""
-    from fqtorch.stats.plan import _kept_generators, _measure, _unpack
+    from fqtorch.stats.estimators import kept_generators
+    from fqtorch.stats.plan import _measure, _unpack
 
     model, ctl = _deep_controller(bits=4)
     batch = _batches(1, size=64)[0]
-    with _kept_generators(model):
+    with kept_generators(model):
         together = ctl.probe(model, F.mse_loss, batch)
     # l1's input needs no gradient: its grad GEMM never runs, and it is not probed
     assert ctl.idle == {("l1", "grad")} and len(ctl.frontiers[("l1", "grad")]) == 1
     assert set(together) == {(n, "grad_weight") for n in ("l1", "l2", "l3")} | {("l2", "grad")}
     for name in ("l1", "l2", "l3"):
         key = (name, "grad_weight")
-        with _kept_generators(model):
+        with kept_generators(model):
             probe = [{name: {key[1]: ctl._choice(key)}}]  # per_column at 4 bits
             alone = _measure(model, F.mse_loss, [batch], 2, probe, None, "")
         assert _unpack([[key]], alone)[key] == together[key] > 0

@@ -111,9 +111,16 @@ def kept_random_streams(model: nn.Module, device: torch.device) -> Iterator[None
     exactly as one that does not. Other accelerators' (MPS, XPU) global streams are not kept."""
     cuda = {p.device for p in model.parameters() if p.device.type == "cuda"}
     cuda |= {device} if device.type == "cuda" else set()
+    indices = {torch.cuda.current_device() if d.index is None else d.index for d in cuda}
+    with torch.random.fork_rng(devices=sorted(indices)), kept_generators(model):
+        yield
+
+
+@contextmanager
+def kept_generators(model: nn.Module) -> Iterator[None]:
+    """On exit, every FQT layer's rounding generator is as on entry (not yet created, if it was
+    not); the global random state is left alone."""
     with ExitStack() as stack:
-        indices = {torch.cuda.current_device() if d.index is None else d.index for d in cuda}
-        stack.enter_context(torch.random.fork_rng(devices=sorted(indices)))
         for layer in fqt_modules(model).values():
             stack.enter_context(layer.kept_generator())
         yield

@@ -63,6 +63,7 @@ from .estimators import (
     _Params,
     _require_fqt,
     _restored_buffers,
+    kept_generators,
     kept_random_streams,
     sampling_variance,
 )
@@ -565,19 +566,6 @@ def _unpack(keys: list, measured: list[tuple[float, dict[str, float]]]) -> dict:
     return out
 
 
-@contextmanager
-def _kept_generators(model: nn.Module) -> Iterator[None]:
-    """Planning draws rounding noise from the layers' generators; put them back as they were."""
-    layers = fqt_modules(model)
-    saved = {n: m.generator_state() for n, m in layers.items()}
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        yield
-    finally:
-        for name, state in saved.items():
-            layers[name].set_generator_state(state, device)
-
-
 def _check_candidates(
     candidates: Sequence[Candidate] | Mapping[str, Sequence[Candidate]],
 ) -> dict[str, list[Candidate]]:
@@ -717,7 +705,7 @@ def plan_precision(
         raise ValueError(
             "batches: give at least 2 minibatches (or full_data) to measure the sampling variance"
         )
-    with _kept_generators(model):
+    with kept_generators(model):
         sampling = sampling_variance(model, loss_fn, batches, full_data).total
         if not sampling > 0:
             raise ValueError("the sampling variance is 0 (identical minibatches?); no budget")
