@@ -23,8 +23,8 @@ is a deterministic function of ``(S, B, α)``) and raised by two standard errors
 (the spread of the tail and the error of the estimated quantile where it starts); it never
 exceeds the one-batch value, which bounds it (expected shortfall is subadditive). The margin is
 asymptotic: at the ``k = 1000`` tail draws used for 6e-5 ≤ α ≤ 3.8e-3 (the bias test's levels)
-the skewed tail makes it miss the true value about 3% of the time at ν = 15 (not 2.3%), 4% at
-ν = 7 and 6% at ν = 5. For ν ≤ 4
+the skewed tail makes it miss the true value 2.9% of the time at ν = 15 (not 2.3%), 3.6% at
+ν = 7 and 5.3% at ν = 5 (``experiments/threshold_margin.py``, 6000 seeds each). For ν ≤ 4
 (S ≤ 5) ``t²`` has no finite variance, so no standard error: the one-batch value is used.
 """
 
