@@ -1,9 +1,12 @@
 """Train the default digits job under several presets and seeds; print a markdown table.
 
     python experiments/digits_table.py --seeds 0 1 2 --out runs/digits_table
+    python experiments/digits_table.py --json experiments/results/digits_table.json  # keep runs
 
 Each run is ``fqtorch train --preset P --seed S`` (the README's main job with other presets);
-the table reports the final validation accuracy and loss as mean ± std over the seeds.
+the table reports the final validation accuracy and loss as mean ± std over the seeds. A run
+with a ``final.json`` is not trained again. ``--json`` also writes every run's numbers, with the
+machine, versions and commit, so the table can be checked without the run directories.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ def main() -> None:
     parser.add_argument("--presets", nargs="+", default=PRESETS)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/digits_table")
+    parser.add_argument("--json", type=Path, help="also write every run's numbers here")
     args = parser.parse_args()
-    rows = []
+    rows, runs = [], []
     for preset in args.presets:
         accs, losses, secs = [], [], []
         for seed in args.seeds:
@@ -38,6 +42,8 @@ def main() -> None:
             accs.append(100 * final["val_acc"])
             losses.append(final["val_loss"])
             secs.append(sum(m["seconds"] for m in metrics if "seconds" in m))  # not events
+            runs.append({"preset": preset, "seed": seed, "val_acc": accs[-1],
+                         "val_loss": losses[-1], "train_seconds": secs[-1]})  # fmt: skip
         rows.append((preset, accs, losses, secs))
         print(f"{preset}: {accs}", file=sys.stderr)
 
@@ -49,6 +55,18 @@ def main() -> None:
     print("| --- | --- | --- | --- |")
     for preset, accs, losses, secs in rows:
         print(f"| {preset} | {fmt(accs, 2)} | {fmt(losses, 4)} | {fmt(secs, 1)} |")
+    if args.json:
+        args.json.write_text(json.dumps({"environment": environment(), "runs": runs}, indent=1))
+
+
+def environment() -> dict[str, str]:
+    """Where the table was made: reproduce.py's record (versions, CPU, threads, commit)."""
+    import sklearn
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from reproduce import environment as run_environment
+
+    return {**run_environment(), "scikit-learn": sklearn.__version__}
 
 
 if __name__ == "__main__":
