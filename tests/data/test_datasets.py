@@ -302,3 +302,34 @@ class TestImageTransforms:
         assert any(torch.equal(image, c) for c in crops + [c.flip(2) for c in crops])
         spec.train.set_epoch(0)
         assert torch.equal(spec.train[0][0], image)
+
+
+class _RunsCode:
+    """A pickle payload that would create a file when unpickled."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_a_cifar_batch_that_would_run_code_is_refused_and_runs_none(tmp_path):
+    root = write_cifar(tmp_path / "evil")
+    marker = tmp_path / "ran"
+    batch = {b"data": _RunsCode(marker), b"labels": [0]}
+    (root / "data_batch_1").write_bytes(pickle.dumps(batch))
+    with pytest.raises(DatasetError, match="io.open.*refused"):
+        build_datasets("cifar10", root)
+    assert not marker.exists()
+
+
+def test_cifar_batches_as_python_2_numpy_wrote_them_load(tmp_path):
+    """The official files were pickled by numpy 1 (``numpy.core.multiarray``), protocol 2."""
+    root = write_cifar(tmp_path / "py2")
+    for name in ("data_batch_1", "data_batch_2", "test_batch"):
+        batch = pickle.loads((root / name).read_bytes())
+        raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.", b"numpy.core.")
+        (root / name).write_bytes(raw)
+    spec = build_datasets("cifar10", root)
+    assert len(spec.train) + len(spec.val) == 18

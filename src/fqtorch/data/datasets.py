@@ -185,10 +185,36 @@ class CifarImages(Augmented):
         return image, self.labels[i]
 
 
+# What a CIFAR-10 python batch's pickle may name: numpy's array reconstruction (under numpy 1's
+# and 2's module names) and, in pickles written by Python 3 at protocol 2, the bytes codec. Any
+# other global (``os.system``, ``builtins.eval``...) would run code from a data folder.
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles plain data and numpy arrays only: the batches come from a user's folder."""
+
+    def find_class(self, module: str, name: str) -> object:
+        if (module, name) not in _CIFAR_GLOBALS:
+            raise pickle.UnpicklingError(
+                f"it names {module}.{name}, which a CIFAR-10 batch never does (refused: "
+                "unpickling it could run code)"
+            )
+        return super().find_class(module, name)
+
+
 def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with path.open("rb") as f:
-            batch = pickle.load(f, encoding="bytes")  # the official format is a pickle
+        with path.open("rb") as f:  # the official format is a pickle: read with an allow-list
+            batch = _CifarUnpickler(f, encoding="bytes").load()
         data = np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
         labels = np.asarray(batch[b"labels"], dtype=np.int64)
     except Exception as exc:
