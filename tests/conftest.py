@@ -22,6 +22,15 @@ def _fixed_global_seed():
     torch.manual_seed(1234)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_warn_once():
+    # fqtorch warns each fallback once per process; a test that expects the warning must not
+    # depend on whether an earlier test in its worker said it first.
+    from fqtorch.backends.notes import warn_once
+
+    warn_once.cache_clear()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

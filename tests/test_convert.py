@@ -611,3 +611,18 @@ def test_import_is_cheap():
         "assert 'transformers' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_bare_layer_is_returned_converted_and_the_caller_is_told():
+    """quantize_model cannot swap the object it was given: a bare layer comes back as its FQT
+    layer, and the warning says the object passed in stays float (it did so silently)."""
+    layer = nn.Linear(4, 3)
+    with pytest.warns(UserWarning, match="the object passed in stays float") as caught:
+        fqt = quantize_model(layer, FQTConfig.preset("bhq5"))
+    assert caught[0].filename == __file__
+    assert type(layer) is nn.Linear and type(fqt).__name__ == "FQTLinear"
+
+
+def test_check_finite_must_be_a_bool():
+    with pytest.raises(TypeError, match="check_finite must be a bool"):
+        FQTConfig(check_finite="no")

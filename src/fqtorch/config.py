@@ -246,6 +246,8 @@ class FQTConfig:
             object.__setattr__(self, "fused", self.backend != "simulate")
         if not isinstance(self.fused, bool):
             raise TypeError(f"fused must be a bool or None, got {self.fused!r}")
+        if not isinstance(self.check_finite, bool):
+            raise TypeError(f"check_finite must be a bool, got {self.check_finite!r}")
         if not isinstance(self.attention_products, bool):
             raise TypeError(f"attention_products must be a bool, got {self.attention_products!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):

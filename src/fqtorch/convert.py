@@ -29,6 +29,7 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ from .nn.modules import (
     FQTModule,
     FQTTransposedLinear,
 )
+from .quantizers.callers import user_stacklevel
 
 __all__ = [
     "ConversionSummary",
@@ -617,6 +619,13 @@ def quantize_model(
     notes = _keep_fqt_layers_called(root) + _conversion_notes(entries, converted, root)
     summary = _summary(root, left_float, already, notes)
     log.info("%s", summary)
+    if root is not model:
+        warnings.warn(
+            f"quantize_model: the model is itself a {type(model).__name__}, which cannot be "
+            f"swapped in place; use the returned {type(root).__name__} "
+            "(model = quantize_model(model, config)): the object passed in stays float",
+            stacklevel=user_stacklevel(),
+        )
     return root
 
 

@@ -629,3 +629,19 @@ def test_a_channels_last_input_is_encoded_in_its_own_layout():
         out.square().sum().backward()
         results.append([out.detach().contiguous(), *(p.grad for p in model.parameters())])
     assert all(torch.equal(u, v) for u, v in zip(*results, strict=True))
+
+
+def test_a_refused_layer_is_warned_once_however_often_it_runs(monkeypatch):
+    """The fallback's warning is said once per layer and reason, also through the compiled
+    quantizers and across steps (Python's per-location filter alone warned on every pass)."""
+    monkeypatch.setattr(int8_qconv, "qconv_verdict", lambda: "the probe failed (test)")
+    layer = quantize_model(
+        nn.Sequential(nn.Conv2d(3, 4, 3)), FQTConfig.preset("psq5", backend="int8")
+    )
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            layer(x).sum().backward()
+    said = [w for w in caught if "im2col" in str(w.message)]
+    assert len(said) == 1, [str(w.message) for w in said]

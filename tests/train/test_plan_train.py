@@ -57,7 +57,9 @@ def test_train_with_a_bits_plan(plan_file, tmp_path):
     assert fqtorch_main("train", "--bits-plan", plan_file, *SHORT, "--out", out) == 0
     assert (out / "metrics.jsonl").is_file()
     cfg = TrainConfig(bits_plan=str(plan_file))
-    model = _build_model(cfg, build_datasets("digits"), SimpleNamespace(device=torch.device("cpu")))
+    model, _ = _build_model(
+        cfg, build_datasets("digits"), SimpleNamespace(device=torch.device("cpu"))
+    )
     plan = load_plan(plan_file)
     for name, layer in fqt_modules(model).items():
         chosen = plan.layer(name)
@@ -66,6 +68,25 @@ def test_train_with_a_bits_plan(plan_file, tmp_path):
             chosen.choice("grad_weight")
         )
         assert layer.config.input_bits == 8  # the forward comes from --preset
+
+
+def test_a_run_resumes_only_with_the_plan_it_started_with(plan_file, tmp_path, capsys):
+    """The plan's file is read again on --resume; a plan changed since is refused (it would
+    switch the run's quantizers silently), reformatting it is not a change."""
+    plan = tmp_path / "plan.json"
+    plan.write_text(plan_file.read_text())
+    out = tmp_path / "run"
+    assert fqtorch_main("train", "--bits-plan", plan, *SHORT, "--out", out) == 0
+    payload = json.loads(plan.read_text())
+    plan.write_text(json.dumps(payload))  # the same plan, laid out differently
+    assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 0
+    payload["layers"][0]["grad_quantizer"] = "ptq"
+    plan.write_text(json.dumps(payload, indent=2))
+    capsys.readouterr()
+    code = fqtorch_main("train", "--resume", out, "--epochs", "3")
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "was trained with another plan than" in err and "Traceback" not in err
 
 
 def test_a_plan_measured_at_another_batch_size_is_said(plan_file, tmp_path, caplog):

@@ -309,8 +309,30 @@ class TestErrors:
         args = ("--lr", "1e30", "--epochs", "1", "--max-steps-per-epoch", "4", "--quiet")
         assert fqtorch_main("train", *args, "--out", tmp_path / "a") == 2
         assert "non-finite loss or gradient" in capsys.readouterr().err
-        assert fqtorch_main("train", *args, "--out", tmp_path / "b", "--nonfinite", "skip") == 0
-        assert read_metrics(tmp_path / "b")[0]["skipped_steps"] > 0
+        # lr 1e30 steps the weights past float range: skipping cannot help, and the run stops
+        # before a checkpoint would keep them
+        assert fqtorch_main("train", *args, "--out", tmp_path / "b", "--nonfinite", "skip") == 2
+        assert "no longer finite in epoch 1" in capsys.readouterr().err
+        assert not (tmp_path / "b" / "checkpoint.pt").exists()
+
+    def test_skipped_steps_are_said_and_not_counted_as_loss(self, tmp_path, monkeypatch, caplog):
+        from fqtorch.train import loop
+
+        calls = []
+
+        def loss_nan_at_second_step(*args):
+            loss = real_loss(*args)
+            calls.append(1)
+            return loss * float("nan") if len(calls) == 2 else loss
+
+        real_loss = loop._loss
+        monkeypatch.setattr(loop, "_loss", loss_nan_at_second_step)
+        args = ("--epochs", "1", "--max-steps-per-epoch", "4", "--quiet", "--nonfinite", "skip")
+        with caplog.at_level("WARNING", logger="fqtorch.train.loop"):
+            assert fqtorch_main("train", *args, "--out", tmp_path / "b") == 0
+        metrics = read_metrics(tmp_path / "b")[0]
+        assert metrics["skipped_steps"] == 1 and math.isfinite(metrics["train_loss"])
+        assert "epoch 1: skipped 1 step(s) with a non-finite loss or gradient" in caplog.text
 
 
 def empty_state() -> dict:

@@ -43,7 +43,6 @@ warning) before this module is asked.
 from __future__ import annotations
 
 import functools
-import warnings
 from typing import Any
 
 import torch
@@ -51,7 +50,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..quantizers.base import QuantizedTensor
-from ..quantizers.callers import user_stacklevel
 from ..quantizers.fused import LazyCompiled
 from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite
@@ -66,7 +64,7 @@ from .int8_conv import (
     encode_samples,
     taps_first_pays,
 )
-from .notes import say_once
+from .notes import say_once, warn_once
 
 __all__ = ["channel_chunk", "conv", "fits_float32", "qconv_verdict"]
 
@@ -537,11 +535,7 @@ def conv(input: Tensor, x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | N
     reason) where the kernel is not exact on this machine: the caller then runs im2col."""
     verdict = qconv_verdict()
     if verdict is not None:
-        warnings.warn(
-            f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm",
-            RuntimeWarning,
-            stacklevel=user_stacklevel(),
-        )
+        warn_once(f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm")
         return None
     _announce(name, any(s > 1 for s in ops.stride))
     return _QConv2d.apply(input, x, w, bias, ops, weight, source, name)

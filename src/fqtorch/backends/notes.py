@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import functools
 import logging
+import warnings
 
 import torch
 
-__all__ = ["compile_disabled", "say_once"]
+from ..quantizers.callers import user_stacklevel
+
+__all__ = ["compile_disabled", "say_once", "warn_once"]
 
 logger = logging.getLogger("fqtorch.backends")
 
@@ -22,6 +25,14 @@ def say_once(message: str) -> None:
     said, keyed by the text (what a line says, not who asked), grown once per distinct line and
     read afterwards; tests clear it with ``say_once.cache_clear()``."""
     logger.info(message)
+
+
+@functools.cache
+def warn_once(message: str, category: type[Warning] = RuntimeWarning) -> None:
+    """Warn ``message`` the first time it is asked for, attributed to the user's line. Python's
+    own once-per-location filter is not enough: ``torch.compile`` and autograd reset or bypass
+    it, so a layer's fallback was warned on every pass (``say_once``'s memo, for warnings)."""
+    warnings.warn(message, category, stacklevel=user_stacklevel())
 
 
 def compile_disabled() -> bool:

@@ -192,7 +192,8 @@ def _a(word: str) -> str:
     return f"{'an' if word[:1] in 'aeiou' else 'a'} {word}"
 
 
-def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> nn.Module:
+def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> tuple[nn.Module, str | None]:
+    """The model, converted; and the bits plan's contents (canonical JSON) when there is one."""
     info = get_model_info(cfg.model)
     if info.task != spec.task:
         raise ValueError(
@@ -211,9 +212,10 @@ def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> nn.Module:
         plan = load_plan(cfg.bits_plan)
         model = plan.apply(model, fqt_config)
         _check_plan_conditions(plan, cfg, fqt_config)
-    elif fqt_config is not None:
+        return model.to(rt.device), json.dumps(plan.to_dict(), sort_keys=True)
+    if fqt_config is not None:
         model = fqtorch.quantize_model(model, fqt_config)
-    return model.to(rt.device)
+    return model.to(rt.device), None
 
 
 def _check_plan_conditions(plan: Any, cfg: TrainConfig, fqt_config: Any) -> None:
@@ -480,7 +482,7 @@ class _Run:
             block_size=cfg.block_size,
             image_size=cfg.image_size,
         )
-        self.model = _build_model(cfg, self.spec, self.rt)
+        self.model, self.bits_plan = _build_model(cfg, self.spec, self.rt)
         self.train_loader, self.val_loader, self.sampler, self.resumable = _loaders(
             cfg, self.spec, self.rt
         )
@@ -564,6 +566,7 @@ class _Run:
             "best": dict(self.best),
             "config": json.dumps(self.cfg.to_dict()),
             "precision": self._precision_state(),
+            "bits_plan": self.bits_plan,  # the plan's contents: its file may change later
         }
 
     def _precision_state(self) -> dict[str, Any] | None:
@@ -595,6 +598,12 @@ class _Run:
                     f"{key}={getattr(self.cfg, key)!r} (leave it out to continue the run as it "
                     "was, or start a new run)"
                 )
+        if state.get("bits_plan") not in (None, self.bits_plan):  # (None: before it was kept)
+            raise CheckpointError(
+                f"{path} was trained with another plan than {self.cfg.bits_plan} holds now (the "
+                "file changed since the run started); put the run's plan back in that file to "
+                "continue, or start a new run with this plan"
+            )
         epoch, step = int(state["epoch"]), int(state["step"])
         epoch_step = int(state.get("epoch_step", 0))
         if self.cfg.epochs < epoch + (epoch_step > 0):
@@ -972,13 +981,14 @@ class _Run:
             if every and self.step % every == 0 and self.epoch_step < self.steps_per_epoch:
                 self.save()  # the end of the epoch has its own checkpoint, after evaluating
         total, count, skipped = _all_reduce(self.sums, self.rt)
+        self._check_weights_finite()
         val_loss, val_acc = _evaluate(self.model, self.val_loader, self.rt, self.cfg.fsdp)
         self.epoch += 1
         self.epoch_step = 0
         self.sums = [0.0, 0.0, 0.0]
         return {
             "epoch": self.epoch,
-            "train_loss": total / max(count, 1),
+            "train_loss": total / count if count else float("nan"),  # every step skipped
             "val_loss": val_loss,
             "val_acc": val_acc,
             "lr": self.optimizer.param_groups[0]["lr"],
@@ -986,6 +996,18 @@ class _Run:
             "steps": self.step,
             "skipped_steps": int(skipped),
         }
+
+    def _check_weights_finite(self) -> None:
+        """Stop before a checkpoint would keep non-finite weights: a finite gradient can still
+        step them past float range, after which ``--nonfinite skip`` would skip every step."""
+        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        bad = sum(not bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+        if _all_reduce([float(bad)], self.rt)[0]:  # FSDP: each rank holds a shard
+            last = f"; the last checkpoint is at {self.saved_at}" if self.saved_at else ""
+            raise TrainingError(
+                f"the weights or BatchNorm statistics are no longer finite in epoch "
+                f"{self.epoch + 1} (a step too large for them){last}. Lower --lr or raise the bits."
+            )
 
     def end_epoch(self, metrics: dict[str, Any]) -> None:
         """Log the epoch (metrics.jsonl, TensorBoard, a line) and checkpoint it (and to best.pt
@@ -1020,6 +1042,13 @@ class _Run:
             metrics["seconds"],
             f"; best {self.best_metric} so far -> best.pt" if best else "",
         )
+        if metrics["skipped_steps"]:
+            log.warning(
+                "epoch %d: skipped %d step(s) with a non-finite loss or gradient "
+                "(--nonfinite skip); train_loss counts the others",
+                metrics["epoch"],
+                metrics["skipped_steps"],
+            )
 
 
 def _run_dir(run: _Run) -> Path:
