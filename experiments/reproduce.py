@@ -387,6 +387,7 @@ def measure_variance(task: Task, force: bool = False) -> Path | None:
         sys.executable, "-m", "fqtorch", "variance", "--checkpoint", str(checkpoint),
         *task.variance_flags, "--quantizers", ",".join(QUANTIZERS),
         "--bits", ",".join(map(str, BITS)), "--profile", "bhq:4", "--out", str(out),
+        "--overwrite",  # an unfinished measurement's files (or, with force, a finished one's)
     ]  # fmt: skip
     print(f"measuring the variance of {task.name}'s trained QAT model", file=sys.stderr)
     subprocess.run(cmd, cwd=ROOT, check=True)

@@ -523,3 +523,29 @@ def test_cuda_layer_matches_cpu_plan(monkeypatch):
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     compare_with_cpu_plan("cuda")
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [
+        (lambda: nn.Linear(4, 3), (0, 4)),
+        (lambda: nn.Linear(4, 3), (2, 0, 4)),
+        (lambda: nn.Conv1d(2, 3, 3, padding=1), (0, 2, 5)),
+        (lambda: nn.Conv2d(2, 3, 3, stride=2), (0, 2, 6, 6)),
+        (lambda: nn.Conv2d(2, 3, 3, padding=1, padding_mode="reflect"), (0, 2, 6, 6)),
+    ],
+)
+@pytest.mark.parametrize("backend", ["simulate", "int8"])
+def test_an_empty_batch_runs_like_the_float_layer(make, shape, backend):
+    """nn.Linear and nn.Conv take an empty batch; so do their FQT layers (it failed reshaping
+    the empty gradient into quantizer rows): an empty output, zero weight gradients."""
+    base = make()
+    fqt = quantize_model(
+        nn.Sequential(copy.deepcopy(base)), FQTConfig.preset("bhq5", backend=backend)
+    )
+    x = torch.zeros(shape, requires_grad=True)
+    out, ref = fqt(x), base(x)
+    assert out.shape == ref.shape
+    out.sum().backward()
+    assert x.grad.shape == x.shape
+    assert not fqt[0].weight.grad.any()

@@ -47,3 +47,28 @@ def test_variance_grad_rounding_reaches_every_configuration(tmp_path, monkeypatc
     assert seen == ["nearest", "nearest"]
     results = json.loads((tmp_path / "v" / "variance.json").read_text())["results"]
     assert [r["rounding"] for r in results] == ["nearest", "nearest"]
+
+
+def test_variance_and_plan_keep_earlier_results_unless_overwrite(tmp_path, capsys):
+    """A second measurement into the same --out is refused before any work, and replaces every
+    earlier file with --overwrite (a profile left from the earlier run would describe another
+    measurement)."""
+    out = tmp_path / "v"
+    args = ["variance", "--quantizers", "ptq", "--bits", "4", "--batch-size", "16",
+            "--batches", "2", "--samples", "4", "--out", str(out)]  # fmt: skip
+    assert main([*args, "--profile-samples", "2"]) == 0
+    assert (out / "variance_profile.png").exists()
+    before = (out / "variance.json").read_bytes()
+    capsys.readouterr()
+    assert main([*args, "--profile", "none"]) == 2
+    assert "already holds results" in capsys.readouterr().err
+    assert (out / "variance.json").read_bytes() == before
+    assert main([*args, "--profile", "none", "--overwrite"]) == 0
+    assert not (out / "variance_profile.png").exists()
+    plan = ["plan", "--bits", "4,8", "--batch-size", "16", "--batches", "2", "--samples", "2",
+            "--quantizers", "psq", "--out", str(tmp_path / "p")]  # fmt: skip
+    assert main(plan) == 0
+    capsys.readouterr()
+    assert main(plan) == 2
+    assert "already holds results (plan.json)" in capsys.readouterr().err
+    assert main([*plan, "--overwrite"]) == 0

@@ -249,7 +249,7 @@ def test_plan_for_a_trained_checkpoint(plan_file, tmp_path, capsys):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a checkpoint")
     capsys.readouterr()
-    assert fqtorch_main("plan", *TINY, "--checkpoint", bad, "--out", out) == 2
+    assert fqtorch_main("plan", *TINY, "--checkpoint", bad, "--out", tmp_path / "p2") == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "bad.pt" in err[0], err
 

@@ -145,6 +145,17 @@ def test_run_header(tmp_path, info_logs):
     assert "checkpoint.pt every epoch and every 7 steps; best.pt by val_acc" in text
 
 
+def test_run_header_names_formats_without_bits():
+    """A format's width is its own (MXFP4 is 4-bit whatever grad_bits says): the header names the
+    format alone, where it used to print the unused grad_bits (\"mxfp4 8-bit\")."""
+    from fqtorch.train import TrainConfig
+    from fqtorch.train.loop import _describe_fqt
+
+    line = _describe_fqt(TrainConfig(preset="mxfp4_rht_sr"))
+    assert "input mxfp8, weight mxfp8; grad_output mxfp4, weight-gradient branch mxfp4," in line
+    assert "-bit" not in line
+
+
 class TestExactResume:
     """A run stopped within an epoch and resumed ends bit-identical to the uninterrupted run,
     and the resumed process ran only the steps that were left."""

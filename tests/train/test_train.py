@@ -179,15 +179,23 @@ class TestErrors:
         if not torch.cuda.is_available():
             assert "CUDA is not available" in error("--device", "cuda", "--out", x)
         for flag, value, message in [
-            ("--lr", "-1", "--lr: lr must be > 0, got -1.0"),
-            ("--lr", "nan", "--lr: lr must be > 0, got nan"),
-            ("--momentum", "-1", "--momentum: momentum must be >= 0"),
-            ("--weight-decay", "-1", "--weight-decay: weight_decay must be >= 0"),
-            ("--warmup-epochs", "-1", "--warmup-epochs: warmup_epochs must be >= 0"),
+            ("--lr", "-1", "--lr: lr must be a finite number > 0, got -1.0"),
+            ("--lr", "nan", "--lr: lr must be a finite number > 0, got nan"),
+            ("--lr", "inf", "--lr: lr must be a finite number > 0, got inf"),
+            ("--momentum", "-1", "--momentum: momentum must be a finite number >= 0"),
+            ("--weight-decay", "inf", "--weight-decay: weight_decay must be a finite number >= 0"),
+            (
+                "--warmup-epochs",
+                "-1",
+                "--warmup-epochs: warmup_epochs must be a finite number >= 0",
+            ),
+            ("--warmup-epochs", "inf", "--warmup-epochs: warmup_epochs must be a finite number"),
             ("--label-smoothing", "1", "--label-smoothing: label_smoothing must be in [0, 1)"),
             ("--block-size", "0", "--block-size: block_size must be >= 1"),
             ("--max-steps-per-epoch", "0", "max_steps_per_epoch must be >= 1"),
-            ("--device", "tpu", "--device: device must be auto or a torch device"),
+            ("--device", "tpu", "--device: device must be auto, cpu, cuda or cuda:N"),
+            ("--device", "meta", "--device: device must be auto, cpu, cuda or cuda:N"),
+            ("--device", "mps", "--device: device must be auto, cpu, cuda or cuda:N"),
         ]:
             assert message in error(flag, value, "--out", x), (flag, value)
         assert "this run has one; start it with torchrun" in error("--fsdp", "--out", x)
@@ -362,6 +370,27 @@ class TestCheckpoint:
             assert raised.value is exc
             assert load_checkpoint(path)["step"] == 3
             assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+        # torch's zip writer reports a full disk as a RuntimeError: one line, old file kept
+        full = RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64")
+        monkeypatch.setattr(torch, "save", lambda obj, f: fail_halfway(obj, f, full))
+        with pytest.raises(
+            CheckpointError, match=r"could not write .*ck.pt \(\[enforce.*disk full"
+        ):
+            save_checkpoint({**state, "step": 4}, path)
+        assert load_checkpoint(path)["step"] == 3
+        assert [p.name for p in tmp_path.iterdir()] == ["ck.pt"]
+
+    def test_a_checkpoint_with_malformed_entries_is_one_line(self, tmp_path, capsys):
+        out = tmp_path / "run"
+        args = ("--epochs", "1", "--max-steps-per-epoch", "2", "--quiet")
+        assert fqtorch_main("train", *args, "--out", out) == 0
+        state = load_checkpoint(out / "checkpoint.pt")
+        for broken in ({"optimizer": {}}, {"epoch": "two"}):
+            save_checkpoint({**state, **broken}, out / "checkpoint.pt")
+            capsys.readouterr()
+            assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 2
+            err = capsys.readouterr().err
+            assert "is not a complete fqtorch checkpoint" in err and "Traceback" not in err
 
     def test_truncated_and_foreign(self, tmp_path):
         path = tmp_path / "ck.pt"

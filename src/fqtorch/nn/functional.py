@@ -4,6 +4,7 @@ plan. The GEMMs run on the plan's backend (:mod:`fqtorch.backends`)."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .. import backends
@@ -35,7 +36,10 @@ def fqt_linear(
     generator: torch.Generator | None = None,
     name: str = "",
 ) -> Tensor:
-    """``F.linear`` under an FQT plan; ``input`` is ``(*, in_features)``."""
+    """``F.linear`` under an FQT plan; ``input`` is ``(*, in_features)``. An empty batch has
+    nothing to quantize: it runs as ``F.linear`` (an empty output, zero weight gradients)."""
+    if input.numel() == 0:
+        return F.linear(input, weight, bias)
     flat = input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input  # (M, in)
     output = backends.linear(flat, weight, bias, _source(plan, generator), name)  # (M, out)
     if input.dim() == 2:
@@ -54,5 +58,8 @@ def fqt_conv(
     generator: torch.Generator | None = None,
     name: str = "",
 ) -> Tensor:
-    """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``."""
+    """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``. An
+    empty batch runs as the float convolution (nothing to quantize)."""
+    if input.numel() == 0:
+        return ops.output(ops.prepare(input), weight, bias)
     return backends.conv(input, weight, bias, ops, _source(plan, generator), name)

@@ -113,7 +113,31 @@ def add_variance_parser(sub: Any) -> None:
     )
     p.add_argument("--device", default="cpu")
     p.add_argument("--block-size", type=int, default=64)
-    p.add_argument("--out", default="runs/variance", metavar="DIR")
+    p.add_argument("--out", default="runs/variance", metavar="DIR", help="(default: %(default)s)")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results already in --out (without it they are kept: a new --out)",
+    )
+
+
+# What a measurement writes in --out (variance_details.json last: the sign that it finished).
+VARIANCE_OUTPUTS = (
+    "variance.json",
+    "variance_vs_bits.png",
+    "variance_profile.png",
+    "variance_details.json",
+)
+
+
+def check_overwrite(out: Path, outputs: tuple[str, ...], overwrite: bool) -> None:
+    """Refuse to write over an earlier run's results in ``out`` unless ``--overwrite``."""
+    held = [name for name in outputs if (out / name).exists()]
+    if held and not overwrite:
+        raise ValueError(
+            f"--out {out} already holds results ({', '.join(held)}); name another --out, or "
+            "pass --overwrite to replace them"
+        )
 
 
 def _grad_fields(name: str, bits: int) -> dict[str, Any]:
@@ -296,6 +320,7 @@ def run_variance(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a directory for the results")
+    check_overwrite(out, VARIANCE_OUTPUTS, args.overwrite)
     start = time.perf_counter()
 
     gen = torch.Generator().manual_seed(args.seed)
@@ -311,6 +336,8 @@ def run_variance(args: argparse.Namespace) -> int:
             f"{len(spec.train)} training samples"
         )
     out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be good
+    for name in VARIANCE_OUTPUTS:  # --overwrite: none of the earlier run's files stays behind
+        (out / name).unlink(missing_ok=True)
     device = torch.device(args.device)
     batches = []
     for x, y in loader:

@@ -18,7 +18,7 @@ from ..cli import _tqdm_progress
 from ..config import FQTConfig
 from ..convert import quantize_model
 from ..quantizers.base import is_registered, list_quantizers
-from .cli import _conversion_summary_said, _loss, _model_and_data, _parse_list
+from .cli import _conversion_summary_said, _loss, _model_and_data, _parse_list, check_overwrite
 from .plan import plan_precision
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,12 @@ def add_plan_parser(sub: Any) -> None:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--device", default="cpu")
         p.add_argument("--block-size", type=int, default=64)
-        p.add_argument("--out", default="runs/plan", metavar="DIR")
+        p.add_argument("--out", default="runs/plan", metavar="DIR", help="(default: %(default)s)")
+        p.add_argument(
+            "--overwrite",
+            action="store_true",
+            help="replace a plan.json already in --out (without it, it is kept: a new --out)",
+        )
         p.add_argument(
             "--checkpoint",
             help="a checkpoint.pt of fqtorch train: plan for that trained model (default: a "
@@ -99,6 +104,7 @@ def run_plan(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a directory for plan.json")
+    check_overwrite(out, ("plan.json",), args.overwrite)
     if args.batch_size is None:
         from ..train.config import DATASET_DEFAULTS
 

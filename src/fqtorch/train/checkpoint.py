@@ -34,6 +34,12 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except RuntimeError as exc:  # torch's writer reports a short write (a full disk) this way
+        Path(tmp).unlink(missing_ok=True)
+        raise CheckpointError(
+            f"could not write {path} ({str(exc).splitlines()[0]}): is the disk full? The "
+            f"previous {path.name}, if any, is kept"
+        ) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -176,11 +177,11 @@ class TrainConfig:
     def _check_ranges(self) -> None:
         """Numbers a run could take without failing but would train wrongly with, refused with
         the option named (after the dataset's defaults are filled in)."""
-        if not self.lr > 0:  # also NaN
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 < self.lr < math.inf:  # also NaN
+            raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         for name in ("momentum", "weight_decay", "warmup_epochs"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:
+                raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("block_size", "image_size"):
@@ -194,12 +195,14 @@ class TrainConfig:
             import torch
 
             try:
-                torch.device(self.device)
+                kind = torch.device(self.device).type
             except RuntimeError:
+                kind = None
+            if kind not in ("cpu", "cuda"):
                 raise ValueError(
-                    "device must be auto or a torch device (cpu, cuda, cuda:N, ...), "
+                    f"device must be auto, cpu, cuda or cuda:N (what fqtorch train runs on), "
                     f"got {self.device!r}"
-                ) from None
+                )
 
     def _check_types(self) -> None:
         """Every option of the type its field declares (a config file can hold anything): a

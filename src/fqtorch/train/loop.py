@@ -442,6 +442,13 @@ def _is_better(metric: str, value: float, best: float | None) -> bool:
     return value > best if metric == "val_acc" else value < best
 
 
+def _width(quantizer: str | None, bits: int) -> str:
+    """``psq 4-bit``; a format's own name alone (its width is the format's, not ``bits``)."""
+    from ..quantizers.formats import is_format
+
+    return str(quantizer) if quantizer and is_format(quantizer) else f"{quantizer} {bits}-bit"
+
+
 def _describe_fqt(cfg: TrainConfig) -> str:
     """The quantization plan in one line, for the run header."""
     fqt = cfg.fqt_config()
@@ -454,13 +461,14 @@ def _describe_fqt(cfg: TrainConfig) -> str:
         grad = "gradients exact (QAT)"
     else:
         grad = (
-            f"grad_output {fqt.grad_quantizer} {fqt.grad_bits}-bit, weight-gradient branch "
-            f"{fqt.grad_weight_quantizer} {fqt.grad_weight_bits}-bit, {fqt.grad_rounding} rounding"
+            f"grad_output {_width(fqt.grad_quantizer, fqt.grad_bits)}, weight-gradient branch "
+            f"{_width(fqt.grad_weight_quantizer, fqt.grad_weight_bits)}, "
+            f"{fqt.grad_rounding} rounding"
             + (f", {fqt.grad_transform} transform first" if fqt.grad_transform else "")
         )
     return (
-        f"{name}: input {fqt.input_quantizer} {fqt.input_bits}-bit, weight "
-        f"{fqt.weight_quantizer} {fqt.weight_bits}-bit; {grad}; backend {fqt.backend}"
+        f"{name}: input {_width(fqt.input_quantizer, fqt.input_bits)}, weight "
+        f"{_width(fqt.weight_quantizer, fqt.weight_bits)}; {grad}; backend {fqt.backend}"
         + (", fused" if fqt.fused else "")
     )
 
@@ -589,6 +597,15 @@ class _Run:
 
     def restore(self, path: Path) -> None:
         """Continue the run saved in ``path``; refuse one this run's config cannot continue."""
+        try:
+            self._restore(path)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # malformed entries
+            raise CheckpointError(
+                f"{path} is not a complete fqtorch checkpoint ({type(exc).__name__}: {exc}); "
+                "resume from best.pt copied over it, or start a new run"
+            ) from exc
+
+    def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         saved = json.loads(state.get("config", "{}"))
         for key in SAME_ON_RESUME:
