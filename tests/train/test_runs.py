@@ -350,3 +350,16 @@ def test_signal_in_a_real_process(tmp_path, signum):
     )
     assert epoch < 50
     assert torch.isfinite(torch.cat([p.flatten() for p in state["model"].values()])).all()
+
+
+def test_ctrl_c_while_starting_up_is_one_line(monkeypatch, capsys):
+    """Ctrl-C before the command runs (building the parser, importing): exit 130 and one line,
+    not a KeyboardInterrupt traceback."""
+    from fqtorch import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)
+    assert cli.main(["train"]) == 130
+    assert capsys.readouterr().err == "fqtorch: interrupted\n"

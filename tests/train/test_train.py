@@ -391,6 +391,13 @@ class TestCheckpoint:
             assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 2
             err = capsys.readouterr().err
             assert "is not a complete fqtorch checkpoint" in err and "Traceback" not in err
+        first = next(iter(state["model"]))
+        model = {k: v for k, v in state["model"].items() if k != first}
+        save_checkpoint({**state, "model": model}, out / "checkpoint.pt")
+        capsys.readouterr()
+        assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 2
+        err = capsys.readouterr().err
+        assert "does not fit model digits_cnn: Missing key(s)" in err and first in err, err
 
     def test_truncated_and_foreign(self, tmp_path):
         path = tmp_path / "ck.pt"

@@ -218,6 +218,14 @@ def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> tuple[nn.Modu
     return model.to(rt.device), None
 
 
+def _state_dict_error(exc: RuntimeError, limit: int = 300) -> str:
+    """``load_state_dict``'s error on one line: which keys are missing, unexpected or of another
+    size (its first line only says that loading failed)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    text = " ".join(lines[1:]) or (lines[0] if lines else "")
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _check_plan_conditions(plan: Any, cfg: TrainConfig, fqt_config: Any) -> None:
     """Warn (one line) when a bits plan was measured at another batch size or forward
     quantization: the variances it balanced scale with both."""
@@ -643,8 +651,9 @@ class _Run:
         try:
             self._load_states(state["model"], state["optimizer"])
         except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise CheckpointError(f"{path} does not fit model {self.cfg.model}: {first}") from exc
+            raise CheckpointError(
+                f"{path} does not fit model {self.cfg.model}: {_state_dict_error(exc)}"
+            ) from exc
         self.scheduler.load_state_dict(state["scheduler"])
         if self.precision is not None and state.get("precision"):
             self.precision.load_state_dict(state["precision"])  # the bits it had reached
