@@ -72,3 +72,9 @@ def test_variance_and_plan_keep_earlier_results_unless_overwrite(tmp_path, capsy
     assert main(plan) == 2
     assert "already holds results (plan.json)" in capsys.readouterr().err
     assert main([*plan, "--overwrite"]) == 0
+
+
+def test_variance_full_batches_must_be_positive(tmp_path, capsys):
+    assert main(["variance", "--full-batches", "0", "--out", str(tmp_path / "v")]) == 2
+    assert "--full-batches must be >= 1" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists()

@@ -60,6 +60,18 @@ class TestEndToEnd:
         assert 0 < final["val_acc"] <= 1 and final["val_loss"] > 0
         assert final["best"]["metric"] == "val_loss"  # perplexity, not character accuracy
 
+    def test_config_files_that_are_not_text_or_not_a_mapping(self, tmp_path):
+        from fqtorch.train import load_config_file
+
+        latin = tmp_path / "latin.yaml"
+        latin.write_bytes(b"preset: bhq5  # caf\xe9\n")
+        with pytest.raises(ValueError, match=r"latin.yaml is not UTF-8 text .*save it as UTF-8"):
+            load_config_file(latin)
+        with pytest.raises(ValueError, match="is a directory; name a .yaml"):
+            load_config_file(tmp_path)
+        with pytest.raises(ValueError, match="fqt must be a mapping of FQTConfig fields"):
+            TrainConfig.from_dict({"fqt": [1]})
+
     def test_config_file_and_flag_override(self, tmp_path):
         cfg = tmp_path / "cfg.yaml"
         cfg.write_text("epochs: 3\nlr: 0.02\ngrad_quantizer: psq\ngrad_bits: 4\npreset: qat\n")

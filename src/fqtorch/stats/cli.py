@@ -313,6 +313,8 @@ def run_variance(args: argparse.Namespace) -> int:
     check_test_parameters(args.samples, args.alpha)  # the error names the flag (fqtorch.cli)
     if args.batches < 1:
         raise ValueError(f"--batches must be >= 1, got {args.batches}")
+    if args.full_batches is not None and args.full_batches < 1:
+        raise ValueError(f"--full-batches must be >= 1 (or left out: all), got {args.full_batches}")
     profile_choice = _profile_choice(args.profile, quantizers, bits)  # checked before the grid
     if profile_choice is not None and args.profile_samples < 2:
         raise ValueError(f"--profile-samples must be >= 2, got {args.profile_samples}")

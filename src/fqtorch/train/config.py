@@ -259,7 +259,13 @@ class TrainConfig:
         unknown = sorted(set(values) - names - set(FQT_FIELDS))
         if unknown:
             raise ValueError(f"unknown config keys {unknown}; known: {', '.join(sorted(names))}")
-        fqt = dict(values.get("fqt") or {})
+        nested = values.get("fqt") or {}
+        if not isinstance(nested, dict):
+            raise ValueError(
+                f"fqt must be a mapping of FQTConfig fields to values (e.g. {{grad_bits: 4}}), "
+                f"got {nested!r}"
+            )
+        fqt = dict(nested)  # a top-level field (a flag) takes precedence over fqt's
         fqt.update({k: v for k, v in values.items() if k in FQT_FIELDS})
         plain = {k: v for k, v in values.items() if k in names and k != "fqt"}
         return cls(**plain, fqt=fqt)
@@ -269,9 +275,15 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML (``.yaml``/``.yml``) or JSON config file into a dict; a file that does not
     parse is a ``ValueError`` naming the file, line and column."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {path} is a directory; name a .yaml, .yml or .json file")
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {path} is not UTF-8 text ({exc.reason} at byte "
+                         f"{exc.start}); save it as UTF-8 YAML or JSON") from None  # fmt: skip
     if path.suffix in (".yaml", ".yml"):
         import yaml
 
