@@ -6,7 +6,8 @@ import argparse
 import logging
 import os
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 from .config import BACKENDS, FQTConfig
@@ -18,13 +19,31 @@ __all__ = ["main"]
 log = logging.getLogger("fqtorch")
 
 
+# Where stderr is not a terminal (a log file, CI, a batch job), progress is a log line at most
+# this often instead of a bar.
+LOG_PROGRESS_EVERY_S = 60.0
+
+
 def _tqdm_progress(iterable: Iterable, total: int, description: str) -> Iterable:
+    if not sys.stderr.isatty():
+        return _logged_progress(iterable, total, description, LOG_PROGRESS_EVERY_S)
     from tqdm.auto import tqdm
 
-    # disable=None: no bar when stderr is not a terminal (CI logs stay clean).
-    return tqdm(
-        iterable, total=total, desc=description, leave=False, disable=None, dynamic_ncols=True
-    )
+    return tqdm(iterable, total=total, desc=description, leave=False, dynamic_ncols=True)
+
+
+def _logged_progress(
+    iterable: Iterable, total: int, description: str, every: float
+) -> Iterator[Any]:
+    """The items of ``iterable``, logging ``description: i/total (s)`` at most every ``every``
+    seconds (never after the last item: the caller reports that)."""
+    start = last = time.monotonic()
+    for done, item in enumerate(iterable, 1):
+        yield item
+        now = time.monotonic()
+        if now - last >= every and done < total:
+            log.info("%s: %d/%d (%.0f s)", description, done, total, now - start)
+            last = now
 
 
 def _dataset_defaults(flag: str) -> str:

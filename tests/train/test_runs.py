@@ -363,3 +363,19 @@ def test_ctrl_c_while_starting_up_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", interrupted)
     assert cli.main(["train"]) == 130
     assert capsys.readouterr().err == "fqtorch: interrupted\n"
+
+
+def test_progress_is_logged_where_stderr_is_no_terminal(tmp_path, info_logs, monkeypatch):
+    """A log file gets a progress line at most every LOG_PROGRESS_EVERY_S (here: every step)
+    instead of a bar, never past the last step; --quiet gets none."""
+    from fqtorch import cli
+
+    monkeypatch.setattr(cli, "LOG_PROGRESS_EVERY_S", 0.0)
+    args = ("train", "--epochs", "1", "--max-steps-per-epoch", "3")
+    assert fqtorch_main(*args, "--out", tmp_path / "a") == 0
+    lines = [r.getMessage() for r in info_logs.records if "epoch 1/1: " in r.getMessage()]
+    assert [line.split(" (")[0] for line in lines[:2]] == ["epoch 1/1: 1/3", "epoch 1/1: 2/3"]
+    assert not any(line.startswith("epoch 1/1: 3/3") for line in lines)
+    info_logs.clear()
+    assert fqtorch_main(*args, "--quiet", "--out", tmp_path / "b") == 0
+    assert not any(": 1/3 (" in r.getMessage() for r in info_logs.records)
