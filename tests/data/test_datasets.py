@@ -333,3 +333,12 @@ def test_cifar_batches_as_python_2_numpy_wrote_them_load(tmp_path):
         (root / name).write_bytes(raw)
     spec = build_datasets("cifar10", root)
     assert len(spec.train) + len(spec.val) == 18
+
+
+def test_cifar_batches_at_pickle_protocol_5_load(tmp_path):
+    """Protocol 5 (Python 3.14's default) rebuilds numpy arrays with ``_frombuffer``."""
+    root = write_cifar(tmp_path / "p5")
+    for name in ("data_batch_1", "data_batch_2", "test_batch"):
+        batch = pickle.loads((root / name).read_bytes())
+        (root / name).write_bytes(pickle.dumps(batch, protocol=5))
+    assert len(build_datasets("cifar10", root).train) > 0

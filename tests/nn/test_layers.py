@@ -549,3 +549,15 @@ def test_an_empty_batch_runs_like_the_float_layer(make, shape, backend):
     out.sum().backward()
     assert x.grad.shape == x.shape
     assert not fqt[0].weight.grad.any()
+
+
+def test_an_empty_batch_under_autocast_keeps_the_input_dtype():
+    """Under autocast the FQT layers return the input's dtype (float32 for float32
+    activations); an empty batch too, not autocast's bf16."""
+    fqt = quantize_model(
+        nn.Sequential(nn.Linear(4, 3), nn.Unflatten(1, (3, 1, 1)), nn.Conv2d(3, 2, 1)),
+        FQTConfig.preset("bhq5"),
+    )
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert fqt(torch.randn(2, 4)).dtype == torch.float32
+        assert fqt(torch.randn(0, 4)).dtype == torch.float32

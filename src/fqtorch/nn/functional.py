@@ -38,8 +38,8 @@ def fqt_linear(
 ) -> Tensor:
     """``F.linear`` under an FQT plan; ``input`` is ``(*, in_features)``. An empty batch has
     nothing to quantize: it runs as ``F.linear`` (an empty output, zero weight gradients)."""
-    if input.numel() == 0:
-        return F.linear(input, weight, bias)
+    if input.numel() == 0:  # in the input's dtype, as the FQT path returns (autocast too)
+        return F.linear(input, weight, bias).to(input.dtype)
     flat = input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input  # (M, in)
     output = backends.linear(flat, weight, bias, _source(plan, generator), name)  # (M, out)
     if input.dim() == 2:
@@ -61,5 +61,5 @@ def fqt_conv(
     """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``. An
     empty batch runs as the float convolution (nothing to quantize)."""
     if input.numel() == 0:
-        return ops.output(ops.prepare(input), weight, bias)
+        return ops.output(ops.prepare(input), weight, bias).to(input.dtype)
     return backends.conv(input, weight, bias, ops, _source(plan, generator), name)

@@ -21,6 +21,8 @@ from .errors import CheckpointError
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 REQUIRED_KEYS = ("model", "optimizer", "scheduler", "epoch", "step", "rng")
+# How torch's zip writer reports a write that did not complete (a full disk, a quota).
+_SHORT_WRITE = ("unexpected pos", "file write failed")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
@@ -34,8 +36,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except RuntimeError as exc:  # torch's writer reports a short write (a full disk) this way
+    except RuntimeError as exc:
         Path(tmp).unlink(missing_ok=True)
+        if not any(sign in str(exc) for sign in _SHORT_WRITE):
+            raise
         raise CheckpointError(
             f"could not write {path} ({str(exc).splitlines()[0]}): is the disk full? The "
             f"previous {path.name}, if any, is kept"

@@ -25,6 +25,7 @@ Outputs (rank 0): see :func:`train`.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 import itertools
@@ -212,10 +213,25 @@ def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> tuple[nn.Modu
         plan = load_plan(cfg.bits_plan)
         model = plan.apply(model, fqt_config)
         _check_plan_conditions(plan, cfg, fqt_config)
-        return model.to(rt.device), json.dumps(plan.to_dict(), sort_keys=True)
+        choices = [[layer.name, *layer.choice("grad"), *layer.choice("grad_weight")]
+                   for layer in plan.layers]  # fmt: skip
+        return model.to(rt.device), json.dumps(choices)
     if fqt_config is not None:
         model = fqtorch.quantize_model(model, fqt_config)
     return model.to(rt.device), None
+
+
+@contextlib.contextmanager
+def _malformed(path: Path, what: str) -> Iterator[None]:
+    """A checkpoint entry of the wrong type or shape: one line naming the file and the entry
+    (torch's loaders raise KeyError, TypeError or ValueError on them)."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path}: {what} is malformed ({type(exc).__name__}: {exc}); the file was not "
+            "written by fqtorch train or was changed since: start a new run"
+        ) from exc
 
 
 def _state_dict_error(exc: RuntimeError, limit: int = 300) -> str:
@@ -582,7 +598,7 @@ class _Run:
             "best": dict(self.best),
             "config": json.dumps(self.cfg.to_dict()),
             "precision": self._precision_state(),
-            "bits_plan": self.bits_plan,  # the plan's contents: its file may change later
+            "bits_plan": self.bits_plan,  # the plan's choices: its file may change later
         }
 
     def _precision_state(self) -> dict[str, Any] | None:
@@ -595,7 +611,9 @@ class _Run:
         return state
 
     def save(self, best: bool = False) -> None:
-        """Write ``checkpoint.pt`` (and ``best.pt``, first); every rank must call it."""
+        """Write ``checkpoint.pt`` (and ``best.pt``, first); every rank must call it. Refuses
+        (``TrainingError``) to keep non-finite weights: the last checkpoint stays good."""
+        self._check_weights_finite()
         state = self.checkpoint_state()
         if self.rt.main:
             if best:
@@ -605,15 +623,6 @@ class _Run:
 
     def restore(self, path: Path) -> None:
         """Continue the run saved in ``path``; refuse one this run's config cannot continue."""
-        try:
-            self._restore(path)
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:  # malformed entries
-            raise CheckpointError(
-                f"{path} is not a complete fqtorch checkpoint ({type(exc).__name__}: {exc}); "
-                "resume from best.pt copied over it, or start a new run"
-            ) from exc
-
-    def _restore(self, path: Path) -> None:
         state = load_checkpoint(path)
         saved = json.loads(state.get("config", "{}"))
         for key in SAME_ON_RESUME:
@@ -629,8 +638,9 @@ class _Run:
                 "file changed since the run started); put the run's plan back in that file to "
                 "continue, or start a new run with this plan"
             )
-        epoch, step = int(state["epoch"]), int(state["step"])
-        epoch_step = int(state.get("epoch_step", 0))
+        with _malformed(path, "its epoch and step counts"):
+            epoch, step = int(state["epoch"]), int(state["step"])
+            epoch_step = int(state.get("epoch_step", 0))
         if self.cfg.epochs < epoch + (epoch_step > 0):
             raise CheckpointError(
                 f"{path} has done {epoch} epochs{' and part of the next' if epoch_step else ''}; "
@@ -649,8 +659,11 @@ class _Run:
                 f"{self.steps_per_epoch} steps (--max-steps-per-epoch or --batch-size changed?)"
             )
         try:
-            self._load_states(state["model"], state["optimizer"])
+            with _malformed(path, "its model or optimizer state"):
+                self._load_states(state["model"], state["optimizer"])
         except RuntimeError as exc:
+            if isinstance(exc, CheckpointError):
+                raise
             raise CheckpointError(
                 f"{path} does not fit model {self.cfg.model}: {_state_dict_error(exc)}"
             ) from exc
@@ -1007,7 +1020,7 @@ class _Run:
             if every and self.step % every == 0 and self.epoch_step < self.steps_per_epoch:
                 self.save()  # the end of the epoch has its own checkpoint, after evaluating
         total, count, skipped = _all_reduce(self.sums, self.rt)
-        self._check_weights_finite()
+        skipped /= self.rt.world  # every rank counts each skipped step (they all skip it)
         val_loss, val_acc = _evaluate(self.model, self.val_loader, self.rt, self.cfg.fsdp)
         self.epoch += 1
         self.epoch_step = 0
@@ -1025,14 +1038,24 @@ class _Run:
 
     def _check_weights_finite(self) -> None:
         """Stop before a checkpoint would keep non-finite weights: a finite gradient can still
-        step them past float range, after which ``--nonfinite skip`` would skip every step."""
-        tensors = itertools.chain(self.model.parameters(), self.model.buffers())
+        step them past float range, after which ``--nonfinite skip`` would skip every step. The
+        parameters and BatchNorm's running statistics (other buffers may hold ``-inf`` on
+        purpose, as attention masks do)."""
+        stats = (
+            t
+            for m in self.model.modules()
+            if isinstance(m, nn.modules.batchnorm._NormBase)
+            for t in (m.running_mean, m.running_var)
+            if t is not None
+        )
+        tensors = itertools.chain(self.model.parameters(), stats)
         bad = sum(not bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
         if _all_reduce([float(bad)], self.rt)[0]:  # FSDP: each rank holds a shard
             last = f"; the last checkpoint is at {self.saved_at}" if self.saved_at else ""
             raise TrainingError(
-                f"the weights or BatchNorm statistics are no longer finite in epoch "
-                f"{self.epoch + 1} (a step too large for them){last}. Lower --lr or raise the bits."
+                "the weights or BatchNorm statistics are no longer finite at "
+                f"{_where(self.epoch, self.step, self.epoch_step)} (a step too large for them)"
+                f"{last}. Lower --lr or raise the bits."
             )
 
     def end_epoch(self, metrics: dict[str, Any]) -> None:
