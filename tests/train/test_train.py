@@ -190,6 +190,8 @@ class TestErrors:
         )
         if not torch.cuda.is_available():
             assert "CUDA is not available" in error("--device", "cuda", "--out", x)
+        if not torch.backends.mps.is_available():
+            assert "mps is not available here" in error("--device", "mps", "--out", x)
         for flag, value, message in [
             ("--lr", "-1", "--lr: lr must be a finite number > 0, got -1.0"),
             ("--lr", "nan", "--lr: lr must be a finite number > 0, got nan"),
@@ -205,9 +207,8 @@ class TestErrors:
             ("--label-smoothing", "1", "--label-smoothing: label_smoothing must be in [0, 1)"),
             ("--block-size", "0", "--block-size: block_size must be >= 1"),
             ("--max-steps-per-epoch", "0", "max_steps_per_epoch must be >= 1"),
-            ("--device", "tpu", "--device: device must be auto, cpu, cuda or cuda:N"),
-            ("--device", "meta", "--device: device must be auto, cpu, cuda or cuda:N"),
-            ("--device", "mps", "--device: device must be auto, cpu, cuda or cuda:N"),
+            ("--device", "tpu", "--device: device must be auto, cpu, cuda, cuda:N"),
+            ("--device", "meta", "--device: device must be auto, cpu, cuda, cuda:N"),
         ]:
             assert message in error(flag, value, "--out", x), (flag, value)
         assert "this run has one; start it with torchrun" in error("--fsdp", "--out", x)

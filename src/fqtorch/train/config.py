@@ -198,10 +198,10 @@ class TrainConfig:
                 kind = torch.device(self.device).type
             except RuntimeError:
                 kind = None
-            if kind not in ("cpu", "cuda"):
+            if kind not in ("cpu", "cuda", "mps", "xpu"):
                 raise ValueError(
-                    f"device must be auto, cpu, cuda or cuda:N (what fqtorch train runs on), "
-                    f"got {self.device!r}"
+                    "device must be auto, cpu, cuda, cuda:N (or mps, xpu where present: untested "
+                    f"there), got {self.device!r}"
                 )
 
     def _check_types(self) -> None:

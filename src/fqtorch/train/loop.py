@@ -98,6 +98,10 @@ def _setup_runtime(device: str) -> Runtime:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {device}: CUDA is not available here (use cpu or auto)")
+    for kind in ("mps", "xpu"):
+        backend = getattr(torch, kind, None) if kind == "xpu" else torch.backends.mps
+        if device.startswith(kind) and not (backend is not None and backend.is_available()):
+            raise ValueError(f"--device {device}: {kind} is not available here (use cpu or auto)")
     if world > 1:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device.startswith("cuda"):
