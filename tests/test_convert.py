@@ -613,14 +613,18 @@ def test_import_is_cheap():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_a_bare_layer_is_returned_converted_and_the_caller_is_told():
+def test_a_bare_layer_is_returned_converted_and_the_summary_says_so(caplog):
     """quantize_model cannot swap the object it was given: a bare layer comes back as its FQT
-    layer, and the warning says the object passed in stays float (it did so silently)."""
+    layer, and the logged summary says the object passed in stays float (it said nothing)."""
     layer = nn.Linear(4, 3)
-    with pytest.warns(UserWarning, match="the object passed in stays float") as caught:
+    with caplog.at_level(logging.INFO, logger="fqtorch"):
         fqt = quantize_model(layer, FQTConfig.preset("bhq5"))
-    assert caught[0].filename == __file__
+    assert "use the returned FQTLinear (the object passed in stays float)" in caplog.text
     assert type(layer) is nn.Linear and type(fqt).__name__ == "FQTLinear"
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fqtorch"):
+        quantize_model(nn.Sequential(nn.Linear(4, 3)), FQTConfig.preset("bhq5"))
+    assert "passed in stays float" not in caplog.text
 
 
 def test_check_finite_must_be_a_bool():

@@ -29,7 +29,6 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -49,7 +48,6 @@ from .nn.modules import (
     FQTModule,
     FQTTransposedLinear,
 )
-from .quantizers.callers import user_stacklevel
 
 __all__ = [
     "ConversionSummary",
@@ -617,15 +615,13 @@ def quantize_model(
         raise ValueError(_nothing_converted(model, entries, candidates, tables))
     already = tuple(e.name for e in entries if e.kind == "fqt")
     notes = _keep_fqt_layers_called(root) + _conversion_notes(entries, converted, root)
+    if root is not model:  # not in place: only the returned object is quantized
+        notes += (
+            f"the model is itself a {type(model).__name__}, which cannot be swapped in place: "
+            f"use the returned {type(root).__name__} (the object passed in stays float)",
+        )
     summary = _summary(root, left_float, already, notes)
     log.info("%s", summary)
-    if root is not model:
-        warnings.warn(
-            f"quantize_model: the model is itself a {type(model).__name__}, which cannot be "
-            f"swapped in place; use the returned {type(root).__name__} "
-            "(model = quantize_model(model, config)): the object passed in stays float",
-            stacklevel=user_stacklevel(),
-        )
     return root
 
 
