@@ -198,7 +198,7 @@ def _a(word: str) -> str:
 
 
 def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> tuple[nn.Module, str | None]:
-    """The model, converted; and the bits plan's contents (canonical JSON) when there is one."""
+    """The model, converted; and the bits plan's per-layer choices (JSON) when there is one."""
     info = get_model_info(cfg.model)
     if info.task != spec.task:
         raise ValueError(
