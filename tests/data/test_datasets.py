@@ -342,3 +342,8 @@ def test_cifar_batches_at_pickle_protocol_5_load(tmp_path):
         batch = pickle.loads((root / name).read_bytes())
         (root / name).write_bytes(pickle.dumps(batch, protocol=5))
     assert len(build_datasets("cifar10", root).train) > 0
+
+
+def test_digits_refuses_a_data_dir_it_would_ignore(tmp_path):
+    with pytest.raises(DatasetError, match="digits is embedded .* would be ignored"):
+        build_datasets("digits", tmp_path)

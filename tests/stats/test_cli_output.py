@@ -78,3 +78,11 @@ def test_variance_full_batches_must_be_positive(tmp_path, capsys):
     assert main(["variance", "--full-batches", "0", "--out", str(tmp_path / "v")]) == 2
     assert "--full-batches must be >= 1" in capsys.readouterr().err
     assert not (tmp_path / "v").exists()
+
+
+def test_a_repeated_quantizer_or_bit_width_is_refused(tmp_path, capsys):
+    """``ptq,,ptq`` measured ptq twice (and drew two rows for it)."""
+    assert main(["variance", "--quantizers", "ptq,,ptq", "--out", str(tmp_path / "v")]) == 2
+    assert "--quantizers names ptq more than once" in capsys.readouterr().err
+    assert main(["plan", "--bits", "4,4", "--out", str(tmp_path / "p")]) == 2
+    assert "--bits names 4 more than once" in capsys.readouterr().err

@@ -450,6 +450,12 @@ def build_datasets(
     if path is not None and not path.exists():
         raise DatasetError(f"--data-dir {path} does not exist")
     if name == "digits":
+        if path is not None:  # it would be ignored: the data ship with scikit-learn
+            raise DatasetError(
+                f"--dataset digits is embedded (scikit-learn's); --data-dir {path} would be "
+                "ignored: leave it out, or pick a dataset that reads files (text, cifar10, "
+                "imagenet)"
+            )
         return _digits(seed)
     if name == "cifar10":
         return _cifar10(path, seed)

@@ -174,6 +174,9 @@ def _parse_list(text: str, kind: type, what: str) -> list:
         raise ValueError(f"--{what} must be a comma-separated list, got {text!r}") from exc
     if not values:
         raise ValueError(f"--{what} is empty")
+    repeated = sorted({str(v) for v in values if values.count(v) > 1})
+    if repeated:
+        raise ValueError(f"--{what} names {', '.join(repeated)} more than once")
     return values
 
 
