@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -86,3 +87,28 @@ def test_a_repeated_quantizer_or_bit_width_is_refused(tmp_path, capsys):
     assert "--quantizers names ptq more than once" in capsys.readouterr().err
     assert main(["plan", "--bits", "4,4", "--out", str(tmp_path / "p")]) == 2
     assert "--bits names 4 more than once" in capsys.readouterr().err
+
+
+def test_ctrl_c_keeps_the_configurations_measured(tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the grid: exit 130, and the configurations already measured are in
+    variance.json, marked interrupted (variance_details.json, the sign of a finished run, is
+    not written)."""
+    from fqtorch.stats import cli as stats_cli
+
+    real, calls = stats_cli._measure_config, []
+
+    def second_is_interrupted(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(stats_cli, "_measure_config", second_is_interrupted)
+    out = tmp_path / "v"
+    args = ["variance", "--quantizers", "ptq,psq", "--bits", "4", "--batch-size", "16",
+            "--batches", "2", "--samples", "4", "--out", str(out)]  # fmt: skip
+    assert main(args) == 130
+    saved = json.loads((out / "variance.json").read_text())
+    assert saved["interrupted"] == "after 1 of 2" and len(saved["results"]) == 1
+    assert not (out / "variance_details.json").exists()
+    assert "interrupted" in capsys.readouterr().err

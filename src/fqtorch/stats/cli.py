@@ -391,12 +391,31 @@ def run_variance(args: argparse.Namespace) -> int:
     configs = [
         (q, b) for q in quantizers for b in (bits[:1] if is_format(q.partition("+")[0]) else bits)
     ]
+    payload = {
+        "model": model_name,
+        "dataset": args.dataset,
+        "batch_size": args.batch_size,
+        "seed": args.seed,
+        "sampling_variance": sampling.total,
+        "results": results,
+    }
     for done, (q, b) in enumerate(configs, start=1):
         cfg = FQTConfig(
             **_grad_fields(q, b), seed=args.seed, fused=args.fused, grad_rounding=args.grad_rounding
         )
-        with _conversion_summary_said():
-            r = _measure_config(model, cfg, batches, args.samples, args.alpha)
+        try:
+            with _conversion_summary_said():
+                r = _measure_config(model, cfg, batches, args.samples, args.alpha)
+        except KeyboardInterrupt:  # keep what was measured (variance_details.json: not done)
+            if results:
+                interrupted = {**payload, "interrupted": f"after {len(results)} of {len(configs)}"}
+                (out / "variance.json").write_text(json.dumps(interrupted, indent=2) + "\n")
+                log.warning(
+                    "interrupted: the %d configuration(s) measured are in %s/variance.json",
+                    len(results),
+                    out,
+                )
+            raise
         results.append(r)
         log.info(
             "%-8s %4d %14.4g %10.3g %8.3f %8.2f %13.4g   %d/%d, %.0fs%s",
@@ -414,14 +433,6 @@ def run_variance(args: argparse.Namespace) -> int:
         )
 
     # The grid's results are on disk before the profile runs.
-    payload = {
-        "model": model_name,
-        "dataset": args.dataset,
-        "batch_size": args.batch_size,
-        "seed": args.seed,
-        "sampling_variance": sampling.total,
-        "results": results,
-    }
     (out / "variance.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     profile = None
