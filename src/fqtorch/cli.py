@@ -284,7 +284,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while starting up: nothing was written yet
         print("fqtorch: interrupted", file=sys.stderr)
         return 130
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # Under torchrun rank 0 speaks for the run; the other ranks log warnings and errors only.
+    level = logging.INFO if _rank() == 0 else logging.WARNING
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
     try:
         return _dispatch(args)
     except (

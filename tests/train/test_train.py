@@ -531,6 +531,7 @@ def test_ddp_noise_sync_and_exact_resume(tmp_path):
     full = tmp_path / "full"
     result = torchrun("-m", "fqtorch", *args, "--out", str(full))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stderr.count("FQT conversion:") == 1, result.stderr[-3000:]  # rank 0 logs
     final = json.loads((full / "final.json").read_text())
     assert final["world_size"] == 2 and len(read_metrics(full)) == 2
     a, b = final["rank_param_checksums"]
