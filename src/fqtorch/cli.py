@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -259,6 +260,23 @@ def _name_the_flag(message: str, args: argparse.Namespace, argv: Sequence[str]) 
     return message
 
 
+def _os_error_line(exc: OSError) -> str:
+    """The operating system's error on a path, said with what to do (``str(exc)`` is
+    ``[Errno 20] Not a directory: '...'``); other errors as they are."""
+    if exc.filename is None or exc.errno is None:
+        return str(exc)
+    path = exc.filename
+    if exc.errno == errno.ENOTDIR:
+        return f"{path}: part of this path is a file, not a folder; give another path"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"{path}: {exc.strerror.lower()}; give a path this user can write and read"
+    if exc.errno == errno.ENOSPC:
+        return f"{path}: no space left on the device; free some, or give a path on another disk"
+    if exc.errno == errno.ENOENT:
+        return f"{path}: no such file or folder"
+    return f"{path}: {exc.strerror}"
+
+
 def _dispatch(args: argparse.Namespace) -> int:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
@@ -298,7 +316,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrainingError,
     ) as exc:
         # Bad input and stopped runs: one clear line, not a traceback (bugs keep theirs).
-        message = _name_the_flag(str(exc), args, argv)
+        line = _os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+        message = _name_the_flag(line, args, argv)
         print(f"fqtorch {args.command}: error: {message}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:  # Ctrl-C in training: what was saved, how to resume

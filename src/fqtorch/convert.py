@@ -719,10 +719,14 @@ def generator_states(model: nn.Module) -> dict[str, Tensor]:
 def load_generator_states(
     model: nn.Module, states: dict[str, Tensor], device: torch.device | str = "cpu"
 ) -> None:
-    """Restore what :func:`generator_states` saved; unknown layer names raise ``KeyError``."""
+    """Restore what :func:`generator_states` saved; unknown layer names raise ``KeyError``.
+
+    A layer missing from ``states`` had not drawn noise when they were saved, so it is put back
+    to not having drawn any: its stream restarts from the layer's seed at its first draw.
+    """
     layers = fqt_modules(model)
     unknown = sorted(set(states) - set(layers))
     if unknown:
         raise KeyError(f"generator states for layers that are not FQT layers here: {unknown}")
-    for name, state in states.items():
-        layers[name].set_generator_state(state, torch.device(device))
+    for name, layer in layers.items():
+        layer.set_generator_state(states.get(name), torch.device(device))

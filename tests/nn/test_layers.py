@@ -338,6 +338,20 @@ class TestNoise:
         with pytest.raises(KeyError, match="not FQT layers"):
             fqtorch.load_generator_states(model, {"nope": states["fc1"]})
 
+    def test_generator_states_restore_layers_that_had_not_drawn(self):
+        """A layer absent from the saved states had not drawn: loading restarts its stream
+        (it kept the stream it had drawn from since, silently, before)."""
+        model = quantize_model(SmallNet(), FQTConfig.preset("psq4"))
+        x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))
+        fresh = net_gradient(model, x, y)
+        states = fqtorch.generator_states(model)
+        del states["fc2"]  # as if fc2 had not drawn when they were saved
+        fqtorch.load_generator_states(model, {})
+        assert fqtorch.generator_states(model) == {}
+        assert torch.equal(fresh, net_gradient(model, x, y))
+        fqtorch.load_generator_states(model, states)
+        assert set(fqtorch.generator_states(model)) == {"conv", "fc1"}
+
     def test_reseed_changes_stream(self):
         model = quantize_model(SmallNet(), FQTConfig.preset("psq4"))
         x, y = torch.randn(4, 2, 6, 6), torch.randint(0, 5, (4,))

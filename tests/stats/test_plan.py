@@ -376,6 +376,10 @@ def test_json_round_trip_and_quantize_model(tmp_path):
         (lambda d: d["layers"][0].update(grad_bits="4"), r"layers\[0\].grad_bits must be an int"),
         (lambda d: d["layers"][0].update(grad_quantizer="nope"), "not a registered quantizer"),
         (lambda d: d.update(layers=[]), "non-empty list"),
+        (  # a width the quantizer does not take: said with the file and the layer
+            lambda d: d["layers"][1].update(grad_weight_bits=9),
+            r"plan.json.layers\[1\] \(layer '.+'\): grad_weight_bits must be in 2..8",
+        ),
     ],
 )
 def test_malformed_plans_are_one_line_errors(tmp_path, edit, message):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -136,14 +137,19 @@ ADAPTIVE = ("--variance-every", "1", "--adaptive-precision", "3", "--epochs", "2
 ADAPTIVE += ("--max-steps-per-epoch", "5", "--batch-size", "8", "--checkpoint-every", "4")
 
 
-def test_adaptive_precision_logs_changes_and_resumes_exactly(tmp_path, monkeypatch):
+def test_adaptive_precision_logs_changes_and_resumes_exactly(tmp_path, monkeypatch, caplog):
     from fqtorch.train import load_checkpoint
     from fqtorch.train import loop as train_loop
 
     from .helpers import read_metrics
 
     whole, killed = tmp_path / "whole", tmp_path / "killed"
-    assert fqtorch_main("train", *ADAPTIVE, "--quiet", "--out", whole) == 0
+    with caplog.at_level(logging.INFO, logger="fqtorch"):
+        assert fqtorch_main("train", *ADAPTIVE, "--quiet", "--out", whole) == 0
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("gradient bits re-chosen every 3 steps" in m for m in said) == 1
+    for step in (3, 6, 9):  # every window says what it decided, a change or none
+        assert any(m.startswith(f"step {step}: ") for m in said), (step, said)
     real_save = train_loop.save_checkpoint
 
     def save_then_die(state, path):

@@ -71,6 +71,12 @@ class TestEndToEnd:
             load_config_file(tmp_path)
         with pytest.raises(ValueError, match="fqt must be a mapping of FQTConfig fields"):
             TrainConfig.from_dict({"fqt": [1]})
+        twice = tmp_path / "twice.yaml"
+        twice.write_text("grad_bits: 6\nfqt: {grad_bits: 4, grad_quantizer: psq}\n")
+        with pytest.raises(ValueError, match="twice.yaml sets grad_bits twice, .* keep one"):
+            load_config_file(twice)
+        twice.write_text("grad_bits: 4\nfqt: {grad_bits: 4}\n")  # the same value is no conflict
+        assert TrainConfig.from_dict(load_config_file(twice)).fqt == {"grad_bits": 4}
 
     def test_config_file_and_flag_override(self, tmp_path):
         cfg = tmp_path / "cfg.yaml"
@@ -251,6 +257,11 @@ class TestErrors:
         err = capsys.readouterr().err
         assert f"--out {file} is a file; name a directory" in err and "Traceback" not in err
         assert file.read_text() == "keep me"
+        below = file / "run"  # a path through a file: the OS's error, said with what to do
+        assert fqtorch_main("train", *SHORT, "--out", below) == 2
+        err = capsys.readouterr().err
+        assert f"{below}: part of this path is a file, not a folder; give another path" in err
+        assert "Errno" not in err and file.read_text() == "keep me"
 
     def test_a_directory_of_other_files_is_not_overwritten(self, tmp_path, capsys):
         out = tmp_path / "model"  # say, a model folder with its own config.json

@@ -181,6 +181,10 @@ class LayerPlan:
                     f"{where}.{key}={d[key]!r} is not a registered quantizer; known: "
                     f"{', '.join(list_quantizers())}"
                 )
+        try:  # the bit widths each quantizer takes, checked where the file is named
+            FQTConfig().replace(**{k: d[k] for k in LAYER_KEYS[1:]})
+        except ValueError as exc:
+            raise ValueError(f"{where} (layer {d['name']!r}): {exc}") from None
         extras: dict[str, dict] = {
             "predicted": {},
             "measured": {},
@@ -974,6 +978,7 @@ class PrecisionController:
         # at the first probe: one option, no variance, never probed
         self.idle: set[tuple[str, str]] | None = None
         self.below = 0  # consecutive windows whose total was below the band
+        self.last_ratio: float | None = None  # the last window's total Q / S (None: unmeasured)
         self.pending: set[tuple[str, str]] = set()  # past their share in the last window
 
     def _assumed(self, config: FQTConfig, branch: str) -> list[_Option]:
@@ -1166,6 +1171,7 @@ class PrecisionController:
         # judges the window's SNR against these, not against the choices made below)
         self._measured_at_top = self._at_top()
         self.window = {}
+        self.last_ratio = None
         if not w.get("count") or not w.get("s"):
             return []
         for (name, branch), i in self.at.items():  # the window was measured at these choices
@@ -1179,7 +1185,7 @@ class PrecisionController:
                     self.drift[(name, branch)] = measured / v if v > 0 else measured
                 else:  # no noise this window (no gradient reached it): it drifts like the total
                     self.drift.pop((name, branch), None)
-        ratio = w["q"] / w["s"]
+        ratio = self.last_ratio = w["q"] / w["s"]
         if not self.predicted() > 0:
             return []
         if not self.share:  # the start: each branch's part of the plan's prediction

@@ -302,7 +302,18 @@ def load_config_file(path: str | Path) -> dict[str, Any]:
             ) from None
     if not isinstance(values, dict):
         raise ValueError(f"{path} must hold a mapping of option names to values")
-    return {str(k).replace("-", "_"): v for k, v in values.items()}
+    values = {str(k).replace("-", "_"): v for k, v in values.items()}
+    nested = values.get("fqt")
+    if isinstance(nested, dict):
+        twice = sorted(
+            k for k in set(nested) & set(values) if k in FQT_FIELDS and nested[k] != values[k]
+        )
+        if twice:
+            raise ValueError(
+                f"{path} sets {', '.join(twice)} twice, at the top level and under fqt, to "
+                f"different values; keep one of them"
+            )
+    return values
 
 
 def _yaml_problem(exc: Exception) -> str:

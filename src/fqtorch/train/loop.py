@@ -563,6 +563,14 @@ class _Run:
             layers = fqtorch.fqt_modules(self.model)
             budget = plan.budget if plan is not None else 0.1
             self.precision = PrecisionController(layers, budget=budget, plan=plan)
+            if self.rt.main:
+                log.info(
+                    "adaptive precision: gradient bits re-chosen every %d steps from the "
+                    "variance measured every %d (budget %g of the sampling variance)",
+                    cfg.adaptive_precision,
+                    cfg.variance_every,
+                    budget,
+                )
 
     @property
     def loss_fn(self) -> Callable[[Tensor, Tensor], Tensor]:
@@ -959,6 +967,16 @@ class _Run:
                 change["ratio"],
                 ctl.budget,
             )
+        if not changes and ctl.last_ratio is not None:
+            log.info(
+                "step %d: gradient bits kept (total quantization/sampling variance %.3g, "
+                "budget %g)",
+                self.step,
+                ctl.last_ratio,
+                ctl.budget,
+            )
+        elif not changes:
+            log.info("step %d: gradient bits kept (no variance measured in this window)", self.step)
         if changes:
             with (self.out / "metrics.jsonl").open("a") as f:
                 for change in changes:
