@@ -389,3 +389,33 @@ class TestSettings:
             results = int8_and_simulate(make, x, cfg)
         for a, b in zip(results["int8"], results["simulate"], strict=True):
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(
+    "make,x_shape",
+    [
+        (lambda: nn.Linear(4096, 8, bias=False), (16, 4096)),
+        (lambda: nn.Conv2d(64, 4, 3, padding=1, bias=False), (2, 64, 6, 6)),  # K = 576
+    ],
+    ids=["linear-K4096", "conv-K576"],
+)
+def test_one_signed_operands_cancel_exactly(make, x_shape, fused):
+    """Codes at one end of the grid (one large input, the rest near 0) and all-positive weights:
+    the zero-point term nearly cancels the integer product. The epilogue keeps the difference
+    (float64 past short reductions): the forward is simulate's to float32 rounding. Rounding the
+    product to float32 first was off by 2e-4 of the output at K = 4096 (docs/method.md §8)."""
+    gen = torch.Generator().manual_seed(0)
+    base = make()
+    with torch.no_grad():
+        base.weight.copy_(1.0 + torch.rand(base.weight.shape, generator=gen))
+    x = 0.01 * torch.rand(x_shape, generator=gen)
+    x.view(x.shape[0], -1)[:, 0] = 100.0
+    outputs = []
+    for backend in ("simulate", "int8"):
+        config = FQTConfig.preset("qat", backend=backend, fused=fused)
+        layer = quantize_model(copy.deepcopy(base), config)
+        with torch.no_grad():
+            outputs.append(layer(x).double())
+    sim, got = outputs
+    assert float((got - sim).abs().max() / sim.abs().max()) < 1e-6

@@ -575,3 +575,33 @@ def test_an_empty_batch_under_autocast_keeps_the_input_dtype():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert fqt(torch.randn(2, 4)).dtype == torch.float32
         assert fqt(torch.randn(0, 4)).dtype == torch.float32
+
+
+def _penalty_grads(model: nn.Module, x: torch.Tensor) -> list[torch.Tensor]:
+    """The gradient of a gradient penalty (WGAN-GP, R1): a second derivative."""
+    x = x.clone().requires_grad_(True)
+    (dx,) = torch.autograd.grad(model(x).sum(), x, create_graph=True)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(dx.pow(2).sum(), params, allow_unused=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "preset,backend", [("qat", "simulate"), ("psq4", "simulate"), ("psq4", "int8")]
+)
+def test_second_derivatives_through_quantized_gemms_are_refused(preset, backend):
+    """They were silently wrong (saved codes cut off from autograd): one clear error instead."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    model = quantize_model(model, FQTConfig.preset(preset, backend=backend))
+    with pytest.raises(RuntimeError, match=r"FQT layer '2': a second derivative .* not defined"):
+        _penalty_grads(model, torch.randn(5, 6))
+
+
+def test_second_derivatives_of_the_exact_preset_are_the_float_model_s():
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(5, 6)
+    model = quantize_model(copy.deepcopy(base), FQTConfig.preset("exact"))
+    for got, expected in zip(_penalty_grads(model, x), _penalty_grads(base, x), strict=True):
+        torch.testing.assert_close(got, expected)

@@ -58,6 +58,13 @@ class FQTPlan:
             **config.build_quantizers(), check_finite=config.check_finite, backend=config.backend
         )
 
+    @property
+    def exact(self) -> bool:
+        """Whether every quantizer is the identity (the ``exact`` preset): the layer's GEMMs
+        are the float layer's."""
+        roles = (self.input, self.weight, self.grad_output, self.grad_output_weight)
+        return all(isinstance(q, Identity) for q in roles)
+
     def exact_backward(self) -> FQTPlan:
         """The same forward with an exact backward (QAT)."""
         identity = Identity()
@@ -183,6 +190,20 @@ def check_finite(grad_output: Tensor, name: str) -> None:
         raise FloatingPointError(
             f"FQT layer {name!r}: grad_output holds NaN or Inf; cannot quantize it "
             "(set FQTConfig(check_finite=False) to let it propagate as NaN instead)"
+        )
+
+
+def refuse_second_derivative(plan: FQTPlan, name: str) -> None:
+    """Raise, naming the layer, when a backward builds a graph (``create_graph=True``) through
+    quantized operands: the saved codes are cut off from autograd and stochastic rounding has
+    no useful derivative, so a second derivative would be silently wrong (the ``exact`` preset's
+    backward is the float layer's, and is differentiable)."""
+    if torch.is_grad_enabled() and not plan.exact:
+        raise RuntimeError(
+            f"FQT layer {name!r}: a second derivative (a backward with create_graph=True: a "
+            "gradient penalty, a Hessian-vector product) through quantized GEMMs is not defined; "
+            "leave the layers it passes through in float (quantize_model's module_filter_fn) or use the "
+            "'exact' preset there"
         )
 
 

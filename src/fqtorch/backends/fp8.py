@@ -46,7 +46,7 @@ from torch import Tensor
 from ..quantizers.base import QuantizedTensor, Quantizer
 from ..quantizers.formats import FormatQuantizer
 from ..quantizers.uniform import Identity
-from .base import FQTPlan, PlanSource, Unsupported, check_finite
+from .base import FQTPlan, PlanSource, Unsupported, check_finite, refuse_second_derivative
 
 __all__ = ["accumulation_tolerance", "conv", "linear", "plan_refusal", "scaled_mm"]
 
@@ -199,6 +199,7 @@ class _FP8Linear(torch.autograd.Function):
         x = QuantizedTensor(xc, xs, zero_x, 8, x_shape, torch.float32)
         w = QuantizedTensor(wc, ws, zero_w, 8, w_shape, torch.float32)
         plan = ctx.source.plan  # read now: a measurement may have switched it
+        refuse_second_derivative(plan, ctx.name)
         generator = ctx.source.generator(grad_output.device)
         if plan.check_finite:
             check_finite(grad_output, ctx.name)

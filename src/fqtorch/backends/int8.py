@@ -16,13 +16,18 @@ them: its operands are bordered with ones (:func:`_int_mm`), about one more outp
 
 A ``bits``-bit code has |C| ≤ 2^(bits−1), so a reduction of ``n`` products of two codes stays
 inside int32 while n · 2^(bits_a−1) · 2^(bits_b−1) < 2^31 (:func:`chunk_length`: 131,064 for two
-8-bit operands). A GEMM that short is one ``_int_mm`` with a float32 epilogue. A longer one (the
-weight gradient over N·H·W or batch × tokens rows) runs in chunks of that length, summed exactly
-in int64, and its epilogue runs in float64: its terms cancel strongly when the codes sit near one
-end of their grid (post-ReLU inputs), so float32 would lose the difference. The weight gradient's
-epilogue, (O, K) next to its (O, M) × (M, K) GEMM, is float64 at any length: its int32 result
-passes float32's exact integers (2^24) long before it can overflow. The chunk length comes from
-the bit widths, not from the codes: no device sync.
+8-bit operands). A GEMM that short is one ``_int_mm``; a longer one (the weight gradient over
+N·H·W or batch × tokens rows) runs in chunks of that length, summed exactly in int64. The chunk
+length comes from the bit widths, not from the codes: no device sync.
+
+The epilogue's terms cancel strongly where the codes sit at one end of their grid (one-signed
+operands: post-ReLU inputs, all-positive weights; the zero-point term then nearly cancels the
+product), so float32 would lose the difference: rounding the product to float32 first is off by
+about K · 2^-25 of the output's largest magnitude (2.4e-3 at K = 65,536;
+``python experiments/method_checks.py epilogue``). The compiled epilogues compute in float64 (in
+registers: no float64 buffer) and return float32; the eager ones run in float32 up to a reduction
+of :data:`FLOAT32_EPILOGUE_MAX_K` (256: ≤ 1e-5 of the output) and in float64 beyond it. The weight
+gradient's epilogue, (O, K) next to its (O, M) × (M, K) GEMM, is float64 at any length.
 
 The forward saves the int8 codes, not the float operands, for the backward (4× less memory).
 A gradient quantizer set to ``identity`` runs its GEMM in float on the dequantized operand.
@@ -50,7 +55,7 @@ from ..quantizers.base import QuantizedTensor
 from ..quantizers.fused import LazyCompiled
 from ..quantizers.twoway import encode_two_way
 from ..quantizers.uniform import Identity
-from .base import PlanSource, Unsupported, check_finite
+from .base import PlanSource, Unsupported, check_finite, refuse_second_derivative
 from .notes import compile_disabled, say_once
 
 __all__ = [
@@ -242,10 +247,16 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
     return acc[:m, :n], acc[:m, n], acc[m, :n]
 
 
-def _epilogue_dtype(acc: Tensor) -> torch.dtype:
-    """float32 for the fast path (one ``_int_mm``, rounded once to float32), float64 for a chunked
-    (long) reduction, whose zero-point corrections can cancel strongly."""
-    return torch.float32 if acc.dtype == torch.int32 else torch.float64
+# The longest reduction whose eager epilogue runs in float32 (module docstring).
+FLOAT32_EPILOGUE_MAX_K = 256
+
+
+def _epilogue_dtype(acc: Tensor, k: int) -> torch.dtype:
+    """The eager epilogue's dtype for a product ``acc`` over a reduction of length ``k``:
+    float32 up to :data:`FLOAT32_EPILOGUE_MAX_K`, float64 beyond and for a chunked (int64)
+    product, whose zero-point terms can cancel strongly (module docstring)."""
+    short = acc.dtype == torch.int32 and k <= FLOAT32_EPILOGUE_MAX_K
+    return torch.float32 if short else torch.float64
 
 
 def _code_sum(codes: Tensor, dim: int, bits: int) -> Tensor:
@@ -303,7 +314,7 @@ def _per_column(h: QuantizedTensor) -> None:
 
 def _forward(x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | None) -> Tensor:
     prod, x_rows, w_rows = _int_mm(x.codes, x.bits, w.codes.T, w.bits)  # (M, K) × (K, O)
-    dtype = _epilogue_dtype(prod)
+    dtype = _epilogue_dtype(prod, x.codes.shape[1])
     (s_x, b_x), (s_w, b_w) = _affine(x, dtype), _affine(w, dtype)
     out = prod.to(dtype).mul_(s_x * s_w)
     out.add_(s_x * b_w * x_rows.to(dtype)[:, None])
@@ -315,7 +326,7 @@ def _forward(x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | None) -> Ten
 
 def _grad_input(g: QuantizedTensor, w: QuantizedTensor) -> Tensor:
     prod, g_rows, w_cols = _int_mm(g.codes, g.bits, w.codes, w.bits)  # (M', O) × (O, K)
-    dtype = _epilogue_dtype(prod)
+    dtype = _epilogue_dtype(prod, g.codes.shape[1])
     (s_g, b_g), (s_w, b_w) = _affine(g, dtype), _affine(w, dtype)  # s_g, b_g: (M', 1) or (1, 1)
     out = prod.to(dtype).mul_(s_g * s_w)
     out.add_(s_g * b_w * g_rows.to(dtype)[:, None] + g.codes.shape[1] * b_g * b_w)
@@ -363,13 +374,14 @@ def _forward_terms(
     bias: Tensor | None,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    f32 = torch.float32
+    f64 = torch.float64  # in registers: no float64 buffer (module docstring)
+    s_x, b_x, s_w, b_w = s_x.to(f64), b_x.to(f64), s_w.to(f64), b_w.to(f64)
     w_rows = w_codes.sum(1, dtype=torch.int32)
-    out = prod.to(f32) * (s_x * s_w)
-    out = out + s_x * b_w * x_rows.to(f32)[:, None]
-    out = out + (b_x * s_w * w_rows.to(f32)[None, :] + w_codes.shape[1] * b_x * b_w)
+    out = prod.to(f64) * (s_x * s_w)
+    out = out + s_x * b_w * x_rows.to(f64)[:, None]
+    out = out + (b_x * s_w * w_rows.to(f64)[None, :] + w_codes.shape[1] * b_x * b_w)
     if bias is not None:
-        out = out + bias.to(f32)
+        out = out + bias.to(f64)
     return out.to(out_dtype)
 
 
@@ -383,11 +395,12 @@ def _grad_input_terms(
     b_w: Tensor,
     out_dtype: torch.dtype,
 ) -> Tensor:
-    f32 = torch.float32
+    f64 = torch.float64  # in registers: no float64 buffer (module docstring)
+    s_g, b_g, s_w, b_w = s_g.to(f64), b_g.to(f64), s_w.to(f64), b_w.to(f64)
     w_cols = w_codes.sum(0, dtype=torch.int32)
-    out = prod.to(f32) * (s_g * s_w)
-    out = out + (s_g * b_w * g_rows.to(f32)[:, None] + w_codes.shape[0] * b_g * b_w)
-    out = out + (b_g * s_w) * w_cols.to(f32)[None, :]
+    out = prod.to(f64) * (s_g * s_w)
+    out = out + (s_g * b_w * g_rows.to(f64)[:, None] + w_codes.shape[0] * b_g * b_w)
+    out = out + (b_g * s_w) * w_cols.to(f64)[None, :]
     return out.to(out_dtype)
 
 
@@ -587,6 +600,7 @@ class _Int8Linear(torch.autograd.Function):
         x = QuantizedTensor(xc, xs, xb, x_bits, x_shape, x_dtype)
         w = QuantizedTensor(wc, ws, wb, w_bits, w_shape, w_dtype)
         plan = ctx.source.plan
+        refuse_second_derivative(plan, ctx.name)
         generator = ctx.source.generator(grad_output.device)
         if plan.check_finite:
             check_finite(grad_output, ctx.name)

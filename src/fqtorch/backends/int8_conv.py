@@ -40,7 +40,14 @@ from torch import Tensor
 
 from ..quantizers.base import QuantizedTensor, Quantizer
 from ..quantizers.uniform import Identity
-from .base import ConvOps, PlanSource, Unsupported, check_finite, hwc_rows
+from .base import (
+    ConvOps,
+    PlanSource,
+    Unsupported,
+    check_finite,
+    hwc_rows,
+    refuse_second_derivative,
+)
 from .int8 import (
     _affine,
     _code_sum,
@@ -165,7 +172,7 @@ class _Int8Conv2d(torch.autograd.Function):
         cols = _cols(codes, pads, (kh, kw), ops)  # (N·L, C·kh·kw)
         w2d = w.codes.reshape(o, -1)  # (O, C·kh·kw)
         prod, x_rows, w_rows = _int_mm(cols, x.bits, w2d.T, w.bits)  # (N·L, Ck²) × (Ck², O)
-        dtype = _epilogue_dtype(prod)
+        dtype = _epilogue_dtype(prod, cols.shape[1])
         (s_x, b_x), (s_w, b_w) = _affine(x, dtype), _affine(w, dtype)
         acc = prod.to(dtype).mul_(s_x * s_w)
         # b_w times each receptive field's real input values: s_x Σ codes (here) + b_x Σ real taps
@@ -201,6 +208,7 @@ class _Int8Conv2d(torch.autograd.Function):
         x_bits, w_bits = ctx.bits
         ops: ConvOps = ctx.ops
         plan = ctx.source.plan
+        refuse_second_derivative(plan, ctx.name)
         generator = ctx.source.generator(grad_output.device)
         if plan.check_finite:
             check_finite(grad_output, ctx.name)
@@ -228,7 +236,7 @@ class _Int8Conv2d(torch.autograd.Function):
                 else:
                     g_cols = g.codes.reshape(rows, o, ho * wo).transpose(1, 2).reshape(-1, o)
                 prod, g_rows, w_cols = _int_mm(g_cols, g.bits, w2d, w_bits)  # (N'·L, O) × (O, Ck²)
-                dtype = _epilogue_dtype(prod)
+                dtype = _epilogue_dtype(prod, o)
                 s_g, b_g = (
                     t.to(dtype).expand(rows, 1).reshape(rows, 1, 1) for t in (g.scale, g.bias)
                 )

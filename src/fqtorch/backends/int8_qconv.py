@@ -52,7 +52,7 @@ from torch import Tensor
 from ..quantizers.base import QuantizedTensor
 from ..quantizers.fused import LazyCompiled
 from ..quantizers.uniform import Identity
-from .base import ConvOps, check_finite
+from .base import ConvOps, check_finite, refuse_second_derivative
 from .int8 import _code_sum, _compiled_path, _grad_bias, _per_column, _per_row, chunk_length
 from .int8_conv import (
     _cols,
@@ -190,19 +190,20 @@ def _mask_terms(mask: Tensor, w: Tensor, ops: ConvOps, transposed: bool, like: T
 
 def _output_terms(main: Tensor, sums: Tensor, const: Tensor, a: Tensor, b: Tensor) -> Tensor:
     """The forward's epilogue: ``const + a · main + b · sums``, ``main`` the kernel's code
-    convolution (N, O, Ho, Wo), ``sums`` its extra channel of receptive-field code sums."""
-    out = torch.addcmul(const, main, a)
-    return out.add_(sums.float() * b)
+    convolution (N, O, Ho, Wo), ``sums`` its extra channel of receptive-field code sums; in
+    float64 (the terms cancel where the codes sit at one end of the grid: docs/method.md §8),
+    returned as float32. Compiled, the float64 values stay in registers."""
+    out = main.double() * a + const
+    return (out + sums.double() * b).float()
 
 
 def _grad_input_terms(
     main: Tensor, sums: Tensor, const: Tensor, a: Tensor, b: Tensor, b_g: Tensor
 ) -> Tensor:
     """``grad_input``'s epilogue: ``a · main + b · sums + b_g · const``, with per-row ``a``,
-    ``b`` and ``b_g`` (N', 1, 1, 1)."""
-    out = main.float() * a
-    out.add_(sums.float() * b)
-    return out.addcmul_(b_g, const)
+    ``b`` and ``b_g`` (N', 1, 1, 1); in float64, returned as float32 (:func:`_output_terms`)."""
+    out = main.double() * a + sums.double() * b
+    return (out + b_g * const).float()
 
 
 # One compiled pass each (fused=True), where eager makes two or three full-size passes.
@@ -236,10 +237,10 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     if bias is not None:
         const = const + bias.to(f64)[None, :, None, None]
     # const in the kernel's (channels-last) layout: mixed layouts make this pass 5× slower.
-    const = const.float().contiguous(memory_format=torch.channels_last)
+    const = const.contiguous(memory_format=torch.channels_last)
     terms = _compiled_output_terms if compiled else _output_terms
     # s_x s_w conv(C_x, C_w) + s_x b_w conv(C_x, 1) + const
-    return terms(acc[:, :o], acc[:, o:], const, (s_x * s_w).float(), (s_x * b_w).float())
+    return terms(acc[:, :o], acc[:, o:], const, s_x * s_w, s_x * b_w)
 
 
 def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Tensor,
@@ -289,11 +290,10 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     real = _mask_terms(mask, weight_sums, ops, True, like).to(f64)  # (1, C, H, W)
     one = torch.ones(1, 1, kh, kw, dtype=dt)
     count = o * _mask_terms(mask, one, ops, True, like[:, :1]).to(f64)  # (1, 1, H, W)
-    const = (s_w * real + b_w * count).float().contiguous(memory_format=torch.channels_last)
+    const = (s_w * real + b_w * count).contiguous(memory_format=torch.channels_last)
     terms = _compiled_grad_input_terms if compiled else _grad_input_terms
     # s_g s_w convᵀ(C_g, C_w) + s_g b_w convᵀ(C_g, 1) + b_g const
-    a, b = (s_g * s_w).float(), (s_g * b_w).float()
-    return terms(acc[:, :c], acc[:, c:], const, a, b, b_g.float())
+    return terms(acc[:, :c], acc[:, c:], const, s_g * s_w, s_g * b_w, b_g)
 
 
 def _tap_offsets(ops: ConvOps, kernel: tuple[int, int], width: int) -> list[tuple[int, int, int]]:
@@ -438,6 +438,7 @@ class _QConv2d(torch.autograd.Function):
         x_bits, w_bits = ctx.bits
         ops: ConvOps = ctx.ops
         plan = ctx.source.plan
+        refuse_second_derivative(plan, ctx.name)
         generator = ctx.source.generator(grad_output.device)
         if plan.check_finite:
             check_finite(grad_output, ctx.name)

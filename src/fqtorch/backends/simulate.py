@@ -22,6 +22,7 @@ from .base import (
     PlanSource,
     check_finite,
     hwc_rows,
+    refuse_second_derivative,
 )
 
 __all__ = ["conv", "fqt_gemm", "linear"]
@@ -76,6 +77,7 @@ class _FQTFunction(torch.autograd.Function):
         input_q, weight_q = ctx.saved_tensors
         ops: GemmOps = ctx.ops
         plan: FQTPlan = ctx.source.plan  # read now: a measurement may have switched it
+        refuse_second_derivative(plan, ctx.name)
         generator = ctx.source.generator(grad_output.device)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if plan.check_finite:

@@ -1,0 +1,124 @@
+"""The measurements docs/method.md quotes outside the tests, as one script.
+
+    python experiments/method_checks.py epilogue   # §8: int8 forward vs simulate, one-signed
+    python experiments/method_checks.py bf16       # §9: rounding Q(G) to bf16 before the GEMM
+    python experiments/method_checks.py            # both
+
+``epilogue``: the int8 backend's forward against the simulate backend's on the same codes, where
+the operands are one-signed (sparse post-ReLU inputs, all-positive weights) so the zero-point
+term nearly cancels the integer product (docs/method.md §8). Prints, per reduction length K, the
+largest difference over seeds relative to the output's largest magnitude (the form the tests'
+tolerance takes) and the largest per-entry relative difference.
+
+``bf16``: why the backward GEMMs take float32 operands (docs/method.md §9). Rounding a quantized
+gradient ``Q(G)`` to bf16 (to nearest) before the GEMM biases it: ``E[bf16(Q(G))] ≠ G``. Over
+``--samples`` draws of 8-bit PSQ on a fixed ``G``, it prints the per-entry z-statistic of the mean
+error (mean / its standard error; about N(0, 1) per entry when unbiased), as an RMS over entries,
+for ``Q(G)`` as fqtorch uses it and for ``bf16(Q(G))``. The RMS z of a bias grows as
+``sqrt(samples)``; the ratio of the bias to the noise's standard deviation does not, and is
+printed too.
+
+Deterministic for given arguments (fixed generators); a few seconds on 2 CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+
+import torch
+from torch import nn
+
+from fqtorch import FQTConfig, quantize_model
+from fqtorch.quantizers import get_quantizer
+
+INPUTS = {  # one-signed inputs whose codes sit at the low end of the grid
+    "post-ReLU, 98% zeros": lambda gen, k: (torch.randn(64, k, generator=gen) - 2.0).relu(),
+    "one outlier per row": lambda gen, k: torch.cat(
+        [0.01 * torch.rand(64, k - 1, generator=gen), torch.full((64, 1), 100.0)], dim=1
+    ),
+}
+
+
+def forward_gap(inputs: str, k: int, seed: int, fused: bool) -> float:
+    """max |int8 − simulate| / max |simulate| of one forward, all-positive weights; ``fused``:
+    the int8 backend's compiled path (its default), else its eager functions."""
+    gen = torch.Generator().manual_seed(seed)
+    x = INPUTS[inputs](gen, k)
+    layer = nn.Linear(k, 32, bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(1.0 + torch.rand(32, k, generator=gen))  # all positive, in [1, 2)
+    outputs = []
+    for backend in ("simulate", "int8"):
+        config = FQTConfig.preset("qat", backend=backend, fused=fused)
+        model = quantize_model(copy.deepcopy(layer), config)
+        with torch.no_grad():
+            outputs.append(model(x).double())
+    sim, int8 = outputs
+    return float((int8 - sim).abs().max() / sim.abs().max())
+
+
+def epilogue(lengths: list[int], seeds: int) -> None:
+    print(f"max |int8 - simulate| / max |simulate|, the largest over {seeds} seeds")
+    columns = [(name, fused) for fused in (True, False) for name in INPUTS]
+    print(f"{'':<8}" + "".join(f"{'compiled' if f else 'eager':>24}" for _, f in columns))
+    print(f"{'K':<8}" + "".join(f"{name:>24}" for name, _ in columns))
+    for k in lengths:
+        row = [max(forward_gap(n, k, seed, f) for seed in range(seeds)) for n, f in columns]
+        print(f"{k:<8}" + "".join(f"{gap:>24.2e}" for gap in row))
+
+
+def rms_z(errors: torch.Tensor) -> tuple[float, int]:
+    """RMS over entries of mean / standard error (``errors`` stacked over samples, dim 0), and
+    how many entries were left out: those with no noise (a row's largest magnitude lands on
+    the grid's end exactly), whose float rounding alone would be an infinite z."""
+    n = errors.shape[0]
+    mean, std = errors.mean(0), errors.std(0)
+    noisy = std > 0
+    z = mean[noisy] / (std[noisy] / n**0.5)
+    return float(z.pow(2).mean().sqrt()), int((~noisy).sum())
+
+
+def bf16(samples: int, seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    g = torch.randn(64, 256, generator=gen)
+    quantizer = get_quantizer("psq", 8)
+    exact = torch.empty(samples, *g.shape, dtype=torch.float64)
+    rounded = torch.empty_like(exact)
+    for i in range(samples):
+        q = quantizer(g, gen)
+        exact[i] = q.double() - g.double()
+        rounded[i] = q.bfloat16().double() - g.double()
+    print(f"8-bit PSQ on a {tuple(g.shape)} gradient, {samples} samples (seed {seed})")
+    print(f"{'':<12}{'RMS z (unbiased: about 1)':>28}{'RMS bias / RMS noise std':>28}")
+    for label, err in (("Q(G)", exact), ("bf16(Q(G))", rounded)):
+        z, left_out = rms_z(err)
+        ratio = float(err.mean(0).pow(2).mean().sqrt() / err.std(0).pow(2).mean().sqrt())
+        note = f"   ({left_out} noiseless entries left out)" if left_out else ""
+        print(f"{label:<12}{z:>28.2f}{ratio:>28.3f}{note}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checks", nargs="*", help="epilogue, bf16 (default: both)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[256, 4096, 65536])
+    parser.add_argument("--seeds", type=int, default=3, help="epilogue: seeds per length")
+    parser.add_argument("--samples", type=int, default=1000, help="bf16: draws of Q(G)")
+    parser.add_argument("--seed", type=int, default=0, help="bf16: the gradient and the draws")
+    args = parser.parse_args(argv)
+    checks = args.checks or ["epilogue", "bf16"]
+    unknown = sorted(set(checks) - {"epilogue", "bf16"})
+    if unknown:
+        parser.error(f"unknown checks {unknown}; choose from epilogue, bf16")
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
+    if "epilogue" in checks:
+        epilogue(args.lengths, args.seeds)
+    if "bf16" in checks:
+        bf16(args.samples, args.seed)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
