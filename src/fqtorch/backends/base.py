@@ -202,8 +202,8 @@ def refuse_second_derivative(plan: FQTPlan, name: str) -> None:
         raise RuntimeError(
             f"FQT layer {name!r}: a second derivative (a backward with create_graph=True: a "
             "gradient penalty, a Hessian-vector product) through quantized GEMMs is not defined; "
-            "leave the layers it passes through in float (quantize_model's module_filter_fn) or use the "
-            "'exact' preset there"
+            "leave the layers it passes through in float (quantize_model's module_filter_fn) or "
+            "use the 'exact' preset there"
         )
 
 
