@@ -41,9 +41,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nu", type=int, nargs="+", default=[3, 4, 5, 7, 15])
     parser.add_argument("--seeds", type=int, default=6000, help="estimates per ν (seeds 0..N-1)")
     parser.add_argument("--alpha", type=float, default=0.05, help="the tail level")
+    parser.add_argument(
+        "--tail", type=int, default=TAIL, help=f"tail draws k (default {TAIL}; fewer below α·2^27)"
+    )
     args = parser.parse_args(argv)
-    draws = round(TAIL / args.alpha)
-    print(f"alpha {args.alpha}, {draws} draws per estimate (k = {TAIL}), {args.seeds} seeds per ν")
+    if args.tail < 2:
+        parser.error(f"--tail: expected at least 2 tail draws, got {args.tail}")
+    draws = round(args.tail / args.alpha)
+    print(
+        f"alpha {args.alpha}, {draws} draws per estimate (k = {args.tail}), "
+        f"{args.seeds} seeds per ν"
+    )
     print("| ν | exact shortfall | misses | rate | 95% interval |")
     print("| --- | --- | --- | --- | --- |")
     for nu in args.nu:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import re
 import sys
@@ -265,6 +266,13 @@ def _forward_hook(layer: nn.Module) -> nn.Module:
     return layer
 
 
+def _patched_forward(layer: nn.Module) -> nn.Module:
+    """The forward replaced on the instance, as accelerate's ``add_hook_to_module`` does."""
+    original = layer.forward
+    layer.forward = functools.wraps(original)(lambda *args, **kwargs: original(*args, **kwargs))
+    return layer
+
+
 def _hooked_out_proj(layer: nn.Module) -> nn.Module:
     attention = nn.MultiheadAttention(3, 1)
     _forward_hook(attention.out_proj)
@@ -284,6 +292,7 @@ class TestHooksAndParametrizations:
             (_prune, "hooks on itself"),
             (torch.nn.utils.parametrizations.weight_norm, "parametrized"),
             (_hooked_out_proj, "hooks on 'out_proj'"),
+            (_patched_forward, "its forward replaced on the instance"),
         ],
     )
     def test_left_in_float(self, wrap, where):
@@ -630,3 +639,39 @@ def test_a_bare_layer_is_returned_converted_and_the_summary_says_so(caplog):
 def test_check_finite_must_be_a_bool():
     with pytest.raises(TypeError, match="check_finite must be a bool"):
         FQTConfig(check_finite="no")
+
+
+def test_a_config_callable_chooses_for_layers_built_inside_a_converted_layer():
+    """``out_proj``, built by the attention layer's conversion, gets the callable's config for
+    its own name (it silently took the parent's, so a plan's entry for it was ignored), or the
+    parent's where the callable returns None."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attn = nn.MultiheadAttention(8, 2)
+
+    own = {"attn": FQTConfig.preset("bhq4"), "attn.out_proj": FQTConfig.preset("psq8")}
+    seen = []
+
+    def choose(module, name):
+        seen.append((type(module).__name__, name))
+        return own.get(name)
+
+    model = quantize_model(Net(), choose)
+    assert ("NonDynamicallyQuantizableLinear", "attn.out_proj") in seen
+    assert model.attn.config == own["attn"] and model.attn.out_proj.config == own["attn.out_proj"]
+    model = quantize_model(Net(), lambda module, name: own["attn"] if name == "attn" else None)
+    assert model.attn.out_proj.config == own["attn"]
+
+
+def test_dequantize_refuses_layers_parametrized_after_conversion():
+    """The float layer lost the parametrization and its weight with it (AttributeError at the
+    next forward); now one line says what to do, and nothing is swapped."""
+    model = quantize_model(nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2)), FQTConfig())
+    torch.nn.utils.parametrizations.weight_norm(model[1])
+    with pytest.raises(ValueError, match=r"FQT layers \['1'\] were parametrized after .* remove"):
+        dequantize_model(model)
+    assert isinstance(model[0], FQTLinear)  # untouched
+    torch.nn.utils.parametrize.remove_parametrizations(model[1], "weight")
+    assert type(dequantize_model(model)[1]) is nn.Linear

@@ -311,6 +311,13 @@ def _registered_reason(module: nn.Module, base: type, conversion: LayerConversio
             "recompute the weight) that the FQT layer would not run; remove them (hook handles' "
             "remove(), torch.nn.utils.remove_weight_norm, prune.remove, ...) before quantize_model"
         )
+    replaced = _replaced_on_instance(module)
+    if replaced:
+        return (
+            f"its {'/'.join(replaced)} replaced on the instance (a wrapper's or a hook library's "
+            "patch), which the FQT layer would run instead of its own; convert before patching, "
+            "or remove the patch (del module.forward) before quantize_model"
+        )
     overridden = _overridden(type(module), base)
     if overridden:
         return (
@@ -342,6 +349,17 @@ def _overridden(cls: type, base: type) -> list[str]:
             ):
                 names.append(name)
     return names
+
+
+def _replaced_on_instance(module: nn.Module) -> list[str]:
+    """Methods of ``module``'s class that an instance attribute shadows (``module.forward =
+    patched``, as accelerate's hooks do): the FQT layer would adopt the attribute and run it."""
+    cls = type(module)
+    return sorted(
+        k
+        for k, v in vars(module).items()
+        if callable(v) and callable(getattr(cls, k, None)) and not isinstance(v, nn.Module)
+    )
 
 
 def _hooked(module: nn.Module) -> str:
@@ -574,7 +592,9 @@ def quantize_model(
             FQT layer is returned and must be used instead).
         config: one :class:`FQTConfig` for all layers, or a callable
             ``(module, qualified_name) -> FQTConfig | None`` (``None`` leaves that layer float).
-            A layer converted whole (``nn.MultiheadAttention``) runs all its GEMMs under one.
+            A layer converted whole (``nn.MultiheadAttention``) runs its GEMMs under its own;
+            an FQT layer built inside it (its ``out_proj``) gets the callable's answer for its
+            own name (the parent's config where that is ``None``).
         module_filter_fn: ``(module, qualified_name) -> bool``; only layers it accepts are swapped.
         layers: ``{float_type: to_fqt or None}`` consulted before the registry, for this call
             only; ``None`` leaves that type (and its subclasses, registered or not) in float.
@@ -664,6 +684,14 @@ def _converted(
             f"to_fqt for {_type_name(entry.conversion.float_type)} must return an FQTModule, "
             f"got {type(fqt).__name__} for {entry.name!r}"
         )
+    if not isinstance(config, FQTConfig):  # FQT layers built inside (out_proj): their own say
+        for name, inner in fqt_modules(fqt).items():
+            if inner is fqt:
+                continue
+            full = f"{entry.name}.{name}" if entry.name else name
+            own = _config_for(config, entry.module.get_submodule(name), full)
+            if own is not None and own != inner.config:
+                inner.config = own
     return fqt
 
 
@@ -679,6 +707,18 @@ def dequantize_model(model: nn.Module) -> nn.Module:
     layer of the source's own class, through the registration's ``from_fqt`` when it has one).
     An ``nn.TransformerEncoder`` whose nested-tensor path :func:`quantize_model` turned off gets
     it back."""
+    parametrized = [
+        n or "<model>"
+        for n, m in model.named_modules()
+        if isinstance(m, FQTModule) and parametrize.is_parametrized(m)
+    ]
+    if parametrized:  # the float layer would lose them (and its weight with them)
+        raise ValueError(
+            f"FQT layers {parametrized} were parametrized after quantize_model "
+            "(torch.nn.utils.parametrize); remove the parametrizations "
+            "(parametrize.remove_parametrizations) before dequantize_model, and add them to "
+            "the float layers again after it"
+        )
     if isinstance(model, FQTModule):
         return _to_float(model)
     restored: dict[int, nn.Module] = {}

@@ -15,7 +15,7 @@ from fqtorch import FQTConfig, get_quantizer, quantize_model
 from fqtorch.nn import FQTConv2d, FQTLinear, FQTPlan, fqt_linear, layer_seed
 from fqtorch.nn.functional import ConvOps, fqt_conv
 from fqtorch.quantizers import Quantizer
-from tests.helpers import projection_z, z_limit
+from tests.helpers import projection_z, t_as_z, z_limit
 
 EXACT = FQTConfig(
     input_quantizer="identity",
@@ -291,7 +291,8 @@ class TestBranchIndependence:
     def correlation_z(backend: str, layer: str, shared: bool) -> float:
         s_in, s_w = branch_sums(backend, layer, shared, draws=200)
         product = s_in * s_w
-        return float(product.mean() / (product.std() / math.sqrt(product.numel())))
+        t = product.mean() / (product.std() / math.sqrt(product.numel()))
+        return float(t_as_z(t, product.numel()))
 
     @pytest.mark.parametrize("backend", ["simulate", "int8"])
     @pytest.mark.parametrize("layer", ["linear", "conv2d"])
@@ -605,3 +606,42 @@ def test_second_derivatives_of_the_exact_preset_are_the_float_model_s():
     model = quantize_model(copy.deepcopy(base), FQTConfig.preset("exact"))
     for got, expected in zip(_penalty_grads(model, x), _penalty_grads(base, x), strict=True):
         torch.testing.assert_close(got, expected)
+
+
+def test_assigning_a_layer_config_rebuilds_its_quantizers():
+    """``layer.config = ...`` was accepted and silently did nothing (the plan stayed)."""
+    torch.manual_seed(0)
+    base = nn.Linear(6, 4)
+    layer = quantize_model(copy.deepcopy(base), FQTConfig.preset("ptq2", seed=1))
+    x, g = torch.randn(8, 6), torch.randn(8, 4)
+    layer.config = FQTConfig.preset("exact")
+    assert layer.plan.exact
+    assert_same(grads_of(layer, x, g), grads_of(base, x, g))
+    layer.config = FQTConfig.preset("psq4", seed=1)
+    first = grads_of(layer, x, g)
+    layer.config = FQTConfig.preset("psq4", seed=2)  # a new seed restarts the stream from it
+    twin = quantize_model(copy.deepcopy(base), FQTConfig.preset("psq4", seed=2))
+    expected = grads_of(twin, x, g)
+    assert_same(grads_of(layer, x, g), expected)
+    assert not torch.equal(first[1], expected[1])
+    with pytest.raises(TypeError, match="config must be an FQTConfig"):
+        layer.config = {"grad_bits": 4}
+
+
+@pytest.mark.parametrize(
+    "make,shape",
+    [
+        (lambda: nn.Linear(8, 4), (2, 8)),
+        (lambda: nn.Conv2d(3, 4, 3), (2, 3, 6, 6)),
+        (lambda: nn.TransformerEncoderLayer(8, 2, 16, batch_first=True), (2, 5, 8)),
+    ],
+    ids=["linear", "conv2d", "encoder-layer"],
+)
+def test_meta_tensors_infer_shapes_as_the_float_model_does(make, shape):
+    """A forward on the meta device (shape inference) has no values to quantize; it failed
+    inside autocast's device lookup."""
+    base = make()
+    model = quantize_model(nn.Sequential(copy.deepcopy(base)), FQTConfig.preset("psq4"))
+    x = torch.ones(shape, device="meta")
+    got, expected = model.to("meta")(x), base.to("meta")(x)
+    assert got.is_meta and (got.shape, got.dtype) == (expected.shape, expected.dtype)

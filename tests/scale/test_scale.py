@@ -20,7 +20,7 @@ from torch import nn
 from fqtorch import FQTConfig, quantize_model
 from fqtorch.models import build_model
 from fqtorch.stats import check_unbiased
-from tests.helpers import z_limit
+from tests.helpers import t_as_z, z_limit
 
 # Real scale (2^18 reductions, statistics under autocast): `pytest -m "not slow"` leaves it out.
 pytestmark = pytest.mark.slow
@@ -52,7 +52,7 @@ def projected_z(draw, targets: tuple[torch.Tensor, ...], draws: int) -> torch.Te
     diff, se = proj.mean(0) - centre, proj.std(0) / math.sqrt(draws)
     # a projection without spread (only grid end points feed it) must hit to float rounding
     exact = diff.abs() <= 1e-6 * proj.abs().mean(0) + 1e-30
-    z = diff / se.clamp(min=1e-300)
+    z = t_as_z(diff / se.clamp(min=1e-300), draws)
     return torch.where(se == 0, torch.where(exact, 0.0, math.inf), z)
 
 

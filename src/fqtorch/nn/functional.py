@@ -37,8 +37,9 @@ def fqt_linear(
     name: str = "",
 ) -> Tensor:
     """``F.linear`` under an FQT plan; ``input`` is ``(*, in_features)``. An empty batch has
-    nothing to quantize: it runs as ``F.linear`` (an empty output, zero weight gradients)."""
-    if input.numel() == 0:  # in the input's dtype, as the FQT path returns (autocast too)
+    nothing to quantize: it runs as ``F.linear`` (an empty output, zero weight gradients); so
+    does a tensor on the ``meta`` device (shape inference: no values)."""
+    if input.numel() == 0 or input.is_meta:  # in the input's dtype, as the FQT path returns
         return F.linear(input, weight, bias).to(input.dtype)
     flat = input.reshape(-1, input.shape[-1]) if input.dim() != 2 else input  # (M, in)
     output = backends.linear(flat, weight, bias, _source(plan, generator), name)  # (M, out)
@@ -59,7 +60,8 @@ def fqt_conv(
     name: str = "",
 ) -> Tensor:
     """``F.conv1d`` / ``F.conv2d`` under an FQT plan; ``input`` is ``(N, C, *spatial)``. An
-    empty batch runs as the float convolution (nothing to quantize)."""
-    if input.numel() == 0:
+    empty batch, or one on the ``meta`` device, runs as the float convolution (nothing to
+    quantize)."""
+    if input.numel() == 0 or input.is_meta:
         return ops.output(ops.prepare(input), weight, bias).to(input.dtype)
     return backends.conv(input, weight, bias, ops, _source(plan, generator), name)

@@ -78,17 +78,31 @@ class FQTModule(nn.Module):
 
     def __init__(self, config: FQTConfig, name: str = "") -> None:
         nn.Module.__init__(self)
-        if not isinstance(config, FQTConfig):
-            raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
-        self.config = config
         self.name = name
-        self.plan = FQTPlan.from_config(config)
-        self._seed = layer_seed(config.seed, name)
+        self._seed = layer_seed(config.seed, name) if isinstance(config, FQTConfig) else 0
+        self.config = config  # builds the plan
         self._generator: torch.Generator | None = None
         self._grad_output_observers: list[Callable[[Tensor], None]] = []
         self._float_type: type[nn.Module] | None = None
         self._float_attrs: tuple[str, ...] = ()
         self.register_forward_pre_hook(_keep_module_call)
+
+    @property
+    def config(self) -> FQTConfig:
+        """The layer's :class:`FQTConfig`. Assigning another rebuilds the layer's quantizers
+        (``plan``): the next forward uses them, and so does the next backward, of graphs built
+        before too; a new ``seed`` restarts the layer's noise stream from it."""
+        return self._config
+
+    @config.setter
+    def config(self, config: FQTConfig) -> None:
+        if not isinstance(config, FQTConfig):
+            raise TypeError(f"config must be an FQTConfig, got {type(config).__name__}")
+        old = self.__dict__.get("_config")
+        self._config = config
+        self.plan = FQTPlan.from_config(config)
+        if old is not None and old.seed != config.seed:
+            self.reseed(config.seed)
 
     def adopt(self, source: nn.Module, expected: type[nn.Module] | None = None) -> None:
         """Take over ``source``: its Parameters, buffers and submodules (the same objects, in the
@@ -105,7 +119,7 @@ class FQTModule(nn.Module):
                 f"got {type(source).__name__}"
             )
         own = {k for k in vars(source) if k not in _MODULE_STATE}
-        clash = sorted(own & set(vars(self)))
+        clash = sorted(own & (set(vars(self)) | {"config"}))
         if clash:
             raise TypeError(
                 f"cannot convert {type(source).__qualname__} to {type(self).__name__}: its "

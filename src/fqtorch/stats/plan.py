@@ -426,8 +426,7 @@ def load_plan(path: str | Path) -> PrecisionPlan:
 def set_layer_config(layer: FQTModule, config: FQTConfig) -> None:
     """Give an FQT layer another config in place (its quantizer plan rebuilt). The backward reads
     the plan when it runs, so the next backward uses it; the layer's generator is untouched."""
-    layer.config = config
-    layer.plan = type(layer.plan).from_config(config)
+    layer.config = config  # the property rebuilds the plan
 
 
 @contextmanager
