@@ -38,6 +38,9 @@ INPUTS = {  # one-signed inputs whose codes sit at the low end of the grid
     "one outlier per row": lambda gen, k: torch.cat(
         [0.01 * torch.rand(64, k - 1, generator=gen), torch.full((64, 1), 100.0)], dim=1
     ),
+    "outlier 300, rest 0.2 U": lambda gen, k: torch.cat(
+        [0.2 * torch.rand(64, k - 1, generator=gen), torch.full((64, 1), 300.0)], dim=1
+    ),
 }
 
 

@@ -51,6 +51,14 @@ def z_limit(count: int, alpha: float = 1e-3) -> float:
     return float(torch.special.ndtri(torch.tensor(1 - alpha / (2 * count), dtype=torch.float64)))
 
 
+def t_limit(count: int, samples: int, alpha: float = 1e-3) -> float:
+    """:func:`z_limit` for Student-t scores over ``samples`` draws (``samples − 1`` degrees of
+    freedom): the multiple of a measured standard error a window may span."""
+    from scipy.stats import t as student_t
+
+    return float(student_t.isf(alpha / (2 * count), samples - 1))
+
+
 def t_as_z(t: Tensor, samples: int) -> Tensor:
     """Student-t scores (a mean over the standard error measured from the same ``samples``
     draws: ``samples − 1`` degrees of freedom) as the N(0, 1) scores of the same tail

@@ -599,6 +599,29 @@ def test_second_derivatives_through_quantized_gemms_are_refused(preset, backend)
         _penalty_grads(model, torch.randn(5, 6))
 
 
+@pytest.mark.parametrize("case", ["even-kernel-same-padding", "bf16-autocast", "switched"])
+def test_second_derivatives_through_operands_the_layer_made_are_refused(case):
+    """Where the exact preset's saved operands are not the ones that came in (padded or cast
+    inside the layer), or the forward was quantized and the config switched to exact before the
+    backward, the second derivative was silently wrong (their cross terms missing)."""
+    torch.manual_seed(0)
+    if case == "even-kernel-same-padding":
+        model = nn.Sequential(nn.Conv2d(3, 4, 2, padding="same"), nn.Tanh(), nn.Conv2d(4, 1, 1))
+        x = torch.randn(2, 3, 6, 6)
+    else:
+        model, x = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)), torch.randn(5, 6)
+    preset = "psq8" if case == "switched" else "exact"
+    model = quantize_model(model, FQTConfig.preset(preset))
+    x = x.clone().requires_grad_(True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=case == "bf16-autocast"):
+        out = model(x).float().sum()
+    if case == "switched":
+        for layer in fqtorch.fqt_modules(model).values():
+            layer.config = FQTConfig.preset("exact")
+    with pytest.raises(RuntimeError, match="a second derivative .* cast \\(autocast\\) or padded"):
+        torch.autograd.grad(out, x, create_graph=True)
+
+
 def test_second_derivatives_of_the_exact_preset_are_the_float_model_s():
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1))
@@ -645,3 +668,38 @@ def test_meta_tensors_infer_shapes_as_the_float_model_does(make, shape):
     x = torch.ones(shape, device="meta")
     got, expected = model.to("meta")(x), base.to("meta")(x)
     assert got.is_meta and (got.shape, got.dtype) == (expected.shape, expected.dtype)
+
+
+def test_attention_config_assignment_reaches_out_proj():
+    mha = quantize_model(nn.MultiheadAttention(8, 2), FQTConfig.preset("psq4"))
+    mha.config = FQTConfig.preset("exact")
+    assert mha.plan.exact and mha.out_proj.plan.exact
+    mha.out_proj.config = FQTConfig.preset("bhq5")  # its own, afterwards
+    assert mha.out_proj.config.grad_quantizer == "bhq" and mha.plan.exact
+
+
+def test_meta_tensors_with_attention_products():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True)
+    model = quantize_model(layer, FQTConfig.preset("psq4", attention_products=True))
+    out = model.to("meta")(torch.ones(2, 5, 8, device="meta"))
+    assert out.is_meta and out.shape == (2, 5, 8)
+
+
+def test_an_adopted_attribute_may_not_shadow_the_fqt_layer_s_methods():
+    """A source attribute named like an FQT layer's method (``generator``) shadowed it: the
+    backward then called a torch.Generator (TypeError deep inside autograd)."""
+    source = nn.Linear(4, 3)
+    source.generator = torch.Generator()
+    with pytest.raises(TypeError, match=r"attributes \['generator'\] clash with the FQT layer"):
+        FQTLinear(source, FQTConfig.preset("psq4"))
+
+
+def test_layers_pickled_before_config_became_a_property_load():
+    import pickle
+
+    layer = quantize_model(nn.Linear(4, 3), FQTConfig.preset("psq4"))
+    state = layer.__dict__
+    state["config"] = state.pop("_config")  # as a whole-module pickle from before kept it
+    loaded = pickle.loads(pickle.dumps(layer))
+    assert loaded.config == FQTConfig.preset("psq4")
+    assert "_config" in vars(loaded) and "config" not in vars(loaded)

@@ -27,7 +27,7 @@ from fqtorch.quantizers.formats import (
 )
 from fqtorch.quantizers.transforms import HadamardThen
 from fqtorch.train.config import TrainConfig
-from tests.helpers import heavy_rows, projection_z, z_limit
+from tests.helpers import heavy_rows, projection_z, t_limit, z_limit
 
 FORMATS = [
     "fp8_e4m3",
@@ -355,7 +355,7 @@ class TestVarianceBound:
         errors = (draws(q, x, 400) - x).square().sum((1, 2)).double()
         expected = expected_error(q, x)
         se = float(errors.std()) / math.sqrt(errors.numel())
-        assert abs(float(errors.mean()) - expected) < z_limit(len(FORMATS)) * se
+        assert abs(float(errors.mean()) - expected) < t_limit(len(FORMATS), errors.numel()) * se
         assert expected <= float(q.variance_bound(x))
         # the bound is the grid's worst case, h²/4 per entry: within a small factor of it
         assert expected > 0.2 * float(q.variance_bound(x))

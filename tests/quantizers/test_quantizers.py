@@ -13,7 +13,14 @@ from fqtorch.quantizers import base as base_module
 from fqtorch.quantizers.base import QuantizedTensor, as_rows
 from fqtorch.quantizers.formats import is_format
 from fqtorch.quantizers.householder import build_block_householder
-from tests.helpers import heavy_rows, library_quantizers, projection_z, z_limit
+from tests.helpers import (
+    heavy_rows,
+    library_quantizers,
+    projection_z,
+    t_as_z,
+    t_limit,
+    z_limit,
+)
 
 ALL = library_quantizers()
 # Integer grids (int8 codes, bits-dependent); float formats: tests/quantizers/test_formats.py.
@@ -78,7 +85,7 @@ def error_z(errors: torch.Tensor, expected: torch.Tensor, x: torch.Tensor) -> fl
     se = float(diff.std()) / math.sqrt(diff.numel())
     if se <= decoding:
         return 0.0 if abs(float(diff.mean())) <= decoding else math.inf
-    return float(diff.mean()) / se
+    return float(t_as_z(torch.tensor(float(diff.mean()) / se), diff.numel()))
 
 
 def _bhq_bound(x2d: torch.Tensor, bits: int) -> torch.Tensor:
@@ -302,7 +309,7 @@ class TestVarianceBounds:
         assert expected_ratio <= 1  # a bound bounds: the documented form is not too tight
         ratio = float(errors.mean()) / float(q.variance_bound(x))
         se = float((errors - expected).std()) / math.sqrt(errors.numel()) / documented
-        window = z_limit(2 * len(CODED)) * se
+        window = t_limit(2 * len(CODED), errors.numel()) * se
         assert abs(ratio - expected_ratio) <= window, (ratio, expected_ratio, window)
 
     def test_identity_bound_is_zero(self):

@@ -193,17 +193,20 @@ def check_finite(grad_output: Tensor, name: str) -> None:
         )
 
 
-def refuse_second_derivative(plan: FQTPlan, name: str) -> None:
-    """Raise, naming the layer, when a backward builds a graph (``create_graph=True``) through
-    quantized operands: the saved codes are cut off from autograd and stochastic rounding has
-    no useful derivative, so a second derivative would be silently wrong (the ``exact`` preset's
-    backward is the float layer's, and is differentiable)."""
-    if torch.is_grad_enabled() and not plan.exact:
+def refuse_second_derivative(differentiable: bool, name: str) -> None:
+    """Raise, naming the layer, when a backward builds a graph (``create_graph=True``) through a
+    layer whose backward is not the float layer's differentiable one: its saved operands are
+    quantized codes, or were cast (autocast) or padded inside the layer, all cut off from
+    autograd, and stochastic rounding has no useful derivative, so a second derivative would be
+    silently wrong. ``differentiable``: the layer's backward is differentiable (only the
+    simulate backend's, with the ``exact`` plan both at forward and now, on operands it saved as
+    they came)."""
+    if torch.is_grad_enabled() and not differentiable:
         raise RuntimeError(
             f"FQT layer {name!r}: a second derivative (a backward with create_graph=True: a "
-            "gradient penalty, a Hessian-vector product) through quantized GEMMs is not defined; "
-            "leave the layers it passes through in float (quantize_model's module_filter_fn) or "
-            "use the 'exact' preset there"
+            "gradient penalty, a Hessian-vector product) through quantized GEMMs, or through "
+            "operands the layer cast (autocast) or padded itself, is not defined; leave the "
+            "layers it passes through in float (quantize_model's module_filter_fn)"
         )
 
 

@@ -22,12 +22,13 @@ length comes from the bit widths, not from the codes: no device sync.
 
 The epilogue's terms cancel strongly where the codes sit at one end of their grid (one-signed
 operands: post-ReLU inputs, all-positive weights; the zero-point term then nearly cancels the
-product), so float32 would lose the difference: rounding the product to float32 first is off by
-about K · 2^-25 of the output's largest magnitude (2.4e-3 at K = 65,536;
-``python experiments/method_checks.py epilogue``). The compiled epilogues compute in float64 (in
-registers: no float64 buffer) and return float32; the eager ones run in float32 up to a reduction
-of :data:`FLOAT32_EPILOGUE_MAX_K` (256: ≤ 1e-5 of the output) and in float64 beyond it. The weight
-gradient's epilogue, (O, K) next to its (O, M) × (M, K) GEMM, is float64 at any length.
+product), so float32 would lose the difference: rounding the product to float32 first put the
+output off by a share of its largest magnitude that grows with K (2.8e-3 at K = 65,536;
+``python experiments/method_checks.py epilogue``, docs/method.md §8). The compiled epilogues
+compute in float64 (in registers: no float64 buffer) and return float32; the eager ones run in
+float32 up to a reduction of :data:`FLOAT32_EPILOGUE_MAX_K` (256: within about 2e-5 of the
+output) and in float64 beyond it. The weight gradient's epilogue, (O, K) next to its
+(O, M) × (M, K) GEMM, is float64 at any length.
 
 The forward saves the int8 codes, not the float operands, for the backward (4× less memory).
 A gradient quantizer set to ``identity`` runs its GEMM in float on the dequantized operand.
@@ -600,7 +601,7 @@ class _Int8Linear(torch.autograd.Function):
         x = QuantizedTensor(xc, xs, xb, x_bits, x_shape, x_dtype)
         w = QuantizedTensor(wc, ws, wb, w_bits, w_shape, w_dtype)
         plan = ctx.source.plan
-        refuse_second_derivative(plan, ctx.name)
+        refuse_second_derivative(False, ctx.name)  # codes saved
         generator = ctx.source.generator(grad_output.device)
         if plan.check_finite:
             check_finite(grad_output, ctx.name)

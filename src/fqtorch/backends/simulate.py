@@ -70,6 +70,9 @@ class _FQTFunction(torch.autograd.Function):
             output = ops.output(input_q, weight_q, bias).to(input.dtype)
         ctx.save_for_backward(input_q, weight_q)
         ctx.ops, ctx.source, ctx.name = ops, source, name
+        # The backward is the float layer's, differentiable, only where the saved operands are
+        # the ones that came in: exact quantizers, no autocast cast, no padding done here.
+        ctx.differentiable = plan.exact and input_q is input and weight_q is weight
         return output
 
     @staticmethod
@@ -77,7 +80,7 @@ class _FQTFunction(torch.autograd.Function):
         input_q, weight_q = ctx.saved_tensors
         ops: GemmOps = ctx.ops
         plan: FQTPlan = ctx.source.plan  # read now: a measurement may have switched it
-        refuse_second_derivative(plan, ctx.name)
+        refuse_second_derivative(ctx.differentiable and plan.exact, ctx.name)
         generator = ctx.source.generator(grad_output.device)
         need_input, need_weight, need_bias = ctx.needs_input_grad[:3]
         if plan.check_finite:

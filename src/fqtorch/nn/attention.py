@@ -102,6 +102,8 @@ def fqt_bmm(input: Tensor, weight: Tensor, source: PlanSource, name: str = "") -
     FQT GEMM under ``source.plan`` (simulate backend): ``input`` takes the input quantizer,
     ``weight`` the weight quantizer, the gradients the gradient quantizers."""
     batch, rows, _ = input.shape
+    if input.is_meta or input.numel() == 0:  # no values to quantize (shape inference)
+        return torch.bmm(input, weight.transpose(1, 2)).to(input.dtype)
     output = fqt_gemm(input, weight, None, BatchedMatmulOps(batch, rows), source, name)
     return output.reshape(batch, rows, weight.shape[1])
 
@@ -134,15 +136,29 @@ class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
         if not isinstance(self.out_proj, FQTModule):
             out_name = f"{name}.out_proj" if name else "out_proj"
             self.out_proj = FQTLinear(self.out_proj, config, name=out_name)
-        # The products always run on simulate: say so wherever the projections do not, i.e.
-        # every other backend, and "auto" where it resolves to one on the weights' device (a
-        # model moved to another device later is judged where it was built).
+        self._say_products_backend()
+
+    @FQTModule.config.setter  # type: ignore[attr-defined]
+    def config(self, config: FQTConfig) -> None:
+        """As :attr:`FQTModule.config`, for ``out_proj`` too (built with this layer's config;
+        give it its own afterwards with ``layer.out_proj.config = ...``)."""
+        FQTModule.config.fset(self, config)  # type: ignore[attr-defined]
+        out_proj = self._modules.get("out_proj")
+        if isinstance(out_proj, FQTModule):  # not during __init__: it is built after
+            out_proj.config = config
+            self._say_products_backend()
+
+    def _say_products_backend(self) -> None:
+        """The products always run on simulate: say so wherever the projections do not, i.e.
+        every other backend, and "auto" where it resolves to one on the weights' device (a
+        model moved to another device later is judged where it was built)."""
+        config = self.config
         backend = config.backend
         if backend == "auto":
             backend = auto.resolve(self.plan, self.out_proj.weight.device)
         if config.attention_products and backend != "simulate":
             warnings.warn(
-                f"FQT layer {name!r}: the attention score and value products run on the "
+                f"FQT layer {self.name!r}: the attention score and value products run on the "
                 f"simulate backend (backend={config.backend!r} covers the projections only)",
                 RuntimeWarning,
                 stacklevel=user_stacklevel(),

@@ -104,6 +104,12 @@ class FQTModule(nn.Module):
         if old is not None and old.seed != config.seed:
             self.reseed(config.seed)
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # A layer pickled whole before ``config`` became a property kept it as ``config``.
+        if "config" in state and "_config" not in state:
+            state["_config"] = state.pop("config")
+        super().__setstate__(state)
+
     def adopt(self, source: nn.Module, expected: type[nn.Module] | None = None) -> None:
         """Take over ``source``: its Parameters, buffers and submodules (the same objects, in the
         same order, so ``state_dict()`` keys and values are unchanged), its plain attributes and
@@ -119,7 +125,10 @@ class FQTModule(nn.Module):
                 f"got {type(source).__name__}"
             )
         own = {k for k in vars(source) if k not in _MODULE_STATE}
-        clash = sorted(own & (set(vars(self)) | {"config"}))
+        # the FQT layer's attributes, and the names its classes define (methods, properties):
+        # an adopted instance attribute would shadow them
+        defined = {n for c in type(self).__mro__ if issubclass(c, FQTModule) for n in vars(c)}
+        clash = sorted(own & (set(vars(self)) | defined))
         if clash:
             raise TypeError(
                 f"cannot convert {type(source).__qualname__} to {type(self).__name__}: its "

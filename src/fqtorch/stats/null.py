@@ -23,7 +23,7 @@ is a deterministic function of ``(S, B, α)``) and raised by two standard errors
 (the spread of the tail and the error of the estimated quantile where it starts); it never
 exceeds the one-batch value, which bounds it (expected shortfall is subadditive). The margin is
 asymptotic: at the ``k = 1000`` tail draws used for 7.5e-6 ≤ α ≤ 3.8e-3 (the bias test's levels:
-its α of 1e-3 split over up to 133 layers, ResNet-50's 107 and PreAct-ResNet-56's 113 included)
+its α of 1e-3 split over up to 134 layers, ResNet-50's 107 and PreAct-ResNet-56's 113 included)
 the skewed tail makes it miss the true value 2.9% of the time at ν = 15 (not 2.3%), 3.6% at
 ν = 7 and 5.3% at ν = 5 (``experiments/threshold_margin.py``, 6000 seeds each). Below 7.5e-6 the
 draws stop at 2^27 (about 30 s at B = 4 on one core), so fewer are kept, ``k = α·2^27``, and the
