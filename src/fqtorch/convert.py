@@ -689,7 +689,11 @@ def _converted(
             if inner is fqt:
                 continue
             full = f"{entry.name}.{name}" if entry.name else name
-            own = _config_for(config, entry.module.get_submodule(name), full)
+            try:  # the float layer it was built from, where the source has one by that name
+                source = entry.module.get_submodule(name)
+            except AttributeError:
+                source = inner
+            own = _config_for(config, source, full)
             if own is not None and own != inner.config:
                 inner.config = own
     return fqt
