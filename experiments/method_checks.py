@@ -33,25 +33,34 @@ from torch import nn
 from fqtorch import FQTConfig, quantize_model
 from fqtorch.quantizers import get_quantizer
 
-INPUTS = {  # one-signed inputs whose codes sit at the low end of the grid
-    "post-ReLU, 98% zeros": lambda gen, k: (torch.randn(64, k, generator=gen) - 2.0).relu(),
-    "one outlier per row": lambda gen, k: torch.cat(
-        [0.01 * torch.rand(64, k - 1, generator=gen), torch.full((64, 1), 100.0)], dim=1
+# One-signed operands: inputs whose codes sit at the low end of the grid, and all-positive
+# weights in [low, 2) (a narrow range: the weight codes sit high). Name: (inputs, low).
+CASES = {
+    "post-ReLU, 98% zeros": (lambda gen, k: (torch.randn(64, k, generator=gen) - 2.0).relu(), 1.0),
+    "one outlier per row": (
+        lambda gen, k: torch.cat(
+            [0.01 * torch.rand(64, k - 1, generator=gen), torch.full((64, 1), 100.0)], dim=1
+        ),
+        1.0,
     ),
-    "outlier 300, rest 0.2 U": lambda gen, k: torch.cat(
-        [0.2 * torch.rand(64, k - 1, generator=gen), torch.full((64, 1), 300.0)], dim=1
+    "outlier 300, w >= 1.5": (
+        lambda gen, k: torch.cat(
+            [0.2 * torch.rand(64, k - 1, generator=gen), torch.full((64, 1), 300.0)], dim=1
+        ),
+        1.5,
     ),
 }
 
 
-def forward_gap(inputs: str, k: int, seed: int, fused: bool) -> float:
-    """max |int8 − simulate| / max |simulate| of one forward, all-positive weights; ``fused``:
-    the int8 backend's compiled path (its default), else its eager functions."""
+def forward_gap(case: str, k: int, seed: int, fused: bool) -> float:
+    """max |int8 − simulate| / max |simulate| of one forward; ``fused``: the int8 backend's
+    compiled path (its default), else its eager functions."""
     gen = torch.Generator().manual_seed(seed)
-    x = INPUTS[inputs](gen, k)
+    inputs, low = CASES[case]
+    x = inputs(gen, k)
     layer = nn.Linear(k, 32, bias=False)
     with torch.no_grad():
-        layer.weight.copy_(1.0 + torch.rand(32, k, generator=gen))  # all positive, in [1, 2)
+        layer.weight.copy_(low + (2.0 - low) * torch.rand(32, k, generator=gen))
     outputs = []
     for backend in ("simulate", "int8"):
         config = FQTConfig.preset("qat", backend=backend, fused=fused)
@@ -64,7 +73,7 @@ def forward_gap(inputs: str, k: int, seed: int, fused: bool) -> float:
 
 def epilogue(lengths: list[int], seeds: int) -> None:
     print(f"max |int8 - simulate| / max |simulate|, the largest over {seeds} seeds")
-    columns = [(name, fused) for fused in (True, False) for name in INPUTS]
+    columns = [(name, fused) for fused in (True, False) for name in CASES]
     print(f"{'':<8}" + "".join(f"{'compiled' if f else 'eager':>24}" for _, f in columns))
     print(f"{'K':<8}" + "".join(f"{name:>24}" for name, _ in columns))
     for k in lengths:

@@ -650,3 +650,25 @@ def test_threshold_margin_script_counts_the_misses(capsys):
     misses = sum(_shortfall_estimate(3, 1, 0.05, s, draws=20_000) < exact for s in range(40))
     assert len(rows) == 1 and f"| {misses}/40 |" in rows[0], rows
     assert misses > 0  # ν = 3's heavy tail misses often (≈ 22%): the count is not vacuous
+
+
+def test_method_checks_script_measures_the_epilogue_and_the_bf16_bias(capsys):
+    """experiments/method_checks.py (docs/method.md §8 and §9's numbers): the compiled int8
+    epilogue is simulate's to float32 rounding on one-signed operands, and rounding Q(G) to bf16
+    shows as a bias where Q(G) shows none."""
+    path = SCRIPT.parent / "method_checks.py"
+    spec = importlib.util.spec_from_file_location("method_checks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["epilogue", "--lengths", "1024", "--seeds", "1"]) == 0
+    row = next(r for r in capsys.readouterr().out.splitlines() if r.startswith("1024 "))
+    gaps = [float(v) for v in row.split()[1:]]
+    assert len(gaps) == 6 and max(gaps[:3]) < 1e-6 and max(gaps) < 1e-5, row
+    assert module.main(["bf16", "--samples", "500"]) == 0
+    out = capsys.readouterr().out
+    z = {
+        r.split()[0]: float(r.split()[1])
+        for r in out.splitlines()
+        if r.startswith(("Q(G)", "bf16"))
+    }
+    assert z["Q(G)"] < 1.5 < 4 < z["bf16(Q(G))"], out
