@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import fqtorch
+from fqtorch.data import build_datasets
 from fqtorch.train import CheckpointError, TrainConfig, load_checkpoint, save_checkpoint, train
 from tests.data.test_datasets import write_cifar, write_text
 from tests.train.helpers import (
@@ -552,6 +553,10 @@ def test_ddp_noise_sync_and_exact_resume(tmp_path):
     assert len(ranks[0]["fqt"]) == 4  # every FQT layer has drawn noise
     for layer, state in ranks[0]["fqt"].items():
         assert not torch.equal(state, ranks[1]["fqt"][layer]), f"{layer}: same noise on both ranks"
+    # The reported validation loss is the saved model's (rank 0's BatchNorm statistics on
+    # every rank's shard), not each rank scoring its shard with its own last-batch statistics
+    # (those differ by about 1e-3 of the loss).
+    assert final["val_loss"] == pytest.approx(_sharded_val_loss(full, 2), rel=1e-6, abs=0)
 
     stopped = tmp_path / "stopped"
     driver = tmp_path / "die_after_step_8.py"
@@ -566,6 +571,28 @@ def test_ddp_noise_sync_and_exact_resume(tmp_path):
     assert json.loads((stopped / "final.json").read_text())["rank_param_checksums"] == [a, b]
     assert without_seconds(read_metrics(stopped)) == without_seconds(read_metrics(full))
     assert_same_parameters(full / "checkpoint.pt", stopped / "checkpoint.pt")
+
+
+def _sharded_val_loss(run: Path, world: int) -> float:
+    """The validation loss of ``run``'s checkpoint scored as a ``world``-rank run scores it:
+    each rank's strided shard in batches of the run's size (the forward's per-batch input
+    scales depend on them), summed over the ranks."""
+    record = json.loads((run / "config.json").read_text())
+    cfg = record["config"]
+    model = fqtorch.quantize_model(
+        fqtorch.models.build_model(cfg["model"]), fqtorch.FQTConfig(**record["fqt"])
+    )
+    model.load_state_dict(load_checkpoint(run / "checkpoint.pt")["model"])
+    model.eval()
+    val = build_datasets(cfg["dataset"], seed=cfg["seed"]).val
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for rank in range(world):
+            shard = torch.utils.data.Subset(val, range(rank, len(val), world))
+            for x, y in torch.utils.data.DataLoader(shard, cfg["batch_size"]):
+                total += float(torch.nn.functional.cross_entropy(model(x), y)) * len(y)
+                count += len(y)
+    return total / count
 
 
 def _torchrun(*command: str) -> subprocess.CompletedProcess:

@@ -365,15 +365,19 @@ def _loaders(
 def _evaluate(
     model: nn.Module, loader: DataLoader, rt: Runtime, sharded: bool = False
 ) -> tuple[float, float]:
-    """Validation loss and accuracy over every rank's shard. ``sharded`` (FSDP): first every
-    rank takes rank 0's buffers (FSDP leaves them to each rank; DDP broadcasts them), and since
-    every forward is a collective, the ranks with fewer batches repeat a batch, uncounted,
-    until all have run as many forwards."""
+    """Validation loss and accuracy over every rank's shard. With more than one rank, every
+    rank first takes rank 0's buffers: after the epoch's last step each rank's BatchNorm
+    statistics hold its own last batch (DDP broadcasts buffers before a training forward, not
+    after), so the ranks would score their shards with different models and the metrics
+    would match no model, not the checkpoint's (rank 0's). ``sharded`` (FSDP): every forward
+    is a collective, so the ranks with fewer batches repeat a batch, uncounted, until all
+    have run as many forwards."""
     model.eval()
     total, correct, count = 0.0, 0.0, 0.0
     batches = most = len(loader)
-    if sharded:
+    if rt.world > 1:
         _broadcast_buffers(model)
+    if sharded:
         most = int(_all_reduce([float(batches)], rt, "max")[0])
     with torch.no_grad():
         for x, y in loader:
