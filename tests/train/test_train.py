@@ -153,6 +153,14 @@ class TestEndToEnd:
         assert fqtorch_main("train", "--preset", "exact", *SHORT, "--out", out) == 0
         assert json.loads((out / "config.json").read_text())["fqt"] is None
 
+    def test_exact_preset_with_gradient_flags_keeps_a_float_forward(self):
+        """``--preset exact --grad-quantizer bhq``: quantized gradients under the float
+        forward the preset names (it turned into QAT's 8-bit forward before)."""
+        cfg = TrainConfig(preset="exact", fqt={"grad_quantizer": "bhq", "grad_bits": 4})
+        fqt = cfg.fqt_config()
+        assert (fqt.input_quantizer, fqt.weight_quantizer) == ("identity", "identity")
+        assert (fqt.grad_quantizer, fqt.grad_bits) == ("bhq", 4)
+
     def test_help_lists_models(self, capsys):
         with pytest.raises(SystemExit) as exit_:
             fqtorch_main("train", "--help")
@@ -203,7 +211,8 @@ class TestErrors:
             ("--lr", "-1", "--lr: lr must be a finite number > 0, got -1.0"),
             ("--lr", "nan", "--lr: lr must be a finite number > 0, got nan"),
             ("--lr", "inf", "--lr: lr must be a finite number > 0, got inf"),
-            ("--momentum", "-1", "--momentum: momentum must be a finite number >= 0"),
+            ("--momentum", "-1", "--momentum: momentum must be in [0, 1), got -1.0"),
+            ("--momentum", "1", "--momentum: momentum must be in [0, 1), got 1.0"),
             ("--weight-decay", "inf", "--weight-decay: weight_decay must be a finite number >= 0"),
             (
                 "--warmup-epochs",
@@ -219,6 +228,21 @@ class TestErrors:
         ]:
             assert message in error(flag, value, "--out", x), (flag, value)
         assert "this run has one; start it with torchrun" in error("--fsdp", "--out", x)
+        # A bit width its quantizer does not take would be recorded as set and do nothing.
+        for args, message in [
+            (("--preset", "qat", "--grad-bits", "4"), "grad_quantizer is None"),
+            (("--preset", "exact", "--grad-bits", "4"), "grad_quantizer is None"),
+            (("--preset", "exact", "--input-bits", "4"), "input_quantizer is identity"),
+            (("--preset", "mxfp4_sr", "--grad-bits", "6"), "float format mxfp4"),
+            (("--preset", "nvfp4_sr", "--grad-weight-bits", "6"), "float format nvfp4"),
+            (
+                ("--preset", "bhq5", "--weight-quantizer", "identity", "--weight-bits", "4"),
+                "is identity",
+            ),
+        ]:
+            flag = next(a for a in args if a.endswith("-bits"))
+            err = error(*args, "--out", x)
+            assert f"{flag}: {flag[2:].replace('-', '_')}=" in err and message in err, err
         assert "--variance-every: variance_every needs each rank's whole gradients" in error(
             "--fsdp", "--variance-every", "2", "--out", x
         )
@@ -302,6 +326,21 @@ class TestErrors:
         assert fqtorch_main("train", *SHORT, "--out", out) == 2
         assert "already holds a run (checkpoint.pt); pass --resume" in capsys.readouterr().err
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+    def test_stopped_run_without_checkpoint_is_not_overwritten(self, tmp_path, capsys):
+        """A run stopped before its first checkpoint (its weights went non-finite) leaves only
+        its record: a new run in the same directory is refused, not written over it."""
+        out = tmp_path / "run"
+        assert fqtorch_main("train", *SHORT, "--out", out) == 0
+        for name in ("checkpoint.pt", "best.pt", "final.json"):
+            (out / name).unlink()
+        before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+        assert fqtorch_main("train", *SHORT, "--out", out) == 2
+        err = capsys.readouterr().err
+        assert "holds a stopped run's record (metrics.jsonl; no checkpoint" in err, err
+        assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+        (out / "metrics.jsonl").write_text("")  # stopped before its first line: nothing kept
+        assert fqtorch_main("train", *SHORT, "--out", out) == 0
 
     def test_corrupt_checkpoint(self, tmp_path, capsys):
         out = tmp_path / "run"

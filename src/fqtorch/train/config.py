@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..config import FQTConfig
+from ..quantizers.formats import is_format
 
 __all__ = ["DATASET_DEFAULTS", "FQT_FIELDS", "TrainConfig", "load_config_file"]
 
@@ -32,6 +33,20 @@ FQT_FIELDS = (
     "fused",
     "attention_products",
 )
+
+# Each bit width and the quantizer that uses it (TrainConfig._check_bits_used).
+_BITS_OF = {
+    "input_bits": "input_quantizer",
+    "weight_bits": "weight_quantizer",
+    "grad_bits": "grad_quantizer",
+    "grad_weight_bits": "grad_weight_quantizer",
+}
+_BITS_EXAMPLE = {
+    "input_quantizer": "ptq",
+    "weight_quantizer": "symmetric",
+    "grad_quantizer": "bhq",
+    "grad_weight_quantizer": "per_column",
+}
 
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "digits": dict(
@@ -172,16 +187,40 @@ class TrainConfig:
             )
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory to continue (out)")
-        self.fqt_config()  # validate the quantization plan now
+        self._check_bits_used(self.fqt_config())  # validate the quantization plan now
+
+    def _check_bits_used(self, cfg: FQTConfig | None) -> None:
+        """A bit width given for a GEMM operand whose quantizer takes none (none at all, the
+        identity, or a float format, whose width is its own) would be recorded in the run's
+        header and config.json and do nothing: refused, naming what would use it."""
+        if cfg is None:
+            return
+        for bits, role in _BITS_OF.items():
+            if bits not in self.fqt:
+                continue
+            quantizer = getattr(cfg, role)
+            if quantizer is None or quantizer == "identity":
+                what = f"{role} is {quantizer or 'None (its gradient stays exact)'}"
+                fix = f"give --{role.replace('_', '-')} (e.g. {_BITS_EXAMPLE[role]})"
+            elif is_format(quantizer):
+                what = f"{role} is the float format {quantizer}, whose width is its own"
+                fix = "leave it out, or pick an integer quantizer"
+            else:
+                continue
+            raise ValueError(
+                f"{bits}={self.fqt[bits]} has no effect with preset {self.preset}: {what}; {fix}"
+            )
 
     def _check_ranges(self) -> None:
         """Numbers a run could take without failing but would train wrongly with, refused with
         the option named (after the dataset's defaults are filled in)."""
         if not 0 < self.lr < math.inf:  # also NaN
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
-        for name in ("momentum", "weight_decay", "warmup_epochs"):
+        for name in ("weight_decay", "warmup_epochs"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise ValueError(f"{name} must be a finite number >= 0, got {getattr(self, name)}")
+        if not 0 <= self.momentum < 1:  # SGD's velocity grows without bound at 1 and past it
+            raise ValueError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("block_size", "image_size"):
@@ -247,8 +286,7 @@ class TrainConfig:
         """The layers' plan, or ``None`` for ``--preset exact`` with no FQT overrides."""
         if not self.quantized:
             return None
-        base = "qat" if self.preset == "exact" else self.preset
-        return FQTConfig.preset(base, seed=self.seed, **self.fqt)
+        return FQTConfig.preset(self.preset, seed=self.seed, **self.fqt)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

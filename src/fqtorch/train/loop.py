@@ -1136,6 +1136,10 @@ def _run_dir(run: _Run) -> Path:
     return Path(name[0])
 
 
+# What a run writes as it goes (beside config.json and the checkpoints).
+_RECORDS = ("metrics.jsonl", "variance.jsonl", "final.json")
+
+
 def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
     if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
         raise TrainingError(
@@ -1165,6 +1169,15 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
             f"{run.out} already holds a run (checkpoint.pt); pass --resume to continue it, or "
             "leave --out out: every run gets a new directory under runs/"
         )
+    elif records := [
+        n for n in _RECORDS if (run.out / n).is_file() and (run.out / n).stat().st_size
+    ]:
+        # A run stopped before its first checkpoint (non-finite weights, say) left only its
+        # record: nothing to resume, and a new run here would delete it.
+        raise TrainingError(
+            f"{run.out} holds a stopped run's record ({', '.join(records)}; no checkpoint to "
+            "resume from); move it away or name another --out (a new run would replace it)"
+        )
     if cfg.tensorboard and run.rt.main:
         run.tensorboard = _TensorBoard(
             run.out / "tensorboard", run.step + 1 if cfg.resume else None
@@ -1179,7 +1192,7 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
         )
         _keep_lines(run.out / "variance.jsonl", lambda m: m["step"] <= run.step)
     else:
-        for name in ("metrics.jsonl", "variance.jsonl", "final.json"):
+        for name in _RECORDS:  # empty ones, from a run that stopped before its first line
             (run.out / name).unlink(missing_ok=True)
     started = {
         "versions": {
