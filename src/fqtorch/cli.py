@@ -6,7 +6,9 @@ import argparse
 import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
@@ -111,7 +113,9 @@ def _train_parser(sub: Any) -> None:
     )
     p.add_argument("--model", choices=list_models())
     p.add_argument(
-        "--preset", help="an FQTConfig preset, or 'exact' for no quantization (default bhq5)"
+        "--preset",
+        help="an FQTConfig preset (default bhq5); 'exact' for no quantization, or a float "
+        "forward under the gradient flags given with it (--grad-quantizer ...)",
     )
     for flag, kind, extra in [
         ("epochs", int, ""),
@@ -297,6 +301,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
+        argv_given = argv is not None
         argv = sys.argv[1:] if argv is None else list(argv)
         args = parser.parse_args(argv)
     except KeyboardInterrupt:  # Ctrl-C while starting up: nothing was written yet
@@ -321,12 +326,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fqtorch {args.command}: error: {message}", file=sys.stderr)
         return 2
     except TrainingInterrupted as exc:  # Ctrl-C in training: what was saved, how to resume
+        _ignore_further_interrupts(argv_given)
         if _rank() == 0:  # under torchrun every rank stops alike; rank 0 says it for all
             print(f"fqtorch {args.command}: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
+        _ignore_further_interrupts(argv_given)
         print(f"fqtorch {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _ignore_further_interrupts(argv_given: bool) -> None:
+    """The program is stopping on Ctrl-C and has said what it kept: one more Ctrl-C (people
+    press it twice) would land in the interpreter's shutdown as a traceback. Only when ``main``
+    runs as the program (no ``argv`` passed): a caller in Python keeps its own Ctrl-C."""
+    if not argv_given and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import logging
 import math
 import signal
 import subprocess
+import sys
 
 import pytest
 
@@ -115,6 +116,41 @@ def test_only_rank_0_says_it_was_interrupted(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("RANK", "1")
     assert fqtorch_main("train", *SHORT, "--out", tmp_path / "run") == 130
     assert "Resume with" not in capsys.readouterr().err
+
+
+SECOND_CTRL_C_AFTER_THE_MESSAGE = """
+import os, signal, sys, time
+from fqtorch import cli
+from fqtorch.train.errors import TrainingInterrupted
+
+def stopped(args):
+    raise TrainingInterrupted("interrupted; saved run/checkpoint.pt", 130)
+
+cli._dispatch = stopped
+sys.argv = ["fqtorch", "train"]
+code = cli.main()
+os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, as the program winds down
+time.sleep(0.2)
+sys.exit(code)
+"""
+
+
+@pytest.mark.parametrize("argv_given", [False, True])
+def test_a_second_ctrl_c_after_the_message_is_quiet(tmp_path, argv_given):
+    """Run as the program, ``fqtorch`` ignores Ctrl-C once it has said what it saved (a second
+    press used to land in the interpreter's shutdown as a traceback); called from Python with
+    ``argv``, the caller keeps its Ctrl-C."""
+    script = SECOND_CTRL_C_AFTER_THE_MESSAGE
+    if argv_given:
+        script = script.replace("cli.main()", "cli.main(['train'])")
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120
+    )
+    assert "fqtorch train: interrupted; saved run/checkpoint.pt" in result.stderr
+    if argv_given:
+        assert "KeyboardInterrupt" in result.stderr and result.returncode != 130
+    else:
+        assert result.returncode == 130 and "Traceback" not in result.stderr, result.stderr
 
 
 class TestLock:
