@@ -6,6 +6,7 @@ import dataclasses
 
 import pytest
 
+import fqtorch
 from fqtorch import FQTConfig
 
 
@@ -72,6 +73,22 @@ class TestValidation:
     def test_unknown_quantizer(self):
         with pytest.raises(ValueError, match="grad_quantizer='bhx' .*known quantizers: .*bhq"):
             FQTConfig(grad_quantizer="bhx")
+
+    @pytest.mark.parametrize("field", ["input_quantizer", "weight_quantizer"])
+    def test_random_transform_is_refused_in_the_forward(self, field):
+        """RHT draws its signs on every call (from the global stream: the forward has no
+        generator), so as a forward quantizer it made the forward random and unseeded."""
+        with pytest.raises(ValueError, match=f"{field}='rht' draws random signs"):
+            FQTConfig(**{field: "rht"})
+        assert FQTConfig(grad_quantizer="rht", grad_weight_quantizer="rht").grad_quantizer == "rht"
+
+    def test_only_random_transforms_are_refused_in_the_forward(self):
+        from fqtorch.quantizers.base import has_random_transform
+
+        assert [n for n in fqtorch.list_quantizers() if has_random_transform(n)] == ["rht"]
+        for name in fqtorch.list_quantizers():
+            if name != "rht":
+                FQTConfig(input_quantizer=name, weight_quantizer=name)
 
     def test_unknown_backend(self):
         with pytest.raises(ValueError, match="backend must be one of"):

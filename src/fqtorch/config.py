@@ -14,7 +14,14 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from .quantizers.base import ROUNDINGS, check_bits, get_quantizer, is_registered, list_quantizers
+from .quantizers.base import (
+    ROUNDINGS,
+    check_bits,
+    get_quantizer,
+    has_random_transform,
+    is_registered,
+    list_quantizers,
+)
 from .quantizers.formats import is_format
 from .quantizers.transforms import TRANSFORMS, with_transform
 
@@ -204,8 +211,15 @@ class FQTConfig:
     def __post_init__(self) -> None:
         for field in ("input_bits", "weight_bits", "grad_bits", "grad_weight_bits"):
             check_bits(getattr(self, field), field)
-        _check_quantizer("input_quantizer", self.input_quantizer)
-        _check_quantizer("weight_quantizer", self.weight_quantizer)
+        for field in ("input_quantizer", "weight_quantizer"):
+            _check_quantizer(field, getattr(self, field))
+            if has_random_transform(getattr(self, field)):
+                raise ValueError(
+                    f"{field}={getattr(self, field)!r} draws random signs on every call; a "
+                    "forward quantizer must be deterministic (the FQT gradient estimates the "
+                    "gradient of a fixed quantized forward): use it as grad_quantizer, or give "
+                    "ptq, psq, symmetric or a format here"
+                )
         if self.grad_quantizer is not None:
             _check_quantizer("grad_quantizer", self.grad_quantizer)
             if self.grad_weight_quantizer is None:

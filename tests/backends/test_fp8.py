@@ -18,6 +18,7 @@ from fqtorch import FQTConfig, quantize_model
 from fqtorch.backends.base import FQTPlan
 from fqtorch.backends.fp8 import accumulation_tolerance
 from fqtorch.nn.functional import fqt_linear
+from fqtorch.quantizers.base import has_random_transform
 
 FIELDS = ("input_quantizer", "weight_quantizer", "grad_quantizer", "grad_weight_quantizer")
 TENSOR = ("fp8_e4m3", "fp8_e5m2")
@@ -214,7 +215,11 @@ class TestRefusals:
                 fields = {**BASE, field: name}
                 if field == "grad_quantizer" and name is None:
                     fields["grad_weight_quantizer"] = None
-                if name not in EXPECTED[field]:
+                if field in FIELDS[:2] and name is not None and has_random_transform(name):
+                    # refused whatever the backend (tests/test_config.py)
+                    with pytest.raises(ValueError, match=f"{field}='{name}' draws random signs"):
+                        FQTConfig(backend="fp8", **fields)
+                elif name not in EXPECTED[field]:
                     with pytest.raises(ValueError) as error:
                         FQTConfig(backend="fp8", **fields)
                     message = str(error.value)

@@ -153,6 +153,10 @@ class Quantizer(abc.ABC):
     # (:func:`fqtorch.backends.base.hwc_rows`). Block formats and transforms along the row are
     # not.
     column_equivariant: bool = False
+    # Whether encoding draws random numbers of its own (a random transform's signs), so that
+    # it is random even with round-to-nearest: not a forward quantizer (FQTConfig refuses it
+    # there), whose value the QAT gradient takes as fixed (docs/method.md §3).
+    random_transform: bool = False
 
     def __init__(self, bits: int = 8, *, rounding: str = "stochastic", fused: bool = False) -> None:
         self.bits = check_bits(bits)
@@ -263,3 +267,10 @@ def get_quantizer(name: str, bits: int = 8, **options: object) -> Quantizer:
 
 def is_registered(name: str) -> bool:
     return name in _REGISTRY
+
+
+def has_random_transform(name: str) -> bool:
+    """Whether the quantizer registered as ``name`` draws random numbers whatever its rounding
+    (``Quantizer.random_transform``)."""
+    cls = _REGISTRY.get(name)
+    return cls is not None and cls.random_transform

@@ -14,6 +14,7 @@ the float maximum, and subnormal values are mixed at full precision.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -90,6 +91,8 @@ class RandomizedHadamardTransform:
 class RandomizedHadamard(Quantizer):
     """Per-row stochastic rounding after a random-sign Hadamard mix of ``block`` rows."""
 
+    random_transform = True
+
     column_equivariant = True  # mixes rows, column by column; per-row grids
 
     def __init__(
@@ -131,6 +134,8 @@ class RandomizedHadamard(Quantizer):
         ``Σ_{j∈block} |x_j| / √block``, so ``R_i(Tx) ≤ 2·max_d Σ_j |x_jd| / √block`` and
         ``E‖Q(x) − x‖² ≤ (D/B²)·Σ_blocks (max_d Σ_{j∈block} |x_jd|)²``."""
         check_float(x, self.name)
+        if not torch.isfinite(x).all():  # no bound (NaN would pass every comparison)
+            return torch.tensor(math.inf, dtype=torch.float64, device=x.device)
         x2d = as_rows(x).to(torch.float64)  # sums of values near the float32 maximum
         rows, cols = x2d.shape
         block = self._block_for(rows)
