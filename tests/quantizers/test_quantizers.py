@@ -409,6 +409,15 @@ class TestNonFinite:
         assert torch.isnan(out[group]).all()
         assert torch.isfinite(out[~group]).all()
 
+    @pytest.mark.parametrize("name", [n for n in ALL if n != "identity"])
+    @pytest.mark.parametrize("bad", [math.nan, math.inf])
+    def test_no_bound(self, name, bad):
+        """No bound holds for a tensor with a NaN or Inf: ``inf``, never NaN (which passes
+        every ``measured <= bound`` and ``bound > budget`` comparison as false)."""
+        x = heavy_rows(64, 5, spread=0.5)
+        x[2, 3] = bad
+        assert get_quantizer(name, 4).variance_bound(x) == math.inf
+
 
 class TestErrors:
     """Bad input fails with a message that says what was expected."""

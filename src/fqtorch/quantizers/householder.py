@@ -34,6 +34,7 @@ as ``fused=False`` does (the same transform; grids and codes to float32 rounding
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -649,6 +650,8 @@ class BlockHouseholder(Quantizer):
         nearest rounding the bound is ``‖T⁻¹‖₂²·(D/4)·Σ_i Δ_i²``.
         """
         check_float(x, self.name)
+        if not torch.isfinite(x).all():  # no bound (NaN would pass every comparison)
+            return torch.tensor(math.inf, dtype=torch.float64, device=x.device)
         x2d = as_rows(x).to(compute_dtype(x)).contiguous()
         plan: _Plan | _FusedPlan | None
         on_the_fly = self.fused and _on_the_fly(x2d, self.kernel, _ENCODE_KERNELS)
