@@ -78,7 +78,7 @@ class GemmOps(Protocol):
     def output(self, input: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor: ...
     def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
     def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
-    def grad_bias(self, grad_output: Tensor) -> Tensor: ...
+    def grad_bias(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
     def columns(self, grad_output: Tensor) -> Tensor: ...
     def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor: ...
 
@@ -98,7 +98,7 @@ class LinearOps:
     def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
         return grad_output.T @ input  # (out, M) @ (M, in)
 
-    def grad_bias(self, grad_output: Tensor) -> Tensor:
+    def grad_bias(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
         return grad_output.sum(0)
 
     def columns(self, grad_output: Tensor) -> Tensor:
@@ -130,12 +130,12 @@ class ConvOps:
         return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def _backward(self, grad_output: Tensor, input: Tensor, weight: Tensor, which: int) -> Tensor:
-        mask = [which == 0, which == 1, False]
+        mask = [which == 0, which == 1, which == 2]
         grads = torch.ops.aten.convolution_backward(
             grad_output,
             input,
             weight,
-            None,
+            [weight.shape[0]] if which == 2 else None,  # the bias's size
             self.stride,
             self.padding,
             self.dilation,
@@ -153,8 +153,10 @@ class ConvOps:
     def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
         return self._backward(grad_output, input, weight, 1)
 
-    def grad_bias(self, grad_output: Tensor) -> Tensor:
-        return grad_output.sum([0, *range(2, grad_output.dim())])
+    def grad_bias(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
+        # ATen's own reduction, so that the exact preset gives the float layer's bias gradient
+        # bit for bit (a plain sum over (N, *S) adds in another order).
+        return self._backward(grad_output, input, weight, 2)
 
     def columns(self, grad_output: Tensor) -> Tensor:
         # (N, C, *S) -> (N·S, C): the weight-gradient GEMM sums over samples and positions, so a

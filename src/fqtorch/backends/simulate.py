@@ -106,7 +106,7 @@ class _FQTFunction(torch.autograd.Function):
                 if need_weight:
                     grad_weight = ops.grad_weight(grad, input_q, weight_q)
                 if need_bias:
-                    grad_bias = ops.grad_bias(grad)
+                    grad_bias = ops.grad_bias(grad, input_q, weight_q)
         return grad_input, grad_weight, grad_bias, None, None, None
 
 

@@ -84,7 +84,7 @@ class BatchedMatmulOps:
     def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
         return torch.bmm(self._split(grad_output).transpose(1, 2), input)
 
-    def grad_bias(self, grad_output: Tensor) -> Tensor:
+    def grad_bias(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
         return self._split(grad_output).sum(1)
 
     def columns(self, grad_output: Tensor) -> Tensor:
