@@ -2,7 +2,8 @@
 
     python experiments/method_checks.py epilogue   # §8: int8 forward vs simulate, one-signed
     python experiments/method_checks.py bf16       # §9: rounding Q(G) to bf16 before the GEMM
-    python experiments/method_checks.py            # both
+    python experiments/method_checks.py grid       # §4: float32 grid arithmetic and E[Q(x)]
+    python experiments/method_checks.py            # all three
 
 ``epilogue``: the int8 backend's forward against the simulate backend's on the same codes, where
 the operands are one-signed (sparse post-ReLU inputs, all-positive weights) so the zero-point
@@ -18,6 +19,15 @@ for ``Q(G)`` as fqtorch uses it and for ``bf16(Q(G))``. The RMS z of a bias grow
 ``sqrt(samples)``; the ratio of the bias to the noise's standard deviation does not, and is
 printed too.
 
+``grid``: how far float32 arithmetic moves ``E[Q(x)]`` from ``x`` for the per-row integer grids
+(PSQ, eager; docs/method.md §4). Stochastic rounding is unbiased for the grid position ``v`` as
+computed, but ``v = (x − low)/Δ`` and the decoded grid points ``code·Δ + bias`` are float32. The
+expectation over the uniforms is exact here: the codes ``⌊v⌋`` and ``⌊v⌋ + 1`` (the library's
+``affine_params`` and the encode's two float32 operations), the rounding-up probability
+``P(u < frac v)`` for uniforms on multiples of ``2**-24``, and the float32 decode. Prints the
+largest ``|E[Q(x)] − x|`` per case in units of ulp(the row's largest magnitude) and of grid
+steps.
+
 Deterministic for given arguments (fixed generators); a few seconds on 2 CPU cores.
 """
 
@@ -25,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 
 import torch
@@ -32,6 +43,7 @@ from torch import nn
 
 from fqtorch import FQTConfig, quantize_model
 from fqtorch.quantizers import get_quantizer
+from fqtorch.quantizers.uniform import affine_params, group_minmax
 
 # One-signed operands: inputs whose codes sit at the low end of the grid, and all-positive
 # weights in [low, 2) (a narrow range: the weight codes sit high). Name: (inputs, low).
@@ -111,24 +123,67 @@ def bf16(samples: int, seed: int) -> None:
         print(f"{label:<12}{z:>28.2f}{ratio:>28.3f}{note}")
 
 
+GRID_CASES = {  # name: rows of 2**16 entries from a generator
+    "randn": lambda gen: torch.randn(4, 2**16, generator=gen),
+    "randn^5 (heavy tails)": lambda gen: torch.randn(4, 2**16, generator=gen) ** 5,
+    "1e-30 * randn": lambda gen: 1e-30 * torch.randn(4, 2**16, generator=gen),
+    "1 + U[0, 1)": lambda gen: 1 + torch.rand(4, 2**16, generator=gen),
+    "1000 + U[0, 1)": lambda gen: 1000 + torch.rand(4, 2**16, generator=gen),
+}
+
+
+def grid_mean_error(x: torch.Tensor, bits: int) -> tuple[float, float]:
+    """max |E[Q(x)] − x| over entries, in ulp(the row's max |x|) and in grid steps (PSQ, eager
+    float32 arithmetic, stochastic rounding on multiples of 2**-24)."""
+    low, high = group_minmax(x, "row")
+    offset, fold, divisor, step, bias = affine_params(low, high, bits)
+    v = torch.addcmul(offset, x, fold).div_(divisor)  # the encode's grid position
+    floor = torch.floor(v)
+    up = torch.ceil((v - floor).double() * 2**24) / 2**24  # P(u < frac v)
+    top = 2**bits - 1
+
+    def decode(codes: torch.Tensor) -> torch.Tensor:
+        return ((codes.clamp(0, top) - 2 ** (bits - 1)) * step + bias).double()
+
+    mean = up * decode(floor + 1) + (1 - up) * decode(floor)
+    error = (mean - x.double()).abs()
+    largest = x.abs().amax(1, keepdim=True)
+    ulp = (torch.nextafter(largest, torch.full_like(largest, math.inf)) - largest).double()
+    return float((error / ulp).max()), float((error / step.double()).max())
+
+
+def grid(seed: int) -> None:
+    print("PSQ, eager float32: max |E[Q(x)] − x| over 4 rows of 2**16 entries")
+    print(f"{'case':<24}{'bits':>5}{'ulp(max |row|)':>16}{'grid steps':>14}")
+    for name, make in GRID_CASES.items():
+        x = make(torch.Generator().manual_seed(seed))
+        for bits in (2, 4, 8):
+            ulps, steps = grid_mean_error(x, bits)
+            print(f"{name:<24}{bits:>5}{ulps:>16.3g}{steps:>14.3g}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checks", nargs="*", help="epilogue, bf16 (default: both)")
+    parser.add_argument("checks", nargs="*", help="epilogue, bf16, grid (default: all)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 4096, 65536])
     parser.add_argument("--seeds", type=int, default=3, help="epilogue: seeds per length")
     parser.add_argument("--samples", type=int, default=1000, help="bf16: draws of Q(G)")
-    parser.add_argument("--seed", type=int, default=0, help="bf16: the gradient and the draws")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="bf16: the gradient and the draws; grid: the rows"
+    )
     args = parser.parse_args(argv)
-    checks = args.checks or ["epilogue", "bf16"]
-    unknown = sorted(set(checks) - {"epilogue", "bf16"})
+    checks = args.checks or ["epilogue", "bf16", "grid"]
+    unknown = sorted(set(checks) - {"epilogue", "bf16", "grid"})
     if unknown:
-        parser.error(f"unknown checks {unknown}; choose from epilogue, bf16")
+        parser.error(f"unknown checks {unknown}; choose from epilogue, bf16, grid")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if "epilogue" in checks:
         epilogue(args.lengths, args.seeds)
     if "bf16" in checks:
         bf16(args.samples, args.seed)
+    if "grid" in checks:
+        grid(args.seed)
     return 0
 
 

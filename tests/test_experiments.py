@@ -672,3 +672,10 @@ def test_method_checks_script_measures_the_epilogue_and_the_bf16_bias(capsys):
         if r.startswith(("Q(G)", "bf16"))
     }
     assert z["Q(G)"] < 1.5 < 4 < z["bf16(Q(G))"], out
+    assert module.main(["grid"]) == 0
+    rows = [r.rsplit(None, 3) for r in capsys.readouterr().out.splitlines()[3:]]
+    assert len(rows) == 15, rows
+    # E[Q(x)] is x to a few ulp of the row's largest magnitude (docs/method.md §4), which can
+    # be far more than the uniforms' 2**-24 steps where a row's range is small next to it.
+    assert all(float(r[2]) < 3 for r in rows), rows
+    assert float(rows[-1][3]) > 1e-3, rows  # 1000 + U[0, 1) at 8 bits

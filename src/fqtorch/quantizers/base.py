@@ -178,9 +178,12 @@ class Quantizer(abc.ABC):
 
     @property
     def unbiased(self) -> bool:
-        """Whether ``E[q(x)] = x`` for every float32/float64 ``x`` (stochastic rounding gives
-        this, to the uniforms' resolution, under ``2**-24`` of a step: :mod:`.rounding`; a
-        bf16/fp16 result is rounded to nearest in its dtype: see the class docstring)."""
+        """Whether ``E[q(x)] = x`` for every float32/float64 ``x``, up to floating-point
+        rounding: stochastic rounding is unbiased for the grid position as computed (to the
+        uniforms' resolution, under ``2**-24`` of a step: :mod:`.rounding`), and the float32
+        arithmetic of that position and of the decoded grid points moves each entry's mean by a
+        few ulp of its group's largest magnitude (docs/method.md §4); a bf16/fp16 result is
+        rounded to nearest in its dtype: see the class docstring."""
         return self.rounding == "stochastic"
 
     @property
