@@ -321,6 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         TrainingError,
     ) as exc:
         # Bad input and stopped runs: one clear line, not a traceback (bugs keep theirs).
+        if getattr(exc, "every_rank", False) and _rank() != 0:
+            return 2  # every rank stopped alike: rank 0 says it for all
         line = _os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         message = _name_the_flag(line, args, argv)
         print(f"fqtorch {args.command}: error: {message}", file=sys.stderr)

@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -412,6 +413,34 @@ class TestErrors:
         assert metrics["skipped_steps"] == 1 and math.isfinite(metrics["train_loss"])
         assert "epoch 1: skipped 1 step(s) with a non-finite loss or gradient" in caplog.text
 
+    @pytest.mark.parametrize("nonfinite", ["stop", "skip"])
+    def test_a_skipped_step_keeps_the_schedule(self, tmp_path, monkeypatch, capsys, nonfinite):
+        """The learning-rate schedule follows the steps, taken or skipped, so it ends where it
+        was planned (it fell one step behind per skip); a first step skipped before any update
+        says nothing about the scheduler. Stopped, the message names the step that failed."""
+        from fqtorch.train import loop
+
+        calls = []
+
+        def loss_nan_at_steps_1_and_3(*args):
+            calls.append(1)
+            return real_loss(*args) * (float("nan") if len(calls) in (1, 3) else 1.0)
+
+        real_loss = loop._loss
+        monkeypatch.setattr(loop, "_loss", loss_nan_at_steps_1_and_3)
+        args = ("--epochs", "1", "--max-steps-per-epoch", "4", "--quiet", "--nonfinite")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # any warning (the scheduler's) fails the run
+            code = fqtorch_main("train", *args, nonfinite, "--out", tmp_path / "r")
+        err = capsys.readouterr().err
+        if nonfinite == "stop":
+            assert code == 2 and "at epoch 1, step 1 (mean loss nan, grad norm nan)" in err, err
+            return
+        assert code == 0, err
+        assert read_metrics(tmp_path / "r")[0]["skipped_steps"] == 2
+        state = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+        assert state["scheduler"]["last_epoch"] == 4
+
 
 def empty_state() -> dict:
     return {"model": {}, "optimizer": {}, "scheduler": {}, "epoch": 0, "step": 0, "rng": {}}
@@ -610,6 +639,48 @@ def test_ddp_noise_sync_and_exact_resume(tmp_path):
     assert json.loads((stopped / "final.json").read_text())["rank_param_checksums"] == [a, b]
     assert without_seconds(read_metrics(stopped)) == without_seconds(read_metrics(full))
     assert_same_parameters(full / "checkpoint.pt", stopped / "checkpoint.pt")
+
+
+INF_LOSS_ON_RANK_1 = """
+import os
+import sys
+
+from fqtorch.cli import main
+from fqtorch.train import loop
+
+calls = []
+real_loss = loop._loss
+
+
+def loss(*args):
+    # An infinite loss with finite gradients (a constant added), on rank 1's second step.
+    calls.append(1)
+    out = real_loss(*args)
+    return out + float("inf") if os.environ["RANK"] == "1" and len(calls) == 2 else out
+
+
+loop._loss = loss
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
+)
+def test_one_ranks_infinite_loss_stops_every_rank_with_one_line(tmp_path):
+    """Rank 1's loss alone is infinite, its gradients finite: every rank sees the sum of the
+    losses, so all stop at the same step (rank 0 stepped on and hung up before), and rank 0
+    alone prints the one line."""
+    driver = tmp_path / "inf_loss.py"
+    driver.write_text(INF_LOSS_ON_RANK_1)
+    args = ["train", "--epochs", "1", "--max-steps-per-epoch", "4", "--batch-size", "32"]
+    result = _torchrun(str(driver), *args, "--quiet", "--out", str(tmp_path / "r"))
+    assert result.returncode != 0
+    lines = [r for r in result.stderr.splitlines() if "fqtorch train: error:" in r]
+    assert len(lines) == 1 and "at epoch 1, step 2 (mean loss over 2 processes inf" in lines[0]
+    assert "/fqtorch/" not in result.stderr, result.stderr  # no traceback through fqtorch
+    assert "Connection closed" not in result.stderr  # no rank went on to a lone collective
 
 
 def _sharded_val_loss(run: Path, world: int) -> float:

@@ -10,7 +10,14 @@ class CheckpointError(RuntimeError):
 
 
 class TrainingError(RuntimeError):
-    """The run cannot go on (non-finite loss, an existing run in --out, ...)."""
+    """The run cannot go on (non-finite loss, an existing run in --out, ...).
+
+    ``every_rank``: under torchrun every rank raised the same error at the same point (the CLI
+    then prints it on rank 0 alone)."""
+
+    def __init__(self, message: str, every_rank: bool = False) -> None:
+        super().__init__(message)
+        self.every_rank = every_rank
 
 
 class TrainingInterrupted(KeyboardInterrupt):

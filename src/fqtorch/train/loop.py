@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -900,15 +901,26 @@ class _Run:
         # After DDP's all-reduce (FSDP's reduce-scatter, the norm gathered) every rank sees the
         # same norm, so all take the same branch.
         norm = _full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
-        if not (torch.isfinite(norm) and torch.isfinite(loss)):
+        # One rank's loss can be non-finite with finite gradients (an infinite cross-entropy):
+        # every rank looks at the sum of the losses, so all take the same branch.
+        losses = _all_reduce([float(loss)], self.rt)[0]
+        if not (math.isfinite(float(norm)) and math.isfinite(losses)):
             if self.cfg.nonfinite == "stop":
                 last = f" and the last checkpoint is at {self.saved_at}" if self.saved_at else ""
+                ranks = f" over {self.rt.world} processes" if self.rt.world > 1 else ""
                 raise TrainingError(
-                    f"non-finite loss or gradient at epoch {self.epoch + 1}, step {self.step} "
-                    f"(loss {float(loss):.4g}, grad norm {float(norm):.4g}); the weights were not "
-                    f"updated{last}. Lower --lr or raise the bits, or pass --nonfinite skip."
+                    f"non-finite loss or gradient at epoch {self.epoch + 1}, step "
+                    f"{self.step + 1} (mean loss{ranks} {losses / self.rt.world:.4g}, grad norm "
+                    f"{float(norm):.4g}); the weights were not updated{last}. Lower --lr or "
+                    "raise the bits, or pass --nonfinite skip.",
+                    every_rank=True,
                 )
             self.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # a skipped first step: no optimizer.step() yet
+                warnings.filterwarnings(
+                    "ignore", "Detected call of `lr_scheduler.step", UserWarning
+                )
+                self.scheduler.step()  # the schedule follows the steps, taken or skipped
             return float("nan"), False
         self.optimizer.step()
         self.scheduler.step()
