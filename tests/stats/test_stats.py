@@ -432,6 +432,9 @@ def test_train_logs_variance(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     lines = [json.loads(x) for x in (out / "variance.jsonl").read_text().splitlines()]
     assert [x["step"] for x in lines] == [2, 4]
+    steps = {m["epoch"]: m["steps"] for m in map(json.loads, (out / "metrics.jsonl").open())}
+    for x in lines:  # the epoch it was measured in, counted as metrics.jsonl counts them
+        assert steps.get(x["epoch"] - 1, 0) < x["step"] <= steps[x["epoch"]], (x, steps)
     assert lines[0]["total_ratio"] > 0 and "classifier.3" in lines[0]["ratio"]
 
 

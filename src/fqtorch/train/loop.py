@@ -939,7 +939,8 @@ class _Run:
                 report.quantization, report.sampling, norms, self.rt.world, branches
             )
         if self.rt.main:
-            line = {"epoch": self.epoch, "step": self.step, **report.to_dict()}
+            # epochs counted from 1, as metrics.jsonl's (the measurement is within this one)
+            line = {"epoch": self.epoch + 1, "step": self.step, **report.to_dict()}
             with (self.out / "variance.jsonl").open("a") as f:
                 f.write(json.dumps(line) + "\n")
             if self.tensorboard is not None:
