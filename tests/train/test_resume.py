@@ -8,13 +8,15 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import signal
+import socket
 import subprocess
 import sys
 
 import pytest
 
-from fqtorch.train import TrainingError, load_checkpoint
+from fqtorch.train import TrainingError, load_checkpoint, rundir
 from fqtorch.train import loop as train_loop
 from tests.train.helpers import fqtorch_main, read_metrics
 
@@ -171,13 +173,36 @@ class TestLock:
         err = capsys.readouterr().err
         assert err.strip() == (
             f"fqtorch train: error: {out} is in use by another fqtorch train (process "
-            f"{live_pid}); wait for it to end, or give another --out"
+            f"{live_pid}); wait for it to end, or give another --out (if no run is going on "
+            f"there, delete {out / 'lock'})"
         )
         assert not (out / "checkpoint.pt").exists()
         gone = _dead_pid()
         (out / "lock").write_text(f"{gone}\n")
         assert fqtorch_main("train", "--epochs", "1", *SHORT, "--out", out) == 0
         assert not (out / "lock").exists()  # released at the end
+
+    def test_a_reused_process_id_is_stale_and_another_hosts_lock_is_kept(
+        self, tmp_path, live_pid, capsys
+    ):
+        """A lock whose id now names a process that started at another time (a restarted
+        machine reuses small ids) is taken over; one written on another host is refused (its
+        process cannot be looked at from here), saying how to clear it."""
+        if rundir._start_time(live_pid) is None:
+            pytest.skip("no /proc: process start times cannot be read here")
+        out = tmp_path / "run"
+        out.mkdir()
+        here = socket.gethostname()
+        (out / "lock").write_text(f"{live_pid} {here} {rundir._start_time(live_pid)}\n")
+        assert rundir._holder(out) == live_pid
+        (out / "lock").write_text(f"{live_pid} {here} 1\n")  # started at another time
+        assert rundir._holder(out) is None
+        assert fqtorch_main("train", "--epochs", "1", *SHORT, "--out", out) == 0
+        (out / "lock").write_text(f"{os.getpid()} elsewhere.example 1\n")
+        assert fqtorch_main("train", "--resume", out) == 2
+        err = capsys.readouterr().err
+        assert f"(process {os.getpid()} on elsewhere.example)" in err
+        assert f"delete {out / 'lock'}" in err
 
     def test_bare_resume_passes_over_a_run_in_use(self, tmp_path, monkeypatch, live_pid, caplog):
         monkeypatch.chdir(tmp_path)

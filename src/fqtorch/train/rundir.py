@@ -12,6 +12,7 @@ import itertools
 import json
 import logging
 import os
+import socket
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -60,9 +61,11 @@ def latest_run(root: Path = RUNS) -> Path:
 
 
 def lock_run(run_dir: Path) -> None:
-    """Claim ``run_dir`` for this process (``run_dir/lock`` holds its id, created with
-    ``O_EXCL``); a lock left by a process that is gone is taken over. A directory a live
-    process holds is a :class:`TrainingError`: two runs would write over each other."""
+    """Claim ``run_dir`` for this process (``run_dir/lock`` holds its id, host name and start
+    time, created with ``O_EXCL``); a lock left by a process that is gone is taken over, and so
+    is one whose id now belongs to another process (a restarted machine reuses small ids: the
+    start time differs). A directory a live process holds is a :class:`TrainingError`: two
+    runs would write over each other."""
     path = run_dir / LOCK
     while True:
         try:
@@ -72,12 +75,13 @@ def lock_run(run_dir: Path) -> None:
             if holder is not None and holder != os.getpid():
                 raise TrainingError(
                     f"{run_dir} is in use by another fqtorch train (process {holder}); wait for "
-                    "it to end, or give another --out"
+                    f"it to end, or give another --out (if no run is going on there, delete {path})"
                 ) from None
             path.unlink(missing_ok=True)  # stale (or this process's own): take it over
             continue
+        pid = os.getpid()
         with os.fdopen(fd, "w") as f:
-            f.write(f"{os.getpid()}\n")
+            f.write(f"{pid} {socket.gethostname()} {_start_time(pid) or '-'}\n")
         return
 
 
@@ -87,19 +91,39 @@ def unlock_run(run_dir: Path) -> None:
         (run_dir / LOCK).unlink(missing_ok=True)
 
 
-def _holder(run_dir: Path) -> int | None:
-    """The id of the live process holding ``run_dir`` (``None``: no lock, or a stale one)."""
+def _holder(run_dir: Path) -> int | str | None:
+    """Who holds ``run_dir``: the id of the live local process, ``"<id> on <host>"`` for
+    another host's (not checked: it may be gone), ``None`` for no lock or a stale one (the
+    process is gone, or its id now names a process that started at another time)."""
     try:
-        pid = int((run_dir / LOCK).read_text().strip())
+        pid, *rest = (run_dir / LOCK).read_text().split()
+        pid = int(pid)
     except (OSError, ValueError):
         return None
+    host, started = [*rest, "-", "-"][:2] if rest else (None, "-")
+    if host is not None and host != socket.gethostname():
+        return f"{pid} on {host}"
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return None
     except PermissionError:  # alive, another user's
         return pid
+    now = _start_time(pid)
+    if started != "-" and now is not None and now != started:
+        return None  # the id was reused
     return pid
+
+
+def _start_time(pid: int) -> str | None:
+    """When process ``pid`` started, in clock ticks since boot (Linux ``/proc``; ``None``
+    elsewhere or when it cannot be read)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat.rpartition(")")[2].split()  # after the command name, which may hold spaces
+    return fields[19] if len(fields) > 19 else None
 
 
 def _names(runs: list[Path]) -> str:
