@@ -496,6 +496,24 @@ class TestCheckpoint:
             assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 2
             err = capsys.readouterr().err
             assert "is malformed" in err and "Traceback" not in err
+        # A checkpoint within an epoch (made from the epoch's end one): its schedule and its
+        # random states broken, each one line before anything is written.
+        rank = state["rng"]["ranks"][0]
+        within = {**state, "epoch": 0, "step": 1, "epoch_step": 1}
+        layer = next(iter(rank["fqt"]))
+        for what, broken in [
+            ("schedule", {"scheduler": {}}),
+            ("random", {"rng": {"ranks": [{**rank, "torch": rank["torch"][:10]}]}}),
+            ("random", {"rng": {"ranks": [{**rank, "fqt": {"nope": rank["fqt"][layer]}}]}}),
+            ("random", {"rng": {"ranks": [{k: v for k, v in rank.items() if k != "sums"}]}}),
+        ]:
+            save_checkpoint({**within, **broken}, out / "checkpoint.pt")
+            before = (out / "config.json").read_text()
+            capsys.readouterr()
+            assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 2, what
+            err = capsys.readouterr().err
+            assert "its schedule, precision or random states is malformed" in err, err
+            assert "Traceback" not in err and (out / "config.json").read_text() == before
         first = next(iter(state["model"]))
         model = {k: v for k, v in state["model"].items() if k != first}
         save_checkpoint({**state, "model": model}, out / "checkpoint.pt")
@@ -681,6 +699,42 @@ def test_one_ranks_infinite_loss_stops_every_rank_with_one_line(tmp_path):
     assert len(lines) == 1 and "at epoch 1, step 2 (mean loss over 2 processes inf" in lines[0]
     assert "/fqtorch/" not in result.stderr, result.stderr  # no traceback through fqtorch
     assert "Connection closed" not in result.stderr  # no rank went on to a lone collective
+
+
+SAVE_FAILS_ON_RANK_0 = """
+import os
+import sys
+
+from fqtorch.cli import main
+from fqtorch.train import TrainingError, loop
+
+
+def save(self, best=False):
+    if os.environ["RANK"] == "0":
+        raise TrainingError("could not write checkpoint.pt (planted)")
+
+
+loop._Run.save = save
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
+)
+def test_a_rank_left_alone_says_one_line(tmp_path):
+    """Rank 0 stops on an error of its own (a failed save) while rank 1 waits in a collective:
+    rank 0's line comes first and rank 1 adds one line pointing at it, not a traceback."""
+    driver = tmp_path / "save_fails.py"
+    driver.write_text(SAVE_FAILS_ON_RANK_0)
+    args = ["train", "--epochs", "2", "--max-steps-per-epoch", "2", "--batch-size", "32"]
+    result = _torchrun(str(driver), *args, "--quiet", "--out", str(tmp_path / "r"))
+    assert result.returncode != 0
+    ours = [r for r in result.stderr.splitlines() if r.startswith("fqtorch train:")]
+    assert ours[0] == "fqtorch train: error: could not write checkpoint.pt (planted)", ours
+    assert len(ours) == 2 and ours[1].startswith("fqtorch train: rank 1 stopped: another"), ours
+    assert "/fqtorch/" not in result.stderr, result.stderr  # no traceback through fqtorch
 
 
 def _sharded_val_loss(run: Path, world: int) -> float:

@@ -227,12 +227,15 @@ def _build_model(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> tuple[nn.Modu
 
 
 @contextlib.contextmanager
-def _malformed(path: Path, what: str) -> Iterator[None]:
+def _malformed(path: Path, what: str, also: tuple[type[Exception], ...] = ()) -> Iterator[None]:
     """A checkpoint entry of the wrong type or shape: one line naming the file and the entry
-    (torch's loaders raise KeyError, TypeError or ValueError on them)."""
+    (torch's loaders raise KeyError, TypeError or ValueError on them; ``also``: more types, such
+    as the RuntimeError of a random state of the wrong size)."""
     try:
         yield
-    except (KeyError, TypeError, ValueError) as exc:
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, *also) as exc:
         raise CheckpointError(
             f"{path}: {what} is malformed ({type(exc).__name__}: {exc}); the file was not "
             "written by fqtorch train or was changed since: start a new run"
@@ -684,18 +687,22 @@ class _Run:
             raise CheckpointError(
                 f"{path} does not fit model {self.cfg.model}: {_state_dict_error(exc)}"
             ) from exc
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.precision is not None and state.get("precision"):
-            self.precision.load_state_dict(state["precision"])  # the bits it had reached
-            if not self.rt.main:  # the saved window is the ranks' sum: counted on rank 0 only
-                self.precision.window = {}
+        with _malformed(path, "its schedule, precision or random states", (RuntimeError,)):
+            self.scheduler.load_state_dict(state["scheduler"])
+            if self.precision is not None and state.get("precision"):
+                self.precision.load_state_dict(state["precision"])  # the bits it had reached
+                if not self.rt.main:  # the saved window is the ranks' sum: on rank 0 only
+                    self.precision.window = {}
+            if epoch_step:
+                self._rank_rng = ranks[self.rt.rank]
+                self.sums = [float(v) for v in self._rank_rng["sums"]]
+                # Checked now, before anything is written; loaded again where the epoch
+                # starts (after its reseeding).
+                self._load_rng(self._rank_rng)
         self._apply_hyperparameters(saved)
         self._apply_schedule()
         self.epoch, self.step, self.epoch_step = epoch, step, epoch_step
         self.best = dict(state.get("best") or {})
-        if epoch_step:
-            self._rank_rng = ranks[self.rt.rank]
-            self.sums = [float(v) for v in self._rank_rng["sums"]]
         self.resumed = {"epoch": epoch, "step": step, "epoch_step": epoch_step}
         self.resumed["epochs"] = int(saved.get("epochs", self.cfg.epochs))
         self.saved_at = _where(epoch, step, epoch_step)
