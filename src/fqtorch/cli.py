@@ -336,6 +336,29 @@ def main(argv: Sequence[str] | None = None) -> int:
         _ignore_further_interrupts(argv_given)
         print(f"fqtorch {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        if not _peer_gone(exc):
+            raise
+        # Under torchrun, a rank whose peer stopped on an error of its own: that error (one
+        # line, above) is the cause; this rank's traceback would bury it.
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        print(
+            f"fqtorch {args.command}: rank {_rank()} stopped: another process of this run "
+            f"ended ({first[:160]}); the first error above is the cause",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def _peer_gone(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is a collective failing because another rank is gone (under torchrun
+    only): torch.distributed's errors, and gloo's closed connections."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return False
+    import torch.distributed as dist
+
+    closed = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+    return isinstance(exc, dist.DistError) or any(s in str(exc) for s in closed)
 
 
 def _ignore_further_interrupts(argv_given: bool) -> None:
