@@ -407,7 +407,7 @@ def test_variance_cli_schema(tmp_path, fused):
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and "known quantizers" in bad.stderr
+    assert bad.returncode == 2 and "--quantizers: 'nope' is not a registered" in bad.stderr
 
 
 @pytest.mark.slow
@@ -505,7 +505,22 @@ def test_a_tied_parameter_counts_once():
 @pytest.mark.parametrize(
     "flags,message",
     [
-        (["--profile", "xyz"], "--profile: grad_quantizer='xyz' is not a registered quantizer"),
+        (["--profile", "xyz"], "--profile: 'xyz' is not a registered quantizer; give NAME or"),
+        (["--profile", "bhq+rht16:4"], "--profile: 'bhq+rht16': bhq takes no transform before"),
+        # --quantizers' errors name the flag typed (not FQTConfig's grad_quantizer), and the
+        # forms it takes
+        (
+            ["--quantizers", "foo"],
+            "--quantizers: 'foo' is not a registered quantizer; give NAME "
+            "or NAME+rht16 or NAME+rht32 with NAME one of: bhq, ",
+        ),
+        (
+            ["--quantizers", "psq,bhq+rht8"],
+            "--quantizers: 'bhq+rht8' names no known transform; "
+            "give NAME or NAME+rht16 or NAME+rht32",
+        ),
+        (["--quantizers", "psq+"], "--quantizers: 'psq+' names no known transform"),
+        (["--quantizers", "rht+rht32"], "--quantizers: 'rht+rht32': rht takes no transform"),
         (["--profile", "bhq:x"], "--profile: expected QUANTIZER:BITS (e.g. bhq:4), got 'bhq:x'"),
         (["--profile", "bhq:9"], "--profile: bits must be in 2..8, got 9"),
         (["--profile-samples", "1"], "--profile-samples must be >= 2, got 1"),

@@ -48,6 +48,14 @@ def test_plan_cli_bad_flags(tmp_path, capsys):
     assert "--quantizers: 'nope' is not a registered quantizer" in capsys.readouterr().err
     assert fqtorch_main("plan", "--batches", "1", "--out", tmp_path) == 2
     assert "--batches must be >= 2" in capsys.readouterr().err
+    # variance's NAME+TRANSFORM form and an unknown preset: the line names the flag typed
+    assert fqtorch_main("plan", "--weight-quantizers", "psq+rht16", "--out", tmp_path) == 2
+    err = capsys.readouterr().err
+    assert "--weight-quantizers: 'psq+rht16': a plan's candidates are quantizer names" in err
+    assert fqtorch_main("plan", "--preset", "nope", "--out", tmp_path) == 2
+    assert "error: --preset: unknown preset 'nope'; known presets: exact, qat" in (
+        capsys.readouterr().err
+    )
 
 
 def test_train_with_a_bits_plan(plan_file, tmp_path):

@@ -33,8 +33,9 @@ from torch.utils.data import DataLoader, RandomSampler
 
 from ..config import FQTConfig
 from ..convert import dequantize_model, fqt_modules, quantize_model
-from ..quantizers.base import MAX_BITS, MIN_BITS
+from ..quantizers.base import MAX_BITS, MIN_BITS, is_registered, list_quantizers
 from ..quantizers.formats import is_format
+from ..quantizers.transforms import TRANSFORMS
 from .estimators import RETEST_FACTOR
 from .null import DEFAULT_ALPHA, check_test_parameters
 
@@ -146,6 +147,33 @@ def _grad_fields(name: str, bits: int) -> dict[str, Any]:
     return {"grad_quantizer": quantizer, "grad_bits": bits, "grad_transform": transform or None}
 
 
+def check_quantizer_entry(flag: str, name: str) -> None:
+    """Refuse a ``--quantizers`` entry (``NAME`` or ``NAME+TRANSFORM``) that is no gradient
+    quantizer, in the words of the flag the user typed (not FQTConfig's field names)."""
+    quantizer, plus, transform = name.partition("+")
+    forms = " or ".join(f"NAME+{t}" for t in sorted(TRANSFORMS))
+    if not is_registered(quantizer):
+        raise ValueError(
+            f"{flag}: {quantizer!r} is not a registered quantizer; give NAME or {forms} with NAME "
+            f"one of: {', '.join(list_quantizers())}"
+        )
+    if plus and transform not in TRANSFORMS:
+        raise ValueError(
+            f"{flag}: {name!r} names no known transform; give NAME or {forms} (a random "
+            "Hadamard transform of blocks of 16 or 32 before NAME), e.g. psq+rht16"
+        )
+    try:
+        FQTConfig(**_grad_fields(name, MAX_BITS)).build_quantizers()
+    except ValueError as exc:
+        if not transform:
+            raise ValueError(f"{flag}: {exc}") from None
+        raise ValueError(
+            f"{flag}: {name!r}: {quantizer} takes no transform before it (it has one of its "
+            f"own); give {quantizer} alone, or +{transform} after another quantizer, e.g. "
+            f"psq+{transform}"
+        ) from None
+
+
 def _profile_choice(text: str | None, quantizers: list[str], bits: list[int]) -> tuple | None:
     """``--profile``'s (quantizer, bits), checked; ``None`` for ``none``. Default: the first
     quantizer at the fewest bits."""
@@ -160,10 +188,7 @@ def _profile_choice(text: str | None, quantizers: list[str], bits: list[int]) ->
         raise ValueError(f"--profile: expected QUANTIZER:BITS (e.g. bhq:4), got {text!r}") from None
     if not MIN_BITS <= b <= MAX_BITS:
         raise ValueError(f"--profile: bits must be in {MIN_BITS}..{MAX_BITS}, got {b}")
-    try:
-        FQTConfig(**_grad_fields(name, b))
-    except ValueError as exc:
-        raise ValueError(f"--profile: {exc}") from None
+    check_quantizer_entry("--profile", name)
     return name, b
 
 
@@ -308,8 +333,8 @@ def run_variance(args: argparse.Namespace) -> int:
 
     quantizers = _parse_list(args.quantizers, str, "quantizers")
     bits = _parse_list(args.bits, int, "bits")
-    for q in quantizers:
-        FQTConfig(**_grad_fields(q, 8))  # validate names before any work
+    for q in quantizers:  # names checked before any work
+        check_quantizer_entry("--quantizers", q)
     for b in bits:
         if not MIN_BITS <= b <= MAX_BITS:
             raise ValueError(f"--bits: each must be in {MIN_BITS}..{MAX_BITS}, got {b}")

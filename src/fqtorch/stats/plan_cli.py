@@ -93,12 +93,20 @@ def run_plan(args: argparse.Namespace) -> int:
     weight = [(q, b) for q in weight_names for b in bits]
     for flag, names in (("quantizers", grad), ("weight-quantizers", weight)):
         for name, _ in names:
+            if "+" in name:  # variance's NAME+TRANSFORM form, which a plan cannot choose
+                raise ValueError(
+                    f"--{flag}: {name!r}: a plan's candidates are quantizer names without "
+                    f"+TRANSFORM; give some of: {', '.join(list_quantizers())}"
+                )
             if not is_registered(name):
                 raise ValueError(
                     f"--{flag}: {name!r} is not a registered quantizer; known: "
                     f"{', '.join(list_quantizers())}"
                 )
-    base = FQTConfig.preset(args.preset, seed=args.seed)
+    try:
+        base = FQTConfig.preset(args.preset, seed=args.seed)
+    except ValueError as exc:
+        raise ValueError(f"--preset: {exc}") from None
     if args.batches < 2:
         raise ValueError(f"--batches must be >= 2 (the sampling variance), got {args.batches}")
     out = Path(args.out)
