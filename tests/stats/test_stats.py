@@ -502,6 +502,22 @@ def test_a_tied_parameter_counts_once():
     assert result.total == pytest.approx(expect, rel=1e-9)
 
 
+def test_variance_profile_bits_default_to_the_fewest_of_bits_and_help_says_so(capsys):
+    """``--profile bhq`` (no ``:BITS``) is bhq at the fewest of ``--bits``, as ``--help`` says;
+    ``bhq:`` (an empty BITS) is refused."""
+    from fqtorch.cli import main
+    from fqtorch.stats.cli import _profile_choice
+
+    assert _profile_choice("bhq", ["ptq"], [6, 5, 8]) == ("bhq", 5)
+    assert _profile_choice("bhq:7", ["ptq"], [6, 5, 8]) == ("bhq", 7)
+    assert _profile_choice(None, ["ptq", "bhq"], [6, 5]) == ("ptq", 5)
+    assert _profile_choice("none", ["ptq"], [6]) is None
+    with pytest.raises(SystemExit):
+        main(["variance", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--profile QUANTIZER[:BITS]" in text and "BITS left out: the fewest of --bits" in text
+
+
 @pytest.mark.parametrize(
     "flags,message",
     [
@@ -521,7 +537,8 @@ def test_a_tied_parameter_counts_once():
         ),
         (["--quantizers", "psq+"], "--quantizers: 'psq+' names no known transform"),
         (["--quantizers", "rht+rht32"], "--quantizers: 'rht+rht32': rht takes no transform"),
-        (["--profile", "bhq:x"], "--profile: expected QUANTIZER:BITS (e.g. bhq:4), got 'bhq:x'"),
+        (["--profile", "bhq:x"], "--profile: expected QUANTIZER[:BITS] (e.g. bhq:4, or bhq"),
+        (["--profile", "bhq:"], "--profile: expected QUANTIZER[:BITS] (e.g. bhq:4, or bhq"),
         (["--profile", "bhq:9"], "--profile: bits must be in 2..8, got 9"),
         (["--profile-samples", "1"], "--profile-samples must be >= 2, got 1"),
         (["--batches", "0"], "--batches must be >= 1, got 0"),

@@ -98,9 +98,10 @@ def add_variance_parser(sub: Any) -> None:
     p.add_argument(
         "--profile",
         default=None,
-        metavar="QUANTIZER:BITS",
-        help="configuration of the variance profile (default: first quantizer, fewest bits); "
-        "'none' skips it (it costs L x (profile samples + 1) backward passes a batch, L layers)",
+        metavar="QUANTIZER[:BITS]",
+        help="configuration of the variance profile (default: first quantizer, fewest bits; "
+        "BITS left out: the fewest of --bits); 'none' skips it (it costs L x (profile samples "
+        "+ 1) backward passes a batch, L layers)",
     )
     p.add_argument("--profile-samples", type=int, default=8)
     p.add_argument(
@@ -176,16 +177,19 @@ def check_quantizer_entry(flag: str, name: str) -> None:
 
 def _profile_choice(text: str | None, quantizers: list[str], bits: list[int]) -> tuple | None:
     """``--profile``'s (quantizer, bits), checked; ``None`` for ``none``. Default: the first
-    quantizer at the fewest bits."""
+    quantizer at the fewest bits; ``QUANTIZER`` alone: that quantizer at the fewest bits."""
     if text == "none":
         return None
     if not text:
         return quantizers[0], min(bits)
-    name, _, b_text = text.partition(":")
+    name, colon, b_text = text.partition(":")
     try:
-        b = int(b_text) if b_text else min(bits)
+        b = int(b_text) if colon else min(bits)
     except ValueError:
-        raise ValueError(f"--profile: expected QUANTIZER:BITS (e.g. bhq:4), got {text!r}") from None
+        raise ValueError(
+            f"--profile: expected QUANTIZER[:BITS] (e.g. bhq:4, or bhq for the fewest of --bits), "
+            f"got {text!r}"
+        ) from None
     if not MIN_BITS <= b <= MAX_BITS:
         raise ValueError(f"--profile: bits must be in {MIN_BITS}..{MAX_BITS}, got {b}")
     check_quantizer_entry("--profile", name)
@@ -463,6 +467,12 @@ def run_variance(args: argparse.Namespace) -> int:
     profile = None
     if profile_choice is not None:
         profile_q, profile_b = profile_choice
+        log.info(
+            "variance profile: %s at %d bits (--profile; 'none' skips it), %d samples a batch",
+            profile_q,
+            profile_b,
+            args.profile_samples,
+        )
         cfg = FQTConfig(
             **_grad_fields(profile_q, profile_b),
             seed=args.seed,
