@@ -185,7 +185,12 @@ def _train_parser(sub: Any) -> None:
         help="on a NaN/Inf loss or gradient: stop the run (default) or skip the step",
     )
     p.add_argument("--max-steps-per-epoch", type=int, help="cap the steps of each epoch")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress: neither the bar on a terminal nor, in a log file, the progress line "
+        "at most once a minute (each epoch's line stays)",
+    )
     _add_fqt_flags(p)
 
 

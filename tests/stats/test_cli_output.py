@@ -112,3 +112,36 @@ def test_ctrl_c_keeps_the_configurations_measured(tmp_path, capsys, monkeypatch)
     assert saved["interrupted"] == "after 1 of 2" and len(saved["results"]) == 1
     assert not (out / "variance_details.json").exists()
     assert "interrupted" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["variance", "plan"])
+def test_help_gives_every_default(command, capsys):
+    """``fqtorch variance --help`` and ``fqtorch plan --help`` say the default of every option
+    that has one (``--budget``, ``--bits``, ``--quantizers``, ``--samples``, ...): a value as
+    ``(default: VALUE)``, a default resolved at run time (``--model``) in words."""
+    import argparse
+
+    from fqtorch.cli import build_parser
+
+    (sub,) = (a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    parser = sub.choices[command]
+    for action in parser._actions:
+        if not action.option_strings or isinstance(action, argparse._HelpAction):
+            continue
+        if action.default in (None, False):  # a flag, a path, or resolved at run time
+            if action.dest in ("model", "batch_size", "full_batches", "profile"):
+                assert "default: " in action.help, action.dest  # in words
+            continue
+        assert "(default: %(default)s)" in (action.help or "") or "default: %(default)s)" in (
+            action.help or ""
+        ), action.dest
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    expected = ["--bits BITS", "(default: 4,5,6,7,8)", "--samples SAMPLES"]
+    if command == "plan":
+        expected += ["--budget BUDGET fraction of sampling variance (default: 0.1)"]
+    else:
+        expected += ["--alpha ALPHA", "default: 0.001)", "(default: ptq,psq,bhq,rht)"]
+    for phrase in expected:
+        assert phrase in text, phrase

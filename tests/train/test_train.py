@@ -171,6 +171,33 @@ class TestEndToEnd:
             assert name in text
 
 
+def test_quiet_drops_the_bar_and_the_progress_lines(tmp_path, monkeypatch, caplog, capsys):
+    """``--quiet`` is no progress at all, as README and ``--help`` say: where stderr is not a
+    terminal, not even the progress log line (here due after every step); the epoch's line
+    stays."""
+    import logging
+
+    import fqtorch.cli
+
+    monkeypatch.setattr(fqtorch.cli, "LOG_PROGRESS_EVERY_S", 0.0)
+    args = ("--epochs", "1", "--max-steps-per-epoch", "3")
+    lines = {}
+    for quiet in (False, True):
+        caplog.clear()
+        with caplog.at_level(logging.INFO):
+            flags = (*args, "--quiet") if quiet else args
+            assert fqtorch_main("train", *flags, "--out", tmp_path / str(quiet)) == 0
+        lines[quiet] = [r.getMessage() for r in caplog.records]
+    progress = re.compile(r"epoch 1/1: \d/3 \(")
+    assert sum(bool(progress.match(m)) for m in lines[False]) == 2, lines[False]  # steps 1, 2
+    assert not any(map(progress.match, lines[True])), lines[True]
+    assert any(m.startswith("epoch 1/1: train_loss") for m in lines[True])
+    with pytest.raises(SystemExit):
+        fqtorch_main("train", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--quiet no progress: neither the bar on a terminal nor, in a log file," in text
+
+
 def test_workers_load_the_same_batches(tmp_path):
     """``--workers 2`` trains on exactly the batches ``--workers 0`` does, augmentation
     included (CIFAR-10 crops and flips, seeded per sample, whichever worker loads it)."""

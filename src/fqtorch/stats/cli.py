@@ -44,6 +44,14 @@ log = logging.getLogger(__name__)
 __all__ = ["add_variance_parser", "run_variance"]
 
 
+# The help of options fqtorch variance and fqtorch plan share.
+DATA_DIR_HELP = (
+    "where the data set lies (not needed for digits; text defaults to the Python documentation, "
+    "pydoc_data/topics.py)"
+)
+BLOCK_SIZE_HELP = "context length for --dataset text (default: %(default)s)"
+
+
 def add_variance_parser(sub: Any) -> None:
     from ..data import list_datasets
     from ..models import list_models
@@ -61,31 +69,45 @@ def add_variance_parser(sub: Any) -> None:
         choices=list_models(),
         help="default: the --checkpoint's model, else the data set's default",
     )
-    p.add_argument("--dataset", default="digits", choices=list_datasets())
-    p.add_argument("--data-dir")
+    p.add_argument(
+        "--dataset", default="digits", choices=list_datasets(), help="(default: %(default)s)"
+    )
+    p.add_argument("--data-dir", help=DATA_DIR_HELP)
     p.add_argument(
         "--quantizers",
         default="ptq,psq,bhq,rht",
         help="comma-separated names; NAME+rht16 / NAME+rht32 puts a random Hadamard transform "
         "before it; a float format (fp8_*, mxfp8, mxfp4, nvfp4) fixes its own bits and is "
-        "measured once, whatever --bits says",
+        "measured once, whatever --bits says (default: %(default)s)",
     )
-    p.add_argument("--bits", default="4,5,6,7,8", help="comma-separated bit widths")
+    p.add_argument(
+        "--bits", default="4,5,6,7,8", help="comma-separated bit widths (default: %(default)s)"
+    )
     p.add_argument(
         "--grad-rounding",
         default="stochastic",
         choices=["stochastic", "nearest"],
         help="the gradient quantizers' rounding; nearest is the biased ablation the bias test "
-        "should flag",
+        "should flag (default: %(default)s)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--batches", type=int, default=4, help="minibatches measured")
-    p.add_argument("--samples", type=int, default=16, help="FQT backward passes per minibatch")
+    p.add_argument(
+        "--batch-size", type=int, default=64, help="minibatch size (default: %(default)s)"
+    )
+    p.add_argument(
+        "--batches", type=int, default=4, help="minibatches measured (default: %(default)s)"
+    )
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=16,
+        help="FQT backward passes per minibatch (default: %(default)s)",
+    )
     p.add_argument(
         "--alpha",
         type=float,
         default=DEFAULT_ALPHA,
-        help="false-alarm level of each configuration's bias test (all layers together)",
+        help="false-alarm level of each configuration's bias test (all layers together; "
+        "default: %(default)s)",
     )
     p.add_argument(
         "--full-batches",
@@ -103,18 +125,23 @@ def add_variance_parser(sub: Any) -> None:
         "BITS left out: the fewest of --bits); 'none' skips it (it costs L x (profile samples "
         "+ 1) backward passes a batch, L layers)",
     )
-    p.add_argument("--profile-samples", type=int, default=8)
+    p.add_argument(
+        "--profile-samples",
+        type=int,
+        default=8,
+        help="FQT backward passes per minibatch for the profile (default: %(default)s)",
+    )
     p.add_argument(
         "--checkpoint", help="a checkpoint.pt of fqtorch train, to measure a trained model"
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
     p.add_argument(
         "--fused",
         action="store_true",
         help="torch.compile'd quantizers with in-kernel noise (faster after compiling)",
     )
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--block-size", type=int, default=64)
+    p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
+    p.add_argument("--block-size", type=int, default=64, help=BLOCK_SIZE_HELP)
     p.add_argument("--out", default="runs/variance", metavar="DIR", help="(default: %(default)s)")
     p.add_argument(
         "--overwrite",

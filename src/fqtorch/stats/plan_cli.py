@@ -18,7 +18,15 @@ from ..cli import _tqdm_progress
 from ..config import FQTConfig
 from ..convert import quantize_model
 from ..quantizers.base import is_registered, list_quantizers
-from .cli import _conversion_summary_said, _loss, _model_and_data, _parse_list, check_overwrite
+from .cli import (
+    BLOCK_SIZE_HELP,
+    DATA_DIR_HELP,
+    _conversion_summary_said,
+    _loss,
+    _model_and_data,
+    _parse_list,
+    check_overwrite,
+)
 from .plan import plan_precision
 
 log = logging.getLogger(__name__)
@@ -41,26 +49,43 @@ def add_plan_parser(sub: Any) -> None:
             "--budget x the sampling variance (docs/method.md §11), measure the plan again, "
             "print the table and write DIR/plan.json. Defaults: digits_cnn on digits.",
         )
-        p.add_argument("--model", default=None, choices=list_models())
-        p.add_argument("--dataset", default="digits", choices=list_datasets())
-        p.add_argument("--data-dir")
+        p.add_argument(
+            "--model",
+            default=None,
+            choices=list_models(),
+            help="default: the --checkpoint's model, else the data set's default",
+        )
+        p.add_argument(
+            "--dataset", default="digits", choices=list_datasets(), help="(default: %(default)s)"
+        )
+        p.add_argument("--data-dir", help=DATA_DIR_HELP)
         p.add_argument(
             "--preset",
             default="qat",
-            help="the forward quantization the plan is measured under (an FQTConfig preset)",
+            help="the forward quantization the plan is measured under (an FQTConfig preset; "
+            "default: %(default)s)",
         )
-        p.add_argument("--budget", type=float, default=0.1, help="fraction of sampling variance")
+        p.add_argument(
+            "--budget",
+            type=float,
+            default=0.1,
+            help="fraction of sampling variance (default: %(default)s)",
+        )
         p.add_argument(
             "--quantizers",
             default="psq,bhq",
-            help="candidate quantizers of the grad_input branch (grad_quantizer)",
+            help="candidate quantizers of the grad_input branch (grad_quantizer; default: "
+            "%(default)s)",
         )
         p.add_argument(
             "--weight-quantizers",
             default="per_column",
-            help="candidate quantizers of the weight-gradient branch (grad_weight_quantizer)",
+            help="candidate quantizers of the weight-gradient branch (grad_weight_quantizer; "
+            "default: %(default)s)",
         )
-        p.add_argument("--bits", default="4,5,6,7,8", help="candidate bit widths")
+        p.add_argument(
+            "--bits", default="4,5,6,7,8", help="candidate bit widths (default: %(default)s)"
+        )
         p.add_argument(
             "--batch-size",
             type=int,
@@ -68,11 +93,21 @@ def add_plan_parser(sub: Any) -> None:
             help="the training batch size the plan is for (default: the dataset's training "
             "default)",
         )
-        p.add_argument("--batches", type=int, default=4, help="minibatches measured (>= 2)")
-        p.add_argument("--samples", type=int, default=8, help="backward passes per measurement")
-        p.add_argument("--seed", type=int, default=0)
-        p.add_argument("--device", default="cpu")
-        p.add_argument("--block-size", type=int, default=64)
+        p.add_argument(
+            "--batches",
+            type=int,
+            default=4,
+            help="minibatches measured (>= 2; default: %(default)s)",
+        )
+        p.add_argument(
+            "--samples",
+            type=int,
+            default=8,
+            help="backward passes per measurement (default: %(default)s)",
+        )
+        p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
+        p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
+        p.add_argument("--block-size", type=int, default=64, help=BLOCK_SIZE_HELP)
         p.add_argument("--out", default="runs/plan", metavar="DIR", help="(default: %(default)s)")
         p.add_argument(
             "--overwrite",
