@@ -10,6 +10,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -303,6 +304,26 @@ def _dispatch(args: argparse.Namespace) -> int:
         return run_variance(args)
 
 
+def _warning_line(command: str) -> Any:
+    """A ``warnings.formatwarning`` that says a warning in one line, ``fqtorch CMD: warning:
+    MESSAGE``, instead of the module's two (``/path/bin/fqtorch:8: RuntimeWarning: ...`` and the
+    source line ``sys.exit(main())``, both meaningless to a user of the command line). Only the
+    text changes: filters, once-per-location and ``catch_warnings(record=True)`` act as before.
+    fqtorch's own warnings are RuntimeWarnings; another library's keep their category."""
+
+    def format_warning(
+        message: Warning | str,
+        category: type[Warning],
+        filename: str,
+        lineno: int,
+        line: str | None = None,
+    ) -> str:
+        kind = "" if category in (RuntimeWarning, UserWarning) else f"{category.__name__}: "
+        return f"fqtorch {command}: warning: {kind}{message}\n"
+
+    return format_warning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     try:
         parser = build_parser()
@@ -315,6 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # Under torchrun rank 0 speaks for the run; the other ranks log warnings and errors only.
     level = logging.INFO if _rank() == 0 else logging.WARNING
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    format_warning = warnings.formatwarning
+    warnings.formatwarning = _warning_line(args.command)  # the command's own, restored below
     try:
         return _dispatch(args)
     except (
@@ -353,6 +376,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 1
+    finally:
+        warnings.formatwarning = format_warning
 
 
 def _peer_gone(exc: RuntimeError) -> bool:

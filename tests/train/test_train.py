@@ -198,6 +198,40 @@ def test_quiet_drops_the_bar_and_the_progress_lines(tmp_path, monkeypatch, caplo
     assert "--quiet no progress: neither the bar on a terminal nor, in a log file," in text
 
 
+def test_the_command_line_says_a_warning_in_one_line():
+    """A warning raised while a command runs is one line, ``fqtorch CMD: warning: MESSAGE``,
+    not the warnings module's two (the entry script's path and its ``sys.exit(main())``);
+    a warning repeated from one place still shows once, another library's keeps its category,
+    and after ``main`` returns Python's own format is back (a library user sees no change).
+    In a process of its own: pytest records the warnings of its tests instead of showing them."""
+    code = "\n".join(
+        [
+            "import sys, warnings",
+            "import fqtorch.stats.cli",
+            "def run(args):",
+            "    for _ in range(3):",
+            "        warnings.warn(\"FQT layer 'a': falls back\", RuntimeWarning)",
+            "    warnings.warn('old', FutureWarning)",
+            "    return 0",
+            "fqtorch.stats.cli.run_variance = run",
+            "from fqtorch.cli import main",
+            "code = main(['variance'])",
+            "warnings.warn('from Python', RuntimeWarning)",
+            "sys.exit(code)",
+        ]
+    )
+    env = {k: v for k, v in ENV.items() if k != "PYTHONWARNINGS"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "fqtorch variance: warning: FQT layer 'a': falls back",
+        "fqtorch variance: warning: FutureWarning: old",
+        "<string>:11: RuntimeWarning: from Python",
+    ], result.stderr
+
+
 def test_workers_load_the_same_batches(tmp_path):
     """``--workers 2`` trains on exactly the batches ``--workers 0`` does, augmentation
     included (CIFAR-10 crops and flips, seeded per sample, whichever worker loads it)."""
