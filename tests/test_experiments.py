@@ -679,3 +679,22 @@ def test_method_checks_script_measures_the_epilogue_and_the_bf16_bias(capsys):
     # be far more than the uniforms' 2**-24 steps where a row's range is small next to it.
     assert all(float(r[2]) < 3 for r in rows), rows
     assert float(rows[-1][3]) > 1e-3, rows  # 1000 + U[0, 1) at 8 bits
+
+
+def test_make_configs_has_a_help_and_writes_the_committed_configs(tmp_path, capsys):
+    """``experiments/make_configs.py --help`` says what it writes and writes nothing; run, it
+    writes the committed YAML configs byte for byte (regenerating leaves ``git status`` clean)."""
+    path = Path(__file__).resolve().parent.parent / "experiments" / "make_configs.py"
+    spec = importlib.util.spec_from_file_location("make_configs", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with pytest.raises(SystemExit) as exit_:
+        module.main(["--help", "--out", str(tmp_path / "help")])
+    assert exit_.value.code == 0 and not (tmp_path / "help").exists()
+    assert "YAML configs" in capsys.readouterr().out
+    assert module.main(["--out", str(tmp_path)]) == 0
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.yaml"))
+    committed = sorted(p.relative_to(path.parent) for p in path.parent.glob("*/*.yaml"))
+    assert written == committed and len(written) == 51
+    for name in written:
+        assert (tmp_path / name).read_bytes() == (path.parent / name).read_bytes(), name
