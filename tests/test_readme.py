@@ -40,3 +40,13 @@ def test_ci_runs_the_readme_test_command():
     command = next(line for block in blocks for line in block.splitlines() if "pytest" in line)
     ci = (README.parent / ".ci" / "run").read_text().splitlines()
     assert command.strip() in [line.strip() for line in ci]
+
+
+def test_readme_names_every_file_variance_writes():
+    """The README's section on ``fqtorch variance`` names each file the command writes."""
+    from fqtorch.stats.cli import VARIANCE_OUTPUTS
+
+    text = README.read_text()
+    section = text.split("## Measuring: `fqtorch variance`", 1)[1].split("\n## ", 1)[0]
+    for name in VARIANCE_OUTPUTS:
+        assert f"`{name}`" in section, name

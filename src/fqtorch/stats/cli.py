@@ -1,6 +1,8 @@
 """``fqtorch variance``: measure the variance decomposition of a model across quantizers and bits.
 
-Writes ``variance.json`` (schema below), ``variance_vs_bits.png`` and ``variance_profile.png``::
+Writes ``variance.json`` (schema below), ``variance_vs_bits.png``, ``variance_profile.png`` and,
+last, ``variance_details.json`` (the profile's matrix, the sampling variance per layer, the
+run's settings; its absence marks an unfinished run). ``variance.json``::
 
     {"model", "dataset", "batch_size", "seed", "sampling_variance",
      "results": [{"quantizer", "bits", "bits_per_element", "rounding", "quantization_variance",
