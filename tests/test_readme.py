@@ -1,8 +1,12 @@
-"""The README's Python quick start runs as written, and its main command runs twice in a row."""
+"""What the README says holds: its Python quick start runs as written, its main command runs twice
+in a row, and its outputs and measured numbers are named as they are."""
 
 import re
+import shutil
+import subprocess
 from pathlib import Path
 
+import pytest
 import torch
 
 from fqtorch.cli import main
@@ -50,3 +54,27 @@ def test_readme_names_every_file_variance_writes():
     section = text.split("## Measuring: `fqtorch variance`", 1)[1].split("\n## ", 1)[0]
     for name in VARIANCE_OUTPUTS:
         assert f"`{name}`" in section, name
+
+
+def test_readme_numbers_name_commits_not_sessions():
+    """A measured number in the README says the commit it came from, not a working session
+    ("session 18"), which a reader cannot look up; each commit it names is in the history."""
+    text = README.read_text()
+    marker = re.search(r".{0,40}\bsessions? \d.{0,20}", text)
+    assert marker is None, marker.group(0)
+    named = set(re.findall(r"`([0-9a-f]{7,40})`", text))
+    assert named, "the README names the commits of its measurements"
+    root = README.parent
+    git = shutil.which("git")
+    if git is None or not (root / ".git").exists():
+        pytest.skip("not a git checkout: the named commits cannot be looked up")
+    shallow = subprocess.run(
+        [git, "rev-parse", "--is-shallow-repository"], cwd=root, capture_output=True, text=True
+    )
+    if shallow.stdout.strip() != "false":
+        pytest.skip("a shallow clone: older commits are not in it")
+    for commit in sorted(named):
+        found = subprocess.run(
+            [git, "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True
+        )
+        assert found.returncode == 0, f"README names commit {commit}, which is not in the history"
