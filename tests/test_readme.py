@@ -78,3 +78,21 @@ def test_readme_numbers_name_commits_not_sessions():
             [git, "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True
         )
         assert found.returncode == 0, f"README names commit {commit}, which is not in the history"
+
+
+def test_results_digits_column_says_which_runs_it_quotes():
+    """The results table's digits column quotes `experiments/reproduce.py`'s digits runs (QAT:
+    the mean ± std of their summaries), not docs/results.md's other digits table (from
+    `experiments/digits_table.py`, QAT 99.26 ± 0.16), and says so."""
+    import json
+    import statistics
+
+    text = README.read_text()
+    row = re.search(r"^\| QAT \(float gradients\) \|.*\| ([\d.]+) ± ([\d.]+) \| 32 \|$", text, re.M)
+    runs = sorted((README.parent / "experiments" / "results" / "digits").glob("qat_s*.json"))
+    acc = [100 * json.loads(p.read_text())["final"]["val_acc"] for p in runs]
+    assert len(acc) == 3 and row is not None
+    assert (row[1], row[2]) == (f"{statistics.mean(acc):.2f}", f"{statistics.stdev(acc):.2f}")
+    prose = " ".join(text.split())
+    assert "3 seeds of `experiments/reproduce.py`'s digits grid" in prose
+    assert "the hand-run `experiments/digits_table.py` table" in prose
