@@ -404,6 +404,26 @@ class TestErrors:
         (out / "metrics.jsonl").write_text("")  # stopped before its first line: nothing kept
         assert fqtorch_main("train", *SHORT, "--out", out) == 0
 
+    def test_unknown_config_key_lists_every_known_one(self, tmp_path, capsys):
+        config = tmp_path / "c.yaml"
+        config.write_text("grad_bitz: 4\n")
+        assert fqtorch_main("train", "--config", config, "--out", tmp_path / "x") == 2
+        err = capsys.readouterr().err
+        assert "unknown config keys ['grad_bitz']; known: " in err and "epochs" in err
+        assert "FQT fields, at the top level or under fqt: " in err and "grad_bits" in err
+
+    def test_resume_with_another_dataset_names_the_runs(self, tmp_path, capsys):
+        """A resumed run's dataset or model given anew and different: the run's own value is
+        named (it was the model check's 'digits_cnn is an image model', as if the user had
+        asked for that model with text)."""
+        out = tmp_path / "run"
+        assert fqtorch_main("train", *SHORT, "--out", out) == 0
+        for flag, value, saved in [("--dataset", "text", "digits"), ("--seed", "3", 0)]:
+            assert fqtorch_main("train", "--resume", out, flag, value) == 2
+            err = capsys.readouterr().err
+            assert f"{out} was trained with {flag[2:]}={saved!r}; leave it out" in err, err
+            assert len(err.strip().splitlines()) == 1
+
     def test_corrupt_checkpoint(self, tmp_path, capsys):
         out = tmp_path / "run"
         out.mkdir()
@@ -422,7 +442,7 @@ class TestErrors:
         with pytest.raises(CheckpointError, match="written with preset='bhq5'; this run has"):
             train(TrainConfig(out=str(out), resume=True, preset="psq4", epochs=2))
         assert fqtorch_main("train", "--resume", out, "--batch-size", "32") == 2
-        assert "written with batch_size=64; this run has batch_size=32" in capsys.readouterr().err
+        assert "was trained with batch_size=64; leave it out" in capsys.readouterr().err
         assert (out / "checkpoint.pt").read_bytes() == before
 
     def test_variance_checkpoint_of_another_model(self, tmp_path, capsys):

@@ -296,7 +296,10 @@ class TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - names - set(FQT_FIELDS))
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}; known: {', '.join(sorted(names))}")
+            raise ValueError(
+                f"unknown config keys {unknown}; known: {', '.join(sorted(names))}; and the "
+                f"FQT fields, at the top level or under fqt: {', '.join(FQT_FIELDS)}"
+            )
         nested = values.get("fqt") or {}
         if not isinstance(nested, dict):
             raise ValueError(

@@ -57,26 +57,13 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import CheckpointError, TrainingError, TrainingInterrupted
 from .interrupt import StopRequest
-from .rundir import lock_run, new_run_dir, unlock_run
+from .rundir import SAME_ON_RESUME, lock_run, new_run_dir, unlock_run
 
 __all__ = ["TrainingError", "train"]
 
 log = logging.getLogger(__name__)
 Progress = Callable[[Iterable, int, str], Iterable]
 
-# A checkpoint written with other values of these cannot be continued by this run.
-SAME_ON_RESUME = (
-    "dataset",
-    "model",
-    "preset",
-    "fqt",
-    "batch_size",
-    "optimizer",
-    "seed",
-    "fsdp",
-    "bits_plan",
-    "adaptive_precision",
-)
 # Given anew with --resume, these replace the checkpoint's (restore() applies them after loading
 # the optimizer's and the schedule's saved states, which hold the old ones).
 HYPERPARAMETERS = ("lr", "weight_decay", "momentum")

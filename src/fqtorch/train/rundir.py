@@ -20,7 +20,16 @@ from typing import Any
 from .checkpoint import load_checkpoint
 from .errors import CheckpointError, TrainingError
 
-__all__ = ["LOCK", "RUNS", "latest_run", "lock_run", "new_run_dir", "resume_options", "unlock_run"]
+__all__ = [
+    "LOCK",
+    "RUNS",
+    "SAME_ON_RESUME",
+    "latest_run",
+    "lock_run",
+    "new_run_dir",
+    "resume_options",
+    "unlock_run",
+]
 
 log = logging.getLogger(__name__)
 RUNS = Path("runs")
@@ -130,12 +139,35 @@ def _names(runs: list[Path]) -> str:
     return ", ".join(str(run) for run in sorted(runs))
 
 
+# A checkpoint written with other values of these cannot be continued by this run.
+SAME_ON_RESUME = (
+    "dataset",
+    "model",
+    "preset",
+    "fqt",
+    "batch_size",
+    "optimizer",
+    "seed",
+    "fsdp",
+    "bits_plan",
+    "adaptive_precision",
+)
+
+
 def resume_options(values: dict[str, Any], root: Path = RUNS) -> dict[str, Any]:
     """The options of a resumed run: those it was started with (its ``config.json``), under
     ``values`` (a config file and flags given now). ``values["out"]`` names the run; without it,
-    the latest run under ``root``."""
+    the latest run under ``root``. A value given now that the run cannot take (one of
+    :data:`SAME_ON_RESUME`, other than the run's) is a ``ValueError`` naming the run's."""
     out = Path(values["out"]) if values.get("out") else latest_run(root)
-    return {**_saved_options(out), **values, "out": str(out), "resume": True}
+    saved = _saved_options(out)
+    for key in SAME_ON_RESUME:
+        if key in saved and key in values and values[key] != saved[key]:
+            raise ValueError(
+                f"{key}={values[key]!r}: {out} was trained with {key}={saved[key]!r}; leave it "
+                "out to continue the run as it was, or start a new run"
+            )
+    return {**saved, **values, "out": str(out), "resume": True}
 
 
 def _saved_options(run_dir: Path) -> dict[str, Any]:
