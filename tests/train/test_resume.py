@@ -129,6 +129,7 @@ def stopped(args):
     raise TrainingInterrupted("interrupted; saved run/checkpoint.pt", 130)
 
 cli._dispatch = stopped
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (not inherited)
 sys.argv = ["fqtorch", "train"]
 code = cli.main()
 os.kill(os.getpid(), signal.SIGINT)  # the second Ctrl-C, as the program winds down
