@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -129,13 +129,17 @@ class ConvOps:
         conv = F.conv1d if len(self.stride) == 1 else F.conv2d
         return conv(input, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
-    def _backward(self, grad_output: Tensor, input: Tensor, weight: Tensor, which: int) -> Tensor:
-        mask = [which == 0, which == 1, which == 2]
+    def _backward(
+        self, grad_output: Tensor, input: Tensor, weight: Tensor, which: int, bias: bool = False
+    ) -> Any:
+        """``convolution_backward``'s gradient ``which`` (0: input, 1: weight); with ``bias``,
+        the pair (weight, bias) from one call."""
+        mask = [which == 0, which == 1, bias]
         grads = torch.ops.aten.convolution_backward(
             grad_output,
             input,
             weight,
-            [weight.shape[0]] if which == 2 else None,  # the bias's size
+            [weight.shape[0]] if bias else None,  # the bias's size
             self.stride,
             self.padding,
             self.dilation,
@@ -144,7 +148,7 @@ class ConvOps:
             self.groups,
             mask,
         )
-        return grads[which]
+        return (grads[1], grads[2]) if bias else grads[which]
 
     def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
         grad = self._backward(grad_output, input, weight, 0)
@@ -154,9 +158,17 @@ class ConvOps:
         return self._backward(grad_output, input, weight, 1)
 
     def grad_bias(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
-        # ATen's own reduction, so that the exact preset gives the float layer's bias gradient
-        # bit for bit (a plain sum over (N, *S) adds in another order).
-        return self._backward(grad_output, input, weight, 2)
+        # The bias alone (a frozen weight): a plain sum. ATen's own call would compute the
+        # weight's gradient as well on the CPU (oneDNN); its reduction order differs, so here
+        # the exact preset's bias gradient is the float layer's to float rounding only.
+        return grad_output.sum([0, *range(2, grad_output.dim())])
+
+    def grad_weight_and_bias(
+        self, grad_output: Tensor, input: Tensor, weight: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        # One call, as autograd makes for the float layer: the exact preset gives its weight
+        # and bias gradients bit for bit, at the cost of the weight's alone.
+        return self._backward(grad_output, input, weight, 1, bias=True)
 
     def columns(self, grad_output: Tensor) -> Tensor:
         # (N, C, *S) -> (N·S, C): the weight-gradient GEMM sums over samples and positions, so a
