@@ -388,15 +388,24 @@ def _peer_gone(exc: RuntimeError) -> bool:
     import torch.distributed as dist
 
     closed = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
-    return isinstance(exc, dist.DistError) or any(s in str(exc) for s in closed)
+    # Not any DistError: timeouts and backend errors of a mismatched collective are bugs whose
+    # traceback matters.
+    return isinstance(exc, dist.DistNetworkError) or any(s in str(exc) for s in closed)
 
 
 def _ignore_further_interrupts(argv_given: bool) -> None:
     """The program is stopping on Ctrl-C and has said what it kept: one more Ctrl-C (people
-    press it twice) would land in the interpreter's shutdown as a traceback. Only when ``main``
-    runs as the program (no ``argv`` passed): a caller in Python keeps its own Ctrl-C."""
+    press it twice) would land in the interpreter's shutdown as a traceback; it exits at once
+    instead. Only when ``main`` runs as the program (no ``argv`` passed): a caller in Python
+    keeps its own Ctrl-C."""
     if not argv_given and threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, _exit_at_once)
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    """One more Ctrl-C while the program winds down: leave now, quietly (a hung shutdown, a
+    loader worker that does not end, can still be stopped)."""
+    os._exit(130)
 
 
 if __name__ == "__main__":

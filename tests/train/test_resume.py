@@ -205,6 +205,19 @@ class TestLock:
         assert f"(process {os.getpid()} on elsewhere.example)" in err
         assert f"delete {out / 'lock'}" in err
 
+    def test_bare_resume_stops_at_the_latest_runs_foreign_lock(self, tmp_path, monkeypatch, capsys):
+        """The latest run locked on another host (its process cannot be looked at): a bare
+        --resume says so instead of passing over it to an older run."""
+        monkeypatch.chdir(tmp_path)
+        for name in ("a", "b"):
+            assert fqtorch_main("train", "--epochs", "1", *SHORT, "--out", f"runs/{name}") == 0
+        (tmp_path / "runs/b/lock").write_text("123 elsewhere.example 1\n")
+        capsys.readouterr()
+        assert fqtorch_main("train", "--resume", "--epochs", "2") == 2
+        err = capsys.readouterr().err
+        assert "the latest run, runs/b, is locked by process 123 on elsewhere.example" in err
+        assert [len(read_metrics(tmp_path / "runs" / n)) for n in "ab"] == [1, 1]
+
     def test_bare_resume_passes_over_a_run_in_use(self, tmp_path, monkeypatch, live_pid, caplog):
         monkeypatch.chdir(tmp_path)
         caplog.set_level(logging.INFO)

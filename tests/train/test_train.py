@@ -399,10 +399,39 @@ class TestErrors:
         before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
         assert fqtorch_main("train", *SHORT, "--out", out) == 2
         err = capsys.readouterr().err
-        assert "holds a stopped run's record (metrics.jsonl; no checkpoint" in err, err
+        assert "holds a stopped run's record (metrics.jsonl, 1 epoch(s); no checkpoint" in err
         assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
-        (out / "metrics.jsonl").write_text("")  # stopped before its first line: nothing kept
+        # killed within its first epoch (a precision event at most): nothing finished to keep
+        (out / "metrics.jsonl").write_text('{"event": "precision", "epoch": 1, "step": 2}\n')
         assert fqtorch_main("train", *SHORT, "--out", out) == 0
+
+    def test_the_same_command_resumes_with_a_config_files_fqt_and_a_flag(self, tmp_path):
+        """The fixed options are compared after the file's ``fqt:`` and the flags merge (the
+        file's part alone differed from the run's whole)."""
+        config = tmp_path / "c.yaml"
+        config.write_text("preset: bhq5\nfqt: {grad_weight_bits: 6}\n")
+        run = ("train", "--config", config, "--grad-bits", "4", *SHORT, "--out", tmp_path / "r")
+        assert fqtorch_main(*run, "--epochs", "1") == 0
+        assert fqtorch_main(*run, "--epochs", "2", "--resume") == 0
+
+    def test_a_run_whose_options_now_mean_other_layers_is_not_resumed(self, tmp_path, capsys):
+        """A run started when ``--preset exact --grad-quantizer bhq`` meant QAT's 8-bit forward
+        (its config.json says ptq) is not continued on the float forward those options give
+        now; a bit width that did nothing then does not stop its resume."""
+        out = tmp_path / "r"
+        args = ("--preset", "exact", "--grad-quantizer", "bhq", *SHORT, "--out", out)
+        assert fqtorch_main("train", *args) == 0
+        record = json.loads((out / "config.json").read_text())
+        record["fqt"]["input_quantizer"] = "ptq"  # as the older fqtorch resolved it
+        (out / "config.json").write_text(json.dumps(record))
+        before = (out / "checkpoint.pt").read_bytes()
+        capsys.readouterr()
+        assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 2
+        err = capsys.readouterr().err
+        assert f"{out} was trained with input_quantizer='ptq', and this fqtorch derives" in err
+        assert (out / "checkpoint.pt").read_bytes() == before
+        old = TrainConfig(preset="qat", fqt={"grad_bits": 4}, resume=True, out=str(out))
+        assert old.fqt_config().grad_quantizer is None
 
     def test_unknown_config_key_lists_every_known_one(self, tmp_path, capsys):
         config = tmp_path / "c.yaml"

@@ -187,7 +187,9 @@ class TrainConfig:
             )
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory to continue (out)")
-        self._check_bits_used(self.fqt_config())  # validate the quantization plan now
+        fqt = self.fqt_config()  # validate the quantization plan now
+        if not self.resume:  # a run started before this check keeps the options it has
+            self._check_bits_used(fqt)
 
     def _check_bits_used(self, cfg: FQTConfig | None) -> None:
         """A bit width given for a GEMM operand whose quantizer takes none (none at all, the

@@ -1143,6 +1143,39 @@ def _run_dir(run: _Run) -> Path:
     return Path(name[0])
 
 
+def _finished_epochs(out: Path) -> str:
+    """What a run in ``out`` finished, if anything: ``final.json``, or ``metrics.jsonl``'s
+    epoch lines (its adaptive-precision events come within an epoch); ``""`` for nothing."""
+    if (out / "final.json").is_file():
+        return "final.json"
+    try:
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return ""
+    epochs = sum('"event"' not in line and '"epoch"' in line for line in lines)
+    return f"metrics.jsonl, {epochs} epoch(s)" if epochs else ""
+
+
+def _check_same_layers(out: Path, cfg: TrainConfig) -> None:
+    """The FQT layers' configuration this fqtorch derives from the run's options is the one
+    the run was trained with (``config.json``'s ``fqt``), field by field: a version that reads
+    the same options differently (``--preset exact`` with gradient flags kept QAT's 8-bit
+    forward before ``baba011``) would otherwise go on training another model."""
+    before = _read_record(out / "config.json")
+    old = before.get("fqt") if before is not None else None
+    new = None if cfg.fqt_config() is None else cfg.fqt_config().to_dict()
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return
+    changed = sorted(k for k in old.keys() & new.keys() if old[k] != new[k])
+    if changed:
+        k = changed[0]
+        raise CheckpointError(
+            f"{out} was trained with {k}={old[k]!r}, and this fqtorch derives {k}={new[k]!r} "
+            "from the same options (their meaning changed since the run started): resume it "
+            "with the fqtorch version that started it, or start a new run"
+        )
+
+
 # What a run writes as it goes (beside config.json and the checkpoints).
 _RECORDS = ("metrics.jsonl", "variance.jsonl", "final.json")
 
@@ -1171,19 +1204,19 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
         lock_run(run.out)
     if cfg.resume:
         run.restore(ckpt)
+        _check_same_layers(run.out, cfg)
     elif ckpt.exists():
         raise TrainingError(
             f"{run.out} already holds a run (checkpoint.pt); pass --resume to continue it, or "
             "leave --out out: every run gets a new directory under runs/"
         )
-    elif records := [
-        n for n in _RECORDS if (run.out / n).is_file() and (run.out / n).stat().st_size
-    ]:
-        # A run stopped before its first checkpoint (non-finite weights, say) left only its
-        # record: nothing to resume, and a new run here would delete it.
+    elif records := _finished_epochs(run.out):
+        # A run stopped before its first checkpoint (non-finite weights at an epoch's end, say)
+        # left only its record: nothing to resume, and a new run here would delete it. (One
+        # killed within its first epoch left no epoch's result: it is started again.)
         raise TrainingError(
-            f"{run.out} holds a stopped run's record ({', '.join(records)}; no checkpoint to "
-            "resume from); move it away or name another --out (a new run would replace it)"
+            f"{run.out} holds a stopped run's record ({records}; no checkpoint to resume "
+            "from); move it away or name another --out (a new run would replace it)"
         )
     if cfg.tensorboard and run.rt.main:
         run.tensorboard = _TensorBoard(
@@ -1199,7 +1232,7 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
         )
         _keep_lines(run.out / "variance.jsonl", lambda m: m["step"] <= run.step)
     else:
-        for name in _RECORDS:  # empty ones, from a run that stopped before its first line
+        for name in _RECORDS:  # a run that finished no epoch (killed within its first)
             (run.out / name).unlink(missing_ok=True)
     started = {
         "versions": {

@@ -57,7 +57,14 @@ def new_run_dir(root: Path = RUNS, now: datetime | None = None) -> Path:
 def latest_run(root: Path = RUNS) -> Path:
     """The run directory directly under ``root`` whose checkpoint was written last."""
     runs = [p.parent for p in root.glob("*/checkpoint.pt")] if root.is_dir() else []
-    busy = [run for run in runs if _holder(run) is not None]
+    holders = {run: _holder(run) for run in runs}
+    newest = max(runs, key=lambda run: (run / "checkpoint.pt").stat().st_mtime_ns, default=None)
+    if isinstance(holders.get(newest), str):  # another host's lock: its process is not seen
+        raise TrainingError(
+            f"--resume: the latest run, {newest}, is locked by process {holders[newest]}; if no "
+            f"run is going on there, delete {newest / LOCK}, or name the run: --resume DIR"
+        )
+    busy = [run for run in runs if holders[run] is not None]
     if busy and os.environ.get("RANK", "0") == "0":
         log.info("--resume: passing over %s, in use by a running process", _names(busy))
     runs = [run for run in runs if run not in busy]
@@ -95,8 +102,13 @@ def lock_run(run_dir: Path) -> None:
 
 
 def unlock_run(run_dir: Path) -> None:
-    """Release ``run_dir`` if this process holds it."""
-    if _holder(run_dir) == os.getpid():
+    """Release ``run_dir`` if this process holds it (by its id alone: the host's name may have
+    changed since the lock was written)."""
+    try:
+        pid = int((run_dir / LOCK).read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return
+    if pid == os.getpid():
         (run_dir / LOCK).unlink(missing_ok=True)
 
 
@@ -162,6 +174,8 @@ def resume_options(values: dict[str, Any], root: Path = RUNS) -> dict[str, Any]:
     out = Path(values["out"]) if values.get("out") else latest_run(root)
     saved = _saved_options(out)
     for key in SAME_ON_RESUME:
+        if key == "fqt":  # given in parts (a file's fqt:, flags): restore() compares the merge
+            continue
         if key in saved and key in values and values[key] != saved[key]:
             raise ValueError(
                 f"{key}={values[key]!r}: {out} was trained with {key}={saved[key]!r}; leave it "
