@@ -79,6 +79,9 @@ class GemmOps(Protocol):
     def grad_input(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
     def grad_weight(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
     def grad_bias(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor: ...
+    def grad_weight_and_bias(
+        self, grad_output: Tensor, input: Tensor, weight: Tensor
+    ) -> tuple[Tensor, Tensor]: ...
     def columns(self, grad_output: Tensor) -> Tensor: ...
     def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor: ...
 
@@ -100,6 +103,11 @@ class LinearOps:
 
     def grad_bias(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
         return grad_output.sum(0)
+
+    def grad_weight_and_bias(
+        self, grad_output: Tensor, input: Tensor, weight: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return self.grad_weight(grad_output, input, weight), grad_output.sum(0)
 
     def columns(self, grad_output: Tensor) -> Tensor:
         return grad_output

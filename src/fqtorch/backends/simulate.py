@@ -103,11 +103,11 @@ class _FQTFunction(torch.autograd.Function):
                 if not isinstance(plan.grad_output_weight, Identity):
                     columns = plan.grad_output_weight(ops.columns(grad_output), generator)
                     grad = ops.uncolumns(columns, grad_output)
-                if need_weight and need_bias and hasattr(ops, "grad_weight_and_bias"):
+                if need_weight and need_bias:
                     grad_weight, grad_bias = ops.grad_weight_and_bias(grad, input_q, weight_q)
                 elif need_weight:
                     grad_weight = ops.grad_weight(grad, input_q, weight_q)
-                if need_bias and grad_bias is None:
+                else:
                     grad_bias = ops.grad_bias(grad, input_q, weight_q)
         return grad_input, grad_weight, grad_bias, None, None, None
 

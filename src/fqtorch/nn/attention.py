@@ -87,6 +87,12 @@ class BatchedMatmulOps:
     def grad_bias(self, grad_output: Tensor, input: Tensor, weight: Tensor) -> Tensor:
         return self._split(grad_output).sum(1)
 
+    def grad_weight_and_bias(
+        self, grad_output: Tensor, input: Tensor, weight: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        weight_grad = self.grad_weight(grad_output, input, weight)
+        return weight_grad, self.grad_bias(grad_output, input, weight)
+
     def columns(self, grad_output: Tensor) -> Tensor:
         return self._split(grad_output).transpose(0, 1).reshape(self.rows, -1)  # (M, B·N)
 

@@ -54,17 +54,11 @@ DATA_DIR_HELP = (
 BLOCK_SIZE_HELP = "context length for --dataset text (default: %(default)s)"
 
 
-def add_variance_parser(sub: Any) -> None:
+def add_model_and_data(p: argparse.ArgumentParser) -> None:
+    """``--model``, ``--dataset`` and ``--data-dir``, as fqtorch variance and plan take them."""
     from ..data import list_datasets
     from ..models import list_models
 
-    p = sub.add_parser(
-        "variance",
-        help="measure sampling vs quantization variance, bias and bounds",
-        description="Measure the FQT gradient's bias and variance decomposition "
-        "(docs/method.md §3) for each quantizer and bit width. Defaults: digits data, "
-        "digits_cnn, ptq/psq/bhq/rht at 4..8 bits.",
-    )
     p.add_argument(
         "--model",
         default=None,
@@ -75,6 +69,18 @@ def add_variance_parser(sub: Any) -> None:
         "--dataset", default="digits", choices=list_datasets(), help="(default: %(default)s)"
     )
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
+
+
+def add_variance_parser(sub: Any) -> None:
+
+    p = sub.add_parser(
+        "variance",
+        help="measure sampling vs quantization variance, bias and bounds",
+        description="Measure the FQT gradient's bias and variance decomposition "
+        "(docs/method.md §3) for each quantizer and bit width. Defaults: digits data, "
+        "digits_cnn, ptq/psq/bhq/rht at 4..8 bits.",
+    )
+    add_model_and_data(p)
     p.add_argument(
         "--quantizers",
         default="ptq,psq,bhq,rht",

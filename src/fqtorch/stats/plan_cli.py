@@ -20,11 +20,11 @@ from ..convert import quantize_model
 from ..quantizers.base import is_registered, list_quantizers
 from .cli import (
     BLOCK_SIZE_HELP,
-    DATA_DIR_HELP,
     _conversion_summary_said,
     _loss,
     _model_and_data,
     _parse_list,
+    add_model_and_data,
     check_overwrite,
 )
 from .plan import plan_precision
@@ -35,8 +35,6 @@ __all__ = ["add_plan_parser", "run_plan"]
 
 
 def add_plan_parser(sub: Any) -> None:
-    from ..data import list_datasets
-    from ..models import list_models
 
     for name in ("plan", "autobits"):
         p = sub.add_parser(
@@ -49,16 +47,7 @@ def add_plan_parser(sub: Any) -> None:
             "--budget x the sampling variance (docs/method.md §11), measure the plan again, "
             "print the table and write DIR/plan.json. Defaults: digits_cnn on digits.",
         )
-        p.add_argument(
-            "--model",
-            default=None,
-            choices=list_models(),
-            help="default: the --checkpoint's model, else the data set's default",
-        )
-        p.add_argument(
-            "--dataset", default="digits", choices=list_datasets(), help="(default: %(default)s)"
-        )
-        p.add_argument("--data-dir", help=DATA_DIR_HELP)
+        add_model_and_data(p)
         p.add_argument(
             "--preset",
             default="qat",
