@@ -29,12 +29,14 @@ from .quantizers import (
     list_quantizers,
     register_quantizer,
 )
+from .quantizers.callers import FQTWarning
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ConversionSummary",
     "FQTConfig",
+    "FQTWarning",
     "LayerConversion",
     "QuantizedTensor",
     "Quantizer",

@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import BACKENDS, FQTConfig
 from .quantizers import list_quantizers
+from .quantizers.callers import FQTWarning
 from .train.errors import CheckpointError, TrainingError, TrainingInterrupted
 
 __all__ = ["main"]
@@ -305,11 +306,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def _warning_line(command: str) -> Any:
-    """A ``warnings.formatwarning`` that says a warning in one line, ``fqtorch CMD: warning:
-    MESSAGE``, instead of the module's two (``/path/bin/fqtorch:8: RuntimeWarning: ...`` and the
-    source line ``sys.exit(main())``, both meaningless to a user of the command line). Only the
-    text changes: filters, once-per-location and ``catch_warnings(record=True)`` act as before.
-    fqtorch's own warnings are RuntimeWarnings; another library's keep their category."""
+    """A ``warnings.formatwarning`` that says a warning in one line instead of the module's two
+    (``/path/bin/fqtorch:8: RuntimeWarning: ...`` and the source line ``sys.exit(main())``, both
+    meaningless to a user of the command line): ``fqtorch CMD: warning: MESSAGE`` for
+    fqtorch's own (:class:`FQTWarning`), and another library's with its category and where it
+    was raised, so that it is not taken for fqtorch's. Only the text changes: filters,
+    once-per-location and ``catch_warnings(record=True)`` act as before."""
 
     def format_warning(
         message: Warning | str,
@@ -318,8 +320,9 @@ def _warning_line(command: str) -> Any:
         lineno: int,
         line: str | None = None,
     ) -> str:
-        kind = "" if category in (RuntimeWarning, UserWarning) else f"{category.__name__}: "
-        return f"fqtorch {command}: warning: {kind}{message}\n"
+        if issubclass(category, FQTWarning):
+            return f"fqtorch {command}: warning: {message}\n"
+        return f"fqtorch {command}: warning: {category.__name__}: {message} ({filename}:{lineno})\n"
 
     return format_warning
 

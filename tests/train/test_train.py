@@ -201,17 +201,19 @@ def test_quiet_drops_the_bar_and_the_progress_lines(tmp_path, monkeypatch, caplo
 def test_the_command_line_says_a_warning_in_one_line():
     """A warning raised while a command runs is one line, ``fqtorch CMD: warning: MESSAGE``,
     not the warnings module's two (the entry script's path and its ``sys.exit(main())``);
-    a warning repeated from one place still shows once, another library's keeps its category,
-    and after ``main`` returns Python's own format is back (a library user sees no change).
+    a warning repeated from one place still shows once; another library's, a RuntimeWarning
+    too, keeps its category and says where it was raised (it is not taken for fqtorch's); and
+    after ``main`` returns Python's own format is back (a library user sees no change).
     In a process of its own: pytest records the warnings of its tests instead of showing them."""
     code = "\n".join(
         [
             "import sys, warnings",
-            "import fqtorch.stats.cli",
+            "import fqtorch, fqtorch.stats.cli",
             "def run(args):",
             "    for _ in range(3):",
-            "        warnings.warn(\"FQT layer 'a': falls back\", RuntimeWarning)",
+            "        warnings.warn(\"FQT layer 'a': falls back\", fqtorch.FQTWarning)",
             "    warnings.warn('old', FutureWarning)",
+            "    warnings.warn('overflow in exp', RuntimeWarning)",
             "    return 0",
             "fqtorch.stats.cli.run_variance = run",
             "from fqtorch.cli import main",
@@ -227,9 +229,23 @@ def test_the_command_line_says_a_warning_in_one_line():
     assert result.returncode == 0, result.stderr
     assert result.stderr.splitlines() == [
         "fqtorch variance: warning: FQT layer 'a': falls back",
-        "fqtorch variance: warning: FutureWarning: old",
-        "<string>:11: RuntimeWarning: from Python",
+        "fqtorch variance: warning: FutureWarning: old (<string>:6)",
+        "fqtorch variance: warning: RuntimeWarning: overflow in exp (<string>:7)",
+        "<string>:12: RuntimeWarning: from Python",
     ], result.stderr
+
+
+def test_fqtorchs_own_warnings_are_fqt_warnings():
+    """Every ``warnings.warn`` in the package names FQTWarning (or passes its category on, as
+    ``warn_once`` does): the command line says those without a category."""
+    import ast
+
+    package = Path(fqtorch.__file__).parent
+    for path in package.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "warnings.warn":
+                category = ast.unparse(node.args[1]) if len(node.args) > 1 else None
+                assert category in ("FQTWarning", "category"), f"{path.name}:{node.lineno}"
 
 
 def test_workers_load_the_same_batches(tmp_path):
@@ -624,6 +640,15 @@ class TestCheckpoint:
             err = capsys.readouterr().err
             assert "its schedule, precision or random states is malformed" in err, err
             assert "Traceback" not in err and (out / "config.json").read_text() == before
+        # Written within an epoch on CUDA (a CUDA random state among the rank's): said so, not
+        # "malformed" (the FQT layers' CUDA generator states do not fit CPU generators)
+        cuda = {"rng": {"ranks": [{**rank, "cuda": torch.zeros(16, dtype=torch.uint8)}]}}
+        save_checkpoint({**within, **cuda}, out / "checkpoint.pt")
+        capsys.readouterr()
+        assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 2
+        err = capsys.readouterr().err
+        assert "was written within an epoch on cuda; its random streams are cuda's" in err, err
+        assert "Resume it on cuda" in err and "Traceback" not in err
         first = next(iter(state["model"]))
         model = {k: v for k, v in state["model"].items() if k != first}
         save_checkpoint({**state, "model": model}, out / "checkpoint.pt")
@@ -845,6 +870,91 @@ def test_a_rank_left_alone_says_one_line(tmp_path):
     assert ours[0] == "fqtorch train: error: could not write checkpoint.pt (planted)", ours
     assert len(ours) == 2 and ours[1].startswith("fqtorch train: rank 1 stopped: another"), ours
     assert "/fqtorch/" not in result.stderr, result.stderr  # no traceback through fqtorch
+
+
+SIGTERM_ON_RANK_1_ONLY = """
+import os
+import signal
+import sys
+
+from fqtorch.cli import main
+from fqtorch.train import loop
+
+step = loop._Run._train_step
+
+
+def train_step(self, x, y):
+    if os.environ["RANK"] == "1" and self.step == 2:  # a signal that reached rank 1 alone
+        self.stop.signal = signal.SIGTERM
+    return step(self, x, y)
+
+
+loop._Run._train_step = train_step
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
+)
+def test_a_signal_on_one_rank_stops_every_rank_after_the_same_step(tmp_path):
+    """The stop flag travels with the step's loss in one collective: a signal that reached
+    rank 1 alone, before its third step, stops both ranks after that step, with one
+    checkpoint of step 3 (as when the flag had a collective of its own)."""
+    driver = tmp_path / "sigterm_rank_1.py"
+    driver.write_text(SIGTERM_ON_RANK_1_ONLY)
+    args = ["train", "--epochs", "1", "--max-steps-per-epoch", "6", "--batch-size", "32"]
+    result = _torchrun(str(driver), *args, "--quiet", "--out", str(tmp_path / "r"))
+    assert result.returncode != 0, result.stderr[-3000:]
+    state = load_checkpoint(tmp_path / "r" / "checkpoint.pt")
+    assert (state["epoch"], state["step"], state["epoch_step"]) == (0, 3, 3)
+    ours = [r for r in result.stderr.splitlines() if r.startswith("fqtorch train:")]
+    assert len(ours) == 1 and "interrupted; saved" in ours[0], ours
+    assert "step 3, in epoch 1" in ours[0]
+
+
+BROADCAST_BUFFERS = """
+import os
+
+import torch
+import torch.distributed as dist
+
+from fqtorch.train import loop
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+module = torch.nn.Sequential(torch.nn.BatchNorm1d(3), torch.nn.Linear(3, 2))
+module.register_buffer("transposed", torch.full((4, 3), float(rank)).t())
+module.register_buffer("flags", torch.tensor([rank == 1, True]))
+module.register_buffer("position_ids", (torch.arange(5) + rank).expand(1, -1))  # as in HF
+module.register_buffer("expanded", torch.arange(5).expand(2, -1))  # a broadcast view
+module.register_buffer("empty", torch.zeros(0))
+module[0].running_mean.fill_(rank + 1.0)
+module[0].num_batches_tracked.fill_(10 * rank + 3)
+loop._broadcast_buffers(module)
+assert module[0].running_mean.tolist() == [1.0] * 3
+assert module[0].num_batches_tracked.item() == 3
+assert module.transposed.tolist() == [[0.0] * 4] * 3 and module.transposed.stride() == (1, 3)
+assert module.flags.tolist() == [False, True]
+assert module.position_ids.tolist() == [[0, 1, 2, 3, 4]]
+assert module.expanded.stride() == (0, 1)
+dist.destroy_process_group()
+print(f"rank {rank} ok")
+"""
+
+
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
+)
+def test_buffers_are_broadcast_by_dtype_in_place(tmp_path):
+    """Before validating, every rank takes rank 0's buffers: of every dtype, non-contiguous
+    ones written in place (the flattened broadcast NCCL needs), a broadcast view left alone."""
+    driver = tmp_path / "broadcast_buffers.py"
+    driver.write_text(BROADCAST_BUFFERS)
+    result = _torchrun(str(driver))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert sorted(result.stdout.split("\n"))[-2:] == ["rank 0 ok", "rank 1 ok"]
 
 
 def _sharded_val_loss(run: Path, world: int) -> float:

@@ -25,7 +25,7 @@ from types import MappingProxyType, ModuleType
 
 from torch import Tensor
 
-from ..quantizers.callers import user_stacklevel
+from ..quantizers.callers import FQTWarning, user_stacklevel
 from . import auto, simulate
 from .base import ConvOps, FixedPlan, FQTPlan, GemmOps, LinearOps, PlanSource, Unsupported
 
@@ -66,7 +66,7 @@ def get_backend(name: str, kind: str = "linear") -> ModuleType:
 def _fallback(name: str, why: Unsupported) -> None:
     warnings.warn(
         f"FQT layer {name!r}: {why}; using the simulate backend",
-        RuntimeWarning,
+        FQTWarning,
         stacklevel=user_stacklevel(),
     )
 

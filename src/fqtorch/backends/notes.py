@@ -12,7 +12,7 @@ import warnings
 
 import torch
 
-from ..quantizers.callers import user_stacklevel
+from ..quantizers.callers import FQTWarning, user_stacklevel
 
 __all__ = ["compile_disabled", "say_once", "warn_once"]
 
@@ -28,7 +28,7 @@ def say_once(message: str) -> None:
 
 
 @functools.cache
-def warn_once(message: str, category: type[Warning] = RuntimeWarning) -> None:
+def warn_once(message: str, category: type[Warning] = FQTWarning) -> None:
     """Warn ``message`` the first time it is asked for, attributed to the user's line. Python's
     own once-per-location filter is not enough: ``torch.compile`` and autograd reset or bypass
     it, so a layer's fallback was warned on every pass (``say_once``'s memo, for warnings)."""

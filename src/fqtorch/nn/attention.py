@@ -45,7 +45,7 @@ from torch import Tensor, nn
 
 from ..backends import auto
 from ..config import FQTConfig
-from ..quantizers.callers import user_stacklevel
+from ..quantizers.callers import FQTWarning, user_stacklevel
 from .functional import PlanSource, fqt_gemm, fqt_linear
 from .modules import FQTLinear, FQTModule
 
@@ -166,7 +166,7 @@ class FQTMultiheadAttention(FQTModule, nn.MultiheadAttention):
             warnings.warn(
                 f"FQT layer {self.name!r}: the attention score and value products run on the "
                 f"simulate backend (backend={config.backend!r} covers the projections only)",
-                RuntimeWarning,
+                FQTWarning,
                 stacklevel=user_stacklevel(),
             )
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..config import FQTConfig
-from ..quantizers.callers import user_stacklevel
+from ..quantizers.callers import FQTWarning, user_stacklevel
 from .functional import ConvOps, FQTPlan, fqt_conv, fqt_linear
 
 __all__ = [
@@ -168,7 +168,7 @@ class FQTModule(nn.Module):
             warnings.warn(
                 f"FQT layer {self.name!r}: its {', '.join(hooks)} are not carried over to the "
                 "float layer; register them on the float layer again",
-                RuntimeWarning,
+                FQTWarning,
                 stacklevel=user_stacklevel(),
             )
         if cls is None:

@@ -12,7 +12,7 @@ import sys
 
 import torch
 
-__all__ = ["user_stacklevel"]
+__all__ = ["FQTWarning", "user_stacklevel"]
 
 # Frames in these directories are fqtorch's or PyTorch's own (a layer's forward runs under
 # torch.nn.Module's call machinery): a warning is attributed to the first frame outside them.
@@ -20,6 +20,12 @@ _INTERNAL = tuple(
     os.path.dirname(os.path.abspath(path)) + os.sep
     for path in (os.path.dirname(os.path.abspath(__file__)), torch.__file__)  # fqtorch/, torch/
 )
+
+
+class FQTWarning(RuntimeWarning):
+    """fqtorch's own warnings (a layer left on a slower path, a planner's assumption). A
+    ``RuntimeWarning``, so filters on that category match them; the command line says them
+    without a category, and another library's warnings with theirs."""
 
 
 def user_stacklevel() -> int:

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import torch
 
-from .callers import user_stacklevel
+from .callers import FQTWarning, user_stacklevel
 
 __all__ = ["GRAPHS_PER_KERNEL", "Kernel", "LazyCompiled"]
 
@@ -81,7 +81,7 @@ class LazyCompiled:
                 f"fqtorch: torch.compile failed for {self.fn.__qualname__} "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
                 "running it eagerly from now on (the same computation, slower)",
-                RuntimeWarning,
+                FQTWarning,
                 stacklevel=user_stacklevel(),
             )
             return result

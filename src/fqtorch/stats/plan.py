@@ -53,7 +53,7 @@ from ..config import FQTConfig
 from ..convert import fqt_modules, quantize_model
 from ..nn.modules import FQTModule
 from ..quantizers.base import get_quantizer, is_registered, list_quantizers
-from ..quantizers.callers import user_stacklevel
+from ..quantizers.callers import FQTWarning, user_stacklevel
 from .estimators import (
     Batch,
     LossFn,
@@ -762,7 +762,7 @@ def plan_precision(
             warnings.warn(
                 f"plan_precision: variance 0 measured at some bits for {_preview(assumed)}; "
                 f"assumed {_ASSUMED_PER_BIT:g}x per bit there",
-                RuntimeWarning,
+                FQTWarning,
                 stacklevel=user_stacklevel(),
             )
         # Aim below the budget: the prediction is itself an estimate, and a plan that fills the
@@ -777,7 +777,7 @@ def plan_precision(
                 "every branch at its most precise candidate (predicted "
                 f"{sum(f[-1].variance for f in frontiers.values()) / sampling:.3g}); the plan "
                 "keeps every branch at its most precise candidate",
-                RuntimeWarning,
+                FQTWarning,
                 stacklevel=user_stacklevel(),
             )
         chosen = {k: frontiers[k][i] for k, i in at.items()}
@@ -824,7 +824,7 @@ def plan_precision(
                 "with every branch at its most precise candidate the plan still measures "
                 f"{measured_total / sampling:.3g} x the sampling variance, over the budget "
                 f"{budget:g}: not met even at the highest precision",
-                RuntimeWarning,
+                FQTWarning,
                 stacklevel=user_stacklevel(),
             )
         elif feasible and not within:
@@ -833,7 +833,7 @@ def plan_precision(
                 f"variance, over the budget {budget:g} (predicted "
                 f"{predicted_total / sampling:.3g}); plan.json records "
                 "measured_within_budget: false",
-                RuntimeWarning,
+                FQTWarning,
                 stacklevel=user_stacklevel(),
             )
     plan_layers = []

@@ -175,13 +175,8 @@ def run_plan(args: argparse.Namespace) -> int:
             verify_batches=batches[args.batches :],
             progress=_tqdm_progress,
         )
-    for warning in caught:  # one line each (the warnings module adds the source line)
-        if issubclass(warning.category, RuntimeWarning):
-            log.warning("%s", warning.message)
-        else:
-            warnings.showwarning(
-                warning.message, warning.category, warning.filename, warning.lineno
-            )
+    for warning in caught:  # after the planner's progress bar, in the command's format
+        warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     out.mkdir(parents=True, exist_ok=True)
     path = plan.save(out / "plan.json")
     print(

@@ -385,10 +385,24 @@ def _evaluate(
 
 def _broadcast_buffers(model: nn.Module) -> None:
     """Every rank takes rank 0's buffers (BatchNorm's running statistics), as DDP does: the
-    validation metrics and the checkpoint (rank 0's) then agree with every rank's model."""
+    validation metrics and the checkpoint (rank 0's) then agree with every rank's model. One
+    broadcast per dtype and device, of the buffers flattened (NCCL refuses non-contiguous
+    tensors). A buffer that is a broadcast view (a zero stride, e.g. an expanded
+    ``position_ids``) cannot be written in place, nor changed by training in place: it is
+    left as it is."""
+    groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
+    for buffer in model.buffers():
+        if buffer.numel() and not any(
+            stride == 0 and size > 1
+            for stride, size in zip(buffer.stride(), buffer.shape, strict=True)
+        ):
+            groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
     with torch.no_grad():
-        for buffer in model.buffers():
-            dist.broadcast(buffer, src=0)
+        for buffers in groups.values():
+            flat = torch.cat([b.reshape(-1) for b in buffers])
+            dist.broadcast(flat, src=0)
+            for buffer, part in zip(buffers, flat.split([b.numel() for b in buffers]), strict=True):
+                buffer.copy_(part.view_as(buffer))
 
 
 def _first_input(loader: DataLoader) -> Tensor:
@@ -544,6 +558,7 @@ class _Run:
         self.saved_at: str | None = None  # the last checkpoint written, in words
         self._rank_rng: dict[str, Any] | None = None  # mid-epoch resume: this rank's RNG
         self.stop = StopRequest()
+        self.stop_seen = False  # a stop requested on any rank, as of the last step
         self.tensorboard: _TensorBoard | None = None
         self.monitor = None
         if cfg.variance_every and cfg.quantized:
@@ -660,6 +675,8 @@ class _Run:
                 f"resume it with as many (this run has {self.rt.world})"
             )
         self._check_steps_per_epoch(path, state)
+        if epoch_step:
+            self._check_rng_device(path, ranks[self.rt.rank])
         if epoch_step > self.steps_per_epoch:
             raise CheckpointError(
                 f"{path} was written at step {epoch_step} of an epoch; this run's epochs have "
@@ -693,6 +710,21 @@ class _Run:
         self.resumed = {"epoch": epoch, "step": step, "epoch_step": epoch_step}
         self.resumed["epochs"] = int(saved.get("epochs", self.cfg.epochs))
         self.saved_at = _where(epoch, step, epoch_step)
+
+    def _check_rng_device(self, path: Path, states: Any) -> None:
+        """A checkpoint written within an epoch holds the random streams of the device it ran
+        on (a CUDA generator's state does not fit a CPU generator, nor the other way): it goes
+        on within the epoch on that kind of device only."""
+        if not isinstance(states, dict):
+            return  # malformed: said where the states are loaded
+        saved = "cuda" if "cuda" in states else "cpu"
+        here = self.rt.device.type
+        if saved != here and "cpu" in (saved, here):
+            raise CheckpointError(
+                f"{path} was written within an epoch on {saved}; its random streams are "
+                f"{saved}'s, so it goes on within that epoch on {saved} only (this run is on "
+                f"{here}). Resume it on {saved}; a checkpoint of an epoch's end resumes anywhere"
+            )
 
     def _check_steps_per_epoch(self, path: Path, state: dict[str, Any]) -> None:
         """Refuse a checkpoint whose epochs had another number of steps: the schedule and the
@@ -896,8 +928,10 @@ class _Run:
         # same norm, so all take the same branch.
         norm = _full_tensor(torch.nn.utils.clip_grad_norm_(self.model.parameters(), float("inf")))
         # One rank's loss can be non-finite with finite gradients (an infinite cross-entropy):
-        # every rank looks at the sum of the losses, so all take the same branch.
-        losses = _all_reduce([float(loss)], self.rt)[0]
+        # every rank looks at the sum of the losses, so all take the same branch. The same
+        # collective carries the stop flag (a signal on any rank stops all after this step).
+        losses, stops = _all_reduce([float(loss), float(self.stop.requested)], self.rt)
+        self.stop_seen = stops > 0
         if not (math.isfinite(float(norm)) and math.isfinite(losses)):
             if self.cfg.nonfinite == "stop":
                 last = f" and the last checkpoint is at {self.saved_at}" if self.saved_at else ""
@@ -1048,7 +1082,9 @@ class _Run:
             self._variance(x, y)
             self._replan()
             self._log_step(loss, ok)
-            if self.stop_requested():
+            # A signal after the step's collective: one process sees it now, several ranks at
+            # the next step's collective (all of them at once)
+            if self.stop_seen or (self.rt.world == 1 and self.stop.requested):
                 return None
             if every and self.step % every == 0 and self.epoch_step < self.steps_per_epoch:
                 self.save()  # the end of the epoch has its own checkpoint, after evaluating
