@@ -726,12 +726,18 @@ def test_sigkill_and_resume_match_uninterrupted(tmp_path):
 
 
 TORCHRUN = Path(sys.executable).with_name("torchrun")
-DIE_AFTER_STEP_8 = """
-import sys
 
-from fqtorch.cli import main
-from fqtorch.train import loop
 
+def _patched_cli(patch: str) -> str:
+    """A script that runs ``fqtorch`` with ``patch`` applied first (a failure planted in the
+    training loop), to start under torchrun."""
+    head = "import os, signal, sys\nfrom fqtorch.cli import main\n"
+    head += "from fqtorch.train import TrainingError, loop\n"
+    return head + patch + "\nsys.exit(main(sys.argv[1:]))\n"
+
+
+DIE_AFTER_STEP_8 = _patched_cli(
+    """
 save = loop._Run.save
 
 
@@ -742,8 +748,8 @@ def save_then_die(self, best=False):
 
 
 loop._Run.save = save_then_die
-sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 @pytest.mark.slow
@@ -757,12 +763,8 @@ def test_ddp_noise_sync_and_exact_resume(tmp_path):
     args = ["train", "--epochs", "2", "--max-steps-per-epoch", "6", "--batch-size", "32"]
     args += ["--checkpoint-every", "4", "--quiet"]
 
-    def torchrun(*command: str) -> subprocess.CompletedProcess:
-        cmd = [str(TORCHRUN), "--standalone", "--nproc_per_node", "2", *command]
-        return subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
-
     full = tmp_path / "full"
-    result = torchrun("-m", "fqtorch", *args, "--out", str(full))
+    result = _torchrun("-m", "fqtorch", *args, "--out", str(full))
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stderr.count("FQT conversion:") == 1, result.stderr[-3000:]  # rank 0 logs
     final = json.loads((full / "final.json").read_text())
@@ -782,11 +784,11 @@ def test_ddp_noise_sync_and_exact_resume(tmp_path):
     stopped = tmp_path / "stopped"
     driver = tmp_path / "die_after_step_8.py"
     driver.write_text(DIE_AFTER_STEP_8)
-    result = torchrun(str(driver), *args, "--out", str(stopped))
+    result = _torchrun(str(driver), *args, "--out", str(stopped))
     assert result.returncode != 0 and not (stopped / "final.json").exists()
     state = load_checkpoint(stopped / "checkpoint.pt")
     assert (state["epoch"], state["step"], state["epoch_step"]) == (1, 8, 2)
-    result = torchrun("-m", "fqtorch", "train", "--resume", str(stopped))
+    result = _torchrun("-m", "fqtorch", "train", "--resume", str(stopped))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resuming in epoch 2 at step 8 (2 of its 6 steps done)" in result.stderr
     assert json.loads((stopped / "final.json").read_text())["rank_param_checksums"] == [a, b]
@@ -794,13 +796,8 @@ def test_ddp_noise_sync_and_exact_resume(tmp_path):
     assert_same_parameters(full / "checkpoint.pt", stopped / "checkpoint.pt")
 
 
-INF_LOSS_ON_RANK_1 = """
-import os
-import sys
-
-from fqtorch.cli import main
-from fqtorch.train import loop
-
+INF_LOSS_ON_RANK_1 = _patched_cli(
+    """
 calls = []
 real_loss = loop._loss
 
@@ -813,8 +810,8 @@ def loss(*args):
 
 
 loop._loss = loss
-sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 @pytest.mark.slow
@@ -836,13 +833,8 @@ def test_one_ranks_infinite_loss_stops_every_rank_with_one_line(tmp_path):
     assert "Connection closed" not in result.stderr  # no rank went on to a lone collective
 
 
-SAVE_FAILS_ON_RANK_0 = """
-import os
-import sys
-
-from fqtorch.cli import main
-from fqtorch.train import TrainingError, loop
-
+SAVE_FAILS_ON_RANK_0 = _patched_cli(
+    """
 
 def save(self, best=False):
     if os.environ["RANK"] == "0":
@@ -850,8 +842,8 @@ def save(self, best=False):
 
 
 loop._Run.save = save
-sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 @pytest.mark.slow
@@ -872,14 +864,8 @@ def test_a_rank_left_alone_says_one_line(tmp_path):
     assert "/fqtorch/" not in result.stderr, result.stderr  # no traceback through fqtorch
 
 
-SIGTERM_ON_RANK_1_ONLY = """
-import os
-import signal
-import sys
-
-from fqtorch.cli import main
-from fqtorch.train import loop
-
+SIGTERM_ON_RANK_1_ONLY = _patched_cli(
+    """
 step = loop._Run._train_step
 
 
@@ -890,8 +876,8 @@ def train_step(self, x, y):
 
 
 loop._Run._train_step = train_step
-sys.exit(main(sys.argv[1:]))
 """
+)
 
 
 @pytest.mark.slow
