@@ -537,6 +537,10 @@ def test_variance_profile_bits_default_to_the_fewest_of_bits_and_help_says_so(ca
         ),
         (["--quantizers", "psq+"], "--quantizers: 'psq+' names no known transform"),
         (["--quantizers", "rht+rht32"], "--quantizers: 'rht+rht32': rht takes no transform"),
+        (
+            ["--quantizers", "identity+rht16"],
+            "--quantizers: 'identity+rht16': identity quantizes nothing, so +rht16 would",
+        ),
         (["--profile", "bhq:x"], "--profile: expected QUANTIZER[:BITS] (e.g. bhq:4, or bhq"),
         (["--profile", "bhq:"], "--profile: expected QUANTIZER[:BITS] (e.g. bhq:4, or bhq"),
         (["--profile", "bhq:9"], "--profile: bits must be in 2..8, got 9"),

@@ -203,6 +203,12 @@ def check_quantizer_entry(flag: str, name: str) -> None:
     except ValueError as exc:
         if not transform:
             raise ValueError(f"{flag}: {exc}") from None
+        if quantizer == "identity":
+            raise ValueError(
+                f"{flag}: {name!r}: identity quantizes nothing, so +{transform} would transform "
+                f"the weight-gradient branch alone; put +{transform} after a quantizer, e.g. "
+                f"psq+{transform}"
+            ) from None
         raise ValueError(
             f"{flag}: {name!r}: {quantizer} takes no transform before it (it has one of its "
             f"own); give {quantizer} alone, or +{transform} after another quantizer, e.g. "
