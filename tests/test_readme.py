@@ -12,6 +12,7 @@ import torch
 from fqtorch.cli import main
 
 README = Path(__file__).resolve().parents[1] / "README.md"
+DOCS = README.parent / "docs"
 
 
 def test_quick_start_runs(capsys):
@@ -56,14 +57,17 @@ def test_readme_names_every_file_variance_writes():
         assert f"`{name}`" in section, name
 
 
-def test_readme_numbers_name_commits_not_sessions():
-    """A measured number in the README says the commit it came from, not a working session
-    ("session 18"), which a reader cannot look up; each commit it names is in the history."""
-    text = README.read_text()
+@pytest.mark.parametrize("doc", ["README.md", *sorted(p.name for p in DOCS.glob("*.md"))])
+def test_numbers_name_commits_not_sessions(doc):
+    """A measured number in the README or docs/ says the commit it came from, not a working
+    session ("session 18"), which a reader cannot look up; each commit it names is in the
+    history."""
+    path = README if doc == "README.md" else DOCS / doc
+    text = path.read_text()
     marker = re.search(r".{0,40}\bsessions? \d.{0,20}", text)
     assert marker is None, marker.group(0)
     named = set(re.findall(r"`([0-9a-f]{7,40})`", text))
-    assert named, "the README names the commits of its measurements"
+    assert named or doc != "README.md", "the README names the commits of its measurements"
     root = README.parent
     git = shutil.which("git")
     if git is None or not (root / ".git").exists():
@@ -77,7 +81,7 @@ def test_readme_numbers_name_commits_not_sessions():
         found = subprocess.run(
             [git, "cat-file", "-e", f"{commit}^{{commit}}"], cwd=root, capture_output=True
         )
-        assert found.returncode == 0, f"README names commit {commit}, which is not in the history"
+        assert found.returncode == 0, f"{doc} names commit {commit}, which is not in the history"
 
 
 def test_results_digits_column_says_which_runs_it_quotes():
