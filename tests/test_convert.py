@@ -219,6 +219,53 @@ class TestSubclasses:
         quantize_model(model, FQTConfig())
         assert isinstance(model.attn.out_proj, FQTLinear)
 
+    @pytest.mark.parametrize(
+        "how",
+        [
+            {"module_filter_fn": lambda m, n: not n.endswith("out_proj")},
+            {"layers": {nn.Linear: None}},
+            {"config": lambda m, n: None if n.endswith("out_proj") else FQTConfig.preset("exact")},
+        ],
+        ids=["filter", "layers", "config"],
+    )
+    def test_attention_out_proj_excluded_on_its_own_stays_float(self, how):
+        """The filter, ``layers=`` and the config callable are asked about out_proj under its
+        own name, as about any layer: excluded, it stays float (it was quantized regardless)."""
+        model = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, dropout=0.0)
+        params = dict(model.named_parameters())
+        x = torch.randn(3, 2, 8)
+        expected = model(x)
+        how = dict(how)
+        quantize_model(model, how.pop("config", FQTConfig.preset("exact")), **how)
+        assert type(model.self_attn).__name__ == "FQTMultiheadAttention"
+        assert type(model.self_attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+        assert dict(model.named_parameters()) == params
+        assert "self_attn.out_proj" in fqtorch.conversion_summary(model).left_float
+        torch.testing.assert_close(model(x), expected)  # the float out_proj runs
+
+    def test_children_of_a_layer_left_float_are_layers_of_their_own(self):
+        """A LoRA-style subclass with its own forward stays float (said), and its adapters,
+        called as modules, are converted (they stayed float, unsaid)."""
+
+        class LoRALinear(nn.Linear):
+            def __init__(self) -> None:
+                super().__init__(6, 6)
+                self.lora_a, self.lora_b = nn.Linear(6, 2, bias=False), nn.Linear(2, 6, bias=False)
+
+            def forward(self, x):
+                return super().forward(x) + self.lora_b(self.lora_a(x))
+
+        model = nn.Sequential(LoRALinear(), nn.ReLU())
+        quantize_model(model, FQTConfig())
+        assert type(model[0]).__name__ == "LoRALinear"
+        assert isinstance(model[0].lora_a, FQTLinear) and isinstance(model[0].lora_b, FQTLinear)
+        summary = fqtorch.conversion_summary(model)
+        assert list(summary.left_float) == ["0"] and set(summary.quantized) == {
+            "0.lora_a",
+            "0.lora_b",
+        }
+        model(torch.randn(4, 6)).sum().backward()
+
     def test_lazy_layer_waits_for_initialisation(self):
         model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))
         quantize_model(model, FQTConfig())
@@ -302,6 +349,17 @@ class TestHooksAndParametrizations:
         quantize_model(model, FQTConfig())
         assert model[0] is layer and isinstance(model[1], FQTLinear)
         assert where in fqtorch.conversion_summary(model).left_float["0"]
+
+    def test_an_out_proj_converted_before_is_no_hook(self):
+        """An attention layer whose out_proj was converted on its own first: the FQT layer's
+        own pre-hook is not taken for a user's hook (the attention stayed float, "hooks on
+        'out_proj'"), and the converted out_proj is kept."""
+        model = nn.Sequential(nn.MultiheadAttention(8, 2))
+        model[0].out_proj = quantize_model(model[0].out_proj, FQTConfig())
+        out_proj = model[0].out_proj
+        quantize_model(model, FQTConfig())
+        assert type(model[0]).__name__ == "FQTMultiheadAttention"
+        assert model[0].out_proj is out_proj
 
     def test_hooks_on_an_fqt_layer_are_not_carried_back_silently(self):
         model = quantize_model(nn.Sequential(nn.Linear(3, 3)), FQTConfig())
@@ -560,8 +618,11 @@ class TestRegistry:
                 super().__init__(2, 2)
                 self.name = "mine"
 
-        with pytest.raises(TypeError, match=r"attributes \['name'\] clash"):
-            quantize_model(nn.Sequential(Named()), FQTConfig())
+        model = nn.Sequential(nn.Linear(2, 2), Named())
+        message = r"quantize_model: 1 \(.*Named\): .*attributes \['name'\] clash.*nothing was"
+        with pytest.raises(TypeError, match=message):
+            quantize_model(model, FQTConfig())
+        assert type(model[0]) is nn.Linear  # not half converted: every layer is built first
 
 
 def _name(cls: type) -> str:
@@ -636,6 +697,17 @@ def test_a_bare_layer_is_returned_converted_and_the_summary_says_so(caplog):
     assert "passed in stays float" not in caplog.text
 
 
+def test_data_parallel_replicas_are_refused():
+    """nn.DataParallel rebuilds its replicas from the module every step (a shallow copy): each
+    would start the layer's noise stream again from its seed, so every step would draw the
+    same rounding noise. A replica's forward is refused, naming what to use instead."""
+    model = quantize_model(nn.Sequential(nn.Linear(4, 3)), FQTConfig.preset("psq2"))
+    model(torch.randn(2, 4))  # the module itself runs
+    replica = model[0]._replicate_for_data_parallel()  # what DataParallel.replicate() does
+    with pytest.raises(RuntimeError, match=r"nn.DataParallel replica.*DistributedDataParallel"):
+        replica(torch.randn(2, 4))
+
+
 def test_check_finite_must_be_a_bool():
     with pytest.raises(TypeError, match="check_finite must be a bool"):
         FQTConfig(check_finite="no")
@@ -643,8 +715,8 @@ def test_check_finite_must_be_a_bool():
 
 def test_a_config_callable_chooses_for_layers_built_inside_a_converted_layer():
     """``out_proj``, built by the attention layer's conversion, gets the callable's config for
-    its own name (it silently took the parent's, so a plan's entry for it was ignored), or the
-    parent's where the callable returns None."""
+    its own name (it silently took the parent's, so a plan's entry for it was ignored); where
+    the callable returns None it stays float, as any layer does (it took the parent's)."""
 
     class Net(nn.Module):
         def __init__(self):
@@ -662,7 +734,9 @@ def test_a_config_callable_chooses_for_layers_built_inside_a_converted_layer():
     assert ("NonDynamicallyQuantizableLinear", "attn.out_proj") in seen
     assert model.attn.config == own["attn"] and model.attn.out_proj.config == own["attn.out_proj"]
     model = quantize_model(Net(), lambda module, name: own["attn"] if name == "attn" else None)
-    assert model.attn.out_proj.config == own["attn"]
+    assert type(model.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"
+    summary = fqtorch.conversion_summary(model)
+    assert list(summary.quantized) == ["attn"] and "attn.out_proj" in summary.left_float
 
 
 def test_dequantize_refuses_layers_parametrized_after_conversion():

@@ -367,7 +367,10 @@ def _hooked(module: nn.Module) -> str:
     parametrization: ``"itself"`` and/or submodule names; "" when nowhere."""
     hooked = []
     for name, sub in module.named_modules():
-        held = any(getattr(sub, key, None) for key in _HOOK_DICTS)
+        if isinstance(sub, FQTModule):  # its own pre-hook aside
+            held = bool(sub._user_hooks())
+        else:
+            held = any(getattr(sub, key, None) for key in _HOOK_DICTS)
         if held or (sub is not module and parametrize.is_parametrized(sub)):
             hooked.append("itself" if sub is module else repr(name))
     return ", ".join(hooked)
@@ -405,9 +408,13 @@ def _scan(model: nn.Module, tables: Tables) -> Iterator[_Entry]:
             continue
         found = _lookup(type(module), tables)
         if found is not None:
-            whole.append(name)
             base, conversion = found
             reason = _registered_reason(module, base, conversion)
+            # A layer left float is not taken whole: its submodules (a LoRA adapter's
+            # layers) are layers of their own, except an attention layer's, whose float
+            # forward reads out_proj's weight without calling it.
+            if not reason or isinstance(module, nn.MultiheadAttention):
+                whole.append(name)
             kind = "float" if reason else "convert"
             yield _Entry(name, module, kind, conversion, reason, registered=bool(reason))
             continue
@@ -477,6 +484,12 @@ def _summary(
                 f"{type(module).__name__}: its score and value products (Q·Kᵀ, A·V) run in "
                 "float (its projections are FQT); FQTConfig(attention_products=True) quantizes "
                 "them too"
+            )
+        out_proj = getattr(module, "out_proj", None)
+        if isinstance(module, FQTMultiheadAttention) and not isinstance(out_proj, FQTModule):
+            left_float.setdefault(  # quantize_model says why; seen later, it says where
+                f"{name}.out_proj" if name else "out_proj",
+                _described(out_proj, "the FQT attention layer's output projection, left float"),
             )
     return ConversionSummary(quantized, left_float, already, notes)
 
@@ -589,19 +602,24 @@ def quantize_model(
 
     Args:
         model: converted in place and returned (if ``model`` itself is a registered layer, its
-            FQT layer is returned and must be used instead).
+            FQT layer is returned and must be used instead: ``model.head =
+            quantize_model(model.head, config)``).
         config: one :class:`FQTConfig` for all layers, or a callable
             ``(module, qualified_name) -> FQTConfig | None`` (``None`` leaves that layer float).
             A layer converted whole (``nn.MultiheadAttention``) runs its GEMMs under its own;
             an FQT layer built inside it (its ``out_proj``) gets the callable's answer for its
-            own name (the parent's config where that is ``None``).
-        module_filter_fn: ``(module, qualified_name) -> bool``; only layers it accepts are swapped.
+            own name (``None``: it stays float).
+        module_filter_fn: ``(module, qualified_name) -> bool``; only layers it accepts are swapped
+            (asked about an attention layer's ``out_proj`` too, under its own name).
         layers: ``{float_type: to_fqt or None}`` consulted before the registry, for this call
-            only; ``None`` leaves that type (and its subclasses, registered or not) in float.
+            only; ``None`` leaves that type (and its subclasses, registered or not) in float,
+            an attention layer's ``out_proj`` included.
 
     Logs (INFO) a :class:`ConversionSummary`: the FQT layers, and what holds matrix products in
     float and why (:func:`conversion_summary` gives it as an object). Raises ``ValueError`` when
-    nothing is converted, saying why (among others: the model is already quantized).
+    nothing is converted, saying why (among others: the model is already quantized); a layer
+    that cannot be converted (an attribute that clashes with the FQT layer's) raises naming it,
+    before anything is swapped.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
@@ -613,21 +631,30 @@ def quantize_model(
     entries = list(_scan(model, tables))
     converted: dict[int, FQTModule] = {}  # by id of the float layer: a shared layer stays shared
     left_float: dict[str, str] = {}
-    root = model
-    for entry in entries:
+    swaps: list[tuple[str, FQTModule]] = []
+    for entry in entries:  # every FQT layer is built before any is swapped in
         if entry.kind == "float":
             left_float[entry.name] = _described(entry.module, entry.reason)
         if entry.kind != "convert":
             continue
         fqt = converted.get(id(entry.module))
         if fqt is None:
-            outcome = _converted(entry, config, module_filter_fn)
+            try:
+                outcome = _converted(entry, config, module_filter_fn, tables, left_float)
+            except (TypeError, ValueError) as exc:  # the model is left as it was
+                raise type(exc)(
+                    f"quantize_model: {entry.name or '<model>'} "
+                    f"({_type_name(type(entry.module))}): {exc}; nothing was converted"
+                ) from exc
             if isinstance(outcome, str):
                 left_float[entry.name] = _described(entry.module, outcome)
                 continue
             fqt = converted[id(entry.module)] = outcome
-        if entry.name:
-            _set_submodule(model, entry.name, fqt)
+        swaps.append((entry.name, fqt))
+    root = model
+    for name, fqt in swaps:
+        if name:
+            _set_submodule(model, name, fqt)
         else:
             root = fqt
     if not converted:
@@ -667,35 +694,59 @@ def _conversion_notes(
     return tuple(notes)
 
 
+def _excluded(
+    module: nn.Module,
+    name: str,
+    config: FQTConfig | ConfigFn,
+    module_filter_fn: Callable[[nn.Module, str], bool] | None,
+) -> str:
+    """Why the filter or the config callable keeps ``module`` float ("" when neither does)."""
+    if module_filter_fn is not None and not module_filter_fn(module, name):
+        return "excluded by module_filter_fn"
+    if _config_for(config, module, name) is None:
+        return "the config callable returned None for it"
+    return ""
+
+
 def _converted(
     entry: _Entry,
     config: FQTConfig | ConfigFn,
     module_filter_fn: Callable[[nn.Module, str], bool] | None,
+    tables: Tables,
+    left_float: dict[str, str],
 ) -> FQTModule | str:
-    """The FQT layer for ``entry``, or why it stays float."""
-    if module_filter_fn is not None and not module_filter_fn(entry.module, entry.name):
-        return "excluded by module_filter_fn"
+    """The FQT layer for ``entry``, or why it stays float. An FQT layer built inside it (an
+    attention layer's ``out_proj``) is asked about under its own name: the filter, the config
+    callable and ``layers=`` may keep it float (its float layer is put back, and said in
+    ``left_float``) or give it its own config."""
+    why = _excluded(entry.module, entry.name, config, module_filter_fn)
+    if why:
+        return why
     layer_config = _config_for(config, entry.module, entry.name)
-    if layer_config is None:
-        return "the config callable returned None for it"
     fqt = entry.conversion.to_fqt(entry.module, layer_config, entry.name)
     if not isinstance(fqt, FQTModule):
         raise TypeError(
             f"to_fqt for {_type_name(entry.conversion.float_type)} must return an FQTModule, "
             f"got {type(fqt).__name__} for {entry.name!r}"
         )
-    if not isinstance(config, FQTConfig):  # FQT layers built inside (out_proj): their own say
-        for name, inner in fqt_modules(fqt).items():
-            if inner is fqt:
-                continue
-            full = f"{entry.name}.{name}" if entry.name else name
-            try:  # the float layer it was built from, where the source has one by that name
-                source = entry.module.get_submodule(name)
-            except AttributeError:
-                source = inner
-            own = _config_for(config, source, full)
-            if own is not None and own != inner.config:
-                inner.config = own
+    for name, inner in list(fqt_modules(fqt).items()):
+        if inner is fqt:
+            continue
+        full = f"{entry.name}.{name}" if entry.name else name
+        try:  # the float layer it was built from, where the source has one by that name
+            source = entry.module.get_submodule(name)
+        except AttributeError:
+            source = inner
+        found = _lookup(type(source), tables) if source is not inner else None
+        why = f"layers= maps {_type_name(found[0])} to None" if found and found[1] is None else ""
+        why = why or _excluded(source, full, config, module_filter_fn)
+        if why:
+            _set_submodule(fqt, name, source)
+            left_float[full] = _described(source, why)
+            continue
+        own = _config_for(config, source, full)
+        if own is not None and own != inner.config:
+            inner.config = own
     return fqt
 
 

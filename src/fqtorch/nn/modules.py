@@ -61,10 +61,19 @@ def layer_seed(seed: int, name: str) -> int:
 
 
 def _keep_module_call(module: nn.Module, args: Any) -> None:
-    """A no-op forward pre-hook every FQT layer holds. torch's fused inference paths
+    """The forward pre-hook every FQT layer holds. torch's fused inference paths
     (``nn.TransformerEncoderLayer`` in eval mode under ``no_grad``) read their submodules'
-    weights and skip their ``forward`` -- running float GEMMs -- unless a submodule has a hook."""
-    return None
+    weights and skip their ``forward`` -- running float GEMMs -- unless a submodule has a hook.
+    It refuses ``nn.DataParallel``'s replicas: rebuilt from the layer every step, each would
+    start the layer's noise stream again from its seed (the same rounding noise every step, on
+    every device), and none would advance the layer's own."""
+    if getattr(module, "_is_replica", False):
+        raise RuntimeError(
+            f"FQT layer {getattr(module, 'name', '')!r} runs in an nn.DataParallel replica, "
+            "which would draw the same gradient noise every step on every device; use "
+            "DistributedDataParallel (torchrun; fqtorch train does) with "
+            "fqtorch.reseed(model, seed + rank) on each rank"
+        )
 
 
 class FQTModule(nn.Module):
