@@ -551,7 +551,8 @@ def _keep_fqt_layers_called(model: nn.Module) -> tuple[str, ...]:
             module._fqtorch_use_nested_tensor = True  # dequantize_model turns it back on
             notes.append(
                 f"{name or '<model>'} (nn.TransformerEncoder): nested-tensor inference path "
-                "turned off (use_nested_tensor=False); FQT layers take padded tensors"
+                "turned off (use_nested_tensor=False); FQT layers take padded tensors (in eval, "
+                "outputs at padded positions are then computed values, where that path gave 0)"
             )
     return tuple(notes)
 

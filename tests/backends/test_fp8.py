@@ -18,6 +18,7 @@ from fqtorch import FQTConfig, quantize_model
 from fqtorch.backends.base import FQTPlan
 from fqtorch.backends.fp8 import accumulation_tolerance
 from fqtorch.nn.functional import fqt_linear
+from fqtorch.quantizers import get_quantizer
 from fqtorch.quantizers.base import has_random_transform
 
 FIELDS = ("input_quantizer", "weight_quantizer", "grad_quantizer", "grad_weight_quantizer")
@@ -285,6 +286,31 @@ class TestFallback:
         fp8_plan = FQTPlan.from_config(FQTConfig(backend="fp8", fused=False, **BASE))
         with pytest.warns(RuntimeWarning, match="float64"):
             fqt_linear(x.double(), w.double(), None, fp8_plan)
+
+    def test_per_row_scales_across_the_reduction_fall_back(self):
+        """A hand-built plan whose per-row FP8 gradient scales run across its GEMM's reduction
+        (block_dim swapped): the scales cannot factor out of _scaled_mm, so the layer runs on
+        simulate, warned (square operands got a silently wrong gradient, 1.9x its size)."""
+        forward = get_quantizer("fp8_e4m3", rounding="nearest")
+        across = (
+            get_quantizer("fp8_e4m3_per_row", rounding="nearest", block_dim=0),
+            get_quantizer("fp8_e4m3_per_row", rounding="nearest", block_dim=1),
+        )
+        grads = []
+        for backend in ("simulate", "fp8"):
+            plan = FQTPlan(forward, forward, *across, backend=backend)
+            x = torch.randn(8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+            w = torch.randn(8, 8, generator=torch.Generator().manual_seed(1)).requires_grad_()
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                fqt_linear(x, w, None, plan).backward(torch.logspace(-3, 3, 8)[:, None] * x)
+            said = [str(c.message) for c in caught]
+            assert any("scales along dim 0; its GEMM reduces along dim 1" in m for m in said) == (
+                backend == "fp8"
+            ), said
+            grads.append((x.grad, w.grad))
+        for a, b in zip(*grads, strict=True):
+            assert torch.equal(a, b)
 
 
 def test_non_finite_gradient_matches_simulate():

@@ -85,6 +85,23 @@ class TestExactFallback:
         g = torch.randn_like(out)
         assert_same(grads_of(ref, x, g), grads_of(fqt, x, g))
 
+    @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+    @pytest.mark.parametrize(
+        "make",
+        [lambda: nn.Linear(64, 32), lambda: nn.Conv2d(3, 4, 3, padding=1)],
+        ids=["linear", "conv"],
+    )
+    def test_half_precision_model(self, make, dtype):
+        """A bf16 / fp16 model (no autocast): the backward runs in the model's dtype, as the
+        float layer's does (it ran in float32 and rounded: bf16 Conv2d input gradients
+        differed by 1.6e-2)."""
+        ref = make().to(dtype)
+        fqt = quantize_model(copy.deepcopy(ref), EXACT)
+        x = (conv_input(ref) if isinstance(ref, nn.Conv2d) else torch.randn(16, 64)).to(dtype)
+        out = ref(x)
+        g = torch.randn_like(out)
+        assert_same(grads_of(ref, x, g), grads_of(fqt, x, g))
+
     def test_unbatched_conv(self):
         ref = nn.Conv2d(3, 4, 3, padding=1)
         fqt = quantize_model(copy.deepcopy(ref), EXACT)

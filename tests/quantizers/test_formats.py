@@ -668,6 +668,22 @@ class TestNearestScales:
         assert float(6 * effective.max()) >= top
         assert float(q._scaled(x)[1].max()) == float(effective.max())
 
+    @pytest.mark.parametrize("fused", [False, True])
+    @pytest.mark.parametrize("largest", [2.0**-149, 1e-42, 2.0**-140])
+    def test_nvfp4_tensor_scale_of_the_smallest_tensors(self, largest, fused):
+        """A tensor whose largest magnitude is below about 2^-139 has amax / (6·448) underflow
+        to 0 in float32; it gets the smallest tensor scale 2^-126 (it got 1: every entry then
+        sat next to 0 on a grid of step 2^-10, rounding up to it about once in 2^24 draws, a
+        mean 10^30 times the value), so its grid step is the smallest, 2^-136."""
+        x = torch.full((64, 16), largest)
+        q = get_quantizer("nvfp4", fused=fused)
+        encoded = q.encode(x, gen())
+        assert float(encoded.tensor_scale) == 2.0**-126
+        step = 2.0**-136  # E2M1's 0.5 x the smallest E4M3 block scale 2^-9 x 2^-126
+        draws = torch.stack([q(x, gen(i)) for i in range(8)]).double()
+        assert float(draws.min()) >= 0 and float(draws.max()) <= max(step, largest)
+        assert float(q.variance_bound(x)) <= 64 * 16 * step**2 / 4
+
 
 class TestInputDtypes:
     """float64 beyond what a scale represents is refused; float16 output can overflow."""
@@ -686,6 +702,17 @@ class TestInputDtypes:
         ok = torch.rand(4, 32, generator=gen(), dtype=torch.float64) * 1e30
         ok[1] = 0.0
         assert torch.equal(q(ok, gen()), q(ok, gen()))  # in range (and zero): accepted
+
+    @pytest.mark.parametrize("name", ["fp8_e4m3", "fp8_e5m2", "fp8_e4m3_per_row", "nvfp4"])
+    def test_float64_beyond_float32_decodes_finite(self, name):
+        """float64 maxima between float32's largest (3.4e38) and ``max·2^127`` are accepted:
+        they decode finite and near the input (the tensor- and row-scaled FP8 codes decoded
+        through a float32 scale, to inf)."""
+        x = torch.tensor([[1e39, 2.0, -3e39, 1.0]], dtype=torch.float64)
+        q = get_quantizer(name, rounding="nearest")
+        y = q(x, gen())
+        assert y.dtype == torch.float64 and torch.isfinite(y).all()
+        assert float((y - x).abs().max()) <= 0.2 * 3e39
 
     def test_float16_overflows_to_inf(self):
         """Documented (docs/method.md §12): the no-clip grid can round 60000 up to 65536, which

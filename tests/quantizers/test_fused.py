@@ -268,6 +268,38 @@ def test_compiled_kernels_are_named_in_a_profiler_trace() -> None:
     assert {"fqtorch::_affine_stats", "fqtorch::_affine_rounding"} <= names, sorted(names)
 
 
+def test_a_compiler_failure_falls_back_for_its_dtype_only(monkeypatch):
+    """A kernel the compiler cannot build for float64 (Inductor's vectorised frexp) runs float64
+    eagerly from then on, and float32 stays compiled (one float64 call turned compilation off
+    for every dtype, for the rest of the process)."""
+    from fqtorch.quantizers.fused import LazyCompiled
+
+    calls = []
+
+    def fake_compile(fn, **options):
+        def run(x):
+            if x.dtype == torch.float64:
+                raise RuntimeError("C++ compile error: no match for operator-")
+            calls.append(x.dtype)
+            return fn(x)
+
+        return run
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    kernel = LazyCompiled(lambda x: x * 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert torch.equal(
+            kernel(torch.ones(2, dtype=torch.float64)), torch.full((2,), 2.0).double()
+        )
+        kernel(torch.ones(2, dtype=torch.float64))
+        kernel(torch.ones(2))
+    said = [str(w.message) for w in caught if "torch.compile failed" in str(w.message)]
+    assert len(said) == 1 and "for cpu float64 tensors" in said[0], said
+    assert calls == [torch.float32]  # float32 still ran compiled
+    assert kernel._broken == {((torch.float64, "cpu"),)}
+
+
 def test_a_compiler_failure_runs_eagerly_after_one_warning(monkeypatch):
     """Where ``torch.compile`` cannot build a kernel, the kernel runs its eager function (the
     same codes), says so once, at the caller's line (not fqtorch's), naming the error's first

@@ -439,6 +439,23 @@ class TestErrors:
         with pytest.raises(TypeError, match="floating-point"):
             get_quantizer("psq", 4)(torch.ones(3, 3, dtype=torch.int32))
 
+    @pytest.mark.parametrize("name", ALL)
+    @pytest.mark.parametrize("shape", [(0, 32), (4, 0), (0,)])
+    def test_empty_tensor_is_one_clear_line(self, name, shape):
+        """Every quantizer's call, encode and bound refuse an empty tensor saying so (they
+        crashed in reshape or amax, naming neither the quantizer nor the shape); the identity
+        passes it through."""
+        q = get_quantizer(name) if is_format(name) else get_quantizer(name, 4)
+        empty = torch.zeros(shape)
+        if name == "identity":
+            assert q(empty, gen()) is empty and float(q.variance_bound(empty)) == 0
+            return
+        for run in (lambda: q(empty, gen()), lambda: q.encode(empty, gen())):
+            with pytest.raises(ValueError, match=rf"{name} expects a tensor with elements"):
+                run()
+        with pytest.raises(ValueError, match="nothing to quantize"):
+            q.variance_bound(empty)
+
     def test_duplicate_registration(self):
         with pytest.raises(ValueError, match="already registered"):
 

@@ -143,6 +143,14 @@ def plan_refusal(plan: FQTPlan) -> str | None:
             continue
         if not _fp8_quantizer(q, kinds):
             return f"the {role} quantizer {q!r} is not a {' or '.join(kinds)}-scaled FP8 format"
+        # per-row scales factor out of the GEMM only along its reduction: grad_output's rows
+        # (blocks along dim 1), grad_output_weight's columns (along dim 0)
+        reduction = 0 if role == "grad_output_weight" else 1
+        if q.kind == "row" and q.block_dim != reduction:
+            return (
+                f"the {role} quantizer {q!r} scales along dim {q.block_dim}; its GEMM reduces "
+                f"along dim {reduction} (block_dim={reduction})"
+            )
     return None
 
 

@@ -90,6 +90,8 @@ class _FQTFunction(torch.autograd.Function):
         # The saved forward operands upcast exactly, so QAT (identity quantizers) runs the same
         # GEMMs and stays the reference of E[FQT gradient].
         dtype = torch.promote_types(weight_q.dtype, torch.float32)
+        if ctx.differentiable and plan.exact:  # the float operands, no quantizer: their dtype
+            dtype = weight_q.dtype
         grad_output = grad_output.to(dtype)
         input_q, weight_q = input_q.to(dtype), weight_q.to(dtype)
         ctx.source.on_grad_output(grad_output)

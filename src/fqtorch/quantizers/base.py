@@ -208,11 +208,17 @@ class Quantizer(abc.ABC):
         return f"{self.name}({self.bits}, {self.rounding}{fused})"
 
 
-def check_float(x: object, who: str) -> None:
+def check_float(x: object, who: str, empty: bool = False) -> None:
+    """A floating-point tensor, with elements unless ``empty`` (the identity quantizer)."""
     if not isinstance(x, Tensor):
         raise TypeError(f"{who} expects a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{who} expects a floating-point tensor, got dtype {x.dtype}")
+    if x.numel() == 0 and not empty:  # (FQT layers pass empty batches around quantizers)
+        raise ValueError(
+            f"{who} expects a tensor with elements, got shape {tuple(x.shape)}: there is nothing "
+            "to quantize"
+        )
 
 
 def uniform_bound(count_per_group: int | Tensor, steps: Tensor) -> Tensor:

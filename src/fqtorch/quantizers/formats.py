@@ -206,8 +206,12 @@ def _scales(
         return effective, torch.where(finite, effective, nan), torch.ones((), dtype=amax.dtype)
     # NVFP4: tensor scale 2^t with the largest block scale amax_t / (6·2^t) at most 448.
     amax_t = amax.amax()
-    mant, exp = torch.frexp(amax_t / (fmt.max * E4M3.max))
-    t = torch.where(mant == 0.5, exp - 1, exp)  # ceil(log2(.)), exact at powers of two
+    # amax_t / 2688 underflows to 0 for amax_t below about 2^-139 (frexp(0) would give t = 0,
+    # a tensor scale of 1): such a tensor is lifted by 2^64 first, exactly, and t lowered back.
+    tiny = amax_t < 2.0**-100
+    lifted = torch.where(tiny, amax_t * 2.0**64, amax_t)
+    mant, exp = torch.frexp(lifted / (fmt.max * E4M3.max))
+    t = torch.where(mant == 0.5, exp - 1, exp) - torch.where(tiny, 64, 0).to(exp.dtype)
     t = torch.where(amax_t > 0, t, torch.zeros_like(t)).clamp(_NV_TENSOR_MIN, _E8M0_MAX)
     tensor = torch.exp2(t.to(amax.dtype))
     # Divided by the power-of-two tensor scale first (exact): for a tensor of subnormals, whose
@@ -428,7 +432,9 @@ class FormatQuantizer(Quantizer):
                 scale = stored.reshape(1, 1)
             else:
                 scale = stored.reshape(1, cols) if self.block_dim == 0 else stored.reshape(rows, 1)
-            scale = scale.float()
+            # float64 input keeps a float64 scale: float32 would decode codes·scale past
+            # 3.4e38 (float64 maxima up to max·2^127 are accepted) to inf
+            scale = scale.double() if x.dtype == torch.float64 else scale.float()
             return QuantizedTensor(
                 codes, scale, torch.zeros_like(scale), self.bits, x.shape, x.dtype
             )

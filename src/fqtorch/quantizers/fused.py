@@ -42,7 +42,9 @@ class Kernel(Protocol):
 
 
 class LazyCompiled:
-    """``fn``, compiled by ``torch.compile`` on first call; eager ``fn`` where compiling fails.
+    """``fn``, compiled by ``torch.compile`` on first call; eager ``fn`` where compiling fails,
+    from then on for arguments of those dtypes and devices (one float64 call that Inductor
+    cannot compile leaves float32 calls compiled).
 
     The wrapper is a memo of compiled code (like ``torch.compile``'s own cache); it holds no
     state that changes results: eager and compiled runs compute the same thing (the
@@ -53,11 +55,12 @@ class LazyCompiled:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self._compiled: Callable[..., Any] | None = None
-        self._broken = False
+        self._broken: set[tuple[tuple[torch.dtype, str], ...]] = set()  # tensor dtypes, devices
         self._label = f"fqtorch::{fn.__qualname__}"
 
     def __call__(self, *args: Any) -> Any:
-        if self._broken:
+        key = tuple((a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor))
+        if key in self._broken:
             return self.fn(*args)
         if self._compiled is None:
             self._compiled = torch.compile(self.fn, dynamic=True)
@@ -76,11 +79,15 @@ class LazyCompiled:
                 return self._compiled(*args)
         except Exception as error:  # any compiler failure: fall back below
             result = self.fn(*args)  # a genuine error in fn raises here, unchanged
-            self._broken = True
+            self._broken.add(key)
+            kinds = ", ".join(
+                sorted({f"{dev} {str(dt).removeprefix('torch.')}" for dt, dev in key})
+            )
             warnings.warn(
                 f"fqtorch: torch.compile failed for {self.fn.__qualname__} "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                "running it eagerly from now on (the same computation, slower)",
+                f"running it eagerly from now on for {kinds} tensors (the same computation, "
+                "slower)",
                 FQTWarning,
                 stacklevel=user_stacklevel(),
             )

@@ -504,7 +504,7 @@ def _falls_back(kernel: Any) -> bool:
         return False
     # TORCH_COMPILE_DISABLE=1 sets the config; TORCHDYNAMO_DISABLE=1 is read by torch.compile.
     disabled = torch._dynamo.config.disable or os.environ.get("TORCHDYNAMO_DISABLE") == "1"
-    return bool(disabled) or kernel._broken
+    return bool(disabled) or bool(kernel._broken)
 
 
 def _on_the_fly(

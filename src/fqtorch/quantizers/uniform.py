@@ -364,14 +364,14 @@ class Identity(Quantizer):
         return True
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
-        check_float(x, self.name)
+        check_float(x, self.name, empty=True)
         return x
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> QuantizedTensor:
         raise NotImplementedError("the identity quantizer has no integer codes")
 
     def variance_bound(self, x: Tensor) -> Tensor:
-        check_float(x, self.name)
+        check_float(x, self.name, empty=True)
         return torch.zeros((), dtype=torch.float64, device=x.device)
 
     def __repr__(self) -> str:
