@@ -265,6 +265,11 @@ class TestSubclasses:
             "0.lora_b",
         }
         model(torch.randn(4, 6)).sum().backward()
+        # a type kept float as a whole (layers= ... None) keeps the layers inside float too
+        model = nn.Sequential(LoRALinear(), nn.Linear(6, 2))
+        quantize_model(model, FQTConfig(), layers={LoRALinear: None})
+        assert type(model[0].lora_a) is nn.Linear and type(model[0].lora_b) is nn.Linear
+        assert isinstance(model[1], FQTLinear)
 
     def test_lazy_layer_waits_for_initialisation(self):
         model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))

@@ -410,10 +410,16 @@ def _scan(model: nn.Module, tables: Tables) -> Iterator[_Entry]:
         if found is not None:
             base, conversion = found
             reason = _registered_reason(module, base, conversion)
-            # A layer left float is not taken whole: its submodules (a LoRA adapter's
-            # layers) are layers of their own, except an attention layer's, whose float
-            # forward reads out_proj's weight without calling it.
-            if not reason or isinstance(module, nn.MultiheadAttention):
+            # A subclass left float for a forward of its own is not taken whole: the layers
+            # inside (a LoRA adapter's, which that forward calls) are layers of their own.
+            # Not an attention layer's (its float forward reads out_proj's weight without
+            # calling it), nor those of a layer kept float as a whole (layers=, hooks).
+            own_forward = (
+                conversion is not None
+                and not isinstance(module, nn.MultiheadAttention)
+                and bool(_overridden(type(module), base))
+            )
+            if not (reason and own_forward):
                 whole.append(name)
             kind = "float" if reason else "convert"
             yield _Entry(name, module, kind, conversion, reason, registered=bool(reason))
