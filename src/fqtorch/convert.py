@@ -649,7 +649,8 @@ def quantize_model(
             try:
                 outcome = _converted(entry, config, module_filter_fn, tables, left_float)
             except (TypeError, ValueError) as exc:  # the model is left as it was
-                raise type(exc)(
+                kind = TypeError if isinstance(exc, TypeError) else ValueError
+                raise kind(
                     f"quantize_model: {entry.name or '<model>'} "
                     f"({_type_name(type(entry.module))}): {exc}; nothing was converted"
                 ) from exc
