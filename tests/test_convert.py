@@ -243,9 +243,10 @@ class TestSubclasses:
         assert "self_attn.out_proj" in fqtorch.conversion_summary(model).left_float
         torch.testing.assert_close(model(x), expected)  # the float out_proj runs
 
-    def test_children_of_a_layer_left_float_are_layers_of_their_own(self):
-        """A LoRA-style subclass with its own forward stays float (said), and its adapters,
-        called as modules, are converted (they stayed float, unsaid)."""
+    def test_layers_inside_a_layer_left_float_are_listed_with_it(self):
+        """A LoRA-style subclass with its own forward stays float, taken whole, and the layers
+        inside it are listed as float with it (they stayed float, unsaid): only its forward
+        knows whether it calls them, so converting them could count a product never run."""
 
         class LoRALinear(nn.Linear):
             def __init__(self) -> None:
@@ -255,21 +256,13 @@ class TestSubclasses:
             def forward(self, x):
                 return super().forward(x) + self.lora_b(self.lora_a(x))
 
-        model = nn.Sequential(LoRALinear(), nn.ReLU())
-        quantize_model(model, FQTConfig())
-        assert type(model[0]).__name__ == "LoRALinear"
-        assert isinstance(model[0].lora_a, FQTLinear) and isinstance(model[0].lora_b, FQTLinear)
-        summary = fqtorch.conversion_summary(model)
-        assert list(summary.left_float) == ["0"] and set(summary.quantized) == {
-            "0.lora_a",
-            "0.lora_b",
-        }
-        model(torch.randn(4, 6)).sum().backward()
-        # a type kept float as a whole (layers= ... None) keeps the layers inside float too
         model = nn.Sequential(LoRALinear(), nn.Linear(6, 2))
-        quantize_model(model, FQTConfig(), layers={LoRALinear: None})
-        assert type(model[0].lora_a) is nn.Linear and type(model[0].lora_b) is nn.Linear
-        assert isinstance(model[1], FQTLinear)
+        quantize_model(model, FQTConfig())
+        assert type(model[0].lora_a) is nn.Linear and isinstance(model[1], FQTLinear)
+        summary = fqtorch.conversion_summary(model)
+        assert list(summary.left_float) == ["0", "0.lora_a", "0.lora_b"]
+        assert "inside '0', which stays float" in summary.left_float["0.lora_a"]
+        assert list(summary.quantized) == ["1"]
 
     def test_lazy_layer_waits_for_initialisation(self):
         model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))
@@ -362,9 +355,9 @@ class TestHooksAndParametrizations:
         model = nn.Sequential(nn.MultiheadAttention(8, 2))
         model[0].out_proj = quantize_model(model[0].out_proj, FQTConfig())
         out_proj = model[0].out_proj
-        quantize_model(model, FQTConfig())
+        quantize_model(model, FQTConfig.preset("psq4"))
         assert type(model[0]).__name__ == "FQTMultiheadAttention"
-        assert model[0].out_proj is out_proj
+        assert model[0].out_proj is out_proj and out_proj.config == FQTConfig()  # its own kept
 
     def test_hooks_on_an_fqt_layer_are_not_carried_back_silently(self):
         model = quantize_model(nn.Sequential(nn.Linear(3, 3)), FQTConfig())
@@ -737,6 +730,7 @@ def test_a_config_callable_chooses_for_layers_built_inside_a_converted_layer():
 
     model = quantize_model(Net(), choose)
     assert ("NonDynamicallyQuantizableLinear", "attn.out_proj") in seen
+    assert len(seen) == len(set(seen)) == 2  # each layer asked once
     assert model.attn.config == own["attn"] and model.attn.out_proj.config == own["attn.out_proj"]
     model = quantize_model(Net(), lambda module, name: own["attn"] if name == "attn" else None)
     assert type(model.attn.out_proj).__name__ == "NonDynamicallyQuantizableLinear"

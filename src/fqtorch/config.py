@@ -241,13 +241,6 @@ class FQTConfig:
                 )
             if self.is_qat:
                 raise ValueError("grad_transform needs a grad_quantizer to act before, got None")
-            if self.grad_quantizer == "identity":
-                raise ValueError(
-                    f"grad_transform={self.grad_transform!r} needs a grad_quantizer that "
-                    "quantizes: before grad_quantizer='identity' it would transform the "
-                    "weight-gradient branch alone; give another grad_quantizer, or set "
-                    "grad_transform=None"
-                )
             for field in ("grad_quantizer", "grad_weight_quantizer"):
                 if getattr(self, field) in ("bhq", "rht"):
                     raise ValueError(

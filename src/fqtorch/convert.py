@@ -408,25 +408,37 @@ def _scan(model: nn.Module, tables: Tables) -> Iterator[_Entry]:
             continue
         found = _lookup(type(module), tables)
         if found is not None:
+            whole.append(name)
             base, conversion = found
             reason = _registered_reason(module, base, conversion)
-            # A subclass left float for a forward of its own is not taken whole: the layers
-            # inside (a LoRA adapter's, which that forward calls) are layers of their own.
-            # Not an attention layer's (its float forward reads out_proj's weight without
-            # calling it), nor those of a layer kept float as a whole (layers=, hooks).
-            own_forward = (
-                conversion is not None
-                and not isinstance(module, nn.MultiheadAttention)
-                and bool(_overridden(type(module), base))
-            )
-            if not (reason and own_forward):
-                whole.append(name)
             kind = "float" if reason else "convert"
             yield _Entry(name, module, kind, conversion, reason, registered=bool(reason))
+            if reason and not isinstance(module, nn.MultiheadAttention):
+                yield from _inside_float(name, module, tables)
             continue
         reason = _float_reason(module)
         if reason:
             yield _Entry(name, module, "float", reason=reason)
+
+
+def _inside_float(name: str, layer: nn.Module, tables: Tables) -> Iterator[_Entry]:
+    """The layers inside a registered layer left float (a LoRA adapter's, in a subclass with a
+    forward of its own), named as float with it: the layer is taken whole, since only its own
+    forward knows whether it calls them (converted, one it never called would be counted as
+    quantized). An attention layer's ``out_proj`` is not listed: its reason covers it."""
+    seen: list[str] = []
+    for sub_name, sub in layer.named_modules(remove_duplicate=False):
+        if not sub_name or any(_inside(sub_name, prefix) for prefix in seen):
+            continue
+        if isinstance(sub, FQTModule) or _lookup(type(sub), tables) is not None:
+            seen.append(sub_name)
+            yield _Entry(
+                f"{name}.{sub_name}" if name else sub_name,
+                sub,
+                "float",
+                reason=f"inside {name or '<model>'!r}, which stays float (taken whole: register "
+                "a conversion for its type, or convert these layers on their own)",
+            )
 
 
 # ------------------------------------------------------------------------------- the summary
@@ -702,18 +714,18 @@ def _conversion_notes(
     return tuple(notes)
 
 
-def _excluded(
+def _choice(
     module: nn.Module,
     name: str,
     config: FQTConfig | ConfigFn,
     module_filter_fn: Callable[[nn.Module, str], bool] | None,
-) -> str:
-    """Why the filter or the config callable keeps ``module`` float ("" when neither does)."""
+) -> FQTConfig | str:
+    """``module``'s config, or why the filter or the config callable keeps it float (each asked
+    once)."""
     if module_filter_fn is not None and not module_filter_fn(module, name):
         return "excluded by module_filter_fn"
-    if _config_for(config, module, name) is None:
-        return "the config callable returned None for it"
-    return ""
+    chosen = _config_for(config, module, name)
+    return "the config callable returned None for it" if chosen is None else chosen
 
 
 def _converted(
@@ -727,10 +739,9 @@ def _converted(
     attention layer's ``out_proj``) is asked about under its own name: the filter, the config
     callable and ``layers=`` may keep it float (its float layer is put back, and said in
     ``left_float``) or give it its own config."""
-    why = _excluded(entry.module, entry.name, config, module_filter_fn)
-    if why:
-        return why
-    layer_config = _config_for(config, entry.module, entry.name)
+    layer_config = _choice(entry.module, entry.name, config, module_filter_fn)
+    if isinstance(layer_config, str):
+        return layer_config
     fqt = entry.conversion.to_fqt(entry.module, layer_config, entry.name)
     if not isinstance(fqt, FQTModule):
         raise TypeError(
@@ -740,20 +751,23 @@ def _converted(
     for name, inner in list(fqt_modules(fqt).items()):
         if inner is fqt:
             continue
-        full = f"{entry.name}.{name}" if entry.name else name
         try:  # the float layer it was built from, where the source has one by that name
             source = entry.module.get_submodule(name)
         except AttributeError:
             source = inner
-        found = _lookup(type(source), tables) if source is not inner else None
-        why = f"layers= maps {_type_name(found[0])} to None" if found and found[1] is None else ""
-        why = why or _excluded(source, full, config, module_filter_fn)
-        if why:
-            _set_submodule(fqt, name, source)
-            left_float[full] = _described(source, why)
+        if source is inner:  # an FQT layer it held before: kept as it is
             continue
-        own = _config_for(config, source, full)
-        if own is not None and own != inner.config:
+        full = f"{entry.name}.{name}" if entry.name else name
+        found = _lookup(type(source), tables)
+        own: FQTConfig | str
+        if found is not None and found[1] is None:
+            own = f"layers= maps {_type_name(found[0])} to None"
+        else:
+            own = _choice(source, full, config, module_filter_fn)
+        if isinstance(own, str):
+            _set_submodule(fqt, name, source)
+            left_float[full] = _described(source, own)
+        elif own != inner.config:
             inner.config = own
     return fqt
 

@@ -459,10 +459,6 @@ class TestTransforms:
             FQTConfig(grad_quantizer="mxfp4", grad_transform="rht8")
         with pytest.raises(ValueError, match="grad_transform needs a grad_quantizer"):
             FQTConfig(grad_transform="rht16")
-        # identity quantizes nothing: the transform would act on the weight-gradient branch
-        # alone, under a label that says both
-        with pytest.raises(ValueError, match="would transform the weight-gradient branch alone"):
-            FQTConfig(grad_quantizer="identity", grad_transform="rht16")
         with pytest.raises(ValueError, match="backend='int8' needs grad_transform=None"):
             FQTConfig(grad_quantizer="psq", grad_transform="rht16", backend="int8")
         with pytest.raises(ValueError, match="backend='int8' needs a grad_quantizer"):

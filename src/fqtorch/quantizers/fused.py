@@ -55,11 +55,22 @@ class LazyCompiled:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self._compiled: Callable[..., Any] | None = None
-        self._broken: set[tuple[tuple[torch.dtype, str], ...]] = set()  # tensor dtypes, devices
+        self._broken: set[tuple[torch.dtype, str]] = set()  # the data's dtype and device
         self._label = f"fqtorch::{fn.__qualname__}"
 
+    @staticmethod
+    def _key(args: tuple[Any, ...]) -> tuple[torch.dtype, str]:
+        """The dtype and device type of the data (the first tensor argument)."""
+        data = next(a for a in args if isinstance(a, torch.Tensor))
+        return data.dtype, data.device.type
+
+    def compiles(self, data: torch.Tensor) -> bool:
+        """Whether a call on ``data`` (its dtype and device) runs compiled: no failure for them
+        before (whether or not it has been called yet)."""
+        return (data.dtype, data.device.type) not in self._broken
+
     def __call__(self, *args: Any) -> Any:
-        key = tuple((a.dtype, a.device.type) for a in args if isinstance(a, torch.Tensor))
+        key = self._key(args)
         if key in self._broken:
             return self.fn(*args)
         if self._compiled is None:
@@ -80,13 +91,11 @@ class LazyCompiled:
         except Exception as error:  # any compiler failure: fall back below
             result = self.fn(*args)  # a genuine error in fn raises here, unchanged
             self._broken.add(key)
-            kinds = ", ".join(
-                sorted({f"{dev} {str(dt).removeprefix('torch.')}" for dt, dev in key})
-            )
+            kind = f"{key[1]} {str(key[0]).removeprefix('torch.')}"
             warnings.warn(
                 f"fqtorch: torch.compile failed for {self.fn.__qualname__} "
                 f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); "
-                f"running it eagerly from now on for {kinds} tensors (the same computation, "
+                f"running it eagerly from now on for {kind} tensors (the same computation, "
                 "slower)",
                 FQTWarning,
                 stacklevel=user_stacklevel(),

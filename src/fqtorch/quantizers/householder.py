@@ -121,7 +121,7 @@ class BlockHouseholderTransform:
         """``(y − coef∘u[group]) / s`` with ``u = vᵀy`` per group (``H_n`` is its own inverse);
         the difference first, as its terms may pass the float maximum once divided by ``s``."""
         u = self.group_sums(y, self.v)
-        if self.fused and not _falls_back(fused_inverse_rows):
+        if self.fused and not _falls_back(fused_inverse_rows, y):
             return fused_inverse_rows(y, u, self.group, self.row_scale, self.coef)
         return self._spread(u, -self.coef).add_(y).div_(self.row_scale[:, None])
 
@@ -134,7 +134,7 @@ class BlockHouseholderTransform:
         Elsewhere, eager, ``y.copy_(inverse(y))`` (choosing the rows would wait on the
         device)."""
         u = self.group_sums(y, self.v)
-        compiled = self.fused and not _falls_back(fused_inverse_rows_in_place)
+        compiled = self.fused and not _falls_back(fused_inverse_rows_in_place, y)
         if y.device.type != "cpu":
             if compiled:
                 fused_inverse_rows_in_place(y, u, self.group, self.row_scale, self.coef)
@@ -496,15 +496,16 @@ def _row_lanes(
     return index, lane_weight, large_sums, large_group, large, t.row_scale, t.coef
 
 
-def _falls_back(kernel: Any) -> bool:
+def _falls_back(kernel: Any, data: Tensor) -> bool:
     """Whether ``kernel`` (what :meth:`~.base.Quantizer.kernel` gave) is a compiled kernel that
-    runs eagerly: ``torch.compile`` disabled, or its compilation failed before. Not so for an
-    eager function asked for explicitly (``kernel.fn``, as the tests' reference runs)."""
+    runs eagerly on ``data``: ``torch.compile`` disabled, or its compilation failed before for
+    that dtype and device. Not so for an eager function asked for explicitly (``kernel.fn``, as
+    the tests' reference runs)."""
     if not isinstance(kernel, LazyCompiled):
         return False
     # TORCH_COMPILE_DISABLE=1 sets the config; TORCHDYNAMO_DISABLE=1 is read by torch.compile.
     disabled = torch._dynamo.config.disable or os.environ.get("TORCHDYNAMO_DISABLE") == "1"
-    return bool(disabled) or bool(kernel._broken)
+    return bool(disabled) or not kernel.compiles(data)
 
 
 def _on_the_fly(
@@ -515,7 +516,7 @@ def _on_the_fly(
     passes (``kernels``) compiled. Run eagerly they would hold many N×D temporaries, so where
     ``torch.compile`` is disabled or failed fused BHQ takes the eager plan (:func:`_plan`),
     ``y`` materialized once: the same transform, its grids and codes to float32 rounding."""
-    return x2d.device.type == "cpu" and not any(_falls_back(kernel(k)) for k in kernels)
+    return x2d.device.type == "cpu" and not any(_falls_back(kernel(k), x2d) for k in kernels)
 
 
 @dataclass(frozen=True)
@@ -593,7 +594,7 @@ class BlockHouseholder(Quantizer):
         # Eager (fused=False, or torch.compile disabled), the rounding overwrites y (a fresh N×D
         # buffer per call would cost page faults); compiled (fused, off the CPU), it reads y and
         # keeps its intermediates in registers.
-        compiled = self.fused and not _falls_back(self.kernel(fused_affine_encode))
+        compiled = self.fused and not _falls_back(self.kernel(fused_affine_encode), plan.y)
         scratch = None if compiled else plan.y
         codes, scale, bias = self.kernel(fused_affine_encode)(
             plan.y, plan.low, plan.high, self.bits, self.rounding, noise, scratch

@@ -198,17 +198,17 @@ def check_quantizer_entry(flag: str, name: str) -> None:
             f"{flag}: {name!r} names no known transform; give NAME or {forms} (a random "
             "Hadamard transform of blocks of 16 or 32 before NAME), e.g. psq+rht16"
         )
+    if quantizer == "identity" and transform:  # a label that would say both branches
+        raise ValueError(
+            f"{flag}: {name!r}: identity quantizes nothing, so +{transform} would transform the "
+            f"weight-gradient branch alone; put +{transform} after a quantizer, e.g. "
+            f"psq+{transform}"
+        )
     try:
         FQTConfig(**_grad_fields(name, MAX_BITS)).build_quantizers()
     except ValueError as exc:
         if not transform:
             raise ValueError(f"{flag}: {exc}") from None
-        if quantizer == "identity":
-            raise ValueError(
-                f"{flag}: {name!r}: identity quantizes nothing, so +{transform} would transform "
-                f"the weight-gradient branch alone; put +{transform} after a quantizer, e.g. "
-                f"psq+{transform}"
-            ) from None
         raise ValueError(
             f"{flag}: {name!r}: {quantizer} takes no transform before it (it has one of its "
             f"own); give {quantizer} alone, or +{transform} after another quantizer, e.g. "
