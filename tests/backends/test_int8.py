@@ -382,6 +382,23 @@ class TestSettings:
             out, grad_input = out[0], grad_input[0]
         assert_all_close(results["int8"], (out, grad_input, *grads))
 
+    @pytest.mark.parametrize("scale", [1.0, 1e-50, 1e50])
+    @pytest.mark.parametrize("conv", [False, True], ids=["linear", "conv2d"])
+    def test_float64_runs_on_simulate_with_warning(self, conv, scale):
+        """float64 operands fall back to simulate, said (the integer path quantized the gradient
+        in float32, drawing other codes, and gave zeros at 1e-50 and NaN at 1e50)."""
+        if conv:
+            make = lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1)).double()  # noqa: E731
+            x = torch.randn(2, 3, 6, 6, dtype=torch.float64) * scale
+        else:
+            make = lambda: nn.Sequential(nn.Linear(8, 5)).double()  # noqa: E731
+            x = torch.randn(6, 8, dtype=torch.float64) * scale
+        cfg = FQTConfig.preset("psq8", fused=True)
+        with pytest.warns(RuntimeWarning, match=r"FQT layer '0'.*not float64.*simulate backend"):
+            results = int8_and_simulate(make, x, cfg)
+        for a, b in zip(results["int8"], results["simulate"], strict=True):
+            assert torch.equal(a, b) and torch.isfinite(a).all() and bool(a.abs().max() > 0)
+
     def test_conv1d_falls_back_with_warning(self):
         """A 1-d convolution has no integer path: it warns once per call, naming the layer and
         the simulate backend, and gives simulate's values exactly."""

@@ -675,6 +675,14 @@ def _backward_fast(
     return grad_input, grad_weight, grad_bias
 
 
+def refuse_float64(input: Tensor, weight: Tensor) -> None:
+    """float64 operands run on simulate: the integer path quantizes the gradient and applies
+    scales and zero points in float32, which would draw other codes than simulate's float64
+    quantizers and lose what float64 holds beyond float32's range (zeros or NaN)."""
+    if torch.float64 in (input.dtype, weight.dtype):
+        raise Unsupported("the integer GEMMs' scales and gradients are float32, not float64")
+
+
 def linear(
     input: Tensor, weight: Tensor, bias: Tensor | None, source: PlanSource, name: str
 ) -> Tensor:
@@ -682,6 +690,7 @@ def linear(
     shape cannot run, or when ``torch._int_mm`` is not exact here (:func:`int_mm_verdict`)."""
     m, k = input.shape
     n = weight.shape[0]
+    refuse_float64(input, weight)
     verdict = int_mm_verdict(input.device.type)
     if verdict is not None:
         raise Unsupported(verdict)

@@ -59,6 +59,7 @@ from .int8 import (
     _per_row,
     _per_tensor,
     int_mm_verdict,
+    refuse_float64,
     say_cpu_speed,
 )
 from .notes import say_once
@@ -345,6 +346,7 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, sourc
             "this convolution cannot run on integer GEMMs (grouped, 1-d, or on neither the CPU "
             "nor CUDA)"
         )
+    refuse_float64(input, weight)
     verdict = int_mm_verdict(device)  # the weight gradient needs it on either path
     if verdict is None and device == "cuda":
         verdict = _cuda_shapes(input, weight, ops)
