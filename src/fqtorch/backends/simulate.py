@@ -105,7 +105,8 @@ class _FQTFunction(torch.autograd.Function):
                 if not isinstance(plan.grad_output_weight, Identity):
                     columns = plan.grad_output_weight(ops.columns(grad_output), generator)
                     grad = ops.uncolumns(columns, grad_output)
-                if need_weight and need_bias and plan.exact:  # the float layer's, bit for bit
+                if need_weight and need_bias and grad is grad_output:
+                    # not quantized (exact, QAT): the float layer's call, bit for bit
                     grad_weight, grad_bias = ops.grad_weight_and_bias(grad, input_q, weight_q)
                 else:  # the bias as a plain sum: ATen's CPU convolution sums it in float32
                     # in order (2.7e-3 of its size off at 2^18 positions)
