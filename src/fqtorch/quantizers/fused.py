@@ -55,14 +55,14 @@ class LazyCompiled:
     def __init__(self, fn: Callable[..., Any]) -> None:
         self.fn = fn
         self._compiled: Callable[..., Any] | None = None
-        self._broken: set[tuple[torch.dtype, str]] = set()  # the data's dtype and device
+        self._broken: set[tuple[torch.dtype | None, str]] = set()  # the data's dtype, device
         self._label = f"fqtorch::{fn.__qualname__}"
 
     @staticmethod
-    def _key(args: tuple[Any, ...]) -> tuple[torch.dtype, str]:
-        """The dtype and device type of the data (the first tensor argument)."""
-        data = next(a for a in args if isinstance(a, torch.Tensor))
-        return data.dtype, data.device.type
+    def _key(args: tuple[Any, ...]) -> tuple[torch.dtype | None, str]:
+        """The dtype and device type of the data (the first tensor argument, if any)."""
+        data = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        return (None, "") if data is None else (data.dtype, data.device.type)
 
     def compiles(self, data: torch.Tensor) -> bool:
         """Whether a call on ``data`` (its dtype and device) runs compiled: no failure for them
