@@ -16,7 +16,7 @@ from fqtorch.data import DatasetError, build_datasets
 from fqtorch.data.datasets import CifarImages, torchvision_transforms
 
 
-def write_cifar(root, per_batch=6, batches=2):
+def write_cifar(root, per_batch=6, batches=5):
     rng = np.random.default_rng(0)
     root.mkdir(parents=True, exist_ok=True)
     for name in [f"data_batch_{i}" for i in range(1, batches + 1)] + ["test_batch"]:
@@ -90,13 +90,13 @@ class TestCifar:
         flipped or not, replayed by reseeding the epoch and different in another epoch."""
         root = write_cifar(tmp_path / "cifar-10-batches-py")
         spec = build_datasets("cifar10", tmp_path, seed=1)
-        assert len(spec.train) == 12 and len(spec.val) == 6 and spec.num_classes == 10
+        assert len(spec.train) == 30 and len(spec.val) == 6 and spec.num_classes == 10
         val_images, val_labels = read_cifar(root, ["test_batch"])
         for i in range(len(spec.val)):
             image, label = spec.val[i]
             torch.testing.assert_close(image, cifar_normalized(val_images[i]))
             assert int(label) == int(val_labels[i])
-        train_images, train_labels = read_cifar(root, ["data_batch_1", "data_batch_2"])
+        train_images, train_labels = read_cifar(root, [f"data_batch_{i}" for i in range(1, 6)])
         epochs = []
         for epoch in (0, 0, 1):
             spec.train.set_epoch(epoch)
@@ -125,6 +125,19 @@ class TestCifar:
         with pytest.raises(DatasetError, match="not a CIFAR-10 python batch"):
             build_datasets("cifar10", root)
 
+    def test_exactly_the_five_training_batches(self, tmp_path):
+        """The five batches by name: fewer are refused, naming the missing ones (a fifth of the
+        data trained on, unsaid); a stray copy of a batch or of test_batch is not trained on
+        (duplicated samples, or validation images in training)."""
+        root = write_cifar(tmp_path / "four")
+        (root / "data_batch_5").unlink()
+        with pytest.raises(DatasetError, match="missing data_batch_5"):
+            build_datasets("cifar10", root)
+        root = write_cifar(tmp_path / "strays")
+        (root / "data_batch_1 (copy)").write_bytes((root / "data_batch_1").read_bytes())
+        (root / "data_batch_test").write_bytes((root / "test_batch").read_bytes())
+        assert len(build_datasets("cifar10", root).train) == 30
+
 
 class TestImageFolder:
     def test_loads(self, tmp_path):
@@ -142,6 +155,43 @@ class TestImageFolder:
         with pytest.raises(DatasetError, match="ImageFolder"):
             build_datasets("imagenet", tmp_path)
 
+    def test_every_image_and_class_is_counted(self, tmp_path):
+        """Images in subfolders of a class folder are read, as torchvision's ImageFolder reads
+        them (they were skipped); a validation class the training tree lacks is refused (its
+        images were left out of validation, unsaid)."""
+        pytest.importorskip("PIL")
+        write_imagefolder(tmp_path)
+        for split in ("train", "val"):
+            nested = tmp_path / split / "cat" / "more"
+            nested.mkdir()
+            (tmp_path / split / "cat" / "0.png").rename(nested / "0.png")
+        spec = build_datasets("imagenet", tmp_path, image_size=16)
+        assert len(spec.train) == len(spec.val) == 6
+        write_imagefolder(tmp_path / "extra")
+        write_imagefolder(tmp_path / "extra", classes=("bird",))
+        for path in (tmp_path / "extra" / "train" / "bird").iterdir():
+            path.unlink()
+        (tmp_path / "extra" / "train" / "bird").rmdir()
+        with pytest.raises(DatasetError, match=r"class folders \['bird'\] that .* lacks"):
+            build_datasets("imagenet", tmp_path / "extra", image_size=16)
+
+    @pytest.mark.parametrize(
+        "size,expected", [((1000, 100), (0, 0, 133, 100)), ((100, 1000), (0, 0, 100, 133))]
+    )
+    def test_crop_fallback_is_torchvision_s(self, tmp_path, size, expected):
+        """Where ten draws find no crop, the crop is the image's centre with its aspect ratio
+        clamped to [3/4, 4/3], as torchvision's RandomResizedCrop (it was a centre square)."""
+        from fqtorch.data.datasets import ImageFolder
+
+        pytest.importorskip("PIL")
+        write_imagefolder(tmp_path)
+        folder = ImageFolder(tmp_path / "train", ["cat", "dog"], True, 0, 16)
+        folder._uniform = lambda: 1.0  # every draw: the whole area at ratio 4/3, which never fits
+        box = folder._crop_box(*size)
+        width, height = size
+        w, h = expected[2], expected[3]
+        assert box == ((width - w) // 2, (height - h) // 2, (width + w) // 2, (height + h) // 2)
+
 
 class TestText:
     def test_file_and_folder(self, tmp_path):
@@ -150,6 +200,8 @@ class TestText:
         x, y = spec.train[0]
         assert x.shape == (16,) and torch.equal(x[1:], y[:-1])
         assert spec.num_classes == len(spec.vocab)
+        assert len(build_datasets("text", tmp_path, block_size=16).train) == len(spec.train)
+        (tmp_path / "sub.txt").mkdir()  # a folder named like a text file is not one
         assert len(build_datasets("text", tmp_path, block_size=16).train) == len(spec.train)
 
     def test_default_corpus_is_the_interpreters_pydoc_topics(self):
@@ -332,7 +384,7 @@ def test_cifar_batches_as_python_2_numpy_wrote_them_load(tmp_path):
         raw = pickle.dumps(batch, protocol=2).replace(b"numpy._core.", b"numpy.core.")
         (root / name).write_bytes(raw)
     spec = build_datasets("cifar10", root)
-    assert len(spec.train) + len(spec.val) == 18
+    assert len(spec.train) + len(spec.val) == 36
 
 
 def test_cifar_batches_at_pickle_protocol_5_load(tmp_path):

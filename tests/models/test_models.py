@@ -39,3 +39,9 @@ def test_preact_resnet56_depth():
 def test_unknown_model():
     with pytest.raises(ValueError, match="known models: .*digits_cnn"):
         build_model("vgg")
+
+
+def test_an_unknown_option_is_refused():
+    """A misspelt option is an error, not the default model built silently."""
+    with pytest.raises(TypeError, match="unexpected keyword argument 'layer'"):
+        build_model("char_gpt", layer=12)

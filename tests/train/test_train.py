@@ -251,7 +251,7 @@ def test_fqtorchs_own_warnings_are_fqt_warnings():
 def test_workers_load_the_same_batches(tmp_path):
     """``--workers 2`` trains on exactly the batches ``--workers 0`` does, augmentation
     included (CIFAR-10 crops and flips, seeded per sample, whichever worker loads it)."""
-    data = write_cifar(tmp_path / "cifar", per_batch=8, batches=2)
+    data = write_cifar(tmp_path / "cifar", per_batch=4)
     args = ("--dataset", "cifar10", "--data-dir", data, "--model", "preact_resnet20")
     args += ("--epochs", "2", "--batch-size", "4", "--max-steps-per-epoch", "2", "--quiet")
     for workers in (0, 2):

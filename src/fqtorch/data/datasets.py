@@ -238,10 +238,14 @@ def _cifar10(data_dir: Path | None, seed: int) -> DataSpec:
         if (data_dir / "cifar-10-batches-py").is_dir()
         else data_dir
     )
-    train_files = sorted(root.glob("data_batch_*"))
-    if not train_files or not (root / "test_batch").is_file():
+    # Exactly the five training batches, by name: not whatever matches data_batch_* (a copy of
+    # a batch, or of test_batch, would be trained on), nor fewer (a fifth of the data, unsaid).
+    train_files = [root / f"data_batch_{i}" for i in range(1, 6)]
+    missing = [p.name for p in [*train_files, root / "test_batch"] if not p.is_file()]
+    if missing:
         raise DatasetError(
-            f"{root} must hold {layout}; found {sorted(p.name for p in root.glob('*'))[:10]}"
+            f"{root} must hold {layout}; missing {', '.join(missing)} (found "
+            f"{sorted(p.name for p in root.glob('*'))[:10]})"
         )
     parts = [_read_cifar_batch(p) for p in train_files]
     train_x = torch.from_numpy(np.concatenate([p[0] for p in parts]))
@@ -275,11 +279,11 @@ class ImageFolder(Augmented):
         super().__init__(augment, seed)
         self.size = size
         self.transform = None if v2 is None else _imagenet_transform(v2, augment, size)
-        self.samples = [
+        self.samples = [  # at any depth within a class folder, as torchvision's ImageFolder
             (path, label)
             for label, name in enumerate(classes)
-            for path in sorted((root / name).iterdir())
-            if path.suffix.lower() in IMAGE_SUFFIXES
+            for path in sorted((root / name).rglob("*"))
+            if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file()
         ]
         if not self.samples:
             raise DatasetError(f"{root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
@@ -299,8 +303,15 @@ class ImageFolder(Augmented):
             if 0 < w <= width and 0 < h <= height:
                 left, top = self._randint(width - w + 1), self._randint(height - h + 1)
                 return left, top, left + w, top + h
-        side = min(width, height)  # fall back to a centre crop
-        return (width - side) // 2, (height - side) // 2, (width + side) // 2, (height + side) // 2
+        # Fall back to a centre crop of the whole image with its aspect ratio clamped to
+        # [3/4, 4/3], as torchvision's RandomResizedCrop does
+        w, h = width, height
+        if width / height < 3 / 4:
+            h = round(width / (3 / 4))
+        elif width / height > 4 / 3:
+            w = round(height * (4 / 3))
+        left, top = (width - w) // 2, (height - h) // 2
+        return left, top, left + w, top + h
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         from PIL import Image
@@ -358,6 +369,12 @@ def _imagenet(data_dir: Path | None, seed: int, size: int) -> DataSpec:
     missing = [c for c in classes if not (val_root / c).is_dir()]
     if missing:
         raise DatasetError(f"{val_root} lacks class folders {missing[:5]}; expected {layout}")
+    extra = sorted(p.name for p in val_root.iterdir() if p.is_dir() and p.name not in classes)
+    if extra:  # their images would be left out of validation, unsaid
+        raise DatasetError(
+            f"{val_root} has class folders {extra[:5]} that {train_root} lacks; expected the "
+            f"same classes in both ({layout})"
+        )
     v2, transforms = torchvision_transforms()
     return DataSpec(
         "imagenet",
@@ -401,7 +418,7 @@ def _text(data_dir: Path | None, block_size: int) -> DataSpec:
     if data_dir.is_file():
         files = [data_dir]
     elif data_dir.is_dir():
-        files = sorted(data_dir.glob("*.txt"))
+        files = sorted(f for f in data_dir.glob("*.txt") if f.is_file())
     else:
         raise DatasetError(f"{data_dir} does not exist; expected {layout}")
     if not files:

@@ -80,6 +80,5 @@ def char_gpt(
     layers: int = 4,
     heads: int = 4,
     dropout: float = 0.0,
-    **_: object,
 ) -> nn.Module:
     return CharGPT(num_classes, block_size, dim, layers, heads, dropout)

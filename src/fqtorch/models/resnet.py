@@ -1,7 +1,12 @@
 """ResNets of the paper's experiments (docs/method.md §6).
 
 PreAct ResNet for CIFAR (16/32/64 channels, ``(depth − 2)/6`` blocks a stage, 1×1 conv shortcut
-when the shape changes) and the ImageNet ResNet-18/50 (He et al. 2016, torchvision layout).
+when the shape changes) and the ImageNet ResNet-18/50 (He et al. 2016, torchvision layout and
+parameter counts). Initialisation is not torchvision's: convolutions keep PyTorch's default
+(Kaiming-uniform with ``a = √5``; torchvision uses Kaiming-normal, fan-out), and the last
+BatchNorm of every ResNet-18/50 block starts at zero (Goyal et al. 2017, and NVIDIA's ResNet-50
+recipe, whose settings docs/method.md §6 lists; torchvision's ``zero_init_residual`` defaults
+to off).
 """
 
 from __future__ import annotations
