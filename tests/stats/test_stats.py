@@ -559,3 +559,19 @@ def test_variance_cli_checks_every_flag_before_measuring(tmp_path, capsys, flags
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1, err
     assert not out.exists()
+
+
+def test_a_layer_without_gradient_has_ratio_0_and_one_batch_has_no_spread():
+    """A layer with neither quantization nor sampling variance (no gradient: 0/0) has ratio 0,
+    not inf (which read as a layer drowned in noise); a layer with quantization variance over
+    a zero sampling variance keeps inf. One batch gives no spread around its own mean: refused
+    (it returned 0)."""
+    from fqtorch.stats.monitor import VarianceRatio
+
+    ratio = VarianceRatio({"dead": 0.0, "a": 2.0, "b": 1.0}, {"dead": 0.0, "a": 4.0, "b": 0.0})
+    assert ratio.ratio == {"dead": 0.0, "a": 0.5, "b": math.inf}
+    model = quantize_model(nn.Sequential(nn.Linear(4, 2)), FQTConfig.preset("psq4"))
+    batch = (torch.randn(8, 4), torch.randint(0, 2, (8,)))
+    with pytest.raises(ValueError, match="needs 2 or more batches"):
+        fqtorch.stats.sampling_variance(model, F.cross_entropy, [batch])
+    assert fqtorch.stats.sampling_variance(model, F.cross_entropy, [batch], [batch]).total == 0

@@ -226,6 +226,11 @@ def sampling_variance(
     """
     params = _Params.of(model)
     batches = _as_batches(batches)
+    if full_data is None and len(batches) < 2:
+        raise ValueError(
+            f"sampling_variance needs 2 or more batches to estimate a spread around their mean, "
+            f"got {len(batches)}; pass more, or full_data to measure around"
+        )
     with _restored_buffers(model), exact_backward(model):
         grads = [_Forward(model, loss_fn, b, params).gradient() for b in batches]
         if full_data is not None:
@@ -236,7 +241,7 @@ def sampling_variance(
                 total, count = (g if total is None else total + g), count + n
             center, dof = total / count, len(grads)
         else:
-            center, dof = torch.stack(grads).mean(0), max(len(grads) - 1, 1)
+            center, dof = torch.stack(grads).mean(0), len(grads) - 1
     per_entry = sum((g - center).square() for g in grads) / dof
     return GradientVariance(
         params.per_parameter(per_entry), dict(zip(params.names, params.layers, strict=True))
@@ -746,7 +751,11 @@ def check_unbiased(
 
     ``batch`` is an ``(inputs, targets)`` pair or a list of them (several batches make the test
     sharper). Returns a :class:`BiasReport` (``.passed``, per-layer z-scores); an unbiased
-    gradient fails with probability at most ``alpha``. When the test fails, each FQT layer's
+    gradient whose projections' noise is near Gaussian fails with probability at most
+    ``alpha`` (docs/method.md §7: a tensor whose mean rests on a few entries that round up
+    rarely, next to small noise elsewhere, can fail far more often, since S draws that miss
+    the rare rounding understate both the mean and its spread). When the test fails, each FQT
+    layer's
     quantizers are switched on alone to find the layers whose quantizers introduce the bias
     (``report.culprits``); with ``raise_on_failure`` a biased gradient raises
     :class:`BiasError` naming them.

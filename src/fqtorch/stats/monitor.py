@@ -43,8 +43,10 @@ class VarianceRatio:
 
     @property
     def ratio(self) -> dict[str, float]:
+        """Per layer; 0 where there is no quantization noise (a layer without gradient: 0/0),
+        inf where only the sampling variance is 0."""
         return {
-            k: v / self.sampling[k] if self.sampling.get(k) else float("inf")
+            k: v / self.sampling[k] if self.sampling.get(k) else (float("inf") if v else 0.0)
             for k, v in self.quantization.items()
         }
 
