@@ -263,6 +263,13 @@ class TestSubclasses:
         assert list(summary.left_float) == ["0", "0.lora_a", "0.lora_b"]
         assert "inside '0', which stays float" in summary.left_float["0.lora_a"]
         assert list(summary.quantized) == ["1"]
+        # an adapter converted on its own before is quantized, not listed as float
+        model = nn.Sequential(LoRALinear(), nn.Linear(6, 2))
+        model[0].lora_a = quantize_model(model[0].lora_a, FQTConfig())
+        quantize_model(model, FQTConfig())
+        summary = fqtorch.conversion_summary(model)
+        assert list(summary.left_float) == ["0", "0.lora_b"]
+        assert set(summary.quantized) == {"0.lora_a", "1"}
 
     def test_lazy_layer_waits_for_initialisation(self):
         model = nn.Sequential(nn.LazyLinear(3), nn.Linear(3, 2))

@@ -430,7 +430,9 @@ def _inside_float(name: str, layer: nn.Module, tables: Tables) -> Iterator[_Entr
     for sub_name, sub in layer.named_modules(remove_duplicate=False):
         if not sub_name or any(_inside(sub_name, prefix) for prefix in seen):
             continue
-        if isinstance(sub, FQTModule) or _lookup(type(sub), tables) is not None:
+        if isinstance(sub, FQTModule):  # converted before: quantized, listed as such
+            seen.append(sub_name)
+        elif _lookup(type(sub), tables) is not None:
             seen.append(sub_name)
             yield _Entry(
                 f"{name}.{sub_name}" if name else sub_name,
