@@ -67,7 +67,7 @@ class LazyCompiled:
     def compiles(self, data: torch.Tensor) -> bool:
         """Whether a call on ``data`` (its dtype and device) runs compiled: no failure for them
         before (whether or not it has been called yet)."""
-        return (data.dtype, data.device.type) not in self._broken
+        return self._key((data,)) not in self._broken
 
     def __call__(self, *args: Any) -> Any:
         key = self._key(args)
