@@ -283,6 +283,56 @@ class TestExtend:
         assert json.loads((out / "final.json").read_text())["val_acc"] == final["val_acc"]
 
 
+def test_warm_up_then_cosine(tmp_path, monkeypatch):
+    """A linear warm-up over the first round(warmup_epochs · steps) steps, to --lr, then the
+    cosine down to 0 at the last step."""
+    lrs = []
+    original = train_loop._Run._train_step
+
+    def spy(self, x, y):
+        lrs.append(self.optimizer.param_groups[0]["lr"])
+        return original(self, x, y)
+
+    monkeypatch.setattr(train_loop._Run, "_train_step", spy)
+    args = ("--epochs", "2", "--max-steps-per-epoch", "4", "--warmup-epochs", "0.5", "--quiet")
+    assert fqtorch_main("train", *args, "--lr", "0.1", "--out", tmp_path / "r") == 0
+    cosine = [0.05 * (1 + math.cos(math.pi * s / 6)) for s in range(6)]
+    assert lrs == pytest.approx([0.05, 0.1, *cosine], rel=1e-12, abs=0)
+
+
+def test_validation_averages_over_samples_not_batches():
+    """A ragged last batch weighs by its samples: the loss and accuracy of the whole set."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 4)
+    x, y = torch.randn(5, 3), torch.tensor([0, 1, 2, 3, 0])
+    loader = torch.utils.data.DataLoader(list(zip(x, y, strict=True)), batch_size=2)
+    rt = train_loop.Runtime(0, 1, torch.device("cpu"))
+    loss, acc = train_loop._evaluate(model, loader, rt, False)
+    with torch.no_grad():
+        logits = model(x)
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, y)), rel=1e-6)
+    assert acc == int((logits.argmax(-1) == y).sum()) / 5  # 1 of 5 (a mean per batch: 1/6)
+
+
+def test_data_order_of_one_process_and_of_ranks():
+    """Each epoch's order is one permutation from (seed, epoch), which ranks share out; another
+    seed's epochs are not this seed's shifted by one (DistributedSampler's seed + epoch)."""
+    data = range(10)
+
+    def order(seed, epoch, rank=None):
+        if rank is None:
+            sampler = torch.utils.data.RandomSampler(data, generator=torch.Generator())
+        else:
+            sampler = torch.utils.data.DistributedSampler(data, 2, rank, drop_last=True)
+        train_loop._seed_order(sampler, seed, epoch)
+        return list(sampler)
+
+    one = order(0, 1)
+    assert sorted(one) == list(data) and one != order(0, 0)
+    assert order(0, 1, rank=0) == one[0::2] and order(0, 1, rank=1) == one[1::2]
+    assert order(1, 0) != one and order(1, 0, rank=0) != order(0, 1, rank=0)
+
+
 class TestTensorBoard:
     def test_scalars_beside_metrics(self, tmp_path):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -296,6 +346,9 @@ class TestTensorBoard:
         expected = {"train/loss", "train/lr", "epoch/train_loss", "val/loss", "val/acc"}
         assert expected | {"variance_ratio/total", "variance_ratio/classifier.3"} <= tags
         metrics = read_metrics(out)
+        # each step's own lr, beside its loss: the warm-up's first step, 1/4 of the peak
+        assert [e.step for e in events.Scalars("train/lr")][:2] == [1, 2]
+        assert events.Scalars("train/lr")[0].value == pytest.approx(0.05 / 4, rel=1e-6)
         acc = [(e.step, e.value) for e in events.Scalars("val/acc")]
         assert acc == [(m["steps"], pytest.approx(m["val_acc"], rel=1e-6)) for m in metrics]
         assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 9))

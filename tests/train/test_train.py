@@ -488,6 +488,11 @@ class TestErrors:
             train(TrainConfig(out=str(out), resume=True, preset="psq4", epochs=2))
         assert fqtorch_main("train", "--resume", out, "--batch-size", "32") == 2
         assert "was trained with batch_size=64; leave it out" in capsys.readouterr().err
+        # the schedule's shape and the loss are the run's too (a new lr is taken: TestResume)
+        assert fqtorch_main("train", "--resume", out, "--warmup-epochs", "3") == 2
+        assert "was trained with warmup_epochs=1.0; leave it out" in capsys.readouterr().err
+        assert fqtorch_main("train", "--resume", out, "--label-smoothing", "0.5") == 2
+        assert "was trained with label_smoothing=0.0; leave it out" in capsys.readouterr().err
         assert (out / "checkpoint.pt").read_bytes() == before
 
     def test_variance_checkpoint_of_another_model(self, tmp_path, capsys):
@@ -508,11 +513,31 @@ class TestErrors:
         args = ("--lr", "1e30", "--epochs", "1", "--max-steps-per-epoch", "4", "--quiet")
         assert fqtorch_main("train", *args, "--out", tmp_path / "a") == 2
         assert "non-finite loss or gradient" in capsys.readouterr().err
-        # lr 1e30 steps the weights past float range: skipping cannot help, and the run stops
-        # before a checkpoint would keep them
+        # lr 1e30: after the first step every forward overflows (skipped), and validation's
+        # too: the run stops before a checkpoint would keep the model
         assert fqtorch_main("train", *args, "--out", tmp_path / "b", "--nonfinite", "skip") == 2
-        assert "no longer finite at step 4, end of epoch 1" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert "the validation loss is nan after epoch 1: the model's outputs are no " in err, err
         assert not (tmp_path / "b" / "checkpoint.pt").exists()
+        # a finite step that leaves a weight infinite stops the run at the next checkpoint
+        from fqtorch.train import loop
+
+        real_step = loop._Run._train_step
+
+        def infinite_weight_at_step_2(self, x, y):
+            result = real_step(self, x, y)
+            if self.step == 1:  # counted after the call: this is step 2
+                with torch.no_grad():
+                    next(self.model.parameters())[0].fill_(float("inf"))
+            return result
+
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(loop._Run, "_train_step", infinite_weight_at_step_2)
+            every_2 = ("--checkpoint-every", "2", "--out", tmp_path / "d")
+            assert fqtorch_main("train", *args[2:], *every_2) == 2
+        err = capsys.readouterr().err
+        assert "the weights or BatchNorm statistics are no longer finite at step 2, in " in err
+        assert not (tmp_path / "d" / "checkpoint.pt").exists()
         # nor does a checkpoint within the epoch keep them
         every = ("--checkpoint-every", "1", "--nonfinite", "skip", "--out", tmp_path / "c")
         assert fqtorch_main("train", *args, *every) == 2
@@ -538,6 +563,30 @@ class TestErrors:
         metrics = read_metrics(tmp_path / "b")[0]
         assert metrics["skipped_steps"] == 1 and math.isfinite(metrics["train_loss"])
         assert "epoch 1: skipped 1 step(s) with a non-finite loss or gradient" in caplog.text
+
+    def test_a_skipped_step_leaves_batchnorm_statistics(self, tmp_path, monkeypatch):
+        """A NaN input reaches BatchNorm's running statistics in the forward: a skipped step
+        puts them back, and the run goes on (the epoch's end found them NaN before)."""
+        from fqtorch.train import loop
+
+        real_batches = loop._Run._batches
+
+        def nan_in_second_batch(self):
+            for i, (x, y) in enumerate(real_batches(self)):
+                if i == 1:
+                    x = x.clone()
+                    x[0] = float("nan")
+                yield x, y
+
+        monkeypatch.setattr(loop._Run, "_batches", nan_in_second_batch)
+        args = ("--epochs", "1", "--max-steps-per-epoch", "4", "--quiet", "--nonfinite", "skip")
+        assert fqtorch_main("train", *args, "--out", tmp_path / "r") == 0
+        metrics = read_metrics(tmp_path / "r")[0]
+        assert metrics["skipped_steps"] == 1 and math.isfinite(metrics["val_loss"])
+        model = load_checkpoint(tmp_path / "r" / "checkpoint.pt")["model"]
+        assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
+        counts = [int(t) for k, t in model.items() if k.endswith("num_batches_tracked")]
+        assert counts and set(counts) == {3}  # the skipped step's forward is not counted
 
     @pytest.mark.parametrize("nonfinite", ["stop", "skip"])
     def test_a_skipped_step_keeps_the_schedule(self, tmp_path, monkeypatch, capsys, nonfinite):

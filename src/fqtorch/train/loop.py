@@ -129,6 +129,18 @@ def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
     return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729) % (2**62)
 
 
+def _buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
+    """Copies of the model's buffers (BatchNorm's running statistics and step counts), to put
+    back with :func:`_put_back`."""
+    return [(b, b.clone()) for b in model.buffers()]
+
+
+def _put_back(kept: list[tuple[Tensor, Tensor]]) -> None:
+    with torch.no_grad():
+        for buffer, saved in kept:
+            buffer.copy_(saved)
+
+
 def _all_reduce(values: list[float], rt: Runtime, op: str = "sum") -> list[float]:
     if rt.world == 1:
         return values
@@ -287,6 +299,19 @@ def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), label_smoothing=smoothing
     )
+
+
+def _seed_order(sampler: Sampler[int], seed: int, epoch: int) -> None:
+    """Seed the epoch's data order from ``(seed, epoch)``: one permutation of the training set,
+    of which each of several ranks takes every world-th index. (DistributedSampler shuffles with
+    ``seed + epoch``, which would give seed s + 1 the order of seed s one epoch later: its seed is
+    set whole instead, to the one process's.)"""
+    order = _epoch_seed(seed, 0, epoch)
+    if isinstance(sampler, DistributedSampler):
+        sampler.seed = order
+        sampler.set_epoch(0)
+    else:
+        sampler.generator.manual_seed(order)
 
 
 def _loader_worker_init(worker_id: int) -> None:
@@ -559,6 +584,7 @@ class _Run:
         self._rank_rng: dict[str, Any] | None = None  # mid-epoch resume: this rank's RNG
         self.stop = StopRequest()
         self.stop_seen = False  # a stop requested on any rank, as of the last step
+        self.step_lr = 0.0  # the learning rate of the step last taken (TensorBoard's train/lr)
         self.tensorboard: _TensorBoard | None = None
         self.monitor = None
         if cfg.variance_every and cfg.quantized:
@@ -898,10 +924,7 @@ class _Run:
         seed = _epoch_seed(self.cfg.seed, self.rt.rank, self.epoch)
         torch.manual_seed(seed)
         fqtorch.reseed(self.model, seed)  # different noise on every rank and every epoch
-        if isinstance(self.sampler, DistributedSampler):
-            self.sampler.set_epoch(self.epoch)
-        else:
-            self.sampler.generator.manual_seed(_epoch_seed(self.cfg.seed, 0, self.epoch))
+        _seed_order(self.sampler, self.cfg.seed, self.epoch)
         if hasattr(self.spec.train, "set_epoch"):
             self.spec.train.set_epoch(self.epoch, self.rt.rank)
         self.resumable.skip = self.epoch_step * self.cfg.batch_size
@@ -921,6 +944,10 @@ class _Run:
 
     def _train_step(self, x: Tensor, y: Tensor) -> tuple[float, bool]:
         self.optimizer.zero_grad(set_to_none=True)
+        self.step_lr = self.optimizer.param_groups[0]["lr"]
+        # A skipped step leaves the model as it was: its forward updated BatchNorm's running
+        # statistics (with NaN, if a NaN reached them), so they are put back.
+        kept = _buffers(self.model) if self.cfg.nonfinite == "skip" else None
         loss = _loss(self.ddp(x), y, self.cfg.label_smoothing)
         loss.backward()
         loss = loss.detach()
@@ -940,10 +967,13 @@ class _Run:
                     f"non-finite loss or gradient at epoch {self.epoch + 1}, step "
                     f"{self.step + 1} (mean loss{ranks} {losses / self.rt.world:.4g}, grad norm "
                     f"{float(norm):.4g}); the weights were not updated{last}. Lower --lr or "
-                    "raise the bits, or pass --nonfinite skip.",
+                    "raise the bits, or pass --nonfinite skip"
+                    + (f" (--resume {self.out} --lr X continues from it)." if last else "."),
                     every_rank=True,
                 )
             self.optimizer.zero_grad(set_to_none=True)
+            if kept is not None:
+                _put_back(kept)
             with warnings.catch_warnings():  # a skipped first step: no optimizer.step() yet
                 warnings.filterwarnings(
                     "ignore", "Detected call of `lr_scheduler.step", UserWarning
@@ -1045,7 +1075,7 @@ class _Run:
     def _log_step(self, loss: float, ok: bool) -> None:
         if self.tensorboard is None:
             return
-        values = {"train/lr": self.optimizer.param_groups[0]["lr"]}
+        values = {"train/lr": self.step_lr}  # the step's own (the schedule has moved on)
         if ok:
             values["train/loss"] = loss
         self.tensorboard.scalars(values, self.step)
@@ -1124,12 +1154,24 @@ class _Run:
             raise TrainingError(
                 "the weights or BatchNorm statistics are no longer finite at "
                 f"{_where(self.epoch, self.step, self.epoch_step)} (a step too large for them)"
-                f"{last}. Lower --lr or raise the bits."
+                f"{last}. Lower --lr or raise the bits.",
+                every_rank=True,  # the count is all-reduced: every rank raises
             )
 
     def end_epoch(self, metrics: dict[str, Any]) -> None:
         """Log the epoch (metrics.jsonl, TensorBoard, a line) and checkpoint it (and to best.pt
-        when it is the best so far by :attr:`best_metric`)."""
+        when it is the best so far by :attr:`best_metric`). A validation loss that is not
+        finite stops the run before anything is written: the model's outputs overflow (finite
+        weights too large for them, which skipped steps can leave), and its checkpoint would
+        not be worth keeping."""
+        if not math.isfinite(metrics["val_loss"]):  # reduced over the ranks: all see it
+            last = f"; the last checkpoint is at {self.saved_at}" if self.saved_at else ""
+            raise TrainingError(
+                f"the validation loss is {metrics['val_loss']:g} after epoch {metrics['epoch']}: "
+                f"the model's outputs are no longer finite (a step too large for them){last}. "
+                "Lower --lr or raise the bits.",
+                every_rank=True,
+            )
         value = metrics[self.best_metric]
         best = _is_better(self.best_metric, value, self.best.get("value"))
         if best:
