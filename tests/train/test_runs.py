@@ -67,17 +67,27 @@ class _Killed(BaseException):
     """Stands for SIGKILL: nothing in fqtorch handles it."""
 
 
-def _spy_steps(monkeypatch) -> list[tuple[int, int]]:
-    """Record (epoch, global step) at the start of every training step."""
-    seen: list[tuple[int, int]] = []
+def _spy(monkeypatch, read) -> list:
+    """Record ``read(run)`` at the start of every training step."""
+    seen: list = []
     original = train_loop._Run._train_step
 
     def spy(self, x, y):
-        seen.append((self.epoch, self.step))
+        seen.append(read(self))
         return original(self, x, y)
 
     monkeypatch.setattr(train_loop._Run, "_train_step", spy)
     return seen
+
+
+def _spy_steps(monkeypatch) -> list[tuple[int, int]]:
+    """Record (epoch, global step) at the start of every training step."""
+    return _spy(monkeypatch, lambda run: (run.epoch, run.step))
+
+
+def _spy_lrs(monkeypatch) -> list[float]:
+    """Record each training step's learning rate."""
+    return _spy(monkeypatch, lambda run: run.optimizer.param_groups[0]["lr"])
 
 
 def assert_same_run(a: Path, b: Path) -> None:
@@ -253,14 +263,7 @@ class TestExtend:
         args = ("--max-steps-per-epoch", "4", "--warmup-epochs", "0", "--quiet", "--out", out)
         assert fqtorch_main("train", "--epochs", "1", *args) == 0
         assert read_metrics(out)[0]["lr"] == 0.0  # the 1-epoch cosine ended at 0
-        lrs = []
-        original = train_loop._Run._train_step
-
-        def spy(self, x, y):
-            lrs.append(self.optimizer.param_groups[0]["lr"])
-            return original(self, x, y)
-
-        monkeypatch.setattr(train_loop._Run, "_train_step", spy)
+        lrs = _spy_lrs(monkeypatch)
         assert fqtorch_main("train", "--resume", out, "--epochs", "3") == 0
         assert "resuming after epoch 1, step 4; extending it from 1 to 3 epochs" in info_logs.text
         cosine = [0.05 * 0.5 * (1 + math.cos(math.pi * s / 12)) for s in range(4, 12)]
@@ -286,14 +289,7 @@ class TestExtend:
 def test_warm_up_then_cosine(tmp_path, monkeypatch):
     """A linear warm-up over the first round(warmup_epochs · steps) steps, to --lr, then the
     cosine down to 0 at the last step."""
-    lrs = []
-    original = train_loop._Run._train_step
-
-    def spy(self, x, y):
-        lrs.append(self.optimizer.param_groups[0]["lr"])
-        return original(self, x, y)
-
-    monkeypatch.setattr(train_loop._Run, "_train_step", spy)
+    lrs = _spy_lrs(monkeypatch)
     args = ("--epochs", "2", "--max-steps-per-epoch", "4", "--warmup-epochs", "0.5", "--quiet")
     assert fqtorch_main("train", *args, "--lr", "0.1", "--out", tmp_path / "r") == 0
     cosine = [0.05 * (1 + math.cos(math.pi * s / 6)) for s in range(6)]
