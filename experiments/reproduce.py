@@ -100,6 +100,9 @@ def text_task(name: str, epochs: int, **notes: str) -> Task:
             *("--quantizers", "psq,bhq,mxfp4,nvfp4"),
             *("--weight-quantizers", "per_column,mxfp4,nvfp4"),
             *("--batches", "2", "--samples", "4"),
+            # the committed plan's sampling variance is from its planning batches alone (made
+            # before --sampling-batches, whose default now takes 16)
+            *("--sampling-batches", "2"),
         ),
         # a measurement (4 quantized + 4 micro-batch backward passes) every 25 steps, a re-plan
         # every 100 (4 measurements per window)
@@ -148,6 +151,7 @@ TASKS = {
             *("--dataset", "digits", "--bits", "3,4,5,6,7,8"),
             *("--quantizers", "psq,bhq,mxfp4,nvfp4"),
             *("--weight-quantizers", "per_column,mxfp4,nvfp4"),
+            *("--sampling-batches", "4"),  # as the text plan's: its 4 planning batches alone
         ),
         # 264 steps: a measurement every 5 steps, a re-plan every 20 (4 measurements per window)
         adaptive_flags=("--adaptive-precision", "20", "--variance-every", "5"),

@@ -219,6 +219,111 @@ def test_a_retry_out_of_reach_gives_the_highest_precision_and_says_so(monkeypatc
     assert {(lay.grad_bits, lay.grad_weight_bits) for lay in plan.layers} == {(8, 8)}
 
 
+@pytest.mark.parametrize("budget", [0.3, 0.03, 0.003])
+def test_the_first_choice_aims_below_the_budget(monkeypatch, budget):
+    """The prediction's own error is left room for: the first plan predicts at most AIM x the
+    budget (here every aim is reachable)."""
+    from fqtorch.stats.plan import AIM
+
+    _scripted_measure(monkeypatch, kappa=1.0)
+    plan = _plan(_model(), budget=budget)
+    assert plan.feasible
+    aim = AIM * budget * plan.sampling_variance
+    assert plan.predicted_quantization_variance <= aim
+    assert plan.predicted_quantization_variance > aim / 16, "a plan far more precise than asked"
+
+
+@pytest.mark.parametrize("factor", [0.5, 1.1, 2.0])
+def test_within_the_budget_is_the_measurement_against_the_budget(monkeypatch, factor):
+    """measured_within_budget compares the verification with the budget itself (not the aim),
+    and each branch's measured share is the verification's, not the prediction."""
+    _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(factor, factor))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        plan = _plan(_model(), budget=0.05)
+    ratio = plan.measured_quantization_variance / (0.05 * plan.sampling_variance)
+    assert plan.measured_within_budget == (ratio <= 1)
+    for layer in plan.layers:
+        for branch, predicted in layer.predicted.items():
+            if layer.macs[branch]:
+                assert layer.measured[branch] == pytest.approx(factor * predicted, rel=1e-9)
+
+
+def test_an_aim_out_of_reach_falls_back_to_the_budget(monkeypatch):
+    """The most precise plan predicts 0.9 of the budget: above the aim, within the budget: that
+    plan, feasible, without a warning."""
+    _scripted_measure(monkeypatch, kappa=1.0)
+    sampling = _plan(_model(), budget=1.0).sampling_variance
+    budget = 4 / 255**2 / (0.9 * sampling)  # the most precise: 4 branches at 8 bits
+    _scripted_measure(monkeypatch, kappa=1.0)  # its verifications counted afresh
+    with warnings_as_errors():
+        plan = _plan(_model(), budget=budget)
+    assert plan.feasible and plan.measured_within_budget
+    running = [lay.choice(b) for lay in plan.layers for b in lay.macs if lay.macs[b]]
+    assert len(running) == 4 and {bits for _, bits in running} == {8}
+
+
+def test_a_prediction_out_of_reach_measured_within_the_budget_is_feasible(monkeypatch):
+    """Predicted over the budget even at the most precise candidates, measured within it: the
+    measurement decides, as on the retry's path (feasible, no warning)."""
+    _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(0.5,))
+    sampling = _plan(_model(), budget=1.0).sampling_variance
+    budget = 4 / 255**2 / (1.5 * sampling)  # predicted 1.5x the budget, measured 0.75x
+    _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(0.5,))
+    with warnings_as_errors():
+        plan = _plan(_model(), budget=budget)
+    assert plan.feasible and plan.measured_within_budget and "NOT MET" not in plan.table()
+
+
+def test_cost_weighs_the_other_operand_s_bits():
+    """A grad_input GEMM multiplies by the forward-quantized weight, a weight-gradient GEMM by
+    the forward-quantized input: each branch's cost takes the other operand's bits."""
+    model = quantize_model(TwoInputs(1.0), FQTConfig(seed=3, input_bits=4, weight_bits=8))
+    candidates = {"grad": [("ptq", 4)], "grad_weight": [("ptq", 4)]}
+    plan = _plan(model, budget=1e6, candidates=candidates)
+    want = sum(lay.macs["grad"] * 4 * 8 + lay.macs["grad_weight"] * 4 * 4 for lay in plan.layers)
+    assert plan.cost == pytest.approx(want)
+
+
+def test_gemm_sizes_of_frozen_shared_and_attention_layers():
+    """A frozen layer's weight-gradient GEMM does not run; a layer called twice runs its GEMMs
+    twice; attention's input projections count its own weights (out_proj is a layer of its
+    own)."""
+    from fqtorch.stats.plan import _gemm_sizes
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.frozen, self.shared = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            x = self.shared(self.shared(self.frozen(x)))
+            return self.attn(x, x, x, need_weights=False)[0]
+
+    model = quantize_model(Net(), FQTConfig())
+    sizes = _gemm_sizes(model, (torch.randn(2, 3, 4), None))
+    tokens = 2 * 3
+    assert sizes["frozen"] == {"grad": 0, "grad_weight": 0}
+    # the first call's input (the frozen layer's output) needs no gradient: one grad_input GEMM
+    assert sizes["shared"] == {"grad": tokens * 16, "grad_weight": 2 * tokens * 16}
+    assert sizes["attn"]["grad_weight"] == tokens * 3 * 16  # q, k, v: 4 -> 4 each
+    assert sizes["attn.out_proj"]["grad_weight"] == tokens * 16
+
+
+def test_the_plan_records_what_it_was_measured_with():
+    cfg = FQTConfig(seed=3, grad_rounding="stochastic")
+    model = quantize_model(TwoInputs(1.0), cfg)
+    plan = _plan(model, budget=1.0, sampling_batches=_batches(count=5, seed=1))
+    assert plan.measured_with["sampling_batches"] == 5
+    assert plan.measured_with["backward"] == {
+        "grad_rounding": "stochastic",
+        "grad_transform": None,
+        "attention_products": False,
+    }
+
+
 class _Blocky(PerRow):
     """A stand-in for a block format whose shared scales cost bits beyond the codes."""
 
@@ -380,6 +485,24 @@ def test_json_round_trip_and_quantize_model(tmp_path):
             lambda d: d["layers"][1].update(grad_weight_bits=9),
             r"plan.json.layers\[1\] \(layer '.+'\): grad_weight_bits must be in 2..8",
         ),
+        # what the budget is a fraction of, and the fraction, as numbers a run can use
+        (lambda d: d.update(sampling_variance=0), "sampling_variance must be a finite number > 0"),
+        (lambda d: d.update(budget=math.inf), "budget must be a finite number > 0"),
+        (lambda d: d.update(measured_with=[64]), "measured_with must be a mapping"),
+        (lambda d: d.update(cost="high"), "cost must be a number or null"),
+        (lambda d: d["layers"][0].update(grad_macs="many"), "grad_macs must be a non-negative"),
+        (  # the adaptive controller reads frontier rows mid-run: checked when the file loads
+            lambda d: d["layers"][0].update(grad_frontier=[["nope", 4, 1.0, 0.1]]),
+            r"layers\[0\].grad_frontier: 'nope' is not a registered quantizer",
+        ),
+        (
+            lambda d: d["layers"][0].update(grad_frontier=[["psq", 99, 1.0, 0.1]]),
+            r"layers\[0\].grad_frontier: .*bits",
+        ),
+        (  # duplicate names, said with the file
+            lambda d: d["layers"][1].update(name="a"),
+            r"bits plan .*plan.json: plan layers: names \['a'\] appear more than once",
+        ),
     ],
 )
 def test_malformed_plans_are_one_line_errors(tmp_path, edit, message):
@@ -456,7 +579,8 @@ def test_chooser_gives_back_what_the_budget_can_spare():
 def test_bad_arguments():
     model = _model()
     for kwargs, message in [
-        ({"budget": 0}, "budget must be a positive number"),
+        ({"budget": 0}, "budget must be a finite positive number"),
+        ({"budget": math.inf}, "budget must be a finite positive number"),
         ({"candidates": [("nope", 4)]}, "'nope' is not a registered quantizer"),
         ({"candidates": {"grad": PTQ, "other": PTQ}}, "unknown branches"),
         ({"candidates": [("ptq", 9)]}, "bits"),

@@ -56,6 +56,43 @@ def test_plan_cli_bad_flags(tmp_path, capsys):
     assert "error: --preset: unknown preset 'nope'; known presets: exact, qat" in (
         capsys.readouterr().err
     )
+    for flags, message in [
+        (("--budget", "inf"), "--budget must be a finite number > 0, got inf"),
+        (("--block-size", "0"), "--block-size must be >= 1, got 0"),
+        (("--device", "nope"), "--device 'nope' is not a device; give cpu, cuda or cuda:N"),
+        (("--sampling-batches", "30"), "need 34 batches; the 1437 training samples make 22"),
+    ]:
+        assert fqtorch_main("plan", *flags, "--out", tmp_path) == 2, flags
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+
+
+def test_plan_cli_checks_its_out_before_measuring(tmp_path, monkeypatch, capsys):
+    """An --out that cannot be made fails before the (long) measurement, not after it."""
+    from fqtorch.stats import plan_cli
+
+    def never(*args, **kwargs):
+        raise AssertionError("measured before --out was checked")
+
+    monkeypatch.setattr(plan_cli, "plan_precision", never)
+    (tmp_path / "file").write_text("x")
+    assert fqtorch_main("plan", *TINY, "--out", tmp_path / "file" / "plan") == 2
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_a_plan_under_a_transforming_preset(tmp_path, caplog):
+    """A preset with a transform before the gradient quantizers plans without it (a plan's
+    candidates are bare quantizers); training with it then says that the transform, like nearest
+    rounding, was not what the plan measured."""
+    out = tmp_path / "plan"
+    flags = ("--bits", "4", "--quantizers", "psq", "--sampling-batches", "2")
+    assert fqtorch_main("plan", *TINY, *flags, "--preset", "mxfp4_rht_sr", "--out", out) == 0
+    with_ = load_plan(out / "plan.json").measured_with
+    assert with_["backward"]["grad_transform"] is None and with_["sampling_batches"] == 2
+    args = ("train", "--bits-plan", out / "plan.json", *SHORT[:4], "--batch-size", "16")
+    assert fqtorch_main(*args, "--grad-rounding", "nearest", "--out", tmp_path / "r") == 0
+    said = [r.getMessage() for r in caplog.records if "was measured with" in r.getMessage()]
+    assert len(said) == 1 and "grad_rounding='stochastic' (this run 'nearest')" in said[0], said
 
 
 def test_train_with_a_bits_plan(plan_file, tmp_path):
@@ -101,6 +138,7 @@ def test_a_run_resumes_only_with_the_plan_it_started_with(plan_file, tmp_path, c
 def test_a_plan_measured_at_another_batch_size_is_said(plan_file, tmp_path, caplog):
     payload = json.loads(plan_file.read_text())
     assert payload["measured_with"]["batch_size"] == 16
+    assert payload["measured_with"]["sampling_batches"] == 16  # --sampling-batches' default
     assert payload["measured_with"]["forward"]["input_bits"] == 8
     args = ("train", "--bits-plan", plan_file, "--epochs", "1", "--max-steps-per-epoch", "1")
     assert fqtorch_main(*args, "--batch-size", "8", "--quiet", "--out", tmp_path / "a") == 0

@@ -255,6 +255,7 @@ def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     from ..models import build_model
     from ..train.config import DATASET_DEFAULTS
 
+    _check_device_and_block_size(args)
     state, made_with = _read_checkpoint(args)
     spec = build_datasets(args.dataset, args.data_dir, seed=args.seed, block_size=args.block_size)
     name = args.model or made_with.get("model") or DATASET_DEFAULTS[args.dataset]["model"]
@@ -268,13 +269,28 @@ def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
             model.load_state_dict(state["model"])
         except RuntimeError as exc:
             from ..train.errors import CheckpointError
+            from ..train.loop import _state_dict_error
 
-            first = str(exc).strip().splitlines()[0]
             raise CheckpointError(
                 f"--checkpoint {args.checkpoint} does not fit --model {name} on --dataset "
-                f"{args.dataset}: {first}"
+                f"{args.dataset}: {_state_dict_error(exc)}"
             ) from None
     return model.to(args.device).train(), spec, name
+
+
+def _check_device_and_block_size(args: argparse.Namespace) -> None:
+    """``--device`` names a device this torch has, ``--block-size`` is positive: a one-line
+    ``ValueError`` before any work."""
+    if args.block_size < 1:
+        raise ValueError(f"--block-size must be >= 1, got {args.block_size}")
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise ValueError(
+            f"--device {args.device!r} is not a device; give cpu, cuda or cuda:N"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device; use cpu")
 
 
 def _read_checkpoint(args: argparse.Namespace) -> tuple[dict | None, dict]:

@@ -69,6 +69,7 @@ from .estimators import (
 )
 
 __all__ = [
+    "BACKWARD_FIELDS",
     "BRANCHES",
     "DEFAULT_CANDIDATES",
     "FORWARD_FIELDS",
@@ -105,6 +106,10 @@ REQUIRED_KEYS = (
     "layers",
 )
 FORWARD_FIELDS = ("input_quantizer", "input_bits", "weight_quantizer", "weight_bits")
+# Backward settings a plan's variances were measured under besides its own quantizers: a run
+# with others (nearest rounding, a transform before the quantizers, quantized attention
+# products) has other variances, or a biased gradient.
+BACKWARD_FIELDS = ("grad_rounding", "grad_transform", "attention_products")
 LAYER_KEYS = ("name", "grad_quantizer", "grad_bits", "grad_weight_quantizer", "grad_weight_bits")
 
 
@@ -201,7 +206,7 @@ class LayerPlan:
                 ("frontier", f"{branch}_frontier"),
             ):
                 if d.get(key) is not None:
-                    extras[what][branch] = d[key]
+                    extras[what][branch] = _checked_extra(what, d[key], f"{where}.{key}")
         return cls(**{k: d[k] for k in LAYER_KEYS}, **extras)
 
 
@@ -210,11 +215,13 @@ class PrecisionPlan:
     """Per-layer gradient quantizers chosen within a variance budget (:func:`plan_precision`).
 
     ``budget``: the allowed total quantization variance as a fraction of ``sampling_variance``.
-    ``feasible``: whether the prediction meets it (else every branch is at its most precise
-    candidate). ``cost``: the plan's cost (module docstring); ``cost_highest``: the cost of every
-    branch at its most precise candidate, for scale. Use it with :meth:`config_fn` (the callable
-    form :func:`~fqtorch.quantize_model` takes) or :meth:`apply`; :meth:`save` / :func:`load_plan`
-    write and read ``plan.json``."""
+    ``feasible``: ``False`` when the budget is not met even with every branch at its most
+    precise candidate (the plan then keeps them all there), as measured. ``cost``: the plan's
+    cost (module docstring); ``cost_highest``: the cost of every branch at its most precise
+    candidate, for scale. ``measured_with``: the batch size, the number of minibatches the
+    sampling variance came from, and the forward and backward settings measured under. Use it
+    with :meth:`config_fn` (the callable form :func:`~fqtorch.quantize_model` takes) or
+    :meth:`apply`; :meth:`save` / :func:`load_plan` write and read ``plan.json``."""
 
     budget: float
     sampling_variance: float
@@ -337,12 +344,31 @@ class PrecisionPlan:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise ValueError(f"{where}.{key} must be a number, got {value!r}")
+        for key in ("budget", "sampling_variance"):  # the budget's unit and fraction
+            if not 0 < d[key] < math.inf:
+                raise ValueError(f"{where}.{key} must be a finite number > 0, got {d[key]!r}")
+        for key in ("cost", "cost_highest"):
+            value = d.get(key)
+            if value is not None and (isinstance(value, bool) or not _is_number(value)):
+                raise ValueError(f"{where}.{key} must be a number or null, got {value!r}")
+        if d.get("measured_with") is not None and not isinstance(d["measured_with"], Mapping):
+            raise ValueError(
+                f"{where}.measured_with must be a mapping (batch_size, forward, ...) or null, "
+                f"got {d['measured_with']!r:.60}"
+            )
         if not isinstance(d["layers"], list) or not d["layers"]:
             raise ValueError(f"{where}.layers must be a non-empty list of layer entries")
         layers = tuple(
             LayerPlan.from_dict(entry, f"{where}.layers[{i}]")
             for i, entry in enumerate(d["layers"])
         )
+        try:
+            return cls._of(d, layers)
+        except ValueError as exc:  # the layer names' check, said with the file
+            raise ValueError(f"{where}: {exc}") from None
+
+    @classmethod
+    def _of(cls, d: Mapping[str, Any], layers: tuple[LayerPlan, ...]) -> PrecisionPlan:
         return cls(
             budget=float(d["budget"]),
             sampling_variance=float(d["sampling_variance"]),
@@ -491,8 +517,9 @@ def _other_bits(config: FQTConfig, branch: str) -> float:
 
 def _gemm_sizes(model: nn.Module, batch: Batch) -> dict[str, dict[str, int]]:
     """Per FQT layer and branch, the multiply-accumulates of its backward GEMM on ``batch``: the
-    forward's (output entries × weight entries per output feature), 0 for ``grad_input`` when
-    the layer's input needs no gradient (the GEMM is skipped)."""
+    forward's (output entries × weight entries per output feature), summed over the layer's
+    calls; 0 for ``grad_input`` when the layer's input needs no gradient and for
+    ``grad_weight`` when its weights need none (frozen): those GEMMs are skipped."""
     layers = fqt_modules(model)
     sizes: dict[str, dict[str, int]] = {}
 
@@ -503,12 +530,20 @@ def _gemm_sizes(model: nn.Module, batch: Batch) -> dict[str, dict[str, int]]:
             if isinstance(weight, Tensor) and weight.dim() >= 2:
                 channels = out.shape[1] if weight.dim() >= 3 else out.shape[-1]
                 per_output = weight.numel() // max(channels, 1)
-            else:  # a layer with several weights: count every parameter once per token
-                per_output = sum(p.numel() for p in module.parameters()) // max(out.shape[-1], 1)
+            else:  # a layer with several weight matrices (attention's input projections): the
+                # ones it holds itself (out_proj is an FQT layer of its own), once per token
+                held = sum(p.numel() for p in module.parameters(recurse=False) if p.dim() >= 2)
+                per_output = held // max(out.shape[-1], 1)
             macs = int(out.numel()) * int(per_output)
             given = (*args, *kwargs.values())  # an input passed by keyword counts too
             needs = any(isinstance(a, Tensor) and a.requires_grad for a in given)
-            sizes[name] = {"grad": macs if needs else 0, "grad_weight": macs}
+            trained = any(p.requires_grad for p in module.parameters(recurse=False))
+            # a layer called more than once (shared) runs its GEMMs once per call
+            seen = sizes.get(name, {"grad": 0, "grad_weight": 0})
+            sizes[name] = {
+                "grad": seen["grad"] + (macs if needs else 0),
+                "grad_weight": seen["grad_weight"] + (macs if trained else 0),
+            }
 
         return record
 
@@ -671,6 +706,7 @@ def plan_precision(
     samples: int = 8,
     full_data: Iterable[Batch] | None = None,
     verify_batches: Batch | Iterable[Batch] | None = None,
+    sampling_batches: Batch | Iterable[Batch] | None = None,
     progress: Progress | None = None,
 ) -> PrecisionPlan:
     """Choose each FQT layer's gradient quantizers (per branch) so that the quantization variance
@@ -691,25 +727,37 @@ def plan_precision(
         full_data: as in :func:`~fqtorch.stats.sampling_variance`.
         verify_batches: minibatches for the independent re-measurement of the chosen plan
             (fresh data as well as fresh noise); default ``batches``.
+        sampling_batches: minibatches the sampling variance is estimated from (default
+            ``batches``). It is cheap (one exact backward each) and the budget is a fraction
+            of it, so give more than ``batches`` where you can: from a few minibatches the
+            estimate, and with it every share and ``measured_within_budget``, can be off by a
+            third or more.
         progress: ``progress(iterable, total, description)`` wraps the measuring loops (tqdm).
 
-    An infeasible budget (not met with every branch at its most precise candidate) gives that
-    most precise plan, ``feasible=False`` and a ``RuntimeWarning``.
+    A budget the prediction does not meet even with every branch at its most precise candidate
+    gives that most precise plan, measured: ``feasible=False`` and an :class:`FQTWarning` when
+    the measurement does not meet it either (a measurement within it makes the plan feasible,
+    as on the retry's path).
     """
     layers = _require_fqt(model)
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ValueError(f"budget must be a positive number, got {budget!r}")
+    if (
+        isinstance(budget, bool)
+        or not isinstance(budget, (int, float))
+        or not 0 < budget < math.inf
+    ):
+        raise ValueError(f"budget must be a finite positive number, got {budget!r}")
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 2:
         raise ValueError(f"samples must be an integer >= 2, got {samples!r}")
     per_branch = _check_candidates(candidates)
     batches = _as_batches(batches)
     checked_on = batches if verify_batches is None else _as_batches(verify_batches)
-    if full_data is None and len(batches) < 2:
+    sampled = batches if sampling_batches is None else _as_batches(sampling_batches)
+    if full_data is None and len(sampled) < 2:
         raise ValueError(
             "batches: give at least 2 minibatches (or full_data) to measure the sampling variance"
         )
     with kept_generators(model):
-        sampling = sampling_variance(model, loss_fn, batches, full_data).total
+        sampling = sampling_variance(model, loss_fn, sampled, full_data).total
         if not sampling > 0:
             raise ValueError("the sampling variance is 0 (identical minibatches?); no budget")
         sizes = _gemm_sizes(model, batches[0])
@@ -771,15 +819,7 @@ def plan_precision(
         at, feasible = _choose(frontiers, target)
         if not feasible:  # the aim is not met; the budget itself may still be
             at, feasible = _choose(frontiers, budget * sampling)
-        if not feasible:
-            warnings.warn(
-                f"plan_precision: budget {budget:g} x sampling variance is not met even with "
-                "every branch at its most precise candidate (predicted "
-                f"{sum(f[-1].variance for f in frontiers.values()) / sampling:.3g}); the plan "
-                "keeps every branch at its most precise candidate",
-                FQTWarning,
-                stacklevel=user_stacklevel(),
-            )
+        predicted_feasible = feasible
         chosen = {k: frontiers[k][i] for k, i in at.items()}
         most_precise = {  # least variance, then most bits (a GEMM not run)
             k: min(opts, key=lambda o: (o.variance, -o.width))
@@ -817,7 +857,17 @@ def plan_precision(
                 chosen = most_precise
             predicted_total = sum(o.variance for o in chosen.values())
         within = measured_total <= budget * sampling
-        if out_of_reach is not None and not within:  # measured, not only predicted: infeasible
+        if not predicted_feasible:  # every branch at its most precise: the measurement decides
+            feasible = within
+            if not within:
+                warnings.warn(
+                    f"plan_precision: budget {budget:g} x sampling variance is not met even "
+                    "with every branch at its most precise candidate (predicted "
+                    f"{predicted_total / sampling:.3g}, measured {measured_total / sampling:.3g})",
+                    FQTWarning,
+                    stacklevel=user_stacklevel(),
+                )
+        elif out_of_reach is not None and not within:  # measured, not only predicted
             feasible = False
             warnings.warn(
                 f"plan_precision: the first plan measured {out_of_reach:.3g} x its prediction; "
@@ -864,7 +914,9 @@ def plan_precision(
     return PrecisionPlan(
         measured_with={
             "batch_size": len(batches[0][1]),
+            "sampling_batches": len(sampled),
             "forward": {k: getattr(config, k) for k in FORWARD_FIELDS},
+            "backward": {k: getattr(config, k) for k in BACKWARD_FIELDS},
         },
         budget=float(budget),
         sampling_variance=sampling,
@@ -1352,6 +1404,31 @@ def _fixed_width(quantizer: str, bits: int) -> bool:
     """A format whose width is its own (fp8, mx, nvfp): its ``bits`` ignore the request."""
     widths = {get_quantizer(quantizer, b).bits for b in {bits, 4, 8}}
     return len(widths) == 1 or get_quantizer(quantizer, bits).bits != bits
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _checked_extra(what: str, value: Any, where: str) -> Any:
+    """A layer entry's recorded measurement, checked as plan.json holds it: variances and
+    per-bit factors non-negative numbers, GEMM sizes non-negative integers, frontier rows
+    ``[quantizer, bits, cost, variance]`` of a registered quantizer at bits it takes."""
+    if what == "frontier":
+        _rows_to_frontier(value, 1.0, where)
+        for q, b, _, _ in value:
+            if not (isinstance(q, str) and is_registered(q)):
+                raise ValueError(f"{where}: {q!r} is not a registered quantizer")
+            try:
+                get_quantizer(q, int(b))
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        return value
+    ok = isinstance(value, int) if what == "macs" else _is_number(value)
+    if not ok or isinstance(value, bool) or not 0 <= value < math.inf:
+        kind = "a non-negative integer" if what == "macs" else "a finite number >= 0"
+        raise ValueError(f"{where} must be {kind}, got {value!r}")
+    return value
 
 
 def _rows_to_frontier(rows: Any, scale: float, where: str) -> list[_Option]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 import warnings
 from pathlib import Path
@@ -89,6 +90,13 @@ def add_plan_parser(sub: Any) -> None:
             help="minibatches measured (>= 2; default: %(default)s)",
         )
         p.add_argument(
+            "--sampling-batches",
+            type=int,
+            default=16,
+            help="minibatches the sampling variance (the budget's unit) is estimated from: the "
+            "--batches planned on and more (one exact backward each; default: %(default)s)",
+        )
+        p.add_argument(
             "--samples",
             type=int,
             default=8,
@@ -133,10 +141,14 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--preset: {exc}") from None
     if args.batches < 2:
         raise ValueError(f"--batches must be >= 2 (the sampling variance), got {args.batches}")
-    out = Path(args.out)
+    if not 0 < args.budget < math.inf:
+        raise ValueError(f"--budget must be a finite number > 0, got {args.budget}")
+    sampled = max(args.sampling_batches, args.batches)  # the planning batches count
+    out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a directory for plan.json")
     check_overwrite(out, ("plan.json",), args.overwrite)
+    out.mkdir(parents=True, exist_ok=True)  # before measuring: an --out that cannot be, now
     if args.batch_size is None:
         from ..train.config import DATASET_DEFAULTS
 
@@ -149,19 +161,25 @@ def run_plan(args: argparse.Namespace) -> int:
         drop_last=True,
         sampler=RandomSampler(spec.train, generator=gen),
     )
-    if len(loader) < 2 * args.batches:  # and as many fresh ones to verify the plan on
+    wanted = 2 * args.batches + sampled - args.batches  # planning, verifying, sampling
+    if len(loader) < wanted:
         raise ValueError(
-            f"2 x --batches {args.batches} x --batch-size {args.batch_size} (planning, then "
-            f"verifying on fresh batches) exceeds the {len(spec.train)} training samples"
+            f"--batches {args.batches} twice (planning, then verifying on fresh batches) and "
+            f"--sampling-batches {args.sampling_batches} (the planning ones and more) x "
+            f"--batch-size {args.batch_size} need {wanted} batches; the {len(spec.train)} "
+            "training samples make "
+            f"{len(loader)}: lower them"
         )
     device = torch.device(args.device)
     batches = []
     for x, y in loader:
         batches.append((x.to(device), y.to(device)))
-        if len(batches) == 2 * args.batches:
+        if len(batches) == wanted:
             break
     with _conversion_summary_said():
-        model = quantize_model(model, base.replace(grad_quantizer=None))
+        # measured without gradient quantizers (the plan sets them) nor a transform in front
+        # of them (a plan's candidates are bare quantizers)
+        model = quantize_model(model, base.replace(grad_quantizer=None, grad_transform=None))
     start = time.perf_counter()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", RuntimeWarning)
@@ -172,12 +190,12 @@ def run_plan(args: argparse.Namespace) -> int:
             budget=args.budget,
             candidates={"grad": grad, "grad_weight": weight},
             samples=args.samples,
-            verify_batches=batches[args.batches :],
+            verify_batches=batches[args.batches : 2 * args.batches],
+            sampling_batches=batches[: args.batches] + batches[2 * args.batches :],
             progress=_tqdm_progress,
         )
     for warning in caught:  # after the planner's progress bar, in the command's format
         warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
-    out.mkdir(parents=True, exist_ok=True)
     path = plan.save(out / "plan.json")
     print(
         f"{model_name} on {args.dataset}, batch {args.batch_size}; variance as a fraction of "

@@ -250,17 +250,19 @@ def _state_dict_error(exc: RuntimeError, limit: int = 300) -> str:
 
 
 def _check_plan_conditions(plan: Any, cfg: TrainConfig, fqt_config: Any) -> None:
-    """Warn (one line) when a bits plan was measured at another batch size or forward
-    quantization: the variances it balanced scale with both."""
+    """Warn (one line) when a bits plan was measured at another batch size, forward
+    quantization or backward setting (rounding, transform, attention products): the variances it
+    balanced depend on each."""
     with_ = plan.measured_with or {}
     if fqt_config is None:
         fqt_config = fqtorch.FQTConfig()
     differ = []
     if with_.get("batch_size") not in (None, cfg.batch_size):
         differ.append(f"batch size {with_['batch_size']} (this run {cfg.batch_size})")
-    for key, value in (with_.get("forward") or {}).items():
-        if getattr(fqt_config, key, value) != value:
-            differ.append(f"{key}={value!r} (this run {getattr(fqt_config, key)!r})")
+    for part in ("forward", "backward"):  # backward: rounding, transform, attention products
+        for key, value in (with_.get(part) or {}).items():
+            if getattr(fqt_config, key, value) != value:
+                differ.append(f"{key}={value!r} (this run {getattr(fqt_config, key)!r})")
     if differ:
         log.warning(
             "bits plan %s was measured with %s: its variances may not hold here",
