@@ -125,6 +125,16 @@ class TestCifar:
         with pytest.raises(DatasetError, match="not a CIFAR-10 python batch"):
             build_datasets("cifar10", root)
 
+    def test_labels_outside_the_ten_classes_are_refused(self, tmp_path):
+        root = write_cifar(tmp_path / "c")
+        with (root / "data_batch_3").open("rb") as f:
+            batch = pickle.load(f)
+        batch[b"labels"][0] = 11
+        with (root / "data_batch_3").open("wb") as f:
+            pickle.dump(batch, f)
+        with pytest.raises(DatasetError, match="data_batch_3: labels must be the 10 classes"):
+            build_datasets("cifar10", root)
+
     def test_exactly_the_five_training_batches(self, tmp_path):
         """The five batches by name: fewer are refused, naming the missing ones (a fifth of the
         data trained on, unsaid); a stray copy of a batch or of test_batch is not trained on

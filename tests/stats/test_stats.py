@@ -575,3 +575,39 @@ def test_a_layer_without_gradient_has_ratio_0_and_one_batch_has_no_spread():
     with pytest.raises(ValueError, match="needs 2 or more batches"):
         fqtorch.stats.sampling_variance(model, F.cross_entropy, [batch])
     assert fqtorch.stats.sampling_variance(model, F.cross_entropy, [batch], [batch]).total == 0
+
+
+def test_no_batches_is_one_line():
+    from fqtorch.stats import check_unbiased
+
+    model = quantize_model(nn.Linear(3, 2), FQTConfig.preset("bhq5"))
+    with pytest.raises(ValueError, match="no batches given"):
+        check_unbiased(model, F.mse_loss, [], samples=8)
+
+
+def test_a_text_checkpoint_gives_its_data_set_and_context(tmp_path):
+    """fqtorch variance / plan --checkpoint of a text run: the data set, its file and the context
+    length default to the run's (digits and 64 did, and the weights then did not fit)."""
+    import argparse
+
+    from fqtorch.cli import main
+    from fqtorch.stats.cli import _model_and_data
+    from tests.data.test_datasets import write_text
+
+    corpus = write_text(tmp_path / "c.txt")
+    flags = ("--dataset", "text", "--data-dir", corpus, "--block-size", "16", "--batch-size", "8")
+    out = tmp_path / "run"
+    limit = ("--epochs", "1", "--max-steps-per-epoch", "1", "--quiet")
+    assert main(["train", *map(str, flags), *limit, "--out", str(out)]) == 0
+    args = argparse.Namespace(
+        checkpoint=str(out / "checkpoint.pt"),
+        model=None,
+        dataset=None,
+        data_dir=None,
+        block_size=None,
+        seed=0,
+        device="cpu",
+    )
+    _, spec, name = _model_and_data(args)
+    assert (args.dataset, args.block_size, name) == ("text", 16, "char_gpt")
+    assert spec.block_size == 16 and args.data_dir == str(corpus)

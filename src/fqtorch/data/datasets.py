@@ -226,6 +226,11 @@ def _read_cifar_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
         ) from exc
     if len(data) != len(labels):
         raise DatasetError(f"{path}: {len(data)} images but {len(labels)} labels")
+    if labels.size and not (labels.min() >= 0 and labels.max() < 10):
+        raise DatasetError(
+            f"{path}: labels must be the 10 classes 0..9, found {int(labels.min())}.."
+            f"{int(labels.max())}"
+        )
     return data, labels
 
 

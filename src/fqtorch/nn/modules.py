@@ -16,6 +16,7 @@ after the swap.
 from __future__ import annotations
 
 import hashlib
+import operator
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -233,6 +234,10 @@ class FQTModule(nn.Module):
 
     def reseed(self, seed: int) -> None:
         """Restart the layer's noise stream from ``seed`` (mixed with the layer's name)."""
+        try:
+            seed = operator.index(seed)  # an int, numpy's too
+        except TypeError:
+            raise TypeError(f"seed must be an int, got {seed!r}") from None
         self._seed = layer_seed(seed, self.name)
         if self._generator is not None:
             self._generator.manual_seed(self._seed)

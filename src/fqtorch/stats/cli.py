@@ -51,7 +51,7 @@ DATA_DIR_HELP = (
     "where the data set lies (not needed for digits; text defaults to the Python documentation, "
     "pydoc_data/topics.py)"
 )
-BLOCK_SIZE_HELP = "context length for --dataset text (default: %(default)s)"
+BLOCK_SIZE_HELP = "context length for --dataset text (default: the --checkpoint's, else 64)"
 
 
 def add_model_and_data(p: argparse.ArgumentParser) -> None:
@@ -66,7 +66,10 @@ def add_model_and_data(p: argparse.ArgumentParser) -> None:
         help="default: the --checkpoint's model, else the data set's default",
     )
     p.add_argument(
-        "--dataset", default="digits", choices=list_datasets(), help="(default: %(default)s)"
+        "--dataset",
+        default=None,
+        choices=list_datasets(),
+        help="default: the --checkpoint's data set (and its --data-dir), else digits",
     )
     p.add_argument("--data-dir", help=DATA_DIR_HELP)
 
@@ -149,7 +152,7 @@ def add_variance_parser(sub: Any) -> None:
         help="torch.compile'd quantizers with in-kernel noise (faster after compiling)",
     )
     p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
-    p.add_argument("--block-size", type=int, default=64, help=BLOCK_SIZE_HELP)
+    p.add_argument("--block-size", type=int, default=None, help=BLOCK_SIZE_HELP)
     p.add_argument("--out", default="runs/variance", metavar="DIR", help="(default: %(default)s)")
     p.add_argument(
         "--overwrite",
@@ -255,8 +258,17 @@ def _model_and_data(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
     from ..models import build_model
     from ..train.config import DATASET_DEFAULTS
 
-    _check_device_and_block_size(args)
     state, made_with = _read_checkpoint(args)
+    # what the flags leave out, the checkpoint's run says (its data folder and context length
+    # with its data set)
+    if args.dataset is None:
+        args.dataset = made_with.get("dataset") or "digits"
+    same_data = args.dataset == made_with.get("dataset")
+    if args.data_dir is None and same_data:
+        args.data_dir = made_with.get("data_dir")
+    if args.block_size is None:
+        args.block_size = (made_with.get("block_size") if same_data else None) or 64
+    _check_device_and_block_size(args)
     spec = build_datasets(args.dataset, args.data_dir, seed=args.seed, block_size=args.block_size)
     name = args.model or made_with.get("model") or DATASET_DEFAULTS[args.dataset]["model"]
     torch.manual_seed(args.seed)

@@ -179,7 +179,10 @@ class _Moments:
 def _as_batches(batches: Batch | Iterable[Batch]) -> list[Batch]:
     if isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], Tensor):
         return [batches]
-    return list(batches)
+    out = list(batches)
+    if not out:
+        raise ValueError("no batches given: pass an (inputs, targets) pair or a list of them")
+    return out
 
 
 # ---------------------------------------------------------------------------------- estimators

@@ -104,7 +104,7 @@ def add_plan_parser(sub: Any) -> None:
         )
         p.add_argument("--seed", type=int, default=0, help="(default: %(default)s)")
         p.add_argument("--device", default="cpu", help="cpu, cuda, ... (default: %(default)s)")
-        p.add_argument("--block-size", type=int, default=64, help=BLOCK_SIZE_HELP)
+        p.add_argument("--block-size", type=int, default=None, help=BLOCK_SIZE_HELP)
         p.add_argument("--out", default="runs/plan", metavar="DIR", help="(default: %(default)s)")
         p.add_argument(
             "--overwrite",
@@ -149,11 +149,11 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {out} is a file; name a directory for plan.json")
     check_overwrite(out, ("plan.json",), args.overwrite)
     out.mkdir(parents=True, exist_ok=True)  # before measuring: an --out that cannot be, now
+    model, spec, model_name = _model_and_data(args)  # --dataset filled in (the checkpoint's)
     if args.batch_size is None:
         from ..train.config import DATASET_DEFAULTS
 
         args.batch_size = DATASET_DEFAULTS[args.dataset]["batch_size"]
-    model, spec, model_name = _model_and_data(args)
     gen = torch.Generator().manual_seed(args.seed)
     loader = DataLoader(
         spec.train,

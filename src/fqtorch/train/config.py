@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -142,6 +143,9 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        for name in ("out", "bits_plan"):  # ~ as a shell would (a config file's value too)
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(
                 f"unknown dataset {self.dataset!r}; known: {', '.join(DATASET_DEFAULTS)}"

@@ -26,6 +26,7 @@ Outputs (rank 0): see :func:`train`.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import gc
 import itertools
@@ -57,7 +58,7 @@ from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .errors import CheckpointError, TrainingError, TrainingInterrupted
 from .interrupt import StopRequest
-from .rundir import SAME_ON_RESUME, lock_run, new_run_dir, unlock_run
+from .rundir import SAME_ON_RESUME, _differ, lock_run, new_run_dir, unlock_run
 
 __all__ = ["TrainingError", "train"]
 
@@ -150,12 +151,22 @@ def _all_reduce(values: list[float], rt: Runtime, op: str = "sum") -> list[float
 
 
 def _git_commit() -> str | None:
+    """fqtorch's commit, ``-dirty`` when its tracked files have changes; ``None`` unless this
+    package runs from its own source checkout (an installed copy inside another git repository,
+    a virtual environment in a project, must not record that project's commit)."""
+    package = Path(__file__).resolve().parents[1]
+    root = package.parents[1]
+    if package != root / "src" / "fqtorch" or not (root / "pyproject.toml").is_file():
+        return None
     try:
-        root = Path(__file__).resolve().parents[3]
-        out = subprocess.run(
-            ["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5
-        )
-        return out.stdout.strip() or None
+        git = ["git", "-C", str(root)]
+        run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=5)
+        head = run([*git, "rev-parse", "HEAD"])
+        commit = head.stdout.strip()
+        if head.returncode or not commit:
+            return None
+        status = run([*git, "status", "--porcelain", "--untracked-files=no"])
+        return commit + ("-dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
 
@@ -234,7 +245,7 @@ def _malformed(path: Path, what: str, also: tuple[type[Exception], ...] = ()) ->
         yield
     except CheckpointError:
         raise
-    except (KeyError, TypeError, ValueError, IndexError, *also) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, *also) as exc:
         raise CheckpointError(
             f"{path}: {what} is malformed ({type(exc).__name__}: {exc}); the file was not "
             "written by fqtorch train or was changed since: start a new run"
@@ -521,8 +532,14 @@ def _describe_fqt(cfg: TrainConfig) -> str:
     name = cfg.preset + "".join(f" {k}={v}" for k, v in sorted(cfg.fqt.items()))
     if cfg.bits_plan is not None:
         grad = f"gradient quantizers and bits per layer from {cfg.bits_plan}"
-    elif fqt.grad_quantizer is None:
+    elif fqt.grad_quantizer is None and fqt.grad_weight_quantizer in (None, "identity"):
         grad = "gradients exact (QAT)"
+    elif fqt.grad_quantizer is None:
+        grad = (
+            "grad_output exact, weight-gradient branch "
+            f"{_width(fqt.grad_weight_quantizer, fqt.grad_weight_bits)}, "
+            f"{fqt.grad_rounding} rounding"
+        )
     else:
         grad = (
             f"grad_output {_width(fqt.grad_quantizer, fqt.grad_bits)}, weight-gradient branch "
@@ -671,12 +688,43 @@ class _Run:
             save_checkpoint(state, self.out / "checkpoint.pt")
         self.saved_at = _where(self.epoch, self.step, self.epoch_step)
 
+    def _check_same_fqt(self, path: Path, saved: dict[str, Any]) -> None:
+        """The run's FQT fields as its layers resolve them (a flag that repeats what the preset
+        sets is no change), the fields that differ named."""
+        try:
+            before = dataclasses.replace(self.cfg, preset=saved.get("preset", self.cfg.preset))
+            before = dataclasses.replace(before, fqt=dict(saved["fqt"])).fqt_config()
+        except (TypeError, ValueError):
+            before = "unreadable"
+        now = self.cfg.fqt_config()
+        if before == now:
+            return
+        if isinstance(before, fqtorch.FQTConfig) and now is not None:
+            fields = [f.name for f in dataclasses.fields(now)]
+            changed = [
+                f"{f}={getattr(before, f)!r} (this run {getattr(now, f)!r})"
+                for f in fields
+                if getattr(before, f) != getattr(now, f)
+            ]
+            what = ", ".join(changed)
+        else:
+            what = f"fqt={saved['fqt']!r} (this run {self.cfg.fqt!r})"
+        raise CheckpointError(
+            f"{path} was written with {what}; leave the FQT flags out to continue the run as "
+            "it was, or start a new run"
+        )
+
     def restore(self, path: Path) -> None:
         """Continue the run saved in ``path``; refuse one this run's config cannot continue."""
         state = load_checkpoint(path)
-        saved = json.loads(state.get("config", "{}"))
+        with _malformed(path, "its config"):
+            saved = json.loads(state.get("config", "{}"))
+            if not isinstance(saved, dict):
+                raise TypeError(f"a mapping was expected, got {type(saved).__name__}")
         for key in SAME_ON_RESUME:
-            if key in saved and saved[key] != getattr(self.cfg, key):
+            if key == "fqt" and "fqt" in saved:
+                self._check_same_fqt(path, saved)
+            elif key in saved and _differ(key, getattr(self.cfg, key), saved[key]):
                 raise CheckpointError(
                     f"{path} was written with {key}={saved[key]!r}; this run has "
                     f"{key}={getattr(self.cfg, key)!r} (leave it out to continue the run as it "
@@ -696,7 +744,8 @@ class _Run:
                 f"{path} has done {epoch} epochs{' and part of the next' if epoch_step else ''}; "
                 f"--epochs {self.cfg.epochs} ends before that (to extend the run, pass more)"
             )
-        ranks = state["rng"].get("ranks")
+        with _malformed(path, "its random states"):
+            ranks = state["rng"].get("ranks")
         if epoch_step and (ranks is None or len(ranks) != self.rt.world):
             raise CheckpointError(
                 f"{path} was written within an epoch by {state.get('world_size')} processes; "
@@ -734,7 +783,8 @@ class _Run:
         self._apply_hyperparameters(saved)
         self._apply_schedule()
         self.epoch, self.step, self.epoch_step = epoch, step, epoch_step
-        self.best = dict(state.get("best") or {})
+        with _malformed(path, "its best epoch's record"):
+            self.best = dict(state.get("best") or {})
         self.resumed = {"epoch": epoch, "step": step, "epoch_step": epoch_step}
         self.resumed["epochs"] = int(saved.get("epochs", self.cfg.epochs))
         self.saved_at = _where(epoch, step, epoch_step)
@@ -1311,6 +1361,8 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
             lambda m: m["step"] <= run.step if "event" in m else m["epoch"] <= run.epoch,
         )
         _keep_lines(run.out / "variance.jsonl", lambda m: m["step"] <= run.step)
+        if run.epoch < cfg.epochs:  # extended: the old finish no longer describes the run
+            (run.out / "final.json").unlink(missing_ok=True)
     else:
         for name in _RECORDS:  # a run that finished no epoch (killed within its first)
             (run.out / name).unlink(missing_ok=True)

@@ -42,6 +42,10 @@ def new_run_dir(root: Path = RUNS, now: datetime | None = None) -> Path:
     The name is claimed by ``mkdir`` (which fails if it exists), so two runs started at once
     never share a directory.
     """
+    if root.exists() and not root.is_dir():
+        raise ValueError(
+            f"{root} is a file, not the folder runs are made in; move it or pass --out DIR"
+        )
     root.mkdir(parents=True, exist_ok=True)
     stamp = (now or datetime.now()).strftime("%Y-%m-%d_%H-%M-%S")
     for n in itertools.count(1):
@@ -163,6 +167,7 @@ SAME_ON_RESUME = (
     "label_smoothing",
     "block_size",
     "image_size",
+    "data_dir",
     "seed",
     "fsdp",
     "bits_plan",
@@ -180,12 +185,24 @@ def resume_options(values: dict[str, Any], root: Path = RUNS) -> dict[str, Any]:
     for key in SAME_ON_RESUME:
         if key == "fqt":  # given in parts (a file's fqt:, flags): restore() compares the merge
             continue
-        if key in saved and key in values and values[key] != saved[key]:
+        if key in saved and key in values and _differ(key, values[key], saved[key]):
             raise ValueError(
                 f"{key}={values[key]!r}: {out} was trained with {key}={saved[key]!r}; leave it "
                 "out to continue the run as it was, or start a new run"
             )
     return {**saved, **values, "out": str(out), "resume": True}
+
+
+def _differ(key: str, given: Any, saved: Any) -> bool:
+    """Whether an option given anew differs from the run's: a data folder compared as the
+    path it names (``~/data`` and its absolute form are the same)."""
+    if key == "data_dir" and isinstance(given, str) and isinstance(saved, str):
+        return _path(given) != _path(saved)
+    return given != saved
+
+
+def _path(name: str) -> str:
+    return os.path.abspath(os.path.expanduser(name))
 
 
 def _saved_options(run_dir: Path) -> dict[str, Any]:
