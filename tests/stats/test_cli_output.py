@@ -50,7 +50,7 @@ def test_variance_grad_rounding_reaches_every_configuration(tmp_path, monkeypatc
     assert [r["rounding"] for r in results] == ["nearest", "nearest"]
 
 
-def test_variance_and_plan_keep_earlier_results_unless_overwrite(tmp_path, capsys):
+def test_variance_and_plan_keep_earlier_results_unless_overwrite(tmp_path, capsys, monkeypatch):
     """A second measurement into the same --out is refused before any work, and replaces every
     earlier file with --overwrite (a profile left from the earlier run would describe another
     measurement)."""
@@ -64,6 +64,17 @@ def test_variance_and_plan_keep_earlier_results_unless_overwrite(tmp_path, capsy
     assert main([*args, "--profile", "none"]) == 2
     assert "already holds results" in capsys.readouterr().err
     assert (out / "variance.json").read_bytes() == before
+    # stopped (Ctrl-C) before it has measured anything, an --overwrite run loses nothing
+    from fqtorch.stats import cli as stats_cli
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(stats_cli, "_measure_config", interrupted)
+    assert main([*args, "--profile", "none", "--overwrite"]) == 130
+    monkeypatch.undo()
+    assert (out / "variance.json").read_bytes() == before
+    assert (out / "variance_profile.png").exists()
     assert main([*args, "--profile", "none", "--overwrite"]) == 0
     assert not (out / "variance_profile.png").exists()
     plan = ["plan", "--bits", "4,8", "--batch-size", "16", "--batches", "2", "--samples", "2",

@@ -180,6 +180,13 @@ def check_overwrite(out: Path, outputs: tuple[str, ...], overwrite: bool) -> Non
         )
 
 
+def _replace_outputs(out: Path) -> None:
+    """--overwrite: remove the earlier run's files as this one writes its first, so that none
+    stays behind it, and a run stopped before it has measured anything loses none."""
+    for name in VARIANCE_OUTPUTS:
+        (out / name).unlink(missing_ok=True)
+
+
 def _grad_fields(name: str, bits: int) -> dict[str, Any]:
     """The FQTConfig fields of a ``--quantizers`` entry: ``NAME`` or ``NAME+TRANSFORM``."""
     quantizer, _, transform = name.partition("+")
@@ -439,8 +446,6 @@ def run_variance(args: argparse.Namespace) -> int:
             f"{len(spec.train)} training samples"
         )
     out.mkdir(parents=True, exist_ok=True)  # only once the input is known to be good
-    for name in VARIANCE_OUTPUTS:  # --overwrite: none of the earlier run's files stays behind
-        (out / name).unlink(missing_ok=True)
     device = torch.device(args.device)
     batches = []
     for x, y in loader:
@@ -507,6 +512,7 @@ def run_variance(args: argparse.Namespace) -> int:
         except KeyboardInterrupt:  # keep what was measured (variance_details.json: not done)
             if results:
                 interrupted = {**payload, "interrupted": f"after {len(results)} of {len(configs)}"}
+                _replace_outputs(out)
                 (out / "variance.json").write_text(json.dumps(interrupted, indent=2) + "\n")
                 log.warning(
                     "interrupted: the %d configuration(s) measured are in %s/variance.json",
@@ -531,6 +537,7 @@ def run_variance(args: argparse.Namespace) -> int:
         )
 
     # The grid's results are on disk before the profile runs.
+    _replace_outputs(out)
     (out / "variance.json").write_text(json.dumps(payload, indent=2) + "\n")
 
     profile = None
