@@ -17,6 +17,7 @@ from typing import Any
 from .config import BACKENDS, FQTConfig
 from .quantizers import list_quantizers
 from .quantizers.callers import FQTWarning
+from .quantizers.transforms import TRANSFORMS
 from .train.errors import CheckpointError, TrainingError, TrainingInterrupted
 
 __all__ = ["main"]
@@ -27,6 +28,15 @@ log = logging.getLogger("fqtorch")
 # Where stderr is not a terminal (a log file, CI, a batch job), progress is a log line at most
 # this often instead of a bar.
 LOG_PROGRESS_EVERY_S = 60.0
+
+
+def _transform(value: str) -> str | None:
+    """``--grad-transform``'s value: a transform's name, or ``none`` (off)."""
+    if value == "none":
+        return None
+    if value not in TRANSFORMS:
+        raise argparse.ArgumentTypeError(f"{value!r}: give {', '.join(sorted(TRANSFORMS))} or none")
+    return value
 
 
 def _tqdm_progress(iterable: Iterable, total: int, description: str) -> Iterable:
@@ -73,8 +83,7 @@ def _add_fqt_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--grad-rounding", choices=["stochastic", "nearest"])
     group.add_argument(
         "--grad-transform",
-        type=lambda v: None if v == "none" else v,
-        choices=[None, "rht16", "rht32"],
+        type=_transform,
         metavar="{rht16,rht32,none}",
         help="a random Hadamard transform of blocks of 16 or 32 before both gradient quantizers "
         "(none: off, whatever the preset says)",

@@ -131,3 +131,21 @@ def test_reseed_takes_integers_only():
     for bad in (None, "a", 1.5):
         with pytest.raises(TypeError, match="seed must be an int"):
             fqtorch.reseed(model, bad)
+
+
+def test_ctrl_c_after_sigterm_stops_at_once():
+    """The SIGTERM line says a Ctrl-C stops at once: it does (it was ignored after SIGTERM)."""
+    from fqtorch.train.errors import TrainingInterrupted
+    from fqtorch.train.interrupt import StopRequest
+
+    stop = StopRequest()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGTERM, None)  # a second SIGTERM: still finishing the step
+    with pytest.raises(TrainingInterrupted):
+        stop._handle(signal.SIGINT, None)
+
+
+def test_a_bad_transform_names_the_choices(capsys):
+    with pytest.raises(SystemExit, match="2"):  # argparse's own exit
+        fqtorch_main("train", "--grad-transform", "rht64")
+    assert "--grad-transform: 'rht64': give rht16, rht32 or none" in capsys.readouterr().err

@@ -42,7 +42,7 @@ class StopRequest:
         return 128 + (self.signal or signal.SIGINT)
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        if signum == signal.SIGINT and self.signal == signal.SIGINT:
+        if signum == signal.SIGINT and self.signal is not None:  # after a SIGTERM too
             raise TrainingInterrupted("", self.exit_code)
         if self.signal is None:
             self.signal = signum

@@ -930,7 +930,8 @@ class _Run:
             saves += f"; TensorBoard in {self.out / 'tensorboard'}"
         data = (
             f"{spec.name}: {len(spec.train):,} train / {len(spec.val):,} validation samples, "
-            f"batch {cfg.batch_size}{processes}, {self.steps_per_epoch} steps per epoch"
+            f"batch {cfg.batch_size}{processes}, {self.steps_per_epoch} "
+            f"step{'s' if self.steps_per_epoch != 1 else ''} per epoch"
         )
         if spec.transforms:
             data += f"; image transforms: {spec.transforms}"
