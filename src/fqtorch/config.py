@@ -101,7 +101,8 @@ def _refusal(backend: str, table: dict, names: dict[str, str | None], hint: str 
         name = names[field]
         if name not in allowed:
             return (
-                f"backend={backend!r} needs a {field} with {expected} "
+                f"backend={backend!r} needs {'an' if field[0] in 'aeiou' else 'a'} {field} "
+                f"with {expected} "
                 f"({' or '.join(map(repr, allowed))}), got {name!r}: {reason}{hint}"
             )
     return None

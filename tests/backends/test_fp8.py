@@ -342,3 +342,18 @@ def test_the_three_gemms_run_in_scaled_mm(monkeypatch):
     run(quantize_model(nn.Linear(24, 10), FQTConfig(backend="fp8", **fields)), x, g)
     assert len(seen) == 3
     assert all(dt in (torch.float8_e4m3fn, torch.float8_e5m2) for pair in seen for dt in pair)
+
+
+def test_a_fallback_is_warned_once_per_layer_and_reason():
+    """Python's once-per-location memo is reset by torch.compile (a fused run warned the same
+    layer's fallback on a later pass again): the warning is memoised by its text."""
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(4 * 2 * 2, 3))
+    quantize_model(model, FQTConfig.preset("fp8_e4m3", backend="fp8"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # as after a reset of the registry
+        for _ in range(3):
+            model(torch.randn(2, 2, 4, 4)).sum().backward()
+    said = [str(w.message) for w in caught if "using the simulate backend" in str(w.message)]
+    assert said == [
+        "FQT layer '0': the fp8 backend runs Linear layers only; using the simulate backend"
+    ]

@@ -20,14 +20,13 @@ and fall back to ``simulate`` with a warning where the backend cannot run a call
 from __future__ import annotations
 
 import importlib
-import warnings
 from types import MappingProxyType, ModuleType
 
 from torch import Tensor
 
-from ..quantizers.callers import FQTWarning, user_stacklevel
 from . import auto, simulate
 from .base import ConvOps, FixedPlan, FQTPlan, GemmOps, LinearOps, PlanSource, Unsupported
+from .notes import warn_once
 
 __all__ = [
     "ConvOps",
@@ -64,11 +63,8 @@ def get_backend(name: str, kind: str = "linear") -> ModuleType:
 
 
 def _fallback(name: str, why: Unsupported) -> None:
-    warnings.warn(
-        f"FQT layer {name!r}: {why}; using the simulate backend",
-        FQTWarning,
-        stacklevel=user_stacklevel(),
-    )
+    # once per layer and reason: torch.compile resets Python's own once-per-location memo
+    warn_once(f"FQT layer {name!r}: {why}; using the simulate backend")
 
 
 def linear(
