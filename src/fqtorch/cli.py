@@ -216,7 +216,7 @@ def _train_options(args: argparse.Namespace) -> dict[str, Any]:
     if not resume:
         return values
     if isinstance(resume, str):
-        if "out" in args and args.out != resume:
+        if "out" in args and os.path.abspath(args.out) != os.path.abspath(resume):
             raise ValueError(
                 f"--out {args.out} and --resume {resume} name different runs; give one of them"
             )

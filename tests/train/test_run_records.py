@@ -149,3 +149,12 @@ def test_a_bad_transform_names_the_choices(capsys):
     with pytest.raises(SystemExit, match="2"):  # argparse's own exit
         fqtorch_main("train", "--grad-transform", "rht64")
     assert "--grad-transform: 'rht64': give rht16, rht32 or none" in capsys.readouterr().err
+
+
+def test_resume_and_out_naming_one_run_two_ways(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    assert fqtorch_main("train", *SHORT, "--out", out) == 0
+    monkeypatch.chdir(tmp_path)
+    assert fqtorch_main("train", "--resume", "run", "--out", "./run", "--epochs", "2") == 0
+    assert fqtorch_main("train", "--bits-plan", tmp_path, *SHORT, "--out", tmp_path / "p") == 2
+    assert f"bits plan {tmp_path} is a folder; name its plan.json" in capsys.readouterr().err

@@ -479,6 +479,11 @@ class TestErrors:
             f"fqtorch train: error: {out / 'checkpoint.pt'} is corrupt or not an fqtorch "
             "checkpoint (not a torch.save file)\n"
         )
+        save_checkpoint(empty_state(), out / "best.pt")  # the run's other checkpoint is named
+        assert fqtorch_main("train", "--resume", out) == 2
+        assert f"; {out / 'best.pt'} (its best epoch) may still load: copy it over" in (
+            capsys.readouterr().err
+        )
 
     def test_checkpoint_of_another_config_is_refused(self, tmp_path, capsys):
         out = tmp_path / "run"

@@ -436,6 +436,8 @@ def _preview(names: list[str], limit: int = 6) -> str:
 def load_plan(path: str | Path) -> PrecisionPlan:
     """Read a ``plan.json``; a missing file or a malformed plan is a one-line ``ValueError``."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"bits plan {path} is a folder; name its plan.json")
     if not path.is_file():
         raise ValueError(f"bits plan {path} does not exist (write one with `fqtorch plan`)")
     try:

@@ -49,6 +49,14 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
         raise
 
 
+def _other_copy(path: Path) -> str:
+    """Where a run's other checkpoint may help, said after a corrupt one."""
+    best = Path(path).with_name("best.pt")
+    if Path(path).name == "checkpoint.pt" and best.is_file():
+        return f"; {best} (its best epoch) may still load: copy it over to resume from there"
+    return ""
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint`, with a clear error when it is bad."""
     path = Path(path)
@@ -59,6 +67,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:
         raise CheckpointError(
             f"{path} is corrupt or not an fqtorch checkpoint ({_load_failure(exc)})"
+            + _other_copy(path)
         ) from exc
     if not isinstance(state, dict) or any(k not in state for k in REQUIRED_KEYS):
         found = sorted(state) if isinstance(state, dict) else type(state).__name__
