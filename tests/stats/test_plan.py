@@ -1122,3 +1122,41 @@ def test_grad_norms_count_a_tied_weight_once_where_its_variance_is():
     for layer, p in zip(params.layers, params.tensors, strict=True):
         measured[layer] = measured.get(layer, 0.0) + float(p.grad.double().square().sum())
     assert norms == pytest.approx(measured)
+
+
+def test_tied_weights_are_probed_apart():
+    """Two layers sharing a weight: the shared tensor's gradient is read on one layer's entry,
+    so probing their weight-gradient branches together put the second layer's noise under the
+    first (prediction 7x under the measurement). Probed one at a time on the whole gradient,
+    each branch's prediction is what the verification measures."""
+    from fqtorch.stats.plan import _sharing
+
+    class Tied(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inp, self.l1, self.l2 = nn.Linear(12, 16), nn.Linear(16, 16), nn.Linear(16, 16)
+            self.l2.weight = self.l1.weight
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = torch.tanh(self.l1(torch.tanh(self.inp(x))))
+            return self.head(torch.tanh(self.l2(x)))
+
+    torch.manual_seed(0)
+    model = quantize_model(Tied(), FQTConfig(seed=1))
+    assert _sharing(fqt_modules(model)) == {"l1", "l2"}
+    g = torch.Generator().manual_seed(0)
+    batches = [
+        (torch.randn(32, 12, generator=g), torch.randint(0, 3, (32,), generator=g))
+        for _ in range(6)
+    ]
+    bits = (2, 4, 6, 8)
+    candidates = {"grad": [("ptq", b) for b in bits], "grad_weight": [("ptq", b) for b in bits]}
+    plan = plan_precision(
+        model, F.cross_entropy, batches[:3], budget=0.01, candidates=candidates, samples=8,
+        verify_batches=batches[3:],
+    )  # fmt: skip
+    for name in ("l1", "l2"):
+        layer = plan.layer(name)
+        ratio = layer.measured["grad_weight"] / layer.predicted["grad_weight"]
+        assert 0.6 < ratio < 1.6, (name, ratio, plan.table())

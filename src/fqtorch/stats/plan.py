@@ -517,6 +517,17 @@ def _other_bits(config: FQTConfig, branch: str) -> float:
     return bits_per_element(config.input_quantizer, config.input_bits)
 
 
+def _sharing(layers: Mapping[str, nn.Module]) -> set[str]:
+    """The FQT layers holding a parameter another one holds too (a tied weight): its gradient
+    is read on one layer's entry, so their weight-gradient branches are probed one at a time on
+    the whole gradient, not together each on its own parameters."""
+    holders: dict[int, list[str]] = {}
+    for name, layer in layers.items():
+        for param in layer.parameters(recurse=False):
+            holders.setdefault(id(param), []).append(name)
+    return {name for names in holders.values() if len(names) > 1 for name in names}
+
+
 def _gemm_sizes(model: nn.Module, batch: Batch) -> dict[str, dict[str, int]]:
     """Per FQT layer and branch, the multiply-accumulates of its backward GEMM on ``batch``: the
     forward's (output entries × weight entries per output feature), summed over the layer's
@@ -763,6 +774,7 @@ def plan_precision(
         if not sampling > 0:
             raise ValueError("the sampling variance is 0 (identical minibatches?); no budget")
         sizes = _gemm_sizes(model, batches[0])
+        tied = _sharing(layers)
         # A grad branch's noise flows into every layer below: probed one layer at a time, read
         # on the whole gradient. A weight-gradient branch's noise stays in its own layer's
         # parameters: all layers probed in one pass, each read on its own parameters.
@@ -773,9 +785,11 @@ def plan_precision(
                 for b in dict.fromkeys((bits[0], bits[-1])):
                     run = [n for n in layers if sizes.get(n, {}).get(branch, 1) != 0]
                     if branch == "grad_weight":
-                        probes.append({n: {branch: (q, b)} for n in run})
-                        keys.append([(n, branch, q, b) for n in run])
-                        continue
+                        together = [n for n in run if n not in tied]
+                        if together:
+                            probes.append({n: {branch: (q, b)} for n in together})
+                            keys.append([(n, branch, q, b) for n in together])
+                        run = [n for n in run if n in tied]  # alone, on the whole gradient
                     for name in run:
                         probes.append({name: {branch: (q, b)}})
                         keys.append((name, branch, q, b))
@@ -834,8 +848,8 @@ def plan_precision(
         out_of_reach = None  # the retry's measured/predicted scale, where it left no choice
         for attempt in range(2):
             full = {n: {b: chosen[(n, b)].candidate for b in BRANCHES} for n in layers}
-            grads = [(n, b) for n, b in alone if b == "grad"]
-            weights = [(n, b) for n, b in alone if b == "grad_weight"]
+            grads = [(n, b) for n, b in alone if b == "grad" or n in tied]
+            weights = [(n, b) for n, b in alone if b == "grad_weight" and n not in tied]
             checks: list = [full] + [{n: {b: full[n][b]}} for n, b in grads]
             check_keys: list = [None, *grads]
             if weights:
