@@ -303,13 +303,14 @@ def test_gemm_sizes_of_frozen_shared_and_attention_layers():
             return self.attn(x, x, x, need_weights=False)[0]
 
     model = quantize_model(Net(), FQTConfig())
+    model.attn.out_proj.weight.requires_grad_(False)  # a frozen weight beside a trained bias
     sizes = _gemm_sizes(model, (torch.randn(2, 3, 4), None))
     tokens = 2 * 3
     assert sizes["frozen"] == {"grad": 0, "grad_weight": 0}
     # the first call's input (the frozen layer's output) needs no gradient: one grad_input GEMM
     assert sizes["shared"] == {"grad": tokens * 16, "grad_weight": 2 * tokens * 16}
     assert sizes["attn"]["grad_weight"] == tokens * 3 * 16  # q, k, v: 4 -> 4 each
-    assert sizes["attn.out_proj"]["grad_weight"] == tokens * 16
+    assert sizes["attn.out_proj"]["grad_weight"] == 0  # its bias's gradient is a sum
 
 
 def test_the_plan_records_what_it_was_measured_with():
@@ -498,6 +499,10 @@ def test_json_round_trip_and_quantize_model(tmp_path):
         (
             lambda d: d["layers"][0].update(grad_frontier=[["psq", 99, 1.0, 0.1]]),
             r"layers\[0\].grad_frontier: .*bits",
+        ),
+        (  # the settings a run is checked against are mappings too
+            lambda d: d.update(measured_with={"backward": ["grad_rounding"]}),
+            "measured_with.backward must be a mapping",
         ),
         (  # duplicate names, said with the file
             lambda d: d["layers"][1].update(name="a"),

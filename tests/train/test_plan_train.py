@@ -93,6 +93,24 @@ def test_a_plan_under_a_transforming_preset(tmp_path, caplog):
     assert fqtorch_main(*args, "--grad-rounding", "nearest", "--out", tmp_path / "r") == 0
     said = [r.getMessage() for r in caplog.records if "was measured with" in r.getMessage()]
     assert len(said) == 1 and "grad_rounding='stochastic' (this run 'nearest')" in said[0], said
+    caplog.clear()  # under the plan's own preset: the transform it left out, and the remedy
+    assert fqtorch_main(*args, "--preset", "mxfp4_rht_sr", "--out", tmp_path / "s") == 0
+    said = [r.getMessage() for r in caplog.records if "was measured with" in r.getMessage()]
+    assert len(said) == 1 and "(--grad-transform none trains as it was measured)" in said[0]
+
+
+def test_plan_cli_takes_the_sampling_batches_the_data_hold(tmp_path):
+    """Without --sampling-batches, 16 or what the training set holds beside the verification
+    batches: a batch of 128 on digits makes 11 (a plan that ran before the option is not
+    refused); an explicit value the data cannot hold is, before --out is made."""
+    out = tmp_path / "p"
+    tiny = ("--batches", "2", "--samples", "2", "--bits", "4,8", "--quantizers", "psq")
+    assert fqtorch_main("plan", *tiny, "--batch-size", "128", "--out", out) == 0
+    assert load_plan(out / "plan.json").measured_with["sampling_batches"] == 9
+    refused = tmp_path / "q"
+    flags = ("--batch-size", "128", "--sampling-batches", "16", "--out", refused)
+    assert fqtorch_main("plan", *tiny, *flags) == 2
+    assert not refused.exists()
 
 
 def test_train_with_a_bits_plan(plan_file, tmp_path):

@@ -158,3 +158,79 @@ def test_resume_and_out_naming_one_run_two_ways(tmp_path, monkeypatch, capsys):
     assert fqtorch_main("train", "--resume", "run", "--out", "./run", "--epochs", "2") == 0
     assert fqtorch_main("train", "--bits-plan", tmp_path, *SHORT, "--out", tmp_path / "p") == 2
     assert f"bits plan {tmp_path} is a folder; name its plan.json" in capsys.readouterr().err
+
+
+def test_a_relative_data_dir_resumes_from_another_folder(tmp_path, monkeypatch):
+    """The run keeps its data folder as an absolute path: resumed from elsewhere, naming the
+    folder from there is no change (it was refused, and leaving it out failed to find it)."""
+    (tmp_path / "a").mkdir()
+    write_text(tmp_path / "a" / "c.txt")
+    monkeypatch.chdir(tmp_path / "a")
+    assert fqtorch_main("train", *TEXT, "--data-dir", "c.txt", *SHORT, "--out", "../run") == 0
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert saved["data_dir"] == str(tmp_path / "a" / "c.txt")
+    monkeypatch.chdir(tmp_path)
+    assert fqtorch_main("train", "--resume", "run", "--data-dir", "a/c.txt", "--epochs", "2") == 0
+    assert fqtorch_main("train", "--resume", "run", "--epochs", "3") == 0
+
+
+def test_options_compare_as_what_they_name(tmp_path, monkeypatch):
+    from fqtorch.train.rundir import _differ
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "p.json").write_text("{}")
+    (tmp_path / "q.json").write_text("{}")
+    assert not _differ("bits_plan", "~/p.json", str(tmp_path / "p.json"))
+    assert _differ("bits_plan", "~/q.json", str(tmp_path / "p.json"))
+    assert not _differ("data_dir", str(tmp_path / "new"), str(tmp_path / "moved"))  # gone
+    assert not _differ("label_smoothing", "1e-1", 0.1)  # YAML 1.1 reads 1e-1 as text
+    assert _differ("label_smoothing", "0.2", 0.1) and _differ("warmup_epochs", "x", 1.0)
+
+
+def test_a_skipped_step_leaves_an_expanded_buffer_alone():
+    """A buffer that is a broadcast view (no forward writes it in place) is not put back: it
+    cannot be written in place."""
+    model = torch.nn.BatchNorm1d(4)
+    model.register_buffer("position_ids", torch.arange(4).expand(3, 4))
+    kept = train_loop._buffers(model)
+    assert [b is model.position_ids for b, _ in kept] == [False, False, False]
+    model(torch.randn(5, 4))
+    train_loop._put_back(kept)
+    assert torch.equal(model.running_mean, torch.zeros(4))
+    assert int(model.num_batches_tracked) == 0
+
+
+def test_a_checkpoint_from_before_the_data_order_change_keeps_its_order(tmp_path, monkeypatch):
+    """DDP's order was DistributedSampler's ``seed + epoch`` before checkpoints recorded their
+    scheme: such a run keeps it (a resume within an epoch continues the order it was in)."""
+    data = range(12)
+    old = torch.utils.data.DistributedSampler(data, 2, 0, seed=3, drop_last=True)
+    old.set_epoch(1)
+    sampler = torch.utils.data.DistributedSampler(data, 2, 0, drop_last=True)
+    train_loop._seed_order(sampler, 3, 1, "seed+epoch")
+    assert list(sampler) == list(old)
+    out = tmp_path / "run"
+    assert fqtorch_main("train", *SHORT, "--out", out) == 0
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["data_order"] == "epoch_seed"
+    del state["data_order"]
+    save_checkpoint(state, out / "checkpoint.pt")
+    schemes = []
+    real = train_loop._seed_order
+    monkeypatch.setattr(train_loop, "_seed_order", lambda *a: schemes.append(a[-1]) or real(*a))
+    assert fqtorch_main("train", "--resume", out, "--epochs", "2") == 0
+    assert schemes == ["seed+epoch"]
+    assert load_checkpoint(out / "checkpoint.pt")["data_order"] == "seed+epoch"
+
+
+def test_a_copied_source_tree_in_another_repository_records_no_commit(tmp_path, monkeypatch):
+    outer = tmp_path / "outer"
+    tree = outer / "vendor" / "fq"
+    (tree / "src" / "fqtorch" / "train").mkdir(parents=True)
+    (tree / "pyproject.toml").write_text("")
+    subprocess.run(["git", "init", "-q", str(outer)], check=True)
+    identity = ["-c", "user.name=t", "-c", "user.email=t@t"]
+    commit = ["git", "-C", str(outer), *identity, "commit", "-q", "--allow-empty", "-m", "x"]
+    subprocess.run(commit, check=True)
+    monkeypatch.setattr(train_loop, "__file__", str(tree / "src" / "fqtorch" / "train" / "loop.py"))
+    assert train_loop._git_commit() is None

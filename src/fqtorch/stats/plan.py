@@ -351,11 +351,18 @@ class PrecisionPlan:
             value = d.get(key)
             if value is not None and (isinstance(value, bool) or not _is_number(value)):
                 raise ValueError(f"{where}.{key} must be a number or null, got {value!r}")
-        if d.get("measured_with") is not None and not isinstance(d["measured_with"], Mapping):
+        with_ = d.get("measured_with")
+        if with_ is not None and not isinstance(with_, Mapping):
             raise ValueError(
                 f"{where}.measured_with must be a mapping (batch_size, forward, ...) or null, "
-                f"got {d['measured_with']!r:.60}"
+                f"got {with_!r:.60}"
             )
+        for part in ("forward", "backward"):
+            if with_ and with_.get(part) is not None and not isinstance(with_[part], Mapping):
+                raise ValueError(
+                    f"{where}.measured_with.{part} must be a mapping of FQTConfig fields or "
+                    f"null, got {with_[part]!r:.60}"
+                )
         if not isinstance(d["layers"], list) or not d["layers"]:
             raise ValueError(f"{where}.layers must be a non-empty list of layer entries")
         layers = tuple(
@@ -550,7 +557,9 @@ def _gemm_sizes(model: nn.Module, batch: Batch) -> dict[str, dict[str, int]]:
             macs = int(out.numel()) * int(per_output)
             given = (*args, *kwargs.values())  # an input passed by keyword counts too
             needs = any(isinstance(a, Tensor) and a.requires_grad for a in given)
-            trained = any(p.requires_grad for p in module.parameters(recurse=False))
+            # the weight-gradient GEMMs run for weights that need a gradient (a bias alone
+            # is a sum, not a GEMM)
+            trained = any(p.requires_grad for p in module.parameters(recurse=False) if p.dim() >= 2)
             # a layer called more than once (shared) runs its GEMMs once per call
             seen = sizes.get(name, {"grad": 0, "grad_weight": 0})
             sizes[name] = {

@@ -92,9 +92,10 @@ def add_plan_parser(sub: Any) -> None:
         p.add_argument(
             "--sampling-batches",
             type=int,
-            default=16,
+            default=None,
             help="minibatches the sampling variance (the budget's unit) is estimated from: the "
-            "--batches planned on and more (one exact backward each; default: %(default)s)",
+            "--batches planned on and more (one exact backward each; default: 16, or as many "
+            "as the training set holds beside the verification batches)",
         )
         p.add_argument(
             "--samples",
@@ -143,12 +144,10 @@ def run_plan(args: argparse.Namespace) -> int:
         raise ValueError(f"--batches must be >= 2 (the sampling variance), got {args.batches}")
     if not 0 < args.budget < math.inf:
         raise ValueError(f"--budget must be a finite number > 0, got {args.budget}")
-    sampled = max(args.sampling_batches, args.batches)  # the planning batches count
     out = Path(args.out).expanduser()
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; name a directory for plan.json")
     check_overwrite(out, ("plan.json",), args.overwrite)
-    out.mkdir(parents=True, exist_ok=True)  # before measuring: an --out that cannot be, now
     model, spec, model_name = _model_and_data(args)  # --dataset filled in (the checkpoint's)
     if args.batch_size is None:
         from ..train.config import DATASET_DEFAULTS
@@ -161,6 +160,15 @@ def run_plan(args: argparse.Namespace) -> int:
         drop_last=True,
         sampler=RandomSampler(spec.train, generator=gen),
     )
+    if args.sampling_batches is None:  # 16, or what the data hold beside the verification
+        args.sampling_batches = max(min(16, len(loader) - args.batches), args.batches)
+        if args.sampling_batches < 16:
+            log.info(
+                "sampling variance from %d minibatches (what the training set holds beside the "
+                "verification batches; --sampling-batches sets it)",
+                args.sampling_batches,
+            )
+    sampled = max(args.sampling_batches, args.batches)  # the planning batches count
     wanted = 2 * args.batches + sampled - args.batches  # planning, verifying, sampling
     if len(loader) < wanted:
         raise ValueError(
@@ -170,12 +178,20 @@ def run_plan(args: argparse.Namespace) -> int:
             "training samples make "
             f"{len(loader)}: lower them"
         )
+    out.mkdir(parents=True, exist_ok=True)  # before measuring: an --out that cannot be, now
     device = torch.device(args.device)
     batches = []
     for x, y in loader:
         batches.append((x.to(device), y.to(device)))
         if len(batches) == wanted:
             break
+    if base.grad_transform:
+        log.info(
+            "--preset %s's grad_transform %s is left out: a plan's candidates are bare "
+            "quantizers (train with --grad-transform none to match what is measured)",
+            args.preset,
+            base.grad_transform,
+        )
     with _conversion_summary_said():
         # measured without gradient quantizers (the plan sets them) nor a transform in front
         # of them (a plan's candidates are bare quantizers)
@@ -203,9 +219,11 @@ def run_plan(args: argparse.Namespace) -> int:
     )
     print(plan.table())
     log.info(
-        "wrote %s (%.1fs); train with: fqtorch train --bits-plan %s",
+        "wrote %s (%.1fs); train with: fqtorch train --preset %s --bits-plan %s%s",
         path,
         time.perf_counter() - start,
+        args.preset,
         path,
+        " --grad-transform none" if base.grad_transform else "",
     )
     return 0

@@ -146,6 +146,8 @@ class TrainConfig:
         for name in ("out", "bits_plan"):  # ~ as a shell would (a config file's value too)
             if isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, os.path.expanduser(getattr(self, name)))
+        if isinstance(self.data_dir, str):  # absolute: a resume from another folder finds it
+            object.__setattr__(self, "data_dir", os.path.abspath(os.path.expanduser(self.data_dir)))
         if self.dataset not in DATASET_DEFAULTS:
             raise ValueError(
                 f"unknown dataset {self.dataset!r}; known: {', '.join(DATASET_DEFAULTS)}"

@@ -132,8 +132,13 @@ def _epoch_seed(seed: int, rank: int, epoch: int) -> int:
 
 def _buffers(model: nn.Module) -> list[tuple[Tensor, Tensor]]:
     """Copies of the model's buffers (BatchNorm's running statistics and step counts), to put
-    back with :func:`_put_back`."""
-    return [(b, b.clone()) for b in model.buffers()]
+    back with :func:`_put_back`; an expanded one (a stride 0: one value seen many times, which
+    no forward updates in place) is left alone."""
+    return [(b, b.clone()) for b in model.buffers() if not _expanded(b)]
+
+
+def _expanded(t: Tensor) -> bool:
+    return any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape, strict=True))
 
 
 def _put_back(kept: list[tuple[Tensor, Tensor]]) -> None:
@@ -161,10 +166,12 @@ def _git_commit() -> str | None:
     try:
         git = ["git", "-C", str(root)]
         run = functools.partial(subprocess.run, capture_output=True, text=True, timeout=5)
-        head = run([*git, "rev-parse", "HEAD"])
-        commit = head.stdout.strip()
-        if head.returncode or not commit:
+        head = run([*git, "rev-parse", "--show-toplevel", "HEAD"])
+        lines = head.stdout.split()
+        # the checkout's own top, not a repository around a copied source tree
+        if head.returncode or len(lines) != 2 or Path(lines[0]).resolve() != root:
             return None
+        commit = lines[1]
         status = run([*git, "status", "--porcelain", "--untracked-files=no"])
         return commit + ("-dirty" if status.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
@@ -275,10 +282,17 @@ def _check_plan_conditions(plan: Any, cfg: TrainConfig, fqt_config: Any) -> None
             if getattr(fqt_config, key, value) != value:
                 differ.append(f"{key}={value!r} (this run {getattr(fqt_config, key)!r})")
     if differ:
+        transform = (with_.get("backward") or {}).get("grad_transform", "unrecorded")
+        hint = (
+            " (--grad-transform none trains as it was measured)"
+            if transform is None and fqt_config.grad_transform
+            else ""
+        )
         log.warning(
-            "bits plan %s was measured with %s: its variances may not hold here",
+            "bits plan %s was measured with %s: its variances may not hold here%s",
             cfg.bits_plan,
             ", ".join(differ),
+            hint,
         )
 
 
@@ -314,13 +328,20 @@ def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
     )
 
 
-def _seed_order(sampler: Sampler[int], seed: int, epoch: int) -> None:
+DATA_ORDER = "epoch_seed"  # recorded in checkpoints (before it: "seed+epoch", DDP only)
+
+
+def _seed_order(sampler: Sampler[int], seed: int, epoch: int, scheme: str = DATA_ORDER) -> None:
     """Seed the epoch's data order from ``(seed, epoch)``: one permutation of the training set,
     of which each of several ranks takes every world-th index. (DistributedSampler shuffles with
     ``seed + epoch``, which would give seed s + 1 the order of seed s one epoch later: its seed is
-    set whole instead, to the one process's.)"""
+    set whole instead, to the one process's. ``scheme="seed+epoch"``: its own way, which runs
+    checkpointed before keep.)"""
     order = _epoch_seed(seed, 0, epoch)
-    if isinstance(sampler, DistributedSampler):
+    if isinstance(sampler, DistributedSampler) and scheme == "seed+epoch":
+        sampler.seed = seed
+        sampler.set_epoch(epoch)
+    elif isinstance(sampler, DistributedSampler):
         sampler.seed = order
         sampler.set_epoch(0)
     else:
@@ -430,10 +451,7 @@ def _broadcast_buffers(model: nn.Module) -> None:
     left as it is."""
     groups: dict[tuple[torch.dtype, torch.device], list[Tensor]] = {}
     for buffer in model.buffers():
-        if buffer.numel() and not any(
-            stride == 0 and size > 1
-            for stride, size in zip(buffer.stride(), buffer.shape, strict=True)
-        ):
+        if buffer.numel() and not _expanded(buffer):
             groups.setdefault((buffer.dtype, buffer.device), []).append(buffer)
     with torch.no_grad():
         for buffers in groups.values():
@@ -604,6 +622,9 @@ class _Run:
         self.stop = StopRequest()
         self.stop_seen = False  # a stop requested on any rank, as of the last step
         self.step_lr = 0.0  # the learning rate of the step last taken (TensorBoard's train/lr)
+        # how DDP seeds each epoch's order (_seed_order); a run from before "epoch_seed" keeps
+        # its own, so that a resume within an epoch continues the order it was in
+        self.data_order = DATA_ORDER
         self.tensorboard: _TensorBoard | None = None
         self.monitor = None
         if cfg.variance_every and cfg.quantized:
@@ -666,6 +687,7 @@ class _Run:
             "config": json.dumps(self.cfg.to_dict()),
             "precision": self._precision_state(),
             "bits_plan": self.bits_plan,  # the plan's choices: its file may change later
+            "data_order": self.data_order,
         }
 
     def _precision_state(self) -> dict[str, Any] | None:
@@ -735,6 +757,11 @@ class _Run:
                 f"{path} was trained with another plan than {self.cfg.bits_plan} holds now (the "
                 "file changed since the run started); put the run's plan back in that file to "
                 "continue, or start a new run with this plan"
+            )
+        self.data_order = str(state.get("data_order", "seed+epoch"))
+        if self.data_order not in ("seed+epoch", DATA_ORDER):
+            raise CheckpointError(
+                f"{path}: unknown data order {self.data_order!r}; start a new run"
             )
         with _malformed(path, "its epoch and step counts"):
             epoch, step = int(state["epoch"]), int(state["step"])
@@ -977,7 +1004,7 @@ class _Run:
         seed = _epoch_seed(self.cfg.seed, self.rt.rank, self.epoch)
         torch.manual_seed(seed)
         fqtorch.reseed(self.model, seed)  # different noise on every rank and every epoch
-        _seed_order(self.sampler, self.cfg.seed, self.epoch)
+        _seed_order(self.sampler, self.cfg.seed, self.epoch, self.data_order)
         if hasattr(self.spec.train, "set_epoch"):
             self.spec.train.set_epoch(self.epoch, self.rt.rank)
         self.resumable.skip = self.epoch_step * self.cfg.batch_size

@@ -194,10 +194,21 @@ def resume_options(values: dict[str, Any], root: Path = RUNS) -> dict[str, Any]:
 
 
 def _differ(key: str, given: Any, saved: Any) -> bool:
-    """Whether an option given anew differs from the run's: a data folder compared as the
-    path it names (``~/data`` and its absolute form are the same)."""
-    if key == "data_dir" and isinstance(given, str) and isinstance(saved, str):
-        return _path(given) != _path(saved)
+    """Whether an option given anew differs from the run's: a path compared as the file or
+    folder it names (``~/data``, its absolute form and a link to it are the same); one the
+    run's no longer names from here (the data moved; a relative path saved by a run started
+    in another folder) is not held against the one given. A number a config file gave as text
+    (YAML's ``1e-1``) compares as the number."""
+    if key in ("data_dir", "bits_plan") and isinstance(given, str) and isinstance(saved, str):
+        here, there = _path(given), _path(saved)
+        if here == there or not (os.path.exists(here) and os.path.exists(there)):
+            return False
+        return not os.path.samefile(here, there)
+    if isinstance(given, str) and isinstance(saved, (int, float)) and not isinstance(saved, bool):
+        try:
+            return float(given) != saved
+        except ValueError:
+            return True
     return given != saved
 
 
