@@ -19,6 +19,7 @@ from torch import nn
 
 from fqtorch import FQTConfig, quantize_model
 from fqtorch.backends import int8, int8_qconv
+from fqtorch.backends.notes import warn_once
 
 # (name, layer factory, input (C, H, W)); every stride, padding mode and dilation the backend
 # takes. Rectangular kernels and inputs catch a swapped axis.
@@ -545,6 +546,7 @@ def test_a_saturating_int_mm_sends_every_layer_to_simulate(monkeypatch):
             with torch.no_grad():
                 base[0].weight.copy_(sign(*base[0].weight.shape))
             results = []
+            warn_once.cache_clear()  # each case's model has its own layer '0' to warn about
             for backend in ("simulate", "int8"):
                 torch.manual_seed(0)
                 cfg = FQTConfig.preset("ptq8", backend=backend, fused=False)
