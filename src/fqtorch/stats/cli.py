@@ -308,8 +308,9 @@ def _check_device_and_block_size(args: argparse.Namespace) -> None:
         raise ValueError(
             f"--device {args.device!r} is not a device; give cpu, cuda or cuda:N"
         ) from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: this torch build sees no CUDA device; use cpu")
+    from ..train.loop import check_device_available
+
+    check_device_available(str(device), instead="cpu")
 
 
 def _read_checkpoint(args: argparse.Namespace) -> tuple[dict | None, dict]:

@@ -81,16 +81,22 @@ class Runtime:
         return self.rank == 0
 
 
+def check_device_available(device: str, instead: str = "cpu or auto") -> None:
+    """A one-line ``ValueError`` unless this torch build has ``device``'s kind (CUDA, MPS, XPU),
+    naming what to use ``instead``."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available here (use {instead})")
+    for kind in ("mps", "xpu"):
+        backend = getattr(torch, kind, None) if kind == "xpu" else torch.backends.mps
+        if device.startswith(kind) and not (backend is not None and backend.is_available()):
+            raise ValueError(f"--device {device}: {kind} is not available here (use {instead})")
+
+
 def _setup_runtime(device: str) -> Runtime:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available here (use cpu or auto)")
-    for kind in ("mps", "xpu"):
-        backend = getattr(torch, kind, None) if kind == "xpu" else torch.backends.mps
-        if device.startswith(kind) and not (backend is not None and backend.is_available()):
-            raise ValueError(f"--device {device}: {kind} is not available here (use cpu or auto)")
+    check_device_available(device)
     if world > 1:
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if device.startswith("cuda"):
@@ -699,6 +705,10 @@ class _Run:
             self.precision.window = {}
         return state
 
+    def _last_saved(self) -> str:
+        """Where the last checkpoint is, for a message that stops the run (empty: none yet)."""
+        return f"; the last checkpoint is at {self.saved_at}" if self.saved_at else ""
+
     def save(self, best: bool = False) -> None:
         """Write ``checkpoint.pt`` (and ``best.pt``, first); every rank must call it. Refuses
         (``TrainingError``) to keep non-finite weights: the last checkpoint stays good."""
@@ -1230,11 +1240,10 @@ class _Run:
         tensors = itertools.chain(self.model.parameters(), stats)
         bad = sum(not bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
         if _all_reduce([float(bad)], self.rt)[0]:  # FSDP: each rank holds a shard
-            last = f"; the last checkpoint is at {self.saved_at}" if self.saved_at else ""
             raise TrainingError(
                 "the weights or BatchNorm statistics are no longer finite at "
                 f"{_where(self.epoch, self.step, self.epoch_step)} (a step too large for them)"
-                f"{last}. Lower --lr or raise the bits.",
+                f"{self._last_saved()}. Lower --lr or raise the bits.",
                 every_rank=True,  # the count is all-reduced: every rank raises
             )
 
@@ -1245,11 +1254,10 @@ class _Run:
         weights too large for them, which skipped steps can leave), and its checkpoint would
         not be worth keeping."""
         if not math.isfinite(metrics["val_loss"]):  # reduced over the ranks: all see it
-            last = f"; the last checkpoint is at {self.saved_at}" if self.saved_at else ""
             raise TrainingError(
                 f"the validation loss is {metrics['val_loss']:g} after epoch {metrics['epoch']}: "
-                f"the model's outputs are no longer finite (a step too large for them){last}. "
-                "Lower --lr or raise the bits.",
+                "the model's outputs are no longer finite (a step too large for them)"
+                f"{self._last_saved()}. Lower --lr or raise the bits.",
                 every_rank=True,
             )
         value = metrics[self.best_metric]
