@@ -120,6 +120,11 @@ class TestCifar:
         tmp_path.joinpath("empty").mkdir()
         with pytest.raises(DatasetError, match="data_batch_1"):
             build_datasets("cifar10", tmp_path / "empty")
+        tmp_path.joinpath("a_file").write_bytes(b"")
+        with pytest.raises(
+            DatasetError, match="a_file is a file; --dataset cifar10 needs the fold"
+        ):
+            build_datasets("cifar10", tmp_path / "a_file")
         root = write_cifar(tmp_path / "bad")
         (root / "data_batch_1").write_bytes(b"not a pickle")
         with pytest.raises(DatasetError, match="not a CIFAR-10 python batch"):

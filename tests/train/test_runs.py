@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from fqtorch.models import build_model
-from fqtorch.train import load_checkpoint, new_run_dir
+from fqtorch.train import TrainConfig, load_checkpoint, new_run_dir
 from fqtorch.train import loop as train_loop
 from tests.train.helpers import (
     ENV,
@@ -153,6 +153,12 @@ def test_run_header(tmp_path, info_logs):
     assert "fqt     bhq5: input ptq 8-bit, weight symmetric 8-bit; grad_output bhq 5-bit" in text
     assert "backend simulate" in text and "device  cpu" in text
     assert "checkpoint.pt every epoch and every 7 steps; best.pt by val_acc" in text
+    # digits' default warm-up (1 epoch) on a 1-epoch run: the header says it never decays
+    assert (
+        "optim   sgd with momentum 0.9, lr 0.05, weight decay 0.0005; the warm-up covers the "
+        "whole run (2 steps: --warmup-epochs 1 of --epochs 1), so the learning rate reaches --lr "
+        "at the last step and never decays"
+    ) in text
 
 
 def test_run_header_names_formats_without_bits():
@@ -294,6 +300,11 @@ def test_warm_up_then_cosine(tmp_path, monkeypatch):
     assert fqtorch_main("train", *args, "--lr", "0.1", "--out", tmp_path / "r") == 0
     cosine = [0.05 * (1 + math.cos(math.pi * s / 6)) for s in range(6)]
     assert lrs == pytest.approx([0.05, 0.1, *cosine], rel=1e-12, abs=0)
+    # the header's account of the same course (the cosine's last step is lrs[-1] > 0: the
+    # decay reaches 0 at the step after the run's last)
+    cfg = TrainConfig(epochs=2, lr=0.1, warmup_epochs=0.5)
+    header = train_loop._describe_schedule(cfg, steps_per_epoch=4)
+    assert header.endswith("; warm-up over 2 steps, then cosine decay to 0 over 6 steps")
 
 
 def test_validation_averages_over_samples_not_batches():

@@ -238,6 +238,10 @@ def _cifar10(data_dir: Path | None, seed: int) -> DataSpec:
     layout = "data_batch_1 .. data_batch_5 and test_batch (the CIFAR-10 python version)"
     if data_dir is None:
         raise DatasetError(f"--dataset cifar10 needs --data-dir holding {layout}")
+    if not data_dir.is_dir():
+        raise DatasetError(
+            f"--data-dir {data_dir} is a file; --dataset cifar10 needs the folder holding {layout}"
+        )
     root = (
         data_dir / "cifar-10-batches-py"
         if (data_dir / "cifar-10-batches-py").is_dir()

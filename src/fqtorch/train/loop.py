@@ -328,6 +328,24 @@ def _schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoc
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def _describe_schedule(cfg: TrainConfig, steps_per_epoch: int) -> str:
+    """The optimizer and the learning rate's course, as ``_schedule`` runs it: said in the run's
+    header, so that a warm-up covering the whole run (and so no decay) is not a surprise."""
+    total = cfg.epochs * steps_per_epoch
+    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    optimizer = (
+        "adamw" if cfg.optimizer == "adamw" else f"sgd with momentum {cfg.momentum:g}"
+    ) + f", lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}"
+    if warmup >= total:
+        return (
+            f"{optimizer}; the warm-up covers the whole run ({total} steps: --warmup-epochs "
+            f"{cfg.warmup_epochs:g} of --epochs {cfg.epochs}), so the learning rate reaches "
+            "--lr at the last step and never decays"
+        )
+    rise = f"warm-up over {warmup} steps, then " if warmup else ""
+    return f"{optimizer}; {rise}cosine decay to 0 over {total - warmup} steps"
+
+
 def _loss(logits: Tensor, target: Tensor, smoothing: float) -> Tensor:
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), target.reshape(-1), label_smoothing=smoothing
@@ -979,6 +997,7 @@ class _Run:
             f"model   {cfg.model}: {params:,} parameters, {layers} FQT layers",
             f"data    {data}",
             f"fqt     {_describe_fqt(cfg)}",
+            f"optim   {_describe_schedule(cfg, self.steps_per_epoch)}",
             f"device  {rt.device}"
             + (f", {rt.world} processes ({self._parallel})" if rt.world > 1 else ""),
             f"saves   {saves}",
