@@ -133,6 +133,7 @@ def test_variance_cli_in_process(tmp_path, caplog):
     )
     sampling = details["sampling_per_layer"]
     assert math.isclose(payload["sampling_variance"], sum(sampling.values()), rel_tol=1e-6)
+    assert 0 < payload["sampling_variance_rse"] < 1  # 2 batches around the full-data gradient
     profile = details["profile"]
     assert (profile["quantizer"], profile["bits"]) == ("psq", 3)
     assert profile["rows"] == [*FQT_LAYERS, "sampling"]

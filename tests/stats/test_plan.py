@@ -463,6 +463,9 @@ def test_json_round_trip_and_quantize_model(tmp_path):
     }
     loaded = load_plan(path)
     assert loaded == plan
+    # the sampling variance's own error, from its batches' spread, kept and said
+    assert payload["sampling_variance_rse"] == plan.sampling_variance_rse > 0
+    assert f"relative standard error {plan.sampling_variance_rse:.2g}" in plan.table()
     direct = quantize_model(TwoInputs(30.0), loaded)  # the plan is the callable form itself
     assert fqt_modules(direct)["a"].config == plan.layer("a").config(FQTConfig())
     model = quantize_model(TwoInputs(30.0), loaded.config_fn(FQTConfig(input_bits=6)))
@@ -491,6 +494,7 @@ def test_json_round_trip_and_quantize_model(tmp_path):
         (lambda d: d.update(budget=math.inf), "budget must be a finite number > 0"),
         (lambda d: d.update(measured_with=[64]), "measured_with must be a mapping"),
         (lambda d: d.update(cost="high"), "cost must be a number or null"),
+        (lambda d: d.update(sampling_variance_rse=-1), "sampling_variance_rse must be a finite"),
         (lambda d: d["layers"][0].update(grad_macs="many"), "grad_macs must be a non-negative"),
         (  # the adaptive controller reads frontier rows mid-run: checked when the file loads
             lambda d: d["layers"][0].update(grad_frontier=[["nope", 4, 1.0, 0.1]]),

@@ -5,6 +5,7 @@ last, ``variance_details.json`` (the profile's matrix, the sampling variance per
 run's settings; its absence marks an unfinished run). ``variance.json``::
 
     {"model", "dataset", "batch_size", "seed", "sampling_variance",
+     "sampling_variance_rse" (its relative standard error, from the minibatches' spread),
      "results": [{"quantizer", "bits", "bits_per_element", "rounding", "quantization_variance",
                   "bias_z_rms", "bias_passed" (every layer's RMS z within its limit, or its
                   retest on fresh draws passed), "bias_retested" (the layers whose first
@@ -464,11 +465,13 @@ def run_variance(args: argparse.Namespace) -> int:
     quantize_model(model, FQTConfig.preset("qat", seed=args.seed))
     sampling = sampling_variance(model, _loss, batches, full_data=full_batches)
     dequantize_model(model)
+    rse = sampling.relative_standard_error
     log.info(
-        "sampling variance %.4g (%d minibatches of %d)",
+        "sampling variance %.4g (%d minibatches of %d; relative standard error %s)",
         sampling.total,
         len(batches),
         args.batch_size,
+        "unknown" if rse is None else f"{rse:.2g}",
     )
 
     results = []
@@ -501,6 +504,7 @@ def run_variance(args: argparse.Namespace) -> int:
         "batch_size": args.batch_size,
         "seed": args.seed,
         "sampling_variance": sampling.total,
+        "sampling_variance_rse": sampling.relative_standard_error,
         "results": results,
     }
     for done, (q, b) in enumerate(configs, start=1):

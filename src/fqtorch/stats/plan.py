@@ -219,7 +219,10 @@ class PrecisionPlan:
     precise candidate (the plan then keeps them all there), as measured. ``cost``: the plan's
     cost (module docstring); ``cost_highest``: the cost of every branch at its most precise
     candidate, for scale. ``measured_with``: the batch size, the number of minibatches the
-    sampling variance came from, and the forward and backward settings measured under. Use it
+    sampling variance came from, and the forward and backward settings measured under.
+    ``sampling_variance_rse``: the sampling variance's relative standard error, from its batches'
+    spread (``None``: too few to say); the budget and every share are fractions of an estimate
+    this uncertain. Use it
     with :meth:`config_fn` (the callable form :func:`~fqtorch.quantize_model` takes) or
     :meth:`apply`; :meth:`save` / :func:`load_plan` write and read ``plan.json``."""
 
@@ -233,6 +236,7 @@ class PrecisionPlan:
     cost_highest: float | None = None
     measured_within_budget: bool | None = None
     measured_with: dict[str, Any] | None = None  # batch size and forward config (if known)
+    sampling_variance_rse: float | None = None
 
     def __post_init__(self) -> None:
         names = [layer.name for layer in self.layers]
@@ -319,6 +323,7 @@ class PrecisionPlan:
         return {
             "budget": self.budget,
             "sampling_variance": self.sampling_variance,
+            "sampling_variance_rse": self.sampling_variance_rse,
             "predicted_quantization_variance": self.predicted_quantization_variance,
             "measured_quantization_variance": self.measured_quantization_variance,
             "feasible": self.feasible,
@@ -347,6 +352,12 @@ class PrecisionPlan:
         for key in ("budget", "sampling_variance"):  # the budget's unit and fraction
             if not 0 < d[key] < math.inf:
                 raise ValueError(f"{where}.{key} must be a finite number > 0, got {d[key]!r}")
+        rse = d.get("sampling_variance_rse")
+        if rse is not None and not (_is_number(rse) and 0 <= rse < math.inf):
+            raise ValueError(
+                f"{where}.sampling_variance_rse must be a finite number >= 0 or null, got "
+                f"{rse!r:.60}"
+            )
         for key in ("cost", "cost_highest"):
             value = d.get(key)
             if value is not None and (isinstance(value, bool) or not _is_number(value)):
@@ -389,6 +400,7 @@ class PrecisionPlan:
             cost_highest=d.get("cost_highest"),
             measured_within_budget=d.get("measured_within_budget"),
             measured_with=d.get("measured_with"),
+            sampling_variance_rse=d.get("sampling_variance_rse"),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -420,7 +432,24 @@ class PrecisionPlan:
         )
         if self.cost is not None and self.cost_highest:
             rows.append(f"cost {self.cost / self.cost_highest:.3f} of all-highest-precision")
+        rows.append(self._sampling_error())
         return "\n".join(rows)
+
+    def _sampling_error(self) -> str:
+        count = (self.measured_with or {}).get("sampling_batches")
+        source = f"{count} minibatches" if count else "its minibatches"
+        if self.sampling_variance_rse is None and count is not None and count >= 3:
+            return f"sampling variance from {source}: its error not recorded (an older plan)"
+        if self.sampling_variance_rse is None:
+            return (
+                f"sampling variance from {source}: too few to estimate its own error (3 or more "
+                "around their mean: --sampling-batches)"
+            )
+        return (
+            f"sampling variance from {source}: relative standard error "
+            f"{self.sampling_variance_rse:.2g} (the budget and every share above are fractions "
+            "of it)"
+        )
 
 
 def choice_label(quantizer: str, bits: int) -> str:
@@ -779,7 +808,8 @@ def plan_precision(
             "batches: give at least 2 minibatches (or full_data) to measure the sampling variance"
         )
     with kept_generators(model):
-        sampling = sampling_variance(model, loss_fn, sampled, full_data).total
+        estimate = sampling_variance(model, loss_fn, sampled, full_data)
+        sampling = estimate.total
         if not sampling > 0:
             raise ValueError("the sampling variance is 0 (identical minibatches?); no budget")
         sizes = _gemm_sizes(model, batches[0])
@@ -945,6 +975,7 @@ def plan_precision(
         },
         budget=float(budget),
         sampling_variance=sampling,
+        sampling_variance_rse=estimate.relative_standard_error,
         predicted_quantization_variance=predicted_total,
         measured_quantization_variance=measured_total,
         layers=tuple(plan_layers),
