@@ -167,3 +167,17 @@ def heavy_rows(n: int, d: int, seed: int = 0, spread: float = 2.0) -> Tensor:
     (docs/method.md §4)."""
     gen = torch.Generator().manual_seed(seed)
     return torch.randn(n, d, generator=gen) * torch.exp(spread * torch.randn(n, 1, generator=gen))
+
+
+def exact_gradients(model: torch.nn.Module, loss_fn, batches) -> Tensor:
+    """Each batch's exact (QAT) gradient of every parameter, flattened in float64: one row each,
+    computed the plain way to check the estimators against."""
+    from fqtorch.stats import exact_backward
+
+    rows = []
+    for x, y in batches:
+        model.zero_grad()
+        with exact_backward(model):
+            loss_fn(model(x), y).backward()
+        rows.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
+    return torch.stack(rows)

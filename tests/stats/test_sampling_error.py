@@ -12,10 +12,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import fqtorch
 from fqtorch import FQTConfig, quantize_model
 from fqtorch.stats import sampling_variance
 from fqtorch.stats.estimators import _relative_standard_error
+from tests.helpers import exact_gradients
 
 
 def _trace_of_sample_covariance(x: torch.Tensor) -> float:
@@ -93,13 +93,7 @@ def test_sampling_variance_reports_its_error():
     batches = [
         (torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(5)
     ]
-    grads = []
-    for x, y in batches:
-        model.zero_grad()
-        with fqtorch.stats.exact_backward(model):
-            F.cross_entropy(model(x), y).backward()
-        grads.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
-    stacked = torch.stack(grads)
+    stacked = exact_gradients(model, F.cross_entropy, batches)
     spread = (stacked - stacked.mean(0)).square().sum(1).tolist()
     result = sampling_variance(model, F.cross_entropy, batches)
     assert result.relative_standard_error == pytest.approx(

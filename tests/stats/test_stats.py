@@ -30,6 +30,7 @@ from fqtorch.stats import (
     sampling_variance,
     variance_profile,
 )
+from tests.helpers import exact_gradients
 
 
 def digits_batches(count: int, size: int = 32, seed: int = 0):
@@ -491,13 +492,7 @@ def test_a_tied_parameter_counts_once():
     result = sampling_variance(model, F.cross_entropy, batches)
     assert sorted(result.per_parameter) == ["head.weight", "mix.bias", "mix.weight"]
     assert sorted(result.per_layer) == ["head", "mix"]
-    grads = []
-    for x, y in batches:
-        model.zero_grad()
-        with fqtorch.stats.exact_backward(model):
-            F.cross_entropy(model(x), y).backward()
-        grads.append(torch.cat([p.grad.reshape(-1).double() for p in model.parameters()]))
-    stacked = torch.stack(grads)
+    stacked = exact_gradients(model, F.cross_entropy, batches)
     expect = float(stacked.var(0).sum())
     assert result.total == pytest.approx(expect, rel=1e-9)
 
