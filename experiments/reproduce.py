@@ -25,14 +25,16 @@ same plan re-planned while training (``adaptive``: ``--adaptive-precision``, see
 (``MATCH_RULE``, average gradient bits by GEMM size) and says whether the plans match QAT with
 fewer bits than the smallest matching uniform preset.
 
-A run that stops on a non-finite loss is recorded as diverged (not as a number); any other
-failure stops the script with the run's own error line.
+A run that stops on a non-finite loss, gradient, weight or validation loss (``fqtorch train``
+exits with ``EXIT_DIVERGED``) is recorded as diverged (not as a number); any other failure stops
+the script with the run's own error line.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import hashlib
 import inspect
 import itertools
 import json
@@ -46,6 +48,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
@@ -61,6 +64,7 @@ LOW_BITS = (3, 4)  # the uniform rows with weight gradients at these bits too (b
 FORMATS = ("fp8_e4m3", "mxfp4_sr", "mxfp4_rht_sr", "nvfp4_sr", "nvfp4_rht_sr")
 PLAN_BUDGET = 0.1  # the fixed plan's budget: quantization variance / sampling variance
 BRANCHES = ("grad", "grad_weight")
+EXIT_DIVERGED = 3  # fqtorch train's exit status for a diverged run (fqtorch.train.errors)
 
 
 @dataclass(frozen=True)
@@ -316,6 +320,22 @@ def environment(threads: int | None = None) -> dict[str, str]:
     }
 
 
+def started_with(out: Path, task: Task, config: Config) -> dict[str, Any]:
+    """The code a run started with and, where it changed, resumed with (the run's own
+    ``config.json``: ``-dirty`` marks uncommitted changes), and the sha256 of the plan file it
+    trained with: what reproduces it, where ``environment()``'s ``commit`` is the checkout's at
+    the end."""
+    record = json.loads((out / "config.json").read_text()) if (out / "config.json").exists() else {}
+    first = record.get("git_commit")
+    resumed = [r.get("git_commit") for r in record.get("resumes", [])]
+    found: dict[str, Any] = {"started_commit": first[:7] + first[40:] if first else None}
+    if any(c != first for c in resumed):
+        found["resumed_commits"] = sorted({c[:7] + c[40:] for c in resumed if c and c != first})
+    if config.kind in ("plan", "adaptive"):
+        found["plan_sha256"] = hashlib.sha256(plan_path(task).read_bytes()).hexdigest()
+    return found
+
+
 def train(task: Task, config: Config, seed: int, threads: int | None = None) -> dict:
     """Run (or resume) one training run to its end and write its summary; ``threads``: the
     run's ``OMP_NUM_THREADS`` (None: inherited)."""
@@ -329,10 +349,16 @@ def train(task: Task, config: Config, seed: int, threads: int | None = None) -> 
     error = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else ""
     if done.returncode in (130, 143):
         raise KeyboardInterrupt(error)
-    diverged = done.returncode != 0 and "non-finite" in error
+    # fqtorch train's own exit status for a stop on a non-finite loss, gradient, weight or
+    # validation loss (its message varies; the status does not)
+    diverged = done.returncode == EXIT_DIVERGED
     if done.returncode != 0 and not diverged:
         raise RuntimeError(f"{' '.join(cmd)} failed ({done.returncode}): {error}")
-    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # a run that diverged within its first epoch logged none
+    logged = out / "metrics.jsonl"
+    lines = (
+        [json.loads(line) for line in logged.read_text().splitlines()] if logged.exists() else []
+    )
     # epoch lines (adaptive precision also logs {"event": "precision", ...} lines, kept apart)
     metrics = [m for m in lines if "event" not in m]
     events = [m for m in lines if m.get("event") == "precision"]
@@ -364,7 +390,7 @@ def train(task: Task, config: Config, seed: int, threads: int | None = None) -> 
         # the full command (not the --resume of a run continued across sessions), with paths
         # relative to the repository: the same command on any checkout
         "command": " ".join(full[1:]).replace(f"{ROOT}/", ""),
-        "environment": environment(threads),
+        "environment": {**environment(threads), **started_with(out, task, config)},
     }
     path = summary_path(task, config, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -868,9 +894,10 @@ def table(task: Task, runs: dict[str, list[dict]]) -> str:
         cost(task, runs),
         "",
     ]
-    machines = collections.Counter(
+    machines = collections.Counter(  # the same model name covers AVX-512 and AVX2-only hosts
         f"{r.get('environment', {}).get('cpu', 'unknown CPU')} "
-        f"({r.get('environment', {}).get('threads', '?')} threads)"
+        f"({r.get('environment', {}).get('cpu_capability', 'capability unknown')}, "
+        f"{r.get('environment', {}).get('threads', '?')} threads)"
         for rs in runs.values()
         for r in rs
     )
@@ -930,13 +957,26 @@ def provenance(runs: dict[str, list[dict]]) -> str:
     """Which code and versions the summaries came from (each records its own)."""
     envs = [r.get("environment", {}) for rs in runs.values() for r in rs]
 
-    def counted(key: str) -> str:
-        counts = collections.Counter(e.get(key, "unknown") for e in envs)
+    def counted(key: str, fallback: str | None = None) -> str:
+        counts = collections.Counter(
+            e.get(key) or (e.get(fallback) if fallback else None) or "unknown" for e in envs
+        )
         return ", ".join(f"`{v}` ({n})" for v, n in sorted(counts.items()))
 
+    resumed = sum(bool(e.get("resumed_commits")) for e in envs)
+    older = sum("started_commit" not in e for e in envs)
     return (
-        f"Code (each summary's `environment.commit`, runs per commit): {counted('commit')}; "
-        f"torch {counted('torch')}; Python {counted('python')}."
+        f"Code (each summary's `environment.started_commit`: the commit the run started from, "
+        f"`-dirty` with uncommitted changes; runs per commit): "
+        f"{counted('started_commit', 'commit')}"
+        + (f"; {resumed} resumed under other code (`resumed_commits`)" if resumed else "")
+        + (
+            f"; {older} summaries from before the start was recorded name the checkout's commit "
+            "when they were written (`commit`), which can postdate the run's start"
+            if older
+            else ""
+        )
+        + f"; torch {counted('torch')}; Python {counted('python')}."
     )
 
 
@@ -959,11 +999,25 @@ def cost(task: Task, runs: dict[str, list[dict]]) -> str:
     if task.archived:
         return line + f"; archived: the other {missing} runs will not be trained."
     if missing and done:
+        # the runs left are not typical ones (the slow formats tend to be last): each at its
+        # own configuration's median time, the overall median only where none has run
         median = statistics.median(r.get("train_seconds", 0.0) for r in done) / 3600
+        hours_left, unknown = 0.0, 0
+        for c in configs():
+            have = [r.get("train_seconds", 0.0) for r in runs.get(c.name, [])]
+            left = sum(1 for seed in SEEDS if seed not in {r["seed"] for r in runs.get(c.name, [])})
+            hours_left += left * (statistics.median(have) / 3600 if have else median)
+            unknown += 0 if have else left
         line += (
             f"; {missing} of the {len(configs()) * len(SEEDS)} runs (seeds "
-            f"{', '.join(map(str, SEEDS))}) still to go, ≈ {missing * median:.1f} h more at the "
-            f"median run's {60 * median:.0f} min"
+            f"{', '.join(map(str, SEEDS))}) still to go, ≈ {hours_left:.1f} h more (each at its "
+            "configuration's median time"
+            + (
+                f"; {unknown} with none yet at the median run's {60 * median:.0f} min"
+                if unknown
+                else ""
+            )
+            + ")"
         )
     return line + "."
 
@@ -998,11 +1052,13 @@ def flatness(task: Task, runs: dict[str, list[dict]]) -> str:
 
 
 def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
-    """QAT seed 0 on the task's schedule against the same seed on ``LONG_FACTOR`` times it, in
-    the task's headline metric: the schedule is long enough when the longer run, at its best
-    evaluation, improves on the shorter one's final value by less than ``FLAT`` of that value
-    or QAT's spread over its seeds, whichever is larger (a gain below the seeds' spread cannot
-    be told from seed noise). At its best: a run that dips lower and overfits back up still says
+    """QAT seed 0 on the task's schedule against the same seed on ``LONG_FACTOR`` times it: the
+    schedule is long enough when the longer run, at its best evaluation, improves on the shorter
+    one's final value by less than a threshold: the larger of QAT's spread over its seeds (a gain
+    below it cannot be told from seed noise) and ``FLAT`` of the loss, or of the error rate for
+    accuracy (1% of an accuracy near 100% is more than any run can gain). Checked in validation
+    loss on every task and also in accuracy where that is the headline metric; long enough only
+    when it holds in each. At its best: a run that dips lower and overfits back up still says
     the schedule was too short."""
     long_epochs = epochs(task, LONG)
     long = [r for r in runs.get(LONG.name, []) if r["seed"] == 0]
@@ -1016,39 +1072,57 @@ def schedule_check(task: Task, runs: dict[str, list[dict]]) -> str:
         return f"The schedule check ran, but QAT seed 0 on {task.epochs} epochs has not."
     if long[0]["diverged"] or base[0]["diverged"]:
         return f"The schedule check: QAT seed 0 diverged on {long_epochs} or {task.epochs} epochs."
-    key, sign = task.metric, (1 if task.metric == "val_acc" else -1)  # sign: + is better
+    keys = ["val_loss"] + (["val_acc"] if task.metric == "val_acc" else [])
+    parts, short_enough = [], []
+    for key in keys:
+        text, still = _schedule_gain(task, runs, base[0], long[0], key)
+        parts.append(text)
+        short_enough.append(still)
+    if any(short_enough):
+        verdict = (
+            "**not long enough**"
+            + (" in validation loss" if short_enough == [True, False] else "")
+            + ": a longer schedule improves QAT by more than that, so the rows compare runs "
+            "that were still improving"
+        )
+    else:
+        verdict = "**long enough**"
+    return (
+        f"Schedule check: QAT seed 0 on {long_epochs} epochs (`qat_long`, same steps per epoch "
+        f"and learning-rate shape) against {task.epochs}; {'; '.join(parts)}. The "
+        f"{task.epochs}-epoch schedule counts as long enough when each gain is below the larger "
+        f"of QAT's std and {100 * FLAT:.0f}% of the loss (of the error rate, for accuracy): it is "
+        f"{verdict}."
+    )
+
+
+def _schedule_gain(
+    task: Task, runs: dict[str, list[dict]], base: dict, long: dict, key: str
+) -> tuple[str, bool]:
+    """One metric of :func:`schedule_check`: its sentence, and whether the longer schedule
+    gains more than the threshold."""
+    sign = 1 if key == "val_acc" else -1  # + is better
     accuracy = key == "val_acc"
     name = "validation accuracy" if accuracy else "validation loss"
 
     def show(value: float, signed: bool = False) -> str:
-        sign = "+" if signed else ""
-        return f"{100 * value:{sign}.2f} %" if accuracy else f"{value:{sign}.4f}"
+        plus = "+" if signed else ""
+        return f"{100 * value:{plus}.2f} %" if accuracy else f"{value:{plus}.4f}"
 
-    short, final = base[0]["final"][key], long[0]["final"][key]
-    curve = long[0]["curve"]
-    best = max(curve, key=lambda c: sign * c[key])
+    short, final = base["final"][key], long["final"][key]
+    best = max(long["curve"], key=lambda c: sign * c[key])
     gain = sign * (best[key] - short)  # + : the longer schedule did better
     seeds = [r["final"][key] for r in runs.get("qat", []) if not r["diverged"]]
     spread = statistics.stdev(seeds) if len(seeds) > 1 else 0.0
-    threshold = max(FLAT * abs(short), spread)
-    spread_text = (
-        f"{show(spread)} over its {len(seeds)} seeds" if len(seeds) > 1 else "one seed so far"
-    )
-    if gain >= threshold:
-        verdict = (
-            "**not long enough**: a longer schedule improves QAT by more than that, so the rows "
-            "compare runs that were still improving"
-        )
-    else:
-        overfits = sign * (best[key] - final) >= FLAT * abs(best[key])
-        verdict = "**long enough**" + (" (the longer run overfits instead)" if overfits else "")
+    threshold = max(FLAT * ((1 - short) if accuracy else abs(short)), spread)
+    overfits = sign * (best[key] - final) >= FLAT * abs(best[key])
+    spread_text = f"std {show(spread)} over {len(seeds)} seeds" if len(seeds) > 1 else "one seed"
     return (
-        f"Schedule check: QAT seed 0 on {long_epochs} epochs (`qat_long`, same steps per epoch "
-        f"and learning-rate shape) reaches {name} {show(best[key])} at its best (epoch "
-        f"{best['epoch']}) and ends at {show(final)}, against {show(short)} on {task.epochs}: "
-        f"{show(gain, signed=True)} at its best. The {task.epochs}-epoch schedule counts as long "
-        f"enough when that gain is below the larger of {100 * FLAT:.0f}% of the value and QAT's "
-        f"std ({spread_text}), here {show(threshold)}: it is {verdict}."
+        f"{name} {show(best[key])} at its best (epoch {best['epoch']}), ending at {show(final)}"
+        + (" (it overfits)" if overfits and gain < threshold else "")
+        + f", against {show(short)}: {show(gain, signed=True)}, threshold {show(threshold)} "
+        f"({spread_text})",
+        gain >= threshold,
     )
 
 
@@ -1144,24 +1218,42 @@ def claims(task: Task, runs: dict[str, list[dict]], variance: dict | None) -> li
     def n(name: str) -> str:  # how many runs a mean is over (one run has no spread)
         return f"(n={sum(not r['diverged'] for r in runs.get(name, []))})"
 
+    def diverged(name: str) -> int:
+        return sum(r["diverged"] for r in runs.get(name, []))
+
     qat, bhq5 = mean_of("qat", task.metric), mean_of("bhq5", task.metric)
-    if qat is not None and bhq5 is not None:
-        gap = (bhq5 - qat) / abs(qat) * (1 if task.metric == "val_loss" else -1)
+    if diverged("bhq5"):  # a diverged seed is no "within": said, not averaged away
         rows.append(
-            f"| 5-bit BHQ within 0.5% of QAT | {'yes' if gap <= 0.005 else 'no'} | "
+            f"| 5-bit BHQ within 0.5% of QAT | no | {diverged('bhq5')} of "
+            f"{len(runs['bhq5'])} BHQ 5-bit runs diverged |"
+        )
+    elif qat is not None and bhq5 is not None:
+        gap = (bhq5 - qat) / abs(qat) * (1 if task.metric == "val_loss" else -1)
+        seeds = min(len(runs["bhq5"]), sum(not r["diverged"] for r in runs["qat"]))
+        verdict = ("yes" if gap <= 0.005 else "no") if seeds >= 2 else "not decided (1 seed)"
+        rows.append(
+            f"| 5-bit BHQ within 0.5% of QAT | {verdict} | "
             f"{task.metric} {bhq5:.4f} {n('bhq5')} vs {qat:.4f} {n('qat')}: {100 * gap:+.2f}% "
             "(positive = worse) |"
         )
     low = min(BITS)
-    worst = {q: mean_of(f"{q}{low}", task.metric) for q in QUANTIZERS}
-    if all(v is not None for v in worst.values()):
+    names = {q: f"{q}{low}" for q in QUANTIZERS}
+    if all(runs.get(name) for name in names.values()):
         sign = 1 if task.metric == "val_loss" else -1
-        first = max(worst, key=lambda q: sign * worst[q])
-        diverged = {q: sum(r["diverged"] for r in runs.get(f"{q}{low}", [])) for q in QUANTIZERS}
-        values = ", ".join(f"{q} {v:.4f} {n(f'{q}{low}')}" for q, v in worst.items())
+        # worst first by the share of seeds diverged, then by the mean of the others
+        share = {q: diverged(name) / len(runs[name]) for q, name in names.items()}
+        mean = {q: mean_of(name, task.metric) for q, name in names.items()}
+        first = max(
+            QUANTIZERS, key=lambda q: (share[q], -math.inf if mean[q] is None else sign * mean[q])
+        )
+        values = ", ".join(
+            f"{q} " + ("all diverged" if mean[q] is None else f"{mean[q]:.4f} {n(names[q])}")
+            for q in QUANTIZERS
+        )
+        counts = {q: diverged(name) for q, name in names.items()}
         rows.append(
             f"| low-bit PTQ fails first | {'yes' if first == 'ptq' else 'no'} | "
-            f"{low} bits, {task.metric}: {values}; diverged runs {diverged} |"
+            f"{low} bits, {task.metric}: {values}; diverged runs {counts} |"
         )
     if variance is not None:
         at = {(r["quantizer"], r["bits"]): r for r in variance["results"]}
@@ -1192,7 +1284,7 @@ def claims(task: Task, runs: dict[str, list[dict]], variance: dict | None) -> li
             held = all(2.5 <= f <= 6 for f in factors)
             rows.append(
                 f"| variance falls ≈ 4× per bit | {'yes' if held else 'no'} | PSQ, per bit: "
-                f"{text} |"
+                f"{text} (held: each within 2.5–6×) |"
             )
     return rows
 

@@ -18,7 +18,13 @@ from .config import BACKENDS, FQTConfig
 from .quantizers import list_quantizers
 from .quantizers.callers import FQTWarning
 from .quantizers.transforms import TRANSFORMS
-from .train.errors import CheckpointError, TrainingError, TrainingInterrupted
+from .train.errors import (
+    EXIT_DIVERGED,
+    CheckpointError,
+    Diverged,
+    TrainingError,
+    TrainingInterrupted,
+)
 
 __all__ = ["main"]
 
@@ -360,13 +366,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         CheckpointError,
         TrainingError,
     ) as exc:
-        # Bad input and stopped runs: one clear line, not a traceback (bugs keep theirs).
+        # Bad input and stopped runs: one clear line, not a traceback (bugs keep theirs). A
+        # diverged run has its own exit status, for scripts.
+        status = EXIT_DIVERGED if isinstance(exc, Diverged) else 2
         if getattr(exc, "every_rank", False) and _rank() != 0:
-            return 2  # every rank stopped alike: rank 0 says it for all
+            return status  # every rank stopped alike: rank 0 says it for all
         line = _os_error_line(exc) if isinstance(exc, OSError) else str(exc)
         message = _name_the_flag(line, args, argv)
         print(f"fqtorch {args.command}: error: {message}", file=sys.stderr)
-        return 2
+        return status
     except TrainingInterrupted as exc:  # Ctrl-C in training: what was saved, how to resume
         _ignore_further_interrupts(argv_given)
         if _rank() == 0:  # under torchrun every rank stops alike; rank 0 says it for all

@@ -206,6 +206,7 @@ class TestExactResume:
         def press_ctrl_c(self, x, y):
             result = original(self, x, y)
             if self.step == 4:  # the 5th step of epoch 1: the step finishes, then the run stops
+                time.sleep(1.0)  # a slow step: its time must reach the epoch's "seconds"
                 signal.raise_signal(signal.SIGINT)
             return result
 
@@ -221,9 +222,12 @@ class TestExactResume:
         assert signal.getsignal(signal.SIGINT) is before  # the handler restored
         state = load_checkpoint(out / "checkpoint.pt")
         assert (state["epoch"], state["step"], state["epoch_step"]) == (0, 5, 5)
+        assert state["epoch_seconds"] >= 1.0
         monkeypatch.setattr(train_loop._Run, "_train_step", original)
         assert fqtorch_main("train", "--resume", out) == 0
         assert_same_run(uninterrupted, out)
+        # the epoch's time counts both invocations (it counted the resumed one alone)
+        assert read_metrics(out)[0]["seconds"] > state["epoch_seconds"]
 
     def test_second_ctrl_c_stops_at_once(self, tmp_path, monkeypatch, capsys):
         out = tmp_path / "twice"

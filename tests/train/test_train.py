@@ -516,11 +516,11 @@ class TestErrors:
 
     def test_nonfinite_loss_stops_or_skips(self, tmp_path, capsys):
         args = ("--lr", "1e30", "--epochs", "1", "--max-steps-per-epoch", "4", "--quiet")
-        assert fqtorch_main("train", *args, "--out", tmp_path / "a") == 2
+        assert fqtorch_main("train", *args, "--out", tmp_path / "a") == 3  # diverged: exit status 3
         assert "non-finite loss or gradient" in capsys.readouterr().err
         # lr 1e30: after the first step every forward overflows (skipped), and validation's
         # too: the run stops before a checkpoint would keep the model
-        assert fqtorch_main("train", *args, "--out", tmp_path / "b", "--nonfinite", "skip") == 2
+        assert fqtorch_main("train", *args, "--out", tmp_path / "b", "--nonfinite", "skip") == 3
         err = capsys.readouterr().err
         assert "the validation loss is nan after epoch 1: the model's outputs are no " in err, err
         assert not (tmp_path / "b" / "checkpoint.pt").exists()
@@ -539,13 +539,13 @@ class TestErrors:
         with pytest.MonkeyPatch.context() as patch:
             patch.setattr(loop._Run, "_train_step", infinite_weight_at_step_2)
             every_2 = ("--checkpoint-every", "2", "--out", tmp_path / "d")
-            assert fqtorch_main("train", *args[2:], *every_2) == 2
+            assert fqtorch_main("train", *args[2:], *every_2) == 3
         err = capsys.readouterr().err
         assert "the weights or BatchNorm statistics are no longer finite at step 2, in " in err
         assert not (tmp_path / "d" / "checkpoint.pt").exists()
         # nor does a checkpoint within the epoch keep them
         every = ("--checkpoint-every", "1", "--nonfinite", "skip", "--out", tmp_path / "c")
-        assert fqtorch_main("train", *args, *every) == 2
+        assert fqtorch_main("train", *args, *every) == 3
         if (tmp_path / "c" / "checkpoint.pt").exists():
             model = load_checkpoint(tmp_path / "c" / "checkpoint.pt")["model"]
             assert all(torch.isfinite(t).all() for t in model.values() if t.is_floating_point())
@@ -614,7 +614,7 @@ class TestErrors:
             code = fqtorch_main("train", *args, nonfinite, "--out", tmp_path / "r")
         err = capsys.readouterr().err
         if nonfinite == "stop":
-            assert code == 2 and "at epoch 1, step 1 (mean loss nan, grad norm nan)" in err, err
+            assert code == 3 and "at epoch 1, step 1 (mean loss nan, grad norm nan)" in err, err
             return
         assert code == 0, err
         assert read_metrics(tmp_path / "r")[0]["skipped_steps"] == 2

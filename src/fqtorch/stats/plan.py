@@ -404,8 +404,12 @@ class PrecisionPlan:
         )
 
     def save(self, path: str | Path) -> Path:
+        """Write plan.json whole or not at all (a stop mid-write leaves no half file that a
+        script checking for the file would take as a plan)."""
         path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)
         return path
 
     def table(self) -> str:

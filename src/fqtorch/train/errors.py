@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["CheckpointError", "TrainingError", "TrainingInterrupted"]
+__all__ = ["CheckpointError", "Diverged", "TrainingError", "TrainingInterrupted"]
 
 
 class CheckpointError(RuntimeError):
@@ -18,6 +18,15 @@ class TrainingError(RuntimeError):
     def __init__(self, message: str, every_rank: bool = False) -> None:
         super().__init__(message)
         self.every_rank = every_rank
+
+
+class Diverged(TrainingError):
+    """The run stopped on a non-finite loss, gradient, weight or validation loss (``--nonfinite
+    stop``): it diverged, and the last checkpoint is kept. ``fqtorch train`` exits with
+    :data:`EXIT_DIVERGED`, so that a script tells it from other failures without reading text."""
+
+
+EXIT_DIVERGED = 3  # fqtorch train's exit status for a run that diverged (2: bad input, others)
 
 
 class TrainingInterrupted(KeyboardInterrupt):

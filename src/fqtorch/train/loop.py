@@ -56,7 +56,7 @@ from ..data import DataSpec, build_datasets
 from ..models import build_model, get_model_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .errors import CheckpointError, TrainingError, TrainingInterrupted
+from .errors import CheckpointError, Diverged, TrainingError, TrainingInterrupted
 from .interrupt import StopRequest
 from .rundir import SAME_ON_RESUME, _differ, lock_run, new_run_dir, unlock_run
 
@@ -642,6 +642,10 @@ class _Run:
         self.best_metric = "val_loss" if self.spec.task == "text" else "val_acc"
         self.resumed: dict[str, int] | None = None  # where restore() found the run
         self.saved_at: str | None = None  # the last checkpoint written, in words
+        # the epoch's training time in earlier invocations (a resume within it), and the clock
+        # the epoch's "seconds" runs on (their sum: a stopped epoch's time is not lost)
+        self.epoch_seconds = 0.0
+        self._epoch_clock: float | None = None
         self._rank_rng: dict[str, Any] | None = None  # mid-epoch resume: this rank's RNG
         self.stop = StopRequest()
         self.stop_seen = False  # a stop requested on any rank, as of the last step
@@ -704,6 +708,7 @@ class _Run:
             "epoch": self.epoch,
             "step": self.step,
             "epoch_step": self.epoch_step,
+            "epoch_seconds": self._seconds_into_epoch(),
             "steps_per_epoch": self.steps_per_epoch,
             "world_size": self.rt.world,
             "rng": {"ranks": self._rank_states()},
@@ -713,6 +718,11 @@ class _Run:
             "bits_plan": self.bits_plan,  # the plan's choices: its file may change later
             "data_order": self.data_order,
         }
+
+    def _seconds_into_epoch(self) -> float:
+        if not self.epoch_step or self._epoch_clock is None:
+            return self.epoch_seconds if self.epoch_step else 0.0
+        return time.perf_counter() - self._epoch_clock
 
     def _precision_state(self) -> dict[str, Any] | None:
         if self.precision is None:
@@ -830,6 +840,7 @@ class _Run:
                 if not self.rt.main:  # the saved window is the ranks' sum: on rank 0 only
                     self.precision.window = {}
             if epoch_step:
+                self.epoch_seconds = float(state.get("epoch_seconds", 0.0))
                 self._rank_rng = ranks[self.rt.rank]
                 self.sums = [float(v) for v in self._rank_rng["sums"]]
                 # Checked now, before anything is written; loaded again where the epoch
@@ -1072,7 +1083,7 @@ class _Run:
             if self.cfg.nonfinite == "stop":
                 last = f" and the last checkpoint is at {self.saved_at}" if self.saved_at else ""
                 ranks = f" over {self.rt.world} processes" if self.rt.world > 1 else ""
-                raise TrainingError(
+                raise Diverged(
                     f"non-finite loss or gradient at epoch {self.epoch + 1}, step "
                     f"{self.step + 1} (mean loss{ranks} {losses / self.rt.world:.4g}, grad norm "
                     f"{float(norm):.4g}); the weights were not updated{last}. Lower --lr or "
@@ -1198,7 +1209,7 @@ class _Run:
     def run_epoch(self) -> dict[str, Any] | None:
         """Train the (rest of the) epoch and evaluate: its metrics; ``None`` when a stop was
         requested, after the step in progress (the epoch is left unfinished, ready to save)."""
-        start = time.perf_counter()
+        self._epoch_clock = time.perf_counter() - self.epoch_seconds
         self._start_epoch()
         self.ddp.train()
         batches: Iterable = self._batches()
@@ -1233,13 +1244,14 @@ class _Run:
         self.epoch += 1
         self.epoch_step = 0
         self.sums = [0.0, 0.0, 0.0]
+        seconds, self.epoch_seconds = time.perf_counter() - self._epoch_clock, 0.0
         return {
             "epoch": self.epoch,
             "train_loss": total / count if count else float("nan"),  # every step skipped
             "val_loss": val_loss,
             "val_acc": val_acc,
             "lr": self.optimizer.param_groups[0]["lr"],
-            "seconds": time.perf_counter() - start,
+            "seconds": seconds,  # training and validation, over every invocation
             "steps": self.step,
             "skipped_steps": int(skipped),
         }
@@ -1259,7 +1271,7 @@ class _Run:
         tensors = itertools.chain(self.model.parameters(), stats)
         bad = sum(not bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
         if _all_reduce([float(bad)], self.rt)[0]:  # FSDP: each rank holds a shard
-            raise TrainingError(
+            raise Diverged(
                 "the weights or BatchNorm statistics are no longer finite at "
                 f"{_where(self.epoch, self.step, self.epoch_step)} (a step too large for them)"
                 f"{self._last_saved()}. Lower --lr or raise the bits.",
@@ -1273,7 +1285,7 @@ class _Run:
         weights too large for them, which skipped steps can leave), and its checkpoint would
         not be worth keeping."""
         if not math.isfinite(metrics["val_loss"]):  # reduced over the ranks: all see it
-            raise TrainingError(
+            raise Diverged(
                 f"the validation loss is {metrics['val_loss']:g} after epoch {metrics['epoch']}: "
                 "the model's outputs are no longer finite (a step too large for them)"
                 f"{self._last_saved()}. Lower --lr or raise the bits.",
