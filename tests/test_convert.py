@@ -19,6 +19,7 @@ from torch.nn.utils import prune
 import fqtorch
 from fqtorch import FQTConfig, dequantize_model, quantize_model
 from fqtorch.nn import FQTConv1d, FQTConv2d, FQTLinear
+from fqtorch.quantizers.callers import FQTWarning
 
 
 def make_model() -> nn.Module:
@@ -429,7 +430,7 @@ class TestSummary:
             quantize_model(make_model(), FQTConfig())
         assert caplog.records[-1].getMessage() == (
             "FQT conversion: 3 FQT layers (1 FQTConv2d, 2 FQTLinear); "
-            "no other module holds matrix products"
+            "no other module owns a matrix-shaped parameter"
         )
 
     def test_filter_and_config_reasons(self, caplog):
@@ -755,3 +756,56 @@ def test_dequantize_refuses_layers_parametrized_after_conversion():
     assert isinstance(model[0], FQTLinear)  # untouched
     torch.nn.utils.parametrize.remove_parametrizations(model[1], "weight")
     assert type(dequantize_model(model)[1]) is nn.Linear
+
+
+class TestSeparateConversions:
+    """Layers converted in separate calls under one seed, each named alike within its call, start
+    from the same noise seed: the same draws on both, so the upper layer's noise is correlated
+    with the gradient reaching the lower one, whose gradient is then biased. Said when a later
+    call sees them together; fqtorch.reseed(model, seed) on the whole model separates them."""
+
+    @staticmethod
+    def model(seed: int = 0) -> nn.Module:
+        torch.manual_seed(seed)
+        cfg = FQTConfig.preset("psq2", seed=1)
+        layers = [quantize_model(nn.Linear(8, 8), cfg) for _ in range(2)]  # both named ''
+        return nn.Sequential(layers[0], nn.Tanh(), layers[1])
+
+    @staticmethod
+    def draws(model: nn.Module, x: torch.Tensor, count: int) -> torch.Tensor:
+        """The input's gradient: the lower layer's 2-bit grad_input branch (its weight gradient
+        goes through the presets' 8-bit branch)."""
+        out = []
+        for _ in range(count):
+            x = x.detach().requires_grad_(True)
+            model(x).square().sum().backward()
+            out.append(x.grad.flatten())
+        return torch.stack(out)
+
+    def test_found_said_and_separated(self):
+        model = self.model()
+        assert fqtorch.same_streams(model) == [("0", "2")]
+        with pytest.warns(FQTWarning, match=r"draw the same rounding noise \('0.0', '0.2'\)"):
+            quantize_model(nn.Sequential(model, nn.Linear(8, 2)), FQTConfig.preset("psq2"))
+        fqtorch.reseed(model, 5)
+        assert fqtorch.same_streams(model) == []
+
+    @pytest.mark.parametrize("separated", [False, True])
+    def test_the_same_streams_bias_the_lower_layer(self, separated):
+        """400 draws of the input's gradient against QAT's: biased on one stream (the test has the
+        power to see it), unbiased once reseeded (no false alarm)."""
+        from tests.helpers import projection_z, z_limit
+
+        model = self.model()
+        x = torch.randn(16, 8, generator=torch.Generator().manual_seed(2))
+        exact = copy.deepcopy(model)
+        for layer in fqtorch.fqt_modules(exact).values():
+            layer.config = layer.config.replace(grad_quantizer=None, grad_weight_quantizer=None)
+        qat = self.draws(exact, x, 1)[0]
+        if separated:
+            fqtorch.reseed(model, 1)
+        z = projection_z(self.draws(model, x, 400), qat)
+        if separated:
+            assert z.abs().max() < z_limit(z.numel()), z
+        else:
+            assert z.abs().max() > z_limit(z.numel()), z

@@ -20,6 +20,7 @@ from .convert import (
     register_layer,
     registered_layers,
     reseed,
+    same_streams,
     unregister_layer,
 )
 from .quantizers import (
@@ -53,5 +54,6 @@ __all__ = [
     "register_quantizer",
     "registered_layers",
     "reseed",
+    "same_streams",
     "unregister_layer",
 ]

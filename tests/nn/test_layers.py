@@ -447,6 +447,30 @@ class TestDtypesAndLayouts:
         for a, b in zip(got, expected, strict=True):
             assert a.dtype == torch.float32 and torch.equal(a, b.float())
 
+    def test_a_float64_layer_under_autocast_stays_float64(self):
+        """Autocast leaves float64 tensors alone (not an eligible dtype), so the exact preset's
+        float64 layer gives the float layer's float64 values under it (it ran the product in
+        bf16: off by 2.8e-3)."""
+        torch.manual_seed(0)
+        base = nn.Linear(6, 5).double()
+        layer = FQTLinear(copy.deepcopy(base), FQTConfig.preset("exact"), name="fc")
+        x = torch.randn(9, 6, dtype=torch.float64)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, expected = layer(x), base(x)
+        assert got.dtype == torch.float64 and torch.equal(got, expected)
+
+    def test_a_block_format_input_near_float16_s_top_stays_finite(self):
+        """NVFP4 rounds 64550 (finite in float16) up to 67584: under float16 autocast the cast
+        saturates at 65504 instead of making the output infinite where the float layer's is
+        finite."""
+        torch.manual_seed(0)
+        layer = quantize_model(nn.Linear(16, 4), FQTConfig.preset("nvfp4_sr"))
+        x = torch.randn(8, 16)
+        x[0, 0] = 64550.0
+        assert layer.plan.input(x).max() > torch.finfo(torch.float16).max  # the case at hand
+        with torch.autocast("cpu", dtype=torch.float16):
+            assert torch.isfinite(layer(x)).all()
+
     def test_bfloat16_model(self):
         """A bf16 model gives the float32 model's values to bf16 precision: its activations and
         the gradients between layers are rounded to bf16, which moves a few codes by a step."""

@@ -43,6 +43,17 @@ def _quantize_grad(
     return quantizer(nhwc, generator).permute(0, 3, 1, 2)
 
 
+def _saturated(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` cast to the autocast ``dtype``, saturating at its largest finite value: a forward
+    quantizer rounding to nearest can land above the input's largest value (a block format's
+    top code by up to 1.2×), past float16's 65504 from a finite float16 input, where the cast
+    would make it infinite."""
+    if dtype == torch.float16 and t.dtype != dtype:
+        top = torch.finfo(dtype).max
+        t = t.clamp(-top, top)
+    return t.to(dtype)
+
+
 class _FQTFunction(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
@@ -58,13 +69,16 @@ class _FQTFunction(torch.autograd.Function):
         input_q = ops.prepare(plan.input(input))
         weight_q = plan.weight(weight)
         device_type = input.device.type
-        if torch.is_autocast_enabled(device_type):
+        if torch.is_autocast_enabled(device_type) and torch.float64 not in (
+            input.dtype,
+            weight.dtype,
+        ):  # autocast leaves float64 alone (not an eligible dtype): so does the layer
             # The forward GEMM runs in the autocast dtype, as autocast would; the output keeps the
             # input's dtype (float32 for float32 activations, as the int8 backend does), so the
             # gradient that comes back is not rounded to bf16/fp16 between layers, which would
             # bias it (round-to-nearest of a random value: E[round(g)] ≠ E[g]).
             dtype = torch.get_autocast_dtype(device_type)
-            input_q, weight_q = input_q.to(dtype), weight_q.to(dtype)
+            input_q, weight_q = _saturated(input_q, dtype), _saturated(weight_q, dtype)
             bias = None if bias is None else bias.to(dtype)
         with torch.autocast(device_type, enabled=False):
             output = ops.output(input_q, weight_q, bias).to(input.dtype)

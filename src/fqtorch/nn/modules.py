@@ -232,13 +232,14 @@ class FQTModule(nn.Module):
         for observer in self._grad_output_observers:
             observer(grad_output)
 
-    def reseed(self, seed: int) -> None:
-        """Restart the layer's noise stream from ``seed`` (mixed with the layer's name)."""
+    def reseed(self, seed: int, name: str | None = None) -> None:
+        """Restart the layer's noise stream from ``seed`` mixed with ``name`` (default: the name
+        it was converted under; :func:`fqtorch.reseed` passes its name in the model given)."""
         try:
             seed = operator.index(seed)  # an int, numpy's too
         except TypeError:
             raise TypeError(f"seed must be an int, got {seed!r}") from None
-        self._seed = layer_seed(seed, self.name)
+        self._seed = layer_seed(seed, self.name if name is None else name)
         if self._generator is not None:
             self._generator.manual_seed(self._seed)
 
