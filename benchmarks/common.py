@@ -11,6 +11,7 @@ import platform
 import statistics
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,15 +22,58 @@ from torch import nn
 import fqtorch
 
 
-def matrix_shapes(text: str) -> list[tuple[int, int]]:
-    """``--shapes ROWSxCOLS[,...]`` as (rows, cols) pairs; a one-line ``SystemExit`` otherwise."""
+def matrix_shapes(text: str, form: str = "ROWSxCOLS") -> list[tuple[int, ...]]:
+    """``--shapes`` of ``form`` (``ROWSxCOLS``, ``MxKxN``: as many sizes as it names),
+    comma-separated, as tuples of positive sizes; a one-line ``SystemExit`` otherwise."""
+    count = len(form.split("x"))
     try:
         shapes = [tuple(int(v) for v in s.split("x")) for s in text.split(",")]
-        if any(len(s) != 2 for s in shapes):
+        if any(len(s) != count or min(s) < 1 for s in shapes):
             raise ValueError
     except ValueError:
-        raise SystemExit(f"--shapes: expected ROWSxCOLS[,...], got {text!r}") from None
-    return shapes  # type: ignore[return-value]
+        raise SystemExit(f"--shapes: expected {form}[,...] of sizes >= 1, got {text!r}") from None
+    return shapes
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """The options every benchmark shares, checked before anything is measured: one line that
+    says what was expected (a traceback or a silent default otherwise)."""
+    if args.repeats < 1:
+        raise SystemExit(f"--repeats: expected an integer >= 1, got {args.repeats}")
+    if getattr(args, "batch", None) is not None and args.batch < 1:
+        raise SystemExit(f"--batch: expected an integer >= 1, got {args.batch}")
+    if args.device not in ("cpu", "cuda") and not args.device.startswith("cuda:"):
+        raise SystemExit(f"--device: expected cpu or cuda[:N], got {args.device!r}")
+    if args.device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise SystemExit(
+                f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; "
+                "use --device cpu"
+            )
+        # fp32 means fp32: cuDNN's convolutions default to TF32 (matmuls do not), which would
+        # make the fp32 baseline of the convolution benchmarks a 10-bit-mantissa one
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+
+
+def fallbacks(step: Callable[[], Any]) -> list[str]:
+    """Run ``step`` once and return the warnings of FQT layers that left the backend asked for
+    (to simulate). fqtorch says each once per process (``warn_once``): its memo is cleared first,
+    so that every variant's own fallbacks are seen, not only the first variant's."""
+    from fqtorch.backends.notes import warn_once
+
+    warn_once.cache_clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step()
+    return [str(w.message) for w in caught if "using the simulate backend" in str(w.message)]
+
+
+def fallback_note(messages: list[str]) -> str:
+    """A row's note for :func:`fallbacks`: the count, and the first reason."""
+    if not messages:
+        return ""
+    return f"  ({len(messages)} layer(s) fell back to simulate: {messages[0][:120]})"
 
 
 def median_seconds(fn: Callable[[], Any], repeats: int = 5, warmup: int = 2) -> dict[str, float]:
@@ -60,7 +104,7 @@ def interleaved(fns: dict[str, Callable[[], Any]], repeats: int) -> dict[str, di
             if round_ >= 2:
                 times[name].append(time.perf_counter() - start)
     return {
-        name: {"median": sorted(t)[len(t) // 2], "min": min(t), "max": max(t)}
+        name: {"median": statistics.median(t), "min": min(t), "max": max(t)}
         for name, t in times.items()
     }
 
@@ -105,6 +149,11 @@ def environment() -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        # TF32 in fp32 products (check_args turns both off for a CUDA run)
+        "tf32": {
+            "cudnn": torch.backends.cudnn.allow_tf32,
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+        },
         "commit": git_commit(),
     }
 
@@ -125,6 +174,8 @@ VARIANTS = (
         for q in ("ptq", "psq", "bhq")
     ]
     + ["fqt_auto_psq5", "fqt_auto_bhq5"]
+    # the FP8 backend (torch._scaled_mm): E4M3 forward, E5M2 gradients, per tensor
+    + ["fqt_fp8_e4m3"]
     # not a training setting: round-to-nearest gradients (biased), to measure what the
     # stochastic rounding's noise costs the compiled int8 step
     + ["fqt_int8_psq5_fused_nearest"]
@@ -147,7 +198,8 @@ def step_variants(
     """``name -> (model, autocast)`` for the variants in ``names`` (default all of
     :data:`VARIANTS`): fp32, bf16 autocast, QAT, and FQT-simulate / FQT-int8 with PTQ, PSQ and
     BHQ at 5 bits, eager (``fused=False``) or ``_fused`` (compiled quantizers and, on int8,
-    compiled epilogues), ``fqt_auto_*`` (``backend="auto"`` with its defaults) and
+    compiled epilogues), ``fqt_auto_*`` (``backend="auto"`` with its defaults),
+    ``fqt_fp8_e4m3`` (``backend="fp8"``: ``torch._scaled_mm``, E4M3 forward, E5M2 gradients) and
     ``*_nearest`` (gradients rounded to nearest: biased, only to measure what the noise costs),
     each FQT model a converted copy of ``base``."""
     out: dict[str, tuple[nn.Module, bool]] = {}
@@ -157,6 +209,14 @@ def step_variants(
             continue
         if name == "qat":
             cfg = fqtorch.FQTConfig.preset("qat")
+        elif name == "fqt_fp8_e4m3":
+            cfg = fqtorch.FQTConfig(
+                backend="fp8",
+                input_quantizer="fp8_e4m3",
+                weight_quantizer="fp8_e4m3",
+                grad_quantizer="fp8_e5m2",
+                grad_weight_quantizer="fp8_e5m2",
+            )
         else:
             _, backend, preset, *flags = name.split("_")
             default = None if backend == "auto" else False

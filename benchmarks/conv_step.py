@@ -31,14 +31,16 @@ step of the same process (issue target: ≤ 0.15), and the part of it in compile
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import torch
 from torch import nn
 
 from common import (
     add_variant_flag,
+    check_args,
     environment,
+    fallback_note,
+    fallbacks,
     integer_breakdown,
     layer_step,
     median_seconds,
@@ -78,7 +80,8 @@ def run_layer(
     default_batch, cin, cout, kernel, stride, size = spec
     torch.manual_seed(0)
     base = nn.Conv2d(cin, cout, kernel, stride=stride, padding=kernel // 2, bias=False).to(device)
-    x = torch.randn(batch or default_batch, cin, size, size, device=device).relu()
+    batch = default_batch if batch is None else batch
+    x = torch.randn(batch, cin, size, size, device=device).relu()
     grad_out = torch.randn_like(base(x)).detach()
     if channels_last:  # as inside a model whose convolutions hand on channels-last tensors
         x = x.contiguous(memory_format=torch.channels_last)
@@ -90,11 +93,8 @@ def run_layer(
 
     results = {}
     for name, (layer, autocast) in step_variants(base, names).items():
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            step(layer, autocast)
-        # An int8 layer that fell back to simulate measures something else: say so in the row.
-        fell_back = any("using the simulate backend" in str(w.message) for w in caught)
+        # An int8 layer that fell back to simulate measures something else: said in the row.
+        fell_back = fallbacks(lambda layer=layer, a=autocast: step(layer, a))
         t = median_seconds(lambda layer=layer, a=autocast: step(layer, a), repeats)
         t["fell_back_to_simulate"] = fell_back
         t["saved_bytes"] = saved_bytes(layer, x, autocast, device)
@@ -102,16 +102,19 @@ def run_layer(
         step(layer, autocast)
         t["peak_bytes"] = peak_memory(device)
         results[name] = t
-        note = "  (fell back to simulate)" if fell_back else ""
-        if "_int8_" in name:
+        note = fallback_note(fell_back)
+        if "_int8_" in name or "_auto_" in name:
             t.update(integer_breakdown(lambda layer=layer: step(layer, False)))
             fp32 = results["fp32"]["median"]
-            note += (
-                f"  integer kernels {t['integer_kernels'] * 1e3:.1f} ms, outside "
-                f"{t['outside_integer_kernels'] * 1e3:.1f} ms "
-                f"= {t['outside_integer_kernels'] / fp32:.2f}× fp32 step "
-                f"(of which compiled quantizers {t['compiled_quantizers'] * 1e3:.1f} ms)"
-            )
+            if not t["integer_kernels"]:  # the overhead measure means nothing then
+                note += "  no integer kernel ran"
+            else:
+                note += (
+                    f"  integer kernels {t['integer_kernels'] * 1e3:.1f} ms, outside "
+                    f"{t['outside_integer_kernels'] * 1e3:.1f} ms "
+                    f"= {t['outside_integer_kernels'] / fp32:.2f}× fp32 step "
+                    f"(of which compiled quantizers {t['compiled_quantizers'] * 1e3:.1f} ms)"
+                )
         print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms{note}", flush=True)
     return results
 
@@ -133,6 +136,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
     args = parser.parse_args()
+    check_args(args)
     unknown = [name for name in args.layers.split(",") if name not in LAYERS]
     if unknown:
         parser.error(f"unknown layers {unknown}; known: {', '.join(LAYERS)}")
@@ -142,7 +146,7 @@ def main() -> None:
     report = {"environment": env, "args": vars(args), "layers": {}}
     for layer in args.layers.split(","):
         spec = LAYERS[layer]
-        batch = args.batch or spec[0]
+        batch = spec[0] if args.batch is None else args.batch
         print(f"\n{layer}: batch {batch}, {spec[1:]}, median of {args.repeats}", flush=True)
         results = run_layer(spec, args.batch, args.device, args.repeats, names, args.channels_last)
         report["layers"][layer] = {"batch": batch, "spec": spec, "variants": results}

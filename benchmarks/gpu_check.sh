@@ -1,18 +1,37 @@
 #!/usr/bin/env bash
-# One short GPU session: the CUDA tests, then the int8 benchmarks on the GPU, results under $OUT
-# (or ./gpu_results). Meant for a lent GPU machine; nothing here runs on a CPU-only machine.
-set -euo pipefail
+# One short GPU session: the CUDA tests, then the int8 and FP8 benchmarks on the GPU, results
+# under $OUT (or ./gpu_results). Meant for a lent GPU machine (one command of at most 10 minutes;
+# this one is sized for about 7); nothing here runs on a CPU-only machine.
+#
+# Every step runs whatever the one before did (a failing test must not cost the benchmarks),
+# each under its own time limit, its stdout and stderr (warnings: a fallback to simulate) kept;
+# status.txt lists each step's exit status (124: its time limit).
+set -uo pipefail
 cd "$(dirname "$0")/.."
 out="${OUT:-gpu_results}"
 mkdir -p "$out"
 # The GPU image has torch, pytest and the other dependencies but no network: run from the source
 # tree instead of installing the package.
 export PYTHONPATH="$PWD/src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python() { python3 "$@"; }
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$out/gpu.txt"
-python -m pytest -q -m cuda tests 2>&1 | tee "$out/cuda_tests.txt"
-python benchmarks/linear_step.py --device cuda --json "$out/linear_step.json" | tee "$out/linear_step.txt"
-python benchmarks/train_step.py --device cuda --json "$out/train_step.json" | tee "$out/train_step.txt"
-# int8 Conv2d on CUDA: im2col + torch._int_mm (never run on a GPU before this script; its
-# CUDA tests are in the pytest run above); shapes _int_mm cannot run fall back to simulate.
-python benchmarks/conv_step.py --device cuda --json "$out/conv_step.json" | tee "$out/conv_step.txt"
+py=python3
+: > "$out/status.txt"
+step() {  # step NAME SECONDS COMMAND...: run it, keep its output and exit status
+    local name=$1 limit=$2
+    shift 2
+    timeout --kill-after=10 "$limit" "$@" > "$out/$name.txt" 2>&1
+    echo "$name $?" | tee -a "$out/status.txt"
+}
+step gpu 30 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+step cuda_tests 150 $py -m pytest -q -m cuda tests -p no:cacheprovider
+# A few variants, not the full sweep: the first compiled step alone takes 12-50 s.
+variants='fp32,bf16*,qat,fqt_int8_psq5,fqt_int8_psq5_fused,fqt_int8_bhq5,fqt_fp8_e4m3'
+step linear_step 90 $py benchmarks/linear_step.py --device cuda --repeats 5 \
+    --shapes 4096x1024x1024,8192x4096x1024 --variants "$variants" --json "$out/linear_step.json"
+step train_step 150 $py benchmarks/train_step.py --device cuda --repeats 5 \
+    --models char_gpt,resnet18 --variants "$variants" --json "$out/train_step.json"
+# int8 Conv2d on CUDA: im2col + torch._int_mm (never run on a GPU before this script); shapes
+# _int_mm cannot run fall back to simulate, and the rows say so.
+step conv_step 90 $py benchmarks/conv_step.py --device cuda --repeats 5 \
+    --layers r50_conv2,r50_stage3 --variants "fp32,bf16*,fqt_int8_psq5,fqt_int8_psq5_fused" \
+    --json "$out/conv_step.json"
+cat "$out/status.txt"

@@ -28,9 +28,13 @@ from torch.profiler import ProfilerActivity, profile
 import fqtorch
 from common import (
     add_variant_flag,
+    check_args,
     environment,
+    fallback_note,
+    fallbacks,
     integer_breakdown,
     layer_step,
+    matrix_shapes,
     median_seconds,
     outside_int_mm,
     peak_memory,
@@ -157,7 +161,10 @@ def run_shape(
 
     results = {}
     for name, (layer, autocast) in step_variants(base, names).items():
+        # a layer that fell back to simulate measures something else: said in the row
+        fell_back = fallbacks(lambda layer=layer, a=autocast: step(layer, a))
         t = median_seconds(lambda layer=layer, a=autocast: step(layer, a), repeats)
+        t["fell_back_to_simulate"] = fell_back
         t["saved_bytes"] = saved_bytes(layer, x, autocast, device)
         if name.startswith(("fqt_int8", "fqt_auto")):
             t["int_mm_share"] = int_mm_share(lambda layer=layer: step(layer, False), device)
@@ -169,7 +176,7 @@ def run_shape(
         step(layer, autocast)
         t["peak_bytes"] = peak_memory(device)
         results[name] = t
-        print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms", flush=True)
+        print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms{fallback_note(fell_back)}", flush=True)
     parts = breakdown(m, k, n, device, repeats)
     results["int_mm_only"] = {"median": parts["int_mm_only"], "saved_bytes": 0}
     return {"variants": results, "breakdown_int8": parts}
@@ -180,7 +187,9 @@ def print_overhead(variants: dict) -> None:
     with ``--top-ops``, where the step's time goes)."""
     fp32 = variants["fp32"]["median"]
     for name, t in variants.items():
-        if "outside_int_mm" in t:
+        if "outside_int_mm" in t and not t["int_mm"]:
+            print(f"{name}: no _int_mm ran (simulate): no overhead measure")
+        elif "outside_int_mm" in t:
             print(
                 f"{name}: outside _int_mm {t['outside_int_mm'] * 1e3:.1f} ms, inside "
                 f"{t['int_mm'] * 1e3:.1f} ms (profiler); outside _int_mm / fp32 step = "
@@ -233,10 +242,11 @@ def main() -> None:
     )
     parser.add_argument("--json")
     args = parser.parse_args()
+    check_args(args)
+    shapes = matrix_shapes(args.shapes, "MxKxN")
     env = environment()
     print_header(env)
     names = with_baselines(select(args.variants))
-    shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     report = {"environment": env, "args": vars(args), "shapes": {}}
     for m, k, n in shapes:
         print(f"\nLinear step M={m}, {k} -> {n}, median of {args.repeats}", flush=True)

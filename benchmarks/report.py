@@ -62,9 +62,16 @@ def report(path: Path) -> str:
             variants = entry.get("variants", entry)
             out += ["", f"**{name}**", "", variant_table(variants)]
             if "breakdown_int8" in entry:
-                parts = ", ".join(f"{k} {_ms(v)} ms" for k, v in entry["breakdown_int8"].items())
+                parts = ", ".join(_part(k, v) for k, v in entry["breakdown_int8"].items())
                 out += ["", f"int8 step parts: {parts}"]
     return "\n".join(out)
+
+
+def _part(key: str, value: float) -> str:
+    """One of the int8 step's parts: seconds as ms, the bandwidth (bytes/s) as GB/s."""
+    if key.endswith("bytes_per_s"):
+        return f"{key.removesuffix('_bytes_per_s')} {value / 1e9:.1f} GB/s"
+    return f"{key} {_ms(value)} ms"
 
 
 def main() -> None:

@@ -15,13 +15,14 @@ outside the integer kernels (``_int_mm``, and on the CPU oneDNN's integer convol
 weight packing, which is reported apart too; ``torch.profiler``, this process) over the fp32
 step's median (JSON: ``integer_kernels``, ``outside_integer_kernels``). The int8 backend
 runs every Linear layer on ``torch._int_mm`` and every Conv2d on the integer convolution or
-``_int_mm`` (grouped convolutions would fall back to simulate; these models have none).
+``_int_mm``; a layer that cannot (on CUDA, the image models' stems: 3 input channels make
+too short a reduction for ``_int_mm``) falls back to simulate, and the row says how many did
+(JSON: ``fell_back_to_simulate``, their messages).
 """
 
 from __future__ import annotations
 
 import argparse
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +30,10 @@ from torch import nn
 
 from common import (
     add_variant_flag,
+    check_args,
     environment,
+    fallback_note,
+    fallbacks,
     integer_breakdown,
     median_seconds,
     outside_int_mm,
@@ -83,12 +87,19 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--json")
     args = parser.parse_args()
+    check_args(args)
+    models = args.models.split(",")
+    known = ("char_gpt", *IMAGES)
+    unknown = [m for m in models if m not in known]
+    if unknown:  # before the first model is measured
+        raise SystemExit(
+            f"--models: unknown model {unknown[0]!r}; expected one of {', '.join(known)}"
+        )
     env = environment()
     print_header(env)
     names = with_baselines(select(args.variants))
-    warnings.filterwarnings("ignore", message=".*cannot run on integer GEMMs.*")
     report = {"environment": env, "args": vars(args), "models": {}}
-    for name in args.models.split(","):
+    for name in models:
         model, x, y = make(name, args.batch, args.device, args.image_size)
         results = {}
         print(f"\n{name}, batch {args.batch}, median of {args.repeats}", flush=True)
@@ -112,7 +123,9 @@ def main() -> None:
                 if args.device == "cuda":
                     torch.cuda.synchronize()
 
+            fell_back = fallbacks(step)  # said in the row: a layer on simulate, not int8
             results[variant] = median_seconds(step, args.repeats)
+            results[variant]["fell_back_to_simulate"] = fell_back
             reset_peak_memory(args.device)
             step()
             results[variant]["peak_bytes"] = peak_memory(args.device)
@@ -125,7 +138,11 @@ def main() -> None:
                         integer_kernels=parts["int_mm"],
                         outside_integer_kernels=parts["outside_int_mm"],
                     )
-            print(f"  {variant:<26}{results[variant]['median'] * 1e3:>10.1f} ms", flush=True)
+            print(
+                f"  {variant:<26}{results[variant]['median'] * 1e3:>10.1f} ms"
+                f"{fallback_note(fell_back)}",
+                flush=True,
+            )
         print_table(results)
         fp32 = results["fp32"]["median"]
         for variant, t in results.items():

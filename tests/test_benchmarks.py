@@ -200,3 +200,48 @@ def test_qconv_packing_prints_every_layer():
         assert f"({c}, {c}, 3, 3) on" in done.stdout
     bad = _run("--batch", "0", script="qconv_packing.py")
     assert bad.returncode != 0 and "--batch" in bad.stderr.strip().splitlines()[-1]
+
+
+def test_every_variant_that_falls_back_is_flagged(monkeypatch, capsys):
+    """A fallback to simulate is said once per process by fqtorch: the benchmarks still flag it
+    on every variant it happens to (they flagged the first only), and leave out the overhead
+    measure where no integer kernel ran."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import common
+    import conv_step
+    from fqtorch.backends import int8_conv
+
+    monkeypatch.setattr(int8_conv, "int_mm_verdict", lambda device: "not exact here (test)")
+    torch.manual_seed(0)
+    spec = (2, 4, 4, 3, 1, 6)
+    names = ["fp32", "bf16_autocast", "fqt_int8_ptq5", "fqt_int8_psq5"]
+    results = conv_step.run_layer(spec, None, "cpu", 1, names)
+    for name in names[2:]:
+        assert results[name]["fell_back_to_simulate"], name
+        assert (
+            "not exact here (test); using the simulate backend"
+            in (results[name]["fell_back_to_simulate"][0])
+        )
+    assert not results["fp32"]["fell_back_to_simulate"]
+    out = capsys.readouterr().out
+    assert out.count("fell back to simulate") == 2 and "no integer kernel ran" in out
+    assert common.interleaved({"a": lambda: None}, 2)["a"]["median"] >= 0
+
+
+@pytest.mark.parametrize(
+    ("script", "args", "message"),
+    [
+        ("linear_step.py", ("--shapes", "64x32"), "--shapes: expected MxKxN"),
+        ("linear_step.py", ("--repeats", "0"), "--repeats: expected an integer >= 1"),
+        ("conv_step.py", ("--batch", "0"), "--batch: expected an integer >= 1"),
+        ("conv_step.py", ("--device", "gpu"), "--device: expected cpu or cuda"),
+        ("train_step.py", ("--models", "preact_resnet20,resnet1"), "unknown model 'resnet1'"),
+    ],
+)
+def test_bad_options_are_one_line(script, args, message):
+    """Checked before anything is measured (train_step measured its first model first)."""
+    done = _run(*args, script=script)
+    assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and done.stdout.count("\n") <= 1
