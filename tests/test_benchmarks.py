@@ -245,3 +245,12 @@ def test_bad_options_are_one_line(script, args, message):
     done = _run(*args, script=script)
     assert done.returncode != 0 and message in done.stderr, done.stderr[-2000:]
     assert "Traceback" not in done.stderr and done.stdout.count("\n") <= 1
+
+
+def test_rounding_ab_times_both_formulas():
+    """The old formula is really the one run in its turns (the script checks that the codes
+    differ, and stops otherwise), and every row has both."""
+    done = _run("--size", "64", "--repeats", "1", script="rounding_ab.py")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = [x for x in done.stdout.splitlines() if x.startswith(("rounding alone", "8-bit"))]
+    assert len(rows) == 3 and all(x.count("[") == 2 for x in rows), done.stdout
