@@ -1001,10 +1001,15 @@ def cost(task: Task, runs: dict[str, list[dict]]) -> str:
     if missing and done:
         # the runs left are not typical ones (the slow formats tend to be last): each at its
         # own configuration's median time, the overall median only where none has run
-        median = statistics.median(r.get("train_seconds", 0.0) for r in done) / 3600
+        # a diverged run's time says nothing of a finished one's (one that diverged in its
+        # first epoch logged none)
+        finished = [r.get("train_seconds", 0.0) for r in done if not r.get("diverged")]
+        median = statistics.median(finished or [0.0]) / 3600
         hours_left, unknown = 0.0, 0
         for c in configs():
-            have = [r.get("train_seconds", 0.0) for r in runs.get(c.name, [])]
+            have = [
+                r.get("train_seconds", 0.0) for r in runs.get(c.name, []) if not r.get("diverged")
+            ]
             left = sum(1 for seed in SEEDS if seed not in {r["seed"] for r in runs.get(c.name, [])})
             hours_left += left * (statistics.median(have) / 3600 if have else median)
             unknown += 0 if have else left
@@ -1240,19 +1245,30 @@ def claims(task: Task, runs: dict[str, list[dict]], variance: dict | None) -> li
     names = {q: f"{q}{low}" for q in QUANTIZERS}
     if all(runs.get(name) for name in names.values()):
         sign = 1 if task.metric == "val_loss" else -1
-        # worst first by the share of seeds diverged, then by the mean of the others
+        # worst first by the share of seeds diverged, then by the mean of the others; a tie
+        # with PTQ (all diverged alike) or a single seed decides nothing
         share = {q: diverged(name) / len(runs[name]) for q, name in names.items()}
         mean = {q: mean_of(name, task.metric) for q, name in names.items()}
-        first = max(
-            QUANTIZERS, key=lambda q: (share[q], -math.inf if mean[q] is None else sign * mean[q])
-        )
+        worst = {
+            q: (share[q], -math.inf if mean[q] is None else sign * mean[q]) for q in QUANTIZERS
+        }
+        first = max(QUANTIZERS, key=worst.get)
+        tied = sum(worst[q] == worst[first] for q in QUANTIZERS) > 1
         values = ", ".join(
             f"{q} " + ("all diverged" if mean[q] is None else f"{mean[q]:.4f} {n(names[q])}")
             for q in QUANTIZERS
         )
         counts = {q: diverged(name) for q, name in names.items()}
+        few = min(len(runs[name]) for name in names.values()) < 2
+        verdict = (
+            "not decided (1 seed)"
+            if few
+            else "not decided (tie)"
+            if tied
+            else ("yes" if first == "ptq" else "no")
+        )
         rows.append(
-            f"| low-bit PTQ fails first | {'yes' if first == 'ptq' else 'no'} | "
+            f"| low-bit PTQ fails first | {verdict} | "
             f"{low} bits, {task.metric}: {values}; diverged runs {counts} |"
         )
     if variance is not None:

@@ -789,6 +789,19 @@ class TestSeparateConversions:
             quantize_model(nn.Sequential(model, nn.Linear(8, 2)), FQTConfig.preset("psq2"))
         fqtorch.reseed(model, 5)
         assert fqtorch.same_streams(model) == []
+        # a new seed set through the config keeps the names the reseed gave (it went back to the
+        # conversion's, and the streams met again)
+        for layer in fqtorch.fqt_modules(model).values():
+            layer.config = layer.config.replace(seed=7)
+        assert fqtorch.same_streams(model) == []
+        # layers that draw no noise (QAT: an exact backward) share nothing, and are not said
+        qat = nn.Sequential(
+            *(quantize_model(nn.Linear(4, 4), FQTConfig.preset("qat")) for _ in "ab")
+        )
+        assert fqtorch.same_streams(qat) == []
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", FQTWarning)
+            quantize_model(nn.Sequential(qat, nn.Linear(4, 2)), FQTConfig.preset("qat"))
 
     @pytest.mark.parametrize("separated", [False, True])
     def test_the_same_streams_bias_the_lower_layer(self, separated):
@@ -809,3 +822,44 @@ class TestSeparateConversions:
             assert z.abs().max() < z_limit(z.numel()), z
         else:
             assert z.abs().max() > z_limit(z.numel()), z
+
+
+def test_attention_computed_in_a_forward_is_noted_once_per_module(caplog):
+    """Attention modules of other libraries own no weight of their own (their projections are
+    Linear children, converted), so the ≥ 2-d parameter rule does not list them: a note says
+    their two products stay float, counting the innermost (an HF Attention wraps its
+    SelfAttention), not a mask helper, nor an nn.MultiheadAttention left float by a filter
+    (listed as left in float already)."""
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q = nn.Linear(4, 4)
+
+        def forward(self, x):
+            q = self.q(x)
+            return torch.nn.functional.scaled_dot_product_attention(q, x, x)
+
+    class Attention(nn.Module):  # the wrapper, as Hugging Face writes it
+        def __init__(self):
+            super().__init__()
+            self.self = SelfAttention()
+
+        def forward(self, x):
+            return self.self(x)
+
+    class AttentionMask(nn.Module):  # no products
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(Attention(), Attention(), AttentionMask(), nn.MultiheadAttention(4, 1))
+    with caplog.at_level(logging.INFO, logger="fqtorch.convert"):
+        quantize_model(
+            model,
+            FQTConfig.preset("psq4"),
+            module_filter_fn=lambda m, name: not isinstance(m, nn.MultiheadAttention),
+        )
+    text = caplog.text
+    assert "note: 2 attention module(s) (0.self, 1.self) compute their score and value" in text
+    assert "3 --" in text  # the filtered MultiheadAttention: listed as left in float
+    assert text.count("attention module(s)") == 1

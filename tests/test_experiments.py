@@ -243,6 +243,13 @@ def test_claims_read_the_numbers(reproduce):
     assert verdicts(ptq3=most)["low-bit PTQ fails first"][0] == "yes"
     # another quantizer diverging where PTQ did not: PTQ did not fail first
     assert verdicts(bhq3=run("bhq3", 0.0, diverged=True))["low-bit PTQ fails first"][0] == "no"
+    # every one diverged: a tie, not PTQ first by the order of the list
+    every = {f"{q}3": run(f"{q}3", 0.0, diverged=True) for q in ("ptq", "psq", "bhq", "rht")}
+    assert verdicts(**every)["low-bit PTQ fails first"][0] == "not decided (tie)"
+    # one seed decides nothing here either
+    assert verdicts(ptq3=run("ptq3", 2.5, seeds=1))["low-bit PTQ fails first"][0] == (
+        "not decided (1 seed)"
+    )
 
 
 # ----------------------------------------------------- formats, planned and adaptive precision
@@ -708,6 +715,10 @@ def test_cost_line_counts_runs_and_projects_the_rest(reproduce):
     line = reproduce.cost(reproduce.TASKS["digits"], runs)
     left = (total - 6) / 6 + 2 * 10  # 10 min each, and 2 seeds of 10 h
     assert f"≈ {left:.1f} h more" in line and f"; {total - 6} with none yet" in line
+    # a run that diverged (in its first epoch: no time logged) is no configuration's time
+    runs[configs[1].name].append({"seed": 1, "train_seconds": 0.0, "diverged": True})
+    line = reproduce.cost(reproduce.TASKS["digits"], runs)
+    assert f"≈ {left - 10:.1f} h more" in line  # seed 2 left, at 10 h (not at 0)
     every = {c.name: [{"seed": s, "train_seconds": 1.0} for s in (0, 1, 2)] for c in configs}
     assert "still to go" not in reproduce.cost(reproduce.TASKS["digits"], every)
 

@@ -719,13 +719,18 @@ def _conversion_notes(
             "computed in a forward (F.scaled_dot_product_attention, torch.matmul; Hugging Face "
             "models) is not seen by module swapping, and its products stay float"
         )
+
     # attention modules of other libraries (by name: they own no weight of their own, so the
     # ≥ 2-d parameter rule does not list them) compute their two products functionally
-    functional = [
+    def attention(m: nn.Module) -> bool:  # LlamaAttention, BertSelfAttention: not AttentionMask
+        return type(m).__name__.endswith("Attention") and not isinstance(
+            m, (FQTMultiheadAttention, FQTModule, nn.MultiheadAttention)
+        )
+
+    functional = [  # the innermost ones (an HF Attention wraps its SelfAttention)
         name or "<model>"
         for name, m in root.named_modules()
-        if "attention" in type(m).__name__.lower()
-        and not isinstance(m, (FQTMultiheadAttention, FQTModule))
+        if attention(m) and not any(attention(c) for c in m.modules() if c is not m)
     ]
     if functional and not asked_for_none:  # that note says it already
         notes.append(
@@ -860,7 +865,8 @@ def same_streams(model: nn.Module) -> list[tuple[str, ...]]:
     separates them."""
     by_seed: dict[int, list[str]] = {}
     for name, module in fqt_modules(model).items():
-        by_seed.setdefault(module._seed, []).append(name)
+        if not module.config.is_qat:  # an exact backward draws nothing
+            by_seed.setdefault(module._seed, []).append(name)
     return [tuple(names) for names in by_seed.values() if len(names) > 1]
 
 

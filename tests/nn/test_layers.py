@@ -470,6 +470,13 @@ class TestDtypesAndLayouts:
         assert layer.plan.input(x).max() > torch.finfo(torch.float16).max  # the case at hand
         with torch.autocast("cpu", dtype=torch.float16):
             assert torch.isfinite(layer(x)).all()
+        # only finite values saturate: an infinity or NaN must reach the run's checks
+        from fqtorch.backends.simulate import _saturated
+
+        t = torch.tensor([7e4, -7e4, math.inf, -math.inf, math.nan, 1.5])
+        got = _saturated(t, torch.float16)
+        assert got[:4].tolist() == [65504.0, -65504.0, math.inf, -math.inf]
+        assert got[4].isnan() and got[5] == 1.5 and got.dtype == torch.float16
 
     def test_bfloat16_model(self):
         """A bf16 model gives the float32 model's values to bf16 precision: its activations and

@@ -40,6 +40,16 @@ def test_the_centred_formula_is_the_delete_one_jackknife(batches):
     )
 
 
+def test_around_full_data_the_formula_is_the_mean_s_standard_error():
+    """Around a known centre the d_b are independent: the standard error of their mean, with no
+    jackknife factor (which would overstate it by (B−1)/(B−2), 1.33× at 5)."""
+    spread = [1.0, 2.0, 4.0, 3.0, 5.0]
+    mean, sd = 3.0, math.sqrt(2.5)
+    assert _relative_standard_error(spread, centred=False) == pytest.approx(
+        sd / (mean * math.sqrt(5)), rel=1e-12
+    )
+
+
 def test_too_few_batches_say_nothing():
     assert _relative_standard_error([1.0, 1.0], centred=True) is None
     assert _relative_standard_error([1.0], centred=False) is None

@@ -156,8 +156,8 @@ def test_run_header(tmp_path, info_logs):
     # digits' default warm-up (1 epoch) on a 1-epoch run: the header says it never decays
     assert (
         "optim   sgd with momentum 0.9, lr 0.05, weight decay 0.0005; the warm-up covers the "
-        "whole run (2 steps: --warmup-epochs 1 of --epochs 1), so the learning rate reaches --lr "
-        "at the last step and never decays"
+        "whole run (2 warm-up steps, 2 in the run: --warmup-epochs 1 of --epochs 1), so the "
+        "learning rate rises to --lr at the last step and never decays"
     ) in text
 
 
@@ -309,6 +309,11 @@ def test_warm_up_then_cosine(tmp_path, monkeypatch):
     cfg = TrainConfig(epochs=2, lr=0.1, warmup_epochs=0.5)
     header = train_loop._describe_schedule(cfg, steps_per_epoch=4)
     assert header.endswith("; warm-up over 2 steps, then cosine decay to 0 over 6 steps")
+    # a warm-up longer than the run peaks below --lr: at total / warmup of it (the factor at
+    # the last step), not at --lr
+    long = train_loop._describe_schedule(TrainConfig(epochs=2, warmup_epochs=4), steps_per_epoch=10)
+    assert "(40 warm-up steps, 20 in the run" in long
+    assert "rises to 0.5 of --lr (0.025) at the last step" in long
 
 
 def test_validation_averages_over_samples_not_batches():

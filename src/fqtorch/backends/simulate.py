@@ -7,6 +7,7 @@ channel) for ``grad_weight``, which sums over rows. It runs every quantizer, on 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -44,13 +45,15 @@ def _quantize_grad(
 
 
 def _saturated(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """``t`` cast to the autocast ``dtype``, saturating at its largest finite value: a forward
+    """``t`` cast to the autocast ``dtype``, finite values saturating at its largest: a forward
     quantizer rounding to nearest can land above the input's largest value (a block format's
-    top code by up to 1.2×), past float16's 65504 from a finite float16 input, where the cast
-    would make it infinite."""
+    top code by up to 1.2×), past float16's 65504 from an input float16 holds, where the cast
+    would make it infinite. Infinities and NaN stay what they are (a run's non-finite checks
+    must see them). A float16 model without autocast quantizes in float16 and overflows inside
+    the quantizer: not covered here."""
     if dtype == torch.float16 and t.dtype != dtype:
         top = torch.finfo(dtype).max
-        t = t.clamp(-top, top)
+        t = torch.where(t.abs() == math.inf, t, t.clamp(-top, top))
     return t.to(dtype)
 
 

@@ -89,6 +89,7 @@ class FQTModule(nn.Module):
     def __init__(self, config: FQTConfig, name: str = "") -> None:
         nn.Module.__init__(self)
         self.name = name
+        self._seed_name = name  # the name the seed is mixed with (fqtorch.reseed may set another)
         self._seed = layer_seed(config.seed, name) if isinstance(config, FQTConfig) else 0
         self.config = config  # builds the plan
         self._generator: torch.Generator | None = None
@@ -118,6 +119,7 @@ class FQTModule(nn.Module):
         # A layer pickled whole before ``config`` became a property kept it as ``config``.
         if "config" in state and "_config" not in state:
             state["_config"] = state.pop("config")
+        state.setdefault("_seed_name", state.get("name", ""))  # one pickled before it existed
         super().__setstate__(state)
 
     def adopt(self, source: nn.Module, expected: type[nn.Module] | None = None) -> None:
@@ -234,12 +236,16 @@ class FQTModule(nn.Module):
 
     def reseed(self, seed: int, name: str | None = None) -> None:
         """Restart the layer's noise stream from ``seed`` mixed with ``name`` (default: the name
-        it was converted under; :func:`fqtorch.reseed` passes its name in the model given)."""
+        the last reseed used, at first the one it was converted under; :func:`fqtorch.reseed`
+        passes its name in the model given, which a later ``layer.config = ...`` with another
+        seed keeps)."""
         try:
             seed = operator.index(seed)  # an int, numpy's too
         except TypeError:
             raise TypeError(f"seed must be an int, got {seed!r}") from None
-        self._seed = layer_seed(seed, self.name if name is None else name)
+        if name is not None:
+            self._seed_name = name
+        self._seed = layer_seed(seed, self._seed_name)
         if self._generator is not None:
             self._generator.manual_seed(self._seed)
 

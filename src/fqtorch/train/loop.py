@@ -337,10 +337,16 @@ def _describe_schedule(cfg: TrainConfig, steps_per_epoch: int) -> str:
         "adamw" if cfg.optimizer == "adamw" else f"sgd with momentum {cfg.momentum:g}"
     ) + f", lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}"
     if warmup >= total:
+        # the factor at the last step is total / warmup: --lr itself only when they are equal
+        peak = (
+            "--lr"
+            if warmup == total
+            else f"{total / warmup:.3g} of --lr ({cfg.lr * total / warmup:g})"
+        )
         return (
-            f"{optimizer}; the warm-up covers the whole run ({total} steps: --warmup-epochs "
-            f"{cfg.warmup_epochs:g} of --epochs {cfg.epochs}), so the learning rate reaches "
-            "--lr at the last step and never decays"
+            f"{optimizer}; the warm-up covers the whole run ({warmup} warm-up steps, {total} in "
+            f"the run: --warmup-epochs {cfg.warmup_epochs:g} of --epochs {cfg.epochs}), so the "
+            f"learning rate rises to {peak} at the last step and never decays"
         )
     rise = f"warm-up over {warmup} steps, then " if warmup else ""
     return f"{optimizer}; {rise}cosine decay to 0 over {total - warmup} steps"
