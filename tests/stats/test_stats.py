@@ -375,7 +375,15 @@ def test_variance_cli_schema(tmp_path, fused):
         assert name in log.strip().splitlines()[-1]
     assert json.loads((out / "variance_details.json").read_text())["fused"] is fused
     data = json.loads((out / "variance.json").read_text())
-    assert set(data) == {"model", "dataset", "batch_size", "seed", "sampling_variance", "results"}
+    assert set(data) == {
+        "model",
+        "dataset",
+        "batch_size",
+        "seed",
+        "sampling_variance",
+        "sampling_variance_rse",
+        "results",
+    }
     assert len(data["results"]) == 4
     for r in data["results"]:
         assert set(r) == {
