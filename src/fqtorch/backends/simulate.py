@@ -44,6 +44,14 @@ def _quantize_grad(
     return quantizer(nhwc, generator).permute(0, 3, 1, 2)
 
 
+def _channels_last(t: Tensor) -> bool:
+    return (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
+
+
 def _saturated(t: Tensor, dtype: torch.dtype) -> Tensor:
     """``t`` cast to the autocast ``dtype``, finite values saturating at its largest: a forward
     quantizer rounding to nearest can land above the input's largest value (a block format's
@@ -70,6 +78,10 @@ class _FQTFunction(torch.autograd.Function):
     ) -> Tensor:
         plan = source.plan
         input_q = ops.prepare(plan.input(input))
+        if _channels_last(input) and not _channels_last(input_q):
+            # the quantizer's rows come back NCHW: laid out as they came, the convolution keeps
+            # handing channels-last tensors on (as the float layer and the int8 backend do)
+            input_q = input_q.contiguous(memory_format=torch.channels_last)
         weight_q = plan.weight(weight)
         device_type = input.device.type
         if torch.is_autocast_enabled(device_type) and torch.float64 not in (
