@@ -3,7 +3,8 @@
     python experiments/method_checks.py epilogue   # §8: int8 forward vs simulate, one-signed
     python experiments/method_checks.py bf16       # §9: rounding Q(G) to bf16 before the GEMM
     python experiments/method_checks.py grid       # §4: float32 grid arithmetic and E[Q(x)]
-    python experiments/method_checks.py            # all three
+    python experiments/method_checks.py bhq        # §5: BHQ's error over PSQ's, 4 bits
+    python experiments/method_checks.py            # all four
 
 ``epilogue``: the int8 backend's forward against the simulate backend's on the same codes, where
 the operands are one-signed (sparse post-ReLU inputs, all-positive weights) so the zero-point
@@ -28,6 +29,11 @@ expectation over the uniforms is exact here: the codes ``⌊v⌋`` and ``⌊v⌋
 largest ``|E[Q(x)] − x|`` per case in units of ulp(the row's largest magnitude) and of grid
 steps.
 
+``bhq``: BHQ's mean squared error over PSQ's at 4 bits on the inputs, seeds and draws of
+``tests/quantizers/test_bhq.py`` (similar rows, heavy rows, the untrained digits model's
+``grad_output`` per layer), which asserts BHQ ≤ PSQ within Monte-Carlo error (and < 0.5× on heavy
+rows) but not the ratios themselves.
+
 Deterministic for given arguments (fixed generators); a few seconds on 2 CPU cores.
 """
 
@@ -37,6 +43,7 @@ import argparse
 import copy
 import math
 import sys
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -162,9 +169,25 @@ def grid(seed: int) -> None:
             print(f"{name:<24}{bits:>5}{ulps:>16.3g}{steps:>14.3g}")
 
 
+def bhq() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' inputs
+    from tests.quantizers.test_bhq import CASES as BHQ_CASES
+    from tests.quantizers.test_bhq import DRAWS, case_input, gen
+
+    print(f"\n§5: BHQ / PSQ mean squared error, 4 bits, {DRAWS} draws each")
+    for case in BHQ_CASES:
+        x = case_input(case)
+        errors = []
+        for name, seed in (("bhq", 1), ("psq", 2)):
+            q, g = get_quantizer(name, 4), gen(seed)
+            draws = [(q(x, g) - x).double().square().sum() for _ in range(DRAWS)]
+            errors.append(float(torch.stack(draws).mean()))
+        print(f"{case:<24}{errors[0] / errors[1]:>8.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checks", nargs="*", help="epilogue, bf16, grid (default: all)")
+    parser.add_argument("checks", nargs="*", help="epilogue, bf16, grid, bhq (default: all)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 4096, 65536])
     parser.add_argument("--seeds", type=int, default=3, help="epilogue: seeds per length")
     parser.add_argument("--samples", type=int, default=1000, help="bf16: draws of Q(G)")
@@ -172,10 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=0, help="bf16: the gradient and the draws; grid: the rows"
     )
     args = parser.parse_args(argv)
-    checks = args.checks or ["epilogue", "bf16", "grid"]
-    unknown = sorted(set(checks) - {"epilogue", "bf16", "grid"})
+    known = ["epilogue", "bf16", "grid", "bhq"]
+    checks = args.checks or known
+    unknown = sorted(set(checks) - set(known))
     if unknown:
-        parser.error(f"unknown checks {unknown}; choose from epilogue, bf16, grid")
+        parser.error(f"unknown checks {unknown}; choose from {', '.join(known)}")
     torch.set_num_threads(min(2, torch.get_num_threads()))
     print(f"torch {torch.__version__}, CPU capability {torch.backends.cpu.get_cpu_capability()}")
     if "epilogue" in checks:
@@ -184,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
         bf16(args.samples, args.seed)
     if "grid" in checks:
         grid(args.seed)
+    if "bhq" in checks:
+        bhq()
     return 0
 
 

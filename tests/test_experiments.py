@@ -767,6 +767,17 @@ def test_method_checks_script_measures_the_epilogue_and_the_bf16_bias(capsys):
     # be far more than the uniforms' 2**-24 steps where a row's range is small next to it.
     assert all(float(r[2]) < 3 for r in rows), rows
     assert float(rows[-1][3]) > 1e-3, rows  # 1000 + U[0, 1) at 8 bits
+    # §5's ratios, on the BHQ test's own inputs (deterministic: the numbers docs quote)
+    assert module.main(["bhq"]) == 0
+    ratios = {
+        r.split()[0]: float(r.split()[1])
+        for r in capsys.readouterr().out.splitlines()
+        if r.startswith(("similar_rows", "heavy_rows", "digits_"))
+    }
+    assert round(ratios["similar_rows"], 2) == 0.93 and round(ratios["heavy_rows"], 2) == 0.16
+    assert (
+        round(ratios["digits_classifier.1"], 2) == round(ratios["digits_classifier.3"], 2) == 0.99
+    )
 
 
 def test_make_configs_has_a_help_and_writes_the_committed_configs(tmp_path, capsys):

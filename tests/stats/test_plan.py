@@ -146,7 +146,7 @@ def test_prediction_follows_the_measured_per_bit_law(monkeypatch):
 
 def test_a_variance_of_zero_at_the_top_probe_assumes_the_default_law_and_says_so(monkeypatch):
     """A branch whose variance underflows to 0 at its 8-bit probe (κ = 200: ``255^-400``) has
-    no per-bit law to fit; the planner assumes 4x per bit there and warns once, naming the
+    no per-bit law to fit; the planner assumes the bins⁻² law there and warns once, naming the
     branches, at the caller's line."""
     from fqtorch.stats.plan import _ASSUMED_PER_BIT
 
@@ -154,7 +154,9 @@ def test_a_variance_of_zero_at_the_top_probe_assumes_the_default_law_and_says_so
     with pytest.warns(RuntimeWarning, match="variance 0 measured at some bits") as said:
         plan = _plan(_model(), budget=1e6)
     assert len(said) == 1 and said[0].filename == __file__
-    assert f"assumed {_ASSUMED_PER_BIT:g}x per bit there" in str(said[0].message)
+    assert f"assumed variance ∝ bins^-2 there (about {_ASSUMED_PER_BIT:g}x per bit)" in str(
+        said[0].message
+    )
     assert "a/grad_weight/ptq" in str(said[0].message)
     assert plan.layer("a").per_bit["grad_weight"] == _ASSUMED_PER_BIT
     _scripted_measure(monkeypatch, kappa=1.0)  # both probes positive: a fitted law, no warning

@@ -868,7 +868,7 @@ def plan_precision(
         if assumed:
             warnings.warn(
                 f"plan_precision: variance 0 measured at some bits for {_preview(assumed)}; "
-                f"assumed {_ASSUMED_PER_BIT:g}x per bit there",
+                f"assumed variance ∝ bins^-2 there (about {_ASSUMED_PER_BIT:g}x per bit)",
                 FQTWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -1032,7 +1032,8 @@ class PrecisionController:
     new shares put every branch's estimate below its share. Without probes (:meth:`observe`
     without ``branches``) every branch drifts like the total. The frontiers come from ``plan``
     (``plan.json``); without one every branch gets the same assumed frontier over
-    ``[min_bits, max_bits]`` of its quantizer (4× per bit, equal shares) until it is probed.
+    ``[min_bits, max_bits]`` of its quantizer (∝ bins⁻², about 4× per bit; equal shares) until it
+    is probed.
     Fixed-width formats (bits ignored) never move, but their measured variance counts.
 
     A layer whose own branches are at their most precise option and whose gradient
