@@ -170,9 +170,16 @@ def grid(seed: int) -> None:
 
 
 def bhq() -> None:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' inputs
-    from tests.quantizers.test_bhq import CASES as BHQ_CASES
-    from tests.quantizers.test_bhq import DRAWS, case_input, gen
+    root = str(Path(__file__).resolve().parents[1])  # the tests' inputs (no pytest needed)
+    added = root not in sys.path
+    if added:
+        sys.path.insert(0, root)
+    try:
+        from tests.quantizers.bhq_cases import CASES as BHQ_CASES
+        from tests.quantizers.bhq_cases import DRAWS, case_input, gen
+    finally:
+        if added:
+            sys.path.remove(root)
 
     print(f"\n§5: BHQ / PSQ mean squared error, 4 bits, {DRAWS} draws each")
     for case in BHQ_CASES:

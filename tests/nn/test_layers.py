@@ -530,6 +530,16 @@ class TestDtypesAndLayouts:
         with torch.no_grad():
             out = b(x.to(memory_format=torch.channels_last))
         assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+        # as ATen decides it: a channels-last weight with an NCHW input, and a 1-channel input
+        # (contiguous either way: its strides say which), as after model.to(channels_last)
+        for c_in, input_too in ((3, False), (1, True), (1, False)):
+            float_conv = nn.Conv2d(c_in, 6, 3, padding=1).to(memory_format=torch.channels_last)
+            layer = FQTConv2d(copy.deepcopy(float_conv), FQTConfig.preset("bhq4"), name="c")
+            xi = torch.randn(4, c_in, 8, 8)
+            if input_too:
+                xi = xi.to(memory_format=torch.channels_last)
+            with torch.no_grad():
+                assert float_conv(xi).stride() == layer(xi).stride() == (384, 1, 48, 6)
 
     @pytest.mark.parametrize("n", [1, 2])
     def test_tiny_batches(self, n):

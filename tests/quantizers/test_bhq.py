@@ -4,66 +4,15 @@ order (the same codes for any thread count and, on a GPU, from run to run)."""
 
 from __future__ import annotations
 
-import functools
 import math
 
 import pytest
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from fqtorch.data import build_datasets
-from fqtorch.models import build_model
 from fqtorch.quantizers import get_quantizer
 from fqtorch.quantizers.householder import _max_abs_householder, build_block_householder
 from tests.helpers import heavy_rows, projection_z, t_as_z, z_limit
-
-DRAWS = 100
-
-
-def gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
-def similar_rows() -> torch.Tensor:
-    """128 rows whose ranges differ by at most 20%: mostly groups of two rows."""
-    g = gen(1)
-    return torch.randn(128, 256, generator=g) * (1 + 0.2 * torch.rand(128, 1, generator=g))
-
-
-@functools.cache
-def digits_grad_outputs() -> dict[str, torch.Tensor]:
-    """Each Conv2d/Linear layer's grad_output in a float backward pass of the untrained digits
-    model on a batch of 64 training images (fixed seed)."""
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        model = build_model("digits_cnn")
-    for module in model.modules():
-        if isinstance(module, nn.ReLU):
-            module.inplace = False  # a module backward hook cannot follow an in-place op
-    train = build_datasets("digits").train
-    images = torch.stack([train[i][0] for i in range(64)]).requires_grad_()
-    labels = torch.stack([train[i][1] for i in range(64)])
-    grads = {}
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.Conv2d, nn.Linear)):
-            module.register_full_backward_hook(
-                lambda m, grad_in, grad_out, name=name: grads.__setitem__(name, grad_out[0])
-            )
-    F.cross_entropy(model(images), labels).backward()
-    return grads
-
-
-DIGITS_LAYERS = ["features.0", "features.3", "classifier.1", "classifier.3"]
-CASES = ["similar_rows", "heavy_rows"] + [f"digits_{layer}" for layer in DIGITS_LAYERS]
-
-
-def case_input(case: str) -> torch.Tensor:
-    if case == "similar_rows":
-        return similar_rows()
-    if case == "heavy_rows":
-        return heavy_rows(128, 256, seed=11)
-    return digits_grad_outputs()[case.removeprefix("digits_")]
+from tests.quantizers.bhq_cases import CASES, DRAWS, case_input, gen, similar_rows
 
 
 class TestMaxAbsHouseholder:

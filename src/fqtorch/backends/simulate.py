@@ -45,9 +45,12 @@ def _quantize_grad(
 
 
 def _channels_last(t: Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels-last, by its strides as ATen reads them (a
+    1-channel tensor is contiguous either way; its channel stride says which it was made as)."""
     return (
         t.dim() == 4
-        and not t.is_contiguous()
+        and t.stride(1) == 1
+        and t.shape[2] * t.shape[3] > 1
         and t.is_contiguous(memory_format=torch.channels_last)
     )
 
@@ -78,10 +81,12 @@ class _FQTFunction(torch.autograd.Function):
     ) -> Tensor:
         plan = source.plan
         input_q = ops.prepare(plan.input(input))
-        if _channels_last(input) and not _channels_last(input_q):
-            # the quantizer's rows come back NCHW: laid out as they came, the convolution keeps
-            # handing channels-last tensors on (as the float layer and the int8 backend do)
-            input_q = input_q.contiguous(memory_format=torch.channels_last)
+        if (_channels_last(input) or _channels_last(weight)) and not _channels_last(input_q):
+            # the quantizer's rows come back NCHW: laid out channels-last where the input or
+            # the weight is (ATen's rule for the float convolution), the layer hands
+            # channels-last tensors on as the float layer and the int8 backend do
+            # (a copy with channels-last strides: .contiguous() keeps a 1-channel tensor's)
+            input_q = torch.empty_like(input_q, memory_format=torch.channels_last).copy_(input_q)
         weight_q = plan.weight(weight)
         device_type = input.device.type
         if torch.is_autocast_enabled(device_type) and torch.float64 not in (
