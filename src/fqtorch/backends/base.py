@@ -31,6 +31,7 @@ __all__ = [
     "LinearOps",
     "PlanSource",
     "Unsupported",
+    "channels_last",
     "check_finite",
     "hwc_rows",
 ]
@@ -186,6 +187,17 @@ class ConvOps:
     def uncolumns(self, columns: Tensor, like: Tensor) -> Tensor:
         spatial = like.shape[2:]
         return columns.reshape(like.shape[0], *spatial, like.shape[1]).movedim(-1, 1)
+
+
+def channels_last(t: Tensor) -> bool:
+    """Whether a 4-d tensor is laid out channels-last, by its strides as ATen reads them (a
+    1-channel tensor is contiguous either way; its channel stride says which it was made as)."""
+    return (
+        t.dim() == 4
+        and t.stride(1) == 1
+        and t.shape[2] * t.shape[3] > 1
+        and t.is_contiguous(memory_format=torch.channels_last)
+    )
 
 
 def hwc_rows(quantizer: Quantizer, grad: Tensor) -> Tensor | None:

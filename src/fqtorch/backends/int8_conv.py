@@ -44,6 +44,7 @@ from .base import (
     ConvOps,
     PlanSource,
     Unsupported,
+    channels_last,
     check_finite,
     hwc_rows,
     refuse_second_derivative,
@@ -301,9 +302,7 @@ def _encode_input(quantizer: Quantizer, input: Tensor) -> QuantizedTensor:
     element: rounding to nearest depends on the element and the tensor's statistics alone (the
     int8 backend's input quantizer is per tensor; :func:`_per_tensor` checks it). The conv
     backend reads these codes as ``codes.reshape(input.shape)`` only."""
-    channels_last = input.dim() == 4 and not input.is_contiguous()
-    channels_last = channels_last and input.is_contiguous(memory_format=torch.channels_last)
-    if not channels_last or getattr(quantizer, "rounding", None) != "nearest":
+    if not channels_last(input) or getattr(quantizer, "rounding", None) != "nearest":
         return quantizer.encode(input)
     nhwc = input.permute(0, 2, 3, 1)  # contiguous
     x = quantizer.encode(nhwc)

@@ -21,6 +21,7 @@ from .base import (
     GemmOps,
     LinearOps,
     PlanSource,
+    channels_last,
     check_finite,
     hwc_rows,
     refuse_second_derivative,
@@ -42,17 +43,6 @@ def _quantize_grad(
     if nhwc is None:
         return quantizer(grad, generator)
     return quantizer(nhwc, generator).permute(0, 3, 1, 2)
-
-
-def _channels_last(t: Tensor) -> bool:
-    """Whether a 4-d tensor is laid out channels-last, by its strides as ATen reads them (a
-    1-channel tensor is contiguous either way; its channel stride says which it was made as)."""
-    return (
-        t.dim() == 4
-        and t.stride(1) == 1
-        and t.shape[2] * t.shape[3] > 1
-        and t.is_contiguous(memory_format=torch.channels_last)
-    )
 
 
 def _saturated(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -81,7 +71,7 @@ class _FQTFunction(torch.autograd.Function):
     ) -> Tensor:
         plan = source.plan
         input_q = ops.prepare(plan.input(input))
-        if (_channels_last(input) or _channels_last(weight)) and not _channels_last(input_q):
+        if (channels_last(input) or channels_last(weight)) and not channels_last(input_q):
             # the quantizer's rows come back NCHW: laid out channels-last where the input or
             # the weight is (ATen's rule for the float convolution), the layer hands
             # channels-last tensors on as the float layer and the int8 backend do

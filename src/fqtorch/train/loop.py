@@ -315,9 +315,13 @@ def _optimizer(cfg: TrainConfig, model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
+def _schedule_steps(cfg: TrainConfig, steps_per_epoch: int) -> tuple[int, int]:
+    """The run's steps and its warm-up's, as the schedule and the run's header count them."""
+    return cfg.epochs * steps_per_epoch, round(cfg.warmup_epochs * steps_per_epoch)
+
+
 def _schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    total, warmup = _schedule_steps(cfg, steps_per_epoch)
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -331,8 +335,7 @@ def _schedule(cfg: TrainConfig, optimizer: torch.optim.Optimizer, steps_per_epoc
 def _describe_schedule(cfg: TrainConfig, steps_per_epoch: int) -> str:
     """The optimizer and the learning rate's course, as ``_schedule`` runs it: said in the run's
     header, so that a warm-up covering the whole run (and so no decay) is not a surprise."""
-    total = cfg.epochs * steps_per_epoch
-    warmup = round(cfg.warmup_epochs * steps_per_epoch)
+    total, warmup = _schedule_steps(cfg, steps_per_epoch)
     optimizer = (
         "adamw" if cfg.optimizer == "adamw" else f"sgd with momentum {cfg.momentum:g}"
     ) + f", lr {cfg.lr:g}, weight decay {cfg.weight_decay:g}"
