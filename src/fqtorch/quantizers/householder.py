@@ -69,6 +69,10 @@ __all__ = ["BlockHouseholder", "BlockHouseholderTransform", "build_block_househo
 
 # Elements per block of rows of the eager in-place inverse (its only buffer: 4 MiB in float32).
 _INVERSE_BLOCK = 2**20
+# Groups of more rows than this sum in float64 (float32 sums of 201 rows erred by up to 4 ulp),
+# :data:`_SUM_BLOCK` elements per pass (their only buffer: 8 MiB).
+_EXACT_SUM_ROWS = 32
+_SUM_BLOCK = 2**20
 
 
 @dataclass(frozen=True)
@@ -93,16 +97,49 @@ class BlockHouseholderTransform:
     fused: bool = False
 
     def group_sums(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
-        """``Σ_{r∈g} w_r x_r`` per slot ``g`` for ``x`` (N, D), or (N,) for a vector: each sum runs
-        over ``members`` in order (an ``embedding_bag``), so it is the same on every run."""
+        """``Σ_{r∈g} w_r x_r`` per slot ``g`` for ``x`` (N, D), or (N,) for a vector, in ``x``'s
+        dtype: each sum runs over ``members`` in order (an ``embedding_bag``), so it is the same on
+        every run. A group of more than :data:`_EXACT_SUM_ROWS` rows sums in float64 (a float32
+        sum over 10⁴ rows erred by hundreds of ulp, which the leader's small row scale turned
+        into a bias of ``T⁻¹(T x)``), :data:`_SUM_BLOCK` elements at a time; on the CPU the
+        smaller groups sum in the input's dtype (float64 sums cost ~7× there), elsewhere in
+        float64 too (choosing the rows would wait on the device)."""
         rows = x if x.dim() == 2 else x[:, None]
-        sums = F.embedding_bag(
-            self.members,
-            rows,
-            self.offsets,
-            mode="sum",
-            per_sample_weights=None if weights is None else weights[self.members],
+        w = None if weights is None else weights[self.members]
+        members, offsets, large = self.members, self.offsets, None
+        if rows.dtype != torch.float64 and rows.device.type == "cpu":
+            sizes = torch.diff(offsets, append=offsets.new_tensor([members.numel()]))
+            large = sizes > _EXACT_SUM_ROWS
+            in_large = large[self.group[members]]
+            members = members[in_large]
+            sizes = sizes[large]
+            offsets = sizes.cumsum(0) - sizes
+            w = None if w is None else w[in_large]
+        # The members' rows, gathered in order: bags over consecutive rows of a float64 copy.
+        w = None if w is None else w.double()
+        order = torch.arange(members.numel(), device=members.device)
+        width = max(1, _SUM_BLOCK // max(1, members.numel()))
+        exact = torch.cat(
+            [
+                F.embedding_bag(
+                    order,
+                    rows[members, start : start + width].double(),
+                    offsets,
+                    mode="sum",
+                    per_sample_weights=w,
+                ).to(rows.dtype)
+                for start in range(0, max(1, rows.shape[1]), width)
+            ],
+            1,
         )
+        if large is None:
+            sums = exact
+        else:
+            small = None if weights is None else weights[self.members]
+            sums = F.embedding_bag(
+                self.members, rows, self.offsets, mode="sum", per_sample_weights=small
+            )
+            sums[large] = exact
         return sums if x.dim() == 2 else sums[:, 0]
 
     def _spread(self, u: Tensor, weights: Tensor) -> Tensor:
