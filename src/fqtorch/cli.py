@@ -75,7 +75,10 @@ def _dataset_defaults(flag: str) -> str:
     values = ", ".join(
         f"{name} {d[key]:g}" if not isinstance(d[key], str) else f"{name} {d[key]}"
         for name, d in DATASET_DEFAULTS.items()
+        if key != "momentum" or d["optimizer"] == "sgd"  # AdamW takes none
     )
+    if key == "momentum":
+        return f"SGD only; default per dataset: {values}"
     return f"default per dataset: {values}"
 
 

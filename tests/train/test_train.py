@@ -449,6 +449,29 @@ class TestErrors:
         old = TrainConfig(preset="qat", fqt={"grad_bits": 4}, resume=True, out=str(out))
         assert old.fqt_config().grad_quantizer is None
 
+    @pytest.mark.parametrize(
+        "flags, says",
+        [
+            (("--optimizer", "adamw", "--momentum", "0.3"), "momentum=0.3 has no effect with"),
+            (("--dataset", "text", "--momentum", "0.5"), "optimizer adamw (its betas are"),
+            (("--block-size", "7"), "block_size=7 has no effect with dataset digits"),
+            (("--image-size", "32"), "image_size=32 has no effect with dataset digits"),
+            (("--preset", "exact", "--variance-every", "3"), "--preset exact quantizes nothing"),
+            (("--preset", "qat", "--grad-rounding", "nearest"), "grad_rounding=nearest has no"),
+            (("--seed", "99999999999999999999999"), "seed must be an integer in [0, 2**63)"),
+            (("--seed", "-1"), "seed must be an integer in [0, 2**63), got -1"),
+        ],
+    )
+    def test_an_option_the_run_would_not_read_is_refused(self, tmp_path, capsys, flags, says):
+        """Options recorded in config.json and never read (momentum under AdamW, a text or
+        ImageNet size on digits, variance without quantizers, a rounding without gradient
+        quantizers) were accepted silently, and then held a resume to them; a seed past
+        torch's range failed after the data loaded, naming no option."""
+        assert fqtorch_main("train", *flags, "--out", tmp_path / "x") == 2
+        err = capsys.readouterr().err
+        assert says in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "x").exists()
+
     def test_unknown_config_key_lists_every_known_one(self, tmp_path, capsys):
         config = tmp_path / "c.yaml"
         config.write_text("grad_bitz: 4\n")

@@ -152,6 +152,7 @@ class TrainConfig:
             raise ValueError(
                 f"unknown dataset {self.dataset!r}; known: {', '.join(DATASET_DEFAULTS)}"
             )
+        given = {key for key in DATASET_DEFAULTS[self.dataset] if getattr(self, key) is not None}
         for key, value in DATASET_DEFAULTS[self.dataset].items():
             if getattr(self, key) is None:
                 object.__setattr__(self, key, value)
@@ -194,8 +195,9 @@ class TrainConfig:
         if self.resume and self.out is None:
             raise ValueError("resume needs the run directory to continue (out)")
         fqt = self.fqt_config()  # validate the quantization plan now
-        if not self.resume:  # a run started before this check keeps the options it has
+        if not self.resume:  # a run started before these checks keeps the options it has
             self._check_bits_used(fqt)
+            self._check_options_used(fqt, given)
 
     def _check_bits_used(self, cfg: FQTConfig | None) -> None:
         """A bit width given for a GEMM operand whose quantizer takes none (none at all, the
@@ -219,9 +221,41 @@ class TrainConfig:
                 f"{bits}={self.fqt[bits]} has no effect with preset {self.preset}: {what}; {fix}"
             )
 
+    def _check_options_used(self, cfg: FQTConfig | None, given: set[str]) -> None:
+        """Other options that this run would record and never read (``given``: the dataset
+        defaults given, not filled in), refused with what to do instead."""
+        if "momentum" in given and self.optimizer == "adamw":
+            raise ValueError(
+                f"momentum={self.momentum} has no effect with optimizer adamw (its betas are "
+                "(0.9, 0.95)); leave out --momentum, or give --optimizer sgd"
+            )
+        for name, default, dataset in (("block_size", 64, "text"), ("image_size", 224, "imagenet")):
+            if getattr(self, name) != default and self.dataset != dataset:
+                raise ValueError(
+                    f"{name}={getattr(self, name)} has no effect with dataset {self.dataset} "
+                    f"(only {dataset} reads it); leave out --{name.replace('_', '-')}"
+                )
+        if self.variance_every and cfg is None:
+            raise ValueError(
+                "variance_every measures the quantization variance of the gradients, and "
+                "--preset exact quantizes nothing; leave out --variance-every, or give a "
+                "quantized --preset"
+            )
+        unused = [
+            k for k in ("grad_rounding", "grad_transform") if k in self.fqt and cfg is not None
+        ]
+        if unused and cfg.grad_quantizer is None and cfg.grad_weight_quantizer is None:
+            raise ValueError(
+                f"{unused[0]}={self.fqt[unused[0]]} has no effect with preset {self.preset}: "
+                "its gradients stay exact; give a gradient quantizer (e.g. --preset bhq5 or "
+                "--grad-quantizer bhq) or leave it out"
+            )
+
     def _check_ranges(self) -> None:
         """Numbers a run could take without failing but would train wrongly with, refused with
         the option named (after the dataset's defaults are filled in)."""
+        if not 0 <= self.seed < 2**63:  # torch.manual_seed and the layers' streams take it
+            raise ValueError(f"seed must be an integer in [0, 2**63), got {self.seed}")
         if not 0 < self.lr < math.inf:  # also NaN
             raise ValueError(f"lr must be a finite number > 0, got {self.lr}")
         for name in ("weight_decay", "warmup_epochs"):

@@ -12,8 +12,9 @@ exact too.
 Learning rate: linear warm-up, then a cosine decay to 0 at the end of ``epochs``. The schedule is
 a function of the step and of the run's current ``epochs``, so extending a run
 (``--resume --epochs N``) recomputes it for N epochs from the step reached: the lr becomes what an
-N-epoch run has at that step (for a finished run extended to twice its length, half the peak)
-and decays to 0 at epoch N.
+N-epoch run has at that step (a finished run extended to twice its length: half the peak with no
+warm-up, a little more with one: 0.53 for the digits default's 1 of 12 epochs) and decays to 0 at
+epoch N.
 
 FSDP2 (``--fsdp``): every FQT layer, then the root, is sharded with ``fully_shard``; each rank
 holds a shard of the parameters and optimizer state. Checkpoints hold the full (gathered) states,
