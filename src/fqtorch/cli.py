@@ -395,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         print(
             f"fqtorch {args.command}: rank {_rank()} stopped: another process of this run "
-            f"ended ({first[:160]}); the first error above is the cause",
+            f"ended ({first[:160]}); the first error above, if any, or torchrun's summary below "
+            "is the cause",
             file=sys.stderr,
         )
         return 1

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from fqtorch.data import DatasetError, build_datasets
+from fqtorch.data import DatasetError, build_datasets, fingerprint
 from fqtorch.data.datasets import CifarImages, torchvision_transforms
 
 
@@ -414,3 +414,21 @@ def test_cifar_batches_at_pickle_protocol_5_load(tmp_path):
 def test_digits_refuses_a_data_dir_it_would_ignore(tmp_path):
     with pytest.raises(DatasetError, match="digits is embedded .* would be ignored"):
         build_datasets("digits", tmp_path)
+
+
+def test_fingerprint_tells_data_of_one_length_apart(tmp_path):
+    """The processes of a run compare it: the same data gives the same fingerprint in another
+    build, another corpus of the same length (reversed) another one, as does another split."""
+    corpus = "".join(f"line {i}: the quick brown fox\n" for i in range(400))
+    (tmp_path / "a.txt").write_text(corpus)
+    (tmp_path / "b.txt").write_text(corpus[::-1])
+    a, again, b = (
+        build_datasets("text", tmp_path / name, block_size=16)
+        for name in ("a.txt", "a.txt", "b.txt")
+    )
+    assert len(a.train) == len(b.train)
+    assert fingerprint(a.train) == fingerprint(again.train)
+    assert fingerprint(a.train) != fingerprint(b.train)
+    assert fingerprint(a.train) != fingerprint(a.val)
+    digits = build_datasets("digits")
+    assert fingerprint(digits.train) == fingerprint(build_datasets("digits").train)

@@ -941,6 +941,45 @@ def test_a_rank_left_alone_says_one_line(tmp_path):
     assert "/fqtorch/" not in result.stderr, result.stderr  # no traceback through fqtorch
 
 
+RANK_1_ARGS = _patched_cli(
+    """
+if os.environ["RANK"] == "1":  # a process started with other options than its peers
+    sys.argv += os.environ["RANK_1_ARGS"].split()
+"""
+)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    shutil.which("torchrun") is None and not TORCHRUN.exists(), reason="torchrun not installed"
+)
+@pytest.mark.parametrize("differ", ["option", "data"])
+def test_processes_with_other_options_or_data_are_refused(tmp_path, monkeypatch, differ):
+    """Rank 1 started with another --max-steps-per-epoch hung in a collective until gloo's
+    30-minute timeout; rank 1 reading another corpus of the same length trained on, validating
+    on two sets: now every rank stops before the model is built, rank 0 with one line naming
+    the difference."""
+    corpus = "".join(f"line {i}: the quick brown fox\n" for i in range(400))
+    (tmp_path / "a.txt").write_text(corpus)
+    (tmp_path / "b.txt").write_text(corpus[::-1])
+    rank_1 = {"option": "--max-steps-per-epoch 3", "data": f"--data-dir {tmp_path / 'b.txt'}"}
+    monkeypatch.setitem(ENV, "RANK_1_ARGS", rank_1[differ])
+    driver = tmp_path / "rank_1_args.py"
+    driver.write_text(RANK_1_ARGS)
+    args = ["train", "--dataset", "text", "--data-dir", str(tmp_path / "a.txt"), "--epochs", "1"]
+    args += ["--max-steps-per-epoch", "2", "--block-size", "16", "--batch-size", "8", "--quiet"]
+    result = _torchrun(str(driver), *args, "--out", str(tmp_path / "r"))
+    assert result.returncode != 0
+    ours = [r for r in result.stderr.splitlines() if r.startswith("fqtorch train:")]
+    says = {
+        "option": "differ in their option max_steps_per_epoch: rank 0 has 2, rank 1 3;",
+        "data": "differ in their training data: rank 0 has '",
+    }
+    assert len(ours) == 1 and says[differ] in ours[0], result.stderr
+    assert "/fqtorch/" not in result.stderr, result.stderr  # no traceback through fqtorch
+    assert not (tmp_path / "r" / "checkpoint.pt").exists()
+
+
 SIGTERM_ON_RANK_1_ONLY = _patched_cli(
     """
 step = loop._Run._train_step

@@ -10,6 +10,20 @@
   Without ``--data-dir``: ``pydoc_data/topics.py`` of the running Python (``default_corpus``).
 """
 
-from .datasets import DatasetError, DataSpec, build_datasets, default_corpus, list_datasets
+from .datasets import (
+    DatasetError,
+    DataSpec,
+    build_datasets,
+    default_corpus,
+    fingerprint,
+    list_datasets,
+)
 
-__all__ = ["DataSpec", "DatasetError", "build_datasets", "default_corpus", "list_datasets"]
+__all__ = [
+    "DataSpec",
+    "DatasetError",
+    "build_datasets",
+    "default_corpus",
+    "fingerprint",
+    "list_datasets",
+]

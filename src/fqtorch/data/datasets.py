@@ -14,6 +14,7 @@ and normalize the pixels with the same code, so they differ only in the random d
 
 from __future__ import annotations
 
+import hashlib
 import math
 import pickle
 from collections.abc import Callable
@@ -27,7 +28,14 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-__all__ = ["DataSpec", "DatasetError", "build_datasets", "default_corpus", "list_datasets"]
+__all__ = [
+    "DataSpec",
+    "DatasetError",
+    "build_datasets",
+    "default_corpus",
+    "fingerprint",
+    "list_datasets",
+]
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
@@ -457,6 +465,23 @@ def _text(data_dir: Path | None, block_size: int) -> DataSpec:
         vocab=vocab,
         source=source,
     )
+
+
+def fingerprint(dataset: Dataset) -> str:
+    """A short hash of what ``dataset`` holds, without reading its images: the tensors of an
+    in-memory set (digits, CIFAR-10, a text's characters), an image folder's class folders,
+    file names and labels. Processes of one run compare it, so that one reading other data
+    cannot train on silently."""
+    digest = hashlib.sha256(type(dataset).__name__.encode())
+    for name in ("codes", "images", "labels"):
+        value = getattr(dataset, name, None)
+        if isinstance(value, Tensor):
+            digest.update(f"{name} {tuple(value.shape)} {value.dtype}".encode())
+            digest.update(value.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    for path, label in getattr(dataset, "samples", ()):
+        digest.update(f"{path.parent.name}/{path.name} {label}\n".encode())
+    digest.update(f"len {len(dataset)}".encode())  # type: ignore[arg-type]
+    return digest.hexdigest()[:16]
 
 
 def list_datasets() -> list[str]:

@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, Samp
 
 import fqtorch
 
-from ..data import DataSpec, build_datasets
+from ..data import DataSpec, build_datasets, fingerprint
 from ..models import build_model, get_model_info
 from .checkpoint import load_checkpoint, save_checkpoint
 from .config import TrainConfig
@@ -606,6 +606,36 @@ def _describe_fqt(cfg: TrainConfig) -> str:
     )
 
 
+# Options a process of a run may hold its own value of: where it finds the data (the data itself
+# is compared by fingerprint), its device, its logging.
+_PER_RANK = ("out", "data_dir", "device", "quiet", "tensorboard", "workers")
+
+
+def _check_ranks_agree(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> None:
+    """Every process of a run has the same options and data (its sets' fingerprints), or each
+    raises the same ``TrainingError`` naming the first difference: a process given other options
+    or another copy of the data would hang in a collective, abort in one with no cause named, or
+    (data of the same length) train on silently."""
+    options = {k: v for k, v in cfg.to_dict().items() if k not in _PER_RANK}
+    mine = {
+        **{f"option {k}": v for k, v in options.items()},
+        "training data": f"{len(spec.train)} samples, fingerprint {fingerprint(spec.train)}",
+        "validation data": f"{len(spec.val)} samples, fingerprint {fingerprint(spec.val)}",
+        "vocabulary": spec.vocab,
+    }
+    ranks: list[Any] = [None] * rt.world
+    dist.all_gather_object(ranks, mine)
+    for key, value in ranks[0].items():
+        other = next((r for r in range(1, rt.world) if ranks[r].get(key) != value), None)
+        if other is not None:
+            raise TrainingError(
+                f"the processes of this run differ in their {key}: rank 0 has {value!r}, rank "
+                f"{other} {ranks[other].get(key)!r}; start every process with the same options "
+                "and data",
+                every_rank=True,
+            )
+
+
 class _Run:
     """State of one training run; ``train()`` drives it."""
 
@@ -623,6 +653,8 @@ class _Run:
             block_size=cfg.block_size,
             image_size=cfg.image_size,
         )
+        if self.rt.world > 1:
+            _check_ranks_agree(cfg, self.spec, self.rt)
         self.model, self.bits_plan = _build_model(cfg, self.spec, self.rt)
         self.train_loader, self.val_loader, self.sampler, self.resumable = _loaders(
             cfg, self.spec, self.rt
