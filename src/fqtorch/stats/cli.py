@@ -39,7 +39,7 @@ from ..convert import dequantize_model, fqt_modules, quantize_model
 from ..quantizers.base import MAX_BITS, MIN_BITS, is_registered, list_quantizers
 from ..quantizers.formats import is_format
 from ..quantizers.transforms import TRANSFORMS
-from .estimators import RETEST_FACTOR
+from .estimators import RETEST_FACTOR, few_batches_caveat
 from .null import DEFAULT_ALPHA, check_test_parameters
 
 log = logging.getLogger(__name__)
@@ -467,11 +467,12 @@ def run_variance(args: argparse.Namespace) -> int:
     dequantize_model(model)
     rse = sampling.relative_standard_error
     log.info(
-        "sampling variance %.4g (%d minibatches of %d; relative standard error %s)",
+        "sampling variance %.4g (%d minibatches of %d; relative standard error %s%s)",
         sampling.total,
         len(batches),
         args.batch_size,
         "unknown" if rse is None else f"{rse:.2g}",
+        "" if rse is None else few_batches_caveat(len(batches)),
     )
 
     results = []

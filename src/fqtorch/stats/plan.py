@@ -63,6 +63,7 @@ from .estimators import (
     _Params,
     _require_fqt,
     _restored_buffers,
+    few_batches_caveat,
     kept_generators,
     kept_random_streams,
     sampling_variance,
@@ -452,7 +453,7 @@ class PrecisionPlan:
         return (
             f"sampling variance from {source}: relative standard error "
             f"{self.sampling_variance_rse:.2g} (the budget and every share above are fractions "
-            "of it)"
+            f"of it){few_batches_caveat(count)}"
         )
 
 
