@@ -177,6 +177,16 @@ def test_the_budget_is_checked_on_the_measurement_not_the_prediction(monkeypatch
     assert calls == ["planning", "verifying", "verifying"]
     assert plan.measured_within_budget is True and plan.feasible
     assert plan.predicted_quantization_variance <= AIM * budget * plan.sampling_variance / 3
+    # the first plan is recorded (plan.json's numbers looked like a costlier choice than its
+    # own frontiers give, with nothing saying why), and the table says it was chosen again
+    first = plan.first_plan
+    assert first is not None and first["scale"] == pytest.approx(3.0)
+    assert first["measured"] == pytest.approx(3 * first["predicted"])
+    assert first["predicted"] > plan.predicted_quantization_variance / plan.sampling_variance
+    assert PrecisionPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).first_plan == first
+    assert "chosen again: the first plan measured" in plan.table()
+    _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(1.0, 1.0))
+    assert _plan(_model(), budget=budget).first_plan is None
     calls = _scripted_measure(monkeypatch, kappa=1.0, verify_factor=(3.0, 10.0))
     with pytest.warns(RuntimeWarning, match="over the budget") as said:
         plan = _plan(_model(), budget=budget)

@@ -223,7 +223,10 @@ class PrecisionPlan:
     sampling variance came from, and the forward and backward settings measured under.
     ``sampling_variance_rse``: the sampling variance's relative standard error, from its batches'
     spread (``None``: too few to say); the budget and every share are fractions of an estimate
-    this uncertain. Use it
+    this uncertain. ``first_plan``: where the first choice measured over the budget and the
+    planner chose again (``predicted`` and ``measured``, as fractions of the sampling variance,
+    and their ``scale``), else ``None``: the branches' variances did not add up there (at low
+    bits, noise from the branches above widens the ranges below). Use it
     with :meth:`config_fn` (the callable form :func:`~fqtorch.quantize_model` takes) or
     :meth:`apply`; :meth:`save` / :func:`load_plan` write and read ``plan.json``."""
 
@@ -238,6 +241,7 @@ class PrecisionPlan:
     measured_within_budget: bool | None = None
     measured_with: dict[str, Any] | None = None  # batch size and forward config (if known)
     sampling_variance_rse: float | None = None
+    first_plan: dict[str, float] | None = None
 
     def __post_init__(self) -> None:
         names = [layer.name for layer in self.layers]
@@ -332,6 +336,7 @@ class PrecisionPlan:
             "measured_with": self.measured_with,
             "cost": self.cost,
             "cost_highest": self.cost_highest,
+            "first_plan": self.first_plan,
             "cost_model": "GEMM multiply-accumulates x gradient bits per element x other "
             "operand bits",
             "layers": [layer.to_dict() for layer in self.layers],
@@ -363,6 +368,15 @@ class PrecisionPlan:
             value = d.get(key)
             if value is not None and (isinstance(value, bool) or not _is_number(value)):
                 raise ValueError(f"{where}.{key} must be a number or null, got {value!r}")
+        first = d.get("first_plan")
+        if first is not None and not (
+            isinstance(first, Mapping)
+            and all(_is_number(first.get(k)) for k in ("predicted", "measured", "scale"))
+        ):
+            raise ValueError(
+                f"{where}.first_plan must be null or a mapping of predicted, measured and scale "
+                f"to numbers, got {first!r:.60}"
+            )
         with_ = d.get("measured_with")
         if with_ is not None and not isinstance(with_, Mapping):
             raise ValueError(
@@ -402,6 +416,7 @@ class PrecisionPlan:
             measured_within_budget=d.get("measured_within_budget"),
             measured_with=d.get("measured_with"),
             sampling_variance_rse=d.get("sampling_variance_rse"),
+            first_plan=None if d.get("first_plan") is None else dict(d["first_plan"]),
         )
 
     def save(self, path: str | Path) -> Path:
@@ -435,6 +450,13 @@ class PrecisionPlan:
             f"{_share(measured, s)}; budget {self.budget:g}"
             + ("" if self.feasible else " NOT MET even at the highest precision")
         )
+        if self.first_plan:
+            rows.append(
+                f"chosen again: the first plan measured {self.first_plan['measured']:.3g} of the "
+                f"sampling variance, {self.first_plan['scale']:.3g}x its prediction "
+                f"{self.first_plan['predicted']:.3g} (the branches did not add up), so the budget "
+                "was scaled down by that factor"
+            )
         if self.cost is not None and self.cost_highest:
             rows.append(f"cost {self.cost / self.cost_highest:.3f} of all-highest-precision")
         rows.append(self._sampling_error())
@@ -890,6 +912,7 @@ def plan_precision(
         alone = [(n, b) for n in layers for b in BRANCHES if sizes.get(n, {}).get(b, 0)]
         predicted_total = sum(o.variance for o in chosen.values())
         out_of_reach = None  # the retry's measured/predicted scale, where it left no choice
+        first_plan = None  # the first choice's prediction and measurement, where it was redone
         for attempt in range(2):
             full = {n: {b: chosen[(n, b)].candidate for b in BRANCHES} for n in layers}
             grads = [(n, b) for n, b in alone if b == "grad" or n in tied]
@@ -908,6 +931,11 @@ def plan_precision(
             # Measured over the budget: the prediction was low by verified/predicted; choose
             # again against the budget scaled down by that factor, and measure once more.
             scale = measured_total / predicted_total
+            first_plan = {
+                "predicted": predicted_total / sampling,
+                "measured": measured_total / sampling,
+                "scale": scale,
+            }
             at, ok = _choose(frontiers, AIM * budget * sampling / scale)
             if not ok:
                 at, ok = _choose(frontiers, budget * sampling / scale)
@@ -981,6 +1009,7 @@ def plan_precision(
         budget=float(budget),
         sampling_variance=sampling,
         sampling_variance_rse=estimate.relative_standard_error,
+        first_plan=first_plan,
         predicted_quantization_variance=predicted_total,
         measured_quantization_variance=measured_total,
         layers=tuple(plan_layers),
