@@ -178,3 +178,28 @@ def test_groups_of_signed_zeros_give_the_compiled_codes(name: str) -> None:
         plain = get_quantizer(name, 4, rounding=rounding)(x, gen(1))
         groups = {"per_column": plain[:, :8], "psq": plain[:8], "symmetric_per_row": plain[:8]}
         assert (groups.get(name, torch.zeros(())) == 0).all()
+
+
+@pytest.mark.parametrize("name", ["rht", "psq+rht16"])
+def test_a_block_far_below_the_tensor_s_maximum_keeps_its_values(name):
+    """RHT scaled the whole tensor by one power of two from its largest value, so a block of rows
+    2^200 below it underflowed inside the butterfly: its rows decoded to exactly 0 on every draw
+    (E[Q(x)] = 0 there). Each block is scaled by its own power of two now: its rows keep their
+    values and stay unbiased (projection z-scores, Bonferroni over the directions)."""
+    from fqtorch.quantizers.transforms import with_transform
+
+    g = gen(4)
+    x = torch.randn(32, 64, generator=g)
+    x[:16] *= 1e30
+    x[16:] *= 1e-30
+    if name == "rht":
+        q = get_quantizer("rht", 8)
+    else:
+        q = with_transform(get_quantizer("psq", 8), "rht16", 0)
+    encoded = q.encode(x, gen(5))
+    back = encoded.transform.inverse(encoded.transform.forward(x))
+    torch.testing.assert_close(back[16:], x[16:], rtol=0, atol=1e-6 * float(x[16:].abs().max()))
+    draws = torch.stack([q(x, g)[16:] for _ in range(DRAWS)])
+    assert draws.abs().amax() > 0
+    z = projection_z(draws * 1e30, x[16:] * 1e30, structured=False)
+    assert z.abs().max() < z_limit(z.numel()), z.abs().max()

@@ -7,9 +7,12 @@ row's magnitude evenly over its block (as BHQ does for its groups) and, like BHQ
 activation-gradient GEMM. Given the signs the quantizer is unbiased, hence unbiased overall.
 
 The fast transform costs ``O(N·D·log block)``; rows are zero-padded to a multiple of ``block``.
-The tensor is first scaled by an exact power of two ``2^-e`` that brings its largest magnitude into
-``[1/2, 1)`` (and back after the inverse), so the butterfly's sums cannot overflow for values near
-the float maximum, and subnormal values are mixed at full precision.
+Each block of rows is first scaled by an exact power of two ``2^-e`` that brings its largest
+magnitude into ``[1/2, 1)`` (and back after the inverse), so the butterfly's sums cannot overflow
+for values near the float maximum, subnormal values are mixed at full precision, and a block far
+below the tensor's largest value keeps its own (scaled by the tensor's maximum, a block 2^-126
+below it underflowed to 0 on every draw). A block's values 2^126 below its own maximum still
+underflow.
 """
 
 from __future__ import annotations
@@ -46,20 +49,36 @@ def _walsh_hadamard(x: Tensor, block: int, factor: Tensor) -> Tensor:
     return y.reshape(rows, cols) * factor
 
 
+def block_exponents(lines: Tensor, block: int) -> Tensor:
+    """``e`` per row of ``lines`` (rows mixed in blocks of ``block``, zero-padded to a multiple of
+    it), the same on every row of a block: its largest magnitude is ``m·2^e``, ``m`` in
+    ``[1/2, 1)``; 0 for a block of zeros or one holding a NaN or an infinity."""
+    rows = lines.shape[0]
+    padded = -(-rows // block) * block
+    low, high = torch.aminmax(lines, dim=1) if lines.shape[1] else (lines.new_zeros(rows),) * 2
+    absmax = torch.maximum(-low, high)  # NaN where a row holds one
+    absmax = torch.cat([absmax, absmax.new_zeros(padded - rows)]).reshape(-1, block)
+    finite = torch.isfinite(absmax).all(1)
+    exponent = torch.frexp(absmax.nan_to_num(0.0).amax(1)).exponent
+    exponent = torch.where(finite, exponent, torch.zeros_like(exponent))
+    return exponent.repeat_interleave(block)
+
+
 @dataclass(frozen=True)
 class RandomizedHadamardTransform:
-    """``x ↦ 2^-e · blockdiag(H)·diag(σ)·x/√block`` on zero-padded rows: the orthogonal mix after
-    an exact scaling by ``2^-e`` (``e`` from the tensor's largest magnitude), so its inverse is
-    ``2^e`` times its transpose."""
+    """``x ↦ 2^-E · blockdiag(H)·diag(σ)·x/√block`` on zero-padded rows: the orthogonal mix after
+    an exact scaling by ``2^-E`` (``E`` diagonal, one ``e`` per block of rows from its largest
+    magnitude: the mix stays within a block), so its inverse is its transpose times ``2^E``."""
 
     signs: Tensor  # (padded rows,) ±1
     block: int
     rows: int
-    exponent: Tensor  # 0-d int: e, the tensor's scale is 2^e
+    exponent: Tensor  # (padded rows,) int: e of each row's block, the block's scale is 2^e
 
     def _factors(self, exponent: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """``2^exponent`` as exact factors within ``dtype``'s range (``|e|`` reaches 148 in
-        float32): (per row ``σ·2^h``, scalar ``2^(exponent − h)/√block``), ``h = exponent // 2``."""
+        float32), per row: ``σ·2^h`` and ``2^(exponent − h)/√block``, ``h = exponent // 2`` (the
+        second applied after the butterfly: it is the same on every row of a block)."""
         half = torch.div(exponent, 2, rounding_mode="floor")
         rows = self.signs.to(dtype) * torch.exp2(half.to(dtype))
         rest = torch.exp2((exponent - half).to(torch.float64)) / self.block**0.5
@@ -70,17 +89,18 @@ class RandomizedHadamardTransform:
         if pad:
             x = torch.cat([x, x.new_zeros(pad, x.shape[1])])
         rows, rest = self._factors(-self.exponent, x.dtype)
-        return _walsh_hadamard(x * rows[:, None], self.block, rest)
+        return _walsh_hadamard(x * rows[:, None], self.block, rest[:, None])
 
     def inverse(self, y: Tensor) -> Tensor:
         # H is symmetric and H·H = block·I, so T⁻¹ = 2^e·diag(σ)·H/√block.
         rows, rest = self._factors(self.exponent, y.dtype)
-        return (_walsh_hadamard(y, self.block, rest) * rows[:, None])[: self.rows]
+        return (_walsh_hadamard(y, self.block, rest[:, None]) * rows[:, None])[: self.rows]
 
     def inverse_column_norms_sq(self) -> Tensor:
-        """``4^e·(real rows of its block)/block`` for every padded row (float64: it passes the
-        float32 range): column ``i`` of ``T⁻¹`` has ``block`` entries ``±2^e/√block``, of which
-        the inverse keeps those on real rows (the last block may be part padding)."""
+        """``4^e·(real rows of its block)/block`` for every padded row, ``e`` its block's (float64:
+        it passes the float32 range): column ``i`` of ``T⁻¹`` has ``block`` entries
+        ``±2^e/√block``, of which the inverse keeps those on real rows (the last block may be
+        part padding)."""
         padded = self.signs.shape[0]
         starts = torch.arange(0, padded, self.block, device=self.signs.device)
         real = (self.rows - starts).clamp(0, self.block).double() / self.block
@@ -117,11 +137,7 @@ class RandomizedHadamard(Quantizer):
         padded = -(-rows // block) * block
         bits = torch.randint(0, 2, (padded,), generator=generator, device=x.device)
         signs = (2 * bits - 1).to(x2d.dtype)
-        low, high = torch.aminmax(x2d)
-        absmax = torch.maximum(-low, high)
-        exponent = torch.frexp(absmax).exponent  # max|x| = m·2^e, m in [1/2, 1); 0 for 0
-        exponent = torch.where(torch.isfinite(absmax), exponent, torch.zeros_like(exponent))
-        transform = RandomizedHadamardTransform(signs, block, rows, exponent)
+        transform = RandomizedHadamardTransform(signs, block, rows, block_exponents(x2d, block))
         y = transform.forward(x2d)
         # Fused, only the rounding is compiled: the butterfly compiles poorly with dynamic shapes.
         noise = self.noise(generator, x2d.device)

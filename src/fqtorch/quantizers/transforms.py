@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .base import QuantizedTensor, Quantizer, as_rows, check_float, compute_dtype
-from .hadamard import RandomizedHadamardTransform
+from .hadamard import RandomizedHadamardTransform, block_exponents
 
 __all__ = [
     "TRANSFORMS",
@@ -141,10 +141,8 @@ class HadamardThen(Quantizer):
         length, padded = self._length(x2d, dim)
         bits = torch.randint(0, 2, (padded,), generator=generator, device=x.device)
         signs = (2 * bits - 1).to(x2d.dtype)
-        low, high = torch.aminmax(x2d)
-        absmax = torch.maximum(-low, high)
-        exponent = torch.frexp(absmax).exponent  # exact 2^-e pre-scaling: see .hadamard
-        exponent = torch.where(torch.isfinite(absmax), exponent, torch.zeros_like(exponent))
+        lines = x2d if dim == 0 else x2d.T  # mixed along dim 0; exact 2^-e per block: .hadamard
+        exponent = block_exponents(lines, self.block)
         rows = RandomizedHadamardTransform(signs, self.block, length, exponent)
         transform = rows if dim == 0 else ColumnTransform(rows)
         if channels:
