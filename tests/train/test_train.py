@@ -472,6 +472,17 @@ class TestErrors:
         assert says in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "x").exists()
 
+    def test_a_run_s_own_options_and_defaults_given_are_taken(self):
+        """What the refusals above must not catch: a text run's recorded options (its momentum
+        is the dataset default, which AdamW never reads) started again, defaults given
+        explicitly, and a rounding for a --bits-plan's layers under --preset qat."""
+        text = TrainConfig(dataset="text")
+        assert TrainConfig.from_dict(text.to_dict()).momentum == text.momentum
+        TrainConfig(preset="qat", fqt={"grad_transform": None, "grad_rounding": "stochastic"})
+        plan = Path(__file__).parents[2] / "experiments/results/digits/plan/plan.json"
+        cfg = TrainConfig(preset="qat", bits_plan=str(plan), fqt={"grad_rounding": "nearest"})
+        assert cfg.fqt["grad_rounding"] == "nearest"
+
     def test_unknown_config_key_lists_every_known_one(self, tmp_path, capsys):
         config = tmp_path / "c.yaml"
         config.write_text("grad_bitz: 4\n")

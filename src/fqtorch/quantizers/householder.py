@@ -70,9 +70,11 @@ __all__ = ["BlockHouseholder", "BlockHouseholderTransform", "build_block_househo
 # Elements per block of rows of the eager in-place inverse (its only buffer: 4 MiB in float32).
 _INVERSE_BLOCK = 2**20
 # Groups of more rows than this sum in float64 (float32 sums of 201 rows erred by up to 4 ulp),
-# :data:`_SUM_BLOCK` elements per pass (their only buffer: 8 MiB).
+# :data:`_SUM_BLOCK` elements per pass (their buffer: 8 MiB), or :data:`_SUM_COLUMNS` columns
+# where the rows are many (fewer passes, each a launch on a GPU).
 _EXACT_SUM_ROWS = 32
 _SUM_BLOCK = 2**20
+_SUM_COLUMNS = 128
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,10 @@ class BlockHouseholderTransform:
         dtype: each sum runs over ``members`` in order (an ``embedding_bag``), so it is the same on
         every run. A group of more than :data:`_EXACT_SUM_ROWS` rows sums in float64 (a float32
         sum over 10⁴ rows erred by hundreds of ulp, which the leader's small row scale turned
-        into a bias of ``T⁻¹(T x)``), :data:`_SUM_BLOCK` elements at a time; on the CPU the
-        smaller groups sum in the input's dtype (float64 sums cost ~7× there), elsewhere in
-        float64 too (choosing the rows would wait on the device)."""
+        into a bias of ``T⁻¹(T x)``), :data:`_SUM_BLOCK` elements (or :data:`_SUM_COLUMNS`
+        columns) at a time; on the CPU the smaller groups sum in the input's dtype (float64
+        sums cost ~7× there), elsewhere in float64 too (choosing the rows would wait on the
+        device)."""
         rows = x if x.dim() == 2 else x[:, None]
         w = None if weights is None else weights[self.members]
         members, offsets, large = self.members, self.offsets, None
@@ -118,7 +121,7 @@ class BlockHouseholderTransform:
         # The members' rows, gathered in order: bags over consecutive rows of a float64 copy.
         w = None if w is None else w.double()
         order = torch.arange(members.numel(), device=members.device)
-        width = max(1, _SUM_BLOCK // max(1, members.numel()))
+        width = max(_SUM_COLUMNS, _SUM_BLOCK // max(1, members.numel()))
         exact = torch.cat(
             [
                 F.embedding_bag(

@@ -141,8 +141,11 @@ class HadamardThen(Quantizer):
         length, padded = self._length(x2d, dim)
         bits = torch.randint(0, 2, (padded,), generator=generator, device=x.device)
         signs = (2 * bits - 1).to(x2d.dtype)
-        lines = x2d if dim == 0 else x2d.T  # mixed along dim 0; exact 2^-e per block: .hadamard
-        exponent = block_exponents(lines, self.block)
+        # One exact 2^-e for the whole tensor (.hadamard), not one per block as rht's: the inner
+        # quantizer's groups (a row's grid along the blocks, per tensor, MX blocks of 32 after
+        # rht16) can span several blocks, and scaled unevenly their noise passed the bound 12x.
+        lines = x2d if dim == 0 else x2d.T  # mixed along dim 0
+        exponent = block_exponents(lines, padded)
         rows = RandomizedHadamardTransform(signs, self.block, length, exponent)
         transform = rows if dim == 0 else ColumnTransform(rows)
         if channels:

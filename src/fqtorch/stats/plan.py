@@ -454,8 +454,8 @@ class PrecisionPlan:
             rows.append(
                 f"chosen again: the first plan measured {self.first_plan['measured']:.3g} of the "
                 f"sampling variance, {self.first_plan['scale']:.3g}x its prediction "
-                f"{self.first_plan['predicted']:.3g} (the branches did not add up), so the budget "
-                "was scaled down by that factor"
+                f"{self.first_plan['predicted']:.3g}, so the budget was scaled down by that "
+                "factor"
             )
         if self.cost is not None and self.cost_highest:
             rows.append(f"cost {self.cost / self.cost_highest:.3f} of all-highest-precision")

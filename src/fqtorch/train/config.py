@@ -224,7 +224,8 @@ class TrainConfig:
     def _check_options_used(self, cfg: FQTConfig | None, given: set[str]) -> None:
         """Other options that this run would record and never read (``given``: the dataset
         defaults given, not filled in), refused with what to do instead."""
-        if "momentum" in given and self.optimizer == "adamw":
+        default = DATASET_DEFAULTS[self.dataset]["momentum"]  # what a run records, unread
+        if "momentum" in given and self.optimizer == "adamw" and self.momentum != default:
             raise ValueError(
                 f"momentum={self.momentum} has no effect with optimizer adamw (its betas are "
                 "(0.9, 0.95)); leave out --momentum, or give --optimizer sgd"
@@ -241,10 +242,14 @@ class TrainConfig:
                 "--preset exact quantizes nothing; leave out --variance-every, or give a "
                 "quantized --preset"
             )
-        unused = [
-            k for k in ("grad_rounding", "grad_transform") if k in self.fqt and cfg is not None
+        defaults = {f.name: f.default for f in dataclasses.fields(FQTConfig)}
+        unused = [  # a plan's layers take the base config's rounding and transform
+            k
+            for k in ("grad_rounding", "grad_transform")
+            if k in self.fqt and self.fqt[k] != defaults[k] and self.bits_plan is None
         ]
-        if unused and cfg.grad_quantizer is None and cfg.grad_weight_quantizer is None:
+        exact = cfg is not None and cfg.grad_quantizer is None and cfg.grad_weight_quantizer is None
+        if unused and exact:
             raise ValueError(
                 f"{unused[0]}={self.fqt[unused[0]]} has no effect with preset {self.preset}: "
                 "its gradients stay exact; give a gradient quantizer (e.g. --preset bhq5 or "

@@ -30,6 +30,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import hashlib
 import itertools
 import json
 import logging
@@ -606,9 +607,13 @@ def _describe_fqt(cfg: TrainConfig) -> str:
     )
 
 
-# Options a process of a run may hold its own value of: where it finds the data (the data itself
-# is compared by fingerprint), its device, its logging.
-_PER_RANK = ("out", "data_dir", "device", "quiet", "tensorboard", "workers")
+# Options a process of a run may hold its own value of: where it finds the data and the plan
+# (their contents are compared), its device, its logging.
+_PER_RANK = ("out", "data_dir", "bits_plan", "device", "quiet", "tensorboard", "workers")
+
+
+def _file_digest(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def _check_ranks_agree(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> None:
@@ -622,6 +627,7 @@ def _check_ranks_agree(cfg: TrainConfig, spec: DataSpec, rt: Runtime) -> None:
         "training data": f"{len(spec.train)} samples, fingerprint {fingerprint(spec.train)}",
         "validation data": f"{len(spec.val)} samples, fingerprint {fingerprint(spec.val)}",
         "vocabulary": spec.vocab,
+        "bits plan": None if cfg.bits_plan is None else _file_digest(cfg.bits_plan),
     }
     ranks: list[Any] = [None] * rt.world
     dist.all_gather_object(ranks, mine)
