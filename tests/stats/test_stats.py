@@ -233,6 +233,36 @@ class TestGradOutputAndProfile:
         for e in errors:
             assert 0 < e.error <= e.bound * 1.1
 
+    def test_a_layer_called_twice_counts_both_calls(self):
+        """A shared layer quantizes two grad_outputs per backward; only the last recorded one
+        (the first call's) was measured, so its error and bound covered half the noise its
+        variance row counts. Both calls now: the bound is the sum of the two calls' bounds."""
+
+        class Twice(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.shared, self.head = nn.Linear(8, 8), nn.Linear(8, 3)
+
+            def forward(self, x):
+                return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+        torch.manual_seed(0)
+        model = quantize_model(Twice(), FQTConfig.preset("psq4", seed=1))
+        g = torch.Generator().manual_seed(2)
+        batch = (torch.randn(32, 8, generator=g), torch.randint(0, 3, (32,), generator=g))
+        seen = []
+        fqtorch.reseed(model, 5)  # the same noise in both backward passes: the same grad_outputs
+        with model.shared.observe_grad_output(lambda grad: seen.append(grad.detach().float())):
+            F.cross_entropy(model(batch[0]), batch[1]).backward()
+        model.zero_grad(set_to_none=True)
+        fqtorch.reseed(model, 5)
+        assert len(seen) == 2
+        quantizer = model.shared.plan.grad_output
+        expected = sum(float(quantizer.variance_bound(grad)) for grad in seen)
+        shared = {e.name: e for e in grad_output_errors(model, F.cross_entropy, batch, 8)}["shared"]
+        assert shared.bound == pytest.approx(expected, rel=1e-5)
+        assert 0 < shared.error <= shared.bound
+
     def test_profile_is_lower_triangular(self):
         """A layer's quantizers reach exactly its own gradient and those of every layer below it
         (BatchNorms included): zero above the diagonal, positive on and below it; sampling

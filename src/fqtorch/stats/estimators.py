@@ -840,15 +840,17 @@ def grad_output_errors(
     model: nn.Module, loss_fn: LossFn, batch: Batch, repeats: int = 8, seed: int = 0
 ) -> list[GradOutputError]:
     """Record each FQT layer's ``grad_output`` in one FQT backward pass and measure its
-    activation-gradient quantizer on it (``repeats`` draws) against the bound."""
+    activation-gradient quantizer on it (``repeats`` draws) against the bound. A layer called
+    more than once per forward (shared weights) quantizes each call's ``grad_output``: its
+    calls' errors and bounds are summed (a sum of bounds bounds the sum)."""
     layers = _require_fqt(model)
-    recorded: dict[str, Tensor] = {}
+    recorded: dict[str, list[Tensor]] = {}
     params = _Params.of(model)
     with ExitStack() as stack, _restored_buffers(model):
         for name, layer in layers.items():
             stack.enter_context(
                 layer.observe_grad_output(
-                    lambda g, name=name: recorded.__setitem__(name, g.detach())
+                    lambda g, name=name: recorded.setdefault(name, []).append(g.detach())
                 )
             )
         _Forward(model, loss_fn, batch, params).gradient()
@@ -857,10 +859,13 @@ def grad_output_errors(
     for name, layer in layers.items():
         if name not in recorded:
             continue
-        grad = recorded[name].float()
         q = layer.plan.grad_output
-        err = sum(float((q(grad, gen) - grad).double().square().sum()) for _ in range(repeats))
-        out.append(GradOutputError(name, repr(q), err / repeats, float(q.variance_bound(grad))))
+        err = bound = 0.0
+        for grad in (g.float() for g in recorded[name]):
+            for _ in range(repeats):
+                err += float((q(grad, gen) - grad).double().square().sum()) / repeats
+            bound += float(q.variance_bound(grad))
+        out.append(GradOutputError(name, repr(q), err, bound))
     return out
 
 
