@@ -664,6 +664,17 @@ class TestCheckpoint:
     """Atomic writes: a failed write leaves the previous checkpoint intact; loads are
     weights-only and errors name what is wrong."""
 
+    def test_a_killed_writer_s_temporary_file_is_removed(self, tmp_path):
+        """A process killed mid-write (SIGKILL: no cleanup runs) leaves its temporary file; the
+        next save of that checkpoint removes it, and leaves other files' alone."""
+        path = tmp_path / "checkpoint.pt"
+        stale = tmp_path / ".checkpoint.pt.k1ll3d.tmp"
+        stale.write_bytes(b"half a checkpoint")
+        other = tmp_path / ".best.pt.x.tmp"
+        other.write_bytes(b"")
+        save_checkpoint(empty_state(), path)
+        assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, path.name]
+
     def test_roundtrip_and_failed_write(self, tmp_path, monkeypatch):
         path = tmp_path / "ck.pt"
         state = {**empty_state(), "model": {"w": torch.ones(2)}, "step": 3}

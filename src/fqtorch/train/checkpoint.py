@@ -7,6 +7,7 @@ a checkpoint holds only tensors and plain containers, so loading one cannot run 
 
 from __future__ import annotations
 
+import glob
 import os
 import pickle
 import re
@@ -26,9 +27,13 @@ _SHORT_WRITE = ("unexpected pos", "file write failed")
 
 
 def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
-    """Write ``state`` to ``path`` atomically."""
+    """Write ``state`` to ``path`` atomically. Temporary files of ``path`` that an earlier
+    process left (killed mid-write: nothing could remove them) are removed first; a run
+    directory has one writer (its lock)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        stale.unlink(missing_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
