@@ -76,10 +76,12 @@ def test_unreadable_config_json_falls_back_to_the_checkpoint(tmp_path, caplog):
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert warnings == [
         f"{out / 'config.json'} is missing or unreadable; resuming with the options saved in "
-        f"{out / 'checkpoint.pt'}"
+        f"{out / 'checkpoint.pt'} (the file is kept as config.json.unreadable)"
     ]
     assert read_metrics(out)[1]["steps"] == 4  # its --max-steps-per-epoch 2 carried on
     assert json.loads((out / "config.json").read_text())["config"]["seed"] == 3
+    # what was there is not lost (it may hold the first start's record: versions, argv)
+    assert (out / "config.json.unreadable").read_text() == '{"config": {"seed"'
 
 
 class TestMetricsLines:

@@ -1499,6 +1499,8 @@ def _prepare_out(run: _Run, cfg: TrainConfig) -> None:
     }
     if cfg.resume:  # the run's first start stays on record; each resume is added to it
         before = _read_record(run.out / "config.json")
+        if before is None and (run.out / "config.json").is_file():  # kept, not overwritten
+            os.replace(run.out / "config.json", run.out / "config.json.unreadable")
         if before is not None:
             first = (*started, "world_size", "device")
             resumed = {**{k: record[k] for k in first}, "step": run.step, "epoch": run.epoch}

@@ -231,9 +231,10 @@ def _saved_options(run_dir: Path) -> dict[str, Any]:
             return {}
         if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 says it for all
             log.warning(
-                "%s is missing or unreadable; resuming with the options saved in %s",
+                "%s is missing or unreadable; resuming with the options saved in %s%s",
                 path,
                 run_dir / "checkpoint.pt",
+                " (the file is kept as config.json.unreadable)" if path.is_file() else "",
             )
     return {k: v for k, v in saved.items() if k not in ("out", "resume")}
 
