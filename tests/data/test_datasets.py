@@ -164,6 +164,20 @@ class TestImageFolder:
         assert x.shape == (3, 16, 16)
         assert spec.val[0][0].shape == (3, 16, 16)
 
+    def test_a_broken_image_names_itself_and_what_to_do(self, tmp_path):
+        """A file with an image's name that is not one (a truncated download) stopped the run
+        with PIL's "cannot identify image file" alone: now one line says to remove or replace
+        it, and that the run resumes from its last checkpoint."""
+        pytest.importorskip("PIL")
+        write_imagefolder(tmp_path)
+        broken = tmp_path / "train" / "cat" / "0.png"
+        broken.write_bytes(b"\x89PNG not really")
+        spec = build_datasets("imagenet", tmp_path, image_size=16)
+        index = [str(p) for p, _ in spec.train.samples].index(str(broken))
+        with pytest.raises(DatasetError, match="is not a readable image") as raised:
+            spec.train[index]
+        assert str(broken) in str(raised.value) and "remove or replace it" in str(raised.value)
+
     def test_bad_layout(self, tmp_path):
         pytest.importorskip("PIL")
         (tmp_path / "train" / "a").mkdir(parents=True)

@@ -334,7 +334,15 @@ class ImageFolder(Augmented):
         from PIL import Image
 
         path, label = self.samples[i]
-        with Image.open(path) as img:
+        try:
+            img = Image.open(path)
+            img.load()
+        except (OSError, SyntaxError, ValueError) as exc:  # PIL's errors for a bad file
+            raise DatasetError(
+                f"{path} is not a readable image ({exc}); remove or replace it and resume the "
+                "run (its last checkpoint is kept)"
+            ) from None
+        with img:
             img = img.convert("RGB")
             if self.transform is not None:
                 img = self._torchvision(self.transform, i, img)
