@@ -10,9 +10,10 @@ The fast transform costs ``O(N·D·log block)``; rows are zero-padded to a multi
 Each block of rows is first scaled by an exact power of two ``2^-e`` that brings its largest
 magnitude into ``[1/2, 1)`` (and back after the inverse), so the butterfly's sums cannot overflow
 for values near the float maximum, subnormal values are mixed at full precision, and a block far
-below the tensor's largest value keeps its own (scaled by the tensor's maximum, a block 2^-126
-below it underflowed to 0 on every draw). A block's values 2^126 below its own maximum still
-underflow.
+below the tensor's largest value keeps its values (scaled by the tensor's maximum, a block 2^126
+or more below it underflowed to 0 on every draw). Values 2^126 below their own block's maximum
+still underflow. (The ``rht16``/``rht32`` transforms before another quantizer scale the whole
+tensor by one power: :mod:`.transforms`.)
 """
 
 from __future__ import annotations

@@ -225,8 +225,8 @@ class PrecisionPlan:
     spread (``None``: too few to say); the budget and every share are fractions of an estimate
     this uncertain. ``first_plan``: where the first choice measured over the budget and the
     planner chose again (``predicted`` and ``measured``, as fractions of the sampling variance,
-    and their ``scale``), else ``None``: the branches' variances did not add up there (at low
-    bits, noise from the branches above widens the ranges below). Use it
+    and their ``scale``), else ``None`` (a prediction runs low where the branches' variances do
+    not add up: at low bits noise from the branches above can widen the ranges below). Use it
     with :meth:`config_fn` (the callable form :func:`~fqtorch.quantize_model` takes) or
     :meth:`apply`; :meth:`save` / :func:`load_plan` write and read ``plan.json``."""
 
