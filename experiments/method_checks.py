@@ -4,7 +4,8 @@
     python experiments/method_checks.py bf16       # §9: rounding Q(G) to bf16 before the GEMM
     python experiments/method_checks.py grid       # §4: float32 grid arithmetic and E[Q(x)]
     python experiments/method_checks.py bhq        # §5: BHQ's error over PSQ's, 4 bits
-    python experiments/method_checks.py            # all four
+    python experiments/method_checks.py bhq-leader # §5: E[Q(x)] on the leader of a large group
+    python experiments/method_checks.py            # all five
 
 ``epilogue``: the int8 backend's forward against the simulate backend's on the same codes, where
 the operands are one-signed (sparse post-ReLU inputs, all-positive weights) so the zero-point
@@ -192,9 +193,31 @@ def bhq() -> None:
         print(f"{case:<24}{errors[0] / errors[1]:>8.3f}")
 
 
+def bhq_leader(draws: int = 300) -> None:
+    """The leader of a group of ~10⁴ rows (one row of ±5000 over 20,000 rows of range 1, 4
+    columns), 8-bit BHQ, eager and fused: per column the z-score of the mean error over
+    ``draws`` draws (about N(0, 1) when unbiased), and the mean error over one draw's standard
+    deviation."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(20001, 4, generator=g)
+    x = (x - x.amin(1, keepdim=True)) / (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) - 0.5
+    x[0] *= 1e4
+    print(f"\n§5: BHQ's leader over a large group, 8 bits, {draws} draws: z, bias / sd")
+    for fused in (False, True):
+        q, g = get_quantizer("bhq", 8, fused=fused), torch.Generator().manual_seed(1)
+        err = torch.stack([q(x, g)[0].double() - x[0].double() for _ in range(draws)])
+        mean, sd = err.mean(0), err.std(0)
+        z = mean / (sd / math.sqrt(draws))
+        ratio = [round(float(v), 3) for v in mean / sd]
+        name = "fused" if fused else "eager"
+        print(f"{name:<8}z {[round(float(v), 2) for v in z]}  bias/sd {ratio}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("checks", nargs="*", help="epilogue, bf16, grid, bhq (default: all)")
+    parser.add_argument(
+        "checks", nargs="*", help="epilogue, bf16, grid, bhq, bhq-leader (default: all)"
+    )
     parser.add_argument("--lengths", type=int, nargs="+", default=[256, 4096, 65536])
     parser.add_argument("--seeds", type=int, default=3, help="epilogue: seeds per length")
     parser.add_argument("--samples", type=int, default=1000, help="bf16: draws of Q(G)")
@@ -202,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         "--seed", type=int, default=0, help="bf16: the gradient and the draws; grid: the rows"
     )
     args = parser.parse_args(argv)
-    known = ["epilogue", "bf16", "grid", "bhq"]
+    known = ["epilogue", "bf16", "grid", "bhq", "bhq-leader"]
     checks = args.checks or known
     unknown = sorted(set(checks) - set(known))
     if unknown:
@@ -217,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
         grid(args.seed)
     if "bhq" in checks:
         bhq()
+    if "bhq-leader" in checks:
+        bhq_leader()
     return 0
 
 

@@ -113,6 +113,9 @@ class BlockHouseholderTransform:
         if rows.dtype != torch.float64 and rows.device.type == "cpu":
             sizes = torch.diff(offsets, append=offsets.new_tensor([members.numel()]))
             large = sizes > _EXACT_SUM_ROWS
+            if not bool(large.any()):  # every group small: the input's dtype alone
+                sums = F.embedding_bag(members, rows, offsets, mode="sum", per_sample_weights=w)
+                return sums if x.dim() == 2 else sums[:, 0]
             in_large = large[self.group[members]]
             members = members[in_large]
             sizes = sizes[large]
