@@ -289,6 +289,18 @@ def _name_the_flag(message: str, args: argparse.Namespace, argv: Sequence[str]) 
     return message
 
 
+def _worker_error_line(message: str) -> str:
+    """The error a DataLoader worker raised, from the message the main process re-raises it
+    with (``Caught X in DataLoader worker process 0.`` and the worker's traceback, whose last
+    line is ``module.X: the error``); other messages as they are."""
+    lines = message.strip().splitlines()
+    if not (lines and lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]):
+        return message
+    last = lines[-1]
+    name, sep, rest = last.partition(": ")
+    return rest if sep and " " not in name else last
+
+
 def _os_error_line(exc: OSError) -> str:
     """The operating system's error on a path, said with what to do (``str(exc)`` is
     ``[Errno 20] Not a directory: '...'``); other errors as they are."""
@@ -375,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(exc, "every_rank", False) and _rank() != 0:
             return status  # every rank stopped alike: rank 0 says it for all
         line = _os_error_line(exc) if isinstance(exc, OSError) else str(exc)
+        line = _worker_error_line(line)
         message = _name_the_flag(line, args, argv)
         print(f"fqtorch {args.command}: error: {message}", file=sys.stderr)
         return status

@@ -178,6 +178,27 @@ class TestImageFolder:
             spec.train[index]
         assert str(broken) in str(raised.value) and "remove or replace it" in str(raised.value)
 
+    def test_a_worker_s_error_is_said_in_its_own_line(self, tmp_path):
+        """With --workers N the DataLoader re-raises a worker's error with the worker's whole
+        traceback in its message, which the command line printed as its "one line"; the command
+        line now says the worker's error alone."""
+        pytest.importorskip("PIL")
+        from fqtorch.cli import _worker_error_line
+
+        write_imagefolder(tmp_path)
+        (tmp_path / "train" / "cat" / "0.png").write_bytes(b"\x89PNG not really")
+        spec = build_datasets("imagenet", tmp_path, image_size=16)
+        loader = torch.utils.data.DataLoader(spec.train, batch_size=6, num_workers=1)
+        with pytest.raises(DatasetError) as raised:
+            next(iter(loader))
+        assert "Traceback" in str(raised.value)  # as the DataLoader gives it
+        line = _worker_error_line(str(raised.value))
+        assert line.startswith(str(tmp_path / "train" / "cat" / "0.png"))
+        assert line.endswith(
+            "remove or replace it and resume the run (its last checkpoint is kept)"
+        )
+        assert _worker_error_line("lr must be > 0") == "lr must be > 0"
+
     def test_bad_layout(self, tmp_path):
         pytest.importorskip("PIL")
         (tmp_path / "train" / "a").mkdir(parents=True)
