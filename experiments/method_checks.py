@@ -42,8 +42,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import importlib
 import math
 import sys
+import types
 from pathlib import Path
 
 import torch
@@ -170,38 +172,39 @@ def grid(seed: int) -> None:
             print(f"{name:<24}{bits:>5}{ulps:>16.3g}{steps:>14.3g}")
 
 
-def bhq() -> None:
-    root = str(Path(__file__).resolve().parents[1])  # the tests' inputs (no pytest needed)
+def bhq_cases() -> types.ModuleType:
+    """``tests/quantizers/bhq_cases.py``, the BHQ tests' inputs (no pytest needed), imported
+    without leaving ``sys.path`` changed."""
+    root = str(Path(__file__).resolve().parents[1])
     added = root not in sys.path
     if added:
         sys.path.insert(0, root)
     try:
-        from tests.quantizers.bhq_cases import CASES as BHQ_CASES
-        from tests.quantizers.bhq_cases import DRAWS, case_input, gen
+        return importlib.import_module("tests.quantizers.bhq_cases")
     finally:
         if added:
             sys.path.remove(root)
 
-    print(f"\n§5: BHQ / PSQ mean squared error, 4 bits, {DRAWS} draws each")
-    for case in BHQ_CASES:
-        x = case_input(case)
+
+def bhq() -> None:
+    cases = bhq_cases()
+    print(f"\n§5: BHQ / PSQ mean squared error, 4 bits, {cases.DRAWS} draws each")
+    for case in cases.CASES:
+        x = cases.case_input(case)
         errors = []
         for name, seed in (("bhq", 1), ("psq", 2)):
-            q, g = get_quantizer(name, 4), gen(seed)
-            draws = [(q(x, g) - x).double().square().sum() for _ in range(DRAWS)]
+            q, g = get_quantizer(name, 4), cases.gen(seed)
+            draws = [(q(x, g) - x).double().square().sum() for _ in range(cases.DRAWS)]
             errors.append(float(torch.stack(draws).mean()))
         print(f"{case:<24}{errors[0] / errors[1]:>8.3f}")
 
 
 def bhq_leader(draws: int = 300) -> None:
     """The leader of a group of ~10⁴ rows (one row of ±5000 over 20,000 rows of range 1, 4
-    columns), 8-bit BHQ, eager and fused: per column the z-score of the mean error over
-    ``draws`` draws (about N(0, 1) when unbiased), and the mean error over one draw's standard
-    deviation."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(20001, 4, generator=g)
-    x = (x - x.amin(1, keepdim=True)) / (x.amax(1, keepdim=True) - x.amin(1, keepdim=True)) - 0.5
-    x[0] *= 1e4
+    columns: the BHQ test's input), 8-bit BHQ, eager and fused: per column the z-score of the
+    mean error over ``draws`` draws (about N(0, 1) when unbiased), and the mean error over one
+    draw's standard deviation."""
+    x = bhq_cases().leader_over_rows(20000, 4)
     print(f"\n§5: BHQ's leader over a large group, 8 bits, {draws} draws: z, bias / sd")
     for fused in (False, True):
         q, g = get_quantizer("bhq", 8, fused=fused), torch.Generator().manual_seed(1)

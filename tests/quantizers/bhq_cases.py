@@ -20,6 +20,16 @@ def gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def leader_over_rows(small_rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    """One row of ±5000 over ``small_rows`` rows of range exactly 1: BHQ puts most of them in
+    the leader's group (float32 group sums over it erred by hundreds of ulp)."""
+    x = torch.rand(small_rows + 1, cols, generator=gen(seed))
+    low, high = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
+    x = (x - low) / (high - low) - 0.5
+    x[0] *= 1e4
+    return x
+
+
 def similar_rows() -> torch.Tensor:
     """128 rows whose ranges differ by at most 20%: mostly groups of two rows."""
     g = gen(1)

@@ -12,7 +12,14 @@ import torch
 from fqtorch.quantizers import get_quantizer
 from fqtorch.quantizers.householder import _max_abs_householder, build_block_householder
 from tests.helpers import heavy_rows, projection_z, t_as_z, z_limit
-from tests.quantizers.bhq_cases import CASES, DRAWS, case_input, gen, similar_rows
+from tests.quantizers.bhq_cases import (
+    CASES,
+    DRAWS,
+    case_input,
+    gen,
+    leader_over_rows,
+    similar_rows,
+)
 
 
 class TestMaxAbsHouseholder:
@@ -92,11 +99,7 @@ class TestLargeGroups:
 
     @pytest.mark.parametrize("small_rows", [2000, 20000])
     def test_round_trip_of_the_leader(self, small_rows):
-        g = gen(0)
-        x = torch.rand(small_rows + 1, 64, generator=g)
-        x = (x - x.amin(1, keepdim=True)) / (x.amax(1, keepdim=True) - x.amin(1, keepdim=True))
-        x = x - 0.5
-        x[0] *= 1e4
+        x = leader_over_rows(small_rows, 64)
         t = build_block_householder(x)
         size = int((t.group == t.group[0]).sum())
         assert size > small_rows // 3, size  # the leader's group is large

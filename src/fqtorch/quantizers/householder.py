@@ -108,13 +108,13 @@ class BlockHouseholderTransform:
         sums cost ~7× there), elsewhere in float64 too (choosing the rows would wait on the
         device)."""
         rows = x if x.dim() == 2 else x[:, None]
-        w = None if weights is None else weights[self.members]
+        w = every = None if weights is None else weights[self.members]
         members, offsets, large = self.members, self.offsets, None
         if rows.dtype != torch.float64 and rows.device.type == "cpu":
             sizes = torch.diff(offsets, append=offsets.new_tensor([members.numel()]))
             large = sizes > _EXACT_SUM_ROWS
+            sums = F.embedding_bag(members, rows, offsets, mode="sum", per_sample_weights=every)
             if not bool(large.any()):  # every group small: the input's dtype alone
-                sums = F.embedding_bag(members, rows, offsets, mode="sum", per_sample_weights=w)
                 return sums if x.dim() == 2 else sums[:, 0]
             in_large = large[self.group[members]]
             members = members[in_large]
@@ -141,10 +141,6 @@ class BlockHouseholderTransform:
         if large is None:
             sums = exact
         else:
-            small = None if weights is None else weights[self.members]
-            sums = F.embedding_bag(
-                self.members, rows, self.offsets, mode="sum", per_sample_weights=small
-            )
             sums[large] = exact
         return sums if x.dim() == 2 else sums[:, 0]
 

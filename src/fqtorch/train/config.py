@@ -224,14 +224,15 @@ class TrainConfig:
     def _check_options_used(self, cfg: FQTConfig | None, given: set[str]) -> None:
         """Other options that this run would record and never read (``given``: the dataset
         defaults given, not filled in), refused with what to do instead."""
-        default = DATASET_DEFAULTS[self.dataset]["momentum"]  # what a run records, unread
-        if "momentum" in given and self.optimizer == "adamw" and self.momentum != default:
+        recorded = DATASET_DEFAULTS[self.dataset]["momentum"]  # what a run records, unread
+        if "momentum" in given and self.optimizer == "adamw" and self.momentum != recorded:
             raise ValueError(
                 f"momentum={self.momentum} has no effect with optimizer adamw (its betas are "
                 "(0.9, 0.95)); leave out --momentum, or give --optimizer sgd"
             )
-        for name, default, dataset in (("block_size", 64, "text"), ("image_size", 224, "imagenet")):
-            if getattr(self, name) != default and self.dataset != dataset:
+        field_defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for name, dataset in (("block_size", "text"), ("image_size", "imagenet")):
+            if getattr(self, name) != field_defaults[name] and self.dataset != dataset:
                 raise ValueError(
                     f"{name}={getattr(self, name)} has no effect with dataset {self.dataset} "
                     f"(only {dataset} reads it); leave out --{name.replace('_', '-')}"
