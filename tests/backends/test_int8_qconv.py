@@ -6,6 +6,7 @@ past one exact float32 or int32 run in chunks."""
 from __future__ import annotations
 
 import copy
+import math
 import os
 import subprocess
 import sys
@@ -46,6 +47,32 @@ CONVS = {
         lambda: nn.Conv2d(8, 4, 3, stride=2, padding=1, padding_mode="reflect"),
         (8, 9, 8),
     ),
+    # strided grad_input by phase: a stride past the kernel (positions no tap reaches), phases
+    # of 3 and 2 taps, a stride and dilation with no common factor, unequal strides
+    "2x2-stride3": (lambda: nn.Conv2d(3, 4, 2, stride=3), (3, 10, 9)),
+    "5x5-pad2-stride2": (lambda: nn.Conv2d(3, 4, 5, stride=2, padding=2), (3, 9, 8)),
+    "3x3-stride3-dilated2": (
+        lambda: nn.Conv2d(3, 4, 3, stride=3, padding=2, dilation=2),
+        (3, 11, 10),
+    ),
+    "3x4-stride2x3-pad1x2": (
+        lambda: nn.Conv2d(3, 4, (3, 4), stride=(2, 3), padding=(1, 2)),
+        (3, 9, 11),
+    ),
+}
+# A strided layer's grad_input runs one integer convolution per phase of the input positions
+# (int8_qconv.axis_phases), counted here by hand: along an axis of kernel k, stride s and
+# dilation d, the phases r = i·d mod s of the taps i (3x3 stride 2: {0, 2} and {1}; dilation 2
+# with stride 2: all taps in phase 0; 1×1 stride 2: phase 0 only; 4 taps at stride 3: three).
+GRAD_INPUT_PHASES = {
+    "3x3-valid-stride2": 4,
+    "3x3-pad1-stride2": 4,
+    "3x3-pad1-stride2-8ch": 4,
+    "3x3-reflect-stride2-8ch": 4,
+    "2x2-stride3": 4,
+    "5x5-pad2-stride2": 4,
+    "3x3-stride3-dilated2": 9,
+    "3x4-stride2x3-pad1x2": 6,
 }
 # Presets, one with an asymmetric weight grid (a zero point on the weight: the b_w terms).
 PRESETS = {
@@ -133,7 +160,8 @@ class TestAgainstSimulate:
     def test_same_values(self, conv, inputs, preset, monkeypatch):
         """Signed inputs put real zero (the padding) between grid points; post-ReLU inputs put
         most codes at one end of the grid. Both run on the integer kernels (2 calls: output,
-        grad_input; ``qat`` has no integer grad_input)."""
+        grad_input, or one per phase of a strided layer's input positions; ``qat`` has no
+        integer grad_input)."""
         calls = count_qconv_calls(monkeypatch)
         epilogues = spy_compiled_epilogue(monkeypatch)
         outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
@@ -144,7 +172,7 @@ class TestAgainstSimulate:
         name = preset.split("-")[0]
         cfg = FQTConfig.preset(name, fused=False, **PRESETS[preset])
         assert_same(against_simulate(make, x, cfg))
-        assert len(calls) == (1 if name == "qat" else 2)
+        assert len(calls) == (1 if name == "qat" else 1 + GRAD_INPUT_PHASES.get(conv, 1))
         assert not (epilogues or outputs or grad_inputs)  # fused=False: the eager epilogues
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-pad1-stride2"])
@@ -291,7 +319,9 @@ class TestAgainstSimulate:
         make = lambda: nn.Conv2d(4, 3, 3, stride=2, padding=1)  # noqa: E731
         x = torch.randn(2, 4, 7, 6, generator=torch.Generator().manual_seed(4)) + 0.3
         assert_same(against_simulate(make, x, cfg))
-        assert len(calls) == 4 + 3  # one call per input channel of each convolution
+        # one call per input channel of each convolution: the forward's 4, and grad_input's 3
+        # in each of its 4 phases
+        assert len(calls) == 4 + 4 * 3
 
     def test_position_chunks_of_the_weight_gradient(self, monkeypatch):
         """The stride-1 weight gradient sums over N·Hp·Wp positions in chunks of at most
@@ -457,6 +487,7 @@ def test_saturating_kernels_refuse_the_int8_backend():
         """
         import copy
         import warnings
+        from collections import OrderedDict
         import torch
         from torch import nn
         from fqtorch import FQTConfig, quantize_model
@@ -465,9 +496,11 @@ def test_saturating_kernels_refuse_the_int8_backend():
         int_mm_refused = int8.int_mm_verdict() is not None
         gen = torch.Generator().manual_seed(6)
         sign = lambda *shape: torch.randint(0, 2, shape, generator=gen).float() * 2 - 1
+        # layers of distinct names: a warning is said once per process for each message
         cases = [
-            (nn.Sequential(nn.Linear(256, 64)), sign(64, 256), "Linear"),
-            (nn.Sequential(nn.Conv2d(64, 8, 3, padding=1)), sign(2, 64, 6, 5), "Conv2d"),
+            (nn.Sequential(OrderedDict(fc=nn.Linear(256, 64))), sign(64, 256), "Linear"),
+            (nn.Sequential(OrderedDict(conv=nn.Conv2d(64, 8, 3, padding=1))), sign(2, 64, 6, 5),
+             "Conv2d"),
         ]
         for base, x, kind in cases:
             with torch.no_grad():
@@ -604,6 +637,61 @@ def test_int8_im2col_is_the_unfold_of_the_codes(shape, kernel, stride, padding, 
     columns = expect.view(-1, shape[1], *kernel).permute(0, 2, 3, 1).reshape(expect.shape)
     assert torch.equal(taps_first, columns)
     assert taps_first.stride() == (taps_first.shape[1], 1)
+
+
+@pytest.mark.usefixtures("exact_here")
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, size",
+    [
+        ((3, 3), (2, 2), (1, 1), (1, 1), (9, 8)),
+        ((3, 3), (2, 2), (0, 0), (1, 1), (10, 9)),  # trailing rows no output reaches
+        ((1, 1), (2, 2), (0, 0), (1, 1), (7, 6)),  # 3 of 4 phases without taps: zeros
+        ((2, 2), (3, 3), (0, 0), (1, 1), (10, 9)),  # a stride past the kernel
+        ((5, 5), (2, 2), (2, 2), (1, 1), (9, 12)),
+        ((3, 3), (3, 3), (2, 2), (2, 2), (11, 10)),  # gcd(d, s) = 1: three phases of one tap
+        ((3, 2), (2, 2), (1, 0), (2, 1), (9, 8)),  # gcd(d, s) = 2: one phase of three taps
+        ((4, 3), (3, 2), (2, 1), (1, 1), (13, 7)),
+        ((7, 7), (2, 2), (3, 3), (1, 1), (17, 16)),
+    ],
+)
+@pytest.mark.parametrize("chunks", [False, True])
+def test_strided_grad_input_by_phase_is_the_transposed_convolution(
+    kernel, stride, padding, dilation, size, chunks, monkeypatch
+):
+    """A strided layer's grad_input code convolution, one integer convolution per phase of the
+    input positions, is the transposed convolution of the codes exactly (float64 reference),
+    its extra channel the sum of the codes each input position receives, with the codes'
+    extremes; ``chunks`` makes the phases of more than two taps sum over channel chunks (int32)
+    and the others not (float32), so the phases' results are laid on one grid of two dtypes."""
+    from fqtorch.backends.base import ConvOps
+    from fqtorch.backends.int8_conv import _out_size, _pads
+
+    if chunks:
+        monkeypatch.setattr(int8_qconv, "fits_float32", lambda w, a_bits: False)
+        monkeypatch.setattr(int8_qconv, "channel_chunk", lambda taps, a, b: 2 if taps > 2 else 1000)
+    gen = torch.Generator().manual_seed(5)
+    ops = ConvOps(stride, padding, dilation, 1)
+    pads = _pads(ops)
+    o, c = 6, 5
+    ho, wo = _out_size(size, pads, kernel, ops)
+    codes = torch.randint(-128, 128, (3, o, ho, wo), generator=gen, dtype=torch.int8)
+    codes.view(-1)[:4] = torch.tensor([-128, 127, -128, 127], dtype=torch.int8)
+    w = torch.randint(-128, 128, (o, c, *kernel), generator=gen, dtype=torch.int8)
+    w[0] = 127
+    u8 = int8_qconv._to_u8(codes.contiguous(memory_format=torch.channels_last))
+    got = int8_qconv._strided_grad_input(u8, w, (8, 8), ops, pads, size)
+    assert got.shape == (3, c + 1, *size)
+    assert got.is_contiguous(memory_format=torch.channels_last)
+    with_sums = torch.cat([w, torch.ones_like(w[:, :1])], 1).double()  # (O, C + 1, kh, kw)
+    expect = torch.nn.grad.conv2d_input(
+        (3, c + 1, *size), with_sums, codes.double(), stride, padding, dilation
+    )
+    assert torch.equal(got.double(), expect)
+    # the most taps of a phase: every (s / gcd(d, s))-th tap along each axis
+    most = math.prod(
+        -(-k // (s // math.gcd(d, s))) for k, s, d in zip(kernel, stride, dilation, strict=True)
+    )
+    assert got.dtype == (torch.int32 if chunks and most > 2 else torch.float32)
 
 
 def test_a_channels_last_input_is_encoded_in_its_own_layout():

@@ -3,8 +3,8 @@ instead of im2col: the unfolded operands are 9× the activations (for 3×3), and
 the products, bounded the im2col step (docs/performance.md).
 
 Every operand is a code tensor ``C`` with value ``s C + b`` on its real positions and real zero on
-padding (and, in ``grad_input``, between the strided positions), which need not be a point of
-its grid. The kernels see the codes only, padding and inserted zeros as code 0, so each result is
+padding, which need not be a point of its grid. The kernels see the codes only, padding as
+code 0, so each result is
 the code convolution plus zero-point terms that are convolutions of constants, as in the im2col
 path (:mod:`fqtorch.backends.int8_conv`), with ``M`` the mask of real positions:
 
@@ -19,8 +19,10 @@ path (:mod:`fqtorch.backends.int8_conv`), with ``M`` the mask of real positions:
 one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. Per-sample scales
 (PSQ/BHQ rows of ``grad_output``) multiply ``grad_input`` sample by sample, after the kernel.
 
-- ``output`` and ``grad_input`` (a convolution of the zero-dilated, padded ``grad_output`` with the
-  flipped weight) run on ``qconv2d_pointwise``: u8 codes ``C + 128`` with zero point 128, s8
+- ``output`` and ``grad_input`` (a convolution of the padded ``grad_output`` with the flipped
+  weight; for a strided layer one per phase of the input positions, each with the taps that
+  reach it, :func:`axis_phases`, where the zero-dilated gradient would cost ``sh·sw`` times the
+  products) run on ``qconv2d_pointwise``: u8 codes ``C + 128`` with zero point 128, s8
   weight codes, unit scales, float32 output. The kernel accumulates in int32; its float32 output
   is that integer exactly while ``|acc| ≤ 2^24``: where the weight codes cannot guarantee it
   (:func:`fits_float32`), the reduction runs in chunks of input channels summed in int32.
@@ -43,6 +45,7 @@ warning) before this module is asked.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -243,6 +246,67 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     return terms(acc[:, :o], acc[:, o:], const, s_x * s_w, s_x * b_w)
 
 
+def axis_phases(k: int, s: int, d: int, pad: int, size: int, out: int) -> list[tuple[int, ...]]:
+    """One axis of a strided convolution's ``grad_input`` split by phase: the input positions
+    ``y`` whose padded position ``p = y + pad`` is ``r`` modulo the stride ``s`` receive only
+    the taps ``i`` with ``i·d ≡ r`` (mod ``s``), which are every ``s/g``-th tap from the first
+    (``g = gcd(d, s)``). With ``p = q·s + r`` and ``t = q − c − j·d/g`` (``t`` the output
+    position, ``j`` the tap's rank in the phase, ``c`` a constant), the phase is a stride-1
+    correlation of the output gradient with its taps at dilation ``d/g``.
+
+    For each phase with taps and positions: (first tap, tap step, taps, dilation, first input
+    position ``y0`` (then every ``s``-th), first index into the phase's full correlation
+    (``out + (taps − 1)·dilation`` long, ``q = index + c``), positions).
+    """
+    g = math.gcd(d, s)
+    step, dil = s // g, d // g
+    phases = []
+    for r in range(s):
+        first = next((i for i in range(min(k, step)) if (i * d) % s == r), None)
+        if first is None:
+            continue
+        taps = len(range(first, k, step))
+        c = (first * d - r) // s  # exact: first·d ≡ r (mod s)
+        length = out + (taps - 1) * dil
+        q_lo = max(c, -((r - pad) // s))  # the first q with y = q·s + r − pad ≥ 0
+        q_hi = min(c + length, (size - 1 + pad - r) // s + 1)
+        if q_hi > q_lo:
+            phases.append((first, step, taps, dil, q_lo * s + r - pad, q_lo - c, q_hi - q_lo))
+    return phases
+
+
+def _strided_grad_input(
+    u8: Tensor, w: Tensor, bits: tuple[int, int], ops: ConvOps, pads: list[int], size: tuple
+) -> Tensor:
+    """A strided convolution's ``grad_input`` code convolution with its receptive-field sums
+    (N', C + 1, H, W), channels-last, from the u8 ``grad_output`` codes (N', O, Ho, Wo) and the
+    s8 weight codes ``w`` (O, C, kh, kw): one stride-1 integer convolution per phase of the
+    input positions (:func:`axis_phases`) with that phase's taps, each result laid on its
+    positions. The zero-dilated gradient would cost ``sh·sw`` times the products (4× at stride
+    2), nearly all of them with inserted zeros. float32 where every phase's is (exact,
+    :func:`_qconv`), else int32; positions no tap reaches (a stride larger than the kernel) are
+    0."""
+    rows, _, ho, wo = u8.shape
+    _, c, kh, kw = w.shape
+    (h, wd), (sh, sw), (dh, dw) = size, ops.stride, ops.dilation
+    along_h = axis_phases(kh, sh, dh, pads[2], h, ho)
+    along_w = axis_phases(kw, sw, dw, pads[0], wd, wo)
+    parts = []
+    for i0, si, ni, di, y0, v0, count_h in along_h:
+        for j0, sj, nj, dj, x0, u0, count_w in along_w:
+            sub = w[:, :, i0::si, j0::sj].flip(2, 3).transpose(0, 1)  # (C, O, ni, nj)
+            padding = [(ni - 1) * di, (nj - 1) * dj]  # the full correlation
+            acc = _qconv(u8, _bordered(sub), bits, [1, 1], padding, [di, dj])
+            parts.append((acc[:, :, v0 : v0 + count_h, u0 : u0 + count_w], y0, x0))
+    dtype = torch.int32 if any(p.dtype == torch.int32 for p, *_ in parts) else torch.float32
+    covered = sum(p[-1] for p in along_h) == h and sum(p[-1] for p in along_w) == wd
+    make = torch.empty if covered else torch.zeros
+    out = make(rows, h, wd, c + 1, dtype=dtype, device=u8.device).permute(0, 3, 1, 2)
+    for part, y0, x0 in parts:
+        out[:, :, y0::sh, x0::sw][:, :, : part.shape[2], : part.shape[3]] = part
+    return out
+
+
 def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Tensor,
                 w_bits: int, w_shape, in_shape, ops: ConvOps,
                 compiled: bool = False) -> Tensor:  # fmt: skip
@@ -261,23 +325,20 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
         u8 = _to_u8(g.codes.reshape(rows, ho, wo, o).permute(0, 3, 1, 2))
     else:
         u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
-    if sh > 1 or sw > 1:  # zeros between the strided positions: code 0 is u8 128
-        spread = ((ho - 1) * sh + 1, (wo - 1) * sw + 1)
-        dilated = u8.new_full((rows, *spread, o), 128).permute(0, 3, 1, 2)  # channels-last
-        dilated[:, :, ::sh, ::sw] = u8
-        u8 = dilated
-    hd, wdd = u8.shape[2:]
-    # The full correlation with the flipped kernel covers hd + d(k−1) rows of the padded input;
-    # pad (or crop: negative) the codes so that it yields exactly the real rows [top, top + H).
-    full_h, full_w = dh * (kh - 1), dw * (kw - 1)
-    top, bottom = full_h - pads[2], hp - hd - pads[3]
-    left, right = full_w - pads[0], wp - wdd - pads[1]
-    if top == bottom >= 0 and left == right >= 0:
-        padding = [top, left]
+    if sh > 1 or sw > 1:
+        acc = _strided_grad_input(u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd))
     else:
-        u8, padding = F.pad(u8, [left, right, top, bottom], value=128), [0, 0]
-    flipped = _bordered(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1))  # (C + 1, O, kh, kw)
-    acc = _qconv(u8, flipped, (g.bits, w_bits), [1, 1], padding, [dh, dw])
+        # The full correlation with the flipped kernel covers Ho + d(k−1) rows of the padded
+        # input; pad (or crop: negative) the codes so that it yields exactly the real rows
+        # [top, top + H).
+        top, bottom = dh * (kh - 1) - pads[2], hp - ho - pads[3]
+        left, right = dw * (kw - 1) - pads[0], wp - wo - pads[1]
+        if top == bottom >= 0 and left == right >= 0:
+            padding = [top, left]
+        else:
+            u8, padding = F.pad(u8, [left, right, top, bottom], value=128), [0, 0]
+        flipped = _bordered(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1))  # (C + 1, O, kh, kw)
+        acc = _qconv(u8, flipped, (g.bits, w_bits), [1, 1], padding, [dh, dw])
     f64 = torch.float64
     s_g = g.scale.to(f64).expand(rows, 1).reshape(rows, 1, 1, 1)
     b_g = g.bias.to(f64).expand(rows, 1).reshape(rows, 1, 1, 1)
