@@ -166,6 +166,7 @@ class TestAgainstSimulate:
         epilogues = spy_compiled_epilogue(monkeypatch)
         outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
         grad_inputs = spy_compiled_epilogue(monkeypatch, "_compiled_grad_input_terms")
+        phases = spy_compiled_epilogue(monkeypatch, "_compiled_phase_terms")
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
         x = x.relu() if inputs == "relu" else x + 0.37
@@ -173,7 +174,8 @@ class TestAgainstSimulate:
         cfg = FQTConfig.preset(name, fused=False, **PRESETS[preset])
         assert_same(against_simulate(make, x, cfg))
         assert len(calls) == (1 if name == "qat" else 1 + GRAD_INPUT_PHASES.get(conv, 1))
-        assert not (epilogues or outputs or grad_inputs)  # fused=False: the eager epilogues
+        # fused=False: the eager epilogues
+        assert not (epilogues or outputs or grad_inputs or phases)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-pad1-stride2"])
     def test_float64_model_keeps_float64_gradients(self, conv):
@@ -188,7 +190,7 @@ class TestAgainstSimulate:
             assert grad.dtype == torch.float64
             assert not torch.equal(grad, grad.float().double())
 
-    @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided"])
+    @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided", "3x3-pad1-stride2"])
     def test_fused_quantizers(self, conv, monkeypatch):
         """``fused=True`` (the int8 default: compiled quantizers, another noise stream) on both
         backends gives the same codes, so the integer kernels still give simulate's values."""
@@ -198,12 +200,15 @@ class TestAgainstSimulate:
         epilogues = spy_compiled_epilogue(monkeypatch)
         outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
         grad_inputs = spy_compiled_epilogue(monkeypatch, "_compiled_grad_input_terms")
+        phases = spy_compiled_epilogue(monkeypatch, "_compiled_phase_terms")
         cfg = FQTConfig.preset("psq5", fused=True, weight_quantizer="ptq")
         assert_same(against_simulate(make, x, cfg))
-        assert len(calls) == 2
-        assert len(outputs) == len(grad_inputs) == 1  # compiled output and grad_input epilogues
+        strided = conv != "3x3-pad1"
+        assert len(calls) == 1 + GRAD_INPUT_PHASES.get(conv, 1)
+        assert len(outputs) == 1  # compiled output and grad_input epilogues, the latter by phase
+        assert (len(grad_inputs), len(phases)) == ((0, len(calls) - 1) if strided else (1, 0))
         # the stride-1 weight gradient's epilogue is the compiled one; strided layers unfold
-        assert len(epilogues) == (1 if conv == "3x3-pad1" else 0)
+        assert len(epilogues) == (0 if strided else 1)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-dilated2-pad2", "1x1"])
     @pytest.mark.parametrize("grad_format", [None, torch.channels_last])
@@ -659,10 +664,11 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     kernel, stride, padding, dilation, size, chunks, monkeypatch
 ):
     """A strided layer's grad_input code convolution, one integer convolution per phase of the
-    input positions, is the transposed convolution of the codes exactly (float64 reference),
-    its extra channel the sum of the codes each input position receives, with the codes'
-    extremes; ``chunks`` makes the phases of more than two taps sum over channel chunks (int32)
-    and the others not (float32), so the phases' results are laid on one grid of two dtypes."""
+    input positions, laid on its positions, is the transposed convolution of the codes exactly
+    (float64 reference), its extra channel the sum of the codes each input position receives,
+    with the codes' extremes; each position is laid once, and those left out are those no tap
+    reaches. ``chunks`` makes the phases of more than two taps sum over channel chunks (int32)
+    and the others not (float32)."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.backends.int8_conv import _out_size, _pads
 
@@ -679,19 +685,26 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     w = torch.randint(-128, 128, (o, c, *kernel), generator=gen, dtype=torch.int8)
     w[0] = 127
     u8 = int8_qconv._to_u8(codes.contiguous(memory_format=torch.channels_last))
-    got = int8_qconv._strided_grad_input(u8, w, (8, 8), ops, pads, size)
-    assert got.shape == (3, c + 1, *size)
-    assert got.is_contiguous(memory_format=torch.channels_last)
+    parts, covered = int8_qconv.strided_phases(u8, w, (8, 8), ops, pads, size)
+    got = torch.full((3, c + 1, *size), 0.5, dtype=torch.float64)  # 0.5: a position left out
+    for part, y0, x0 in parts:
+        assert part.stride(1) == 1  # channels-last, as the kernel returns it
+        view = got[:, :, y0 :: stride[0], x0 :: stride[1]]
+        assert view[:, :, : part.shape[2], : part.shape[3]].eq(0.5).all()  # laid once
+        view[:, :, : part.shape[2], : part.shape[3]] = part.double()
+    assert covered == (not got.eq(0.5).any())
+    got[got == 0.5] = 0  # positions no tap reaches
     with_sums = torch.cat([w, torch.ones_like(w[:, :1])], 1).double()  # (O, C + 1, kh, kw)
     expect = torch.nn.grad.conv2d_input(
         (3, c + 1, *size), with_sums, codes.double(), stride, padding, dilation
     )
-    assert torch.equal(got.double(), expect)
+    assert torch.equal(got, expect)
     # the most taps of a phase: every (s / gcd(d, s))-th tap along each axis
     most = math.prod(
         -(-k // (s // math.gcd(d, s))) for k, s, d in zip(kernel, stride, dilation, strict=True)
     )
-    assert got.dtype == (torch.int32 if chunks and most > 2 else torch.float32)
+    dtypes = {part.dtype for part, *_ in parts}
+    assert max(dtypes, key=str) == (torch.int32 if chunks and most > 2 else torch.float32)
 
 
 def test_a_channels_last_input_is_encoded_in_its_own_layout():

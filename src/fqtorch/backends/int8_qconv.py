@@ -275,22 +275,22 @@ def axis_phases(k: int, s: int, d: int, pad: int, size: int, out: int) -> list[t
     return phases
 
 
-def _strided_grad_input(
+def strided_phases(
     u8: Tensor, w: Tensor, bits: tuple[int, int], ops: ConvOps, pads: list[int], size: tuple
-) -> Tensor:
-    """A strided convolution's ``grad_input`` code convolution with its receptive-field sums
-    (N', C + 1, H, W), channels-last, from the u8 ``grad_output`` codes (N', O, Ho, Wo) and the
-    s8 weight codes ``w`` (O, C, kh, kw): one stride-1 integer convolution per phase of the
-    input positions (:func:`axis_phases`) with that phase's taps, each result laid on its
-    positions. The zero-dilated gradient would cost ``sh·sw`` times the products (4× at stride
-    2), nearly all of them with inserted zeros. float32 where every phase's is (exact,
-    :func:`_qconv`), else int32; positions no tap reaches (a stride larger than the kernel) are
-    0."""
-    rows, _, ho, wo = u8.shape
-    _, c, kh, kw = w.shape
+) -> tuple[list[tuple[Tensor, int, int]], bool]:
+    """A strided convolution's ``grad_input`` code convolution with its receptive-field sums,
+    by phase of the input positions (:func:`axis_phases`), from the u8 ``grad_output`` codes
+    (N', O, Ho, Wo) and the s8 weight codes ``w`` (O, C, kh, kw): one stride-1 integer
+    convolution per phase with that phase's taps, where the zero-dilated gradient would cost
+    ``sh·sw`` times the products (4× at stride 2), nearly all of them with inserted zeros.
+
+    Returns ``[(part, y0, x0)]``, each ``part`` (N', C + 1, h, w) channels-last (float32, exact,
+    or int32: :func:`_qconv`) the values of the input positions ``y0 + i·sh``, ``x0 + j·sw``,
+    and whether the phases cover every input position (where they do not, no tap reaches: 0).
+    """
     (h, wd), (sh, sw), (dh, dw) = size, ops.stride, ops.dilation
-    along_h = axis_phases(kh, sh, dh, pads[2], h, ho)
-    along_w = axis_phases(kw, sw, dw, pads[0], wd, wo)
+    along_h = axis_phases(w.shape[2], sh, dh, pads[2], h, u8.shape[2])
+    along_w = axis_phases(w.shape[3], sw, dw, pads[0], wd, u8.shape[3])
     parts = []
     for i0, si, ni, di, y0, v0, count_h in along_h:
         for j0, sj, nj, dj, x0, u0, count_w in along_w:
@@ -298,13 +298,20 @@ def _strided_grad_input(
             padding = [(ni - 1) * di, (nj - 1) * dj]  # the full correlation
             acc = _qconv(u8, _bordered(sub), bits, [1, 1], padding, [di, dj])
             parts.append((acc[:, :, v0 : v0 + count_h, u0 : u0 + count_w], y0, x0))
-    dtype = torch.int32 if any(p.dtype == torch.int32 for p, *_ in parts) else torch.float32
     covered = sum(p[-1] for p in along_h) == h and sum(p[-1] for p in along_w) == wd
-    make = torch.empty if covered else torch.zeros
-    out = make(rows, h, wd, c + 1, dtype=dtype, device=u8.device).permute(0, 3, 1, 2)
-    for part, y0, x0 in parts:
-        out[:, :, y0::sh, x0::sw][:, :, : part.shape[2], : part.shape[3]] = part
-    return out
+    return parts, covered
+
+
+def _phase_terms(
+    out: Tensor, main: Tensor, sums: Tensor, const: Tensor, a: Tensor, b: Tensor, b_g: Tensor
+) -> None:
+    """:func:`_grad_input_terms` of one phase, written into its positions ``out`` (a strided
+    view of ``grad_input``): compiled, one pass that stores there, no grid of the phases'
+    products to lay out first."""
+    out.copy_(_grad_input_terms(main, sums, const, a, b, b_g))
+
+
+_compiled_phase_terms = LazyCompiled(_phase_terms)
 
 
 def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Tensor,
@@ -312,8 +319,9 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
                 compiled: bool = False) -> Tensor:  # fmt: skip
     """``grad_input`` (N', C, H, W) float32, channels-last, from the codes of ``grad_output``
     (per-row scale and bias; rows in (H, W, O) order with ``nhwc``, else (O, H, W); module
-    docstring), before the row transform's inverse: the convolution of the zero-dilated, padded
-    codes with the flipped weight codes; the epilogue compiled with ``compiled``."""
+    docstring), before the row transform's inverse: the convolution of the padded codes with
+    the flipped weight codes (by phase where strided: :func:`strided_phases`); the epilogue
+    compiled with ``compiled``."""
     rows = g.codes.shape[0]
     o, c, kh, kw = w_shape
     _, _, h, wd = in_shape
@@ -326,7 +334,7 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     else:
         u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
     if sh > 1 or sw > 1:
-        acc = _strided_grad_input(u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd))
+        phases = strided_phases(u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd))
     else:
         # The full correlation with the flipped kernel covers Ho + d(k−1) rows of the padded
         # input; pad (or crop: negative) the codes so that it yields exactly the real rows
@@ -352,9 +360,20 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     one = torch.ones(1, 1, kh, kw, dtype=dt)
     count = o * _mask_terms(mask, one, ops, True, like[:, :1]).to(f64)  # (1, 1, H, W)
     const = (s_w * real + b_w * count).contiguous(memory_format=torch.channels_last)
-    terms = _compiled_grad_input_terms if compiled else _grad_input_terms
     # s_g s_w convᵀ(C_g, C_w) + s_g b_w convᵀ(C_g, 1) + b_g const
-    return terms(acc[:, :c], acc[:, c:], const, s_g * s_w, s_g * b_w, b_g)
+    a, b = s_g * s_w, s_g * b_w
+    if sh == 1 and sw == 1:
+        terms = _compiled_grad_input_terms if compiled else _grad_input_terms
+        return terms(acc[:, :c], acc[:, c:], const, a, b, b_g)
+    parts, covered = phases
+    make = torch.empty if covered else torch.zeros  # no tap reaches: no term either
+    out = make(rows, h, wd, c, device=u8.device).permute(0, 3, 1, 2)  # channels-last
+    terms = _compiled_phase_terms if compiled else _phase_terms
+    for part, y0, x0 in parts:
+        at = (slice(None), slice(None), slice(y0, None, sh), slice(x0, None, sw))
+        shape = (slice(None), slice(None), slice(part.shape[2]), slice(part.shape[3]))
+        terms(out[at][shape], part[:, :c], part[:, c:], const[at][shape], a, b, b_g)
+    return out
 
 
 def _tap_offsets(ops: ConvOps, kernel: tuple[int, int], width: int) -> list[tuple[int, int, int]]:
