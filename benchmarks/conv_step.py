@@ -24,8 +24,8 @@ backward and, on CUDA, peak memory.
 For every int8 variant, a breakdown from ``torch.profiler`` over 2 steps: the time in the
 integer kernels (oneDNN's ``qconv2d_pointwise`` with its weight packing, and ``_int_mm``) and the
 time outside them (quantizers, layouts, zero-point terms, epilogues), as a fraction of the fp32
-step of the same process (issue target: ≤ 0.15), and the part of it in compiled quantizer kernels
-(``_fused`` variants).
+step of the same process (issue target: ≤ 0.15), and the part of it in compiled kernels
+(``_fused`` variants: the quantizers and the integer products' epilogues).
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def run_layer(
                     f"  integer kernels {t['integer_kernels'] * 1e3:.1f} ms, outside "
                     f"{t['outside_integer_kernels'] * 1e3:.1f} ms "
                     f"= {t['outside_integer_kernels'] / fp32:.2f}× fp32 step "
-                    f"(of which compiled quantizers {t['compiled_quantizers'] * 1e3:.1f} ms)"
+                    f"(of which compiled kernels {t['compiled_quantizers'] * 1e3:.1f} ms: "
+                    "quantizers and epilogues)"
                 )
         print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms{note}", flush=True)
     return results
