@@ -6,6 +6,7 @@ past one exact float32 or int32 run in chunks."""
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import os
 import subprocess
@@ -59,6 +60,17 @@ CONVS = {
         lambda: nn.Conv2d(3, 4, (3, 4), stride=(2, 3), padding=(1, 2)),
         (3, 9, 11),
     ),
+    # a phase of two taps at dilation 2 (taps 0 and 3 of 4, stride 3, dilation 2)
+    "4x4-stride3-dilated2": (
+        lambda: nn.Conv2d(3, 4, 4, stride=3, padding=1, dilation=2),
+        (3, 13, 12),
+    ),
+    # outputs whose windows lie in the padding: along the height (padding past the reach) and
+    # along the width (dilation 2 straddles the one real column)
+    "window-in-padding": (
+        lambda: nn.Conv2d(4, 4, (4, 2), padding=(2, 1), dilation=2),
+        (4, 11, 1),
+    ),
 }
 # A strided layer's grad_input runs one integer convolution per phase of the input positions
 # (int8_qconv.axis_phases), counted here by hand: along an axis of kernel k, stride s and
@@ -73,6 +85,7 @@ GRAD_INPUT_PHASES = {
     "5x5-pad2-stride2": 4,
     "3x3-stride3-dilated2": 9,
     "3x4-stride2x3-pad1x2": 6,
+    "4x4-stride3-dilated2": 9,
 }
 # Presets, one with an asymmetric weight grid (a zero point on the weight: the b_w terms).
 PRESETS = {
@@ -657,6 +670,7 @@ def test_int8_im2col_is_the_unfold_of_the_codes(shape, kernel, stride, padding, 
         ((3, 2), (2, 2), (1, 0), (2, 1), (9, 8)),  # gcd(d, s) = 2: one phase of three taps
         ((4, 3), (3, 2), (2, 1), (1, 1), (13, 7)),
         ((7, 7), (2, 2), (3, 3), (1, 1), (17, 16)),
+        ((4, 5), (3, 2), (1, 2), (2, 3), (14, 13)),  # phases of several taps at dilation 2, 3
     ],
 )
 @pytest.mark.parametrize("chunks", [False, True])
@@ -705,6 +719,63 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     )
     dtypes = {part.dtype for part, *_ in parts}
     assert max(dtypes, key=str) == (torch.int32 if chunks and most > 2 else torch.float32)
+
+
+@pytest.mark.usefixtures("exact_here")
+def test_windows_in_the_padding_are_exact():
+    """Outputs whose every tap along an axis lies in the padding (padding past the kernel's
+    reach, a dilation straddling a narrow input) are the exact code convolution: oneDNN's kernel
+    returned garbage for some of them (along the width), so :func:`int8_qconv._qconv` pads such
+    inputs itself. Every configuration of a small grid, against the float64 convolution."""
+    gen = torch.Generator().manual_seed(8)
+    flagged = 0
+    for h, w, kh, kw, ph, pw, dh, dw in itertools.product(
+        [1, 5], [1, 3], [1, 4], [2, 3], [0, 4], [1, 3], [1, 2], [2]
+    ):
+        if h + 2 * ph <= (kh - 1) * dh or w + 2 * pw <= (kw - 1) * dw:
+            continue  # a kernel longer than the padded input: no output
+        u8 = torch.randint(0, 256, (2, 8, h, w), generator=gen, dtype=torch.uint8)
+        wt = torch.randint(-128, 128, (5, 8, kh, kw), generator=gen, dtype=torch.int8)
+        reference = F.conv2d(u8.double() - 128, wt.double(), None, 1, (ph, pw), (dh, dw))
+        got = int8_qconv._qconv(u8, wt, (8, 8), [1, 1], [ph, pw], [dh, dw])
+        assert torch.equal(got.double(), reference), (h, w, kh, kw, ph, pw, dh, dw)
+        flagged += int8_qconv.window_in_padding(w, kw, 1, dw, pw)
+    assert flagged > 10  # the grid does hold such windows
+
+
+def test_window_in_padding_rule():
+    """:func:`int8_qconv.window_in_padding` against the cases worked by hand."""
+    rule = int8_qconv.window_in_padding
+    assert not rule(56, 3, 1, 1, 1)  # 3×3 padding 1: every window holds a real position
+    assert rule(1, 2, 1, 2, 1)  # taps at −1 and +1 around the one real column
+    assert not rule(3, 2, 1, 2, 1)  # taps 0 and 2 of a padded 5: output 0 reaches column 0
+    assert rule(6, 2, 1, 1, 2)  # padding 2 past a reach of 1: the first output sees padding
+    assert not rule(9, 3, 2, 1, 1)  # strided, padding 1
+    assert rule(9, 1, 2, 1, 1)  # 1×1 stride 2 over padding 1: output 0 is the padding
+
+
+@pytest.mark.usefixtures("exact_here")
+def test_a_strided_layer_s_grad_input_is_float32_whatever_the_default_dtype():
+    """A float32 layer's grad_input stays float32 with ``torch.set_default_dtype(float64)`` (the
+    phases' result buffer once followed the default; BHQ's inverse transform then refused the
+    float64 rows), and equals simulate's."""
+    base = nn.Conv2d(4, 4, 3, stride=2, padding=1)
+    x = torch.randn(3, 4, 9, 8, generator=torch.Generator().manual_seed(2))
+    g = torch.randn(3, 4, 5, 4, generator=torch.Generator().manual_seed(3))
+    results = {}
+    for backend in ("simulate", "int8"):
+        torch.manual_seed(0)
+        cfg = FQTConfig.preset("bhq4", fused=False, backend=backend)
+        layer, xi = quantize_model(copy.deepcopy(base), cfg), x.clone().requires_grad_(True)
+        default = torch.get_default_dtype()
+        torch.set_default_dtype(torch.float64)
+        try:
+            layer(xi).backward(g)
+        finally:
+            torch.set_default_dtype(default)
+        results[backend] = (xi.grad, layer.weight.grad)
+    assert results["int8"][0].dtype == torch.float32
+    assert_same(results)
 
 
 def test_a_channels_last_input_is_encoded_in_its_own_layout():

@@ -141,13 +141,31 @@ def fits_float32(w: Tensor, a_bits: int) -> bool:
     return 2 ** (a_bits - 1) * int(sums.max()) <= _EXACT_FLOAT32
 
 
+@functools.cache
+def window_in_padding(size: int, k: int, s: int, d: int, pad: int) -> bool:
+    """Whether some output of a convolution along one axis (``size`` real positions, ``pad`` of
+    padding on each side, kernel ``k``, stride ``s``, dilation ``d``) has every tap in the
+    padding. oneDNN's int8 convolution can return garbage for such outputs (torch 2.13, AVX-512
+    VNNI: found along the width, wrong by up to 4·10⁶ and not the same from call to call), so
+    :func:`_qconv` pads those inputs itself."""
+    outs = (size + 2 * pad - d * (k - 1) - 1) // s + 1
+    return any(all(not pad <= o * s + i * d < pad + size for i in range(k)) for o in range(outs))
+
+
 def _qconv(
     u8: Tensor, w: Tensor, bits: tuple[int, int], stride, padding, dilation
 ) -> Tensor:  # fmt: skip
     """:func:`_qconv_raw`, split over input channels where one call could leave float32's exact
     integers (:func:`fits_float32`, :func:`channel_chunk`), the parts summed in int32 (the int32
     accumulator bounds a whole reduction as in the im2col path). float32 from one call, else
-    int32."""
+    int32. Where an output's window lies in the padding along an axis
+    (:func:`window_in_padding`), the input is padded here (code 0) and the kernel pads nothing."""
+    if any(
+        window_in_padding(n, k, s, d, p)
+        for n, k, s, d, p in zip(u8.shape[2:], w.shape[2:], stride, dilation, padding, strict=True)
+    ):
+        (ph, pw), padding = padding, [0, 0]
+        u8 = F.pad(u8, [pw, pw, ph, ph], value=128)
     channels, taps = w.shape[1], w.shape[2] * w.shape[3]
     step = channel_chunk(taps, *bits)
     if channels <= step or fits_float32(w, bits[0]):
@@ -367,7 +385,8 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
         return terms(acc[:, :c], acc[:, c:], const, a, b, b_g)
     parts, covered = phases
     make = torch.empty if covered else torch.zeros  # no tap reaches: no term either
-    out = make(rows, h, wd, c, device=u8.device).permute(0, 3, 1, 2)  # channels-last
+    # float32 whatever the default dtype, channels-last (the kernel's layout)
+    out = make(rows, h, wd, c, dtype=torch.float32, device=u8.device).permute(0, 3, 1, 2)
     terms = _compiled_phase_terms if compiled else _phase_terms
     for part, y0, x0 in parts:
         at = (slice(None), slice(None), slice(y0, None, sh), slice(x0, None, sw))
