@@ -191,9 +191,11 @@ class TestAgainstSimulate:
         assert not (epilogues or outputs or grad_inputs or phases)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-pad1-stride2"])
-    def test_float64_model_keeps_float64_gradients(self, conv):
-        """A float64 layer's weight and bias gradients are float64 values, not float32 ones
-        cast back (its zero-point terms are computed in float64 either way)."""
+    def test_float64_model_keeps_float64_gradients(self, conv, monkeypatch):
+        """A float64 layer under the int8 backend runs on simulate (float64 operands do, under
+        any backend, with a warning: no integer kernel runs), so its weight and bias gradients
+        are float64 values, not float32 ones cast back."""
+        calls = count_qconv_calls(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
         cfg = FQTConfig.preset("psq5", fused=True)  # hash noise: the same draws in both backends
@@ -202,6 +204,7 @@ class TestAgainstSimulate:
         for grad in results["int8"][2:]:  # weight, bias
             assert grad.dtype == torch.float64
             assert not torch.equal(grad, grad.float().double())
+        assert not calls
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided", "3x3-pad1-stride2"])
     def test_fused_quantizers(self, conv, monkeypatch):
