@@ -264,7 +264,10 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     return terms(acc[:, :o], acc[:, o:], const, s_x * s_w, s_x * b_w)
 
 
-def axis_phases(k: int, s: int, d: int, pad: int, size: int, out: int) -> list[tuple[int, ...]]:
+@functools.cache  # every backward of a strided layer asks the same few geometries
+def axis_phases(
+    k: int, s: int, d: int, pad: int, size: int, out: int
+) -> tuple[tuple[int, ...], ...]:
     """One axis of a strided convolution's ``grad_input`` split by phase: the input positions
     ``y`` whose padded position ``p = y + pad`` is ``r`` modulo the stride ``s`` receive only
     the taps ``i`` with ``i·d ≡ r`` (mod ``s``), which are every ``s/g``-th tap from the first
@@ -290,7 +293,7 @@ def axis_phases(k: int, s: int, d: int, pad: int, size: int, out: int) -> list[t
         q_hi = min(c + length, (size - 1 + pad - r) // s + 1)
         if q_hi > q_lo:
             phases.append((first, step, taps, dil, q_lo * s + r - pad, q_lo - c, q_hi - q_lo))
-    return phases
+    return tuple(phases)
 
 
 def strided_phases(
