@@ -156,6 +156,22 @@ def count_qconv_calls(monkeypatch) -> list:
     return calls
 
 
+@pytest.fixture(autouse=True)
+def garbage_in_new_grids(monkeypatch):
+    """The weight gradient's grids start uninitialized (every entry is written, zeros only off
+    the real positions): fresh memory is often zero, which would hide an entry left unwritten,
+    so in these tests every new grid starts as noise."""
+    grid = int8_qconv._positions_grid
+    gen = torch.Generator().manual_seed(99)
+
+    def noisy(*args):
+        out = grid(*args)
+        out.copy_(torch.randint(0, 256, out.shape, generator=gen, dtype=torch.uint8))
+        return out
+
+    monkeypatch.setattr(int8_qconv, "_positions_grid", noisy)
+
+
 @pytest.fixture
 def exact_here():
     """These tests check the integer convolution path: it runs where the probe passes (CPUs with
@@ -223,8 +239,8 @@ class TestAgainstSimulate:
         assert len(calls) == 1 + GRAD_INPUT_PHASES.get(conv, 1)
         assert len(outputs) == 1  # compiled output and grad_input epilogues, the latter by phase
         assert (len(grad_inputs), len(phases)) == ((0, len(calls) - 1) if strided else (1, 0))
-        # the stride-1 weight gradient's epilogue is the compiled one; strided layers unfold
-        assert len(epilogues) == (0 if strided else 1)
+        # the weight gradient's epilogue is the compiled one, strided layers' too (by phase)
+        assert len(epilogues) == 1
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-dilated2-pad2", "1x1"])
     @pytest.mark.parametrize("grad_format", [None, torch.channels_last])
@@ -388,6 +404,87 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk():
     expected = 128 * 128 * torch.outer(reach, reach)
     assert torch.equal(grad_weight.reshape(3, 3), expected)
     assert int(h_cols) == -128 * side * side
+
+
+def test_strided_weight_gradient_over_chunks_of_positions():
+    """A strided layer's weight gradient by phase, 8 samples of a 363 × 363 plane at stride 2
+    (8 phase planes of 183² = 267,912 positions, three int32 chunks at 8 × 8 bits): extreme
+    codes sum past int32 in every tap and must not wrap across the chunks."""
+    from fqtorch.backends.base import ConvOps
+    from fqtorch.backends.int8 import chunk_length
+    from fqtorch.quantizers.base import QuantizedTensor
+
+    n, side, out = 8, 363, 182  # padded 365: (365 − 3) // 2 + 1 outputs along each axis
+    assert n * 183 * 183 > 2 * chunk_length(8, 8)
+    ops = ConvOps((2, 2), (1, 1), (1, 1), 1)
+    x_codes = torch.full((n, 1, side, side), -128, dtype=torch.int8)
+    h_codes = torch.full((n * out * out, 1), -128, dtype=torch.int8)
+    unit, zero = torch.ones(1, 1), torch.zeros(1, 1)
+    h = QuantizedTensor(h_codes, unit, zero, 8, h_codes.shape, torch.float32)
+    grad_weight, h_cols = int8_qconv._grad_weight_taps(
+        h, x_codes, torch.ones(()), torch.zeros(()), 8, (1, 1, 3, 3), ops
+    )
+    # Tap i reads input row 2y + i − 1 of outputs y < 182: 181, 182 and 181 of them are real.
+    reach = torch.tensor([out - 1, out, out - 1], dtype=torch.float64)
+    assert torch.equal(grad_weight.reshape(3, 3), n * 128 * 128 * torch.outer(reach, reach))
+    assert int(h_cols) == -128 * n * out * out
+
+
+# (input (N, C, H, W), kernel, stride, padding, dilation, extra pad (left, right, top, bottom))
+STRIDED_WEIGHT_GRADIENTS = {
+    "3x3-stride2-pad1": ((3, 5, 9, 8), (3, 3), (2, 2), (1, 1), (1, 1), None),
+    "1x1-stride2": ((3, 5, 7, 6), (1, 1), (2, 2), (0, 0), (1, 1), None),
+    "2x2-stride3": ((2, 3, 10, 11), (2, 2), (3, 3), (0, 0), (1, 1), None),
+    "3x3-stride3-dilated2": ((2, 3, 11, 10), (3, 3), (3, 3), (2, 2), (2, 2), None),
+    "4x4-stride2-dilated2": ((2, 3, 13, 12), (4, 4), (2, 2), (1, 1), (2, 2), None),
+    "3x4-stride2x3": ((2, 4, 9, 11), (3, 4), (2, 3), (1, 2), (1, 1), None),
+    "5x5-stride2-pad2": ((2, 3, 9, 8), (5, 5), (2, 2), (2, 2), (1, 1), None),
+    "4x4-stride2-asymmetric-pad": ((2, 3, 9, 8), (4, 4), (2, 2), (1, 1), (1, 1), (0, 1, 1, 0)),
+    "3x3-stride2-input-smaller-than-window": ((2, 3, 2, 3), (3, 3), (2, 2), (1, 1), (1, 1), None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STRIDED_WEIGHT_GRADIENTS))
+@pytest.mark.parametrize("compiled", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_strided_weight_gradient_by_phase_is_exact(case, compiled, channels_last, monkeypatch):
+    """The strided weight gradient by phase against float64's ``conv2d_weight`` on the same
+    values, with integer scales and zero points, so both are exact and must be equal: one
+    ``_int_mm`` per tap (no unfold), every zero-point term, and the column sums of ``h``; from
+    NCHW and channels-last codes (channel- and position-major grids)."""
+    from fqtorch.backends.base import ConvOps
+    from fqtorch.quantizers.base import QuantizedTensor
+
+    shape, kernel, stride, padding, dilation, pad = STRIDED_WEIGHT_GRADIENTS[case]
+    (n, c, *_), o, f64 = shape, 4, torch.float64
+    ops = ConvOps(stride, padding, dilation, 1, pad)
+    gen = torch.Generator().manual_seed(11)
+    x_codes = torch.randint(-128, 128, shape, generator=gen, dtype=torch.int8)
+    x_values = 3 * x_codes.to(f64) - 5
+    if channels_last:
+        x_codes = x_codes.contiguous(memory_format=torch.channels_last)
+    extra = pad or (0, 0, 0, 0)  # F.pad's (left, right, top, bottom), padding real zeros
+    ph, pw = padding
+    padded = F.pad(x_values, [pw + extra[0], pw + extra[1], ph + extra[2], ph + extra[3]])
+    ho = (padded.shape[2] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (padded.shape[3] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    h_codes = torch.randint(-128, 128, (n * ho * wo, o), generator=gen, dtype=torch.int8)
+    h_scale = torch.randint(1, 4, (1, o), generator=gen).float()
+    h_bias = torch.randint(-3, 4, (1, o), generator=gen).float()
+    h = QuantizedTensor(h_codes, h_scale, h_bias, 8, h_codes.shape, torch.float32)
+    h_values = (h_codes.to(f64) * h_scale.to(f64) + h_bias.to(f64)).reshape(n, ho, wo, o)
+    expected = torch.nn.grad.conv2d_weight(
+        padded, (o, c, *kernel), h_values.permute(0, 3, 1, 2), stride, 0, dilation
+    )
+    products = []
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+    grad_weight, h_cols = int8_qconv._grad_weight_taps(
+        h, x_codes, torch.tensor(3.0), torch.tensor(-5.0), 8, (o, c, *kernel), ops, f64, compiled
+    )
+    assert torch.equal(grad_weight, expected)
+    assert torch.equal(h_cols, h_codes.to(torch.int32).sum(0))
+    assert len(products) == kernel[0] * kernel[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int32])

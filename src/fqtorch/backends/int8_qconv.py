@@ -30,8 +30,9 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
   so it stays on ``torch._int_mm`` (int32, chunks summed in int64): at stride 1, one product per
   tap of the padded input codes, (C, N·Hp·Wp) at that tap's offset, with the gradient codes laid
   on the same padded grid — no im2col copy; the N·Hp·Wp positions run in chunks of
-  :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries).
-  Strided convolutions unfold (``int8_conv``).
+  :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries). A strided
+  layer's padded input is split by phase (the positions of each residue modulo the stride), on
+  which every tap is a stride-1 tap: still no im2col copy.
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
@@ -58,14 +59,9 @@ from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite, refuse_second_derivative
 from .int8 import _code_sum, _compiled_path, _grad_bias, _per_column, _per_row, chunk_length
 from .int8_conv import (
-    _cols,
-    _cols_taps_first,
-    _conv_grad_weight,
     _out_size,
     _pads,
-    _tap_mask,
     encode_samples,
-    taps_first_pays,
 )
 from .notes import say_once, warn_once
 
@@ -398,19 +394,36 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     return out
 
 
-def _tap_offsets(ops: ConvOps, kernel: tuple[int, int], width: int) -> list[tuple[int, int, int]]:
-    (dh, dw), (kh, kw) = ops.dilation, kernel
-    return [(i, j, i * dh * width + j * dw) for i in range(kh) for j in range(kw)]
+def _weight_taps(
+    ops: ConvOps, kernel: tuple[int, int], plane: tuple[int, int]
+) -> list[tuple[int, int, int]]:
+    """Per tap (i, j) of the kernel, row-major: the phase (row, column) of the padded input
+    whose positions it reads, and its offset on that phase's flattened (Hq, Wq) ``plane``. With
+    ``i·dh = qi·sh + ri``, the tap reads padded row ``y·sh + i·dh`` = row ``y + qi`` of phase
+    ``ri`` (the padded rows ``≡ ri`` mod ``sh``): at stride 1 one phase, offsets ``i·dh·Wp +
+    j·dw``."""
+    (dh, dw), (sh, sw), (kh, kw) = ops.dilation, ops.stride, kernel
+    return [
+        ((i * dh) % sh, (j * dw) % sw, (i * dh) // sh * plane[1] + (j * dw) // sw)
+        for i in range(kh)
+        for j in range(kw)
+    ]
 
 
 def _grad_weight_taps(
     h: QuantizedTensor, codes: Tensor, xs: Tensor, xb: Tensor, x_bits: int, w_shape,
     ops: ConvOps, out_dtype: torch.dtype = torch.float64, compiled: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """Stride-1 ``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64,
+    """``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64,
     :func:`taps_terms`, compiled with ``compiled``) and the column sums of ``h``'s codes: one
     ``_int_mm`` per tap of the input codes on the padded grid, flattened (C, N·Hp·Wp), at the
     tap's offset, with ``h``'s codes on the same grid (zero codes off the output positions).
+
+    A strided layer splits the padded grid by phase (the positions ``≡ (ri, rj)`` modulo the
+    stride, each an (Hq, Wq) = (⌈Hp/sh⌉, ⌈Wp/sw⌉) plane, :func:`_weight_taps`): each tap reads
+    one phase at an offset, a stride-1 tap there, with ``h`` laid on the phase plane. The phases
+    the taps read hold at most the padded input once, where im2col copied each position once
+    per tap reaching it (2.25× the input for 3×3 at stride 2).
 
     The grids are bordered so that the same products yield every zero-point term exactly: the
     input's with a row of the mask ``M`` and a row of ones, ``h``'s with a row of ones on the
@@ -421,25 +434,38 @@ def _grad_weight_taps(
     o, _, kh, kw = w_shape
     pads = _pads(ops)
     hp, wp = hh + pads[2] + pads[3], ww + pads[0] + pads[1]
-    (dh, dw) = ops.dilation
-    ho, wo = hp - dh * (kh - 1), wp - dw * (kw - 1)
-    taps = _tap_offsets(ops, (kh, kw), wp)
-    plane = hp * wp
+    (dh, dw), (sh, sw) = ops.dilation, ops.stride
+    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    hq, wq = -(-hp // sh), -(-wp // sw)
+    taps = _weight_taps(ops, (kh, kw), (hq, wq))
+    plane, tail = hq * wq, max(off for *_, off in taps)
     # Copies through uint8 views: the same bytes, and a copy kernel 5-8× faster than int8's here.
     u8 = torch.uint8
-    x_grid = torch.zeros(c + 2, n * plane + taps[-1][2], dtype=u8, device=codes.device)
-    x_real = x_grid[:, : n * plane].view(c + 2, n, hp, wp)
-    rows, cols = slice(pads[2], pads[2] + hh), slice(pads[0], pads[0] + ww)
-    x_real[:c, :, rows, cols] = codes.view(u8).transpose(0, 1)
-    x_real[c, :, rows, cols] = 1  # M
-    x_grid[c + 1, : n * plane] = 1
-    h_grid = torch.zeros(o + 1, n, hp, wp, dtype=u8, device=codes.device)
+    x_codes = codes.view(u8).permute(0, 2, 3, 1)  # (N, H, W, C) view, whatever the layout
+    nhwc = codes.is_contiguous(memory_format=torch.channels_last)
+    grids = {}
+    for ri, rj in dict.fromkeys((ri, rj) for ri, rj, _ in taps):
+        grid = _positions_grid(n * plane + tail, c + 2, nhwc, codes.device)
+        real = grid[: n * plane].view(n, hq, wq, c + 2)
+        # the first input row in phase ri (y0 + top ≡ ri mod sh) is that phase's row r0
+        y0, x0 = (ri - pads[2]) % sh, (rj - pads[0]) % sw
+        r0, c0 = (y0 + pads[2]) // sh, (x0 + pads[0]) // sw
+        rows = slice(r0, r0 + len(range(y0, hh, sh)))
+        cols = slice(c0, c0 + len(range(x0, ww, sw)))
+        # The tail past the last plane (the last taps' reach) meets only zero codes of h: left.
+        _zero_outside(real.permute(0, 3, 1, 2), rows, cols)
+        real[:, rows, cols, :c] = x_codes[:, y0::sh, x0::sw]
+        real[:, rows, cols, c] = 1  # M
+        grid[: n * plane, c + 1] = 1
+        grids[ri, rj] = grid.view(torch.int8)
+    h_grid = _positions_grid(n * plane, o + 1, False, codes.device).T.view(o + 1, n, hq, wq)
+    _zero_outside(h_grid, slice(0, ho), slice(0, wo))
     if compiled and compiled_transpose_pays(o, ho * wo):
         h_grid[:o, :, :ho, :wo] = _compiled_transpose(h.codes.view(u8)).view(o, n, ho, wo)
     else:
         h_grid[:o, :, :ho, :wo] = h.codes.view(u8).reshape(n, ho, wo, o).permute(3, 0, 1, 2)
     h_grid[o, :, :ho, :wo] = 1
-    x_grid, h_grid = x_grid.view(torch.int8), h_grid.view(o + 1, -1).view(torch.int8)
+    h_grid = h_grid.view(o + 1, -1).view(torch.int8)
     # Chunks of the flattened positions, not of whole samples: one padded plane can itself pass
     # the int32 bound (Hp·Wp > 131,064 at 8 × 8 bits). Even parts, so no tail is a tiny product.
     total = n * plane
@@ -450,7 +476,7 @@ def _grad_weight_taps(
         hi = min(total, lo + step)
         a = h_grid[:, lo:hi]  # (O + 1, L) row-major: 15 % faster than (C + 2, L) × (L, O + 1)
         part = torch.stack(
-            [_positions_product(a, x_grid[:, lo + off : hi + off]) for *_, off in taps]
+            [_positions_product(a, grids[ri, rj][lo + off : hi + off]) for ri, rj, off in taps]
         )
         prod = part if prod is None else prod.to(torch.int64).add_(part)
     out = taps_terms(prod, h.scale, h.bias, xs, xb, out_dtype, compiled)
@@ -474,13 +500,34 @@ def compiled_transpose_pays(channels: int, plane: int) -> bool:
     return channels >= 64 and plane >= 28 * 28
 
 
+def _positions_grid(positions: int, channels: int, nhwc: bool, device: torch.device) -> Tensor:
+    """An uninitialized u8 (positions, channels) grid, position-major (each position's channels
+    contiguous) for channels-last codes, channel-major for NCHW ones, so that laying the codes
+    on it copies runs of contiguous bytes instead of transposing them (a transposing copy of
+    ResNet-50's 32 × 128 × 56 × 56 codes: 27 ms against 1.3 ms at one thread on an AMD EPYC
+    with VNNI). The product reads either. Its users write every entry: zeros off the real
+    positions (:func:`_zero_outside`), not a zero fill of the whole grid first."""
+    if nhwc:
+        return torch.empty(positions, channels, dtype=torch.uint8, device=device)
+    return torch.empty(channels, positions, dtype=torch.uint8, device=device).T
+
+
+def _zero_outside(planes: Tensor, rows: slice, cols: slice) -> None:
+    """Zero the (…, H, W) ``planes`` outside ``rows`` × ``cols`` (a border)."""
+    planes[..., : rows.start, :] = 0
+    planes[..., rows.stop :, :] = 0
+    planes[..., rows, : cols.start] = 0
+    planes[..., rows, cols.stop :] = 0
+
+
 def _positions_product(a: Tensor, x: Tensor) -> Tensor:
-    """``a`` (M, L) × ``x``ᵀ, ``x`` (K, L): int32 (M, K). One position (L = 1, a batch of one
-    1×1 image) makes both operands (·, 1) views with strides (1, 1), which the CPU kernel
-    misreads (torch 2.13: garbage, not an error); that reduction is padded with zero codes to 8."""
+    """``a`` (M, L) × ``x`` (L, K), ``x`` position- or channel-major: int32 (M, K). One position
+    (L = 1, a batch of one 1×1 image) makes both operands (·, 1) or (1, ·) views with unit
+    strides, which the CPU kernel misreads (torch 2.13: garbage, not an error); that reduction is
+    padded with zero codes to 8."""
     if a.shape[1] == 1:
-        a, x = F.pad(a, (0, 7)), F.pad(x, (0, 7))
-    return torch._int_mm(a, x.T)
+        a, x = F.pad(a, (0, 7)), F.pad(x, (0, 0, 0, 7))
+    return torch._int_mm(a, x)
 
 
 def taps_terms(
@@ -587,15 +634,9 @@ class _QConv2d(torch.autograd.Function):
                 h_cols = None
                 w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
-                    if all(s == 1 for s in ops.stride):
-                        grad_weight, h_cols = _grad_weight_taps(
-                            hq, codes, xs, xb, x_bits, w_shape, ops, w_dtype,
-                            _compiled_path(plan),
-                        )  # fmt: skip
-                    else:
-                        grad_weight, h_cols = _im2col_grad_weight(
-                            hq, codes, xs, xb, x_bits, w_shape, ops
-                        )
+                    grad_weight, h_cols = _grad_weight_taps(
+                        hq, codes, xs, xb, x_bits, w_shape, ops, w_dtype, _compiled_path(plan)
+                    )
                     grad_weight = grad_weight.to(w_dtype).reshape(w_shape)
                 grad_bias = _grad_bias(hq, h_cols).to(w_dtype) if need_bias else None
         if not (need_bias and has_bias):
@@ -603,29 +644,12 @@ class _QConv2d(torch.autograd.Function):
         return grad_input, None, None, grad_bias, None, grad_weight, None, None
 
 
-def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
-    """Strided convolutions: the im2col weight gradient of :mod:`.int8_conv`, its columns in
-    (kh, kw, C) order where that unfolds faster (:func:`~.int8_conv.taps_first_pays`; the
-    result is put back in the weight's (C, kh, kw) order, a copy of the small gradient)."""
-    pads, kernel = _pads(ops), tuple(w_shape[2:])
-    (o, c), taps_first = w_shape[:2], taps_first_pays(kernel)
-    x_cols = (_cols_taps_first if taps_first else _cols)(codes, pads, kernel, ops)
-    x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
-    mask = _tap_mask(codes.shape, pads, kernel, ops, codes.device)  # (L, C·kh·kw)
-    if taps_first and mask is not None:
-        mask = mask.reshape(-1, c, *kernel).permute(0, 2, 3, 1).reshape(mask.shape)
-    grad_weight, h_cols = _conv_grad_weight(hq, x_q, mask, codes.shape[0])
-    if taps_first:
-        grad_weight = grad_weight.reshape(o, *kernel, c).permute(0, 3, 1, 2).reshape(o, -1)
-    return grad_weight, h_cols
-
-
 def _announce(name: str, strided: bool) -> None:
     """Say which kernels the layer runs on, once per process per distinct line
     (:func:`~fqtorch.backends.notes.say_once`). The line is keyed by what it says (the layer's
     name and path), not by the layer object: a second model whose same-named layer takes the
     same path is not announced again, since the line would say nothing new."""
-    weight = "im2col + torch._int_mm (strided)" if strided else "torch._int_mm per tap"
+    weight = "torch._int_mm per tap" + (" on the stride's phases" if strided else "")
     say_once(
         f"FQT layer {name!r}: Conv2d output and grad_input on oneDNN int8 convolutions, "
         f"grad_weight on {weight}"
