@@ -239,8 +239,52 @@ class TestAgainstSimulate:
         assert len(calls) == 1 + GRAD_INPUT_PHASES.get(conv, 1)
         assert len(outputs) == 1  # compiled output and grad_input epilogues, the latter by phase
         assert (len(grad_inputs), len(phases)) == ((0, len(calls) - 1) if strided else (1, 0))
-        # the weight gradient's epilogue is the compiled one, strided layers' too (by phase)
-        assert len(epilogues) == 1
+        # the stride-1 weight gradient's epilogue is the compiled one; strided layers under 64
+        # input channels unfold (int8_qconv.phases_pay)
+        assert len(epilogues) == (0 if strided else 1)
+
+    @pytest.mark.parametrize("preset", ["psq5", "ptq8-ptq-weight"])
+    @pytest.mark.parametrize("conv", [*sorted(GRAD_INPUT_PHASES), "1x1-stride2"])
+    @pytest.mark.parametrize("channels_last", [False, True])
+    def test_strided_weight_gradient_by_phase(self, conv, preset, channels_last, monkeypatch):
+        """A strided layer's weight gradient by phase (taken from 64 input channels, forced
+        here on small layers) gives simulate's values, from NCHW and channels-last inputs: one
+        ``_int_mm`` per kernel tap and its compiled epilogue, no unfold."""
+        monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels: True)
+        epilogues = spy_compiled_epilogue(monkeypatch)
+        int8.int_mm_verdict()  # its probe at first use is not the layer's product
+        products, int_mm = [], torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+        make, shape = CONVS[conv]
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(12)) + 0.3
+        name = preset.split("-")[0]
+        cfg = FQTConfig.preset(name, fused=True, **PRESETS[preset])
+        memory_format = torch.channels_last if channels_last else None
+        assert_same(against_simulate(make, x, cfg, memory_format=memory_format))
+        assert len(products) == math.prod(make().kernel_size) and len(epilogues) == 1
+
+    def test_a_wide_strided_layer_takes_the_phases(self, monkeypatch):
+        """From 64 input channels a strided layer's weight gradient runs by phase unforced, and
+        the layer says so once."""
+        int8.int_mm_verdict()  # its probe at first use is not the layer's product
+        products, int_mm = [], torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+        said = []
+        monkeypatch.setattr(int8_qconv, "say_once", said.append)
+        make = lambda: nn.Conv2d(64, 5, 3, stride=2, padding=1)  # noqa: E731
+        x = torch.randn(2, 64, 7, 6, generator=torch.Generator().manual_seed(13)).relu()
+        assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
+        assert len(products) == 9
+        assert said == [
+            "FQT layer '': Conv2d output and grad_input on oneDNN int8 convolutions, "
+            "grad_weight on torch._int_mm per tap on the stride's phases"
+        ]
+
+    def test_phases_rule(self):
+        """ResNet-50's and ResNet-18's strided layers (64 channels and more) take the phases;
+        stems and CIFAR ResNets' strided layers (3 to 32 channels) unfold."""
+        assert int8_qconv.phases_pay(64) and int8_qconv.phases_pay(512)
+        assert not int8_qconv.phases_pay(3) and not int8_qconv.phases_pay(32)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-dilated2-pad2", "1x1"])
     @pytest.mark.parametrize("grad_format", [None, torch.channels_last])
