@@ -76,6 +76,23 @@ def test_weight_gradient_checks_and_prints_both_products():
     assert bad.returncode != 0 and "--shapes: expected MxKxO" in bad.stderr
 
 
+def test_conv_weight_gradient_checks_and_prints_both_paths():
+    """Both integer paths of a strided layer's weight gradient (checked equal by the script),
+    from both code layouts, beside fp32 and bf16, and which one the backend takes."""
+    done = _run(
+        "--layers", "2x8x4x9x3x2", "--repeats", "1", script="conv_weight_gradient.py",
+        compile=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "(the backend takes im2col)" in done.stdout
+    for path in ("taps", "im2col"):
+        for layout in ("NCHW", "channels-last"):
+            assert f"int8 {path}, {layout} codes |" in done.stdout
+    assert "fp32 / path | bf16 / path" in done.stdout
+    bad = _run("--layers", "2x8x4", script="conv_weight_gradient.py")
+    assert bad.returncode != 0 and "--layers: expected NxCxOxSxKxSTRIDE" in bad.stderr
+
+
 def test_gradient_grid_checks_and_prints_every_layer():
     done = _run("--repeats", "1", script="gradient_grid.py", compile=False)
     assert done.returncode == 0, done.stderr[-2000:]
