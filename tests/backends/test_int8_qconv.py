@@ -158,9 +158,10 @@ def count_qconv_calls(monkeypatch) -> list:
 
 @pytest.fixture(autouse=True)
 def garbage_in_new_grids(monkeypatch):
-    """The weight gradient's grids start uninitialized (every entry is written, zeros only off
-    the real positions): fresh memory is often zero, which would hide an entry left unwritten,
-    so in these tests every new grid starts as noise."""
+    """The weight gradient's grids start uninitialized (every entry of their planes is written,
+    zeros only off the real positions; the tail past the planes meets only zero codes of h):
+    fresh memory is often zero, which would hide an entry left unwritten, so in these tests
+    every new grid starts as noise."""
     grid = int8_qconv._positions_grid
     gen = torch.Generator().manual_seed(99)
 
@@ -362,6 +363,19 @@ class TestAgainstSimulate:
         for a, b in zip(grads["simulate"], grads["int8"], strict=True):
             off = (b - a).abs() > 1e-4 * float(a.abs().max())
             assert float(off.float().mean()) < 0.02, f"{int(off.sum())} of {off.numel()} differ"
+
+    @pytest.mark.parametrize("channels_last", [False, True])
+    @pytest.mark.parametrize("side", [1, 2])
+    def test_one_position_strided_weight_gradient(self, side, channels_last, monkeypatch):
+        """A strided 1×1 layer on one NCHW sample with one output position (a 1×1 or 2×2 image
+        at stride 2), by phase: the phase grid holds one position, channel-major, whose (1, K)
+        operand with unit strides the CPU kernel misreads unless padded."""
+        monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels: True)
+        make = lambda: nn.Conv2d(6, 4, 1, stride=2)  # noqa: E731
+        x = torch.randn(1, 6, side, side, generator=torch.Generator().manual_seed(1)) + 0.3
+        memory_format = torch.channels_last if channels_last else None
+        cfg = FQTConfig.preset("psq5", fused=False)
+        assert_same(against_simulate(make, x, cfg, memory_format=memory_format))
 
     @pytest.mark.parametrize("batch", [1, 3])
     def test_one_position_weight_gradient(self, batch):

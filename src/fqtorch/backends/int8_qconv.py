@@ -422,14 +422,16 @@ def _grad_weight_taps(
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64,
     :func:`taps_terms`, compiled with ``compiled``) and the column sums of ``h``'s codes: one
-    ``_int_mm`` per tap of the input codes on the padded grid, flattened (C, N·Hp·Wp), at the
-    tap's offset, with ``h``'s codes on the same grid (zero codes off the output positions).
+    ``_int_mm`` per tap of the input codes on the padded grid, flattened to (N·Hp·Wp, C + 2)
+    positions (:func:`_positions_grid`, laid out as the codes are), at the tap's offset, with
+    ``h``'s codes on the same grid (zero codes off the output positions).
 
     A strided layer splits the padded grid by phase (the positions ``≡ (ri, rj)`` modulo the
     stride, each an (Hq, Wq) = (⌈Hp/sh⌉, ⌈Wp/sw⌉) plane, :func:`_weight_taps`): each tap reads
     one phase at an offset, a stride-1 tap there, with ``h`` laid on the phase plane. The phases
-    the taps read hold at most the padded input once, where im2col copied each position once
-    per tap reaching it (2.25× the input for 3×3 at stride 2).
+    the taps read hold about the padded input once (planes rounded up to whole strides, and
+    each grid's tail), where im2col copied each position once per tap reaching it (2.25× the
+    input for 3×3 at stride 2).
 
     The grids are bordered so that the same products yield every zero-point term exactly: the
     input's with a row of the mask ``M`` and a row of ones, ``h``'s with a row of ones on the
@@ -511,8 +513,10 @@ def _positions_grid(positions: int, channels: int, nhwc: bool, device: torch.dev
     contiguous) for channels-last codes, channel-major for NCHW ones, so that laying the codes
     on it copies runs of contiguous bytes instead of transposing them (a transposing copy of
     ResNet-50's 32 × 128 × 56 × 56 codes: 27 ms against 1.3 ms at one thread on an AMD EPYC
-    with VNNI). The product reads either. Its users write every entry: zeros off the real
-    positions (:func:`_zero_outside`), not a zero fill of the whole grid first."""
+    with VNNI). The product reads either. Its users write every entry of its planes (zeros off
+    the real positions, :func:`_zero_outside`, not a zero fill of the whole grid first); a
+    tail past the planes, the last taps' reach, is left as it is: it only ever meets zero codes
+    of ``h``."""
     if nhwc:
         return torch.empty(positions, channels, dtype=torch.uint8, device=device)
     return torch.empty(channels, positions, dtype=torch.uint8, device=device).T
@@ -527,10 +531,11 @@ def _zero_outside(planes: Tensor, rows: slice, cols: slice) -> None:
 
 
 def _positions_product(a: Tensor, x: Tensor) -> Tensor:
-    """``a`` (M, L) × ``x`` (L, K), ``x`` position- or channel-major: int32 (M, K). One position
-    (L = 1, a batch of one 1×1 image) makes both operands (·, 1) or (1, ·) views with unit
-    strides, which the CPU kernel misreads (torch 2.13: garbage, not an error); that reduction is
-    padded with zero codes to 8."""
+    """``a`` (M, L) × ``x`` (L, K), ``x`` position- or channel-major: int32 (M, K). A product
+    over one position (L = 1: a channel-major grid of one position, e.g. an NCHW batch of one
+    with one output position) hands the kernel a (1, K) ``x`` with strides (1, 1), which the CPU
+    kernel misreads (torch 2.13: garbage, not an error); that reduction is padded with zero
+    codes to 8."""
     if a.shape[1] == 1:
         a, x = F.pad(a, (0, 7)), F.pad(x, (0, 0, 0, 7))
     return torch._int_mm(a, x)
@@ -686,6 +691,7 @@ def phases_pay(channels: int) -> bool:
 
 
 def _weight_by_taps(ops: ConvOps, channels: int) -> bool:
+    """Whether the weight gradient runs per tap (stride 1, or by phase) rather than im2col."""
     return all(s == 1 for s in ops.stride) or phases_pay(channels)
 
 
