@@ -28,8 +28,8 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
   (:func:`fits_float32`), the reduction runs in chunks of input channels summed in int32.
 - ``grad_weight`` is a reduction over N·H·W, past float32's exact integers at any useful length,
   so it stays on ``torch._int_mm`` (int32, chunks summed in int64): at stride 1, one product per
-  tap of the padded input codes, (C, N·Hp·Wp) at that tap's offset, with the gradient codes laid
-  on the same padded grid — no im2col copy; the N·Hp·Wp positions run in chunks of
+  tap of the padded input codes, N·Hp·Wp positions at that tap's offset, with the gradient codes
+  laid on the same padded grid — no im2col copy; the N·Hp·Wp positions run in chunks of
   :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries). A strided
   layer's padded input is split by phase (the positions of each residue modulo the stride), on
   which every tap is a stride-1 tap: still no im2col copy. Under 64 input channels a strided
@@ -663,9 +663,9 @@ class _QConv2d(torch.autograd.Function):
 
 def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
     """Strided convolutions with few input channels (:func:`phases_pay`): the im2col weight
-    gradient of :mod:`.int8_conv`, its columns in
-    (kh, kw, C) order where that unfolds faster (:func:`~.int8_conv.taps_first_pays`; the
-    result is put back in the weight's (C, kh, kw) order, a copy of the small gradient)."""
+    gradient of :mod:`.int8_conv`, its columns in (kh, kw, C) order where that unfolds faster
+    (:func:`~.int8_conv.taps_first_pays`; the result is put back in the weight's (C, kh, kw)
+    order, a copy of the small gradient)."""
     pads, kernel = _pads(ops), tuple(w_shape[2:])
     (o, c), taps_first = w_shape[:2], taps_first_pays(kernel)
     x_cols = (_cols_taps_first if taps_first else _cols)(codes, pads, kernel, ops)
@@ -683,10 +683,10 @@ def phases_pay(channels: int) -> bool:
     """Whether a strided layer's weight gradient runs by phase (:func:`_grad_weight_taps`)
     rather than im2col: from 64 input channels. Each tap's product re-reads the whole gradient
     grid for ``C + 2`` output columns, so with few channels the taps stream the gradient many
-    times for little arithmetic, where im2col reads it once (one thread, AMD EPYC with VNNI,
-    minimum of 9: ResNet-18's 7 × 7 stem, 3 channels, 370 ms by phase against 203 ms unfolded;
-    32 → 64 at 16² and batch 128, 4.7 against 3.3 ms; from 64 channels the phases match or win,
-    128 → 128 at 56² 36 against 50 ms)."""
+    times for little arithmetic, where im2col reads it once (``benchmarks/conv_weight_gradient.py``,
+    docs/performance.md; one thread, AMD EPYC with VNNI, medians: ResNet-18's 7 × 7 stem, 3
+    channels, 394 ms by phase against 192 ms unfolded; 32 → 64 at 16² and batch 128, 4.6
+    against 3.2 ms; from 64 channels the phases win, 128 → 128 at 56² 37 against 46 ms)."""
     return channels >= 64
 
 
