@@ -367,9 +367,10 @@ class TestAgainstSimulate:
     @pytest.mark.parametrize("channels_last", [False, True])
     @pytest.mark.parametrize("side", [1, 2])
     def test_one_position_strided_weight_gradient(self, side, channels_last, monkeypatch):
-        """A strided 1×1 layer on one NCHW sample with one output position (a 1×1 or 2×2 image
-        at stride 2), by phase: the phase grid holds one position, channel-major, whose (1, K)
-        operand with unit strides the CPU kernel misreads unless padded."""
+        """A strided 1×1 layer on one sample with one output position (a 1×1 or 2×2 image at
+        stride 2), by phase: from NCHW codes the phase grid holds one position, channel-major,
+        whose (1, K) operand with unit strides the CPU kernel misreads unless padded (the 2×2
+        NCHW case; a 1×1 image's codes count as channels-last, whose grid it reads right)."""
         monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels: True)
         make = lambda: nn.Conv2d(6, 4, 1, stride=2)  # noqa: E731
         x = torch.randn(1, 6, side, side, generator=torch.Generator().manual_seed(1)) + 0.3
