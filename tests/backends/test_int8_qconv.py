@@ -860,7 +860,9 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     u8 = int8_qconv._to_u8(codes.contiguous(memory_format=torch.channels_last))
     parts, covered = int8_qconv.strided_phases(u8, w, (8, 8), ops, pads, size)
     got = torch.full((3, c + 1, *size), 0.5, dtype=torch.float64)  # 0.5: a position left out
-    for part, y0, x0 in parts:
+    dtypes = set()
+    for part, y0, x0 in parts:  # each phase convolved as it is asked for
+        dtypes.add(part.dtype)
         assert part.stride(1) == 1  # channels-last, as the kernel returns it
         view = got[:, :, y0 :: stride[0], x0 :: stride[1]]
         assert view[:, :, : part.shape[2], : part.shape[3]].eq(0.5).all()  # laid once
@@ -876,8 +878,30 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     most = math.prod(
         -(-k // (s // math.gcd(d, s))) for k, s, d in zip(kernel, stride, dilation, strict=True)
     )
-    dtypes = {part.dtype for part, *_ in parts}
     assert max(dtypes, key=str) == (torch.int32 if chunks and most > 2 else torch.float32)
+
+
+@pytest.mark.usefixtures("exact_here")
+def test_strided_grad_input_holds_one_phase_at_a_time(monkeypatch):
+    """Each phase's product is freed (its epilogue done) before the next phase's convolution
+    runs: at most one phase's product, not all of them (together the size of grad_input), is
+    alive at a time."""
+    import weakref
+
+    alive, qconv = [], int8_qconv._qconv
+
+    def tracking(*args):
+        assert all(ref() is None for ref in alive), "an earlier phase's product is still held"
+        out = qconv(*args)
+        alive.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(int8_qconv, "_qconv", tracking)
+    make, shape = CONVS["3x3-pad1-stride2-8ch"]
+    x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(14)) + 0.3
+    layer = quantize_model(make(), FQTConfig.preset("psq5", fused=False, backend="int8"))
+    layer(x.requires_grad_()).sum().backward()
+    assert len(alive) == 1 + GRAD_INPUT_PHASES["3x3-pad1-stride2-8ch"]  # forward, then phases
 
 
 @pytest.mark.usefixtures("exact_here")

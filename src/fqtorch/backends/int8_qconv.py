@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -300,29 +301,34 @@ def axis_phases(
 
 def strided_phases(
     u8: Tensor, w: Tensor, bits: tuple[int, int], ops: ConvOps, pads: list[int], size: tuple
-) -> tuple[list[tuple[Tensor, int, int]], bool]:
+) -> tuple[Iterator[tuple[Tensor, int, int]], bool]:
     """A strided convolution's ``grad_input`` code convolution with its receptive-field sums,
     by phase of the input positions (:func:`axis_phases`), from the u8 ``grad_output`` codes
     (N', O, Ho, Wo) and the s8 weight codes ``w`` (O, C, kh, kw): one stride-1 integer
     convolution per phase with that phase's taps, where the zero-dilated gradient would cost
     ``sh·sw`` times the products (4× at stride 2), nearly all of them with inserted zeros.
 
-    Returns ``[(part, y0, x0)]``, each ``part`` (N', C + 1, h, w) channels-last (float32, exact,
-    or int32: :func:`_qconv`) the values of the input positions ``y0 + i·sh``, ``x0 + j·sw``,
-    and whether the phases cover every input position (where they do not, no tap reaches: 0).
+    Returns the phases ``(part, y0, x0)`` one at a time, each convolved as it is asked for (so
+    that its epilogue can run before the next exists: one phase's product held at a time),
+    each ``part`` (N', C + 1, h, w) channels-last (float32, exact, or int32: :func:`_qconv`)
+    the values of the input positions ``y0 + i·sh``, ``x0 + j·sw``; and whether the phases cover
+    every input position (where they do not, no tap reaches: 0).
     """
     (h, wd), (sh, sw), (dh, dw) = size, ops.stride, ops.dilation
     along_h = axis_phases(w.shape[2], sh, dh, pads[2], h, u8.shape[2])
     along_w = axis_phases(w.shape[3], sw, dw, pads[0], wd, u8.shape[3])
-    parts = []
-    for i0, si, ni, di, y0, v0, count_h in along_h:
-        for j0, sj, nj, dj, x0, u0, count_w in along_w:
-            sub = w[:, :, i0::si, j0::sj].flip(2, 3).transpose(0, 1)  # (C, O, ni, nj)
-            padding = [(ni - 1) * di, (nj - 1) * dj]  # the full correlation
-            acc = _qconv(u8, _bordered(sub), bits, [1, 1], padding, [di, dj])
-            parts.append((acc[:, :, v0 : v0 + count_h, u0 : u0 + count_w], y0, x0))
+
+    def parts() -> Iterator[tuple[Tensor, int, int]]:
+        for i0, si, ni, di, y0, v0, count_h in along_h:
+            for j0, sj, nj, dj, x0, u0, count_w in along_w:
+                sub = w[:, :, i0::si, j0::sj].flip(2, 3).transpose(0, 1)  # (C, O, ni, nj)
+                padding = [(ni - 1) * di, (nj - 1) * dj]  # the full correlation
+                acc = _qconv(u8, _bordered(sub), bits, [1, 1], padding, [di, dj])
+                yield acc[:, :, v0 : v0 + count_h, u0 : u0 + count_w], y0, x0
+                del acc  # before the next phase's convolution
+
     covered = sum(p[-1] for p in along_h) == h and sum(p[-1] for p in along_w) == wd
-    return parts, covered
+    return parts(), covered
 
 
 def _phase_terms(
@@ -397,6 +403,7 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
         at = (slice(None), slice(None), slice(y0, None, sh), slice(x0, None, sw))
         shape = (slice(None), slice(None), slice(part.shape[2]), slice(part.shape[3]))
         terms(out[at][shape], part[:, :c], part[:, c:], const[at][shape], a, b, b_g)
+        del part  # one phase's product alive at a time
     return out
 
 
