@@ -449,8 +449,8 @@ def _grad_weight_taps(
     o, _, kh, kw = w_shape
     pads = _pads(ops)
     hp, wp = hh + pads[2] + pads[3], ww + pads[0] + pads[1]
-    (dh, dw), (sh, sw) = ops.dilation, ops.stride
-    ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    sh, sw = ops.stride
+    ho, wo = _out_size((hh, ww), pads, (kh, kw), ops)
     hq, wq = -(-hp // sh), -(-wp // sw)
     taps = _weight_taps(ops, (kh, kw), (hq, wq))
     plane, tail = hq * wq, max(off for *_, off in taps)
@@ -702,17 +702,17 @@ def _weight_by_taps(ops: ConvOps, channels: int) -> bool:
     return all(s == 1 for s in ops.stride) or phases_pay(channels)
 
 
-def _announce(name: str, strided: bool, channels: int) -> None:
+def _announce(name: str, ops: ConvOps, channels: int) -> None:
     """Say which kernels the layer runs on, once per process per distinct line
     (:func:`~fqtorch.backends.notes.say_once`). The line is keyed by what it says (the layer's
     name and path), not by the layer object: a second model whose same-named layer takes the
     same path is not announced again, since the line would say nothing new."""
-    if not strided:
-        weight = "torch._int_mm per tap"
-    elif phases_pay(channels):
+    if not _weight_by_taps(ops, channels):
+        weight = "im2col + torch._int_mm (strided, under 64 input channels)"
+    elif any(s > 1 for s in ops.stride):
         weight = "torch._int_mm per tap on the stride's phases"
     else:
-        weight = "im2col + torch._int_mm (strided, under 64 input channels)"
+        weight = "torch._int_mm per tap"
     say_once(
         f"FQT layer {name!r}: Conv2d output and grad_input on oneDNN int8 convolutions, "
         f"grad_weight on {weight}"
@@ -727,5 +727,5 @@ def conv(input: Tensor, x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | N
     if verdict is not None:
         warn_once(f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm")
         return None
-    _announce(name, any(s > 1 for s in ops.stride), weight.shape[1])
+    _announce(name, ops, weight.shape[1])
     return _QConv2d.apply(input, x, w, bias, ops, weight, source, name)
