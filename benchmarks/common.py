@@ -339,6 +339,55 @@ def integer_breakdown(step, steps: int = 2, top: int = 0) -> dict[str, Any]:
     return out
 
 
+# The float step's products on the CPU: convolutions (forward and backward) and matrix products,
+# each with everything it calls (an op nested in another of these counts once, in the outer).
+FLOAT_PRODUCTS = (
+    "aten::convolution",
+    "aten::convolution_backward",
+    "aten::mm",
+    "aten::addmm",
+    "aten::bmm",
+    "aten::baddbmm",
+)
+
+
+def float_breakdown(step: Callable[[], Any], steps: int = 2) -> dict[str, float]:
+    """Seconds per step in the float step's products (:data:`FLOAT_PRODUCTS`, with the ops they
+    call) and in every other op (own CPU time, ``torch.profiler``), as :func:`integer_breakdown`
+    counts the integer step's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = prof.events()
+    total = sum(e.self_cpu_time_total for e in events)
+
+    def outermost(e: Any) -> bool:
+        parent = e.cpu_parent
+        while parent is not None:
+            if parent.name in FLOAT_PRODUCTS:
+                return False
+            parent = parent.cpu_parent
+        return True
+
+    products = sum(e.cpu_time_total for e in events if e.name in FLOAT_PRODUCTS and outermost(e))
+    return {
+        "float_products": products / steps / 1e6,
+        "outside_float_products": (total - products) / steps / 1e6,
+    }
+
+
+def integer_ceiling(fp32: dict[str, Any], int8: dict[str, Any]) -> float:
+    """The most an integer step could gain over fp32 with its integer kernels as they are: the
+    fp32 step's op time over (the integer kernels + the fp32 step's op time outside its
+    products). The integer step keeps that float work (normalization, activations, the loss,
+    the optimizer) and adds its quantizers and epilogues to it, so its ratio to fp32 can only
+    be lower (one CPU, ops run one after another; all from the profiler)."""
+    floor = int8["integer_kernels"] + fp32["outside_float_products"]
+    return (fp32["float_products"] + fp32["outside_float_products"]) / floor
+
+
 def print_top_ops(t: dict[str, Any]) -> None:
     """The ``top_ops`` (own time) and ``fqtorch_kernels`` (with their compiled graphs) of an
     :func:`integer_breakdown`."""

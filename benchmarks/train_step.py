@@ -13,11 +13,15 @@ QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused``; 
 this process; on CUDA, the step's peak memory; for integer steps, the overhead measure: op time
 outside the integer kernels (``_int_mm``, and on the CPU oneDNN's integer convolution with its
 weight packing, which is reported apart too; ``torch.profiler``, this process) over the fp32
-step's median (JSON: ``integer_kernels``, ``outside_integer_kernels``). The int8 backend
-runs every Linear layer on ``torch._int_mm`` and every Conv2d on the integer convolution or
-``_int_mm``; a layer that cannot (on CUDA, the image models' stems: 3 input channels make
-too short a reduction for ``_int_mm``) falls back to simulate, and the row says how many did
-(JSON: ``fell_back_to_simulate``, their messages).
+step's median (JSON: ``integer_kernels``, ``outside_integer_kernels``); and the integer step's
+ceiling: the fp32 step's op time over the integer kernels plus the fp32 step's op time outside
+its convolutions and matrix products (normalization, activations, the loss, SGD), which the
+integer step keeps: the most it could gain over fp32 with these integer kernels (JSON:
+``ceiling_over_fp32``; the fp32 row's ``float_products``, ``outside_float_products``). The
+int8 backend runs every Linear layer on ``torch._int_mm`` and every Conv2d on the integer
+convolution or ``_int_mm``; a layer that cannot (on CUDA, the image models' stems: 3 input
+channels make too short a reduction for ``_int_mm``) falls back to simulate, and the row says
+how many did (JSON: ``fell_back_to_simulate``, their messages).
 """
 
 from __future__ import annotations
@@ -34,7 +38,9 @@ from common import (
     environment,
     fallback_note,
     fallbacks,
+    float_breakdown,
     integer_breakdown,
+    integer_ceiling,
     median_seconds,
     outside_int_mm,
     peak_memory,
@@ -129,6 +135,8 @@ def main() -> None:
             reset_peak_memory(args.device)
             step()
             results[variant]["peak_bytes"] = peak_memory(args.device)
+            if variant == "fp32" and args.device == "cpu":  # for the integer steps' ceiling
+                results[variant].update(float_breakdown(step))
             if variant.startswith(("fqt_int8", "fqt_auto")):
                 if args.device == "cpu":  # _int_mm and oneDNN's integer convolutions
                     results[variant].update(integer_breakdown(step, top=args.top_ops))
@@ -155,6 +163,16 @@ def main() -> None:
                     f"{packing * 1e3:.1f} ms; profiler); outside / fp32 step = "
                     f"{t['outside_integer_kernels'] / fp32:.3f}"
                 )
+                if "float_products" in results["fp32"]:
+                    ceiling = integer_ceiling(results["fp32"], t)
+                    t["ceiling_over_fp32"] = ceiling
+                    print(
+                        f"{variant}: at most {ceiling:.2f}x fp32 with these integer kernels: "
+                        f"the fp32 step spends {results['fp32']['float_products'] * 1e3:.1f} ms "
+                        "in its products and "
+                        f"{results['fp32']['outside_float_products'] * 1e3:.1f} ms outside "
+                        "them, which the integer step keeps (profiler)"
+                    )
                 print_top_ops(t)
         report["models"][name] = results
         write_json(args.json, report)
