@@ -351,17 +351,22 @@ FLOAT_PRODUCTS = (
 )
 
 
-def float_breakdown(step: Callable[[], Any], steps: int = 2) -> dict[str, float]:
-    """Seconds per step in the float step's products (:data:`FLOAT_PRODUCTS`, with the ops they
-    call) and in every other op (own CPU time, ``torch.profiler``), as :func:`integer_breakdown`
-    counts the integer step's."""
+def _profiled_steps(step: Callable[[], Any], steps: int) -> list[Any]:
+    """Each step's profiler events (``torch.profiler``, CPU), one profile per step: a median
+    over them leaves out a step that fell in one of a VM's slow spells."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
+    profiled = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
             step()
-    events = prof.events()
-    total = sum(e.self_cpu_time_total for e in events)
+        profiled.append(prof.events())
+    return profiled
+
+
+def float_breakdown(step: Callable[[], Any], steps: int = 5) -> dict[str, float]:
+    """Seconds per step in the float step's products (:data:`FLOAT_PRODUCTS`, with the ops they
+    call) and in every other op (own CPU time), medians over ``steps`` profiled steps."""
 
     def outermost(e: Any) -> bool:
         parent = e.cpu_parent
@@ -371,11 +376,25 @@ def float_breakdown(step: Callable[[], Any], steps: int = 2) -> dict[str, float]
             parent = parent.cpu_parent
         return True
 
-    products = sum(e.cpu_time_total for e in events if e.name in FLOAT_PRODUCTS and outermost(e))
+    products, outside = [], []
+    for events in _profiled_steps(step, steps):
+        total = sum(e.self_cpu_time_total for e in events)
+        inside = sum(e.cpu_time_total for e in events if e.name in FLOAT_PRODUCTS and outermost(e))
+        products.append(inside / 1e6)
+        outside.append((total - inside) / 1e6)
     return {
-        "float_products": products / steps / 1e6,
-        "outside_float_products": (total - products) / steps / 1e6,
+        "float_products": statistics.median(products),
+        "outside_float_products": statistics.median(outside),
     }
+
+
+def integer_kernels_median(step: Callable[[], Any], steps: int = 5) -> float:
+    """Seconds per step in the integer kernels (:data:`INTEGER_KERNELS`, own CPU time), the
+    median over ``steps`` profiled steps."""
+    return statistics.median(
+        sum(e.self_cpu_time_total for e in events if e.name in INTEGER_KERNELS) / 1e6
+        for events in _profiled_steps(step, steps)
+    )
 
 
 def integer_ceiling(fp32: dict[str, Any], int8: dict[str, Any]) -> float:
@@ -383,8 +402,9 @@ def integer_ceiling(fp32: dict[str, Any], int8: dict[str, Any]) -> float:
     fp32 step's op time over (the integer kernels + the fp32 step's op time outside its
     products). The integer step keeps that float work (normalization, activations, the loss,
     the optimizer) and adds its quantizers and epilogues to it, so its ratio to fp32 can only
-    be lower (one CPU, ops run one after another; all from the profiler)."""
-    floor = int8["integer_kernels"] + fp32["outside_float_products"]
+    be lower (one CPU, ops run one after another). ``fp32``: :func:`float_breakdown`; ``int8``
+    with ``integer_kernels_median`` (:func:`integer_kernels_median`)."""
+    floor = int8["integer_kernels_median"] + fp32["outside_float_products"]
     return (fp32["float_products"] + fp32["outside_float_products"]) / floor
 
 

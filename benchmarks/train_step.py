@@ -16,12 +16,13 @@ weight packing, which is reported apart too; ``torch.profiler``, this process) o
 step's median (JSON: ``integer_kernels``, ``outside_integer_kernels``); and the integer step's
 ceiling: the fp32 step's op time over the integer kernels plus the fp32 step's op time outside
 its convolutions and matrix products (normalization, activations, the loss, SGD), which the
-integer step keeps: the most it could gain over fp32 with these integer kernels (JSON:
-``ceiling_over_fp32``; the fp32 row's ``float_products``, ``outside_float_products``). The
-int8 backend runs every Linear layer on ``torch._int_mm`` and every Conv2d on the integer
-convolution or ``_int_mm``; a layer that cannot (on CUDA, the image models' stems: 3 input
-channels make too short a reduction for ``_int_mm``) falls back to simulate, and the row says
-how many did (JSON: ``fell_back_to_simulate``, their messages).
+integer step keeps (medians of five steps profiled one by one): the most it could gain over
+fp32 with these integer kernels (JSON: ``ceiling_over_fp32``, ``integer_kernels_median``; the
+fp32 row's ``float_products``, ``outside_float_products``). The int8 backend runs every Linear
+layer on ``torch._int_mm`` and every Conv2d on the integer convolution or ``_int_mm``; a layer
+that cannot (on CUDA, the image models' stems: 3 input channels make too short a reduction for
+``_int_mm``) falls back to simulate, and the row says how many did (JSON:
+``fell_back_to_simulate``, their messages).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from common import (
     float_breakdown,
     integer_breakdown,
     integer_ceiling,
+    integer_kernels_median,
     median_seconds,
     outside_int_mm,
     peak_memory,
@@ -140,6 +142,7 @@ def main() -> None:
             if variant.startswith(("fqt_int8", "fqt_auto")):
                 if args.device == "cpu":  # _int_mm and oneDNN's integer convolutions
                     results[variant].update(integer_breakdown(step, top=args.top_ops))
+                    results[variant]["integer_kernels_median"] = integer_kernels_median(step)
                 else:
                     parts = outside_int_mm(step, args.device)
                     results[variant].update(
@@ -166,12 +169,13 @@ def main() -> None:
                 if "float_products" in results["fp32"]:
                     ceiling = integer_ceiling(results["fp32"], t)
                     t["ceiling_over_fp32"] = ceiling
+                    f32 = results["fp32"]
                     print(
-                        f"{variant}: at most {ceiling:.2f}x fp32 with these integer kernels: "
-                        f"the fp32 step spends {results['fp32']['float_products'] * 1e3:.1f} ms "
-                        "in its products and "
-                        f"{results['fp32']['outside_float_products'] * 1e3:.1f} ms outside "
-                        "them, which the integer step keeps (profiler)"
+                        f"{variant}: at most {ceiling:.2f}x fp32 with these integer kernels "
+                        f"({t['integer_kernels_median'] * 1e3:.1f} ms): the fp32 step spends "
+                        f"{f32['float_products'] * 1e3:.1f} ms in its products and "
+                        f"{f32['outside_float_products'] * 1e3:.1f} ms outside them, which the "
+                        "integer step keeps (profiler, medians of 5 steps)"
                     )
                 print_top_ops(t)
         report["models"][name] = results

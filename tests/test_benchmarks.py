@@ -130,7 +130,7 @@ def test_train_step_counts_integer_convolutions_as_integer_kernels(tmp_path):
     assert int8["integer_kernels"] == pytest.approx(inside, rel=1e-9)  # every one counted
     fp32 = json.loads(out.read_text())["models"]["resnet18"]["fp32"]
     assert fp32["float_products"] > 0 and fp32["outside_float_products"] >= 0, fp32
-    assert int8["ceiling_over_fp32"] > 0
+    assert int8["ceiling_over_fp32"] > 0 and int8["integer_kernels_median"] > 0
     assert any(x.startswith("fqt_int8_psq5: at most ") for x in done.stdout.splitlines())
 
 
@@ -167,7 +167,7 @@ def test_float_breakdown_counts_a_product_once(monkeypatch):
     alone = common.float_breakdown(lambda: conv(x))
     assert 0 <= alone["outside_float_products"] < alone["float_products"], alone
     fp32 = {"float_products": 3.0, "outside_float_products": 1.0}
-    assert common.integer_ceiling(fp32, {"integer_kernels": 1.0}) == pytest.approx(2.0)
+    assert common.integer_ceiling(fp32, {"integer_kernels_median": 1.0}) == pytest.approx(2.0)
 
 
 def test_train_step_unknown_model_is_one_line():
