@@ -256,6 +256,36 @@ class TestLazyCompiled:
         assert not kernel._broken
 
 
+@pytest.mark.parametrize("per_function", [True, False], ids=["torch.compile", "per-call"])
+def test_a_kernel_keeps_more_graphs_than_dynamos_default(monkeypatch, per_function):
+    """One kernel serves every layer and role of a model, so it may hold GRAPHS_PER_KERNEL
+    graphs, past dynamo's default limit of 8, whether torch.compile takes the limit
+    (``recompile_limit=``) or it is set around each call (older torch). Dynamo's eager backend
+    stands in for Inductor; a string argument makes a graph per value. The control, a plain
+    torch.compile, stops at dynamo's default (so the count can fail)."""
+    from torch._dynamo.utils import counters
+
+    if per_function and not fused_module._LIMIT_PER_FUNCTION:
+        pytest.skip("this torch.compile takes no recompile_limit")
+    compile_ = torch.compile
+    monkeypatch.setattr(fused_module, "_LIMIT_PER_FUNCTION", per_function)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="eager", **kw))
+    default = torch._dynamo.config.recompile_limit
+    tags = [chr(ord("a") + i) * (i + 1) for i in range(default + 4)]
+
+    def graphs(kernel) -> int:
+        before = counters["stats"]["unique_graphs"]
+        for tag in tags:
+            kernel(torch.ones(3), tag)
+        return counters["stats"]["unique_graphs"] - before
+
+    def fresh():  # a new code object (dynamo keeps its graphs by code object)
+        return eval(compile("lambda x, tag: x * len(tag)", "<fresh>", "eval"))
+
+    assert graphs(fused_module.LazyCompiled(fresh())) == len(tags)
+    assert graphs(torch.compile(fresh(), dynamic=True)) == default
+
+
 def test_compiled_kernels_are_named_in_a_profiler_trace() -> None:
     """A compiled quantizer shows in ``torch.profiler`` under its function's name, not only as an
     anonymous compiled graph (so a profile says which kernel took the time)."""

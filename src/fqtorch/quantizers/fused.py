@@ -18,6 +18,7 @@ stays eager (see their modules). Eager and compiled runs of the same kernel give
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -31,6 +32,26 @@ __all__ = ["GRAPHS_PER_KERNEL", "Kernel", "LazyCompiled"]
 # Graphs one kernel may hold (dynamo's default limit, 8, is meant for one call site; a quantizer
 # kernel serves every layer and tensor role of a model).
 GRAPHS_PER_KERNEL = 64
+
+
+# Recent torch.compile takes the recompile limit per function; on older ones it is set around
+# each call (torch._dynamo.config.patch: ~30 us a call, and a ResNet step makes ~200 of them).
+_LIMIT_PER_FUNCTION = "recompile_limit" in inspect.signature(torch.compile).parameters
+
+
+def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` compiled with dynamic shapes, allowed :data:`GRAPHS_PER_KERNEL` graphs."""
+    if _LIMIT_PER_FUNCTION:
+        return torch.compile(fn, dynamic=True, recompile_limit=GRAPHS_PER_KERNEL)
+    return torch.compile(fn, dynamic=True)
+
+
+def _limit_per_call() -> contextlib.AbstractContextManager[Any]:
+    """What a compiled call runs in: the recompile limit, where torch cannot take it per
+    function."""
+    if _LIMIT_PER_FUNCTION:
+        return contextlib.nullcontext()
+    return torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_KERNEL)
 
 
 class Kernel(Protocol):
@@ -74,7 +95,7 @@ class LazyCompiled:
         if key in self._broken:
             return self.fn(*args)
         if self._compiled is None:
-            self._compiled = torch.compile(self.fn, dynamic=True)
+            self._compiled = _compile(self.fn)
         # Quantization is not differentiated through: detached arguments keep requires_grad out
         # of the graph guards (one graph serves a layer's input and its weight alike).
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
@@ -86,7 +107,7 @@ class LazyCompiled:
                 if torch.autograd.profiler._is_profiler_enabled
                 else contextlib.nullcontext()
             )
-            with named, torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_KERNEL):
+            with named, _limit_per_call():
                 return self._compiled(*args)
         except Exception as error:  # any compiler failure: fall back below
             result = self.fn(*args)  # a genuine error in fn raises here, unchanged
