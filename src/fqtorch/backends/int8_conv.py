@@ -75,12 +75,18 @@ def _pads(ops: ConvOps) -> list[int]:
     return [pw + extra[0], pw + extra[1], ph + extra[2], ph + extra[3]]
 
 
+def _out_length(padded: int, k: int, s: int, d: int) -> int:
+    """Outputs along one axis of ``padded`` positions (padding included), kernel ``k``, stride
+    ``s``, dilation ``d``."""
+    return (padded - d * (k - 1) - 1) // s + 1
+
+
 def _out_size(shape: tuple, pads: list[int], kernel: tuple, ops: ConvOps) -> tuple[int, int]:
     """(Ho, Wo) of a convolution over an (H, W) plane ``shape`` with the F.pad amounts ``pads``
     (:func:`_pads`), ``kernel`` (kh, kw), stride and dilation."""
     (h, w), (kh, kw), (sh, sw), (dh, dw) = shape, kernel, ops.stride, ops.dilation
     hp, wp = h + pads[2] + pads[3], w + pads[0] + pads[1]
-    return (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+    return _out_length(hp, kh, sh, dh), _out_length(wp, kw, sw, dw)
 
 
 def _unfold(x: Tensor, pads: list[int], kernel: tuple, ops: ConvOps) -> Tensor:

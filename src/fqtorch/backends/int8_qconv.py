@@ -64,6 +64,7 @@ from .int8_conv import (
     _cols,
     _cols_taps_first,
     _conv_grad_weight,
+    _out_length,
     _out_size,
     _pads,
     _tap_mask,
@@ -151,7 +152,7 @@ def window_in_padding(size: int, k: int, s: int, d: int, pad: int) -> bool:
     padding. oneDNN's int8 convolution can return garbage for such outputs (torch 2.13, AVX-512
     VNNI: found along the width, wrong by up to 4·10⁶ and not the same from call to call), so
     :func:`_qconv` pads those inputs itself."""
-    outs = (size + 2 * pad - d * (k - 1) - 1) // s + 1
+    outs = _out_length(size + 2 * pad, k, s, d)
     return any(all(not pad <= o * s + i * d < pad + size for i in range(k)) for o in range(outs))
 
 
