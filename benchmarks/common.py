@@ -351,22 +351,18 @@ FLOAT_PRODUCTS = (
 )
 
 
-def _profiled_steps(step: Callable[[], Any], steps: int) -> list[Any]:
-    """Each step's profiler events (``torch.profiler``, CPU), one profile per step: a median
-    over them leaves out a step that fell in one of a VM's slow spells."""
+def _profiled(step: Callable[[], Any]) -> Any:
+    """One step's profiler events (``torch.profiler``, CPU)."""
     from torch.profiler import ProfilerActivity, profile
 
-    profiled = []
-    for _ in range(steps):
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        profiled.append(prof.events())
-    return profiled
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    return prof.events()
 
 
-def float_breakdown(step: Callable[[], Any], steps: int = 5) -> dict[str, float]:
-    """Seconds per step in the float step's products (:data:`FLOAT_PRODUCTS`, with the ops they
-    call) and in every other op (own CPU time), medians over ``steps`` profiled steps."""
+def _float_parts(events: Any) -> tuple[float, float]:
+    """Seconds in the products (:data:`FLOAT_PRODUCTS`, each with the ops it calls, counted
+    once where they nest) and in every other op (own CPU time) of one profiled step."""
 
     def outermost(e: Any) -> bool:
         parent = e.cpu_parent
@@ -376,36 +372,46 @@ def float_breakdown(step: Callable[[], Any], steps: int = 5) -> dict[str, float]
             parent = parent.cpu_parent
         return True
 
-    products, outside = [], []
-    for events in _profiled_steps(step, steps):
-        total = sum(e.self_cpu_time_total for e in events)
-        inside = sum(e.cpu_time_total for e in events if e.name in FLOAT_PRODUCTS and outermost(e))
-        products.append(inside / 1e6)
-        outside.append((total - inside) / 1e6)
+    total = sum(e.self_cpu_time_total for e in events)
+    inside = sum(e.cpu_time_total for e in events if e.name in FLOAT_PRODUCTS and outermost(e))
+    return inside / 1e6, (total - inside) / 1e6
+
+
+def float_breakdown(step: Callable[[], Any], steps: int = 5) -> dict[str, float]:
+    """Seconds per step in the float step's products and outside them (:func:`_float_parts`),
+    medians over ``steps`` steps, each profiled on its own."""
+    parts = [_float_parts(_profiled(step)) for _ in range(steps)]
     return {
-        "float_products": statistics.median(products),
-        "outside_float_products": statistics.median(outside),
+        "float_products": statistics.median(p for p, _ in parts),
+        "outside_float_products": statistics.median(o for _, o in parts),
     }
 
 
-def integer_kernels_median(step: Callable[[], Any], steps: int = 5) -> float:
-    """Seconds per step in the integer kernels (:data:`INTEGER_KERNELS`, own CPU time), the
-    median over ``steps`` profiled steps."""
-    return statistics.median(
-        sum(e.self_cpu_time_total for e in events if e.name in INTEGER_KERNELS) / 1e6
-        for events in _profiled_steps(step, steps)
-    )
+def ceiling(products: float, outside: float, kernels: float) -> float:
+    """The fp32 step's op time (``products`` + ``outside``) over ``kernels`` + ``outside``."""
+    return (products + outside) / (kernels + outside)
 
 
-def integer_ceiling(fp32: dict[str, Any], int8: dict[str, Any]) -> float:
-    """The most an integer step could gain over fp32 with its integer kernels as they are: the
-    fp32 step's op time over (the integer kernels + the fp32 step's op time outside its
-    products). The integer step keeps that float work (normalization, activations, the loss,
-    the optimizer) and adds its quantizers and epilogues to it, so its ratio to fp32 can only
-    be lower (one CPU, ops run one after another). ``fp32``: :func:`float_breakdown`; ``int8``
-    with ``integer_kernels_median`` (:func:`integer_kernels_median`)."""
-    floor = int8["integer_kernels_median"] + fp32["outside_float_products"]
-    return (fp32["float_products"] + fp32["outside_float_products"]) / floor
+def integer_ceiling(
+    fp32_step: Callable[[], Any], int_step: Callable[[], Any], pairs: int = 5
+) -> dict[str, float]:
+    """An estimate of the most an integer step could gain over fp32 with its integer kernels as
+    they are: the fp32 step's op time over (the integer kernels + the fp32 step's op time
+    outside its products, :func:`ceiling`). The integer step keeps that float work
+    (normalization, activations, the loss, the optimizer) and adds its quantizers and epilogues
+    to it; not a strict bound, since the kept ops need not cost it what they cost fp32 (its
+    activations are channels-last: BatchNorm's forward is faster there, its backward slower).
+    The two steps are profiled in turn, ``pairs`` times, and the median of the pairs' ceilings
+    taken, so that a slow spell of the machine meets both steps of a pair rather than one side
+    of every ratio. Also the medians of the three parts (JSON keys as named)."""
+    rows = []
+    for _ in range(pairs):
+        products, outside = _float_parts(_profiled(fp32_step))
+        events = _profiled(int_step)
+        kernels = sum(e.self_cpu_time_total for e in events if e.name in INTEGER_KERNELS) / 1e6
+        rows.append((products, outside, kernels, ceiling(products, outside, kernels)))
+    keys = ("float_products", "outside_float_products", "integer_kernels_median", "ceiling")
+    return {k: statistics.median(r[i] for r in rows) for i, k in enumerate(keys)}
 
 
 def print_top_ops(t: dict[str, Any]) -> None:

@@ -13,12 +13,13 @@ QAT, FQT-simulate and FQT-int8 with PTQ/PSQ/BHQ at 5 bits, eager or ``_fused``; 
 this process; on CUDA, the step's peak memory; for integer steps, the overhead measure: op time
 outside the integer kernels (``_int_mm``, and on the CPU oneDNN's integer convolution with its
 weight packing, which is reported apart too; ``torch.profiler``, this process) over the fp32
-step's median (JSON: ``integer_kernels``, ``outside_integer_kernels``); and the integer step's
-ceiling: the fp32 step's op time over the integer kernels plus the fp32 step's op time outside
-its convolutions and matrix products (normalization, activations, the loss, SGD), which the
-integer step keeps (medians of five steps profiled one by one): the most it could gain over
-fp32 with these integer kernels (JSON: ``ceiling_over_fp32``, ``integer_kernels_median``; the
-fp32 row's ``float_products``, ``outside_float_products``). The int8 backend runs every Linear
+step's median (JSON: ``integer_kernels``, ``outside_integer_kernels``); and, on the CPU, an
+estimate of the integer step's ceiling: the fp32 step's op time over the integer kernels plus
+the fp32 step's op time outside its convolutions and matrix products (normalization,
+activations, the loss, SGD), which the integer step keeps: about the most it could gain over
+fp32 with these integer kernels (``common.integer_ceiling``: five pairs of steps, each profiled
+on its own, fp32 and integer in turn; JSON: ``ceiling``, ``integer_kernels_median``,
+``float_products``, ``outside_float_products``). The int8 backend runs every Linear
 layer on ``torch._int_mm`` and every Conv2d on the integer convolution or ``_int_mm``; a layer
 that cannot (on CUDA, the image models' stems: 3 input channels make too short a reduction for
 ``_int_mm``) falls back to simulate, and the row says how many did (JSON:
@@ -39,10 +40,8 @@ from common import (
     environment,
     fallback_note,
     fallbacks,
-    float_breakdown,
     integer_breakdown,
     integer_ceiling,
-    integer_kernels_median,
     median_seconds,
     outside_int_mm,
     peak_memory,
@@ -111,6 +110,7 @@ def main() -> None:
         model, x, y = make(name, args.batch, args.device, args.image_size)
         results = {}
         print(f"\n{name}, batch {args.batch}, median of {args.repeats}", flush=True)
+        steps = {}  # each variant's step, for the integer steps' ceiling against fp32
         for variant, (m, autocast) in step_variants(model, names).items():
             opt = torch.optim.SGD(m.parameters(), lr=1e-3)
 
@@ -137,12 +137,11 @@ def main() -> None:
             reset_peak_memory(args.device)
             step()
             results[variant]["peak_bytes"] = peak_memory(args.device)
-            if variant == "fp32" and args.device == "cpu":  # for the integer steps' ceiling
-                results[variant].update(float_breakdown(step))
+            steps[variant] = step
             if variant.startswith(("fqt_int8", "fqt_auto")):
                 if args.device == "cpu":  # _int_mm and oneDNN's integer convolutions
                     results[variant].update(integer_breakdown(step, top=args.top_ops))
-                    results[variant]["integer_kernels_median"] = integer_kernels_median(step)
+                    results[variant].update(integer_ceiling(steps["fp32"], step))
                 else:
                     parts = outside_int_mm(step, args.device)
                     results[variant].update(
@@ -166,16 +165,13 @@ def main() -> None:
                     f"{packing * 1e3:.1f} ms; profiler); outside / fp32 step = "
                     f"{t['outside_integer_kernels'] / fp32:.3f}"
                 )
-                if "float_products" in results["fp32"]:
-                    ceiling = integer_ceiling(results["fp32"], t)
-                    t["ceiling_over_fp32"] = ceiling
-                    f32 = results["fp32"]
+                if "ceiling" in t:
                     print(
-                        f"{variant}: at most {ceiling:.2f}x fp32 with these integer kernels "
+                        f"{variant}: ceiling {t['ceiling']:.2f}x fp32 with these integer kernels "
                         f"({t['integer_kernels_median'] * 1e3:.1f} ms): the fp32 step spends "
-                        f"{f32['float_products'] * 1e3:.1f} ms in its products and "
-                        f"{f32['outside_float_products'] * 1e3:.1f} ms outside them, which the "
-                        "integer step keeps (profiler, medians of 5 steps)"
+                        f"{t['float_products'] * 1e3:.1f} ms in its products and "
+                        f"{t['outside_float_products'] * 1e3:.1f} ms outside them, which the "
+                        "integer step keeps (profiler; medians of 5 pairs of steps)"
                     )
                 print_top_ops(t)
         report["models"][name] = results

@@ -46,12 +46,18 @@ def _compile(fn: Callable[..., Any]) -> Callable[..., Any]:
     return torch.compile(fn, dynamic=True)
 
 
+# The limit's name in dynamo's config: recompile_limit, cache_size_limit before it was renamed.
+_LIMIT_KEY = (
+    "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+)
+
+
 def _limit_per_call() -> contextlib.AbstractContextManager[Any]:
     """What a compiled call runs in: the recompile limit, where torch cannot take it per
     function."""
     if _LIMIT_PER_FUNCTION:
         return contextlib.nullcontext()
-    return torch._dynamo.config.patch(recompile_limit=GRAPHS_PER_KERNEL)
+    return torch._dynamo.config.patch(**{_LIMIT_KEY: GRAPHS_PER_KERNEL})
 
 
 class Kernel(Protocol):
