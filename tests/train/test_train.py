@@ -675,6 +675,21 @@ class TestCheckpoint:
         save_checkpoint(empty_state(), path)
         assert sorted(p.name for p in tmp_path.iterdir()) == [other.name, path.name]
 
+    @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+    def test_a_checkpoint_has_the_mode_of_the_run_s_other_files(self, tmp_path):
+        """A checkpoint is created as open() creates a file (0666 less the umask), as the
+        run's metrics are: it was 0600 (tempfile.mkstemp), unreadable to the group whatever the
+        umask said."""
+        for umask in (0o022, 0o002, 0o077):
+            old = os.umask(umask)
+            try:
+                save_checkpoint(empty_state(), tmp_path / f"{umask:o}.pt")
+                (tmp_path / f"{umask:o}.jsonl").write_text("")
+            finally:
+                os.umask(old)
+            mode = (tmp_path / f"{umask:o}.pt").stat().st_mode & 0o777
+            assert mode == 0o666 & ~umask == (tmp_path / f"{umask:o}.jsonl").stat().st_mode & 0o777
+
     def test_roundtrip_and_failed_write(self, tmp_path, monkeypatch):
         path = tmp_path / "ck.pt"
         state = {**empty_state(), "model": {"w": torch.ones(2)}, "step": 3}

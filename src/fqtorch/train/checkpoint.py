@@ -11,7 +11,7 @@ import glob
 import os
 import pickle
 import re
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,10 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         stale.unlink(missing_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    # Created as open() would create the file (0666 less the umask, like the run's other
+    # records), not private as tempfile.mkstemp makes it (0600).
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)
