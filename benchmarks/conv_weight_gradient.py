@@ -1,17 +1,18 @@
 """The int8 Conv2d weight gradient alone on the CPU: by kernel tap (strided layers by phase of
 the stride, ``int8_qconv._grad_weight_taps``) against im2col (``int8_qconv._im2col_grad_weight``,
-the strided path under 64 input channels), from NCHW and channels-last input codes, beside the
+the path of layers with few input channels), from NCHW and channels-last input codes, beside the
 fp32 and bf16 weight gradients (``aten.convolution_backward``) of the same layer, interleaved in
 one process.
 
     python benchmarks/conv_weight_gradient.py [--layers NxCxOxSxKxSTRIDE,...] [--repeats 9]
 
-A layer ``NxCxOxSxKxSTRIDE`` is a batch of N inputs of C channels, S × S, into O channels with a
-K × K kernel at that stride, padding K // 2. The defaults are ResNet-50's r50_down (128 → 128,
-stride 2, 56²), ResNet-18's stem (3 → 64, 7 × 7, stride 2, 224²) and a CIFAR ResNet's strided
-layer (16 → 32, stride 2, 32², batch 128): what :func:`~fqtorch.backends.int8_qconv.phases_pay`
-decides between. Both integer paths give the same values (checked here). Median [min–max] ms,
-and the ratios fp32 / path and bf16 / path.
+A layer ``NxCxOxSxKxSTRIDE`` is a batch of N inputs of C channels, S × S, into O channels with a K ×
+K kernel at that stride, padding K // 2. The defaults are ResNet-50's r50_down (128 → 128, stride 2,
+56²), ResNet-18's stem (3 → 64, 7 × 7, stride 2, 224²) and a CIFAR ResNet's strided layer (16 → 32,
+stride 2, 32², batch 128); which path the backend takes is
+:func:`~fqtorch.backends.int8_qconv.weight_by_taps`'s choice, named per layer. Both integer paths
+give the same values (checked here). Median [min–max] ms, and the ratios fp32 / path and bf16 /
+path.
 """
 
 from __future__ import annotations
@@ -95,7 +96,7 @@ def main() -> None:
             got = fns[name]().double().reshape(taps.shape)  # im2col's terms come back float64
             torch.testing.assert_close(got, taps, rtol=1e-6, atol=1e-6 * float(taps.abs().max()))
         t = interleaved(fns, args.repeats)
-        chosen = "taps" if stride == 1 or int8_qconv.phases_pay(c) else "im2col"
+        chosen = "taps" if int8_qconv.weight_by_taps((stride, stride), c, k * k) else "im2col"
         print(f"\n{n}x{c}x{o}x{side}x{k}x{stride}: {c} → {o}, {k}×{k}, stride {stride}, "
               f"{side}², batch {n} (the backend takes {chosen})")  # fmt: skip
         print("path | ms | fp32 / path | bf16 / path")

@@ -281,6 +281,48 @@ class TestAgainstSimulate:
             "grad_weight on torch._int_mm per tap on the stride's phases"
         ]
 
+    @pytest.mark.parametrize(
+        "conv", [c for c in CONVS if all(s == 1 for s in CONVS[c][0]().stride)]
+    )
+    def test_stride1_weight_gradient_per_tap(self, conv, monkeypatch):
+        """Every stride-1 configuration's weight gradient per tap (taken unless a layer has
+        under 16 input channels and more than 9 taps; forced here) gives simulate's values: one
+        ``_int_mm`` per kernel tap, no unfold (the 4 × 4 "same" layer, asymmetric padding,
+        would unfold unforced)."""
+        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps: True)
+        int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
+        products, int_mm = [], torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+        make, shape = CONVS[conv]
+        x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(14)) + 0.3
+        assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=True)))
+        assert len(products) == math.prod(make().kernel_size)
+
+    def test_a_narrow_large_kernel_unfolds(self, monkeypatch):
+        """A stride-1 layer under 16 input channels with more than 9 taps (a 5 × 5 kernel on 3
+        channels) unfolds its weight gradient unforced (a few products, not one per tap), gives
+        simulate's values, and the layer says so once."""
+        int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
+        products, int_mm = [], torch._int_mm
+        monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+        said = []
+        monkeypatch.setattr(int8_qconv, "say_once", said.append)
+        make = lambda: nn.Conv2d(3, 5, 5, padding=2)  # noqa: E731
+        x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(15)) + 0.3
+        assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
+        assert len(products) < 25
+        assert said == [
+            "FQT layer '': Conv2d output and grad_input on oneDNN int8 convolutions, "
+            "grad_weight on im2col + torch._int_mm (more than 9 taps, under 16 input channels)"
+        ]
+
+    def test_stride1_taps_rule(self):
+        """3 × 3 layers and every layer from 16 input channels take the taps; 5 × 5 and 7 × 7
+        kernels on 3 to 8 channels unfold."""
+        pays = int8_qconv.stride1_taps_pay
+        assert pays(3, 9) and pays(3, 1) and pays(16, 49) and pays(64, 49) and pays(16, 25)
+        assert not pays(3, 25) and not pays(3, 49) and not pays(8, 25) and not pays(15, 10)
+
     def test_phases_rule(self):
         """ResNet-50's and ResNet-18's strided layers (64 channels and more) take the phases;
         stems and CIFAR ResNets' strided layers (3 to 32 channels) unfold."""

@@ -33,7 +33,9 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
   :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries). A strided
   layer's padded input is split by phase (the positions of each residue modulo the stride), on
   which every tap is a stride-1 tap: still no im2col copy. Under 64 input channels a strided
-  layer unfolds instead (:func:`phases_pay`: each tap's product re-reads the gradient).
+  layer unfolds instead (:func:`phases_pay`: each tap's product re-reads the gradient), and so
+  does a stride-1 layer under 16 input channels with more than 9 taps
+  (:func:`stride1_taps_pay`).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
@@ -73,7 +75,15 @@ from .int8_conv import (
 )
 from .notes import say_once, warn_once
 
-__all__ = ["channel_chunk", "conv", "fits_float32", "phases_pay", "qconv_verdict"]
+__all__ = [
+    "channel_chunk",
+    "conv",
+    "fits_float32",
+    "phases_pay",
+    "qconv_verdict",
+    "stride1_taps_pay",
+    "weight_by_taps",
+]
 
 _EXACT_FLOAT32 = 2**24  # every integer up to this is a float32
 
@@ -653,7 +663,7 @@ class _QConv2d(torch.autograd.Function):
                 h_cols = None
                 w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
-                    if _weight_by_taps(ops, w_shape[1]):
+                    if weight_by_taps(ops.stride, w_shape[1], math.prod(w_shape[2:])):
                         grad_weight, h_cols = _grad_weight_taps(
                             hq, codes, xs, xb, x_bits, w_shape, ops, w_dtype,
                             _compiled_path(plan),
@@ -670,7 +680,7 @@ class _QConv2d(torch.autograd.Function):
 
 
 def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
-    """Strided convolutions with few input channels (:func:`phases_pay`): the im2col weight
+    """Layers whose taps do not pay (:func:`weight_by_taps`: few input channels): the im2col weight
     gradient of :mod:`.int8_conv`, its columns in (kh, kw, C) order where that unfolds faster
     (:func:`~.int8_conv.taps_first_pays`; the result is put back in the weight's (C, kh, kw)
     order, a copy of the small gradient)."""
@@ -698,19 +708,35 @@ def phases_pay(channels: int) -> bool:
     return channels >= 64
 
 
-def _weight_by_taps(ops: ConvOps, channels: int) -> bool:
-    """Whether the weight gradient runs per tap (stride 1, or by phase) rather than im2col."""
-    return all(s == 1 for s in ops.stride) or phases_pay(channels)
+def stride1_taps_pay(channels: int, taps: int) -> bool:
+    """Whether a stride-1 layer's weight gradient runs per tap rather than im2col: unless it has
+    under 16 input channels and more than 9 taps, where the re-reads of the gradient grid
+    outweigh the unfolding (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with
+    VNNI, medians, channels-last codes: 3 channels 7 × 7 at 112², 385 ms per tap against 175
+    unfolded; 3 channels 5 × 5, 212 against 177; 8 channels 5 × 5 at 56², 52 against 34; the
+    taps win at 3 × 3 from 3 channels, 8.2 against 9.7 ms at 32² and batch 128, tie at 16
+    channels 7 × 7, 112 against 116, and win from 32, 175 against 226)."""
+    return channels >= 16 or taps <= 9
 
 
-def _announce(name: str, ops: ConvOps, channels: int) -> None:
+def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int) -> bool:
+    """Whether a layer's weight gradient runs per tap (a strided one by phase) rather than
+    im2col: :func:`stride1_taps_pay` at stride 1, :func:`phases_pay` when strided."""
+    if all(s == 1 for s in stride):
+        return stride1_taps_pay(channels, taps)
+    return phases_pay(channels)
+
+
+def _announce(name: str, ops: ConvOps, channels: int, taps: int) -> None:
     """Say which kernels the layer runs on, once per process per distinct line
     (:func:`~fqtorch.backends.notes.say_once`). The line is keyed by what it says (the layer's
     name and path), not by the layer object: a second model whose same-named layer takes the
     same path is not announced again, since the line would say nothing new."""
-    if not _weight_by_taps(ops, channels):
-        weight = "im2col + torch._int_mm (strided, under 64 input channels)"
-    elif any(s > 1 for s in ops.stride):
+    strided = any(s > 1 for s in ops.stride)
+    if not weight_by_taps(ops.stride, channels, taps):
+        why = "strided, under 64" if strided else "more than 9 taps, under 16"
+        weight = f"im2col + torch._int_mm ({why} input channels)"
+    elif strided:
         weight = "torch._int_mm per tap on the stride's phases"
     else:
         weight = "torch._int_mm per tap"
@@ -728,5 +754,5 @@ def conv(input: Tensor, x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | N
     if verdict is not None:
         warn_once(f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm")
         return None
-    _announce(name, ops, weight.shape[1])
+    _announce(name, ops, weight.shape[1], math.prod(weight.shape[2:]))
     return _QConv2d.apply(input, x, w, bias, ops, weight, source, name)
