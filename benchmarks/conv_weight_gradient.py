@@ -96,7 +96,8 @@ def main() -> None:
             got = fns[name]().double().reshape(taps.shape)  # im2col's terms come back float64
             torch.testing.assert_close(got, taps, rtol=1e-6, atol=1e-6 * float(taps.abs().max()))
         t = interleaved(fns, args.repeats)
-        chosen = "taps" if int8_qconv.weight_by_taps((stride, stride), c, k * k) else "im2col"
+        by_taps = int8_qconv.weight_by_taps((stride, stride), c, k * k, n)
+        chosen = "taps" if by_taps else "im2col"
         print(f"\n{n}x{c}x{o}x{side}x{k}x{stride}: {c} → {o}, {k}×{k}, stride {stride}, "
               f"{side}², batch {n} (the backend takes {chosen})")  # fmt: skip
         print("path | ms | fp32 / path | bf16 / path")

@@ -240,13 +240,18 @@ class TestLongReductions:
         assert_exact(grad_weight, values64(hq).T @ values64(xq))
         assert_exact(grad_bias, values64(hq).sum(0))
 
-    def test_conv_weight_gradient_over_2_18_positions(self):
+    @pytest.mark.parametrize(
+        ("shape", "k"),
+        [((4, 2, 256, 256), 3), ((16, 2, 128, 128), 5)],
+        ids=["3x3-per-tap", "5x5-batch16-im2col"],  # int8_qconv.stride1_taps_pay's two paths
+    )
+    def test_conv_weight_gradient_over_2_18_positions(self, shape, k):
         gen = torch.Generator().manual_seed(1)
-        x = torch.randn(4, 2, 256, 256, generator=gen).relu()  # N·H·W = 2^18
-        grad = 0.01 * torch.randn(4, 2, 256, 256, generator=gen)
+        x = torch.randn(*shape, generator=gen).relu()  # N·H·W = 2^18
+        grad = 0.01 * torch.randn(*shape, generator=gen)
         grad.view(-1)[torch.randperm(grad.numel(), generator=gen)[:20]] -= 5
-        conv = nn.Conv2d(2, 2, 3, padding=1)
-        ops = ConvOps(stride=(1, 1), padding=(1, 1), dilation=(1, 1), groups=1)
+        conv = nn.Conv2d(2, 2, k, padding=k // 2)
+        ops = ConvOps(stride=(1, 1), padding=(k // 2, k // 2), dilation=(1, 1), groups=1)
         results = {}
         for backend in ("simulate", "int8"):
             cfg = FQTConfig.preset("bhq5", backend=backend, fused=False)  # the same draws

@@ -289,7 +289,7 @@ class TestAgainstSimulate:
         under 16 input channels and more than 9 taps; forced here) gives simulate's values: one
         ``_int_mm`` per kernel tap, no unfold (the 4 × 4 "same" layer, asymmetric padding,
         would unfold unforced)."""
-        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps: True)
+        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps, batch: True)
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         products, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
@@ -298,30 +298,41 @@ class TestAgainstSimulate:
         assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=True)))
         assert len(products) == math.prod(make().kernel_size)
 
-    def test_a_narrow_large_kernel_unfolds(self, monkeypatch):
-        """A stride-1 layer under 16 input channels with more than 9 taps (a 5 × 5 kernel on 3
-        channels) unfolds its weight gradient unforced (a few products, not one per tap), gives
-        simulate's values, and the layer says so once."""
+    @pytest.mark.parametrize("channels_last", [False, True])
+    def test_a_narrow_large_kernel_unfolds(self, channels_last, monkeypatch):
+        """A stride-1 layer under 16 input channels with more than 9 taps (a 5 × 5 kernel, 3
+        channels into 16) on a batch of 16 unfolds its weight gradient unforced (a few products,
+        not one per tap), gives simulate's values from NCHW and channels-last inputs, and the
+        layer says so once; on a batch of 4 it keeps the taps."""
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         products, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
         said = []
         monkeypatch.setattr(int8_qconv, "say_once", said.append)
-        make = lambda: nn.Conv2d(3, 5, 5, padding=2)  # noqa: E731
-        x = torch.randn(2, 3, 9, 8, generator=torch.Generator().manual_seed(15)) + 0.3
-        assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
+        make = lambda: nn.Conv2d(3, 16, 5, padding=2)  # noqa: E731
+        x = torch.randn(16, 3, 9, 8, generator=torch.Generator().manual_seed(15)) + 0.3
+        memory_format = torch.channels_last if channels_last else None
+        cfg = FQTConfig.preset("psq5", fused=False)
+        assert_same(against_simulate(make, x, cfg, memory_format=memory_format))
         assert len(products) < 25
         assert said == [
             "FQT layer '': Conv2d output and grad_input on oneDNN int8 convolutions, "
-            "grad_weight on im2col + torch._int_mm (more than 9 taps, under 16 input channels)"
+            "grad_weight on im2col + torch._int_mm (more than 9 taps, batch 16 or more, under "
+            "16 input channels)"
         ]
+        products.clear()
+        assert_same(against_simulate(make, x[:4], cfg, memory_format=memory_format))
+        assert len(products) == 25
+        assert said[1].endswith("grad_weight on torch._int_mm per tap")
 
     def test_stride1_taps_rule(self):
-        """3 × 3 layers and every layer from 16 input channels take the taps; 5 × 5 and 7 × 7
-        kernels on 3 to 8 channels unfold."""
+        """3 × 3 layers, every layer from 16 input channels and batches under 16 take the taps;
+        5 × 5 and 7 × 7 kernels on 3 to 15 channels unfold from a batch of 16."""
         pays = int8_qconv.stride1_taps_pay
-        assert pays(3, 9) and pays(3, 1) and pays(16, 49) and pays(64, 49) and pays(16, 25)
-        assert not pays(3, 25) and not pays(3, 49) and not pays(8, 25) and not pays(15, 10)
+        assert pays(3, 9, 128) and pays(3, 1, 128) and pays(16, 49, 128) and pays(64, 49, 32)
+        assert pays(3, 25, 15) and pays(3, 49, 1)
+        assert not pays(3, 25, 16) and not pays(3, 49, 32) and not pays(8, 25, 128)
+        assert not pays(15, 10, 16)
 
     def test_phases_rule(self):
         """ResNet-50's and ResNet-18's strided layers (64 channels and more) take the phases;

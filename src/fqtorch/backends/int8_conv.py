@@ -2,7 +2,7 @@
 im2col views of the int8 codes. :func:`conv` first offers the layer to
 :mod:`fqtorch.backends.int8_qconv` (integer convolution kernels, 7–9× faster here); this path runs
 where those kernels are not exact on the machine (it warns), and for the weight gradient of
-strided layers.
+layers whose taps do not pay (``int8_qconv.weight_by_taps``: few input channels).
 
     output      : cols(C_x) (N·L, C·k·k) × C_wᵀ (C·k·k, O)         L output positions
     grad_input  : rows(C_g) (N·L, O) × C_w (O, C·k·k), then col2im (``F.fold``)

@@ -34,7 +34,7 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
   layer's padded input is split by phase (the positions of each residue modulo the stride), on
   which every tap is a stride-1 tap: still no im2col copy. Under 64 input channels a strided
   layer unfolds instead (:func:`phases_pay`: each tap's product re-reads the gradient), and so
-  does a stride-1 layer under 16 input channels with more than 9 taps
+  does a stride-1 layer under 16 input channels with more than 9 taps on a batch of 16 or more
   (:func:`stride1_taps_pay`).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
@@ -663,7 +663,8 @@ class _QConv2d(torch.autograd.Function):
                 h_cols = None
                 w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
-                    if weight_by_taps(ops.stride, w_shape[1], math.prod(w_shape[2:])):
+                    taps = math.prod(w_shape[2:])
+                    if weight_by_taps(ops.stride, w_shape[1], taps, in_shape[0]):
                         grad_weight, h_cols = _grad_weight_taps(
                             hq, codes, xs, xb, x_bits, w_shape, ops, w_dtype,
                             _compiled_path(plan),
@@ -708,33 +709,37 @@ def phases_pay(channels: int) -> bool:
     return channels >= 64
 
 
-def stride1_taps_pay(channels: int, taps: int) -> bool:
+def stride1_taps_pay(channels: int, taps: int, batch: int) -> bool:
     """Whether a stride-1 layer's weight gradient runs per tap rather than im2col: unless it has
-    under 16 input channels and more than 9 taps, where the re-reads of the gradient grid
-    outweigh the unfolding (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with
-    VNNI, medians, channels-last codes: 3 channels 7 × 7 at 112², 385 ms per tap against 175
-    unfolded; 3 channels 5 × 5, 212 against 177; 8 channels 5 × 5 at 56², 52 against 34; the
-    taps win at 3 × 3 from 3 channels, 8.2 against 9.7 ms at 32² and batch 128, tie at 16
-    channels 7 × 7, 112 against 116, and win from 32, 175 against 226)."""
-    return channels >= 16 or taps <= 9
+    under 16 input channels, more than 9 taps and a batch of 16 or more. There the re-reads of
+    the gradient grid outweigh the unfolding; on smaller batches the im2col path's zero-point
+    mask (one sample's, (L, C·kh·kw) in float64: its cost does not shrink with the batch) does
+    not pay (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians,
+    channels-last codes; per tap against unfolded: 3 channels 7 × 7 at 112² and batch 32, 385
+    against 175 ms, at batch 4, 39 against 32, at batch 2, 21 against 22; 3 channels 5 × 5 at
+    112², 212 against 177 at batch 32, 50 against 35 at 16, 25 against 36 at 8, 12 against 25 at
+    4; 8 channels 5 × 5 at 56², 52 against 34 at batch 32. The taps win at 3 × 3 from 3
+    channels, 8.2 against 9.7 ms at 32² and batch 128, tie at 16 channels 7 × 7, 112 against
+    116, and win from 32, 175 against 226)."""
+    return channels >= 16 or taps <= 9 or batch < 16
 
 
-def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int) -> bool:
+def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int, batch: int) -> bool:
     """Whether a layer's weight gradient runs per tap (a strided one by phase) rather than
     im2col: :func:`stride1_taps_pay` at stride 1, :func:`phases_pay` when strided."""
     if all(s == 1 for s in stride):
-        return stride1_taps_pay(channels, taps)
+        return stride1_taps_pay(channels, taps, batch)
     return phases_pay(channels)
 
 
-def _announce(name: str, ops: ConvOps, channels: int, taps: int) -> None:
+def _announce(name: str, ops: ConvOps, channels: int, taps: int, batch: int) -> None:
     """Say which kernels the layer runs on, once per process per distinct line
     (:func:`~fqtorch.backends.notes.say_once`). The line is keyed by what it says (the layer's
     name and path), not by the layer object: a second model whose same-named layer takes the
     same path is not announced again, since the line would say nothing new."""
     strided = any(s > 1 for s in ops.stride)
-    if not weight_by_taps(ops.stride, channels, taps):
-        why = "strided, under 64" if strided else "more than 9 taps, under 16"
+    if not weight_by_taps(ops.stride, channels, taps, batch):
+        why = "strided, under 64" if strided else "more than 9 taps, batch 16 or more, under 16"
         weight = f"im2col + torch._int_mm ({why} input channels)"
     elif strided:
         weight = "torch._int_mm per tap on the stride's phases"
@@ -754,5 +759,5 @@ def conv(input: Tensor, x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | N
     if verdict is not None:
         warn_once(f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm")
         return None
-    _announce(name, ops, weight.shape[1], math.prod(weight.shape[2:]))
+    _announce(name, ops, weight.shape[1], math.prod(weight.shape[2:]), input.shape[0])
     return _QConv2d.apply(input, x, w, bias, ops, weight, source, name)
