@@ -377,16 +377,6 @@ def _float_parts(events: Any) -> tuple[float, float]:
     return inside / 1e6, (total - inside) / 1e6
 
 
-def float_breakdown(step: Callable[[], Any], steps: int = 5) -> dict[str, float]:
-    """Seconds per step in the float step's products and outside them (:func:`_float_parts`),
-    medians over ``steps`` steps, each profiled on its own."""
-    parts = [_float_parts(_profiled(step)) for _ in range(steps)]
-    return {
-        "float_products": statistics.median(p for p, _ in parts),
-        "outside_float_products": statistics.median(o for _, o in parts),
-    }
-
-
 def ceiling(products: float, outside: float, kernels: float) -> float:
     """The fp32 step's op time (``products`` + ``outside``) over ``kernels`` + ``outside``."""
     return (products + outside) / (kernels + outside)

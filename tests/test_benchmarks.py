@@ -133,7 +133,7 @@ def test_train_step_counts_integer_convolutions_as_integer_kernels(tmp_path):
     assert any(x.startswith("fqt_int8_psq5: ceiling ") for x in done.stdout.splitlines())
 
 
-def test_float_breakdown_counts_a_product_once(monkeypatch):
+def test_float_parts_count_a_product_once(monkeypatch):
     """A convolution's forward and backward are products, counted once with what they call
     (aten::convolution calls _convolution calls the kernel), so they stay within the step's op
     time and hold most of a convolution's step; an op outside them (a large elementwise one)
@@ -156,17 +156,20 @@ def test_float_breakdown_counts_a_product_once(monkeypatch):
         for _ in range(5):
             big.mul(2.0).add_(1.0)
 
+    def parts(fn) -> tuple[float, float]:  # (products, outside) of one profiled step
+        return common._float_parts(common._profiled(fn))
+
     step()  # warm
-    alone = common.float_breakdown(step)
+    products, outside = parts(step)
     # the backward (about two thirds of the products) counted too: outside is what is left
-    assert 0 <= alone["outside_float_products"] < 0.5 * alone["float_products"], alone
-    more = common.float_breakdown(step_and_more)
-    assert more["outside_float_products"] > 0.1 * more["float_products"], more
+    assert 0 <= outside < 0.5 * products, (products, outside)
+    products, outside = parts(step_and_more)
+    assert outside > 0.1 * products, (products, outside)
     # every level of the forward convolution named: each of them nests in the one above
     nested = ("aten::convolution", "aten::_convolution", *common.FLOAT_PRODUCTS)
     monkeypatch.setattr(common, "FLOAT_PRODUCTS", nested)
-    forward = common.float_breakdown(lambda: conv(x))
-    assert 0 <= forward["outside_float_products"] < forward["float_products"], forward
+    products, outside = parts(lambda: conv(x))
+    assert 0 <= outside < products, (products, outside)
     assert common.ceiling(3.0, 1.0, 1.0) == pytest.approx(2.0)
 
 
