@@ -254,22 +254,41 @@ CONVS = [
 
 
 class TestConvAgainstSimulate:
-    """Conv2d on integer GEMMs (im2col) agrees with simulate to float32 rounding, with zero
-    padding exact both on post-ReLU inputs (real zero on the grid) and on signed, shifted ones
-    (real zero between grid points: the tap-mask correction)."""
+    """Conv2d on the int8 backend (integer convolutions where they are exact, else im2col +
+    ``torch._int_mm``) agrees with simulate to float32 rounding, with zero padding exact both on
+    post-ReLU inputs (real zero on the grid) and on signed, shifted ones (real zero between grid
+    points: the tap-mask correction)."""
 
     @pytest.mark.parametrize("make,relu", CONVS)
     @pytest.mark.parametrize("preset", ["qat", "ptq4", "psq4", "bhq4", "psq4-fused"])
     def test_same_values(self, make, relu, preset):
+        self.check(make, relu, preset)
+
+    @pytest.mark.parametrize("make,relu", CONVS)
+    @pytest.mark.parametrize("preset", ["qat", "ptq4", "psq4", "bhq4", "psq4-fused"])
+    @pytest.mark.parametrize("weight_quantizer", ["symmetric", "ptq"])
+    def test_same_values_on_im2col(self, make, relu, preset, weight_quantizer, monkeypatch):
+        """The im2col path, as where the integer convolutions are refused, with symmetric and
+        asymmetric weights (a weight zero point: the mask's count of real taps in the output)."""
+        from fqtorch.backends import int8_qconv
+
+        monkeypatch.setattr(int8_qconv, "qconv_verdict", lambda: "the probe failed (test)")
+        with pytest.warns(RuntimeWarning, match="im2col"):
+            self.check(make, relu, preset, weight_quantizer=weight_quantizer)
+
+    @staticmethod
+    def check(make, relu, preset, **fields):
         preset, fused = preset.removesuffix("-fused"), preset.endswith("-fused")
         torch.manual_seed(0)
         base = make()
+        with torch.no_grad():  # weights all of one sign: the weight's zero point far from 0
+            base.weight.abs_()
         x = torch.randn(5, base.in_channels, 9, 8)
         x = x.relu() if relu else x + 0.37  # shifted: real zero off the input grid
         g = None
         results = []
         for backend in ("simulate", "int8"):
-            cfg = FQTConfig.preset(preset, backend=backend, fused=fused)
+            cfg = FQTConfig.preset(preset, backend=backend, fused=fused, **fields)
             layer = quantize_model(copy.deepcopy(base), cfg)
             xi = x.clone().requires_grad_(True)
             out = layer(xi)

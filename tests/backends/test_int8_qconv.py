@@ -869,6 +869,54 @@ def test_int8_im2col_is_the_unfold_of_the_codes(shape, kernel, stride, padding, 
     assert taps_first.stride() == (taps_first.shape[1], 1)
 
 
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize(
+    "size, kernel, stride, pad, dilation",
+    [
+        ((11, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+        ((11, 9), (7, 7), (2, 2), (3, 3, 3, 3), (1, 1)),
+        ((12, 13), (3, 2), (2, 3), (1, 1, 2, 2), (2, 1)),
+        ((8, 8), (4, 4), (1, 1), (1, 2, 1, 2), (1, 1)),  # "same" for an even kernel: unequal sides
+        ((9, 7), (5, 5), (1, 1), (0, 0, 2, 2), (1, 1)),  # padded along the height only
+        ((9, 7), (5, 5), (1, 1), (2, 2, 0, 0), (1, 1)),  # along the width only
+        ((3, 2), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),  # every row by the padding
+        ((1, 4), (4, 2), (1, 1), (1, 1, 3, 3), (2, 1)),  # windows wholly in the padding
+    ],
+)
+def test_masked_code_sums_are_the_full_masks(size, kernel, stride, pad, dilation, column_major):
+    """The weight gradient's zero-point sums ``S_hᵀ M`` and ``colsum(M)`` from the mask's two
+    factors and the border rows (:func:`~fqtorch.backends.int8_conv._sums_on_real_taps`) equal
+    the products with the full mask of real taps (``F.unfold`` of an image of ones), exactly, on
+    codes at both ends of the 8-bit grid and in both layouts of the gradient's codes."""
+    from fqtorch.backends.base import ConvOps
+    from fqtorch.backends.int8_conv import (
+        _axis_masks,
+        _out_size,
+        _pads,
+        _sums_on_real_taps,
+        _tap_mask,
+    )
+
+    ops = ConvOps(stride, (0, 0), dilation, 1, pad=pad)
+    pads = _pads(ops)
+    ho, wo = _out_size(size, pads, kernel, ops)
+    full = F.unfold(F.pad(torch.ones(1, 1, *size, dtype=torch.float64), pads), kernel,
+                    dilation=dilation, stride=stride)[0].T  # (L, kh·kw)  # fmt: skip
+    masks = _axis_masks(size, pads, kernel, ops, torch.device("cpu"))
+    assert torch.equal(_tap_mask(size, pads, kernel, ops, torch.device("cpu")).double(), full)
+    g = torch.Generator().manual_seed(2)
+    batch, channels = 3, 5
+    codes = torch.randint(-128, 128, (batch * ho * wo, channels), generator=g, dtype=torch.int8)
+    codes[:, 0], codes[::2, 1] = 127, -128
+    if column_major:
+        codes = codes.T.contiguous().T
+    got = _sums_on_real_taps(codes, 8, masks, (ho, wo))
+    per_position = codes.double().reshape(batch, ho * wo, channels).sum(0)  # (L, O)
+    assert torch.equal(got, per_position.T @ full)
+    height, width = masks
+    assert torch.equal((height.sum(0)[:, None] * width.sum(0)).reshape(-1).double(), full.sum(0))
+
+
 @pytest.mark.usefixtures("exact_here")
 @pytest.mark.parametrize(
     "kernel, stride, padding, dilation, size",

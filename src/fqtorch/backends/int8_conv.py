@@ -8,25 +8,28 @@ layers whose taps do not pay (``int8_qconv.weight_by_taps``: few input channels)
     grad_input  : rows(C_g) (N·L, O) × C_w (O, C·k·k), then col2im (``F.fold``)
     grad_weight : C_hᵀ (O, N·L) × cols(C_x) (N·L, C·k·k)
 
-The scale algebra is the Linear one (:mod:`fqtorch.backends.int8`, chunked reductions and
-float64 epilogues included), per row of ``cols``, with one change for zero padding: a padded tap
-holds real zero, which need not be a point of the input's affine grid ``s_x·C + b_x``. Padded taps
-hold code 0 and a tap mask ``M`` (L, C·k·k) — 1 on real taps, the same for every sample — carries
-the zero point exactly. The weight's zero point ``b_w`` multiplies the sum of the real input
-values of each receptive field, ``s_x rowsum(cols(C_x)) + b_x rowsum(M)``:
+The scale algebra is the Linear one (:mod:`fqtorch.backends.int8`, chunked reductions and float64
+epilogues included), per row of ``cols``, with one change for zero padding: a padded tap holds real
+zero, which need not be a point of the input's affine grid ``s_x·C + b_x``. Padded taps hold code 0
+and a tap mask ``M`` (L, C·k·k) — 1 on real taps, the same for every sample — carries the zero point
+exactly. ``M`` is also the same in every channel: it is built from one channel, ``m`` (L, k·k), and
+every term below that holds it is a sum over taps of ``m`` spread over the channels. The weight's
+zero point ``b_w`` multiplies the sum of the real input values of each receptive field, ``s_x
+rowsum(cols(C_x)) + b_x rowsum(M)``:
 
     output[n·L + l, o] = s_x s_w (cols(C_x) C_wᵀ)[n·L + l, o] + b_x s_w (M C_wᵀ)[l, o]
                          + b_w (s_x rowsum(cols(C_x))[n·L + l] + b_x rowsum(M)[l])
 
-In ``grad_input`` it adds ``b_w Σ_o g_q[n·L + l, o] = b_w (s_g rowsum(C_g) + O b_g)`` to every
-tap of position ``l`` before col2im (the transposed convolution of ``grad_output`` with the
-constant kernel ``b_w``); what col2im puts on padding is cropped. In ``grad_weight`` the two
-terms with ``b_x`` (Linear: ``s_o b_x colsum(C_h)[o]`` and ``M b_o b_x``) become
-``s_o b_x (S_hᵀ M)[o, t]`` and ``N b_o b_x colsum(M)[t]``, with ``S_h`` (L, O) the
-per-position sums of the codes of ``grad_output`` over the batch. The mask corrections are GEMMs
-1/N the size of the main ones. On CUDA this is the layer's path (no integer convolution kernels
-are used there yet), for shapes its ``torch._int_mm`` runs. Grouped and 1-d convolutions run the
-simulate path (:func:`conv` raises :class:`~fqtorch.backends.base.Unsupported`).
+In ``grad_input`` it adds ``b_w Σ_o g_q[n·L + l, o] = b_w (s_g rowsum(C_g) + O b_g)`` to every tap
+of position ``l`` before col2im (the transposed convolution of ``grad_output`` with the constant
+kernel ``b_w``); what col2im puts on padding is cropped. In ``grad_weight`` the two terms with
+``b_x`` (Linear: ``s_o b_x colsum(C_h)[o]`` and ``M b_o b_x``) become ``s_o b_x (S_hᵀ M)[o, t]`` and
+``N b_o b_x colsum(M)[t]``, with ``S_h`` (L, O) the per-position sums of the codes of
+``grad_output`` over the batch. The mask corrections are GEMMs 1/(N·C) the size of the main ones
+(``M C_wᵀ = m (Σ_c C_w)ᵀ``, ``S_hᵀ M`` is ``S_hᵀ m`` on every channel). On CUDA this is the layer's
+path (no integer convolution kernels are used there yet), for shapes its ``torch._int_mm`` runs.
+Grouped and 1-d convolutions run the simulate path (:func:`conv` raises
+:class:`~fqtorch.backends.base.Unsupported`).
 """
 
 from __future__ import annotations
@@ -138,32 +141,114 @@ def taps_first_pays(kernel: tuple) -> bool:
     return kernel[0] * kernel[1] > 1
 
 
-def _tap_mask(
-    shape: torch.Size, pads: list[int], kernel: tuple, ops: ConvOps, device: torch.device
-) -> Tensor | None:
-    """(L, C·kh·kw) float32: 1 where a tap reads the input, 0 where it reads padding; ``None``
+def _axis_mask(size: int, before: int, k: int, s: int, d: int, out: int, device: torch.device
+               ) -> Tensor:  # fmt: skip
+    """(out, k) float32 along one axis of ``size`` input positions with ``before`` padded ahead:
+    1 where tap ``i`` of output position ``y`` reads the input, 0 where it reads padding."""
+    taps = torch.arange(out, device=device)[:, None] * s + torch.arange(k, device=device) * d
+    taps -= before
+    return ((taps >= 0) & (taps < size)).to(torch.float32)
+
+
+def _axis_masks(
+    size: tuple, pads: list[int], kernel: tuple, ops: ConvOps, device: torch.device
+) -> tuple[Tensor, Tensor] | None:
+    """The tap mask of an (H, W) plane ``size`` as its two factors, (Ho, kh) along the height and
+    (Wo, kw) along the width: a tap reads the input where it does along both axes. ``None``
     without padding (all ones)."""
     if not any(pads):
         return None
-    ones = torch.ones((1, *shape[1:]), dtype=torch.float32, device=device)
-    return _unfold(ones, pads, kernel, ops)[0]
+    (ho, wo), (kh, kw) = _out_size(size, pads, kernel, ops), kernel
+    (sh, sw), (dh, dw) = ops.stride, ops.dilation
+    return (
+        _axis_mask(size[0], pads[2], kh, sh, dh, ho, device),
+        _axis_mask(size[1], pads[0], kw, sw, dw, wo, device),
+    )
+
+
+def _tap_mask(
+    size: tuple, pads: list[int], kernel: tuple, ops: ConvOps, device: torch.device
+) -> Tensor | None:
+    """(L, kh·kw) float32 for an (H, W) plane ``size``: 1 where a tap reads the input, 0 where it
+    reads padding; ``None`` without padding (all ones). One channel's: the mask is the same in
+    every channel and sample, and the terms it enters are sums over taps, which
+    :func:`_add_per_tap` spreads over the channels (1/C of the work and memory of the full
+    (L, C·kh·kw) mask)."""
+    masks = _axis_masks(size, pads, kernel, ops, device)
+    if masks is None:
+        return None
+    rows, cols = masks
+    return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(
+        rows.shape[0] * cols.shape[0], -1
+    )
+
+
+def _add_per_tap(out: Tensor, per_tap: Tensor, taps_first: bool = False) -> Tensor:
+    """``out`` (..., C·kh·kw) += ``per_tap`` (..., kh·kw) on every channel, in place, the columns
+    in (C, kh, kw) order or, with ``taps_first``, (kh, kw, C) (:func:`_cols_taps_first`);
+    ``per_tap``'s leading axes broadcast against ``out``'s."""
+    taps = per_tap.shape[-1]
+    if taps_first:
+        out.view(*out.shape[:-1], taps, -1).add_(per_tap.unsqueeze(-1))
+    else:
+        out.view(*out.shape[:-1], -1, taps).add_(per_tap.unsqueeze(-2))
+    return out
+
+
+def _sums_on_real_taps(
+    codes: Tensor, bits: int, masks: tuple[Tensor, Tensor], out_size: tuple[int, int]
+) -> Tensor:
+    """``S_hᵀ M`` (O, kh·kw) in float64, exact: for each tap, the sum of the codes ``codes``
+    (N·Ho·Wo, O) over the positions (all samples) where that tap reads the input, ``M`` given by
+    its factors ``masks`` (:func:`_axis_masks`, on the CPU). A tap reads the input on a rectangle
+    of positions: every row's columns where its width factor is 1, less the rows where its height
+    factor is 0 — only the rows near the padding, ``B``:
+
+        S_hᵀ M [o, (i, j)] = Σ_x c[x, j] Σ_(n,y) C_h[n, y, x, o]
+                             − Σ_(y∈B) (1 − r[y, i]) Σ_x c[x, j] Σ_n C_h[n, y, x, o]
+
+    with ``r`` (Ho, kh) and ``c`` (Wo, kw) the factors.
+    One pass over the codes (their sums down the columns, as the GEMMs' code sums) and the codes
+    of the border rows: no (L, C·kh·kw) mask, no product over every position."""
+    (ho, wo), device, f64 = out_size, codes.device, torch.float64
+    height, width = masks
+    planes = codes.reshape(-1, ho, wo, codes.shape[1])  # (N, Ho, Wo, O): a view
+    columns = _code_sum(planes.reshape(-1, wo, codes.shape[1]), 0, bits)  # (Wo, O)
+    w = width.to(device=device, dtype=f64)
+    sums = (w.T @ columns.to(f64)).T[:, None, :].repeat(1, height.shape[1], 1)  # (O, kh, kw)
+    outside = 1 - height  # (Ho, kh): 1 where a tap of that row reads padding
+    border = outside.any(1).nonzero().flatten()  # on the CPU: no wait on the device
+    if border.numel():
+        rows = planes[:, border.to(device)].sum(0, dtype=torch.int64).to(f64)  # (|B|, Wo, O)
+        along_width = torch.tensordot(rows, w, dims=([1], [0]))  # (|B|, O, kw)
+        lost = outside[border].to(device=device, dtype=f64)  # (|B|, kh)
+        sums -= torch.tensordot(lost, along_width, dims=([0], [0])).transpose(0, 1)
+    return sums.reshape(sums.shape[0], -1)
 
 
 def _conv_grad_weight(
-    h: QuantizedTensor, x: QuantizedTensor, mask: Tensor | None, batch: int
-) -> tuple[Tensor, Tensor]:
-    """``grad_weight`` (O, C·kh·kw) with the padding correction (module docstring), and the
-    column sums of ``h``'s codes (as :func:`~fqtorch.backends.int8._grad_weight`)."""
-    if mask is None:
+    h: QuantizedTensor, x: QuantizedTensor, masks: tuple[Tensor, Tensor] | None,
+    out_size: tuple[int, int], taps_first: bool = False,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``grad_weight`` (O, C·kh·kw) with the padding correction (module docstring; ``masks`` are
+    the tap mask's factors on the CPU, :func:`_axis_masks`, over the (Ho, Wo) output plane
+    ``out_size``), and the column sums of ``h``'s codes (as
+    :func:`~fqtorch.backends.int8._grad_weight`). The columns of ``x`` are in (C, kh, kw) order,
+    or (kh, kw, C) with ``taps_first``."""
+    if masks is None:
         return _grad_weight(h, x)
     f64, rows = torch.float64, h.codes.shape[0]
     prod, h_cols, x_cols = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, N·L) × (N·L, Ck²)
     (s_h, b_h), (s_x, b_x) = _affine(h, f64), _affine(x, f64)
     s_o, b_o = s_h.reshape(-1, 1), b_h.reshape(-1, 1)  # (O, 1) or (1, 1)
-    per_position = _code_sum(h.codes.reshape(batch, rows // batch, -1), 0, h.bits)  # (L, O)
-    mask = mask.to(f64)
+    batch = rows // (out_size[0] * out_size[1])
+    height, width = (m.to(f64) for m in masks)  # (Ho, kh), (Wo, kw)
+    real_taps = (height.sum(0)[:, None] * width.sum(0)).reshape(-1).to(h.codes.device)
     out = prod.to(f64).mul_(s_o * s_x)
-    out.add_(s_o * b_x * (per_position.T.to(f64) @ mask) + batch * b_o * b_x * mask.sum(0))
+    # s_o b_x (S_hᵀ M) + N b_o b_x colsum(M), per tap: the same for every channel
+    per_tap = s_o * b_x * _sums_on_real_taps(h.codes, h.bits, masks, out_size)
+    per_tap += batch * b_o * b_x * real_taps
+    _add_per_tap(out, per_tap, taps_first)
     out.addcmul_(b_o * s_x, x_cols.to(f64)[None, :])
     return out, h_cols
 
@@ -185,17 +270,18 @@ class _Int8Conv2d(torch.autograd.Function):
         acc = prod.to(dtype).mul_(s_x * s_w)
         # b_w times each receptive field's real input values: s_x Σ codes (here) + b_x Σ real taps
         acc.add_(s_x * b_w * x_rows.to(dtype)[:, None])
-        mask = _tap_mask(input.shape, pads, (kh, kw), ops, input.device)
+        mask = _tap_mask((h, wd), pads, (kh, kw), ops, input.device)
         if mask is None:
             taps = w_rows.to(dtype)[None, :]  # (1, O)
             count = cols.shape[1]
         else:
-            mask = mask.to(dtype)
+            mask = mask.to(dtype)  # (L, kh·kw)
+            tap_sums = w2d.to(dtype).reshape(o, c, -1).sum(1)  # (O, kh·kw): over channels
             # (L, O): the weight codes on real taps, sums of integers exact in the epilogue's
             # dtype; autocast would run this GEMM in bf16/fp16 and round them.
             with torch.autocast(input.device.type, enabled=False):
-                taps = mask @ w2d.T.to(dtype)
-            count = mask.sum(1, keepdim=True)  # (L, 1): the number of real taps
+                taps = mask @ tap_sums.T
+            count = c * mask.sum(1, keepdim=True)  # (L, 1): the number of real taps
         acc.view(n, -1, o).add_(b_x * s_w * taps + b_x * b_w * count)
         ho, wo = _out_size((h, wd), pads, (kh, kw), ops)
         out = acc.reshape(n, ho, wo, o).permute(0, 3, 1, 2)
@@ -264,14 +350,16 @@ class _Int8Conv2d(torch.autograd.Function):
         if need_weight or need_bias:
             x_cols = _cols(codes, pads, (kh, kw), ops)
             x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
-            mask = _tap_mask(in_shape, pads, (kh, kw), ops, grad.device)
             columns = ops.columns(grad)  # (N·L, O)
             batch = in_shape[0]
             if isinstance(plan.grad_output_weight, Identity):
                 x_vals = x_cols.to(torch.float32) * xs
-                x_vals = x_vals.view(batch, -1, x_vals.shape[1]).add_(
-                    xb if mask is None else xb * mask
-                )
+                x_vals = x_vals.view(batch, -1, x_vals.shape[1])
+                mask = _tap_mask((h, wd), pads, (kh, kw), ops, grad.device)
+                if mask is None:
+                    x_vals.add_(xb)
+                else:
+                    _add_per_tap(x_vals, xb * mask)
                 x_vals = x_vals.reshape(-1, x_vals.shape[2])
                 grad_weight = (columns.T @ x_vals).reshape(w_shape) if need_weight else None
                 grad_bias = columns.sum(0)
@@ -281,7 +369,8 @@ class _Int8Conv2d(torch.autograd.Function):
                 h_cols = None
                 w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
-                    grad_weight, h_cols = _conv_grad_weight(hq, x_q, mask, batch)
+                    masks = _axis_masks((h, wd), pads, (kh, kw), ops, torch.device("cpu"))
+                    grad_weight, h_cols = _conv_grad_weight(hq, x_q, masks, (ho, wo))
                     grad_weight = grad_weight.to(w_dtype).reshape(w_shape)
                 grad_bias = _grad_bias(hq, h_cols).to(w_dtype) if need_bias else None
         if not (need_bias and has_bias):

@@ -63,13 +63,13 @@ from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite, refuse_second_derivative
 from .int8 import _code_sum, _compiled_path, _grad_bias, _per_column, _per_row, chunk_length
 from .int8_conv import (
+    _axis_masks,
     _cols,
     _cols_taps_first,
     _conv_grad_weight,
     _out_length,
     _out_size,
     _pads,
-    _tap_mask,
     encode_samples,
     taps_first_pays,
 )
@@ -689,10 +689,9 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
     (o, c), taps_first = w_shape[:2], taps_first_pays(kernel)
     x_cols = (_cols_taps_first if taps_first else _cols)(codes, pads, kernel, ops)
     x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
-    mask = _tap_mask(codes.shape, pads, kernel, ops, codes.device)  # (L, C·kh·kw)
-    if taps_first and mask is not None:
-        mask = mask.reshape(-1, c, *kernel).permute(0, 2, 3, 1).reshape(mask.shape)
-    grad_weight, h_cols = _conv_grad_weight(hq, x_q, mask, codes.shape[0])
+    masks = _axis_masks(codes.shape[2:], pads, kernel, ops, torch.device("cpu"))
+    out_size = _out_size(codes.shape[2:], pads, kernel, ops)
+    grad_weight, h_cols = _conv_grad_weight(hq, x_q, masks, out_size, taps_first)
     if taps_first:
         grad_weight = grad_weight.reshape(o, *kernel, c).permute(0, 3, 1, 2).reshape(o, -1)
     return grad_weight, h_cols
