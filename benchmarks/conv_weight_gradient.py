@@ -96,7 +96,7 @@ def main() -> None:
             got = fns[name]().double().reshape(taps.shape)  # im2col's terms come back float64
             torch.testing.assert_close(got, taps, rtol=1e-6, atol=1e-6 * float(taps.abs().max()))
         t = interleaved(fns, args.repeats)
-        by_taps = int8_qconv.weight_by_taps((stride, stride), c, k * k, n)
+        by_taps = int8_qconv.weight_by_taps((stride, stride), c, k * k)
         chosen = "taps" if by_taps else "im2col"
         print(f"\n{n}x{c}x{o}x{side}x{k}x{stride}: {c} → {o}, {k}×{k}, stride {stride}, "
               f"{side}², batch {n} (the backend takes {chosen})")  # fmt: skip

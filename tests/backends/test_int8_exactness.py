@@ -243,7 +243,7 @@ class TestLongReductions:
     @pytest.mark.parametrize(
         ("shape", "k"),
         [((4, 2, 256, 256), 3), ((16, 2, 128, 128), 5)],
-        ids=["3x3-per-tap", "5x5-batch16-im2col"],  # int8_qconv.stride1_taps_pay's two paths
+        ids=["3x3-per-tap", "5x5-im2col"],  # int8_qconv.stride1_taps_pay's two paths
     )
     def test_conv_weight_gradient_over_2_18_positions(self, shape, k):
         gen = torch.Generator().manual_seed(1)

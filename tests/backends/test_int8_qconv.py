@@ -240,8 +240,8 @@ class TestAgainstSimulate:
         assert len(calls) == 1 + GRAD_INPUT_PHASES.get(conv, 1)
         assert len(outputs) == 1  # compiled output and grad_input epilogues, the latter by phase
         assert (len(grad_inputs), len(phases)) == ((0, len(calls) - 1) if strided else (1, 0))
-        # the stride-1 weight gradient's epilogue is the compiled one; strided layers under 64
-        # input channels unfold (int8_qconv.phases_pay)
+        # the stride-1 weight gradient's epilogue is the compiled one; strided layers with more
+        # than one tap unfold (int8_qconv.phases_pay)
         assert len(epilogues) == (0 if strided else 1)
 
     @pytest.mark.parametrize("preset", ["psq5", "ptq8-ptq-weight"])
@@ -251,7 +251,7 @@ class TestAgainstSimulate:
         """A strided layer's weight gradient by phase (taken from 64 input channels, forced
         here on small layers) gives simulate's values, from NCHW and channels-last inputs: one
         ``_int_mm`` per kernel tap and its compiled epilogue, no unfold."""
-        monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels: True)
+        monkeypatch.setattr(int8_qconv, "phases_pay", lambda taps: True)
         epilogues = spy_compiled_epilogue(monkeypatch)
         int8.int_mm_verdict()  # its probe at first use is not the layer's product
         products, int_mm = [], torch._int_mm
@@ -264,21 +264,28 @@ class TestAgainstSimulate:
         assert_same(against_simulate(make, x, cfg, memory_format=memory_format))
         assert len(products) == math.prod(make().kernel_size) and len(epilogues) == 1
 
-    def test_a_wide_strided_layer_takes_the_phases(self, monkeypatch):
-        """From 64 input channels a strided layer's weight gradient runs by phase unforced, and
-        the layer says so once."""
-        int8.int_mm_verdict()  # its probe at first use is not the layer's product
+    @pytest.mark.parametrize("kernel", [1, 3])
+    def test_strided_paths_unforced(self, kernel, monkeypatch):
+        """Unforced, a strided 1 × 1 layer's weight gradient runs by phase (one product, its
+        one tap) and a strided 3 × 3 layer of 64 channels unfolds (a few products, not one per
+        tap); both give simulate's values and say their path once."""
+        int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         products, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
         said = []
         monkeypatch.setattr(int8_qconv, "say_once", said.append)
-        make = lambda: nn.Conv2d(64, 5, 3, stride=2, padding=1)  # noqa: E731
+        make = lambda: nn.Conv2d(64, 5, kernel, stride=2, padding=kernel // 2)  # noqa: E731
         x = torch.randn(2, 64, 7, 6, generator=torch.Generator().manual_seed(13)).relu()
         assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
-        assert len(products) == 9
+        path = "torch._int_mm per tap on the stride's phases"
+        if kernel == 3:
+            path = "im2col + torch._int_mm (strided)"
+            assert len(products) < 9
+        else:
+            assert len(products) == 1
         assert said == [
             "FQT layer '': Conv2d output and grad_input on oneDNN int8 convolutions, "
-            "grad_weight on torch._int_mm per tap on the stride's phases"
+            f"grad_weight on {path}"
         ]
 
     @pytest.mark.parametrize(
@@ -286,10 +293,10 @@ class TestAgainstSimulate:
     )
     def test_stride1_weight_gradient_per_tap(self, conv, monkeypatch):
         """Every stride-1 configuration's weight gradient per tap (taken unless a layer has
-        under 16 input channels and more than 9 taps; forced here) gives simulate's values: one
+        under 24 input channels and more than 9 taps; forced here) gives simulate's values: one
         ``_int_mm`` per kernel tap, no unfold (the 4 × 4 "same" layer, asymmetric padding,
         would unfold unforced)."""
-        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps, batch: True)
+        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps: True)
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         products, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
@@ -298,47 +305,44 @@ class TestAgainstSimulate:
         assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=True)))
         assert len(products) == math.prod(make().kernel_size)
 
+    @pytest.mark.parametrize("batch", [1, 16])
     @pytest.mark.parametrize("channels_last", [False, True])
-    def test_a_narrow_large_kernel_unfolds(self, channels_last, monkeypatch):
-        """A stride-1 layer under 16 input channels with more than 9 taps (a 5 × 5 kernel, 3
-        channels into 16) on a batch of 16 unfolds its weight gradient unforced (a few products,
-        not one per tap), gives simulate's values from NCHW and channels-last inputs, and the
-        layer says so once; on a batch of 4 it keeps the taps."""
+    def test_a_narrow_large_kernel_unfolds(self, channels_last, batch, monkeypatch):
+        """A stride-1 layer under 24 input channels with more than 9 taps (a 5 × 5 kernel, 3
+        channels into 16) unfolds its weight gradient unforced (a few products, not one per
+        tap) at any batch, gives simulate's values from NCHW and channels-last inputs, and the
+        layer says so once."""
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         products, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
         said = []
         monkeypatch.setattr(int8_qconv, "say_once", said.append)
         make = lambda: nn.Conv2d(3, 16, 5, padding=2)  # noqa: E731
-        x = torch.randn(16, 3, 9, 8, generator=torch.Generator().manual_seed(15)) + 0.3
+        x = torch.randn(batch, 3, 9, 8, generator=torch.Generator().manual_seed(15)) + 0.3
         memory_format = torch.channels_last if channels_last else None
         cfg = FQTConfig.preset("psq5", fused=False)
         assert_same(against_simulate(make, x, cfg, memory_format=memory_format))
         assert len(products) < 25
         assert said == [
             "FQT layer '': Conv2d output and grad_input on oneDNN int8 convolutions, "
-            "grad_weight on im2col + torch._int_mm (more than 9 taps, batch 16 or more, under "
-            "16 input channels)"
+            "grad_weight on im2col + torch._int_mm (more than 9 taps, under 24 input channels)"
         ]
-        products.clear()
-        assert_same(against_simulate(make, x[:4], cfg, memory_format=memory_format))
-        assert len(products) == 25
-        assert said[1].endswith("grad_weight on torch._int_mm per tap")
 
     def test_stride1_taps_rule(self):
-        """3 × 3 layers, every layer from 16 input channels and batches under 16 take the taps;
-        5 × 5 and 7 × 7 kernels on 3 to 15 channels unfold from a batch of 16."""
+        """3 × 3 layers and every layer from 24 input channels take the taps; larger kernels on 3
+        to 23 channels unfold."""
         pays = int8_qconv.stride1_taps_pay
-        assert pays(3, 9, 128) and pays(3, 1, 128) and pays(16, 49, 128) and pays(64, 49, 32)
-        assert pays(3, 25, 15) and pays(3, 49, 1)
-        assert not pays(3, 25, 16) and not pays(3, 49, 32) and not pays(8, 25, 128)
-        assert not pays(15, 10, 16)
+        assert pays(3, 9) and pays(3, 1) and pays(24, 49) and pays(64, 25) and pays(23, 9)
+        assert not pays(3, 25) and not pays(3, 49) and not pays(16, 25) and not pays(23, 10)
 
     def test_phases_rule(self):
-        """ResNet-50's and ResNet-18's strided layers (64 channels and more) take the phases;
-        stems and CIFAR ResNets' strided layers (3 to 32 channels) unfold."""
-        assert int8_qconv.phases_pay(64) and int8_qconv.phases_pay(512)
-        assert not int8_qconv.phases_pay(3) and not int8_qconv.phases_pay(32)
+        """Strided 1 × 1 kernels (the ResNets' downsampling shortcuts) take the phases; every
+        larger strided kernel unfolds, at any width."""
+        assert int8_qconv.phases_pay(1)
+        assert not int8_qconv.phases_pay(4) and not int8_qconv.phases_pay(9)
+        assert not int8_qconv.phases_pay(49)
+        assert int8_qconv.weight_by_taps((2, 2), 3, 1) and int8_qconv.weight_by_taps((2, 1), 512, 1)
+        assert not int8_qconv.weight_by_taps((2, 2), 512, 9)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-dilated2-pad2", "1x1"])
     @pytest.mark.parametrize("grad_format", [None, torch.channels_last])
@@ -424,7 +428,7 @@ class TestAgainstSimulate:
         stride 2), by phase: from NCHW codes the phase grid holds one position, channel-major,
         whose (1, K) operand with unit strides the CPU kernel misreads unless padded (the 2×2
         NCHW case; a 1×1 image's codes count as channels-last, whose grid it reads right)."""
-        monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels: True)
+        monkeypatch.setattr(int8_qconv, "phases_pay", lambda taps: True)
         make = lambda: nn.Conv2d(6, 4, 1, stride=2)  # noqa: E731
         x = torch.randn(1, 6, side, side, generator=torch.Generator().manual_seed(1)) + 0.3
         memory_format = torch.channels_last if channels_last else None

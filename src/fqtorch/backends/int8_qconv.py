@@ -33,8 +33,8 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
   :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries). A strided
   layer's padded input is split by phase (the positions of each residue modulo the stride), on
   which every tap is a stride-1 tap: still no im2col copy. Under 64 input channels a strided
-  layer unfolds instead (:func:`phases_pay`: each tap's product re-reads the gradient), and so
-  does a stride-1 layer under 16 input channels with more than 9 taps on a batch of 16 or more
+  layer with more than one tap unfolds instead (:func:`phases_pay`: each tap's product re-reads
+  the gradient), and so does a stride-1 layer under 24 input channels with more than 9 taps
   (:func:`stride1_taps_pay`).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
@@ -664,7 +664,7 @@ class _QConv2d(torch.autograd.Function):
                 w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
                     taps = math.prod(w_shape[2:])
-                    if weight_by_taps(ops.stride, w_shape[1], taps, in_shape[0]):
+                    if weight_by_taps(ops.stride, w_shape[1], taps):
                         grad_weight, h_cols = _grad_weight_taps(
                             hq, codes, xs, xb, x_bits, w_shape, ops, w_dtype,
                             _compiled_path(plan),
@@ -697,49 +697,55 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
     return grad_weight, h_cols
 
 
-def phases_pay(channels: int) -> bool:
+def phases_pay(taps: int) -> bool:
     """Whether a strided layer's weight gradient runs by phase (:func:`_grad_weight_taps`)
-    rather than im2col: from 64 input channels. Each tap's product re-reads the whole gradient
-    grid for ``C + 2`` output columns, so with few channels the taps stream the gradient many
-    times for little arithmetic, where im2col reads it once (``benchmarks/conv_weight_gradient.py``,
-    docs/performance.md; one thread, AMD EPYC with VNNI, medians: ResNet-18's 7 × 7 stem, 3
-    channels, 394 ms by phase against 192 ms unfolded; 32 → 64 at 16² and batch 128, 4.6
-    against 3.2 ms; from 64 channels the phases win, 128 → 128 at 56² 37 against 46 ms)."""
-    return channels >= 64
+    rather than im2col: for 1 × 1 kernels. Each tap's product re-reads the whole gradient grid
+    for ``C + 2`` output columns, where im2col reads it once; with the padding mask's terms from
+    its factors (:func:`~.int8_conv._sums_on_real_taps`), unfolding wins on every strided kernel
+    with more than one tap measured (``benchmarks/conv_weight_gradient.py``,
+    docs/performance.md; one thread, AMD EPYC with VNNI, medians of two runs, batch 32; 3 × 3 by
+    phase against unfolded: 64 → 128 at 56², 21 against 19 ms; 128 → 256 at 28², 17.5 against
+    14.9; 256 → 512 at 14², 18.7 against 15.1; 512 → 512 at 14², 33 against 29; ResNet-18's
+    7 × 7 stem, 3 channels, 387 against 114). A strided 1 × 1 kernel has one tap on one phase:
+    a copy of the codes either way, and by phase as fast or faster up to 64 channels (16 → 32
+    at 32² and batch 128, 1.5 against 2.1 ms; 32 → 64 at 16², 1.1 against 1.1; 64 → 128 at
+    56², 4.5 against 5.4), 1.1–1.2× slower above (128 → 256 at 28², 3.7 against 3.2; 256 →
+    512 at 14², 2.4 against 2.2)."""
+    return taps == 1
 
 
-def stride1_taps_pay(channels: int, taps: int, batch: int) -> bool:
+def stride1_taps_pay(channels: int, taps: int) -> bool:
     """Whether a stride-1 layer's weight gradient runs per tap rather than im2col: unless it has
-    under 16 input channels, more than 9 taps and a batch of 16 or more. There the re-reads of
-    the gradient grid outweigh the unfolding; on smaller batches the im2col path's zero-point
-    mask (one sample's, (L, C·kh·kw) in float64: its cost does not shrink with the batch) does
-    not pay (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians,
-    channels-last codes; per tap against unfolded: 3 channels 7 × 7 at 112² and batch 32, 385
-    against 175 ms, at batch 4, 39 against 32, at batch 2, 21 against 22; 3 channels 5 × 5 at
-    112², 212 against 177 at batch 32, 50 against 35 at 16, 25 against 36 at 8, 12 against 25 at
-    4; 8 channels 5 × 5 at 56², 52 against 34 at batch 32. The taps win at 3 × 3 from 3
-    channels, 8.2 against 9.7 ms at 32² and batch 128, tie at 16 channels 7 × 7, 112 against
-    116, and win from 32, 175 against 226)."""
-    return channels >= 16 or taps <= 9 or batch < 16
+    under 24 input channels and more than 9 taps. There the re-reads of the gradient grid, one
+    per tap for ``C + 2`` output columns, outweigh the unfolding, at every batch size
+    (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of two runs,
+    channels-last codes, docs/performance.md; per tap against unfolded: 3 channels 7 × 7 at 112²,
+    9.9 against 4.6 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at 112², 3.4
+    against 3.3 at batch 1, 11.4 against 7.3 at batch 4, 48 against 27 at batch 16; 8 channels
+    5 × 5 at 56², 1.7 against 1.7 at batch 1, 6.1 against 3.1 at batch 4; 16 channels at 56² and
+    batch 32, 56 against 32 at 5 × 5 and 103 against 91 at 7 × 7; 24 channels, 73 against 75 at
+    5 × 5, 137 against 132 at 7 × 7). The taps win at 3 × 3 from 3 channels (8.2 against 10.0 ms at
+    32² and batch 128) and from 32 channels (5 × 5 at 56²: 75 against 92)."""
+    return channels >= 24 or taps <= 9
 
 
-def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int, batch: int) -> bool:
+def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int) -> bool:
     """Whether a layer's weight gradient runs per tap (a strided one by phase) rather than
     im2col: :func:`stride1_taps_pay` at stride 1, :func:`phases_pay` when strided."""
     if all(s == 1 for s in stride):
-        return stride1_taps_pay(channels, taps, batch)
-    return phases_pay(channels)
+        return stride1_taps_pay(channels, taps)
+    return phases_pay(taps)
 
 
-def _announce(name: str, ops: ConvOps, channels: int, taps: int, batch: int) -> None:
+def _announce(name: str, ops: ConvOps, channels: int, taps: int) -> None:
     """Say which kernels the layer runs on, once per process per distinct line
     (:func:`~fqtorch.backends.notes.say_once`). The line is keyed by what it says (the layer's
     name and path), not by the layer object: a second model whose same-named layer takes the
     same path is not announced again, since the line would say nothing new."""
     strided = any(s > 1 for s in ops.stride)
-    if not weight_by_taps(ops.stride, channels, taps, batch):
-        why = "strided, under 64" if strided else "more than 9 taps, batch 16 or more, under 16"
-        weight = f"im2col + torch._int_mm ({why} input channels)"
+    if not weight_by_taps(ops.stride, channels, taps):
+        why = "strided" if strided else "more than 9 taps, under 24 input channels"
+        weight = f"im2col + torch._int_mm ({why})"
     elif strided:
         weight = "torch._int_mm per tap on the stride's phases"
     else:
@@ -758,5 +764,5 @@ def conv(input: Tensor, x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | N
     if verdict is not None:
         warn_once(f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm")
         return None
-    _announce(name, ops, weight.shape[1], math.prod(weight.shape[2:]), input.shape[0])
+    _announce(name, ops, weight.shape[1], math.prod(weight.shape[2:]))
     return _QConv2d.apply(input, x, w, bias, ops, weight, source, name)
