@@ -248,10 +248,10 @@ class TestAgainstSimulate:
     @pytest.mark.parametrize("conv", [*sorted(GRAD_INPUT_PHASES), "1x1-stride2"])
     @pytest.mark.parametrize("channels_last", [False, True])
     def test_strided_weight_gradient_by_phase(self, conv, preset, channels_last, monkeypatch):
-        """A strided layer's weight gradient by phase (taken from 64 input channels, forced
-        here on small layers) gives simulate's values, from NCHW and channels-last inputs: one
-        ``_int_mm`` per kernel tap and its compiled epilogue, no unfold."""
-        monkeypatch.setattr(int8_qconv, "phases_pay", lambda taps: True)
+        """A strided layer's weight gradient by phase (taken by 1 × 1 kernels on up to 64
+        input channels, forced here) gives simulate's values, from NCHW and channels-last
+        inputs: one ``_int_mm`` per kernel tap and its compiled epilogue, no unfold."""
+        monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels, taps: True)
         epilogues = spy_compiled_epilogue(monkeypatch)
         int8.int_mm_verdict()  # its probe at first use is not the layer's product
         products, int_mm = [], torch._int_mm
@@ -264,25 +264,26 @@ class TestAgainstSimulate:
         assert_same(against_simulate(make, x, cfg, memory_format=memory_format))
         assert len(products) == math.prod(make().kernel_size) and len(epilogues) == 1
 
-    @pytest.mark.parametrize("kernel", [1, 3])
-    def test_strided_paths_unforced(self, kernel, monkeypatch):
-        """Unforced, a strided 1 × 1 layer's weight gradient runs by phase (one product, its
-        one tap) and a strided 3 × 3 layer of 64 channels unfolds (a few products, not one per
-        tap); both give simulate's values and say their path once."""
+    @pytest.mark.parametrize("kernel, channels", [(1, 64), (1, 65), (3, 64)])
+    def test_strided_paths_unforced(self, kernel, channels, monkeypatch):
+        """Unforced, a strided 1 × 1 layer of 64 input channels runs its weight gradient by
+        phase (one product, its one tap); one of 65 channels and a strided 3 × 3 layer unfold
+        (a few products, not one per tap); all give simulate's values and say their path once."""
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         products, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
         said = []
         monkeypatch.setattr(int8_qconv, "say_once", said.append)
-        make = lambda: nn.Conv2d(64, 5, kernel, stride=2, padding=kernel // 2)  # noqa: E731
-        x = torch.randn(2, 64, 7, 6, generator=torch.Generator().manual_seed(13)).relu()
+        make = lambda: nn.Conv2d(channels, 5, kernel, stride=2, padding=kernel // 2)  # noqa: E731
+        x = torch.randn(2, channels, 7, 6, generator=torch.Generator().manual_seed(13)).relu()
         assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
-        path = "torch._int_mm per tap on the stride's phases"
-        if kernel == 3:
-            path = "im2col + torch._int_mm (strided)"
-            assert len(products) < 9
-        else:
+        if kernel == 1 and channels <= 64:
+            path = "torch._int_mm per tap on the stride's phases"
             assert len(products) == 1
+        else:
+            why = "more than one tap" if kernel > 1 else "over 64 input channels"
+            path = f"im2col + torch._int_mm (strided, {why})"
+            assert len(products) < 9 if kernel > 1 else len(products) <= 2
         assert said == [
             "FQT layer '': Conv2d output and grad_input on oneDNN int8 convolutions, "
             f"grad_weight on {path}"
@@ -336,13 +337,16 @@ class TestAgainstSimulate:
         assert not pays(3, 25) and not pays(3, 49) and not pays(16, 25) and not pays(23, 10)
 
     def test_phases_rule(self):
-        """Strided 1 × 1 kernels (the ResNets' downsampling shortcuts) take the phases; every
-        larger strided kernel unfolds, at any width."""
-        assert int8_qconv.phases_pay(1)
-        assert not int8_qconv.phases_pay(4) and not int8_qconv.phases_pay(9)
-        assert not int8_qconv.phases_pay(49)
-        assert int8_qconv.weight_by_taps((2, 2), 3, 1) and int8_qconv.weight_by_taps((2, 1), 512, 1)
-        assert not int8_qconv.weight_by_taps((2, 2), 512, 9)
+        """Strided 1 × 1 kernels on up to 64 input channels (the CIFAR ResNets' and ResNet-18's
+        first downsampling shortcuts) take the phases; wider ones and every larger strided
+        kernel unfold."""
+        pays = int8_qconv.phases_pay
+        assert pays(3, 1) and pays(64, 1)
+        assert not pays(65, 1) and not pays(512, 1)
+        assert not pays(3, 4) and not pays(64, 9) and not pays(512, 9) and not pays(3, 49)
+        by_taps = int8_qconv.weight_by_taps
+        assert by_taps((2, 2), 16, 1) and by_taps((2, 1), 64, 1) and by_taps((1, 1), 512, 9)
+        assert not by_taps((2, 2), 128, 1) and not by_taps((2, 2), 512, 9)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-dilated2-pad2", "1x1"])
     @pytest.mark.parametrize("grad_format", [None, torch.channels_last])
@@ -428,7 +432,7 @@ class TestAgainstSimulate:
         stride 2), by phase: from NCHW codes the phase grid holds one position, channel-major,
         whose (1, K) operand with unit strides the CPU kernel misreads unless padded (the 2×2
         NCHW case; a 1×1 image's codes count as channels-last, whose grid it reads right)."""
-        monkeypatch.setattr(int8_qconv, "phases_pay", lambda taps: True)
+        monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels, taps: True)
         make = lambda: nn.Conv2d(6, 4, 1, stride=2)  # noqa: E731
         x = torch.randn(1, 6, side, side, generator=torch.Generator().manual_seed(1)) + 0.3
         memory_format = torch.channels_last if channels_last else None
@@ -873,28 +877,33 @@ def test_int8_im2col_is_the_unfold_of_the_codes(shape, kernel, stride, padding, 
     assert taps_first.stride() == (taps_first.shape[1], 1)
 
 
+MASKED_SUMS = [
+    ((11, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
+    ((11, 9), (7, 7), (2, 2), (3, 3, 3, 3), (1, 1)),
+    ((12, 13), (3, 2), (2, 3), (1, 1, 2, 2), (2, 1)),
+    ((8, 8), (4, 4), (1, 1), (1, 2, 1, 2), (1, 1)),  # "same" for an even kernel: unequal sides
+    ((9, 7), (5, 5), (1, 1), (0, 0, 2, 2), (1, 1)),  # padded along the height only
+    ((9, 7), (5, 5), (1, 1), (2, 2, 0, 0), (1, 1)),  # along the width only
+    ((3, 2), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),  # every row by the padding
+    ((1, 4), (4, 2), (1, 1), (1, 1, 3, 3), (2, 1)),  # windows wholly in the padding
+    ((10, 9), (3, 3), (4, 1), (1, 1, 1, 0), (1, 1)),  # a stride past the kernel
+    ((11, 6), (3, 3), (2, 2), (1, 1, 1, 1), (1, 1)),  # trailing input rows no window reaches
+    ((40, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),  # N·Ho ≥ 64: column sums as a product
+]
+
+
 @pytest.mark.parametrize("column_major", [False, True])
-@pytest.mark.parametrize(
-    "size, kernel, stride, pad, dilation",
-    [
-        ((11, 9), (3, 3), (1, 1), (1, 1, 1, 1), (1, 1)),
-        ((11, 9), (7, 7), (2, 2), (3, 3, 3, 3), (1, 1)),
-        ((12, 13), (3, 2), (2, 3), (1, 1, 2, 2), (2, 1)),
-        ((8, 8), (4, 4), (1, 1), (1, 2, 1, 2), (1, 1)),  # "same" for an even kernel: unequal sides
-        ((9, 7), (5, 5), (1, 1), (0, 0, 2, 2), (1, 1)),  # padded along the height only
-        ((9, 7), (5, 5), (1, 1), (2, 2, 0, 0), (1, 1)),  # along the width only
-        ((3, 2), (5, 5), (1, 1), (2, 2, 2, 2), (1, 1)),  # every row by the padding
-        ((1, 4), (4, 2), (1, 1), (1, 1, 3, 3), (2, 1)),  # windows wholly in the padding
-    ],
-)
+@pytest.mark.parametrize("size, kernel, stride, pad, dilation", MASKED_SUMS)
 def test_masked_code_sums_are_the_full_masks(size, kernel, stride, pad, dilation, column_major):
     """The weight gradient's zero-point sums ``S_hᵀ M`` and ``colsum(M)`` from the mask's two
     factors and the border rows (:func:`~fqtorch.backends.int8_conv._sums_on_real_taps`) equal
     the products with the full mask of real taps (``F.unfold`` of an image of ones), exactly, on
-    codes at both ends of the 8-bit grid and in both layouts of the gradient's codes."""
+    codes at both ends of the 8-bit grid and in both layouts of the gradient's codes; the border
+    rows, found from the geometry, are the rows where the mask has a padded tap."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.backends.int8_conv import (
         _axis_masks,
+        _border_rows,
         _out_size,
         _pads,
         _sums_on_real_taps,
@@ -906,19 +915,41 @@ def test_masked_code_sums_are_the_full_masks(size, kernel, stride, pad, dilation
     ho, wo = _out_size(size, pads, kernel, ops)
     full = F.unfold(F.pad(torch.ones(1, 1, *size, dtype=torch.float64), pads), kernel,
                     dilation=dilation, stride=stride)[0].T  # (L, kh·kw)  # fmt: skip
-    masks = _axis_masks(size, pads, kernel, ops, torch.device("cpu"))
-    assert torch.equal(_tap_mask(size, pads, kernel, ops, torch.device("cpu")).double(), full)
+    cpu = torch.device("cpu")
+    assert torch.equal(_tap_mask(size, pads, kernel, ops, cpu).double(), full)
+    height = _axis_masks(size, pads, kernel, ops, cpu)[0]
+    top, start = _border_rows(size[0], pads[2], kernel[0], stride[0], dilation[0], ho)
+    border = [y for y in range(ho) if bool((height[y] == 0).any())]
+    assert [*range(top), *range(start, ho)] == border
     g = torch.Generator().manual_seed(2)
     batch, channels = 3, 5
     codes = torch.randint(-128, 128, (batch * ho * wo, channels), generator=g, dtype=torch.int8)
     codes[:, 0], codes[::2, 1] = 127, -128
     if column_major:
         codes = codes.T.contiguous().T
-    got = _sums_on_real_taps(codes, 8, masks, (ho, wo))
+    sums, real_taps = _sums_on_real_taps(codes, 8, size, pads, kernel, ops)
     per_position = codes.double().reshape(batch, ho * wo, channels).sum(0)  # (L, O)
-    assert torch.equal(got, per_position.T @ full)
-    height, width = masks
-    assert torch.equal((height.sum(0)[:, None] * width.sum(0)).reshape(-1).double(), full.sum(0))
+    assert torch.equal(sums, per_position.T @ full)
+    assert torch.equal(real_taps, full.sum(0))
+
+
+@pytest.mark.slow
+def test_masked_code_sums_past_int32():
+    """Over more than 2^24 rows of 8-bit codes (N·Ho = 4130 · 4096), the column sums leave int32
+    (:func:`~fqtorch.backends.int8._code_sum` sums in int64): codes at both ends of the grid, so
+    each tap's exact sum is the code times its count of real positions."""
+    from fqtorch.backends.base import ConvOps
+    from fqtorch.backends.int8_conv import _sums_on_real_taps
+
+    ops = ConvOps((1, 1), (1, 0), (1, 1), 1)  # 3 × 1 kernel, one row of padding each side
+    batch, height = 4130, 4096
+    codes = torch.empty(batch * height, 2, dtype=torch.int8)
+    codes[:, 0], codes[:, 1] = 127, -128
+    sums, real_taps = _sums_on_real_taps(codes, 8, (height, 1), [0, 0, 1, 1], (3, 1), ops)
+    counts = torch.tensor([height - 1, height, height - 1], dtype=torch.float64)  # per tap
+    assert torch.equal(real_taps, counts)
+    assert torch.equal(sums, torch.stack([127 * batch * counts, -128 * batch * counts]))
+    assert 127 * batch * height > 2**31 - 1 and batch * height > int8.chunk_length(8, 1)
 
 
 @pytest.mark.usefixtures("exact_here")

@@ -1,8 +1,8 @@
-"""The ``int8`` backend for ``Conv2d`` (groups = 1): the three GEMMs as ``torch._int_mm`` on
-im2col views of the int8 codes. :func:`conv` first offers the layer to
-:mod:`fqtorch.backends.int8_qconv` (integer convolution kernels, 7–9× faster here); this path runs
-where those kernels are not exact on the machine (it warns), and for the weight gradient of
-layers whose taps do not pay (``int8_qconv.weight_by_taps``: few input channels).
+"""The ``int8`` backend for ``Conv2d`` (groups = 1): the three GEMMs as ``torch._int_mm`` on im2col
+views of the int8 codes. :func:`conv` first offers the layer to :mod:`fqtorch.backends.int8_qconv`
+(integer convolution kernels, 7–9× faster here); this path runs where those kernels are not exact on
+the machine (it warns), and for the weight gradient of layers whose taps do not pay
+(``int8_qconv.weight_by_taps``: strided kernels larger than 1 × 1, stride-1 ones on few channels).
 
     output      : cols(C_x) (N·L, C·k·k) × C_wᵀ (C·k·k, O)         L output positions
     grad_input  : rows(C_g) (N·L, O) × C_w (O, C·k·k), then col2im (``F.fold``)
@@ -35,6 +35,7 @@ Grouped and 1-d convolutions run the simulate path (:func:`conv` raises
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import torch
@@ -195,60 +196,73 @@ def _add_per_tap(out: Tensor, per_tap: Tensor, taps_first: bool = False) -> Tens
     return out
 
 
+def _border_rows(size: int, before: int, k: int, s: int, d: int, out: int) -> tuple[int, int]:
+    """The output positions along one axis (``size`` inputs, ``before`` padded ahead, ``out``
+    outputs) with a tap in the padding, as two runs ``[0, top)`` and ``[start, out)``: from the
+    geometry alone, so nothing waits on the device. A position's first tap reads the padding
+    ahead of the input where ``y·s < before``, its last the padding after it where
+    ``y·s + (k − 1)·d ≥ size + before``."""
+    top = min(out, -(-before // s))
+    start = min(out, max(top, -(-(size + before - (k - 1) * d) // s)))
+    return top, start
+
+
 def _sums_on_real_taps(
-    codes: Tensor, bits: int, masks: tuple[Tensor, Tensor], out_size: tuple[int, int]
-) -> Tensor:
-    """``S_hᵀ M`` (O, kh·kw) in float64, exact: for each tap, the sum of the codes ``codes``
-    (N·Ho·Wo, O) over the positions (all samples) where that tap reads the input, ``M`` given by
-    its factors ``masks`` (:func:`_axis_masks`, on the CPU). A tap reads the input on a rectangle
-    of positions: every row's columns where its width factor is 1, less the rows where its height
-    factor is 0 — only the rows near the padding, ``B``:
+    codes: Tensor, bits: int, size: tuple, pads: list[int], kernel: tuple, ops: ConvOps
+) -> tuple[Tensor, Tensor] | None:
+    """``S_hᵀ M`` (O, kh·kw) and ``colsum(M)`` (kh·kw) in float64, exact, for the gradient codes
+    ``codes`` (N·Ho·Wo, O) of a layer over (H, W) planes ``size``; ``None`` without padding.
+    For each tap, the sum of the codes over the positions (all samples) where that tap reads the
+    input, and their count. The mask ``M`` is the product of its two factors
+    (:func:`_axis_masks`): a tap reads the input on a rectangle of positions, every row's
+    columns where its width factor is 1, less the rows where its height factor is 0, which
+    are only the rows near the padding, ``B`` (:func:`_border_rows`):
 
         S_hᵀ M [o, (i, j)] = Σ_x c[x, j] Σ_(n,y) C_h[n, y, x, o]
                              − Σ_(y∈B) (1 − r[y, i]) Σ_x c[x, j] Σ_n C_h[n, y, x, o]
 
-    with ``r`` (Ho, kh) and ``c`` (Wo, kw) the factors.
-    One pass over the codes (their sums down the columns, as the GEMMs' code sums) and the codes
-    of the border rows: no (L, C·kh·kw) mask, no product over every position."""
-    (ho, wo), device, f64 = out_size, codes.device, torch.float64
-    height, width = masks
+    with ``r`` (Ho, kh) and ``c`` (Wo, kw) the factors. One pass over the codes (their sums
+    down the columns, as the GEMMs' code sums) and the codes of the border rows: no
+    (L, C·kh·kw) mask, no product over every position."""
+    masks = _axis_masks(size, pads, kernel, ops, codes.device)
+    if masks is None:
+        return None
+    f64 = torch.float64
+    height, width = (m.to(f64) for m in masks)  # (Ho, kh), (Wo, kw)
+    ho, wo, kh = height.shape[0], width.shape[0], kernel[0]
     planes = codes.reshape(-1, ho, wo, codes.shape[1])  # (N, Ho, Wo, O): a view
     columns = _code_sum(planes.reshape(-1, wo, codes.shape[1]), 0, bits)  # (Wo, O)
-    w = width.to(device=device, dtype=f64)
-    sums = (w.T @ columns.to(f64)).T[:, None, :].repeat(1, height.shape[1], 1)  # (O, kh, kw)
-    outside = 1 - height  # (Ho, kh): 1 where a tap of that row reads padding
-    border = outside.any(1).nonzero().flatten()  # on the CPU: no wait on the device
-    if border.numel():
-        rows = planes[:, border.to(device)].sum(0, dtype=torch.int64).to(f64)  # (|B|, Wo, O)
-        along_width = torch.tensordot(rows, w, dims=([1], [0]))  # (|B|, O, kw)
-        lost = outside[border].to(device=device, dtype=f64)  # (|B|, kh)
+    sums = (width.T @ columns.to(f64)).T[:, None, :].repeat(1, kh, 1)  # (O, kh, kw)
+    top, start = _border_rows(size[0], pads[2], kh, ops.stride[0], ops.dilation[0], ho)
+    if top or start < ho:
+        border = torch.cat([planes[:, :top], planes[:, start:]], 1)  # (N, |B|, Wo, O)
+        rows = border.sum(0, dtype=torch.int64).to(f64)  # (|B|, Wo, O)
+        along_width = torch.tensordot(rows, width, dims=([1], [0]))  # (|B|, O, kw)
+        lost = 1 - torch.cat([height[:top], height[start:]])  # (|B|, kh): taps on padding
         sums -= torch.tensordot(lost, along_width, dims=([0], [0])).transpose(0, 1)
-    return sums.reshape(sums.shape[0], -1)
+    real_taps = height.sum(0)[:, None] * width.sum(0)  # colsum(M): (kh, kw)
+    return sums.reshape(sums.shape[0], -1), real_taps.reshape(-1)
 
 
 def _conv_grad_weight(
-    h: QuantizedTensor, x: QuantizedTensor, masks: tuple[Tensor, Tensor] | None,
-    out_size: tuple[int, int], taps_first: bool = False,
+    h: QuantizedTensor, x: QuantizedTensor, size: tuple, pads: list[int], kernel: tuple,
+    ops: ConvOps, taps_first: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """``grad_weight`` (O, C·kh·kw) with the padding correction (module docstring; ``masks`` are
-    the tap mask's factors on the CPU, :func:`_axis_masks`, over the (Ho, Wo) output plane
-    ``out_size``), and the column sums of ``h``'s codes (as
-    :func:`~fqtorch.backends.int8._grad_weight`). The columns of ``x`` are in (C, kh, kw) order,
-    or (kh, kw, C) with ``taps_first``."""
-    if masks is None:
+    """``grad_weight`` (O, C·kh·kw) of a layer over (H, W) planes ``size``, with the padding
+    correction (module docstring, :func:`_sums_on_real_taps`), and the column sums of ``h``'s
+    codes (as :func:`~fqtorch.backends.int8._grad_weight`). The columns of ``x`` are in
+    (C, kh, kw) order, or (kh, kw, C) with ``taps_first``."""
+    if not any(pads):
         return _grad_weight(h, x)
     f64, rows = torch.float64, h.codes.shape[0]
     prod, h_cols, x_cols = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, N·L) × (N·L, Ck²)
     (s_h, b_h), (s_x, b_x) = _affine(h, f64), _affine(x, f64)
     s_o, b_o = s_h.reshape(-1, 1), b_h.reshape(-1, 1)  # (O, 1) or (1, 1)
-    batch = rows // (out_size[0] * out_size[1])
-    height, width = (m.to(f64) for m in masks)  # (Ho, kh), (Wo, kw)
-    real_taps = (height.sum(0)[:, None] * width.sum(0)).reshape(-1).to(h.codes.device)
+    sums, real_taps = _sums_on_real_taps(h.codes, h.bits, size, pads, kernel, ops)
+    batch = rows // math.prod(_out_size(size, pads, kernel, ops))
     out = prod.to(f64).mul_(s_o * s_x)
     # s_o b_x (S_hᵀ M) + N b_o b_x colsum(M), per tap: the same for every channel
-    per_tap = s_o * b_x * _sums_on_real_taps(h.codes, h.bits, masks, out_size)
-    per_tap += batch * b_o * b_x * real_taps
-    _add_per_tap(out, per_tap, taps_first)
+    _add_per_tap(out, s_o * b_x * sums + batch * b_o * b_x * real_taps, taps_first)
     out.addcmul_(b_o * s_x, x_cols.to(f64)[None, :])
     return out, h_cols
 
@@ -369,8 +383,7 @@ class _Int8Conv2d(torch.autograd.Function):
                 h_cols = None
                 w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
-                    masks = _axis_masks((h, wd), pads, (kh, kw), ops, torch.device("cpu"))
-                    grad_weight, h_cols = _conv_grad_weight(hq, x_q, masks, (ho, wo))
+                    grad_weight, h_cols = _conv_grad_weight(hq, x_q, (h, wd), pads, (kh, kw), ops)
                     grad_weight = grad_weight.to(w_dtype).reshape(w_shape)
                 grad_bias = _grad_bias(hq, h_cols).to(w_dtype) if need_bias else None
         if not (need_bias and has_bias):

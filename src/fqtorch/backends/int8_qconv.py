@@ -32,10 +32,10 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
   laid on the same padded grid — no im2col copy; the N·Hp·Wp positions run in chunks of
   :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries). A strided
   layer's padded input is split by phase (the positions of each residue modulo the stride), on
-  which every tap is a stride-1 tap: still no im2col copy. Under 64 input channels a strided
-  layer with more than one tap unfolds instead (:func:`phases_pay`: each tap's product re-reads
-  the gradient), and so does a stride-1 layer under 24 input channels with more than 9 taps
-  (:func:`stride1_taps_pay`).
+  which every tap is a stride-1 tap: still no im2col copy. A strided layer unfolds instead,
+  unless its kernel is 1 × 1 on up to 64 input channels
+  (:func:`phases_pay`: each tap's product re-reads the gradient), and so does a stride-1 layer
+  under 24 input channels with more than 9 taps (:func:`stride1_taps_pay`).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
@@ -63,7 +63,6 @@ from ..quantizers.uniform import Identity
 from .base import ConvOps, check_finite, refuse_second_derivative
 from .int8 import _code_sum, _compiled_path, _grad_bias, _per_column, _per_row, chunk_length
 from .int8_conv import (
-    _axis_masks,
     _cols,
     _cols_taps_first,
     _conv_grad_weight,
@@ -681,43 +680,44 @@ class _QConv2d(torch.autograd.Function):
 
 
 def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
-    """Layers whose taps do not pay (:func:`weight_by_taps`: few input channels): the im2col weight
-    gradient of :mod:`.int8_conv`, its columns in (kh, kw, C) order where that unfolds faster
-    (:func:`~.int8_conv.taps_first_pays`; the result is put back in the weight's (C, kh, kw)
-    order, a copy of the small gradient)."""
+    """Layers whose taps do not pay (:func:`weight_by_taps`): the im2col weight gradient of
+    :mod:`.int8_conv`, its columns in (kh, kw, C) order where that unfolds faster
+    (:func:`~.int8_conv.taps_first_pays`; the result is put back in the weight's (C, kh, kw) order,
+    a copy of the small gradient)."""
     pads, kernel = _pads(ops), tuple(w_shape[2:])
     (o, c), taps_first = w_shape[:2], taps_first_pays(kernel)
     x_cols = (_cols_taps_first if taps_first else _cols)(codes, pads, kernel, ops)
     x_q = QuantizedTensor(x_cols, xs, xb, x_bits, x_cols.shape, torch.float32)
-    masks = _axis_masks(codes.shape[2:], pads, kernel, ops, torch.device("cpu"))
-    out_size = _out_size(codes.shape[2:], pads, kernel, ops)
-    grad_weight, h_cols = _conv_grad_weight(hq, x_q, masks, out_size, taps_first)
+    size = tuple(codes.shape[2:])
+    grad_weight, h_cols = _conv_grad_weight(hq, x_q, size, pads, kernel, ops, taps_first)
     if taps_first:
         grad_weight = grad_weight.reshape(o, *kernel, c).permute(0, 3, 1, 2).reshape(o, -1)
     return grad_weight, h_cols
 
 
-def phases_pay(taps: int) -> bool:
+def phases_pay(channels: int, taps: int) -> bool:
     """Whether a strided layer's weight gradient runs by phase (:func:`_grad_weight_taps`)
-    rather than im2col: for 1 × 1 kernels. Each tap's product re-reads the whole gradient grid
-    for ``C + 2`` output columns, where im2col reads it once; with the padding mask's terms from
-    its factors (:func:`~.int8_conv._sums_on_real_taps`), unfolding wins on every strided kernel
-    with more than one tap measured (``benchmarks/conv_weight_gradient.py``,
-    docs/performance.md; one thread, AMD EPYC with VNNI, medians of two runs, batch 32; 3 × 3 by
-    phase against unfolded: 64 → 128 at 56², 21 against 19 ms; 128 → 256 at 28², 17.5 against
-    14.9; 256 → 512 at 14², 18.7 against 15.1; 512 → 512 at 14², 33 against 29; ResNet-18's
-    7 × 7 stem, 3 channels, 387 against 114). A strided 1 × 1 kernel has one tap on one phase:
-    a copy of the codes either way, and by phase as fast or faster up to 64 channels (16 → 32
-    at 32² and batch 128, 1.5 against 2.1 ms; 32 → 64 at 16², 1.1 against 1.1; 64 → 128 at
-    56², 4.5 against 5.4), 1.1–1.2× slower above (128 → 256 at 28², 3.7 against 3.2; 256 →
-    512 at 14², 2.4 against 2.2)."""
-    return taps == 1
+    rather than im2col: a 1 × 1 kernel on up to 64 input channels. Each tap's product re-reads
+    the whole gradient grid for ``C + 2`` output columns, where im2col reads it once; with the
+    padding mask's terms from its factors (:func:`~.int8_conv._sums_on_real_taps`), unfolding
+    wins on every strided kernel with more than one tap measured (``benchmarks/
+    conv_weight_gradient.py``, docs/performance.md; one thread, AMD EPYC with VNNI, medians of
+    two runs, batch 32; 3 × 3 by phase against unfolded: 64 → 128 at 56², 21 against 19 ms;
+    128 → 256 at 28², 17.5 against 14.9; 256 → 512 at 14², 18.7 against 15.1; 512 → 512 at
+    14², 33 against 29; ResNet-18's 7 × 7 stem, 3 channels, 387 against 114). A strided 1 × 1
+    kernel has one tap on one phase, a copy of the codes either way: by phase as fast or faster
+    up to 64 channels (16 → 32 at 32² and batch 128, 1.5 against 2.1 ms; 32 → 64 at 16², 1.1
+    against 1.1; 64 → 128 at 56², 4.5 against 5.4), 1.1–1.2× slower above (128 → 256 at 28²,
+    3.7 against 3.2; 256 → 512 at 14², 2.4 against 2.2). Kernels as large as their stride
+    (2 × 2 at stride 2: one tap per phase) were not measured; they unfold."""
+    return taps == 1 and channels <= 64
 
 
 def stride1_taps_pay(channels: int, taps: int) -> bool:
     """Whether a stride-1 layer's weight gradient runs per tap rather than im2col: unless it has
     under 24 input channels and more than 9 taps. There the re-reads of the gradient grid, one
-    per tap for ``C + 2`` output columns, outweigh the unfolding, at every batch size
+    per tap for ``C + 2`` output columns, outweigh the unfolding from batch 2 (at batch 1 the
+    two tie or the unfolding wins)
     (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of two runs,
     channels-last codes, docs/performance.md; per tap against unfolded: 3 channels 7 × 7 at 112²,
     9.9 against 4.6 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at 112², 3.4
@@ -734,7 +734,7 @@ def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int) -> bool:
     im2col: :func:`stride1_taps_pay` at stride 1, :func:`phases_pay` when strided."""
     if all(s == 1 for s in stride):
         return stride1_taps_pay(channels, taps)
-    return phases_pay(taps)
+    return phases_pay(channels, taps)
 
 
 def _announce(name: str, ops: ConvOps, channels: int, taps: int) -> None:
@@ -744,7 +744,10 @@ def _announce(name: str, ops: ConvOps, channels: int, taps: int) -> None:
     same path is not announced again, since the line would say nothing new."""
     strided = any(s > 1 for s in ops.stride)
     if not weight_by_taps(ops.stride, channels, taps):
-        why = "strided" if strided else "more than 9 taps, under 24 input channels"
+        if not strided:
+            why = "more than 9 taps, under 24 input channels"
+        else:
+            why = "strided, more than one tap" if taps > 1 else "strided, over 64 input channels"
         weight = f"im2col + torch._int_mm ({why})"
     elif strided:
         weight = "torch._int_mm per tap on the stride's phases"
