@@ -1,8 +1,8 @@
 """The int8 Conv2d weight gradient alone on the CPU: by kernel tap (strided layers by phase of the
 stride, ``int8_qconv._grad_weight_taps``) against im2col (``int8_qconv._im2col_grad_weight``, the
-path of strided kernels larger than 1 × 1 and of stride-1 layers with few input channels and large
-kernels), from NCHW and channels-last input codes, beside the fp32 and bf16 weight gradients
-(``aten.convolution_backward``) of the same layer, interleaved in one process.
+path of strided kernels larger than 1 × 1 or on more than 64 channels and of stride-1 layers with
+few input channels and large kernels), from NCHW and channels-last input codes, beside the fp32 and
+bf16 weight gradients (``aten.convolution_backward``) of the same layer, interleaved in one process.
 
     python benchmarks/conv_weight_gradient.py [--layers NxCxOxSxKxSTRIDE,...] [--repeats 9]
 

@@ -268,16 +268,23 @@ class TestAgainstSimulate:
     def test_strided_paths_unforced(self, kernel, channels, monkeypatch):
         """Unforced, a strided 1 × 1 layer of 64 input channels runs its weight gradient by
         phase (one product, its one tap); one of 65 channels and a strided 3 × 3 layer unfold
-        (a few products, not one per tap); all give simulate's values and say their path once."""
+        (a few products, not one per tap); all give simulate's values and say their path once
+        (the path that ran is spied on: a 1 × 1 kernel makes one product either way)."""
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         products, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
-        said = []
+        said, ran = [], []
         monkeypatch.setattr(int8_qconv, "say_once", said.append)
+        for name in ("_grad_weight_taps", "_im2col_grad_weight"):
+            path_fn = getattr(int8_qconv, name)
+            spy = lambda *args, _name=name, _fn=path_fn: ran.append(_name) or _fn(*args)  # noqa: E731
+            monkeypatch.setattr(int8_qconv, name, spy)
         make = lambda: nn.Conv2d(channels, 5, kernel, stride=2, padding=kernel // 2)  # noqa: E731
         x = torch.randn(2, channels, 7, 6, generator=torch.Generator().manual_seed(13)).relu()
         assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
-        if kernel == 1 and channels <= 64:
+        by_phase = kernel == 1 and channels <= 64
+        assert ran == ["_grad_weight_taps" if by_phase else "_im2col_grad_weight"]
+        if by_phase:
             path = "torch._int_mm per tap on the stride's phases"
             assert len(products) == 1
         else:

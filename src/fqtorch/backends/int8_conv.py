@@ -2,7 +2,8 @@
 views of the int8 codes. :func:`conv` first offers the layer to :mod:`fqtorch.backends.int8_qconv`
 (integer convolution kernels, 7–9× faster here); this path runs where those kernels are not exact on
 the machine (it warns), and for the weight gradient of layers whose taps do not pay
-(``int8_qconv.weight_by_taps``: strided kernels larger than 1 × 1, stride-1 ones on few channels).
+(``int8_qconv.weight_by_taps``: strided kernels larger than 1 × 1 or on more than 64 channels,
+stride-1 ones with large kernels on few channels).
 
     output      : cols(C_x) (N·L, C·k·k) × C_wᵀ (C·k·k, O)         L output positions
     grad_input  : rows(C_g) (N·L, O) × C_w (O, C·k·k), then col2im (``F.fold``)
@@ -202,7 +203,7 @@ def _border_rows(size: int, before: int, k: int, s: int, d: int, out: int) -> tu
     geometry alone, so nothing waits on the device. A position's first tap reads the padding
     ahead of the input where ``y·s < before``, its last the padding after it where
     ``y·s + (k − 1)·d ≥ size + before``."""
-    top = min(out, -(-before // s))
+    top = min(out, max(0, -(-before // s)))
     start = min(out, max(top, -(-(size + before - (k - 1) * d) // s)))
     return top, start
 
@@ -211,12 +212,12 @@ def _sums_on_real_taps(
     codes: Tensor, bits: int, size: tuple, pads: list[int], kernel: tuple, ops: ConvOps
 ) -> tuple[Tensor, Tensor] | None:
     """``S_hᵀ M`` (O, kh·kw) and ``colsum(M)`` (kh·kw) in float64, exact, for the gradient codes
-    ``codes`` (N·Ho·Wo, O) of a layer over (H, W) planes ``size``; ``None`` without padding.
-    For each tap, the sum of the codes over the positions (all samples) where that tap reads the
-    input, and their count. The mask ``M`` is the product of its two factors
-    (:func:`_axis_masks`): a tap reads the input on a rectangle of positions, every row's
-    columns where its width factor is 1, less the rows where its height factor is 0, which
-    are only the rows near the padding, ``B`` (:func:`_border_rows`):
+    ``codes`` (N·Ho·Wo, O) of a layer over (H, W) planes ``size``; ``None`` without padding. For
+    each tap, the sum of the codes over the positions (all samples) where that tap reads the input,
+    and the number of those positions in one sample. The mask ``M`` is the product of its two
+    factors (:func:`_axis_masks`): a tap reads the input on a rectangle of positions, every row's
+    columns where its width factor is 1, less the rows where its height factor is 0, which are only
+    the rows near the padding, ``B`` (:func:`_border_rows`):
 
         S_hᵀ M [o, (i, j)] = Σ_x c[x, j] Σ_(n,y) C_h[n, y, x, o]
                              − Σ_(y∈B) (1 − r[y, i]) Σ_x c[x, j] Σ_n C_h[n, y, x, o]

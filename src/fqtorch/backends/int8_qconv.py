@@ -696,20 +696,21 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
 
 
 def phases_pay(channels: int, taps: int) -> bool:
-    """Whether a strided layer's weight gradient runs by phase (:func:`_grad_weight_taps`)
-    rather than im2col: a 1 × 1 kernel on up to 64 input channels. Each tap's product re-reads
-    the whole gradient grid for ``C + 2`` output columns, where im2col reads it once; with the
-    padding mask's terms from its factors (:func:`~.int8_conv._sums_on_real_taps`), unfolding
-    wins on every strided kernel with more than one tap measured (``benchmarks/
-    conv_weight_gradient.py``, docs/performance.md; one thread, AMD EPYC with VNNI, medians of
-    two runs, batch 32; 3 × 3 by phase against unfolded: 64 → 128 at 56², 21 against 19 ms;
-    128 → 256 at 28², 17.5 against 14.9; 256 → 512 at 14², 18.7 against 15.1; 512 → 512 at
-    14², 33 against 29; ResNet-18's 7 × 7 stem, 3 channels, 387 against 114). A strided 1 × 1
-    kernel has one tap on one phase, a copy of the codes either way: by phase as fast or faster
-    up to 64 channels (16 → 32 at 32² and batch 128, 1.5 against 2.1 ms; 32 → 64 at 16², 1.1
-    against 1.1; 64 → 128 at 56², 4.5 against 5.4), 1.1–1.2× slower above (128 → 256 at 28²,
-    3.7 against 3.2; 256 → 512 at 14², 2.4 against 2.2). Kernels as large as their stride
-    (2 × 2 at stride 2: one tap per phase) were not measured; they unfold."""
+    """Whether a strided layer's weight gradient runs by phase (:func:`_grad_weight_taps`) rather
+    than im2col: a 1 × 1 kernel on up to 64 input channels. Each tap's product re-reads the whole
+    gradient grid for ``C + 2`` output columns, where im2col reads it once; with the padding mask's
+    terms from its factors (:func:`~.int8_conv._sums_on_real_taps`), unfolding wins on every strided
+    kernel with more than one tap measured (``benchmarks/conv_weight_gradient.py``,
+    docs/performance.md; one thread, AMD EPYC with VNNI, medians of two runs, channels-last codes,
+    batch 32; 3 × 3 by phase against unfolded: 64 → 128 at 56², 21 against 19 ms; 128 → 256 at 28²,
+    17.5 against 14.9; 256 → 512 at 14², 18.7 against 15.1; 512 → 512 at 14², 33 against 29;
+    ResNet-18's 7 × 7 stem, 3 channels, 387 against 114). A strided 1 × 1 kernel has one tap on one
+    phase, a copy of the codes either way: by phase as fast or faster up to 64 channels (16 → 32 at
+    32² and batch 128, 1.5 against 2.1 ms; 32 → 64 at 16², 1.1 against 1.1; 64 → 128 at 56², 4.5
+    against 5.4), 1.1–1.2× slower above (128 → 256 at 28², 3.7 against 3.2; 256 → 512 at 14², 2.4
+    against 2.2; from NCHW codes 32 → 64 goes the other way, 1.7 against 1.4, and the narrow and
+    wide layers measured differ in plane and batch too). Kernels as large as their stride (2 × 2 at
+    stride 2: one tap per phase) were not measured; they unfold."""
     return taps == 1 and channels <= 64
 
 
