@@ -253,7 +253,7 @@ class TestAgainstSimulate:
         inputs: one ``_int_mm`` per kernel tap and its compiled epilogue, no unfold."""
         monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels, taps: True)
         epilogues = spy_compiled_epilogue(monkeypatch)
-        int8.int_mm_verdict()  # its probe at first use is not the layer's product
+        int8.int_mm_verdict("cpu")  # its probe at first use is not the layer's product
         products, int_mm = [], torch._int_mm
         monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
         make, shape = CONVS[conv]
