@@ -39,8 +39,10 @@ def paths(n: int, c: int, o: int, side: int, k: int, stride: int) -> dict:
     weight = torch.randn(o, c, k, k, generator=g)
     xq = get_quantizer("ptq", 8).encode(x.reshape(n, -1), g)
     codes = xq.codes.reshape(x.shape)
-    # the gradient's rows are positions (N·Ho·Wo, O), per-column scales, as the backend encodes
-    h = get_quantizer("per_column", 5).encode(grad.permute(0, 2, 3, 1).reshape(-1, o), g)
+    # the gradient's rows are positions (N·Ho·Wo, O), per-column scales, row-major codes, as the
+    # backend encodes them (at batch 1 the reshape alone would be a column-major view)
+    columns = grad.permute(0, 2, 3, 1).reshape(-1, o).contiguous()
+    h = get_quantizer("per_column", 5).encode(columns, g)
     last = codes.contiguous(memory_format=torch.channels_last)
     shape = (o, c, k, k)
 

@@ -716,17 +716,16 @@ def phases_pay(channels: int, taps: int) -> bool:
 
 def stride1_taps_pay(channels: int, taps: int) -> bool:
     """Whether a stride-1 layer's weight gradient runs per tap rather than im2col: unless it has
-    under 24 input channels and more than 9 taps. There the re-reads of the gradient grid, one
-    per tap for ``C + 2`` output columns, outweigh the unfolding from batch 2 (at batch 1 the
-    two tie or the unfolding wins)
+    under 24 input channels and more than 9 taps. There the re-reads of the gradient grid, one per
+    tap for ``C + 2`` output columns, outweigh the unfolding at every batch
     (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of two runs,
     channels-last codes, docs/performance.md; per tap against unfolded: 3 channels 7 × 7 at 112²,
-    9.9 against 4.6 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at 112², 3.4
-    against 3.3 at batch 1, 11.4 against 7.3 at batch 4, 48 against 27 at batch 16; 8 channels
-    5 × 5 at 56², 1.7 against 1.7 at batch 1, 6.1 against 3.1 at batch 4; 16 channels at 56² and
-    batch 32, 56 against 32 at 5 × 5 and 103 against 91 at 7 × 7; 24 channels, 73 against 75 at
-    5 × 5, 137 against 132 at 7 × 7). The taps win at 3 × 3 from 3 channels (8.2 against 10.0 ms at
-    32² and batch 128) and from 32 channels (5 × 5 at 56²: 75 against 92)."""
+    10.0 against 3.0 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at 112², 3.1
+    against 1.9 at batch 1, 11.4 against 7.3 at batch 4, 48 against 27 at batch 16; 8 channels 5 × 5
+    at 56², 1.8 against 1.1 at batch 1, 6.1 against 3.1 at batch 4; 16 channels at 56² and batch 32,
+    56 against 32 at 5 × 5 and 103 against 91 at 7 × 7; 24 channels, 73 against 75 at 5 × 5, 137
+    against 132 at 7 × 7). The taps win at 3 × 3 from 3 channels (8.2 against 10.0 ms at 32² and
+    batch 128) and from 32 channels (5 × 5 at 56²: 75 against 92)."""
     return channels >= 24 or taps <= 9
 
 
