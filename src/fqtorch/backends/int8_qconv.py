@@ -26,16 +26,16 @@ one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. 
   weight codes, unit scales, float32 output. The kernel accumulates in int32; its float32 output
   is that integer exactly while ``|acc| ≤ 2^24``: where the weight codes cannot guarantee it
   (:func:`fits_float32`), the reduction runs in chunks of input channels summed in int32.
-- ``grad_weight`` is a reduction over N·H·W, past float32's exact integers at any useful length,
-  so it stays on ``torch._int_mm`` (int32, chunks summed in int64): at stride 1, one product per
-  tap of the padded input codes, N·Hp·Wp positions at that tap's offset, with the gradient codes
-  laid on the same padded grid — no im2col copy; the N·Hp·Wp positions run in chunks of
-  :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries). A strided
-  layer's padded input is split by phase (the positions of each residue modulo the stride), on
-  which every tap is a stride-1 tap: still no im2col copy. A strided layer unfolds instead,
-  unless its kernel is 1 × 1 on up to 64 input channels
-  (:func:`phases_pay`: each tap's product re-reads the gradient), and so does a stride-1 layer
-  under 24 input channels with more than 9 taps (:func:`stride1_taps_pay`).
+- ``grad_weight`` is a reduction over N·H·W, past float32's exact integers at any useful length, so
+  it stays on ``torch._int_mm`` (int32, chunks summed in int64): at stride 1, one product per tap of
+  the padded input codes, N·Hp·Wp positions at that tap's offset, with the gradient codes laid on
+  the same padded grid — no im2col copy; the N·Hp·Wp positions run in chunks of
+  :func:`~fqtorch.backends.int8.chunk_length` (whatever the sample boundaries). A strided layer's
+  padded input is split by phase (the positions of each residue modulo the stride), on which every
+  tap is a stride-1 tap: still no im2col copy. A strided layer unfolds instead, unless its kernel is
+  1 × 1 on up to 64 input channels (:func:`phases_pay`: each tap's product re-reads the gradient),
+  and so does a stride-1 layer under 24 input channels with more than 9 taps
+  (:func:`stride1_taps_pay`).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
