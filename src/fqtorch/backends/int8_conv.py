@@ -154,12 +154,9 @@ def _axis_mask(size: int, before: int, k: int, s: int, d: int, out: int, device:
 
 def _axis_masks(
     size: tuple, pads: list[int], kernel: tuple, ops: ConvOps, device: torch.device
-) -> tuple[Tensor, Tensor] | None:
+) -> tuple[Tensor, Tensor]:
     """The tap mask of an (H, W) plane ``size`` as its two factors, (Ho, kh) along the height and
-    (Wo, kw) along the width: a tap reads the input where it does along both axes. ``None``
-    without padding (all ones)."""
-    if not any(pads):
-        return None
+    (Wo, kw) along the width: a tap reads the input where it does along both axes."""
     (ho, wo), (kh, kw) = _out_size(size, pads, kernel, ops), kernel
     (sh, sw), (dh, dw) = ops.stride, ops.dilation
     return (
@@ -176,10 +173,9 @@ def _tap_mask(
     every channel and sample, and the terms it enters are sums over taps, which
     :func:`_add_per_tap` spreads over the channels (1/C of the work and memory of the full
     (L, C·kh·kw) mask)."""
-    masks = _axis_masks(size, pads, kernel, ops, device)
-    if masks is None:
+    if not any(pads):
         return None
-    rows, cols = masks
+    rows, cols = _axis_masks(size, pads, kernel, ops, device)
     return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(
         rows.shape[0] * cols.shape[0], -1
     )
@@ -210,9 +206,9 @@ def _border_rows(size: int, before: int, k: int, s: int, d: int, out: int) -> tu
 
 def _sums_on_real_taps(
     codes: Tensor, bits: int, size: tuple, pads: list[int], kernel: tuple, ops: ConvOps
-) -> tuple[Tensor, Tensor] | None:
+) -> tuple[Tensor, Tensor]:
     """``S_hᵀ M`` (O, kh·kw) and ``colsum(M)`` (kh·kw) in float64, exact, for the gradient codes
-    ``codes`` (N·Ho·Wo, O) of a layer over (H, W) planes ``size``; ``None`` without padding. For
+    ``codes`` (N·Ho·Wo, O) of a layer over (H, W) planes ``size``. For
     each tap, the sum of the codes over the positions (all samples) where that tap reads the input,
     and the number of those positions in one sample. The mask ``M`` is the product of its two
     factors (:func:`_axis_masks`): a tap reads the input on a rectangle of positions, every row's
@@ -225,11 +221,8 @@ def _sums_on_real_taps(
     with ``r`` (Ho, kh) and ``c`` (Wo, kw) the factors. One pass over the codes (their sums
     down the columns, as the GEMMs' code sums) and the codes of the border rows: no
     (L, C·kh·kw) mask, no product over every position."""
-    masks = _axis_masks(size, pads, kernel, ops, codes.device)
-    if masks is None:
-        return None
     f64 = torch.float64
-    height, width = (m.to(f64) for m in masks)  # (Ho, kh), (Wo, kw)
+    height, width = (m.to(f64) for m in _axis_masks(size, pads, kernel, ops, codes.device))
     ho, wo, kh = height.shape[0], width.shape[0], kernel[0]
     planes = codes.reshape(-1, ho, wo, codes.shape[1])  # (N, Ho, Wo, O): a view
     columns = _code_sum(planes.reshape(-1, wo, codes.shape[1]), 0, bits)  # (Wo, O)
