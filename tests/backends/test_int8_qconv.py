@@ -191,7 +191,8 @@ class TestAgainstSimulate:
         """Signed inputs put real zero (the padding) between grid points; post-ReLU inputs put
         most codes at one end of the grid. Both run on the integer kernels (2 calls: output,
         grad_input, or one per phase of a strided layer's input positions; ``qat`` has no
-        integer grad_input)."""
+        integer grad_input), with a channel of ones for the receptive-field sums only where the
+        weight has a zero point (``ptq`` weights; symmetric ones go without)."""
         calls = count_qconv_calls(monkeypatch)
         epilogues = spy_compiled_epilogue(monkeypatch)
         outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
@@ -204,6 +205,9 @@ class TestAgainstSimulate:
         cfg = FQTConfig.preset(name, fused=False, **PRESETS[preset])
         assert_same(against_simulate(make, x, cfg))
         assert len(calls) == (1 if name == "qat" else 1 + GRAD_INPUT_PHASES.get(conv, 1))
+        (o, c), border = make().weight.shape[:2], int("ptq-weight" in preset)
+        assert calls[0][0] == o + border  # the output's kernel (O', C, kh, kw)
+        assert all(kernel[0] == c + border for kernel in calls[1:])  # grad_input's (C', O, ..)
         # fused=False: the eager epilogues
         assert not (epilogues or outputs or grad_inputs or phases)
 
@@ -223,10 +227,13 @@ class TestAgainstSimulate:
             assert not torch.equal(grad, grad.float().double())
         assert not calls
 
+    @pytest.mark.parametrize("weights", ["ptq", "symmetric"])
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x2-dilated-strided", "3x3-pad1-stride2"])
-    def test_fused_quantizers(self, conv, monkeypatch):
+    def test_fused_quantizers(self, conv, weights, monkeypatch):
         """``fused=True`` (the int8 default: compiled quantizers, another noise stream) on both
-        backends gives the same codes, so the integer kernels still give simulate's values."""
+        backends gives the same codes, so the integer kernels still give simulate's values, with
+        the compiled epilogues with and without the receptive-field sums (a weight with and
+        without a zero point)."""
         calls = count_qconv_calls(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)) + 0.2
@@ -234,10 +241,12 @@ class TestAgainstSimulate:
         outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
         grad_inputs = spy_compiled_epilogue(monkeypatch, "_compiled_grad_input_terms")
         phases = spy_compiled_epilogue(monkeypatch, "_compiled_phase_terms")
-        cfg = FQTConfig.preset("psq5", fused=True, weight_quantizer="ptq")
+        cfg = FQTConfig.preset("psq5", fused=True, weight_quantizer=weights)
         assert_same(against_simulate(make, x, cfg))
         strided = conv != "3x3-pad1"
         assert len(calls) == 1 + GRAD_INPUT_PHASES.get(conv, 1)
+        (o, c), border = make().weight.shape[:2], int(weights == "ptq")
+        assert [kernel[0] for kernel in calls] == [o + border] + [c + border] * (len(calls) - 1)
         assert len(outputs) == 1  # compiled output and grad_input epilogues, the latter by phase
         assert (len(grad_inputs), len(phases)) == ((0, len(calls) - 1) if strided else (1, 0))
         # the stride-1 weight gradient's epilogue is the compiled one; strided layers with more
@@ -631,9 +640,14 @@ def test_output_and_grad_input_epilogues_compiled_and_eager(dtype):
     output = const.to(f64) + a.to(f64) * main.to(f64) + b.to(f64) * sums.to(f64)
     r = [t.to(f64) for t in rows]
     grad_input = r[0] * main.to(f64) + r[1] * sums.to(f64) + r[2] * const.to(f64)
+    # without a weight zero point (b = 0) the sums are not computed: None
+    no_sums_output = const.to(f64) + a.to(f64) * main.to(f64)
+    no_sums_grad_input = r[0] * main.to(f64) + r[2] * const.to(f64)
     for name, expected, args in (
         ("_output_terms", output, (main, sums, const, a, b)),
         ("_grad_input_terms", grad_input, (main, sums, const, *rows)),
+        ("_output_terms", no_sums_output, (main, None, const, a, b)),
+        ("_grad_input_terms", no_sums_grad_input, (main, None, const, *rows)),
     ):
         scale = float(expected.abs().max())
         for fn in (getattr(int8_qconv, name), getattr(int8_qconv, "_compiled" + name)):
@@ -976,15 +990,16 @@ def test_masked_code_sums_past_int32():
     ],
 )
 @pytest.mark.parametrize("chunks", [False, True])
+@pytest.mark.parametrize("zero_point", [True, False])
 def test_strided_grad_input_by_phase_is_the_transposed_convolution(
-    kernel, stride, padding, dilation, size, chunks, monkeypatch
+    kernel, stride, padding, dilation, size, chunks, zero_point, monkeypatch
 ):
     """A strided layer's grad_input code convolution, one integer convolution per phase of the
     input positions, laid on its positions, is the transposed convolution of the codes exactly
-    (float64 reference), its extra channel the sum of the codes each input position receives,
-    with the codes' extremes; each position is laid once, and those left out are those no tap
-    reaches. ``chunks`` makes the phases of more than two taps sum over channel chunks (int32)
-    and the others not (float32)."""
+    (float64 reference), its extra channel (with ``zero_point``) the sum of the codes each input
+    position receives, with the codes' extremes; each position is laid once, and those left out
+    are those no tap reaches. ``chunks`` makes the phases of more than two taps sum over channel
+    chunks (int32) and the others not (float32)."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.backends.int8_conv import _out_size, _pads
 
@@ -1001,8 +1016,9 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     w = torch.randint(-128, 128, (o, c, *kernel), generator=gen, dtype=torch.int8)
     w[0] = 127
     u8 = int8_qconv._to_u8(codes.contiguous(memory_format=torch.channels_last))
-    parts, covered = int8_qconv.strided_phases(u8, w, (8, 8), ops, pads, size)
-    got = torch.full((3, c + 1, *size), 0.5, dtype=torch.float64)  # 0.5: a position left out
+    parts, covered = int8_qconv.strided_phases(u8, w, (8, 8), ops, pads, size, zero_point)
+    fields = c + int(zero_point)  # the receptive-field sums only for a weight zero point
+    got = torch.full((3, fields, *size), 0.5, dtype=torch.float64)  # 0.5: a position left out
     dtypes = set()
     for part, y0, x0 in parts:  # each phase convolved as it is asked for
         dtypes.add(part.dtype)
@@ -1014,7 +1030,7 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     got[got == 0.5] = 0  # positions no tap reaches
     with_sums = torch.cat([w, torch.ones_like(w[:, :1])], 1).double()  # (O, C + 1, kh, kw)
     expect = torch.nn.grad.conv2d_input(
-        (3, c + 1, *size), with_sums, codes.double(), stride, padding, dilation
+        (3, fields, *size), with_sums[:, :fields], codes.double(), stride, padding, dilation
     )
     assert torch.equal(got, expect)
     # the most taps of a phase: every (s / gcd(d, s))-th tap along each axis

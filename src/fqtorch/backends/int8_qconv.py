@@ -16,8 +16,10 @@ path (:mod:`fqtorch.backends.int8_conv`), with ``M`` the mask of real positions:
                   + b_o s_x (1 ⋆ Σ_n C_x) + N b_o b_x (1 ⋆ M)
 
 ``conv(C, 1)`` sums ``C`` over channels first, so every term but the first is a convolution of a
-one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one. Per-sample scales
-(PSQ/BHQ rows of ``grad_output``) multiply ``grad_input`` sample by sample, after the kernel.
+one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one; the kernel yields
+it as one more output channel of ones, needed only where the weight has a zero point (``b_w ≠ 0``:
+not on the default symmetric grid). Per-sample scales (PSQ/BHQ rows of ``grad_output``) multiply
+``grad_input`` sample by sample, after the kernel.
 
 - ``output`` and ``grad_input`` (a convolution of the padded ``grad_output`` with the flipped
   weight; for a strided layer one per phase of the input positions, each with the taps that
@@ -200,12 +202,24 @@ def _to_u8(codes: Tensor) -> Tensor:
     return codes.view(torch.uint8).bitwise_xor(128)
 
 
-def _bordered(w: Tensor) -> Tensor:
-    """The s8 weight ``w`` (O, C, kh, kw) with one more output channel of ones: the kernel then
-    also yields ``conv(C, 1)``, the code sums of every receptive field, exactly, in one pass."""
+def _bordered(w: Tensor, zero_point: bool) -> Tensor:
+    """The s8 kernel ``w`` (O, C, kh, kw) for a weight with a zero point (``b_w ≠ 0``), with one
+    more output channel of ones: the kernel then also yields ``conv(C, 1)``, the code sums of
+    every receptive field, exactly, in one pass. Without one (``b_w = 0``, the default symmetric
+    weight grid), their term ``s b_w conv(C, 1)`` is zero and ``w`` goes as it is: oneDNN blocks
+    output channels by 16, so the extra channel cost a 16-channel layer's forward 2.1× the time
+    (docs/performance.md)."""
+    if not zero_point:
+        return w.contiguous()
     out = w.new_ones(w.shape[0] + 1, *w.shape[1:])
     out[:-1] = w
     return out
+
+
+def has_zero_point(bias: Tensor) -> bool:
+    """Whether the weight's per-tensor bias ``b_w`` is not zero: its receptive-field sums are
+    needed. Read on the CPU (this module's kernels run there), where it costs no device wait."""
+    return bool(bias.any())
 
 
 def _exact_dtype(bound: int) -> torch.dtype:
@@ -222,21 +236,29 @@ def _mask_terms(mask: Tensor, w: Tensor, ops: ConvOps, transposed: bool, like: T
     return F.conv2d(mask, w, stride=ops.stride, dilation=ops.dilation)
 
 
-def _output_terms(main: Tensor, sums: Tensor, const: Tensor, a: Tensor, b: Tensor) -> Tensor:
+def _output_terms(
+    main: Tensor, sums: Tensor | None, const: Tensor, a: Tensor, b: Tensor
+) -> Tensor:  # fmt: skip
     """The forward's epilogue: ``const + a · main + b · sums``, ``main`` the kernel's code
-    convolution (N, O, Ho, Wo), ``sums`` its extra channel of receptive-field code sums; in
-    float64 (the terms cancel where the codes sit at one end of the grid: docs/method.md §8),
-    returned as float32. Compiled, the float64 values stay in registers."""
+    convolution (N, O, Ho, Wo), ``sums`` its extra channel of receptive-field code sums (``None``
+    where ``b`` is zero: :func:`_bordered`); in float64 (the terms cancel where the codes sit at
+    one end of the grid: docs/method.md §8), returned as float32. Compiled, the float64 values
+    stay in registers."""
     out = main.double() * a + const
-    return (out + sums.double() * b).float()
+    if sums is not None:
+        out = out + sums.double() * b
+    return out.float()
 
 
 def _grad_input_terms(
-    main: Tensor, sums: Tensor, const: Tensor, a: Tensor, b: Tensor, b_g: Tensor
+    main: Tensor, sums: Tensor | None, const: Tensor, a: Tensor, b: Tensor, b_g: Tensor
 ) -> Tensor:
     """``grad_input``'s epilogue: ``a · main + b · sums + b_g · const``, with per-row ``a``,
-    ``b`` and ``b_g`` (N', 1, 1, 1); in float64, returned as float32 (:func:`_output_terms`)."""
-    out = main.double() * a + sums.double() * b
+    ``b`` and ``b_g`` (N', 1, 1, 1); in float64, returned as float32 (:func:`_output_terms`;
+    ``sums`` ``None`` where ``b`` is zero)."""
+    out = main.double() * a
+    if sums is not None:
+        out = out + sums.double() * b
     return (out + b_g * const).float()
 
 
@@ -257,7 +279,9 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
         padding = [pads[2], pads[0]]
     else:
         u8, padding = F.pad(u8, pads, value=128), [0, 0]
-    acc = _qconv(u8, _bordered(wc), (x.bits, w.bits), list(ops.stride), padding, list(ops.dilation))
+    zero_point = has_zero_point(w.bias)
+    kernel = _bordered(wc, zero_point)
+    acc = _qconv(u8, kernel, (x.bits, w.bits), list(ops.stride), padding, list(ops.dilation))
     f64 = torch.float64
     s_x, b_x = x.scale.reshape(()).to(f64), x.bias.reshape(()).to(f64)
     s_w, b_w = w.scale.reshape(()).to(f64), w.bias.reshape(()).to(f64)
@@ -274,7 +298,8 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     const = const.contiguous(memory_format=torch.channels_last)
     terms = _compiled_output_terms if compiled else _output_terms
     # s_x s_w conv(C_x, C_w) + s_x b_w conv(C_x, 1) + const
-    return terms(acc[:, :o], acc[:, o:], const, s_x * s_w, s_x * b_w)
+    sums = acc[:, o:] if zero_point else None
+    return terms(acc[:, :o], sums, const, s_x * s_w, s_x * b_w)
 
 
 @functools.cache  # every backward of a strided layer asks the same few geometries
@@ -310,8 +335,9 @@ def axis_phases(
 
 
 def strided_phases(
-    u8: Tensor, w: Tensor, bits: tuple[int, int], ops: ConvOps, pads: list[int], size: tuple
-) -> tuple[Iterator[tuple[Tensor, int, int]], bool]:
+    u8: Tensor, w: Tensor, bits: tuple[int, int], ops: ConvOps, pads: list[int], size: tuple,
+    zero_point: bool = True,
+) -> tuple[Iterator[tuple[Tensor, int, int]], bool]:  # fmt: skip
     """A strided convolution's ``grad_input`` code convolution with its receptive-field sums,
     by phase of the input positions (:func:`axis_phases`), from the u8 ``grad_output`` codes
     (N', O, Ho, Wo) and the s8 weight codes ``w`` (O, C, kh, kw): one stride-1 integer
@@ -322,7 +348,8 @@ def strided_phases(
     that its epilogue can run before the next exists: one phase's product held at a time),
     each ``part`` (N', C + 1, h, w) channels-last (float32, exact, or int32: :func:`_qconv`)
     the values of the input positions ``y0 + i·sh``, ``x0 + j·sw``; and whether the phases cover
-    every input position (where they do not, no tap reaches: 0).
+    every input position (where they do not, no tap reaches: 0). Without ``zero_point`` the
+    parts have no channel of sums: (N', C, h, w) (:func:`_bordered`).
     """
     (h, wd), (sh, sw), (dh, dw) = size, ops.stride, ops.dilation
     along_h = axis_phases(w.shape[2], sh, dh, pads[2], h, u8.shape[2])
@@ -333,7 +360,7 @@ def strided_phases(
             for j0, sj, nj, dj, x0, u0, count_w in along_w:
                 sub = w[:, :, i0::si, j0::sj].flip(2, 3).transpose(0, 1)  # (C, O, ni, nj)
                 padding = [(ni - 1) * di, (nj - 1) * dj]  # the full correlation
-                acc = _qconv(u8, _bordered(sub), bits, [1, 1], padding, [di, dj])
+                acc = _qconv(u8, _bordered(sub, zero_point), bits, [1, 1], padding, [di, dj])
                 yield acc[:, :, v0 : v0 + count_h, u0 : u0 + count_w], y0, x0
                 del acc  # before the next phase's convolution
 
@@ -342,8 +369,9 @@ def strided_phases(
 
 
 def _phase_terms(
-    out: Tensor, main: Tensor, sums: Tensor, const: Tensor, a: Tensor, b: Tensor, b_g: Tensor
-) -> None:
+    out: Tensor, main: Tensor, sums: Tensor | None, const: Tensor, a: Tensor, b: Tensor,
+    b_g: Tensor,
+) -> None:  # fmt: skip
     """:func:`_grad_input_terms` of one phase, written into its positions ``out`` (a strided
     view of ``grad_input``): compiled, one pass that stores there, no grid of the phases'
     products to lay out first."""
@@ -372,8 +400,11 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
         u8 = _to_u8(g.codes.reshape(rows, ho, wo, o).permute(0, 3, 1, 2))
     else:
         u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
+    zero_point = has_zero_point(wb)
     if sh > 1 or sw > 1:
-        phases = strided_phases(u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd))
+        phases = strided_phases(
+            u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd), zero_point
+        )
     else:
         # The full correlation with the flipped kernel covers Ho + d(k−1) rows of the padded
         # input; pad (or crop: negative) the codes so that it yields exactly the real rows
@@ -384,7 +415,8 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
             padding = [top, left]
         else:
             u8, padding = F.pad(u8, [left, right, top, bottom], value=128), [0, 0]
-        flipped = _bordered(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1))  # (C + 1, O, kh, kw)
+        # (C + 1, O, kh, kw), or (C, O, kh, kw) without a zero point
+        flipped = _bordered(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1), zero_point)
         acc = _qconv(u8, flipped, (g.bits, w_bits), [1, 1], padding, [dh, dw])
     f64 = torch.float64
     s_g = g.scale.to(f64).expand(rows, 1).reshape(rows, 1, 1, 1)
@@ -403,7 +435,7 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     a, b = s_g * s_w, s_g * b_w
     if sh == 1 and sw == 1:
         terms = _compiled_grad_input_terms if compiled else _grad_input_terms
-        return terms(acc[:, :c], acc[:, c:], const, a, b, b_g)
+        return terms(acc[:, :c], acc[:, c:] if zero_point else None, const, a, b, b_g)
     parts, covered = phases
     make = torch.empty if covered else torch.zeros  # no tap reaches: no term either
     # float32 whatever the default dtype, channels-last (the kernel's layout)
@@ -412,7 +444,8 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     for part, y0, x0 in parts:
         at = (slice(None), slice(None), slice(y0, None, sh), slice(x0, None, sw))
         shape = (slice(None), slice(None), slice(part.shape[2]), slice(part.shape[3]))
-        terms(out[at][shape], part[:, :c], part[:, c:], const[at][shape], a, b, b_g)
+        sums = part[:, c:] if zero_point else None
+        terms(out[at][shape], part[:, :c], sums, const[at][shape], a, b, b_g)
         del part  # one phase's product alive at a time
     return out
 
