@@ -192,7 +192,9 @@ class TestAgainstSimulate:
         most codes at one end of the grid. Both run on the integer kernels (2 calls: output,
         grad_input, or one per phase of a strided layer's input positions; ``qat`` has no
         integer grad_input), with a channel of ones for the receptive-field sums only where the
-        weight has a zero point (``ptq`` weights; symmetric ones go without)."""
+        weight has a zero point (``ptq`` weights; symmetric ones go without, the positions'
+        threshold of :func:`int8_qconv.sums_channel` lifted for these small layers)."""
+        monkeypatch.setattr(int8_qconv, "_POSITIONS_PER_CHANNEL", 0)
         calls = count_qconv_calls(monkeypatch)
         epilogues = spy_compiled_epilogue(monkeypatch)
         outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
@@ -233,7 +235,8 @@ class TestAgainstSimulate:
         """``fused=True`` (the int8 default: compiled quantizers, another noise stream) on both
         backends gives the same codes, so the integer kernels still give simulate's values, with
         the compiled epilogues with and without the receptive-field sums (a weight with and
-        without a zero point)."""
+        without a zero point; the positions' threshold lifted, as above)."""
+        monkeypatch.setattr(int8_qconv, "_POSITIONS_PER_CHANNEL", 0)
         calls = count_qconv_calls(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)) + 0.2
@@ -363,6 +366,34 @@ class TestAgainstSimulate:
         by_taps = int8_qconv.weight_by_taps
         assert by_taps((2, 2), 16, 1) and by_taps((2, 1), 64, 1) and by_taps((1, 1), 512, 9)
         assert not by_taps((2, 2), 128, 1) and not by_taps((2, 2), 512, 9)
+
+    def test_sums_channel_rule(self):
+        """A weight with a zero point always takes the channel of sums; without one, it is
+        dropped from 48 output positions per kernel output channel (the measured points of
+        docs/performance.md: PreAct ResNet-20's 16-channel layers and ResNet-50's 64-channel ones
+        drop it, 256 channels at 14² and 512 at 7² keep it)."""
+        rule = int8_qconv.sums_channel
+        assert rule(True, 16, 32 * 32 * 32) and rule(True, 512, 10**9)
+        assert not rule(False, 16, 32 * 32 * 32) and not rule(False, 64, 32 * 56 * 56)
+        assert not rule(False, 256, 32 * 28 * 28) and not rule(False, 128, 32 * 14 * 14)
+        assert rule(False, 256, 32 * 14 * 14) and rule(False, 512, 32 * 7 * 7)
+        assert rule(False, 4, 191) and not rule(False, 4, 192)
+
+    @pytest.mark.parametrize("weights", ["symmetric", "ptq"])
+    @pytest.mark.parametrize("fused", [False, True])
+    def test_sums_channel_unforced(self, weights, fused, monkeypatch):
+        """Unforced, a symmetric weight's kernels drop the channel of sums where the layer has
+        many positions per channel and keep it where it has few; a weight with a zero point keeps
+        it on both; all give simulate's values."""
+        calls = count_qconv_calls(monkeypatch)
+        cfg = FQTConfig.preset("psq5", fused=fused, weight_quantizer=weights)
+        for batch, size, keeps in ((4, (12, 10), False), (1, (5, 4), True)):
+            calls.clear()
+            make = lambda: nn.Conv2d(4, 4, 3, padding=1)  # noqa: E731
+            x = torch.randn(batch, 4, *size, generator=torch.Generator().manual_seed(14)) + 0.3
+            assert_same(against_simulate(make, x, cfg))
+            border = int(keeps or weights == "ptq")  # 480 positions ≥ 48 · 4; 20 are not
+            assert [kernel[0] for kernel in calls] == [4 + border] * 2, (batch, calls)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-dilated2-pad2", "1x1"])
     @pytest.mark.parametrize("grad_format", [None, torch.channels_last])
@@ -990,13 +1021,13 @@ def test_masked_code_sums_past_int32():
     ],
 )
 @pytest.mark.parametrize("chunks", [False, True])
-@pytest.mark.parametrize("zero_point", [True, False])
+@pytest.mark.parametrize("border", [True, False])
 def test_strided_grad_input_by_phase_is_the_transposed_convolution(
-    kernel, stride, padding, dilation, size, chunks, zero_point, monkeypatch
+    kernel, stride, padding, dilation, size, chunks, border, monkeypatch
 ):
     """A strided layer's grad_input code convolution, one integer convolution per phase of the
     input positions, laid on its positions, is the transposed convolution of the codes exactly
-    (float64 reference), its extra channel (with ``zero_point``) the sum of the codes each input
+    (float64 reference), its extra channel (with ``border``) the sum of the codes each input
     position receives, with the codes' extremes; each position is laid once, and those left out
     are those no tap reaches. ``chunks`` makes the phases of more than two taps sum over channel
     chunks (int32) and the others not (float32)."""
@@ -1016,8 +1047,8 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     w = torch.randint(-128, 128, (o, c, *kernel), generator=gen, dtype=torch.int8)
     w[0] = 127
     u8 = int8_qconv._to_u8(codes.contiguous(memory_format=torch.channels_last))
-    parts, covered = int8_qconv.strided_phases(u8, w, (8, 8), ops, pads, size, zero_point)
-    fields = c + int(zero_point)  # the receptive-field sums only for a weight zero point
+    parts, covered = int8_qconv.strided_phases(u8, w, (8, 8), ops, pads, size, border)
+    fields = c + int(border)  # with the receptive-field sums or without
     got = torch.full((3, fields, *size), 0.5, dtype=torch.float64)  # 0.5: a position left out
     dtypes = set()
     for part, y0, x0 in parts:  # each phase convolved as it is asked for

@@ -17,8 +17,9 @@ path (:mod:`fqtorch.backends.int8_conv`), with ``M`` the mask of real positions:
 
 ``conv(C, 1)`` sums ``C`` over channels first, so every term but the first is a convolution of a
 one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one; the kernel yields
-it as one more output channel of ones, needed only where the weight has a zero point (``b_w ≠ 0``:
-not on the default symmetric grid). Per-sample scales (PSQ/BHQ rows of ``grad_output``) multiply
+it as one more output channel of ones, taken where the weight has a zero point (``b_w ≠ 0``) and,
+where the term is zero (the default symmetric grid), only where that is faster
+(:func:`sums_channel`). Per-sample scales (PSQ/BHQ rows of ``grad_output``) multiply
 ``grad_input`` sample by sample, after the kernel.
 
 - ``output`` and ``grad_input`` (a convolution of the padded ``grad_output`` with the flipped
@@ -83,6 +84,7 @@ __all__ = [
     "phases_pay",
     "qconv_verdict",
     "stride1_taps_pay",
+    "sums_channel",
     "weight_by_taps",
 ]
 
@@ -202,14 +204,11 @@ def _to_u8(codes: Tensor) -> Tensor:
     return codes.view(torch.uint8).bitwise_xor(128)
 
 
-def _bordered(w: Tensor, zero_point: bool) -> Tensor:
-    """The s8 kernel ``w`` (O, C, kh, kw) for a weight with a zero point (``b_w ≠ 0``), with one
-    more output channel of ones: the kernel then also yields ``conv(C, 1)``, the code sums of
-    every receptive field, exactly, in one pass. Without one (``b_w = 0``, the default symmetric
-    weight grid), their term ``s b_w conv(C, 1)`` is zero and ``w`` goes as it is: oneDNN blocks
-    output channels by 16, so the extra channel cost a 16-channel layer's forward 2.1× the time
-    (docs/performance.md)."""
-    if not zero_point:
+def _bordered(w: Tensor, border: bool) -> Tensor:
+    """The s8 kernel ``w`` (O, C, kh, kw), with ``border`` one more output channel of ones: the
+    kernel then also yields ``conv(C, 1)``, the code sums of every receptive field, exactly, in
+    one pass (:func:`sums_channel` says where it is taken)."""
+    if not border:
         return w.contiguous()
     out = w.new_ones(w.shape[0] + 1, *w.shape[1:])
     out[:-1] = w
@@ -220,6 +219,22 @@ def has_zero_point(bias: Tensor) -> bool:
     """Whether the weight's per-tensor bias ``b_w`` is not zero: its receptive-field sums are
     needed. Read on the CPU (this module's kernels run there), where it costs no device wait."""
     return bool(bias.any())
+
+
+# Output positions per kernel output channel below which a kernel keeps its channel of ones even
+# where no term needs it (measured on an AMD EPYC with VNNI, one thread: docs/performance.md).
+_POSITIONS_PER_CHANNEL = 48
+
+
+def sums_channel(zero_point: bool, channels: int, positions: int) -> bool:
+    """Whether a kernel of ``channels`` output channels over ``positions`` output positions
+    (N·Ho·Wo) takes the channel of ones (:func:`_bordered`). A weight with a zero point needs
+    its sums. Without one (``b_w = 0``, the default symmetric grid) the term is zero, and the
+    channel is dropped where that is faster: oneDNN blocks output channels by 16, so the extra
+    channel took a 16-channel layer's kernel 1.6–2.1× the time, but it packs a weight of a
+    multiple of 16 output channels up to 3× slower (512 × 512 × 3 × 3: 15 against 5 ms), which
+    the saved products outweigh only from about 48 positions per output channel."""
+    return zero_point or positions < _POSITIONS_PER_CHANNEL * channels
 
 
 def _exact_dtype(bound: int) -> torch.dtype:
@@ -280,7 +295,8 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     else:
         u8, padding = F.pad(u8, pads, value=128), [0, 0]
     zero_point = has_zero_point(w.bias)
-    kernel = _bordered(wc, zero_point)
+    ho, wo = _out_size((h, wd), pads, (kh, kw), ops)
+    kernel = _bordered(wc, sums_channel(zero_point, o, codes.shape[0] * ho * wo))
     acc = _qconv(u8, kernel, (x.bits, w.bits), list(ops.stride), padding, list(ops.dilation))
     f64 = torch.float64
     s_x, b_x = x.scale.reshape(()).to(f64), x.bias.reshape(()).to(f64)
@@ -336,7 +352,7 @@ def axis_phases(
 
 def strided_phases(
     u8: Tensor, w: Tensor, bits: tuple[int, int], ops: ConvOps, pads: list[int], size: tuple,
-    zero_point: bool = True,
+    border: bool = True,
 ) -> tuple[Iterator[tuple[Tensor, int, int]], bool]:  # fmt: skip
     """A strided convolution's ``grad_input`` code convolution with its receptive-field sums,
     by phase of the input positions (:func:`axis_phases`), from the u8 ``grad_output`` codes
@@ -348,8 +364,8 @@ def strided_phases(
     that its epilogue can run before the next exists: one phase's product held at a time),
     each ``part`` (N', C + 1, h, w) channels-last (float32, exact, or int32: :func:`_qconv`)
     the values of the input positions ``y0 + i·sh``, ``x0 + j·sw``; and whether the phases cover
-    every input position (where they do not, no tap reaches: 0). Without ``zero_point`` the
-    parts have no channel of sums: (N', C, h, w) (:func:`_bordered`).
+    every input position (where they do not, no tap reaches: 0). Without ``border`` the parts
+    have no channel of sums: (N', C, h, w) (:func:`_bordered`).
     """
     (h, wd), (sh, sw), (dh, dw) = size, ops.stride, ops.dilation
     along_h = axis_phases(w.shape[2], sh, dh, pads[2], h, u8.shape[2])
@@ -360,7 +376,7 @@ def strided_phases(
             for j0, sj, nj, dj, x0, u0, count_w in along_w:
                 sub = w[:, :, i0::si, j0::sj].flip(2, 3).transpose(0, 1)  # (C, O, ni, nj)
                 padding = [(ni - 1) * di, (nj - 1) * dj]  # the full correlation
-                acc = _qconv(u8, _bordered(sub, zero_point), bits, [1, 1], padding, [di, dj])
+                acc = _qconv(u8, _bordered(sub, border), bits, [1, 1], padding, [di, dj])
                 yield acc[:, :, v0 : v0 + count_h, u0 : u0 + count_w], y0, x0
                 del acc  # before the next phase's convolution
 
@@ -402,8 +418,9 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
         u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
     zero_point = has_zero_point(wb)
     if sh > 1 or sw > 1:
+        border = sums_channel(zero_point, c, rows * ho * wo)  # each phase about N'·Ho·Wo
         phases = strided_phases(
-            u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd), zero_point
+            u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd), border
         )
     else:
         # The full correlation with the flipped kernel covers Ho + d(k−1) rows of the padded
@@ -415,8 +432,9 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
             padding = [top, left]
         else:
             u8, padding = F.pad(u8, [left, right, top, bottom], value=128), [0, 0]
-        # (C + 1, O, kh, kw), or (C, O, kh, kw) without a zero point
-        flipped = _bordered(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1), zero_point)
+        # (C + 1, O, kh, kw), or (C, O, kh, kw) without the channel of sums
+        border = sums_channel(zero_point, c, rows * h * wd)
+        flipped = _bordered(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1), border)
         acc = _qconv(u8, flipped, (g.bits, w_bits), [1, 1], padding, [dh, dw])
     f64 = torch.float64
     s_g = g.scale.to(f64).expand(rows, 1).reshape(rows, 1, 1, 1)
