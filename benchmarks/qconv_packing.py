@@ -2,12 +2,19 @@
 kernel with zero-point compensation) against the convolution itself (``qconv2d_pointwise``),
 at ResNet's 3×3 stride-1 shapes, one process.
 
-    python benchmarks/qconv_packing.py [--batch 8] [--repeats 7]
+    python benchmarks/qconv_packing.py [--batch 8] [--layers 16x32,64x56,...] [--repeats 7]
 
 The int8 backend packs on every call (the forward's kernel is the freshly quantized weight; the
 ``grad_input`` one its flipped codes), so where the activations are small (late stages, small
 batches) the packing, which does not depend on the batch, costs more than the convolution.
 Median [min–max] ms and the ratio packing / convolution.
+
+Then the channel of sums (``int8_qconv.sums_channel``): the same kernel with one more output
+channel (C → C + 1 outputs, as the backend's kernels take it for the receptive-field sums),
+packing and convolution measured in turn with the plain kernel's (``common.interleaved``), and
+the cost of the extra channel, (packing + convolution) with it over without. ``--layers`` takes
+``CxS`` items: C channels in and out on S × S inputs (default ResNet-18/50's and PreAct
+ResNet-20's stages).
 """
 
 from __future__ import annotations
@@ -17,14 +24,10 @@ import functools
 
 import torch
 
-from common import environment, median_seconds, ms_cell, print_header
+from common import environment, interleaved, median_seconds, ms_cell, print_header
 
-LAYERS = {  # channels: spatial size (ResNet-18/50 at 224 × 224)
-    64: 56,
-    128: 28,
-    256: 14,
-    512: 7,
-}
+# channels x spatial size: ResNet-18/50 at 224 × 224, then PreAct ResNet-20 at 32 × 32
+LAYERS = "64x56,128x28,256x14,512x7,16x32,32x16,64x8"
 
 
 def pack(w: torch.Tensor, shape: list[int]) -> torch.Tensor:
@@ -45,18 +48,21 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawTextHelpFormatter
     )
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--layers", default=LAYERS, help="CxS items, comma-separated")
     parser.add_argument("--repeats", type=int, default=7)
     args = parser.parse_args()
     if args.batch < 1 or args.repeats < 1:
         parser.error(
             f"--batch, --repeats: expected positive integers, got {args.batch}, {args.repeats}"
         )
+    layers = parse_layers(parser, args.layers)
     if not torch.backends.mkldnn.is_available():
         raise SystemExit("this PyTorch build has no oneDNN: nothing to measure")
     print_header(environment())
     print(f"\nbatch {args.batch} | packing ms | convolution ms | packing / convolution")
     g = torch.Generator().manual_seed(0)
-    for c, side in LAYERS.items():
+    cases = []
+    for c, side in layers:
         w = torch.randint(-128, 128, (c, c, 3, 3), generator=g, dtype=torch.int8)
         u8 = torch.randint(0, 256, (args.batch, c, side, side), generator=g, dtype=torch.uint8)
         packed = pack(w, list(u8.shape))
@@ -67,6 +73,41 @@ def main() -> None:
         ratio = packing["median"] / conv["median"]
         layer = f"({c}, {c}, 3, 3) on {side}×{side}"
         print(f"{layer} | {ms_cell(packing)} | {ms_cell(conv)} | {ratio:.2f}")
+        cases.append((layer, w, u8))
+    print(
+        f"\nbatch {args.batch}, the channel of sums | without: packing, convolution ms | with "
+        "(C + 1 outputs): packing, convolution ms | with / without | positions per channel"
+    )
+    for layer, w, u8 in cases:
+        u8 = u8.contiguous(memory_format=torch.channels_last)  # as the backend's activations
+        bordered = torch.cat([w, torch.ones_like(w[:1])])  # one more output channel, of ones
+        fns = {}
+        for name, kernel in (("without", w), ("with", bordered)):
+            packed = pack(kernel, list(u8.shape))
+            fns[name + " packing"] = functools.partial(pack, kernel, list(u8.shape))
+            fns[name + " convolution"] = functools.partial(convolve, u8, packed)
+        t = interleaved(fns, args.repeats)
+        total = {
+            k: t[k + " packing"]["median"] + t[k + " convolution"]["median"]
+            for k in ("without", "with")
+        }
+        cells = [ms_cell(t[name]) for name in fns]
+        per_channel = u8.shape[0] * u8.shape[2] * u8.shape[3] / w.shape[0]
+        print(
+            f"{layer} | {cells[0]}, {cells[1]} | {cells[2]}, {cells[3]} | "
+            f"{total['with'] / total['without']:.2f} | {per_channel:.3g}"
+        )
+
+
+def parse_layers(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, int]]:
+    """``--layers``' ``CxS`` items as (channels, side) pairs, or a parser error naming the item."""
+    layers = []
+    for item in text.split(","):
+        parts = item.strip().split("x")
+        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+            parser.error(f"--layers: expected CxS items of positive integers, got {item!r}")
+        layers.append((int(parts[0]), int(parts[1])))
+    return layers
 
 
 if __name__ == "__main__":

@@ -256,10 +256,15 @@ def test_qconv_packing_prints_every_layer():
         pytest.skip(f"oneDNN's int8 convolution is not exact here: {qconv_verdict()}")
     done = _run("--batch", "1", "--repeats", "1", script="qconv_packing.py")
     assert done.returncode == 0, done.stderr[-2000:]
-    for c in (64, 128, 256, 512):
-        assert f"({c}, {c}, 3, 3) on" in done.stdout
+    lines = done.stdout.splitlines()
+    for c, side in ((64, 56), (128, 28), (256, 14), (512, 7), (16, 32), (32, 16), (64, 8)):
+        # the packing table's row, then the channel of sums' row (with its positions per channel)
+        rows = [line for line in lines if line.startswith(f"({c}, {c}, 3, 3) on {side}×{side}")]
+        assert len(rows) == 2 and rows[1].endswith(f"| {side * side / c:.3g}"), (c, rows)
     bad = _run("--batch", "0", script="qconv_packing.py")
     assert bad.returncode != 0 and "--batch" in bad.stderr.strip().splitlines()[-1]
+    bad = _run("--layers", "64x", script="qconv_packing.py")
+    assert bad.returncode != 0 and "--layers" in bad.stderr.strip().splitlines()[-1]
 
 
 def test_every_variant_that_falls_back_is_flagged(monkeypatch, capsys):
