@@ -103,10 +103,13 @@ def parse_layers(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, 
     """``--layers``' ``CxS`` items as (channels, side) pairs, or a parser error naming the item."""
     layers = []
     for item in text.split(","):
-        parts = item.strip().split("x")
-        if len(parts) != 2 or not all(p.isdigit() and int(p) > 0 for p in parts):
+        try:
+            channels, side = (int(p, 10) for p in item.strip().split("x"))
+        except ValueError:  # not two integers ("²" passes str.isdigit but not int)
+            channels = side = 0
+        if channels < 1 or side < 1:
             parser.error(f"--layers: expected CxS items of positive integers, got {item!r}")
-        layers.append((int(parts[0]), int(parts[1])))
+        layers.append((channels, side))
     return layers
 
 

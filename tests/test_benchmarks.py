@@ -263,8 +263,9 @@ def test_qconv_packing_prints_every_layer():
         assert len(rows) == 2 and rows[1].endswith(f"| {side * side / c:.3g}"), (c, rows)
     bad = _run("--batch", "0", script="qconv_packing.py")
     assert bad.returncode != 0 and "--batch" in bad.stderr.strip().splitlines()[-1]
-    bad = _run("--layers", "64x", script="qconv_packing.py")
-    assert bad.returncode != 0 and "--layers" in bad.stderr.strip().splitlines()[-1]
+    for layers in ("64x", "16x3²", "0x8", "4x4x4"):
+        bad = _run("--layers", layers, script="qconv_packing.py")
+        assert bad.returncode != 0 and "--layers" in bad.stderr.strip().splitlines()[-1], layers
 
 
 def test_every_variant_that_falls_back_is_flagged(monkeypatch, capsys):

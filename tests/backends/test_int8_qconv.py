@@ -368,32 +368,46 @@ class TestAgainstSimulate:
         assert not by_taps((2, 2), 128, 1) and not by_taps((2, 2), 512, 9)
 
     def test_sums_channel_rule(self):
-        """A weight with a zero point always takes the channel of sums; without one, it is
-        dropped from 48 output positions per kernel output channel (the measured points of
-        docs/performance.md: PreAct ResNet-20's 16-channel layers and ResNet-50's 64-channel ones
-        drop it, 256 channels at 14² and 512 at 7² keep it)."""
+        """A weight with a zero point always takes the channel of sums; without one, a kernel
+        keeps it only where it is a multiple of 16 output channels of more than one tap with
+        under 48 output positions per channel (the measured points of docs/performance.md:
+        PreAct ResNet-20's 16-channel layers and ResNet-50's 64-channel ones drop it, 256
+        channels at 14² and 512 at 7² keep it, 1 × 1 kernels and other widths never do)."""
         rule = int8_qconv.sums_channel
-        assert rule(True, 16, 32 * 32 * 32) and rule(True, 512, 10**9)
-        assert not rule(False, 16, 32 * 32 * 32) and not rule(False, 64, 32 * 56 * 56)
-        assert not rule(False, 256, 32 * 28 * 28) and not rule(False, 128, 32 * 14 * 14)
-        assert rule(False, 256, 32 * 14 * 14) and rule(False, 512, 32 * 7 * 7)
-        assert rule(False, 4, 191) and not rule(False, 4, 192)
+        assert rule(True, 16, 32 * 32 * 32, 9) and rule(True, 512, 10**9, 1) and rule(True, 5, 1, 1)
+        assert not rule(False, 16, 32 * 32 * 32, 9) and not rule(False, 64, 32 * 56 * 56, 9)
+        assert not rule(False, 256, 32 * 28 * 28, 9) and not rule(False, 128, 32 * 14 * 14, 9)
+        assert rule(False, 256, 32 * 14 * 14, 9) and rule(False, 512, 32 * 7 * 7, 9)
+        assert rule(False, 16, 767, 4) and not rule(False, 16, 768, 4)
+        assert not rule(False, 512, 32 * 7 * 7, 1)  # 1 × 1: packing costs the same
+        assert not rule(False, 63, 10, 9) and not rule(False, 24, 10, 9)  # no block saved
 
     @pytest.mark.parametrize("weights", ["symmetric", "ptq"])
     @pytest.mark.parametrize("fused", [False, True])
     def test_sums_channel_unforced(self, weights, fused, monkeypatch):
-        """Unforced, a symmetric weight's kernels drop the channel of sums where the layer has
-        many positions per channel and keep it where it has few; a weight with a zero point keeps
-        it on both; all give simulate's values."""
+        """Unforced, a symmetric weight's kernels keep the channel of sums only as the rule says:
+        by the forward's output channels (32) and positions, ``grad_input``'s input channels
+        (16) and positions, each strided phase's taps, and never for a 1 × 1 kernel; a weight
+        with a zero point keeps it on every kernel. All give simulate's values."""
         calls = count_qconv_calls(monkeypatch)
         cfg = FQTConfig.preset("psq5", fused=fused, weight_quantizer=weights)
-        for batch, size, keeps in ((4, (12, 10), False), (1, (5, 4), True)):
+        ptq = weights == "ptq"
+        cases = [
+            # 16 -> 32, 3x3: 36 positions keep both; 800 drop grad_input's (≥ 48·16) only
+            (lambda: nn.Conv2d(16, 32, 3, padding=1), (1, 6, 6), [33, 17]),
+            (lambda: nn.Conv2d(16, 32, 3, padding=1), (2, 20, 20), [33, 16]),
+            # 16 -> 16, 3x3 stride 2: phases of 4, 2, 2 and 1 taps over N·Ho·Wo = 16 or 768
+            (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1), (1, 8, 8), [17, 17, 17, 17, 16]),
+            (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1), (3, 32, 32), [16] * 5),
+            (lambda: nn.Conv2d(16, 16, 1), (1, 3, 3), [16, 16]),  # 1 × 1: never
+        ]
+        for make, (batch, *size), keeps in cases:
             calls.clear()
-            make = lambda: nn.Conv2d(4, 4, 3, padding=1)  # noqa: E731
-            x = torch.randn(batch, 4, *size, generator=torch.Generator().manual_seed(14)) + 0.3
+            x = torch.randn(batch, 16, *size, generator=torch.Generator().manual_seed(14)) + 0.3
             assert_same(against_simulate(make, x, cfg))
-            border = int(keeps or weights == "ptq")  # 480 positions ≥ 48 · 4; 20 are not
-            assert [kernel[0] for kernel in calls] == [4 + border] * 2, (batch, calls)
+            out, c = make().weight.shape[:2]
+            expected = [out + 1] + [c + 1] * (len(keeps) - 1) if ptq else keeps
+            assert [kernel[0] for kernel in calls] == expected, (batch, size, calls)
 
     @pytest.mark.parametrize("conv", ["3x3-pad1", "3x3-dilated2-pad2", "1x1"])
     @pytest.mark.parametrize("grad_format", [None, torch.channels_last])
@@ -1021,16 +1035,16 @@ def test_masked_code_sums_past_int32():
     ],
 )
 @pytest.mark.parametrize("chunks", [False, True])
-@pytest.mark.parametrize("border", [True, False])
+@pytest.mark.parametrize("zero_point", [True, False])
 def test_strided_grad_input_by_phase_is_the_transposed_convolution(
-    kernel, stride, padding, dilation, size, chunks, border, monkeypatch
+    kernel, stride, padding, dilation, size, chunks, zero_point, monkeypatch
 ):
     """A strided layer's grad_input code convolution, one integer convolution per phase of the
     input positions, laid on its positions, is the transposed convolution of the codes exactly
-    (float64 reference), its extra channel (with ``border``) the sum of the codes each input
-    position receives, with the codes' extremes; each position is laid once, and those left out
-    are those no tap reaches. ``chunks`` makes the phases of more than two taps sum over channel
-    chunks (int32) and the others not (float32)."""
+    (float64 reference), its extra channel (with ``zero_point``; 5 channels: never without) the
+    sum of the codes each input position receives, with the codes' extremes; each position is
+    laid once, and those left out are those no tap reaches. ``chunks`` makes the phases of more
+    than two taps sum over channel chunks (int32) and the others not (float32)."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.backends.int8_conv import _out_size, _pads
 
@@ -1047,8 +1061,8 @@ def test_strided_grad_input_by_phase_is_the_transposed_convolution(
     w = torch.randint(-128, 128, (o, c, *kernel), generator=gen, dtype=torch.int8)
     w[0] = 127
     u8 = int8_qconv._to_u8(codes.contiguous(memory_format=torch.channels_last))
-    parts, covered = int8_qconv.strided_phases(u8, w, (8, 8), ops, pads, size, border)
-    fields = c + int(border)  # with the receptive-field sums or without
+    parts, covered = int8_qconv.strided_phases(u8, w, (8, 8), ops, pads, size, zero_point)
+    fields = c + int(zero_point)  # with the receptive-field sums or without
     got = torch.full((3, fields, *size), 0.5, dtype=torch.float64)  # 0.5: a position left out
     dtypes = set()
     for part, y0, x0 in parts:  # each phase convolved as it is asked for

@@ -81,6 +81,7 @@ __all__ = [
     "channel_chunk",
     "conv",
     "fits_float32",
+    "has_zero_point",
     "phases_pay",
     "qconv_verdict",
     "stride1_taps_pay",
@@ -204,11 +205,11 @@ def _to_u8(codes: Tensor) -> Tensor:
     return codes.view(torch.uint8).bitwise_xor(128)
 
 
-def _bordered(w: Tensor, border: bool) -> Tensor:
-    """The s8 kernel ``w`` (O, C, kh, kw), with ``border`` one more output channel of ones: the
-    kernel then also yields ``conv(C, 1)``, the code sums of every receptive field, exactly, in
-    one pass (:func:`sums_channel` says where it is taken)."""
-    if not border:
+def _kernel(w: Tensor, sums: bool) -> Tensor:
+    """The s8 kernel ``w`` (O, C, kh, kw), contiguous, with ``sums`` one more output channel of
+    ones: the kernel then also yields ``conv(C, 1)``, the code sums of every receptive field,
+    exactly, in one pass (:func:`sums_channel` says where it is taken)."""
+    if not sums:
         return w.contiguous()
     out = w.new_ones(w.shape[0] + 1, *w.shape[1:])
     out[:-1] = w
@@ -226,15 +227,26 @@ def has_zero_point(bias: Tensor) -> bool:
 _POSITIONS_PER_CHANNEL = 48
 
 
-def sums_channel(zero_point: bool, channels: int, positions: int) -> bool:
-    """Whether a kernel of ``channels`` output channels over ``positions`` output positions
-    (N·Ho·Wo) takes the channel of ones (:func:`_bordered`). A weight with a zero point needs
-    its sums. Without one (``b_w = 0``, the default symmetric grid) the term is zero, and the
-    channel is dropped where that is faster: oneDNN blocks output channels by 16, so the extra
-    channel took a 16-channel layer's kernel 1.6–2.1× the time, but it packs a weight of a
-    multiple of 16 output channels up to 3× slower (512 × 512 × 3 × 3: 15 against 5 ms), which
-    the saved products outweigh only from about 48 positions per output channel."""
-    return zero_point or positions < _POSITIONS_PER_CHANNEL * channels
+def sums_channel(zero_point: bool, channels: int, positions: int, taps: int) -> bool:
+    """Whether a kernel of ``channels`` output channels and ``taps`` taps over ``positions``
+    output positions (N·Ho·Wo) takes the channel of ones (:func:`_kernel`). A weight with a
+    zero point needs its sums. Without one (``b_w = 0``, the default symmetric grid) the term is
+    zero and the channel is dropped, except where keeping it is faster: oneDNN blocks output
+    channels by 16, so on a multiple of 16 the channel costs a block of products (a 16 → 16
+    3 × 3 kernel on 32², batch 32: 1.65× the time with it), but oneDNN also packs a kernel of
+    more than one tap about 3× slower for most such counts (32–64, 96, 128, 144, 192, 240,
+    256–512 measured; 512 × 512 × 3 × 3: 15 against 5 ms with the channel), which the saved
+    products outweigh only from about 48 positions per output channel. A 1 × 1 kernel packs as
+    fast either way, and on other counts the channel adds no block."""
+    if zero_point:
+        return True
+    return taps > 1 and channels % 16 == 0 and positions < _POSITIONS_PER_CHANNEL * channels
+
+
+def _main_and_sums(acc: Tensor, channels: int, zero_point: bool) -> tuple[Tensor, Tensor | None]:
+    """A kernel's code convolution (its first ``channels`` channels) and, where the term needs
+    them (a weight zero point), its receptive-field sums (the channel after; ``None`` without)."""
+    return acc[:, :channels], acc[:, channels:] if zero_point else None
 
 
 def _exact_dtype(bound: int) -> torch.dtype:
@@ -255,10 +267,10 @@ def _output_terms(
     main: Tensor, sums: Tensor | None, const: Tensor, a: Tensor, b: Tensor
 ) -> Tensor:  # fmt: skip
     """The forward's epilogue: ``const + a · main + b · sums``, ``main`` the kernel's code
-    convolution (N, O, Ho, Wo), ``sums`` its extra channel of receptive-field code sums (``None``
-    where ``b`` is zero: :func:`_bordered`); in float64 (the terms cancel where the codes sit at
-    one end of the grid: docs/method.md §8), returned as float32. Compiled, the float64 values
-    stay in registers."""
+    convolution (N, O, Ho, Wo), ``sums`` its extra channel of receptive-field code sums
+    (``None`` where ``b`` is zero: :func:`has_zero_point`); in float64 (the terms cancel where
+    the codes sit at one end of the grid: docs/method.md §8), returned as float32. Compiled, the
+    float64 values stay in registers."""
     out = main.double() * a + const
     if sums is not None:
         out = out + sums.double() * b
@@ -296,7 +308,7 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
         u8, padding = F.pad(u8, pads, value=128), [0, 0]
     zero_point = has_zero_point(w.bias)
     ho, wo = _out_size((h, wd), pads, (kh, kw), ops)
-    kernel = _bordered(wc, sums_channel(zero_point, o, codes.shape[0] * ho * wo))
+    kernel = _kernel(wc, sums_channel(zero_point, o, codes.shape[0] * ho * wo, kh * kw))
     acc = _qconv(u8, kernel, (x.bits, w.bits), list(ops.stride), padding, list(ops.dilation))
     f64 = torch.float64
     s_x, b_x = x.scale.reshape(()).to(f64), x.bias.reshape(()).to(f64)
@@ -314,8 +326,8 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     const = const.contiguous(memory_format=torch.channels_last)
     terms = _compiled_output_terms if compiled else _output_terms
     # s_x s_w conv(C_x, C_w) + s_x b_w conv(C_x, 1) + const
-    sums = acc[:, o:] if zero_point else None
-    return terms(acc[:, :o], sums, const, s_x * s_w, s_x * b_w)
+    main, sums = _main_and_sums(acc, o, zero_point)
+    return terms(main, sums, const, s_x * s_w, s_x * b_w)
 
 
 @functools.cache  # every backward of a strided layer asks the same few geometries
@@ -352,7 +364,7 @@ def axis_phases(
 
 def strided_phases(
     u8: Tensor, w: Tensor, bits: tuple[int, int], ops: ConvOps, pads: list[int], size: tuple,
-    border: bool = True,
+    zero_point: bool,
 ) -> tuple[Iterator[tuple[Tensor, int, int]], bool]:  # fmt: skip
     """A strided convolution's ``grad_input`` code convolution with its receptive-field sums,
     by phase of the input positions (:func:`axis_phases`), from the u8 ``grad_output`` codes
@@ -364,19 +376,22 @@ def strided_phases(
     that its epilogue can run before the next exists: one phase's product held at a time),
     each ``part`` (N', C + 1, h, w) channels-last (float32, exact, or int32: :func:`_qconv`)
     the values of the input positions ``y0 + i·sh``, ``x0 + j·sw``; and whether the phases cover
-    every input position (where they do not, no tap reaches: 0). Without ``border`` the parts
-    have no channel of sums: (N', C, h, w) (:func:`_bordered`).
+    every input position (where they do not, no tap reaches: 0). A part has the channel of sums
+    where :func:`sums_channel` gives its phase one (always with ``zero_point``), else it is
+    (N', C, h, w).
     """
     (h, wd), (sh, sw), (dh, dw) = size, ops.stride, ops.dilation
     along_h = axis_phases(w.shape[2], sh, dh, pads[2], h, u8.shape[2])
     along_w = axis_phases(w.shape[3], sw, dw, pads[0], wd, u8.shape[3])
+    positions = u8.shape[0] * u8.shape[2] * u8.shape[3]  # N'·Ho·Wo: about each phase's
 
     def parts() -> Iterator[tuple[Tensor, int, int]]:
         for i0, si, ni, di, y0, v0, count_h in along_h:
             for j0, sj, nj, dj, x0, u0, count_w in along_w:
                 sub = w[:, :, i0::si, j0::sj].flip(2, 3).transpose(0, 1)  # (C, O, ni, nj)
                 padding = [(ni - 1) * di, (nj - 1) * dj]  # the full correlation
-                acc = _qconv(u8, _bordered(sub, border), bits, [1, 1], padding, [di, dj])
+                sums = sums_channel(zero_point, sub.shape[0], positions, ni * nj)
+                acc = _qconv(u8, _kernel(sub, sums), bits, [1, 1], padding, [di, dj])
                 yield acc[:, :, v0 : v0 + count_h, u0 : u0 + count_w], y0, x0
                 del acc  # before the next phase's convolution
 
@@ -418,9 +433,8 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
         u8 = _to_u8(g.codes.reshape(rows, o, ho, wo))
     zero_point = has_zero_point(wb)
     if sh > 1 or sw > 1:
-        border = sums_channel(zero_point, c, rows * ho * wo)  # each phase about N'·Ho·Wo
         phases = strided_phases(
-            u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd), border
+            u8, w2d.reshape(w_shape), (g.bits, w_bits), ops, pads, (h, wd), zero_point
         )
     else:
         # The full correlation with the flipped kernel covers Ho + d(k−1) rows of the padded
@@ -433,8 +447,8 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
         else:
             u8, padding = F.pad(u8, [left, right, top, bottom], value=128), [0, 0]
         # (C + 1, O, kh, kw), or (C, O, kh, kw) without the channel of sums
-        border = sums_channel(zero_point, c, rows * h * wd)
-        flipped = _bordered(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1), border)
+        sums = sums_channel(zero_point, c, rows * h * wd, kh * kw)
+        flipped = _kernel(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1), sums)
         acc = _qconv(u8, flipped, (g.bits, w_bits), [1, 1], padding, [dh, dw])
     f64 = torch.float64
     s_g = g.scale.to(f64).expand(rows, 1).reshape(rows, 1, 1, 1)
@@ -453,7 +467,7 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     a, b = s_g * s_w, s_g * b_w
     if sh == 1 and sw == 1:
         terms = _compiled_grad_input_terms if compiled else _grad_input_terms
-        return terms(acc[:, :c], acc[:, c:] if zero_point else None, const, a, b, b_g)
+        return terms(*_main_and_sums(acc, c, zero_point), const, a, b, b_g)
     parts, covered = phases
     make = torch.empty if covered else torch.zeros  # no tap reaches: no term either
     # float32 whatever the default dtype, channels-last (the kernel's layout)
@@ -462,8 +476,8 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
     for part, y0, x0 in parts:
         at = (slice(None), slice(None), slice(y0, None, sh), slice(x0, None, sw))
         shape = (slice(None), slice(None), slice(part.shape[2]), slice(part.shape[3]))
-        sums = part[:, c:] if zero_point else None
-        terms(out[at][shape], part[:, :c], sums, const[at][shape], a, b, b_g)
+        # no name kept for the parts' views: the next phase must find this one's product freed
+        terms(out[at][shape], *_main_and_sums(part, c, zero_point), const[at][shape], a, b, b_g)
         del part  # one phase's product alive at a time
     return out
 
