@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import re
 
 import torch
 
@@ -103,13 +104,10 @@ def parse_layers(parser: argparse.ArgumentParser, text: str) -> list[tuple[int, 
     """``--layers``' ``CxS`` items as (channels, side) pairs, or a parser error naming the item."""
     layers = []
     for item in text.split(","):
-        try:
-            channels, side = (int(p, 10) for p in item.strip().split("x"))
-        except ValueError:  # not two integers ("²" passes str.isdigit but not int)
-            channels = side = 0
-        if channels < 1 or side < 1:
+        match = re.fullmatch(r"(\d+)x(\d+)", item.strip(), re.ASCII)
+        if match is None or min(int(match[1]), int(match[2])) < 1:
             parser.error(f"--layers: expected CxS items of positive integers, got {item!r}")
-        layers.append((channels, side))
+        layers.append((int(match[1]), int(match[2])))
     return layers
 
 

@@ -263,9 +263,23 @@ def test_qconv_packing_prints_every_layer():
         assert len(rows) == 2 and rows[1].endswith(f"| {side * side / c:.3g}"), (c, rows)
     bad = _run("--batch", "0", script="qconv_packing.py")
     assert bad.returncode != 0 and "--batch" in bad.stderr.strip().splitlines()[-1]
-    for layers in ("64x", "16x3²", "0x8", "4x4x4"):
-        bad = _run("--layers", layers, script="qconv_packing.py")
-        assert bad.returncode != 0 and "--layers" in bad.stderr.strip().splitlines()[-1], layers
+    bad = _run("--layers", "16x3²", script="qconv_packing.py")
+    assert bad.returncode != 0 and "--layers" in bad.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("layers", ["64x", "16x3²", "0x8", "4x4x4", "1_6x8", "+16x8", "٣x8"])
+def test_qconv_packing_refuses_malformed_layers(layers, monkeypatch):
+    """``--layers`` takes ASCII ``CxS`` items of positive integers and refuses anything else with
+    a parser error naming the flag (no traceback)."""
+    import argparse
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import qconv_packing
+
+    parser = argparse.ArgumentParser()
+    with pytest.raises(SystemExit):
+        qconv_packing.parse_layers(parser, layers)
+    assert qconv_packing.parse_layers(parser, "16x32, 64x8") == [(16, 32), (64, 8)]
 
 
 def test_every_variant_that_falls_back_is_flagged(monkeypatch, capsys):

@@ -192,9 +192,8 @@ class TestAgainstSimulate:
         most codes at one end of the grid. Both run on the integer kernels (2 calls: output,
         grad_input, or one per phase of a strided layer's input positions; ``qat`` has no
         integer grad_input), with a channel of ones for the receptive-field sums only where the
-        weight has a zero point (``ptq`` weights; symmetric ones go without, the positions'
-        threshold of :func:`int8_qconv.sums_channel` lifted for these small layers)."""
-        monkeypatch.setattr(int8_qconv, "_POSITIONS_PER_CHANNEL", 0)
+        weight has a zero point (``ptq`` weights; symmetric ones go without: these layers' widths
+        are not multiples of 16, :func:`int8_qconv.sums_channel`)."""
         calls = count_qconv_calls(monkeypatch)
         epilogues = spy_compiled_epilogue(monkeypatch)
         outputs = spy_compiled_epilogue(monkeypatch, "_compiled_output_terms")
@@ -235,8 +234,7 @@ class TestAgainstSimulate:
         """``fused=True`` (the int8 default: compiled quantizers, another noise stream) on both
         backends gives the same codes, so the integer kernels still give simulate's values, with
         the compiled epilogues with and without the receptive-field sums (a weight with and
-        without a zero point; the positions' threshold lifted, as above)."""
-        monkeypatch.setattr(int8_qconv, "_POSITIONS_PER_CHANNEL", 0)
+        without a zero point)."""
         calls = count_qconv_calls(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(7)) + 0.2
@@ -393,17 +391,26 @@ class TestAgainstSimulate:
         cfg = FQTConfig.preset("psq5", fused=fused, weight_quantizer=weights)
         ptq = weights == "ptq"
         cases = [
-            # 16 -> 32, 3x3: 36 positions keep both; 800 drop grad_input's (≥ 48·16) only
+            # 16 -> 32, 3x3: 36 positions keep both; 800 drop grad_input's (≥ 48·16) only;
+            # 40 × 10 keeps both (400; its height squared, 1600, would drop both)
             (lambda: nn.Conv2d(16, 32, 3, padding=1), (1, 6, 6), [33, 17]),
             (lambda: nn.Conv2d(16, 32, 3, padding=1), (2, 20, 20), [33, 16]),
-            # 16 -> 16, 3x3 stride 2: phases of 4, 2, 2 and 1 taps over N·Ho·Wo = 16 or 768
+            (lambda: nn.Conv2d(16, 32, 3, padding=1), (1, 40, 10), [33, 17]),
+            # 16 -> 16, 3x3 stride 2: phases of 4, 2, 2 and 1 taps over N·Ho·Wo output
+            # positions: 16 and 192 keep (192 = 3·16·4, where N·H·W = 768 or N·Ho² = 768 would
+            # drop), 768 drops
             (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1), (1, 8, 8), [17, 17, 17, 17, 16]),
+            (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1), (3, 32, 8), [17, 17, 17, 17, 16]),
             (lambda: nn.Conv2d(16, 16, 3, stride=2, padding=1), (3, 32, 32), [16] * 5),
+            # 32 -> 16 stride 2 on 20²: 1000 output positions drop the forward's 16 (≥ 768) and
+            # keep grad_input's 32 (< 1536)
+            (lambda: nn.Conv2d(32, 16, 3, stride=2, padding=1), (10, 20, 20), [16, 33, 33, 33, 32]),
             (lambda: nn.Conv2d(16, 16, 1), (1, 3, 3), [16, 16]),  # 1 × 1: never
         ]
         for make, (batch, *size), keeps in cases:
             calls.clear()
-            x = torch.randn(batch, 16, *size, generator=torch.Generator().manual_seed(14)) + 0.3
+            c_in = make().weight.shape[1]
+            x = torch.randn(batch, c_in, *size, generator=torch.Generator().manual_seed(14)) + 0.3
             assert_same(against_simulate(make, x, cfg))
             out, c = make().weight.shape[:2]
             expected = [out + 1] + [c + 1] * (len(keeps) - 1) if ptq else keeps

@@ -231,13 +231,16 @@ def sums_channel(zero_point: bool, channels: int, positions: int, taps: int) -> 
     """Whether a kernel of ``channels`` output channels and ``taps`` taps over ``positions``
     output positions (N·Ho·Wo) takes the channel of ones (:func:`_kernel`). A weight with a
     zero point needs its sums. Without one (``b_w = 0``, the default symmetric grid) the term is
-    zero and the channel is dropped, except where keeping it is faster: oneDNN blocks output
-    channels by 16, so on a multiple of 16 the channel costs a block of products (a 16 → 16
-    3 × 3 kernel on 32², batch 32: 1.65× the time with it), but oneDNN also packs a kernel of
-    more than one tap about 3× slower for most such counts (32–64, 96, 128, 144, 192, 240,
-    256–512 measured; 512 × 512 × 3 × 3: 15 against 5 ms with the channel), which the saved
-    products outweigh only from about 48 positions per output channel. A 1 × 1 kernel packs as
-    fast either way, and on other counts the channel adds no block."""
+    zero and the channel is dropped, except below about 48 positions per output channel on a
+    multiple of 16 channels and more than one tap. There oneDNN, which blocks output channels by
+    16, spends a block of products on the channel (a 16 → 16 3 × 3 kernel on 32², batch 32: 1.65×
+    the time with it), but packs the kernel without it about 3× slower at most such widths (32,
+    48, 64, 96, 128, 144, 192, 240, 256, 320, 384, 448 and 512 measured; 512 × 512 × 3 × 3: 15
+    against 5 ms), which the saved products outweigh only from those 48 positions. A coarse
+    rule: at 16, 80, 112, 160, 176, 208 and 224 channels packing was as fast either way, so
+    below the threshold the channel is kept there for nothing (small layers: the cost is a block
+    of products of a layer under 48 positions a channel). A 1 × 1 kernel packs as fast either
+    way, and on other widths the channel adds no block."""
     if zero_point:
         return True
     return taps > 1 and channels % 16 == 0 and positions < _POSITIONS_PER_CHANNEL * channels
@@ -246,7 +249,7 @@ def sums_channel(zero_point: bool, channels: int, positions: int, taps: int) -> 
 def _main_and_sums(acc: Tensor, channels: int, zero_point: bool) -> tuple[Tensor, Tensor | None]:
     """A kernel's code convolution (its first ``channels`` channels) and, where the term needs
     them (a weight zero point), its receptive-field sums (the channel after; ``None`` without)."""
-    return acc[:, :channels], acc[:, channels:] if zero_point else None
+    return acc[:, :channels], acc[:, channels : channels + 1] if zero_point else None
 
 
 def _exact_dtype(bound: int) -> torch.dtype:
