@@ -18,8 +18,8 @@ path (:mod:`fqtorch.backends.int8_conv`), with ``M`` the mask of real positions:
 ``conv(C, 1)`` sums ``C`` over channels first, so every term but the first is a convolution of a
 one-channel image or of a one-sample mask: 1/C or 1/N the size of the main one; the kernel yields
 it as one more output channel of ones, taken where the weight has a zero point (``b_w ≠ 0``) and,
-where the term is zero (the default symmetric grid), only where that is faster
-(:func:`sums_channel`). Per-sample scales (PSQ/BHQ rows of ``grad_output``) multiply
+where the term is zero (the default symmetric grid), only on small kernels whose packing it
+speeds up (:func:`sums_channel`). Per-sample scales (PSQ/BHQ rows of ``grad_output``) multiply
 ``grad_input`` sample by sample, after the kernel.
 
 - ``output`` and ``grad_input`` (a convolution of the padded ``grad_output`` with the flipped
