@@ -867,6 +867,20 @@ def _saturating_int_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return pairs.clamp(-(2**15), 2**15 - 1).sum(1) - 128 * sb.sum(0, keepdim=True)
 
 
+def test_int_mm_probe_is_one_memo_for_the_default_and_named_cpu(monkeypatch):
+    """``int_mm_verdict()`` and ``int_mm_verdict("cpu")`` share one memo: the probe's product
+    runs once, so a count of ``_int_mm`` calls made after either is never the probe's (they
+    were two ``functools.cache`` keys, and a test that counted after the other one miscounted)."""
+    calls, int_mm = [], torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(1) or int_mm(a, b))
+    int8._int_mm_probe.cache_clear()
+    try:
+        assert int8.int_mm_verdict() == int8.int_mm_verdict("cpu")
+        assert len(calls) == 1
+    finally:
+        int8._int_mm_probe.cache_clear()  # the next test probes the real kernel afresh
+
+
 def test_a_saturating_int_mm_sends_every_layer_to_simulate(monkeypatch):
     """With a saturating ``torch._int_mm`` (faked in process, so on every machine) its probe
     refuses it, and Linear and Conv2d layers on worst-case codes (inputs and weights of ±1: codes
@@ -878,7 +892,7 @@ def test_a_saturating_int_mm_sends_every_layer_to_simulate(monkeypatch):
     assert torch.equal(_saturating_int_mm(small, small.T).long(), exact)  # faithful below
     assert not torch.equal(_saturating_int_mm(wide, wide.T).long(), wide.long() @ wide.T.long())
     monkeypatch.setattr(torch, "_int_mm", _saturating_int_mm)
-    int8.int_mm_verdict.cache_clear()
+    int8._int_mm_probe.cache_clear()
     try:
         assert "does not sum exactly" in (int8.int_mm_verdict("cpu") or "")
         sign = lambda *shape: torch.randint(0, 2, shape, generator=gen).float() * 2 - 1  # noqa: E731
@@ -907,7 +921,7 @@ def test_a_saturating_int_mm_sends_every_layer_to_simulate(monkeypatch):
             assert len(said) == 1 and "torch._int_mm does not sum exactly" in said[0], said
             assert "simulate" in said[0]
     finally:
-        int8.int_mm_verdict.cache_clear()
+        int8._int_mm_probe.cache_clear()
 
 
 @pytest.mark.parametrize("channels_last", [False, True])

@@ -76,7 +76,6 @@ __all__ = [
 INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni")
 
 
-@functools.cache
 def int_mm_verdict(device_type: str = "cpu") -> str | None:
     """``None`` where ``torch._int_mm`` sums exactly on this machine's ``device_type`` devices,
     else why not: every int8 GEMM of this backend (Linear, and Conv2d on either path) would be
@@ -89,8 +88,14 @@ def int_mm_verdict(device_type: str = "cpu") -> str | None:
     own kernel, which is exact (and slow). The probe multiplies the codes that break it (rows
     and columns of 127, of −128 and of both alternating; a reduction of 32 codes) against an
     exact int64 product. A memo per device type (the ISA oneDNN picks is fixed for the
-    process), read-only after the first call: a few microseconds, once per process.
+    process), read-only after the first call: a few microseconds, once per process
+    (``int_mm_verdict()`` and ``int_mm_verdict("cpu")`` are one entry).
     """
+    return _int_mm_probe(device_type)
+
+
+@functools.cache  # keyed by the device type alone: see int_mm_verdict
+def _int_mm_probe(device_type: str) -> str | None:
     device = torch.device(device_type)
     k = 32
     rows = torch.tensor([[127] * k, [-128] * k, [127, -128] * (k // 2)], dtype=torch.int8)
