@@ -369,7 +369,7 @@ def strided_phases(
     u8: Tensor, w: Tensor, bits: tuple[int, int], ops: ConvOps, pads: list[int], size: tuple,
     zero_point: bool,
 ) -> tuple[Iterator[tuple[Tensor, int, int]], bool]:  # fmt: skip
-    """A strided convolution's ``grad_input`` code convolution with its receptive-field sums,
+    """A strided convolution's ``grad_input`` code convolution (with its receptive-field sums),
     by phase of the input positions (:func:`axis_phases`), from the u8 ``grad_output`` codes
     (N', O, Ho, Wo) and the s8 weight codes ``w`` (O, C, kh, kw): one stride-1 integer
     convolution per phase with that phase's taps, where the zero-dilated gradient would cost
@@ -377,11 +377,11 @@ def strided_phases(
 
     Returns the phases ``(part, y0, x0)`` one at a time, each convolved as it is asked for (so
     that its epilogue can run before the next exists: one phase's product held at a time),
-    each ``part`` (N', C + 1, h, w) channels-last (float32, exact, or int32: :func:`_qconv`)
-    the values of the input positions ``y0 + i·sh``, ``x0 + j·sw``; and whether the phases cover
-    every input position (where they do not, no tap reaches: 0). A part has the channel of sums
-    where :func:`sums_channel` gives its phase one (always with ``zero_point``), else it is
-    (N', C, h, w).
+    each ``part`` (N', C + 1, h, w) with the channel of sums where :func:`sums_channel` gives
+    its phase one (always with ``zero_point``), else (N', C, h, w), channels-last (float32,
+    exact, or int32: :func:`_qconv`), the values of the input positions ``y0 + i·sh``,
+    ``x0 + j·sw``; and whether the phases cover every input position (where they do not, no tap
+    reaches: 0).
     """
     (h, wd), (sh, sw), (dh, dw) = size, ops.stride, ops.dilation
     along_h = axis_phases(w.shape[2], sh, dh, pads[2], h, u8.shape[2])
@@ -393,8 +393,8 @@ def strided_phases(
             for j0, sj, nj, dj, x0, u0, count_w in along_w:
                 sub = w[:, :, i0::si, j0::sj].flip(2, 3).transpose(0, 1)  # (C, O, ni, nj)
                 padding = [(ni - 1) * di, (nj - 1) * dj]  # the full correlation
-                sums = sums_channel(zero_point, sub.shape[0], positions, ni * nj)
-                acc = _qconv(u8, _kernel(sub, sums), bits, [1, 1], padding, [di, dj])
+                with_sums = sums_channel(zero_point, sub.shape[0], positions, ni * nj)
+                acc = _qconv(u8, _kernel(sub, with_sums), bits, [1, 1], padding, [di, dj])
                 yield acc[:, :, v0 : v0 + count_h, u0 : u0 + count_w], y0, x0
                 del acc  # before the next phase's convolution
 
@@ -450,8 +450,8 @@ def _grad_input(g: QuantizedTensor, nhwc: bool, w2d: Tensor, ws: Tensor, wb: Ten
         else:
             u8, padding = F.pad(u8, [left, right, top, bottom], value=128), [0, 0]
         # (C + 1, O, kh, kw), or (C, O, kh, kw) without the channel of sums
-        sums = sums_channel(zero_point, c, rows * h * wd, kh * kw)
-        flipped = _kernel(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1), sums)
+        with_sums = sums_channel(zero_point, c, rows * h * wd, kh * kw)
+        flipped = _kernel(w2d.reshape(w_shape).flip(2, 3).transpose(0, 1), with_sums)
         acc = _qconv(u8, flipped, (g.bits, w_bits), [1, 1], padding, [dh, dw])
     f64 = torch.float64
     s_g = g.scale.to(f64).expand(rows, 1).reshape(rows, 1, 1, 1)
