@@ -144,6 +144,21 @@ def spy_compiled_epilogue(monkeypatch, name: str = "_compiled_taps_terms") -> li
     return calls
 
 
+def record_products(monkeypatch) -> list:
+    """The reduction lengths of the ``torch._int_mm`` products made from now on, less the code
+    sums (:func:`~fqtorch.backends.int8._code_sum`: a product of 8 rows of ones), which are
+    sums, not the layer's GEMMs."""
+    lengths, int_mm = [], torch._int_mm
+
+    def recording(a, b):
+        if not (a.shape[0] == 8 and bool((a == 1).all())):
+            lengths.append(a.shape[1])
+        return int_mm(a, b)
+
+    monkeypatch.setattr(torch, "_int_mm", recording)
+    return lengths
+
+
 def count_qconv_calls(monkeypatch) -> list:
     calls = []
     raw = int8_qconv._qconv_raw
@@ -264,8 +279,7 @@ class TestAgainstSimulate:
         monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels, taps: True)
         epilogues = spy_compiled_epilogue(monkeypatch)
         int8.int_mm_verdict("cpu")  # its probe at first use is not the layer's product
-        products, int_mm = [], torch._int_mm
-        monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+        products = record_products(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(12)) + 0.3
         name = preset.split("-")[0]
@@ -281,8 +295,7 @@ class TestAgainstSimulate:
         (a few products, not one per tap); all give simulate's values and say their path once
         (the path that ran is spied on: a 1 × 1 kernel makes one product either way)."""
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
-        products, int_mm = [], torch._int_mm
-        monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+        products = record_products(monkeypatch)
         said, ran = [], []
         monkeypatch.setattr(int8_qconv, "say_once", said.append)
         for name in ("_grad_weight_taps", "_im2col_grad_weight"):
@@ -316,8 +329,7 @@ class TestAgainstSimulate:
         would unfold unforced)."""
         monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps: True)
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
-        products, int_mm = [], torch._int_mm
-        monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+        products = record_products(monkeypatch)
         make, shape = CONVS[conv]
         x = torch.randn(3, *shape, generator=torch.Generator().manual_seed(14)) + 0.3
         assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=True)))
@@ -331,8 +343,7 @@ class TestAgainstSimulate:
         tap) at any batch, gives simulate's values from NCHW and channels-last inputs, and the
         layer says so once."""
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
-        products, int_mm = [], torch._int_mm
-        monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+        products = record_products(monkeypatch)
         said = []
         monkeypatch.setattr(int8_qconv, "say_once", said.append)
         make = lambda: nn.Conv2d(3, 16, 5, padding=2)  # noqa: E731
@@ -554,13 +565,7 @@ class TestAgainstSimulate:
         than one padded 12 × 13 plane): every per-tap product is that short, and the values
         stay simulate's."""
         monkeypatch.setattr(int8_qconv, "chunk_length", lambda a_bits, b_bits: 40)
-        lengths, int_mm = [], torch._int_mm
-
-        def recording(a, b):
-            lengths.append(a.shape[1])
-            return int_mm(a, b)
-
-        monkeypatch.setattr(torch, "_int_mm", recording)
+        lengths = record_products(monkeypatch)
         make, shape = CONVS["3x3-dilated2-pad2"]
         x = torch.randn(4, *shape, generator=torch.Generator().manual_seed(5)) + 0.3
         assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
@@ -571,8 +576,9 @@ class TestAgainstSimulate:
 def test_weight_gradient_over_a_plane_longer_than_one_chunk():
     """One padded plane (365 × 365 = 133,225 positions) is longer than the int32 chunk of two
     8-bit codes (131,064): extreme codes (−128 everywhere) sum to 128² · 363² = 2,158,903,296,
-    past int32, and must not wrap. Called on the weight-gradient function itself (the layer path
-    costs seconds)."""
+    past int32, and must not wrap. Unit scales and zero points of 1 bring in every zero-point term
+    (the mask's sums over the whole plane too): the values are −127 everywhere. Called on the
+    weight-gradient function itself (the layer path costs seconds)."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.backends.int8 import chunk_length
     from fqtorch.quantizers.base import QuantizedTensor
@@ -582,22 +588,23 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk():
     ops = ConvOps((1, 1), (1, 1), (1, 1), 1)
     x_codes = torch.full((1, 1, side, side), -128, dtype=torch.int8)
     h_codes = torch.full((side * side, 1), -128, dtype=torch.int8)
-    unit, zero = torch.ones(1, 1), torch.zeros(1, 1)
-    h = QuantizedTensor(h_codes, unit, zero, 8, h_codes.shape, torch.float32)
+    unit = torch.ones(1, 1)
+    h = QuantizedTensor(h_codes, unit, unit, 8, h_codes.shape, torch.float32)
     grad_weight, h_cols = int8_qconv._grad_weight_taps(
-        h, x_codes, torch.ones(()), torch.zeros(()), 8, (1, 1, 3, 3), ops
+        h, x_codes, torch.ones(()), torch.ones(()), 8, (1, 1, 3, 3), ops
     )
     # Tap (i, j) of a 3 × 3 kernel with padding 1 sees (side − |i − 1|)(side − |j − 1|) inputs.
     reach = torch.tensor([side - 1, side, side - 1], dtype=torch.float64)
-    expected = 128 * 128 * torch.outer(reach, reach)
+    expected = 127 * 127 * torch.outer(reach, reach)
     assert torch.equal(grad_weight.reshape(3, 3), expected)
-    assert int(h_cols) == -128 * side * side
+    assert h_cols is None  # summed by _grad_bias where a bias needs them
 
 
 def test_strided_weight_gradient_over_chunks_of_positions():
     """A strided layer's weight gradient by phase, 8 samples of a 363 × 363 plane at stride 2
     (8 phase planes of 183² = 267,912 positions, three int32 chunks at 8 × 8 bits): extreme
-    codes sum past int32 in every tap and must not wrap across the chunks."""
+    codes sum past int32 in every tap and must not wrap across the chunks; zero points of 1, as
+    above, bring in every term."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.backends.int8 import chunk_length
     from fqtorch.quantizers.base import QuantizedTensor
@@ -607,15 +614,15 @@ def test_strided_weight_gradient_over_chunks_of_positions():
     ops = ConvOps((2, 2), (1, 1), (1, 1), 1)
     x_codes = torch.full((n, 1, side, side), -128, dtype=torch.int8)
     h_codes = torch.full((n * out * out, 1), -128, dtype=torch.int8)
-    unit, zero = torch.ones(1, 1), torch.zeros(1, 1)
-    h = QuantizedTensor(h_codes, unit, zero, 8, h_codes.shape, torch.float32)
+    unit = torch.ones(1, 1)
+    h = QuantizedTensor(h_codes, unit, unit, 8, h_codes.shape, torch.float32)
     grad_weight, h_cols = int8_qconv._grad_weight_taps(
-        h, x_codes, torch.ones(()), torch.zeros(()), 8, (1, 1, 3, 3), ops
+        h, x_codes, torch.ones(()), torch.ones(()), 8, (1, 1, 3, 3), ops
     )
     # Tap i reads input row 2y + i − 1 of outputs y < 182: 181, 182 and 181 of them are real.
     reach = torch.tensor([out - 1, out, out - 1], dtype=torch.float64)
-    assert torch.equal(grad_weight.reshape(3, 3), n * 128 * 128 * torch.outer(reach, reach))
-    assert int(h_cols) == -128 * n * out * out
+    assert torch.equal(grad_weight.reshape(3, 3), n * 127 * 127 * torch.outer(reach, reach))
+    assert h_cols is None
 
 
 # (input (N, C, H, W), kernel, stride, padding, dilation, extra pad (left, right, top, bottom))
@@ -638,8 +645,8 @@ STRIDED_WEIGHT_GRADIENTS = {
 def test_strided_weight_gradient_by_phase_is_exact(case, compiled, channels_last, monkeypatch):
     """The strided weight gradient by phase against float64's ``conv2d_weight`` on the same
     values, with integer scales and zero points, so both are exact and must be equal: one
-    ``_int_mm`` per tap (no unfold), every zero-point term, and the column sums of ``h``; from
-    NCHW and channels-last codes (channel- and position-major grids)."""
+    ``_int_mm`` per tap (no unfold) and every zero-point term; from NCHW and channels-last codes
+    (channel- and position-major grids)."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.quantizers.base import QuantizedTensor
 
@@ -664,14 +671,12 @@ def test_strided_weight_gradient_by_phase_is_exact(case, compiled, channels_last
     expected = torch.nn.grad.conv2d_weight(
         padded, (o, c, *kernel), h_values.permute(0, 3, 1, 2), stride, 0, dilation
     )
-    products = []
-    int_mm = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda a, b: products.append(1) or int_mm(a, b))
+    products = record_products(monkeypatch)
     grad_weight, h_cols = int8_qconv._grad_weight_taps(
         h, x_codes, torch.tensor(3.0), torch.tensor(-5.0), 8, (o, c, *kernel), ops, f64, compiled
     )
     assert torch.equal(grad_weight, expected)
-    assert torch.equal(h_cols, h_codes.to(torch.int32).sum(0))
+    assert h_cols is None
     assert len(products) == kernel[0] * kernel[1]
 
 
@@ -713,13 +718,16 @@ def test_weight_gradient_epilogue_compiled_and_eager(dtype):
     """The weight gradient's epilogue (:func:`int8_qconv.taps_terms`) against the four terms
     written out in float64 and rounded once to float32: eager bit for bit, compiled within one
     float32 rounding of it (Inductor may order the float64 sums otherwise). Products past 2^24
-    (int32) and past 2^31 (int64, from chunks); scales that give the four terms comparable sizes,
-    so that rounding any of them (or a scale product) to float32 first changes the result."""
+    (int32) and past 2^31 (int64, from chunks); the mask's sums past 2^24 too; scales that give
+    the four terms comparable sizes, so that rounding any of them (or a scale product) to float32
+    first changes the result."""
     gen = torch.Generator().manual_seed(3)
     taps, o, c = 9, 6, 5
     high = 2**30 if dtype == torch.int32 else 2**40
-    prod = torch.randint(-high, high, (taps, o + 1, c + 2), generator=gen, dtype=torch.int64)
+    prod = torch.randint(-high, high, (taps, o + 1, c), generator=gen, dtype=torch.int64)
     prod = prod.to(dtype)
+    on_real = torch.randint(-high, high, (taps, o), generator=gen).double()
+    real = torch.randint(1, 2**30, (taps,), generator=gen).double()
     s_h = torch.rand(o, 1, generator=gen) * 1e-3 + 1e-5
     b_h = s_h.squeeze(1) * (torch.rand(o, generator=gen) - 0.5)
     s_x, b_x = torch.tensor([[0.0213]]), torch.tensor([[-0.0171]])
@@ -729,22 +737,23 @@ def test_weight_gradient_epilogue_compiled_and_eager(dtype):
     expected = torch.empty(o, c, taps, dtype=torch.float64)
     for t in range(taps):
         expected[:, :, t] = (
-            sh[:, :, 0] * sx * p[t, :o, :c]
-            + sh[:, :, 0] * bx * p[t, :o, c : c + 1]
-            + bh[:, :, 0] * sx * p[t, o : o + 1, :c]
-            + bh[:, :, 0] * bx * p[t, o, c]
+            sh[:, :, 0] * sx * p[t, :o]
+            + sh[:, :, 0] * bx * on_real[t, :, None]
+            + bh[:, :, 0] * sx * p[t, o : o + 1]
+            + bh[:, :, 0] * bx * real[t]
         )
-    eager = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float32, False)
+    args = (prod, on_real, real, s_h, b_h, s_x, b_x)
+    eager = int8_qconv.taps_terms(*args, torch.float32, False)
     assert eager.dtype == torch.float32 and eager.is_contiguous() and eager.shape == (o, c, taps)
     assert torch.equal(eager, expected.float())
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # a compile failure falls back: not here
-        compiled = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float32, True)
+        compiled = int8_qconv.taps_terms(*args, torch.float32, True)
     assert not int8_qconv._compiled_taps_terms._broken  # nor an earlier fallback in this process
     assert compiled.is_contiguous() and compiled.shape == (o, c, taps)
     torch.testing.assert_close(compiled, eager, rtol=1.2e-7, atol=0)
     # float64 out: the terms, not rounded to float32
-    wide = int8_qconv.taps_terms(prod, s_h, b_h, s_x, b_x, torch.float64, False)
+    wide = int8_qconv.taps_terms(*args, torch.float64, False)
     torch.testing.assert_close(wide, expected, rtol=1e-15, atol=0)
 
 

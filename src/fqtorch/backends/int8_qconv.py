@@ -72,6 +72,7 @@ from .int8_conv import (
     _out_length,
     _out_size,
     _pads,
+    _sums_on_real_taps,
     encode_samples,
     taps_first_pays,
 )
@@ -506,8 +507,9 @@ def _grad_weight_taps(
     ops: ConvOps, out_dtype: torch.dtype = torch.float64, compiled: bool = False,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64,
-    :func:`taps_terms`, compiled with ``compiled``) and the column sums of ``h``'s codes: one
-    ``_int_mm`` per tap of the input codes on the padded grid, flattened to (N·Hp·Wp, C + 2)
+    :func:`taps_terms`, compiled with ``compiled``) and ``None`` (the column sums of ``h``'s codes
+    are not a by-product here: :func:`~.int8._grad_bias` sums them where a bias needs them): one
+    ``_int_mm`` per tap of the input codes on the padded grid, flattened to (N·Hp·Wp, C)
     positions (:func:`_positions_grid`, laid out as the codes are), at the tap's offset, with
     ``h``'s codes on the same grid (zero codes off the output positions).
 
@@ -518,10 +520,12 @@ def _grad_weight_taps(
     each grid's tail), where im2col copied each position once per tap reaching it (2.25× the
     input for 3×3 at stride 2).
 
-    The grids are bordered so that the same products yield every zero-point term exactly: the
-    input's with a row of the mask ``M`` and a row of ones, ``h``'s with a row of ones on the
-    output positions. Per tap, the (O + 1, C + 2) product holds C_h ⋆ C_x, then M ⋆ C_h and
-    Σ C_h in its last two columns, and 1 ⋆ C_x and N·(1 ⋆ M) in its last row.
+    ``h``'s grid is bordered with a row of ones on the output positions, so each tap's (O + 1, C)
+    product holds C_h ⋆ C_x and, in its last row, 1 ⋆ Σ_n C_x. The input's grid has no border: the
+    mask's terms, M ⋆ C_h and N·(1 ⋆ M), come from the mask's factors
+    (:func:`~.int8_conv._sums_on_real_taps`), since two more columns of the (L, C) grid cost the
+    product a block of columns (16 → 18 channels: 1.4–1.6×; docs/performance.md) where the factors
+    cost one pass over ``h``'s codes.
     """
     n, c, hh, ww = codes.shape
     o, _, kh, kw = w_shape
@@ -538,8 +542,8 @@ def _grad_weight_taps(
     nhwc = codes.is_contiguous(memory_format=torch.channels_last)
     grids = {}
     for ri, rj in dict.fromkeys((ri, rj) for ri, rj, _ in taps):
-        grid = _positions_grid(n * plane + tail, c + 2, nhwc, codes.device)
-        real = grid[: n * plane].view(n, hq, wq, c + 2)
+        grid = _positions_grid(n * plane + tail, c, nhwc, codes.device)
+        real = grid[: n * plane].view(n, hq, wq, c)
         # the first input row in phase ri (y0 + top ≡ ri mod sh) is that phase's row r0
         y0, x0 = (ri - pads[2]) % sh, (rj - pads[0]) % sw
         r0, c0 = (y0 + pads[2]) // sh, (x0 + pads[0]) // sw
@@ -547,9 +551,7 @@ def _grad_weight_taps(
         cols = slice(c0, c0 + len(range(x0, ww, sw)))
         # The tail past the last plane (the last taps' reach) meets only zero codes of h: left.
         _zero_outside(real.permute(0, 3, 1, 2), rows, cols)
-        real[:, rows, cols, :c] = x_codes[:, y0::sh, x0::sw]
-        real[:, rows, cols, c] = 1  # M
-        grid[: n * plane, c + 1] = 1
+        real[:, rows, cols] = x_codes[:, y0::sh, x0::sw]
         grids[ri, rj] = grid.view(torch.int8)
     h_grid = _positions_grid(n * plane, o + 1, False, codes.device).T.view(o + 1, n, hq, wq)
     _zero_outside(h_grid, slice(0, ho), slice(0, wo))
@@ -567,13 +569,14 @@ def _grad_weight_taps(
     prod = None  # int32 from one product per tap, int64 over several chunks of positions
     for lo in range(0, total, step):
         hi = min(total, lo + step)
-        a = h_grid[:, lo:hi]  # (O + 1, L) row-major: 15 % faster than (C + 2, L) × (L, O + 1)
+        a = h_grid[:, lo:hi]  # (O + 1, L) row-major: 15 % faster than the product transposed
         part = torch.stack(
             [_positions_product(a, grids[ri, rj][lo + off : hi + off]) for ri, rj, off in taps]
         )
         prod = part if prod is None else prod.to(torch.int64).add_(part)
-    out = taps_terms(prod, h.scale, h.bias, xs, xb, out_dtype, compiled)
-    return out.reshape(w_shape), prod[0, :o, c + 1]
+    on_real, real = _sums_on_real_taps(h.codes, h.bits, (hh, ww), pads, (kh, kw), ops)
+    out = taps_terms(prod, on_real.T, n * real, h.scale, h.bias, xs, xb, out_dtype, compiled)
+    return out.reshape(w_shape), None
 
 
 def _transpose(t: Tensor) -> Tensor:
@@ -627,32 +630,37 @@ def _positions_product(a: Tensor, x: Tensor) -> Tensor:
 
 
 def taps_terms(
-    prod: Tensor, s_h: Tensor, b_h: Tensor, s_x: Tensor, b_x: Tensor, out_dtype: torch.dtype,
-    compiled: bool = False,
+    prod: Tensor, on_real: Tensor, real: Tensor, s_h: Tensor, b_h: Tensor, s_x: Tensor,
+    b_x: Tensor, out_dtype: torch.dtype, compiled: bool = False,
 ) -> Tensor:  # fmt: skip
-    """The weight gradient (O, C, T), contiguous, in ``out_dtype``, from the bordered per-tap
-    products ``prod`` (T, O + 1, C + 2) of :func:`_grad_weight_taps`: the four terms in float64
-    (the products pass float32's exact integers), rounded once. The terms are computed in the
-    products' own (T, O, C) order (one compiled pass with ``compiled``; a few eager passes
-    without, the debugging path), then laid out as (O, C, T) in one copy (a compiled pass in the
-    weight's order, reading the products across taps, was slower)."""
+    """The weight gradient (O, C, T), contiguous, in ``out_dtype``, from the per-tap products
+    ``prod`` (T, O + 1, C) of :func:`_grad_weight_taps` (C_h ⋆ C_x, and 1 ⋆ Σ_n C_x in the last
+    row), ``on_real`` (T, O) float64, M ⋆ C_h: ``h``'s codes summed over the positions where each
+    tap reads the input, and ``real`` (T,) float64, N·(1 ⋆ M): how many such positions, in all
+    samples. The four terms in float64 (the products pass float32's exact integers), rounded
+    once. They are computed in the products' own (T, O, C) order (one compiled pass with
+    ``compiled``; a few eager passes without, the debugging path), then laid out as (O, C, T)
+    in one copy (a compiled pass in the weight's order, reading the products across taps, was
+    slower)."""
     terms = _compiled_taps_terms if compiled else _taps_terms
-    return terms(prod, s_h, b_h, s_x, b_x, out_dtype).permute(1, 2, 0).contiguous()
+    out = terms(prod, on_real, real, s_h, b_h, s_x, b_x, out_dtype)
+    return out.permute(1, 2, 0).contiguous()
 
 
 def _taps_terms(
-    prod: Tensor, s_h: Tensor, b_h: Tensor, s_x: Tensor, b_x: Tensor, out_dtype: torch.dtype
-) -> Tensor:
+    prod: Tensor, on_real: Tensor, real: Tensor, s_h: Tensor, b_h: Tensor, s_x: Tensor,
+    b_x: Tensor, out_dtype: torch.dtype,
+) -> Tensor:  # fmt: skip
     """:func:`taps_terms` in the products' (T, O, C) order."""
     f64 = torch.float64
-    o, c = prod.shape[1] - 1, prod.shape[2] - 2
+    o = prod.shape[1] - 1
     s_h, b_h = s_h.to(f64).reshape(1, -1, 1), b_h.to(f64).reshape(1, -1, 1)
     s_x, b_x = s_x.to(f64).reshape(()), b_x.to(f64).reshape(())
     terms = prod.to(f64)
-    out = terms[:, :o, :c] * (s_h * s_x)
-    out.add_(s_h * b_x * terms[:, :o, c : c + 1])  # M ⋆ C_h
-    out.add_(b_h * s_x * terms[:, o : o + 1, :c])  # 1 ⋆ Σ_n C_x
-    out.add_(b_h * b_x * terms[:, o : o + 1, c : c + 1])  # N (1 ⋆ M)
+    out = terms[:, :o] * (s_h * s_x)
+    out.add_(s_h * b_x * on_real.unsqueeze(-1))  # M ⋆ C_h
+    out.add_(b_h * s_x * terms[:, o:])  # 1 ⋆ Σ_n C_x
+    out.add_(b_h * b_x * real.reshape(-1, 1, 1))  # N (1 ⋆ M)
     return out.to(out_dtype)
 
 
@@ -766,7 +774,9 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
 def phases_pay(channels: int, taps: int) -> bool:
     """Whether a strided layer's weight gradient runs by phase (:func:`_grad_weight_taps`) rather
     than im2col: a 1 × 1 kernel on up to 64 input channels. Each tap's product re-reads the whole
-    gradient grid for ``C + 2`` output columns, where im2col reads it once; with the padding mask's
+    gradient grid for C output columns (``C + 2`` when measured: the input grid then carried the
+    mask's two columns, a cost the taps no longer pay, so these rules may send a layer to im2col
+    that the taps would now run faster), where im2col reads it once; with the padding mask's
     terms from its factors (:func:`~.int8_conv._sums_on_real_taps`), unfolding wins on every strided
     kernel with more than one tap measured (``benchmarks/conv_weight_gradient.py``,
     docs/performance.md; one thread, AMD EPYC with VNNI, medians of two runs, channels-last codes,
@@ -785,7 +795,8 @@ def phases_pay(channels: int, taps: int) -> bool:
 def stride1_taps_pay(channels: int, taps: int) -> bool:
     """Whether a stride-1 layer's weight gradient runs per tap rather than im2col: unless it has
     under 24 input channels and more than 9 taps. There the re-reads of the gradient grid, one per
-    tap for ``C + 2`` output columns, outweigh the unfolding at every batch
+    tap (for ``C + 2`` output columns when measured, C since; see :func:`phases_pay`), outweigh
+    the unfolding at every batch
     (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of two runs,
     channels-last codes, docs/performance.md; per tap against unfolded: 3 channels 7 × 7 at 112²,
     10.0 against 3.0 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at 112², 3.1
