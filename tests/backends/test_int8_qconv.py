@@ -391,6 +391,45 @@ class TestAgainstSimulate:
         assert not rule(False, 512, 32 * 7 * 7, 1)  # 1 × 1: packing costs the same
         assert not rule(False, 63, 10, 9) and not rule(False, 24, 10, 9)  # no block saved
 
+    def test_mask_columns_rule(self):
+        """The weight gradient's input grid keeps the mask's two columns unless they take the
+        product into one more block of 16 (channels ≡ 0 or 15 mod 16) over 32,768 positions or
+        more (the measured points of docs/performance.md: PreAct ResNet-20's 16-channel layers
+        at batch 32 and ResNet-50's 64 channels at 56² drop them, 64 channels at 8² and 128 at
+        28² keep them, and so does any count the columns add no block to)."""
+        rule = int8_qconv.mask_columns
+        assert not rule(16, 32 * 34 * 34) and not rule(64, 32 * 58 * 58)
+        assert not rule(32, 128 * 18 * 18) and not rule(15, 32_768) and not rule(31, 10**6)
+        assert rule(64, 32 * 10 * 10) and rule(128, 32 * 30 * 30) and rule(16, 32_767)
+        assert rule(3, 10**6) and rule(14, 10**6) and rule(17, 10**6) and rule(30, 10**6)
+
+    @pytest.mark.parametrize("fused", [False, True])
+    @pytest.mark.parametrize("stride", [1, 2])
+    def test_mask_columns_unforced(self, fused, stride, monkeypatch):
+        """Unforced, a 16-channel layer over 32,768 grid positions a phase (two samples of
+        126² at stride 1, 254² at stride 2, both padded by 1) drops the mask's columns (each
+        product has 16 columns), a 3-channel one keeps them (5); both give simulate's values
+        with a bias (its gradient summed apart where the columns are dropped)."""
+        monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels, taps: True)
+        int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
+        widths, int_mm = [], torch._int_mm
+
+        def recording(a, b):
+            if not (a.shape[0] == 8 and bool((a == 1).all())):  # not a code sum
+                widths.append(b.shape[1])
+            return int_mm(a, b)
+
+        monkeypatch.setattr(torch, "_int_mm", recording)
+        side = 126 if stride == 1 else 254  # padded 128² (stride 1), 256² → 128² phases
+        for channels, width in ((16, 16), (3, 5)):
+            widths.clear()
+            make = lambda c=channels: nn.Conv2d(c, 4, 3, stride=stride, padding=1)  # noqa: E731
+            gen = torch.Generator().manual_seed(16)
+            x = torch.randn(2, channels, side, side, generator=gen) + 0.3
+            cfg = FQTConfig.preset("psq5", fused=fused)
+            assert_same(against_simulate(make, x, cfg, memory_format=torch.channels_last))
+            assert widths and set(widths) == {width}, (channels, widths)
+
     @pytest.mark.parametrize("weights", ["symmetric", "ptq"])
     @pytest.mark.parametrize("fused", [False, True])
     def test_sums_channel_unforced(self, weights, fused, monkeypatch):
@@ -573,7 +612,8 @@ class TestAgainstSimulate:
         assert len(lengths) == taps * -(-positions // 40) and max(lengths) <= 40
 
 
-def test_weight_gradient_over_a_plane_longer_than_one_chunk():
+@pytest.mark.parametrize("mask_columns", [False, True])
+def test_weight_gradient_over_a_plane_longer_than_one_chunk(mask_columns, monkeypatch):
     """One padded plane (365 × 365 = 133,225 positions) is longer than the int32 chunk of two
     8-bit codes (131,064): extreme codes (−128 everywhere) sum to 128² · 363² = 2,158,903,296,
     past int32, and must not wrap. Unit scales and zero points of 1 bring in every zero-point term
@@ -585,6 +625,7 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk():
 
     side = 363
     assert (side + 2) ** 2 > chunk_length(8, 8)
+    monkeypatch.setattr(int8_qconv, "mask_columns", lambda channels, positions: mask_columns)
     ops = ConvOps((1, 1), (1, 1), (1, 1), 1)
     x_codes = torch.full((1, 1, side, side), -128, dtype=torch.int8)
     h_codes = torch.full((side * side, 1), -128, dtype=torch.int8)
@@ -597,10 +638,12 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk():
     reach = torch.tensor([side - 1, side, side - 1], dtype=torch.float64)
     expected = 127 * 127 * torch.outer(reach, reach)
     assert torch.equal(grad_weight.reshape(3, 3), expected)
-    assert h_cols is None  # summed by _grad_bias where a bias needs them
+    # the products' column sums with the mask's columns; else _grad_bias sums them if needed
+    assert (int(h_cols) == -128 * side * side) if mask_columns else h_cols is None
 
 
-def test_strided_weight_gradient_over_chunks_of_positions():
+@pytest.mark.parametrize("mask_columns", [False, True])
+def test_strided_weight_gradient_over_chunks_of_positions(mask_columns, monkeypatch):
     """A strided layer's weight gradient by phase, 8 samples of a 363 × 363 plane at stride 2
     (8 phase planes of 183² = 267,912 positions, three int32 chunks at 8 × 8 bits): extreme
     codes sum past int32 in every tap and must not wrap across the chunks; zero points of 1, as
@@ -611,6 +654,7 @@ def test_strided_weight_gradient_over_chunks_of_positions():
 
     n, side, out = 8, 363, 182  # padded 365: (365 − 3) // 2 + 1 outputs along each axis
     assert n * 183 * 183 > 2 * chunk_length(8, 8)
+    monkeypatch.setattr(int8_qconv, "mask_columns", lambda channels, positions: mask_columns)
     ops = ConvOps((2, 2), (1, 1), (1, 1), 1)
     x_codes = torch.full((n, 1, side, side), -128, dtype=torch.int8)
     h_codes = torch.full((n * out * out, 1), -128, dtype=torch.int8)
@@ -622,7 +666,7 @@ def test_strided_weight_gradient_over_chunks_of_positions():
     # Tap i reads input row 2y + i − 1 of outputs y < 182: 181, 182 and 181 of them are real.
     reach = torch.tensor([out - 1, out, out - 1], dtype=torch.float64)
     assert torch.equal(grad_weight.reshape(3, 3), n * 127 * 127 * torch.outer(reach, reach))
-    assert h_cols is None
+    assert (int(h_cols) == -128 * n * out * out) if mask_columns else h_cols is None
 
 
 # (input (N, C, H, W), kernel, stride, padding, dilation, extra pad (left, right, top, bottom))
@@ -642,11 +686,15 @@ STRIDED_WEIGHT_GRADIENTS = {
 @pytest.mark.parametrize("case", sorted(STRIDED_WEIGHT_GRADIENTS))
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
-def test_strided_weight_gradient_by_phase_is_exact(case, compiled, channels_last, monkeypatch):
+@pytest.mark.parametrize("mask_columns", [False, True])
+def test_strided_weight_gradient_by_phase_is_exact(
+    case, compiled, channels_last, mask_columns, monkeypatch
+):
     """The strided weight gradient by phase against float64's ``conv2d_weight`` on the same
     values, with integer scales and zero points, so both are exact and must be equal: one
-    ``_int_mm`` per tap (no unfold) and every zero-point term; from NCHW and channels-last codes
-    (channel- and position-major grids)."""
+    ``_int_mm`` per tap (no unfold) and every zero-point term, from the mask's columns or from
+    its factors; the column sums of ``h`` where the products give them; from NCHW and
+    channels-last codes (channel- and position-major grids)."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.quantizers.base import QuantizedTensor
 
@@ -671,12 +719,16 @@ def test_strided_weight_gradient_by_phase_is_exact(case, compiled, channels_last
     expected = torch.nn.grad.conv2d_weight(
         padded, (o, c, *kernel), h_values.permute(0, 3, 1, 2), stride, 0, dilation
     )
+    monkeypatch.setattr(int8_qconv, "mask_columns", lambda channels, positions: mask_columns)
     products = record_products(monkeypatch)
     grad_weight, h_cols = int8_qconv._grad_weight_taps(
         h, x_codes, torch.tensor(3.0), torch.tensor(-5.0), 8, (o, c, *kernel), ops, f64, compiled
     )
     assert torch.equal(grad_weight, expected)
-    assert h_cols is None
+    if mask_columns:
+        assert torch.equal(h_cols, h_codes.to(torch.int32).sum(0))
+    else:
+        assert h_cols is None
     assert len(products) == kernel[0] * kernel[1]
 
 

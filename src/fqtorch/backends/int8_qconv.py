@@ -83,6 +83,7 @@ __all__ = [
     "conv",
     "fits_float32",
     "has_zero_point",
+    "mask_columns",
     "phases_pay",
     "qconv_verdict",
     "stride1_taps_pay",
@@ -505,11 +506,11 @@ def _weight_taps(
 def _grad_weight_taps(
     h: QuantizedTensor, codes: Tensor, xs: Tensor, xb: Tensor, x_bits: int, w_shape,
     ops: ConvOps, out_dtype: torch.dtype = torch.float64, compiled: bool = False,
-) -> tuple[Tensor, Tensor]:  # fmt: skip
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64,
-    :func:`taps_terms`, compiled with ``compiled``) and ``None`` (the column sums of ``h``'s codes
-    are not a by-product here: :func:`~.int8._grad_bias` sums them where a bias needs them): one
-    ``_int_mm`` per tap of the input codes on the padded grid, flattened to (N·Hp·Wp, C)
+    :func:`taps_terms`, compiled with ``compiled``) and the column sums of ``h``'s codes where
+    the products gave them (else ``None``: :func:`~.int8._grad_bias` sums them where a bias needs
+    them): one ``_int_mm`` per tap of the input codes on the padded grid, flattened to (N·Hp·Wp, C)
     positions (:func:`_positions_grid`, laid out as the codes are), at the tap's offset, with
     ``h``'s codes on the same grid (zero codes off the output positions).
 
@@ -520,12 +521,12 @@ def _grad_weight_taps(
     each grid's tail), where im2col copied each position once per tap reaching it (2.25× the
     input for 3×3 at stride 2).
 
-    ``h``'s grid is bordered with a row of ones on the output positions, so each tap's (O + 1, C)
-    product holds C_h ⋆ C_x and, in its last row, 1 ⋆ Σ_n C_x. The input's grid has no border: the
-    mask's terms, M ⋆ C_h and N·(1 ⋆ M), come from the mask's factors
-    (:func:`~.int8_conv._sums_on_real_taps`), since two more columns of the (L, C) grid cost the
-    product a block of columns (16 → 18 channels: 1.4–1.6×; docs/performance.md) where the factors
-    cost one pass over ``h``'s codes.
+    The grids are bordered so that the same products yield zero-point terms: ``h``'s with a row
+    of ones on the output positions, so each tap's (O + 1, C) product holds C_h ⋆ C_x and, in its
+    last row, 1 ⋆ Σ_n C_x. Where :func:`mask_columns` says so, the input's grid carries a column
+    of the mask ``M`` and one of ones too, and the (O + 1, C + 2) product holds M ⋆ C_h and Σ C_h
+    in its last two columns and N·(1 ⋆ M) below them; elsewhere M ⋆ C_h and N·(1 ⋆ M) come from
+    the mask's factors (:func:`~.int8_conv._sums_on_real_taps`).
     """
     n, c, hh, ww = codes.shape
     o, _, kh, kw = w_shape
@@ -540,18 +541,23 @@ def _grad_weight_taps(
     u8 = torch.uint8
     x_codes = codes.view(u8).permute(0, 2, 3, 1)  # (N, H, W, C) view, whatever the layout
     nhwc = codes.is_contiguous(memory_format=torch.channels_last)
+    bordered = mask_columns(c, n * plane)
+    width = c + 2 if bordered else c
     grids = {}
     for ri, rj in dict.fromkeys((ri, rj) for ri, rj, _ in taps):
-        grid = _positions_grid(n * plane + tail, c, nhwc, codes.device)
-        real = grid[: n * plane].view(n, hq, wq, c)
+        grid = _positions_grid(n * plane + tail, width, nhwc, codes.device)
+        planes = grid[: n * plane].view(n, hq, wq, width)
         # the first input row in phase ri (y0 + top ≡ ri mod sh) is that phase's row r0
         y0, x0 = (ri - pads[2]) % sh, (rj - pads[0]) % sw
         r0, c0 = (y0 + pads[2]) // sh, (x0 + pads[0]) // sw
         rows = slice(r0, r0 + len(range(y0, hh, sh)))
         cols = slice(c0, c0 + len(range(x0, ww, sw)))
         # The tail past the last plane (the last taps' reach) meets only zero codes of h: left.
-        _zero_outside(real.permute(0, 3, 1, 2), rows, cols)
-        real[:, rows, cols] = x_codes[:, y0::sh, x0::sw]
+        _zero_outside(planes.permute(0, 3, 1, 2), rows, cols)
+        planes[:, rows, cols, :c] = x_codes[:, y0::sh, x0::sw]
+        if bordered:
+            planes[:, rows, cols, c] = 1  # M
+            grid[: n * plane, c + 1] = 1
         grids[ri, rj] = grid.view(torch.int8)
     h_grid = _positions_grid(n * plane, o + 1, False, codes.device).T.view(o + 1, n, hq, wq)
     _zero_outside(h_grid, slice(0, ho), slice(0, wo))
@@ -574,9 +580,35 @@ def _grad_weight_taps(
             [_positions_product(a, grids[ri, rj][lo + off : hi + off]) for ri, rj, off in taps]
         )
         prod = part if prod is None else prod.to(torch.int64).add_(part)
-    on_real, real = _sums_on_real_taps(h.codes, h.bits, (hh, ww), pads, (kh, kw), ops)
-    out = taps_terms(prod, on_real.T, n * real, h.scale, h.bias, xs, xb, out_dtype, compiled)
-    return out.reshape(w_shape), None
+    if bordered:  # M ⋆ C_h and N·(1 ⋆ M) in the mask's column, Σ C_h in the ones'
+        on_real, real = prod[:, :o, c].to(torch.float64), prod[:, o, c].to(torch.float64)
+        prod, h_cols = prod[:, :, :c], prod[0, :o, c + 1]
+    else:
+        on_real, real = _sums_on_real_taps(h.codes, h.bits, (hh, ww), pads, (kh, kw), ops)
+        on_real, real, h_cols = on_real.T, n * real, None
+    out = taps_terms(prod, on_real, real, h.scale, h.bias, xs, xb, out_dtype, compiled)
+    return out.reshape(w_shape), h_cols
+
+
+# Positions (N·Hp·Wp, per phase) from which a weight gradient's input grid drops the mask's two
+# columns where they cost the product a block of 16 (measured on an AMD EPYC with VNNI, one thread:
+# docs/performance.md).
+_MASK_COLUMNS_POSITIONS = 32_768
+
+
+def mask_columns(channels: int, positions: int) -> bool:
+    """Whether the per-tap weight gradient's input grid (``channels`` input channels over
+    ``positions`` grid positions) carries the mask's two columns (``M`` and ones), whose products
+    yield the mask's terms, rather than computing them from the mask's factors
+    (:func:`~.int8_conv._sums_on_real_taps`, a fixed cost of some 0.2–0.5 ms in small ops). The
+    columns cost the product little unless they take it into one more block of 16 (``channels``
+    ≡ 0 or 15 mod 16), and what that block costs grows with the positions: one thread on an AMD
+    EPYC with VNNI, batch 32 unless said, 3 × 3, old (with) over new (without) per-call time,
+    median of interleaved pairs: 16 channels at 32², 1.11 (37 K positions); at batch 128, 1.34
+    (148 K); 32 at 16² 0.97 (10 K), at batch 128 1.06 (41 K); 64 at 8² 0.88 (3 K), at batch 128
+    1.00 (13 K); 64 at 56², 1.12 (108 K); 128 at 28², 1.00 (29 K); 3 channels at 32² (no block
+    saved), 0.85. So they are dropped from 32,768 positions, on such a channel count."""
+    return channels % 16 not in (0, 15) or positions < _MASK_COLUMNS_POSITIONS
 
 
 def _transpose(t: Tensor) -> Tensor:
@@ -774,9 +806,9 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
 def phases_pay(channels: int, taps: int) -> bool:
     """Whether a strided layer's weight gradient runs by phase (:func:`_grad_weight_taps`) rather
     than im2col: a 1 × 1 kernel on up to 64 input channels. Each tap's product re-reads the whole
-    gradient grid for C output columns (``C + 2`` when measured: the input grid then carried the
-    mask's two columns, a cost the taps no longer pay, so these rules may send a layer to im2col
-    that the taps would now run faster), where im2col reads it once; with the padding mask's
+    gradient grid for ``C + 2`` output columns (C where :func:`mask_columns` drops the mask's
+    two, which it did not when these were measured), where im2col reads it once; with the
+    padding mask's
     terms from its factors (:func:`~.int8_conv._sums_on_real_taps`), unfolding wins on every strided
     kernel with more than one tap measured (``benchmarks/conv_weight_gradient.py``,
     docs/performance.md; one thread, AMD EPYC with VNNI, medians of two runs, channels-last codes,
@@ -795,8 +827,8 @@ def phases_pay(channels: int, taps: int) -> bool:
 def stride1_taps_pay(channels: int, taps: int) -> bool:
     """Whether a stride-1 layer's weight gradient runs per tap rather than im2col: unless it has
     under 24 input channels and more than 9 taps. There the re-reads of the gradient grid, one per
-    tap (for ``C + 2`` output columns when measured, C since; see :func:`phases_pay`), outweigh
-    the unfolding at every batch
+    tap for ``C + 2`` output columns (as measured; see :func:`phases_pay`), outweigh the
+    unfolding at every batch
     (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of two runs,
     channels-last codes, docs/performance.md; per tap against unfolded: 3 channels 7 × 7 at 112²,
     10.0 against 3.0 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at 112², 3.1
