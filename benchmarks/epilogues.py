@@ -1,7 +1,7 @@
-"""The stride-1 Conv2d weight gradient's epilogue on the int8 backend
-(``int8_qconv.taps_terms``: four zero-point terms in float64 over the per-tap int32 products,
-rounded to float32), eager (``fused=False``, the debugging path) against compiled (``fused=True``,
-the default), one process.
+"""The stride-1 Conv2d weight gradient's epilogue on the int8 backend (``int8_qconv.taps_terms``:
+four zero-point terms in float64 over the per-tap int32 products and the mask's sums, rounded to
+float32), eager (``fused=False``, the debugging path) against compiled (``fused=True``, the
+default), one process.
 
     python benchmarks/epilogues.py [--repeats 20]
 
@@ -37,10 +37,12 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     cases = []
     for c in CHANNELS:
-        prod = torch.randint(-(2**24), 2**24, (TAPS, c + 1, c + 2), generator=g, dtype=torch.int32)
+        prod = torch.randint(-(2**24), 2**24, (TAPS, c + 1, c), generator=g, dtype=torch.int32)
+        on_real = torch.randint(-(2**24), 2**24, (TAPS, c), generator=g).double()
+        real = torch.randint(1, 2**20, (TAPS,), generator=g).double()
         s_h, b_h = torch.rand(c, 1, generator=g) + 1e-3, torch.randn(c, 1, generator=g)
         s_x, b_x = torch.rand(1, 1, generator=g) + 1e-3, torch.randn(1, 1, generator=g)
-        terms = (prod, s_h, b_h, s_x, b_x, torch.float32)
+        terms = (prod, on_real, real, s_h, b_h, s_x, b_x, torch.float32)
         cases.append(
             (
                 c,

@@ -144,15 +144,15 @@ def spy_compiled_epilogue(monkeypatch, name: str = "_compiled_taps_terms") -> li
     return calls
 
 
-def record_products(monkeypatch) -> list:
-    """The reduction lengths of the ``torch._int_mm`` products made from now on, less the code
-    sums (:func:`~fqtorch.backends.int8._code_sum`: a product of 8 rows of ones), which are
-    sums, not the layer's GEMMs."""
+def record_products(monkeypatch, measure=lambda a, b: a.shape[1]) -> list:
+    """``measure(a, b)`` (by default the reduction length) of each ``torch._int_mm`` product made
+    from now on, less the code sums (:func:`~fqtorch.backends.int8._code_sum`: a product of 8
+    rows of ones), which are sums, not the layer's GEMMs."""
     lengths, int_mm = [], torch._int_mm
 
     def recording(a, b):
         if not (a.shape[0] == 8 and bool((a == 1).all())):
-            lengths.append(a.shape[1])
+            lengths.append(measure(a, b))
         return int_mm(a, b)
 
     monkeypatch.setattr(torch, "_int_mm", recording)
@@ -393,42 +393,41 @@ class TestAgainstSimulate:
 
     def test_mask_columns_rule(self):
         """The weight gradient's input grid keeps the mask's two columns unless they take the
-        product into one more block of 16 (channels ≡ 0 or 15 mod 16) over 32,768 positions or
-        more (the measured points of docs/performance.md: PreAct ResNet-20's 16-channel layers
-        at batch 32 and ResNet-50's 64 channels at 56² drop them, 64 channels at 8² and 128 at
-        28² keep them, and so does any count the columns add no block to)."""
+        product into one more block of 16 (channels ≡ 0 or 15 mod 16) over 32,768 positions or more,
+        on a kernel of more than one tap (the measured points of docs/performance.md: PreAct
+        ResNet-20's 16-channel layers at batch 32 and ResNet-50's 64 channels at 56² drop them, 64
+        channels at 8² and 128 at 28² keep them, and so do 1 × 1 kernels and any count the columns
+        add no block to)."""
         rule = int8_qconv.mask_columns
-        assert not rule(16, 32 * 34 * 34) and not rule(64, 32 * 58 * 58)
-        assert not rule(32, 128 * 18 * 18) and not rule(15, 32_768) and not rule(31, 10**6)
-        assert rule(64, 32 * 10 * 10) and rule(128, 32 * 30 * 30) and rule(16, 32_767)
-        assert rule(3, 10**6) and rule(14, 10**6) and rule(17, 10**6) and rule(30, 10**6)
+        assert not rule(16, 32 * 34 * 34, 9) and not rule(64, 32 * 58 * 58, 9)
+        assert not rule(32, 128 * 18 * 18, 9) and not rule(15, 32_768, 4) and not rule(31, 10**6, 2)
+        assert rule(64, 32 * 10 * 10, 9) and rule(128, 32 * 30 * 30, 9) and rule(16, 32_767, 9)
+        assert (
+            rule(3, 10**6, 9) and rule(14, 10**6, 9) and rule(17, 10**6, 9) and rule(30, 10**6, 9)
+        )
+        assert rule(16, 10**6, 1) and rule(64, 10**6, 1)  # 1 × 1: the block saved once
 
     @pytest.mark.parametrize("fused", [False, True])
     @pytest.mark.parametrize("stride", [1, 2])
     def test_mask_columns_unforced(self, fused, stride, monkeypatch):
-        """Unforced, a 16-channel layer over 32,768 grid positions a phase (two samples of
-        126² at stride 1, 254² at stride 2, both padded by 1) drops the mask's columns (each
-        product has 16 columns), a 3-channel one keeps them (5); both give simulate's values
-        with a bias (its gradient summed apart where the columns are dropped)."""
+        """Unforced, a 16-channel 3 × 3 layer over 32,768 grid positions a phase (two samples
+        of 126² at stride 1, 254² at stride 2, both padded by 1) drops the mask's columns (each
+        product has 16 columns), a 3-channel one and a 16-channel 1 × 1 one keep them (5, 18);
+        all give simulate's values with a bias (its gradient summed apart where the columns are
+        dropped)."""
         monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels, taps: True)
+        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps: True)
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
-        widths, int_mm = [], torch._int_mm
-
-        def recording(a, b):
-            if not (a.shape[0] == 8 and bool((a == 1).all())):  # not a code sum
-                widths.append(b.shape[1])
-            return int_mm(a, b)
-
-        monkeypatch.setattr(torch, "_int_mm", recording)
+        widths = record_products(monkeypatch, lambda a, b: b.shape[1])
         side = 126 if stride == 1 else 254  # padded 128² (stride 1), 256² → 128² phases
-        for channels, width in ((16, 16), (3, 5)):
+        for channels, kernel, width in ((16, 3, 16), (3, 3, 5), (16, 1, 18)):
             widths.clear()
-            make = lambda c=channels: nn.Conv2d(c, 4, 3, stride=stride, padding=1)  # noqa: E731
+            make = lambda c=channels, k=kernel: nn.Conv2d(c, 4, k, stride=stride, padding=1)  # noqa: E731
             gen = torch.Generator().manual_seed(16)
             x = torch.randn(2, channels, side, side, generator=gen) + 0.3
             cfg = FQTConfig.preset("psq5", fused=fused)
             assert_same(against_simulate(make, x, cfg, memory_format=torch.channels_last))
-            assert widths and set(widths) == {width}, (channels, widths)
+            assert widths and set(widths) == {width}, (channels, kernel, widths)
 
     @pytest.mark.parametrize("weights", ["symmetric", "ptq"])
     @pytest.mark.parametrize("fused", [False, True])
@@ -625,7 +624,7 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk(mask_columns, monkey
 
     side = 363
     assert (side + 2) ** 2 > chunk_length(8, 8)
-    monkeypatch.setattr(int8_qconv, "mask_columns", lambda channels, positions: mask_columns)
+    monkeypatch.setattr(int8_qconv, "mask_columns", lambda *shape: mask_columns)
     ops = ConvOps((1, 1), (1, 1), (1, 1), 1)
     x_codes = torch.full((1, 1, side, side), -128, dtype=torch.int8)
     h_codes = torch.full((side * side, 1), -128, dtype=torch.int8)
@@ -638,8 +637,7 @@ def test_weight_gradient_over_a_plane_longer_than_one_chunk(mask_columns, monkey
     reach = torch.tensor([side - 1, side, side - 1], dtype=torch.float64)
     expected = 127 * 127 * torch.outer(reach, reach)
     assert torch.equal(grad_weight.reshape(3, 3), expected)
-    # the products' column sums with the mask's columns; else _grad_bias sums them if needed
-    assert (int(h_cols) == -128 * side * side) if mask_columns else h_cols is None
+    assert int(h_cols) == -128 * side * side  # from the mask's columns or from its factors
 
 
 @pytest.mark.parametrize("mask_columns", [False, True])
@@ -654,7 +652,7 @@ def test_strided_weight_gradient_over_chunks_of_positions(mask_columns, monkeypa
 
     n, side, out = 8, 363, 182  # padded 365: (365 − 3) // 2 + 1 outputs along each axis
     assert n * 183 * 183 > 2 * chunk_length(8, 8)
-    monkeypatch.setattr(int8_qconv, "mask_columns", lambda channels, positions: mask_columns)
+    monkeypatch.setattr(int8_qconv, "mask_columns", lambda *shape: mask_columns)
     ops = ConvOps((2, 2), (1, 1), (1, 1), 1)
     x_codes = torch.full((n, 1, side, side), -128, dtype=torch.int8)
     h_codes = torch.full((n * out * out, 1), -128, dtype=torch.int8)
@@ -666,7 +664,7 @@ def test_strided_weight_gradient_over_chunks_of_positions(mask_columns, monkeypa
     # Tap i reads input row 2y + i − 1 of outputs y < 182: 181, 182 and 181 of them are real.
     reach = torch.tensor([out - 1, out, out - 1], dtype=torch.float64)
     assert torch.equal(grad_weight.reshape(3, 3), n * 127 * 127 * torch.outer(reach, reach))
-    assert (int(h_cols) == -128 * n * out * out) if mask_columns else h_cols is None
+    assert int(h_cols) == -128 * n * out * out
 
 
 # (input (N, C, H, W), kernel, stride, padding, dilation, extra pad (left, right, top, bottom))
@@ -683,22 +681,37 @@ STRIDED_WEIGHT_GRADIENTS = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(STRIDED_WEIGHT_GRADIENTS))
+# the same at stride 1 (one phase)
+STRIDE1_WEIGHT_GRADIENTS = {
+    "3x3-pad1": ((3, 5, 9, 8), (3, 3), (1, 1), (1, 1), (1, 1), None),
+    "3x3-dilated2-pad2": ((2, 3, 11, 10), (3, 3), (1, 1), (2, 2), (2, 2), None),
+    "2x3-dilated1x3": ((2, 4, 9, 11), (2, 3), (1, 1), (0, 1), (1, 3), None),
+    "4x4-asymmetric-pad": ((2, 3, 9, 8), (4, 4), (1, 1), (1, 1), (1, 1), (0, 1, 1, 0)),
+    "3x3-extra-pad-only": ((2, 3, 7, 6), (3, 3), (1, 1), (0, 0), (1, 1), (1, 1, 1, 1)),
+    "1x1": ((3, 5, 7, 6), (1, 1), (1, 1), (0, 0), (1, 1), None),
+    "3x3-input-smaller-than-window": ((2, 3, 2, 3), (3, 3), (1, 1), (1, 1), (1, 1), None),
+}
+TAPS_WEIGHT_GRADIENTS = {**STRIDED_WEIGHT_GRADIENTS, **STRIDE1_WEIGHT_GRADIENTS}
+
+
+@pytest.mark.parametrize("case", sorted(TAPS_WEIGHT_GRADIENTS))
 @pytest.mark.parametrize("compiled", [False, True])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("mask_columns", [False, True])
-def test_strided_weight_gradient_by_phase_is_exact(
-    case, compiled, channels_last, mask_columns, monkeypatch
+@pytest.mark.parametrize("chunk", [None, 40])
+def test_weight_gradient_by_taps_is_exact(
+    case, compiled, channels_last, mask_columns, chunk, monkeypatch
 ):
-    """The strided weight gradient by phase against float64's ``conv2d_weight`` on the same
-    values, with integer scales and zero points, so both are exact and must be equal: one
-    ``_int_mm`` per tap (no unfold) and every zero-point term, from the mask's columns or from
-    its factors; the column sums of ``h`` where the products give them; from NCHW and
-    channels-last codes (channel- and position-major grids)."""
+    """The weight gradient per tap (strided layers by phase) against float64's
+    ``conv2d_weight`` on the same values, with integer scales and zero points, so both are exact
+    and must be equal: one ``_int_mm`` per tap (no unfold) and every zero-point term, from the
+    mask's columns or from its factors; the column sums of ``h`` where the products give them;
+    from NCHW and channels-last codes (channel- and position-major grids); in one product per
+    tap, or over chunks of 40 positions (int64 sums, and the compiled epilogue on them)."""
     from fqtorch.backends.base import ConvOps
     from fqtorch.quantizers.base import QuantizedTensor
 
-    shape, kernel, stride, padding, dilation, pad = STRIDED_WEIGHT_GRADIENTS[case]
+    shape, kernel, stride, padding, dilation, pad = TAPS_WEIGHT_GRADIENTS[case]
     (n, c, *_), o, f64 = shape, 4, torch.float64
     ops = ConvOps(stride, padding, dilation, 1, pad)
     gen = torch.Generator().manual_seed(11)
@@ -719,17 +732,18 @@ def test_strided_weight_gradient_by_phase_is_exact(
     expected = torch.nn.grad.conv2d_weight(
         padded, (o, c, *kernel), h_values.permute(0, 3, 1, 2), stride, 0, dilation
     )
-    monkeypatch.setattr(int8_qconv, "mask_columns", lambda channels, positions: mask_columns)
+    monkeypatch.setattr(int8_qconv, "mask_columns", lambda *shape: mask_columns)
+    if chunk:
+        monkeypatch.setattr(int8_qconv, "chunk_length", lambda a_bits, b_bits: chunk)
     products = record_products(monkeypatch)
     grad_weight, h_cols = int8_qconv._grad_weight_taps(
         h, x_codes, torch.tensor(3.0), torch.tensor(-5.0), 8, (o, c, *kernel), ops, f64, compiled
     )
     assert torch.equal(grad_weight, expected)
-    if mask_columns:
-        assert torch.equal(h_cols, h_codes.to(torch.int32).sum(0))
-    else:
-        assert h_cols is None
-    assert len(products) == kernel[0] * kernel[1]
+    assert h_cols.tolist() == h_codes.long().sum(0).tolist()  # from the columns or the factors
+    assert len(products) % (kernel[0] * kernel[1]) == 0 and max(products) <= (chunk or 10**9)
+    if not chunk:
+        assert len(products) == kernel[0] * kernel[1]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int32])
@@ -1075,10 +1089,11 @@ def test_masked_code_sums_are_the_full_masks(size, kernel, stride, pad, dilation
     codes[:, 0], codes[::2, 1] = 127, -128
     if column_major:
         codes = codes.T.contiguous().T
-    sums, real_taps = _sums_on_real_taps(codes, 8, size, pads, kernel, ops)
+    sums, real_taps, totals = _sums_on_real_taps(codes, 8, size, pads, kernel, ops)
     per_position = codes.double().reshape(batch, ho * wo, channels).sum(0)  # (L, O)
     assert torch.equal(sums, per_position.T @ full)
     assert torch.equal(real_taps, full.sum(0))
+    assert totals.dtype == torch.int64 and torch.equal(totals, codes.long().sum(0))
 
 
 @pytest.mark.slow
@@ -1093,10 +1108,11 @@ def test_masked_code_sums_past_int32():
     batch, height = 4130, 4096
     codes = torch.empty(batch * height, 2, dtype=torch.int8)
     codes[:, 0], codes[:, 1] = 127, -128
-    sums, real_taps = _sums_on_real_taps(codes, 8, (height, 1), [0, 0, 1, 1], (3, 1), ops)
+    sums, real_taps, totals = _sums_on_real_taps(codes, 8, (height, 1), [0, 0, 1, 1], (3, 1), ops)
     counts = torch.tensor([height - 1, height, height - 1], dtype=torch.float64)  # per tap
     assert torch.equal(real_taps, counts)
     assert torch.equal(sums, torch.stack([127 * batch * counts, -128 * batch * counts]))
+    assert totals.tolist() == [127 * batch * height, -128 * batch * height]  # past int32
     assert 127 * batch * height > 2**31 - 1 and batch * height > int8.chunk_length(8, 1)
 
 

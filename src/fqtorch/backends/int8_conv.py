@@ -206,9 +206,10 @@ def _border_rows(size: int, before: int, k: int, s: int, d: int, out: int) -> tu
 
 def _sums_on_real_taps(
     codes: Tensor, bits: int, size: tuple, pads: list[int], kernel: tuple, ops: ConvOps
-) -> tuple[Tensor, Tensor]:
-    """``S_hᵀ M`` (O, kh·kw) and ``colsum(M)`` (kh·kw) in float64, exact, for the gradient codes
-    ``codes`` (N·Ho·Wo, O) of a layer over (H, W) planes ``size``. For
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``S_hᵀ M`` (O, kh·kw) and ``colsum(M)`` (kh·kw) in float64, exact, and the codes' column
+    sums (O,) in int64, for the gradient codes ``codes`` (N·Ho·Wo, O) of a layer over (H, W)
+    planes ``size``. For
     each tap, the sum of the codes over the positions (all samples) where that tap reads the input,
     and the number of those positions in one sample. The mask ``M`` is the product of its two
     factors (:func:`_axis_masks`): a tap reads the input on a rectangle of positions, every row's
@@ -235,7 +236,7 @@ def _sums_on_real_taps(
         lost = 1 - torch.cat([height[:top], height[start:]])  # (|B|, kh): taps on padding
         sums -= torch.tensordot(lost, along_width, dims=([0], [0])).transpose(0, 1)
     real_taps = height.sum(0)[:, None] * width.sum(0)  # colsum(M): (kh, kw)
-    return sums.reshape(sums.shape[0], -1), real_taps.reshape(-1)
+    return sums.reshape(sums.shape[0], -1), real_taps.reshape(-1), columns.sum(0, dtype=torch.int64)
 
 
 def _conv_grad_weight(
@@ -252,7 +253,7 @@ def _conv_grad_weight(
     prod, h_cols, x_cols = _int_mm(h.codes.T, h.bits, x.codes, x.bits)  # (O, N·L) × (N·L, Ck²)
     (s_h, b_h), (s_x, b_x) = _affine(h, f64), _affine(x, f64)
     s_o, b_o = s_h.reshape(-1, 1), b_h.reshape(-1, 1)  # (O, 1) or (1, 1)
-    sums, real_taps = _sums_on_real_taps(h.codes, h.bits, size, pads, kernel, ops)
+    sums, real_taps, _ = _sums_on_real_taps(h.codes, h.bits, size, pads, kernel, ops)
     batch = rows // math.prod(_out_size(size, pads, kernel, ops))
     out = prod.to(f64).mul_(s_o * s_x)
     # s_o b_x (S_hᵀ M) + N b_o b_x colsum(M), per tap: the same for every channel

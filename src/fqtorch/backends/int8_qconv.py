@@ -506,13 +506,12 @@ def _weight_taps(
 def _grad_weight_taps(
     h: QuantizedTensor, codes: Tensor, xs: Tensor, xb: Tensor, x_bits: int, w_shape,
     ops: ConvOps, out_dtype: torch.dtype = torch.float64, compiled: bool = False,
-) -> tuple[Tensor, Tensor | None]:  # fmt: skip
-    """``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64,
-    :func:`taps_terms`, compiled with ``compiled``) and the column sums of ``h``'s codes where
-    the products gave them (else ``None``: :func:`~.int8._grad_bias` sums them where a bias needs
-    them): one ``_int_mm`` per tap of the input codes on the padded grid, flattened to (N·Hp·Wp, C)
-    positions (:func:`_positions_grid`, laid out as the codes are), at the tap's offset, with
-    ``h``'s codes on the same grid (zero codes off the output positions).
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """``grad_weight`` (O, C, kh, kw) in ``out_dtype`` (its terms in float64, :func:`taps_terms`,
+    compiled with ``compiled``) and the column sums of ``h``'s codes (from the products or from the
+    mask's factors, below): one ``_int_mm`` per tap of the input codes on the padded grid, flattened
+    to (N·Hp·Wp, C) positions (:func:`_positions_grid`, laid out as the codes are), at the tap's
+    offset, with ``h``'s codes on the same grid (zero codes off the output positions).
 
     A strided layer splits the padded grid by phase (the positions ``≡ (ri, rj)`` modulo the
     stride, each an (Hq, Wq) = (⌈Hp/sh⌉, ⌈Wp/sw⌉) plane, :func:`_weight_taps`): each tap reads
@@ -521,12 +520,12 @@ def _grad_weight_taps(
     each grid's tail), where im2col copied each position once per tap reaching it (2.25× the
     input for 3×3 at stride 2).
 
-    The grids are bordered so that the same products yield zero-point terms: ``h``'s with a row
-    of ones on the output positions, so each tap's (O + 1, C) product holds C_h ⋆ C_x and, in its
-    last row, 1 ⋆ Σ_n C_x. Where :func:`mask_columns` says so, the input's grid carries a column
-    of the mask ``M`` and one of ones too, and the (O + 1, C + 2) product holds M ⋆ C_h and Σ C_h
-    in its last two columns and N·(1 ⋆ M) below them; elsewhere M ⋆ C_h and N·(1 ⋆ M) come from
-    the mask's factors (:func:`~.int8_conv._sums_on_real_taps`).
+    The grids are bordered so that the same products yield zero-point terms: ``h``'s with a row of
+    ones on the output positions, so each tap's (O + 1, C) product holds C_h ⋆ C_x and, in its last
+    row, 1 ⋆ Σ_n C_x. Where :func:`mask_columns` says so, the input's grid carries a column of the
+    mask ``M`` and one of ones too, and the (O + 1, C + 2) product holds M ⋆ C_h and Σ C_h in its
+    last two columns and N·(1 ⋆ M) below them; elsewhere M ⋆ C_h, N·(1 ⋆ M) and Σ C_h come from the
+    mask's factors and one pass over ``h``'s codes (:func:`~.int8_conv._sums_on_real_taps`).
     """
     n, c, hh, ww = codes.shape
     o, _, kh, kw = w_shape
@@ -541,7 +540,7 @@ def _grad_weight_taps(
     u8 = torch.uint8
     x_codes = codes.view(u8).permute(0, 2, 3, 1)  # (N, H, W, C) view, whatever the layout
     nhwc = codes.is_contiguous(memory_format=torch.channels_last)
-    bordered = mask_columns(c, n * plane)
+    bordered = mask_columns(c, n * plane, len(taps))
     width = c + 2 if bordered else c
     grids = {}
     for ri, rj in dict.fromkeys((ri, rj) for ri, rj, _ in taps):
@@ -584,31 +583,35 @@ def _grad_weight_taps(
         on_real, real = prod[:, :o, c].to(torch.float64), prod[:, o, c].to(torch.float64)
         prod, h_cols = prod[:, :, :c], prod[0, :o, c + 1]
     else:
-        on_real, real = _sums_on_real_taps(h.codes, h.bits, (hh, ww), pads, (kh, kw), ops)
-        on_real, real, h_cols = on_real.T, n * real, None
+        on_real, real, h_cols = _sums_on_real_taps(h.codes, h.bits, (hh, ww), pads, (kh, kw), ops)
+        on_real, real = on_real.T, n * real
     out = taps_terms(prod, on_real, real, h.scale, h.bias, xs, xb, out_dtype, compiled)
     return out.reshape(w_shape), h_cols
 
 
-# Positions (N·Hp·Wp, per phase) from which a weight gradient's input grid drops the mask's two
-# columns where they cost the product a block of 16 (measured on an AMD EPYC with VNNI, one thread:
-# docs/performance.md).
+# Positions (N·Hq·Wq: one phase's grid) from which a weight gradient's input grid drops the mask's
+# two columns where they cost the product a block of 16 (measured on an AMD EPYC with VNNI, one
+# thread: docs/performance.md).
 _MASK_COLUMNS_POSITIONS = 32_768
 
 
-def mask_columns(channels: int, positions: int) -> bool:
+def mask_columns(channels: int, positions: int, taps: int) -> bool:
     """Whether the per-tap weight gradient's input grid (``channels`` input channels over
-    ``positions`` grid positions) carries the mask's two columns (``M`` and ones), whose products
-    yield the mask's terms, rather than computing them from the mask's factors
-    (:func:`~.int8_conv._sums_on_real_taps`, a fixed cost of some 0.2–0.5 ms in small ops). The
-    columns cost the product little unless they take it into one more block of 16 (``channels``
-    ≡ 0 or 15 mod 16), and what that block costs grows with the positions: one thread on an AMD
-    EPYC with VNNI, batch 32 unless said, 3 × 3, old (with) over new (without) per-call time,
-    median of interleaved pairs: 16 channels at 32², 1.11 (37 K positions); at batch 128, 1.34
-    (148 K); 32 at 16² 0.97 (10 K), at batch 128 1.06 (41 K); 64 at 8² 0.88 (3 K), at batch 128
-    1.00 (13 K); 64 at 56², 1.12 (108 K); 128 at 28², 1.00 (29 K); 3 channels at 32² (no block
-    saved), 0.85. So they are dropped from 32,768 positions, on such a channel count."""
-    return channels % 16 not in (0, 15) or positions < _MASK_COLUMNS_POSITIONS
+    ``positions`` grid positions, read by ``taps`` products) carries the mask's two columns (``M``
+    and ones), whose products yield the mask's terms, rather than computing them from the mask's
+    factors (:func:`~.int8_conv._sums_on_real_taps`, a fixed cost of some 0.2–0.5 ms in small ops).
+    The columns cost the product little unless they take it into one more block of 16 (``channels``
+    ≡ 0 or 15 mod 16), and what that block costs grows with the positions: one thread on an AMD EPYC
+    with VNNI, batch 32 unless said, 3 × 3, old (with) over new (without) per-call time, median of
+    interleaved pairs: 16 channels at 32², 1.11 (37 K positions); at batch 128, 1.34 (148 K); 32 at
+    16² 0.97 (10 K), at batch 128 1.06 (41 K); 64 at 8² 0.88 (3 K), at batch 128 1.00 (13 K); 64 at
+    56², 1.12 (108 K); 128 at 28², 1.00 (29 K); 3 channels at 32² (no block saved), 0.85. So they
+    are dropped from 32,768 positions, on such a channel count, by a kernel of more than one tap: a
+    1 × 1 kernel saves the block once, not once per tap, and lost or tied at every point the review
+    measured (ad hoc, not kept: 16 and 64 channels at 37–40 K positions, stride 1 and 2, 0.65–1.01;
+    256 → 64 and 64 → 256 at 100 K, 0.99 and 1.01)."""
+    block = channels % 16 in (0, 15)
+    return not block or taps == 1 or positions < _MASK_COLUMNS_POSITIONS
 
 
 def _transpose(t: Tensor) -> Tensor:
@@ -806,9 +809,8 @@ def _im2col_grad_weight(hq, codes, xs, xb, x_bits, w_shape, ops):
 def phases_pay(channels: int, taps: int) -> bool:
     """Whether a strided layer's weight gradient runs by phase (:func:`_grad_weight_taps`) rather
     than im2col: a 1 × 1 kernel on up to 64 input channels. Each tap's product re-reads the whole
-    gradient grid for ``C + 2`` output columns (C where :func:`mask_columns` drops the mask's
-    two, which it did not when these were measured), where im2col reads it once; with the
-    padding mask's
+    gradient grid for ``C + 2`` output columns (C where :func:`mask_columns` drops the mask's two,
+    which it did not when these were measured), where im2col reads it once; with the padding mask's
     terms from its factors (:func:`~.int8_conv._sums_on_real_taps`), unfolding wins on every strided
     kernel with more than one tap measured (``benchmarks/conv_weight_gradient.py``,
     docs/performance.md; one thread, AMD EPYC with VNNI, medians of two runs, channels-last codes,
