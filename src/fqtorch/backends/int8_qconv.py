@@ -540,8 +540,8 @@ def _grad_weight_taps(
     u8 = torch.uint8
     x_codes = codes.view(u8).permute(0, 2, 3, 1)  # (N, H, W, C) view, whatever the layout
     nhwc = codes.is_contiguous(memory_format=torch.channels_last)
-    bordered = mask_columns(c, n * plane, len(taps))
-    width = c + 2 if bordered else c
+    with_mask = mask_columns(c, n * plane, len(taps))  # h's grid has its row of ones always
+    width = c + 2 if with_mask else c
     grids = {}
     for ri, rj in dict.fromkeys((ri, rj) for ri, rj, _ in taps):
         grid = _positions_grid(n * plane + tail, width, nhwc, codes.device)
@@ -554,7 +554,7 @@ def _grad_weight_taps(
         # The tail past the last plane (the last taps' reach) meets only zero codes of h: left.
         _zero_outside(planes.permute(0, 3, 1, 2), rows, cols)
         planes[:, rows, cols, :c] = x_codes[:, y0::sh, x0::sw]
-        if bordered:
+        if with_mask:
             planes[:, rows, cols, c] = 1  # M
             grid[: n * plane, c + 1] = 1
         grids[ri, rj] = grid.view(torch.int8)
@@ -579,7 +579,7 @@ def _grad_weight_taps(
             [_positions_product(a, grids[ri, rj][lo + off : hi + off]) for ri, rj, off in taps]
         )
         prod = part if prod is None else prod.to(torch.int64).add_(part)
-    if bordered:  # M ⋆ C_h and N·(1 ⋆ M) in the mask's column, Σ C_h in the ones'
+    if with_mask:  # M ⋆ C_h and N·(1 ⋆ M) in the mask's column, Σ C_h in the ones'
         on_real, real = prod[:, :o, c].to(torch.float64), prod[:, o, c].to(torch.float64)
         prod, h_cols = prod[:, :, :c], prod[0, :o, c + 1]
     else:
@@ -602,14 +602,16 @@ def mask_columns(channels: int, positions: int, taps: int) -> bool:
     factors (:func:`~.int8_conv._sums_on_real_taps`, a fixed cost of some 0.2–0.5 ms in small ops).
     The columns cost the product little unless they take it into one more block of 16 (``channels``
     ≡ 0 or 15 mod 16), and what that block costs grows with the positions: one thread on an AMD EPYC
-    with VNNI, batch 32 unless said, 3 × 3, old (with) over new (without) per-call time, median of
-    interleaved pairs: 16 channels at 32², 1.11 (37 K positions); at batch 128, 1.34 (148 K); 32 at
-    16² 0.97 (10 K), at batch 128 1.06 (41 K); 64 at 8² 0.88 (3 K), at batch 128 1.00 (13 K); 64 at
-    56², 1.12 (108 K); 128 at 28², 1.00 (29 K); 3 channels at 32² (no block saved), 0.85. So they
-    are dropped from 32,768 positions, on such a channel count, by a kernel of more than one tap: a
-    1 × 1 kernel saves the block once, not once per tap, and lost or tied at every point the review
-    measured (ad hoc, not kept: 16 and 64 channels at 37–40 K positions, stride 1 and 2, 0.65–1.01;
-    256 → 64 and 64 → 256 at 100 K, 0.99 and 1.01)."""
+    with VNNI, batch 32 unless said, 3 × 3, with over without per-call time, median of interleaved
+    pairs (ad hoc, not kept: the columns dropped everywhere, as in ``b9239cb``; the kept A/B of the
+    rule, docs/bench/issue16_mask_columns/, agrees where it drops them: 1.09–1.36): 16 channels at
+    32², 1.11 (37 K positions); at batch 128, 1.34 (148 K); 32 at 16² 0.97 (10 K), at batch 128 1.06
+    (41 K); 64 at 8² 0.88 (3 K), at batch 128 1.00 (13 K); 64 at 56², 1.12 (108 K); 128 at 28², 1.00
+    (29 K); 3 channels at 32² (no block saved), 0.85. So they are dropped from 32,768 positions, on
+    such a channel count, by a kernel of more than one tap: a 1 × 1 kernel saves the block once, not
+    once per tap, and lost or tied at every point the review measured (ad hoc, not kept: 16 and 64
+    channels at 37–40 K positions, stride 1 and 2, 0.65–1.01; 256 → 64 and 64 → 256 at 100 K, 0.99
+    and 1.01)."""
     block = channels % 16 in (0, 15)
     return not block or taps == 1 or positions < _MASK_COLUMNS_POSITIONS
 
