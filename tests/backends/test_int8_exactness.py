@@ -63,25 +63,37 @@ def test_chunk_length_is_the_int32_bound(a_bits, b_bits):
     assert chunk * worst <= 2**31 - 1 < (chunk + 8) * worst
 
 
-def test_worst_case_codes_over_several_chunks():
-    """All codes at -128: the product and the border sums over 2 chunks and a remainder."""
+@pytest.mark.parametrize("b_layout", ["row-major", "column-major"])
+@pytest.mark.parametrize("layout", ["a row-major", "a transposed view"])
+def test_worst_case_codes_over_several_chunks(layout, b_layout):
+    """All codes at -128: the product and the border sums over 2 chunks and a remainder, on
+    both chunked paths (a row-major ``b``'s rows as they are, else the bordered transpose)."""
     k = 2 * chunk_length(8, 8) + 24
     a = torch.full((3, k), -128, dtype=torch.int8)
     b = torch.full((k, 2), -128, dtype=torch.int8)
+    if layout == "a transposed view":
+        a = a.T.contiguous().T
+    if b_layout == "column-major":
+        b = b.T.contiguous().T
     prod, a_rows, b_cols = _int_mm(a, 8, b, 8)
     assert torch.equal(prod, torch.full((3, 2), k * 2**14, dtype=torch.int64))
     assert torch.equal(a_rows, torch.full((3,), -128 * k, dtype=torch.int64))
     assert torch.equal(b_cols, torch.full((2,), -128 * k, dtype=torch.int64))
 
 
+@pytest.mark.parametrize("chunk", [None, 8])
 @pytest.mark.parametrize("layout", ["a row-major", "a transposed view"])
 @pytest.mark.parametrize("b_layout", ["row-major", "column-major"])
-@pytest.mark.parametrize("k", [1, 7, 8, 33, 1000])
-def test_every_operand_layout_gives_the_exact_product_and_sums(layout, b_layout, k):
+@pytest.mark.parametrize("k", [1, 7, 8, 9, 33, 1000])
+def test_every_operand_layout_gives_the_exact_product_and_sums(
+    layout, b_layout, k, chunk, monkeypatch
+):
     """``_int_mm`` over its layouts (a row-major ``b`` is taken as it is on the CPU, a transposed
     ``a`` bordered by a copy) and reductions (k = 1, padded: the CPU kernel misreads some k = 1
-    layouts; k not a multiple of 8): the product and both border sums equal int64 arithmetic,
-    extreme codes included."""
+    layouts; k not a multiple of 8), in one product or (``chunk`` 8) in chunks summed in int64:
+    the product and both border sums equal int64 arithmetic, extreme codes included."""
+    if chunk is not None:
+        monkeypatch.setattr(int8, "chunk_length", lambda a_bits, b_bits: chunk)
     gen = torch.Generator().manual_seed(k)
     m, n = 19, 13
     a = torch.randint(-128, 128, (m, k), generator=gen, dtype=torch.int8)
@@ -96,6 +108,34 @@ def test_every_operand_layout_gives_the_exact_product_and_sums(layout, b_layout,
     assert torch.equal(prod.to(torch.int64), a64 @ b64)
     assert torch.equal(a_rows.to(torch.int64), a64.sum(1))
     assert torch.equal(b_cols.to(torch.int64), b64.sum(0))
+
+
+def test_row_major_chunks_take_b_as_it_is(monkeypatch):
+    """Past the chunk length a row-major ``b`` (the unfolded input codes of a long weight
+    gradient) goes to the kernel chunk by chunk as views of itself, never transposed whole (a
+    copy that cost more than the products: docs/performance.md); ``a``'s chunks are row-major
+    copies bordered by the row of ones."""
+    seen = []
+
+    def recording(a, b):
+        seen.append((a, b))
+        return torch._int_mm(a, b)
+
+    monkeypatch.setattr(int8, "int_mm", recording)
+    monkeypatch.setattr(int8, "chunk_length", lambda a_bits, b_bits: 64)
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randint(-128, 128, (300, 5), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (300, 7), generator=gen, dtype=torch.int8)
+    prod, rows, cols = _int_mm(h.T, 8, b, 8)
+    assert [tuple(b_part.shape) for _, b_part in seen] == [(60, 7)] * 5
+    start = b.data_ptr()
+    for i, (a_part, b_part) in enumerate(seen):
+        assert b_part.data_ptr() == start + i * 60 * 7 and b_part.stride() == (7, 1)
+        assert a_part.stride() == (60, 1) and bool((a_part[-1] == 1).all())
+    h64, b64 = h.T.to(torch.int64), b.to(torch.int64)
+    assert prod.dtype == rows.dtype == cols.dtype == torch.int64
+    assert torch.equal(prod, h64 @ b64)
+    assert torch.equal(rows, h64.sum(1)) and torch.equal(cols, b64.sum(0))
 
 
 def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):

@@ -216,7 +216,8 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
     fast, and a transposing copy of a matrix with a few hundred columns is slow (ResNet-18's stem
     columns, (100352, 147): 25.9 ms for the product with the copy, 12.5 ms without it;
     ``benchmarks/im2col.py``). ``a`` is bordered below by a row of ones for ``1ᵀ b``, and its row
-    sums are summed from the bordered copy.
+    sums are summed from the bordered copy; past :func:`chunk_length`, ``b``'s rows run in chunks
+    as they are (:func:`_int_mm_row_major_chunks`).
     """
     (m, k), n = a.shape, b.shape[1]
     padded = -(-k // 8) * 8
@@ -227,7 +228,10 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
         bordered_bt[n:] = 1
         acc = int_mm(a, bordered_bt.T)
         return acc[:, :n], acc[:, n], _code_sum(b, 0, b_bits)
-    if k <= step and b.device.type == "cpu" and n > 1 and b.stride() == (n, 1):
+    cpu_row_major = b.device.type == "cpu" and n > 1 and b.stride() == (n, 1)
+    if cpu_row_major and k > step:
+        return _int_mm_row_major_chunks(a, a_bits, b, step)
+    if cpu_row_major:
         # the CPU kernel needs no multiple of 8, only k > 1 (zero rows: copied row by row)
         kept = k if k > 1 else 8
         bordered_a = a.new_zeros(m + 1, kept)  # row-major
@@ -251,6 +255,32 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
         for start in range(0, padded, step):
             acc += int_mm(a[:, start : start + step], b[start : start + step])
     return acc[:m, :n], acc[:m, n], acc[m, :n]
+
+
+def _int_mm_row_major_chunks(
+    a: Tensor, a_bits: int, b: Tensor, step: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """:func:`_int_mm` on the CPU of a row-major ``b`` whose reduction ``k`` is longer than one
+    int32 product holds (``step``): ``b``'s rows taken in even chunks as they are (a chunk of
+    rows of a row-major matrix is one), ``a``'s columns copied chunk by chunk with the row of
+    ones below. int64, summed over the chunks; transposing ``b`` whole (the bordered path) costs
+    more than the products (ResNet-18's stem weight gradient, ``(401408, 147)`` columns at batch
+    32: docs/performance.md)."""
+    (m, k), n = a.shape, b.shape[1]
+    parts = -(-k // step)
+    # even chunks of at most step rows, at least k / parts − parts: far from the one-row
+    # reduction the CPU kernel misreads (k = 1, above)
+    length = -(-k // parts)
+    acc = torch.zeros((m + 1, n), dtype=torch.int64, device=a.device)
+    row_sums = torch.zeros(m, dtype=torch.int64, device=a.device)
+    for start in range(0, k, length):
+        stop = min(start + length, k)
+        bordered = a.new_empty(m + 1, stop - start)  # row-major
+        bordered[:m] = a[:, start:stop]
+        bordered[m] = 1
+        acc += int_mm(bordered, b[start:stop])
+        row_sums += _code_sum(bordered[:m], 1, a_bits)
+    return acc[:m], row_sums, acc[m]
 
 
 # The longest reduction whose eager epilogue runs in float32 (module docstring).
