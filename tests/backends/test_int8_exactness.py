@@ -138,6 +138,34 @@ def test_row_major_chunks_take_b_as_it_is(monkeypatch):
     assert torch.equal(rows, h64.sum(1)) and torch.equal(cols, b64.sum(0))
 
 
+@pytest.mark.parametrize("layout", ["a row-major", "a transposed view"])
+def test_row_major_chunks_at_the_real_chunk_length(layout):
+    """Random codes just past ``chunk_length(8, 8)``: chunks long enough for ``_code_sum`` to sum
+    each chunk's rows as a product with ones (the forced short chunks above sum them directly),
+    against int64."""
+    k, gen = chunk_length(8, 8) + 9, torch.Generator().manual_seed(6)
+    a = torch.randint(-128, 128, (19, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (k, 13), generator=gen, dtype=torch.int8)
+    if layout == "a transposed view":
+        a = a.T.contiguous().T
+    prod, rows, cols = _int_mm(a, 8, b, 8)
+    a64, b64 = a.to(torch.int64), b.to(torch.int64)
+    assert torch.equal(prod, a64 @ b64)
+    assert torch.equal(rows, a64.sum(1)) and torch.equal(cols, b64.sum(0))
+
+
+def test_row_major_chunks_sum_past_int32():
+    """Row and column sums of codes at −128 over more rows than int32 holds (2^31 / 128 + 1000):
+    the chunks' int32 sums add up in int64."""
+    k = 2**31 // 128 + 1000
+    a = torch.full((2, k), -128, dtype=torch.int8)
+    b = torch.full((k, 2), -128, dtype=torch.int8)
+    prod, rows, cols = _int_mm(a, 8, b, 8)
+    assert torch.equal(prod, torch.full((2, 2), k * 2**14, dtype=torch.int64))
+    assert torch.equal(rows, torch.full((2,), -128 * k, dtype=torch.int64))
+    assert torch.equal(cols, torch.full((2,), -128 * k, dtype=torch.int64))
+
+
 def run(layer: nn.Module, x: torch.Tensor, g: torch.Tensor):
     x = x.clone().requires_grad_(True)
     out = layer(x)

@@ -17,7 +17,7 @@ them: its operands are bordered with ones (:func:`_int_mm`), about one more outp
 A ``bits``-bit code has |C| ≤ 2^(bits−1), so a reduction of ``n`` products of two codes stays
 inside int32 while n · 2^(bits_a−1) · 2^(bits_b−1) < 2^31 (:func:`chunk_length`: 131,064 for two
 8-bit operands). A GEMM that short is one ``_int_mm``; a longer one (the weight gradient over
-N·H·W or batch × tokens rows) runs in chunks of that length, summed exactly in int64. The chunk
+N·H·W or batch × tokens rows) runs in chunks of at most that length, summed exactly in int64. The chunk
 length comes from the bit widths, not from the codes: no device sync.
 
 The epilogue's terms cancel strongly where the codes sit at one end of their grid (one-signed
@@ -203,7 +203,7 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
     that the zero points need, ``a 1`` (rows of ``a``) and ``1ᵀ b`` (columns of ``b``), exact:
     one product of ``a`` bordered below by a row of ones and ``b`` on the right by columns of
     ones, ``[a; 1ᵀ] [b, 1] = [[a b, a 1], [1ᵀ b, k]]``. int32 from one :func:`int_mm` when the
-    reduction fits :func:`chunk_length`, else int64 from chunks of that length.
+    reduction fits :func:`chunk_length`, else int64 from chunks of at most that length.
 
     The reduction is zero-padded to a multiple of 8 (zero codes add nothing): CUDA kernels need
     k % 8 == 0, and the CPU kernel returns garbage for k = 1 (torch 2.13, AVX-512). When no padding
@@ -265,7 +265,8 @@ def _int_mm_row_major_chunks(
     rows of a row-major matrix is one), ``a``'s columns copied chunk by chunk with the row of
     ones below. int64, summed over the chunks; transposing ``b`` whole (the bordered path) costs
     more than the products (ResNet-18's stem weight gradient, ``(401408, 147)`` columns at batch
-    32: docs/performance.md)."""
+    32: 2.7× faster this way; docs/performance.md, "Long weight-gradient reductions without the
+    transposing copy")."""
     (m, k), n = a.shape, b.shape[1]
     parts = -(-k // step)
     # even chunks of at most step rows, at least k / parts − parts: far from the one-row
