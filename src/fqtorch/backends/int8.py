@@ -17,8 +17,8 @@ them: its operands are bordered with ones (:func:`_int_mm`), about one more outp
 A ``bits``-bit code has |C| ≤ 2^(bits−1), so a reduction of ``n`` products of two codes stays
 inside int32 while n · 2^(bits_a−1) · 2^(bits_b−1) < 2^31 (:func:`chunk_length`: 131,064 for two
 8-bit operands). A GEMM that short is one ``_int_mm``; a longer one (the weight gradient over
-N·H·W or batch × tokens rows) runs in chunks of at most that length, summed exactly in int64. The chunk
-length comes from the bit widths, not from the codes: no device sync.
+N·H·W or batch × tokens rows) runs in chunks of at most that length, summed exactly in int64.
+The chunk length comes from the bit widths, not from the codes: no device sync.
 
 The epilogue's terms cancel strongly where the codes sit at one end of their grid (one-signed
 operands: post-ReLU inputs, all-positive weights; the zero-point term then nearly cancels the
