@@ -37,8 +37,8 @@ speeds up (:func:`sums_channel`). Per-sample scales (PSQ/BHQ rows of ``grad_outp
   padded input is split by phase (the positions of each residue modulo the stride), on which every
   tap is a stride-1 tap: still no im2col copy. A strided layer unfolds instead, unless its kernel is
   1 × 1 on up to 64 input channels (:func:`phases_pay`: each tap's product re-reads the gradient),
-  and so does a stride-1 layer under 24 input channels with more than 9 taps
-  (:func:`stride1_taps_pay`).
+  and so does a stride-1 layer under 24 input channels with more than 9 taps, unless from 8
+  channels its unfolded codes would pass 32 MiB (:func:`stride1_taps_pay`).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
@@ -88,6 +88,7 @@ __all__ = [
     "qconv_verdict",
     "stride1_taps_pay",
     "sums_channel",
+    "unfolded_bytes",
     "weight_by_taps",
 ]
 
@@ -776,7 +777,8 @@ class _QConv2d(torch.autograd.Function):
                 w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
                     taps = math.prod(w_shape[2:])
-                    if weight_by_taps(ops.stride, w_shape[1], taps):
+                    unfolded = unfolded_bytes(in_shape, w_shape, ops)
+                    if weight_by_taps(ops.stride, w_shape[1], taps, unfolded):
                         grad_weight, h_cols = _grad_weight_taps(
                             hq, codes, xs, xb, x_bits, w_shape, ops, w_dtype,
                             _compiled_path(plan),
@@ -828,9 +830,16 @@ def phases_pay(channels: int, taps: int) -> bool:
     return taps == 1 and channels <= 64
 
 
-def stride1_taps_pay(channels: int, taps: int) -> bool:
-    """Whether a stride-1 layer's weight gradient runs per tap rather than im2col: unless it has
-    under 24 input channels and more than 9 taps. There the re-reads of the gradient grid, one per
+# glibc's largest mmap threshold: a buffer past it is mapped and faulted in on every allocation
+# (docs/performance.md, "Allocations past 32 MiB").
+_UNFOLDED_FAULTS = 32 * 2**20
+
+
+def stride1_taps_pay(channels: int, taps: int, unfolded: int) -> bool:
+    """Whether a stride-1 layer's weight gradient runs per tap rather than im2col, whose unfolded
+    input codes take ``unfolded`` bytes (N·Ho·Wo·C·kh·kw): unless it has under 24 input channels
+    and more than 9 taps, and, from 8 channels, unfolds at most :data:`_UNFOLDED_FAULTS`. There the
+    re-reads of the gradient grid, one per
     tap for ``C + 2`` output columns (as measured; see :func:`phases_pay`), outweigh the
     unfolding at every batch
     (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of two runs,
@@ -840,27 +849,48 @@ def stride1_taps_pay(channels: int, taps: int) -> bool:
     at 56², 1.8 against 1.1 at batch 1, 6.1 against 3.1 at batch 4; 16 channels at 56² and batch 32,
     56 against 32 at 5 × 5 and 103 against 91 at 7 × 7; 24 channels, 73 against 75 at 5 × 5, 137
     against 132 at 7 × 7). The taps win at 3 × 3 from 3 channels (8.2 against 10.0 ms at 32² and
-    batch 128) and from 32 channels (5 × 5 at 56²: 75 against 92)."""
-    return channels >= 24 or taps <= 9
+    batch 128) and from 32 channels (5 × 5 at 56²: 75 against 92). Since :func:`mask_columns`
+    drops the two columns at 16 channels on large grids, those 16-channel layers at batch 32 measure
+    15.5 against 37.9 ms (5 × 5) and 29.6 against 67.7 (7 × 7). im2col loses wherever its unfolded
+    codes pass glibc's 32 MiB mmap threshold, since they are then faulted in every call: 16
+    channels 1.9–2.4× over 39–103 MB, 8 channels 1.5× over 39–40 MB. It wins or ties below the
+    threshold (16 channels over 13–26 MB: 0.77–1.16; 12 channels over 30 MB, 0.80), and at 3
+    channels above it (7 × 7 at 112², 59 MB: 0.58). Channels 4 to 7 are not measured past it and
+    unfold (docs/performance.md, "Allocations past 32 MiB")."""
+    if channels >= 24 or taps <= 9:
+        return True
+    return channels >= 8 and unfolded > _UNFOLDED_FAULTS
 
 
-def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int) -> bool:
+def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int, unfolded: int) -> bool:
     """Whether a layer's weight gradient runs per tap (a strided one by phase) rather than
-    im2col: :func:`stride1_taps_pay` at stride 1, :func:`phases_pay` when strided."""
+    im2col, which would unfold ``unfolded`` bytes of input codes: :func:`stride1_taps_pay` at
+    stride 1, :func:`phases_pay` when strided."""
     if all(s == 1 for s in stride):
-        return stride1_taps_pay(channels, taps)
+        return stride1_taps_pay(channels, taps, unfolded)
     return phases_pay(channels, taps)
 
 
-def _announce(name: str, ops: ConvOps, channels: int, taps: int) -> None:
+def unfolded_bytes(in_shape: tuple[int, ...], w_shape: tuple[int, ...], ops: ConvOps) -> int:
+    """The bytes of a layer's unfolded int8 input codes (im2col): N·Ho·Wo·C·kh·kw."""
+    n, c, h, w = in_shape
+    ho, wo = _out_size((h, w), _pads(ops), tuple(w_shape[2:]), ops)
+    return n * ho * wo * c * math.prod(w_shape[2:])
+
+
+def _announce(name: str, ops: ConvOps, in_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> None:
     """Say which kernels the layer runs on, once per process per distinct line
     (:func:`~fqtorch.backends.notes.say_once`). The line is keyed by what it says (the layer's
     name and path), not by the layer object: a second model whose same-named layer takes the
-    same path is not announced again, since the line would say nothing new."""
+    same path is not announced again, since the line would say nothing new (a stride-1 layer
+    of 8 to 23 channels whose unfolding passes 32 MiB at one batch size and not at another is
+    announced once for each path)."""
     strided = any(s > 1 for s in ops.stride)
-    if not weight_by_taps(ops.stride, channels, taps):
+    channels, taps = w_shape[1], math.prod(w_shape[2:])
+    if not weight_by_taps(ops.stride, channels, taps, unfolded_bytes(in_shape, w_shape, ops)):
         if not strided:
             why = "more than 9 taps, under 24 input channels"
+            why += ", at most 32 MiB unfolded" if channels >= 8 else ""
         else:
             why = "strided, more than one tap" if taps > 1 else "strided, over 64 input channels"
         weight = f"im2col + torch._int_mm ({why})"
@@ -882,5 +912,5 @@ def conv(input: Tensor, x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | N
     if verdict is not None:
         warn_once(f"FQT layer {name!r}: {verdict}; running its Conv2d on im2col + torch._int_mm")
         return None
-    _announce(name, ops, weight.shape[1], math.prod(weight.shape[2:]))
+    _announce(name, ops, tuple(input.shape), tuple(weight.shape))
     return _QConv2d.apply(input, x, w, bias, ops, weight, source, name)
