@@ -99,8 +99,7 @@ def main() -> None:
             torch.testing.assert_close(got, taps, rtol=1e-6, atol=1e-6 * float(taps.abs().max()))
         t = interleaved(fns, args.repeats)
         ops = ConvOps((stride, stride), (k // 2, k // 2), (1, 1), 1)
-        unfolded = int8_qconv.unfolded_bytes((n, c, side, side), (o, c, k, k), ops)
-        by_taps = int8_qconv.weight_by_taps((stride, stride), c, k * k, unfolded)
+        by_taps = int8_qconv.weight_by_taps(ops, (n, c, side, side), (o, c, k, k))
         chosen = "taps" if by_taps else "im2col"
         print(f"\n{n}x{c}x{o}x{side}x{k}x{stride}: {c} → {o}, {k}×{k}, stride {stride}, "
               f"{side}², batch {n} (the backend takes {chosen})")  # fmt: skip

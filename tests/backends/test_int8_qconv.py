@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fqtorch import FQTConfig, quantize_model
-from fqtorch.backends import int8, int8_qconv
+from fqtorch.backends import int8, int8_conv, int8_qconv
 from fqtorch.backends.base import ConvOps
 from fqtorch.backends.notes import warn_once
 
@@ -328,7 +328,7 @@ class TestAgainstSimulate:
         under 24 input channels and more than 9 taps; forced here) gives simulate's values: one
         ``_int_mm`` per kernel tap, no unfold (the 4 × 4 "same" layer, asymmetric padding,
         would unfold unforced)."""
-        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps, unfolded: True)
+        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda *rule: True)
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         products = record_products(monkeypatch)
         make, shape = CONVS[conv]
@@ -360,33 +360,55 @@ class TestAgainstSimulate:
 
     def test_stride1_taps_rule(self):
         """3 × 3 layers and every layer from 24 input channels take the taps; larger kernels on 3
-        to 23 channels unfold, except from 8 channels where the unfolded codes would pass 32 MiB
-        (glibc maps such a buffer afresh on every allocation)."""
+        to 23 channels unfold, except from 8 channels into at most twice as many outputs where
+        the unfolded codes would pass 32 MiB (glibc maps such a buffer afresh on every
+        allocation)."""
         pays, mib = int8_qconv.stride1_taps_pay, 2**20
-        assert pays(3, 9, 0) and pays(3, 1, 0) and pays(24, 49, 0) and pays(64, 25, 0)
-        assert pays(23, 9, 0) and pays(3, 9, 10**9)
-        assert not pays(3, 25, 0) and not pays(3, 49, 0) and not pays(16, 25, 0)
-        assert not pays(23, 10, 0) and not pays(16, 25, 32 * mib) and not pays(8, 49, 32 * mib)
-        assert pays(16, 25, 32 * mib + 1) and pays(8, 49, 32 * mib + 1) and pays(23, 10, 40 * mib)
-        assert not pays(7, 25, 10**9) and not pays(3, 49, 10**9)
+        assert pays(3, 9, 0, 16) and pays(3, 1, 0, 16) and pays(24, 49, 0, 512)
+        assert pays(64, 25, 0, 64) and pays(23, 9, 0, 23) and pays(3, 9, 10**9, 3)
+        assert not pays(3, 25, 0, 3) and not pays(3, 49, 0, 3) and not pays(16, 25, 0, 16)
+        assert not pays(23, 10, 0, 23) and not pays(16, 25, 32 * mib, 16)
+        assert not pays(8, 49, 32 * mib, 8)
+        assert pays(16, 25, 32 * mib + 1, 16) and pays(8, 49, 32 * mib + 1, 8)
+        assert pays(23, 10, 40 * mib, 46) and pays(16, 49, 10**9, 32)
+        assert not pays(16, 49, 10**9, 33) and not pays(8, 49, 10**9, 64)
+        assert not pays(7, 25, 10**9, 7) and not pays(3, 49, 10**9, 3)
 
     def test_unfolded_bytes(self):
-        """N·Ho·Wo·C·kh·kw, with the layer's padding, stride and dilation."""
+        """N·Ho·Wo·C·kh·kw, with the layer's padding (and its extra asymmetric pad), stride,
+        dilation and a rectangular kernel, as im2col unfolds it."""
         size = int8_qconv.unfolded_bytes
         assert size((32, 16, 56, 56), (16, 16, 5, 5), ConvOps((1, 1), (2, 2), (1, 1), 1)) == (
             32 * 56 * 56 * 16 * 25
         )
         ops = ConvOps((2, 1), (0, 1), (1, 2), 1)  # Ho = (9 − 3)//2 + 1 = 4, Wo = 10 + 2 − 4 = 8
         assert size((2, 3, 9, 10), (4, 3, 3, 3), ops) == 2 * 4 * 8 * 3 * 9
+        # a 2 × 4 kernel, "same" by an extra pad of (1, 2) columns and (0, 1) rows: 9 × 10 out
+        same = ConvOps((1, 1), (0, 0), (1, 1), 1, pad=(1, 2, 0, 1))
+        assert size((2, 3, 9, 10), (4, 3, 2, 4), same) == 2 * 9 * 10 * 3 * 8
+        x = torch.zeros(2, 3, 9, 10, dtype=torch.int8)
+        cols = int8_conv._cols(x, int8_conv._pads(same), (2, 4), same)
+        assert cols.numel() == 2 * 9 * 10 * 3 * 8  # what im2col holds
 
-    @pytest.mark.parametrize("channels", [7, 8])
-    def test_large_unfolding_takes_the_taps(self, channels, monkeypatch):
-        """Unforced, a stride-1 5 × 5 layer of 8 channels whose unfolded codes would pass the
-        threshold (here lowered to just under them) takes one product per tap, and unfolds at
-        the threshold; 7 channels unfold either way. simulate's values in every case, and the
-        line names the path."""
+    def test_weight_by_taps_reads_the_shapes(self):
+        """The stride-1 rule gets the weight's input and output channels, its taps and the
+        unfolding of the input the layer sees."""
+        seen = []
+        by_taps = int8_qconv.weight_by_taps
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(int8_qconv, "stride1_taps_pay", lambda *rule: seen.append(rule) or True)
+            ops = ConvOps((1, 1), (3, 1), (1, 1), 1)
+            assert by_taps(ops, (4, 8, 20, 30), (12, 8, 7, 3))
+        assert seen == [(8, 21, 4 * 20 * 30 * 8 * 21, 12)]
+
+    @pytest.mark.parametrize("channels,outputs", [(7, 4), (8, 4), (8, 16), (8, 17)])
+    def test_large_unfolding_takes_the_taps(self, channels, outputs, monkeypatch):
+        """Unforced, a stride-1 5 × 5 layer of 8 channels into at most 16 outputs whose unfolded
+        codes would pass the threshold (here lowered to just under them) takes one product per
+        tap, and unfolds at the threshold; 7 channels, or 17 outputs, unfold either way.
+        simulate's values in every case, and the line names the path."""
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
-        make = lambda: nn.Conv2d(channels, 4, 5, padding=2)  # noqa: E731
+        make = lambda: nn.Conv2d(channels, outputs, 5, padding=2)  # noqa: E731
         x = torch.randn(2, channels, 9, 8, generator=torch.Generator().manual_seed(17)) + 0.3
         unfolded = 2 * 9 * 8 * channels * 25
         for threshold in (unfolded - 1, unfolded):
@@ -395,7 +417,7 @@ class TestAgainstSimulate:
             monkeypatch.setattr(int8_qconv, "say_once", said.append)
             products = record_products(monkeypatch)
             assert_same(against_simulate(make, x, FQTConfig.preset("psq5", fused=False)))
-            by_taps = channels == 8 and threshold < unfolded
+            by_taps = channels == 8 and outputs <= 16 and threshold < unfolded
             assert (len(products) == 25) if by_taps else (len(products) < 25), products
             assert said and ("per tap" in said[0]) == by_taps, said
 
@@ -407,11 +429,18 @@ class TestAgainstSimulate:
         assert pays(3, 1) and pays(64, 1)
         assert not pays(65, 1) and not pays(512, 1)
         assert not pays(3, 4) and not pays(64, 9) and not pays(512, 9) and not pays(3, 49)
-        by_taps = int8_qconv.weight_by_taps
-        assert by_taps((2, 2), 16, 1, 0) and by_taps((2, 1), 64, 1, 0)
-        assert by_taps((1, 1), 512, 9, 0) and by_taps((1, 1), 8, 25, 10**9)
-        assert not by_taps((2, 2), 128, 1, 10**9) and not by_taps((2, 2), 512, 9, 10**9)
-        assert not by_taps((2, 2), 16, 25, 10**9)  # the unfolding's size is a stride-1 matter
+        by_taps, big = int8_qconv.weight_by_taps, (64, 16, 224, 224)  # 900 MB unfolded at 5 × 5
+
+        def ops(*stride):
+            return ConvOps(stride, (0, 0), (1, 1), 1)
+
+        assert by_taps(ops(2, 2), (2, 16, 8, 8), (32, 16, 1, 1))
+        assert by_taps(ops(2, 1), (2, 64, 8, 8), (32, 64, 1, 1))
+        assert by_taps(ops(1, 1), (2, 512, 8, 8), (32, 512, 3, 3))
+        assert by_taps(ops(1, 1), big, (16, 16, 5, 5))
+        assert not by_taps(ops(2, 2), (2, 128, 8, 8), (32, 128, 1, 1))
+        assert not by_taps(ops(2, 2), (2, 512, 8, 8), (32, 512, 3, 3))
+        assert not by_taps(ops(2, 2), big, (16, 16, 5, 5))  # unfolding's size: a stride-1 matter
 
     def test_sums_channel_rule(self):
         """A weight with a zero point always takes the channel of sums; without one, a kernel
@@ -453,7 +482,7 @@ class TestAgainstSimulate:
         all give simulate's values with a bias (its gradient summed apart where the columns are
         dropped)."""
         monkeypatch.setattr(int8_qconv, "phases_pay", lambda channels, taps: True)
-        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda channels, taps, unfolded: True)
+        monkeypatch.setattr(int8_qconv, "stride1_taps_pay", lambda *rule: True)
         int8.int_mm_verdict("cpu"), int8_qconv.qconv_verdict()  # first-use probes: not counted
         widths = record_products(monkeypatch, lambda a, b: b.shape[1])
         side = 126 if stride == 1 else 254  # padded 128² (stride 1), 256² → 128² phases

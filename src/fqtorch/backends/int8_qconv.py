@@ -38,7 +38,8 @@ speeds up (:func:`sums_channel`). Per-sample scales (PSQ/BHQ rows of ``grad_outp
   tap is a stride-1 tap: still no im2col copy. A strided layer unfolds instead, unless its kernel is
   1 × 1 on up to 64 input channels (:func:`phases_pay`: each tap's product re-reads the gradient),
   and so does a stride-1 layer under 24 input channels with more than 9 taps, unless from 8
-  channels its unfolded codes would pass 32 MiB (:func:`stride1_taps_pay`).
+  channels into at most twice as many outputs its unfolded codes would pass 32 MiB
+  (:func:`stride1_taps_pay`).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
 the kernel is wrong, not slow. :func:`qconv_verdict` probes it once per process on worst-case
@@ -776,9 +777,7 @@ class _QConv2d(torch.autograd.Function):
                 h_cols = None
                 w_dtype = torch.promote_types(ws.dtype, wb.dtype)  # the weight values' dtype
                 if need_weight:
-                    taps = math.prod(w_shape[2:])
-                    unfolded = unfolded_bytes(in_shape, w_shape, ops)
-                    if weight_by_taps(ops.stride, w_shape[1], taps, unfolded):
+                    if weight_by_taps(ops, tuple(in_shape), tuple(w_shape)):
                         grad_weight, h_cols = _grad_weight_taps(
                             hq, codes, xs, xb, x_bits, w_shape, ops, w_dtype,
                             _compiled_path(plan),
@@ -835,39 +834,46 @@ def phases_pay(channels: int, taps: int) -> bool:
 _UNFOLDED_FAULTS = 32 * 2**20
 
 
-def stride1_taps_pay(channels: int, taps: int, unfolded: int) -> bool:
+def stride1_taps_pay(channels: int, taps: int, unfolded: int, outputs: int) -> bool:
     """Whether a stride-1 layer's weight gradient runs per tap rather than im2col, whose unfolded
-    input codes take ``unfolded`` bytes (N·Ho·Wo·C·kh·kw): unless it has under 24 input channels
-    and more than 9 taps, and, from 8 channels, unfolds at most :data:`_UNFOLDED_FAULTS`. There the
-    re-reads of the gradient grid, one per
-    tap for ``C + 2`` output columns (as measured; see :func:`phases_pay`), outweigh the
-    unfolding at every batch
-    (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of two runs,
-    channels-last codes, docs/performance.md; per tap against unfolded: 3 channels 7 × 7 at 112²,
-    10.0 against 3.0 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at 112², 3.1
-    against 1.9 at batch 1, 11.4 against 7.3 at batch 4, 48 against 27 at batch 16; 8 channels 5 × 5
-    at 56², 1.8 against 1.1 at batch 1, 6.1 against 3.1 at batch 4; 16 channels at 56² and batch 32,
-    56 against 32 at 5 × 5 and 103 against 91 at 7 × 7; 24 channels, 73 against 75 at 5 × 5, 137
-    against 132 at 7 × 7). The taps win at 3 × 3 from 3 channels (8.2 against 10.0 ms at 32² and
-    batch 128) and from 32 channels (5 × 5 at 56²: 75 against 92). Since :func:`mask_columns`
-    drops the two columns at 16 channels on large grids, those 16-channel layers at batch 32 measure
-    15.5 against 37.9 ms (5 × 5) and 29.6 against 67.7 (7 × 7). im2col loses wherever its unfolded
-    codes pass glibc's 32 MiB mmap threshold, since they are then faulted in every call: 16
-    channels 1.9–2.4× over 39–103 MB, 8 channels 1.5× over 39–40 MB. It wins or ties below the
-    threshold (16 channels over 13–26 MB: 0.77–1.16; 12 channels over 30 MB, 0.80), and at 3
-    channels above it (7 × 7 at 112², 59 MB: 0.58). Channels 4 to 7 are not measured past it and
-    unfold (docs/performance.md, "Allocations past 32 MiB")."""
+    input codes take ``unfolded`` bytes (N·Ho·Wo·C·kh·kw), for ``outputs`` output channels: unless
+    it has under 24 input channels and more than 9 taps, and does not unfold more than
+    :data:`_UNFOLDED_FAULTS` from 8 channels into at most twice as many outputs.
+
+    Under 24 channels with more than 9 taps, the re-reads of the gradient grid, one per tap for
+    ``C + 2`` output columns (as measured; see :func:`phases_pay`), outweighed the unfolding at
+    every batch (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of
+    two runs, channels-last codes, docs/performance.md; per tap against unfolded: 3 channels 7 × 7
+    at 112², 10.0 against 3.0 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at
+    112², 3.1 against 1.9 at batch 1, 11.4 against 7.3 at batch 4, 48 against 27 at batch 16; 8
+    channels 5 × 5 at 56², 1.8 against 1.1 at batch 1, 6.1 against 3.1 at batch 4; 16 channels at
+    56² and batch 32, 56 against 32 at 5 × 5 and 103 against 91 at 7 × 7; 24 channels, 73 against
+    75 at 5 × 5, 137 against 132 at 7 × 7). The taps win at 3 × 3 from 3 channels (8.2 against
+    10.0 ms at 32² and batch 128) and from 32 channels (5 × 5 at 56²: 75 against 92).
+
+    Since :func:`mask_columns` drops the two columns at 16 channels on large grids, and since
+    im2col's unfolded codes past glibc's 32 MiB mmap threshold are faulted in on every call, the
+    taps win there from 8 channels into up to twice as many outputs (docs/performance.md,
+    "Allocations past 32 MiB"; batch 32 at 56²: 16 → 16 5 × 5, 15.5 against 37.9 ms; 16 → 16
+    7 × 7, 29.6 against 67.7; 8 → 8 7 × 7, 25.7 against 38.2; 8 → 16 7 × 7, 37.4 against 51.8;
+    16 → 32 7 × 7, 43.3 against 78.0). They lose with more outputs (each tap's product re-reads
+    the O + 1 rows of the gradient grid: 7 × 7 8 → 64, 107 against 55 ms; 12 → 48, 116 against
+    81; 8 → 32, 52 against 45), below the threshold (im2col's time over the taps', 16 channels
+    over 13–26 MB: 0.77–1.16; 12 channels over 30 MB, 0.80) and at 3 channels (7 × 7 at 112²,
+    59 MB: 0.58). Channels 4 to 7 are not measured past the threshold and unfold."""
     if channels >= 24 or taps <= 9:
         return True
-    return channels >= 8 and unfolded > _UNFOLDED_FAULTS
+    return channels >= 8 and outputs <= 2 * channels and unfolded > _UNFOLDED_FAULTS
 
 
-def weight_by_taps(stride: tuple[int, ...], channels: int, taps: int, unfolded: int) -> bool:
-    """Whether a layer's weight gradient runs per tap (a strided one by phase) rather than
-    im2col, which would unfold ``unfolded`` bytes of input codes: :func:`stride1_taps_pay` at
-    stride 1, :func:`phases_pay` when strided."""
-    if all(s == 1 for s in stride):
-        return stride1_taps_pay(channels, taps, unfolded)
+def weight_by_taps(ops: ConvOps, in_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
+    """Whether a layer's weight gradient (input ``in_shape``, weight ``w_shape``) runs per tap (a
+    strided one by phase) rather than im2col: :func:`stride1_taps_pay` at stride 1, with the
+    size of the unfolding (:func:`unfolded_bytes`), :func:`phases_pay` when strided."""
+    outputs, channels, *kernel = w_shape
+    taps = math.prod(kernel)
+    if all(s == 1 for s in ops.stride):
+        return stride1_taps_pay(channels, taps, unfolded_bytes(in_shape, w_shape, ops), outputs)
     return phases_pay(channels, taps)
 
 
@@ -886,11 +892,14 @@ def _announce(name: str, ops: ConvOps, in_shape: tuple[int, ...], w_shape: tuple
     of 8 to 23 channels whose unfolding passes 32 MiB at one batch size and not at another is
     announced once for each path)."""
     strided = any(s > 1 for s in ops.stride)
-    channels, taps = w_shape[1], math.prod(w_shape[2:])
-    if not weight_by_taps(ops.stride, channels, taps, unfolded_bytes(in_shape, w_shape, ops)):
+    outputs, channels = w_shape[:2]
+    taps = math.prod(w_shape[2:])
+    if not weight_by_taps(ops, in_shape, w_shape):
         if not strided:
             why = "more than 9 taps, under 24 input channels"
-            why += ", at most 32 MiB unfolded" if channels >= 8 else ""
+            if channels >= 8:  # the taps' other two conditions (stride1_taps_pay)
+                many = outputs > 2 * channels
+                why += ", over twice as many outputs" if many else ", at most 32 MiB unfolded"
         else:
             why = "strided, more than one tap" if taps > 1 else "strided, over 64 input channels"
         weight = f"im2col + torch._int_mm ({why})"
