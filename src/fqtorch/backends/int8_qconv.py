@@ -38,7 +38,7 @@ speeds up (:func:`sums_channel`). Per-sample scales (PSQ/BHQ rows of ``grad_outp
   tap is a stride-1 tap: still no im2col copy. A strided layer unfolds instead, unless its kernel is
   1 × 1 on up to 64 input channels (:func:`phases_pay`: each tap's product re-reads the gradient),
   and so does a stride-1 layer under 24 input channels with more than 9 taps, unless from 8
-  channels into at most twice as many outputs its unfolded codes would pass 32 MiB
+  channels into at most three times as many outputs its unfolded codes would pass 32 MiB
   (:func:`stride1_taps_pay`).
 
 Exact or refused: where the integer pair sums saturate (u8 × s8 in int16 on AVX2 without VNNI),
@@ -838,11 +838,13 @@ def stride1_taps_pay(channels: int, taps: int, unfolded: int, outputs: int) -> b
     """Whether a stride-1 layer's weight gradient runs per tap rather than im2col, whose unfolded
     input codes take ``unfolded`` bytes (N·Ho·Wo·C·kh·kw), for ``outputs`` output channels: unless
     it has under 24 input channels and more than 9 taps, and does not unfold more than
-    :data:`_UNFOLDED_FAULTS` from 8 channels into at most twice as many outputs.
+    :data:`_UNFOLDED_FAULTS` from 8 channels into at most three times as many outputs.
 
     Under 24 channels with more than 9 taps, the re-reads of the gradient grid, one per tap for
     ``C + 2`` output columns (as measured; see :func:`phases_pay`), outweighed the unfolding at
-    every batch (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of
+    every batch when first measured, before the two columns were dropped at 16 channels and the
+    allocator's threshold was found (the 16-channel figures below are superseded by the next
+    paragraph's) (``benchmarks/conv_weight_gradient.py``, one thread, AMD EPYC with VNNI, medians of
     two runs, channels-last codes, docs/performance.md; per tap against unfolded: 3 channels 7 × 7
     at 112², 10.0 against 3.0 ms at batch 1 and 20 against 5.7 at batch 2; 3 channels 5 × 5 at
     112², 3.1 against 1.9 at batch 1, 11.4 against 7.3 at batch 4, 48 against 27 at batch 16; 8
@@ -853,17 +855,19 @@ def stride1_taps_pay(channels: int, taps: int, unfolded: int, outputs: int) -> b
 
     Since :func:`mask_columns` drops the two columns at 16 channels on large grids, and since
     im2col's unfolded codes past glibc's 32 MiB mmap threshold are faulted in on every call, the
-    taps win there from 8 channels into up to twice as many outputs (docs/performance.md,
+    taps win there from 8 channels into up to three times as many outputs (docs/performance.md,
     "Allocations past 32 MiB"; batch 32 at 56²: 16 → 16 5 × 5, 15.5 against 37.9 ms; 16 → 16
     7 × 7, 29.6 against 67.7; 8 → 8 7 × 7, 25.7 against 38.2; 8 → 16 7 × 7, 37.4 against 51.8;
-    16 → 32 7 × 7, 43.3 against 78.0). They lose with more outputs (each tap's product re-reads
-    the O + 1 rows of the gradient grid: 7 × 7 8 → 64, 107 against 55 ms; 12 → 48, 116 against
-    81; 8 → 32, 52 against 45), below the threshold (im2col's time over the taps', 16 channels
-    over 13–26 MB: 0.77–1.16; 12 channels over 30 MB, 0.80) and at 3 channels (7 × 7 at 112²,
-    59 MB: 0.58). Channels 4 to 7 are not measured past the threshold and unfold."""
+    16 → 32 7 × 7, 43.3 against 78.0; 8 → 24, 50.2 against 59.0; 16 → 48, 73.7 against 106.1;
+    12 → 12, 20 → 20 and 12 → 24 too). They lose with four times as many outputs or more (each
+    tap's product re-reads the O + 1 rows of the gradient grid: 7 × 7 8 → 32, 52 against 45 ms;
+    12 → 48, 116 against 81; 8 → 64, 107 against 55), below the threshold (im2col's time over
+    the taps', 16 channels over 13–26 MB: 0.77–1.16; 12 channels over 30 MB, 0.80) and at 3
+    channels (7 × 7 at 112², 59 MB: 0.58). Channels 4 to 7 are not measured past the threshold
+    and unfold."""
     if channels >= 24 or taps <= 9:
         return True
-    return channels >= 8 and outputs <= 2 * channels and unfolded > _UNFOLDED_FAULTS
+    return channels >= 8 and outputs <= 3 * channels and unfolded > _UNFOLDED_FAULTS
 
 
 def weight_by_taps(ops: ConvOps, in_shape: tuple[int, ...], w_shape: tuple[int, ...]) -> bool:
@@ -889,8 +893,8 @@ def _announce(name: str, ops: ConvOps, in_shape: tuple[int, ...], w_shape: tuple
     (:func:`~fqtorch.backends.notes.say_once`). The line is keyed by what it says (the layer's
     name and path), not by the layer object: a second model whose same-named layer takes the
     same path is not announced again, since the line would say nothing new (a stride-1 layer
-    of 8 to 23 channels whose unfolding passes 32 MiB at one batch size and not at another is
-    announced once for each path)."""
+    of 8 to 23 channels into at most three times as many outputs whose unfolding passes 32 MiB
+    at one batch size and not at another is announced once for each path)."""
     strided = any(s > 1 for s in ops.stride)
     outputs, channels = w_shape[:2]
     taps = math.prod(w_shape[2:])
@@ -898,8 +902,8 @@ def _announce(name: str, ops: ConvOps, in_shape: tuple[int, ...], w_shape: tuple
         if not strided:
             why = "more than 9 taps, under 24 input channels"
             if channels >= 8:  # the taps' other two conditions (stride1_taps_pay)
-                many = outputs > 2 * channels
-                why += ", over twice as many outputs" if many else ", at most 32 MiB unfolded"
+                many = outputs > 3 * channels
+                why += ", over 3x as many outputs" if many else ", at most 32 MiB unfolded"
         else:
             why = "strided, more than one tap" if taps > 1 else "strided, over 64 input channels"
         weight = f"im2col + torch._int_mm ({why})"
