@@ -194,8 +194,13 @@ def chunk_length(a_bits: int, b_bits: int) -> int:
     return (2**31 - 1) // 2 ** (a_bits + b_bits - 2) // 8 * 8
 
 
-# Columns of ones bordering the right operand: 8 keeps n % 8 == 0 for the CUDA kernels.
-_BORDER = 8
+def _border(b: Tensor) -> int:
+    """How many columns of ones border the right operand ``b`` (k, n): 8 on the CPU; on CUDA as
+    many (8 or 16) as make the width a multiple of 16. cuBLASLt refused widths of 8 mod 16 at
+    k = 64 and 32,768 rows or more (CUBLAS_STATUS_NOT_SUPPORTED: ResNet's 64-channel
+    ``grad_input``), and ran every multiple of 16 tried, exactly (NVIDIA H200, torch 2.11.0+cu130,
+    ``benchmarks/gpu_probe.py``)."""
+    return 16 - b.shape[1] % 16 if b.is_cuda else 8
 
 
 def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -223,7 +228,7 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
     padded = -(-k // 8) * 8
     step = chunk_length(a_bits, b_bits)
     if padded == k <= step and _row_major(a):
-        bordered_bt = b.new_empty(n + _BORDER, k)  # its transpose is column-major
+        bordered_bt = b.new_empty(n + _border(b), k)  # its transpose is column-major
         bordered_bt[:n] = b.T
         bordered_bt[n:] = 1
         acc = int_mm(a, bordered_bt.T)
@@ -244,14 +249,14 @@ def _int_mm(a: Tensor, a_bits: int, b: Tensor, b_bits: int) -> tuple[Tensor, Ten
     bordered_a = a.new_zeros(m + 1, padded)  # row-major
     bordered_a[:m, :k] = a
     bordered_a[m, :k] = 1
-    bordered_bt = b.new_zeros(n + _BORDER, padded)  # its transpose is column-major
+    bordered_bt = b.new_zeros(n + _border(b), padded)  # its transpose is column-major
     bordered_bt[:n, :k] = b.T
     bordered_bt[n:, :k] = 1
     a, b = bordered_a, bordered_bt.T
     if padded <= step:
         acc = int_mm(a, b)
     else:
-        acc = torch.zeros((m + 1, n + _BORDER), dtype=torch.int64, device=a.device)
+        acc = torch.zeros((m + 1, b.shape[1]), dtype=torch.int64, device=a.device)
         for start in range(0, padded, step):
             acc += int_mm(a[:, start : start + step], b[start : start + step])
     return acc[:m, :n], acc[:m, n], acc[m, :n]
@@ -530,7 +535,7 @@ def _mm_row_sums(a: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
     columns of ones (:func:`_int_mm` without the column sums of ``b``, which the compiled
     epilogues compute)."""
     n, k = bt.shape
-    bordered = bt.new_empty(n + _BORDER, k)  # its transpose is column-major
+    bordered = bt.new_empty(n + _border(bt.T), k)  # its transpose is column-major
     bordered[:n] = bt
     bordered[n:] = 1
     acc = int_mm(a, bordered.T)
