@@ -281,7 +281,8 @@ def print_header(env: dict[str, Any]) -> None:
 
 def outside_int_mm(step: Callable[[], Any], device: str, steps: int = 2) -> dict[str, float]:
     """Seconds per step outside ``aten::_int_mm`` and inside it, from ``torch.profiler`` over
-    ``steps`` steps (op time: every op's own time, on CUDA its kernels' device time). The
+    ``steps`` steps (on the CPU every op's own time; on CUDA the GPU kernels' time, which leaves
+    out the host: a step of small kernels can take several times its kernel time). The
     overhead measure of the integer step: compared with the fp32 step of the same process, it
     does not depend on how fast the machine's integer GEMMs are."""
     from torch.autograd import DeviceType
@@ -293,12 +294,17 @@ def outside_int_mm(step: Callable[[], Any], device: str, steps: int = 2) -> dict
             step()
     events = prof.key_averages()
     if device == "cuda":
-        # Each kernel's time is an operator's own device time and, again, the kernel's own row:
-        # summing every row counted it twice (the first H200 run: 12.3 ms "outside" a 6.6 ms
-        # step). Only the operators' rows are summed.
-        ops = [e for e in events if e.device_type == DeviceType.CPU]
-        total = sum(e.self_device_time_total for e in ops)
-        gemm = sum(e.device_time_total for e in ops if e.key == "aten::_int_mm")
+        # A kernel's time is its own row's and, again, the launching operator's own device
+        # time, where an operator launched it: summing every row counted most kernels twice. On
+        # an NVIDIA H200 (docs/bench/gpu_h200/profile_rows.py, an int8 Conv2d step): all rows
+        # 3.68 ms, kernel rows 2.01, operator rows 1.67, wall time 5.8 ms. The kernel rows are
+        # the GPU's time; the part under ``_int_mm`` is that operator's device time.
+        total = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        gemm = sum(
+            e.device_time_total
+            for e in events
+            if e.device_type == DeviceType.CPU and e.key == "aten::_int_mm"
+        )
     else:
         total = sum(e.self_cpu_time_total for e in events)
         gemm = sum(e.self_cpu_time_total for e in events if e.key == "aten::_int_mm")
