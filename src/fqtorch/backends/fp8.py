@@ -81,7 +81,8 @@ def _layout(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
 
 def scaled_mm(a: Tensor, b: Tensor, scale_a: Tensor, scale_b: Tensor) -> Tensor:
     """float8 ``a`` (m, k) × float8 ``b`` (k, n) times the float32 scalars ``scale_a · scale_b``,
-    accumulated and returned in float32."""
+    returned in float32 (accumulated in float32 on the CPU; CUDA's FP8 kernels accumulate in
+    less: docs/method.md §12)."""
     a, b = _layout(a, b)
     return torch._scaled_mm(
         a,
