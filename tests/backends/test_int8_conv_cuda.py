@@ -125,3 +125,34 @@ def test_auto_keeps_cuda_convolutions_on_simulate(caplog):
     assert len(said) == 1
     assert auto.conv_backend("int8", "cpu") == "int8"
     assert auto.conv_backend("simulate", "cuda") == "simulate"
+
+
+@pytest.mark.cuda
+@pytest.mark.usefixtures("no_tf32")
+def test_cuda_int8_conv_at_resnet_width():
+    """A 64-channel 3×3 layer over 37,632 positions: its ``grad_input`` multiplies that many rows
+    of k = 64 by the bordered weight, a shape cuBLASLt refused with a width of 8 mod 16 (576 + 8;
+    NVIDIA H200, ``benchmarks/gpu_probe.py``). The border now makes it 592."""
+    x = torch.randn(12, 64, 56, 56, generator=torch.Generator().manual_seed(4)).cuda() + 0.3
+    cfg = FQTConfig.preset("psq5", weight_quantizer="ptq", fused=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        results = _results(lambda: nn.Conv2d(64, 64, 3, padding=1), x, cfg)
+    assert not [w for w in caught if "using the simulate backend" in str(w.message)]
+    for a, b in zip(results["simulate"], results["int8"], strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5 * float(a.abs().max()))
+
+
+def test_cuda_border_makes_the_width_a_multiple_of_16():
+    """On CUDA the columns of ones take any width that is a multiple of 8 to a multiple of 16
+    (8 or 16 of them); the CPU keeps 8. Read from the shape and device alone, so checked here
+    without a GPU."""
+    from types import SimpleNamespace
+
+    from fqtorch.backends.int8 import _border
+
+    for width in range(8, 1025, 8):
+        border = _border(SimpleNamespace(shape=(64, width), is_cuda=True))
+        assert border in (8, 16) and (width + border) % 16 == 0, width
+        assert _border(SimpleNamespace(shape=(64, width), is_cuda=False)) == 8
+    assert _border(torch.empty(64, 584, dtype=torch.int8)) == 8
