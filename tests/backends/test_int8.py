@@ -313,6 +313,22 @@ def test_cuda_int8_matches_simulate(fused):
         torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4 * float(u.abs().max()))
 
 
+@pytest.mark.cuda
+def test_cuda_int8_linear_at_a_width_of_8_mod_16(monkeypatch):
+    """72 output features over 65,536 tokens with k = 64: the forward's unbordered product at this
+    width was refused by cuBLASLt on an NVIDIA H200 (``benchmarks/gpu_probe.py``), so the compiled
+    path borders it to 80 columns (``int8._in_place_width``)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    torch.manual_seed(0)
+    base = nn.Linear(64, 72).cuda()
+    x, g = torch.randn(65536, 64, device="cuda"), torch.randn(65536, 72, device="cuda")
+    cfg = FQTConfig.preset("psq5", weight_quantizer="ptq", fused=True)
+    a = run(quantize_model(copy.deepcopy(base), cfg), x, g)
+    b = run(quantize_model(copy.deepcopy(base), cfg.replace(backend="int8")), x, g)
+    for u, v in zip(a, b, strict=True):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-4 * float(u.abs().max()))
+
+
 def int8_and_simulate(make, x, cfg: FQTConfig, g=None, **run_options):
     """Output and every gradient of ``make()`` under ``cfg`` on the int8 and the simulate
     backend (same seed, so the same codes): ``{backend: (out, grad_input, *param_grads)}``."""

@@ -171,6 +171,36 @@ class TestCompiledPath:
         ):
             assert kernel._compiled is not None and not kernel._broken
 
+    def test_bordered_product_where_cuda_refuses_the_width(self, monkeypatch):
+        """On CUDA a width of 8 mod 16 is refused unbordered at large sizes (an NVIDIA H200), so
+        the forward and ``grad_input`` take the bordered product there
+        (``_in_place_width``). That rule is read from the device and width; the bordered
+        branch's values are checked here by forcing it on the CPU."""
+        from types import SimpleNamespace
+
+        for width in (16, 24, 584, 592):
+            cuda = SimpleNamespace(is_cuda=True)
+            assert int8._in_place_width(cuda, width) == (width % 16 == 0)
+            assert int8._in_place_width(torch.empty(1), width)
+        x = get_quantizer("ptq", 7, rounding="nearest").encode(
+            torch.randn(48, 40, generator=gen(1))
+        )
+        # an asymmetric weight grid: the row sums of x and g enter through its zero point
+        w = get_quantizer("ptq", 6, rounding="nearest").encode(
+            torch.randn(24, 40, generator=gen(2)) + 0.7
+        )
+        assert float(w.bias.abs()) > 0
+        g = get_quantizer("psq", 5).encode(torch.randn(48, 24, generator=gen(3)), gen(4))
+        bias = torch.randn(24, generator=gen(6))
+        f32 = torch.float32
+        in_place = (int8._forward_fast(x, w, bias, f32), int8._grad_input_fast(g, w, f32))
+        monkeypatch.setattr(int8, "_in_place_width", lambda codes, n: False)
+        bordered = (int8._forward_fast(x, w, bias, f32), int8._grad_input_fast(g, w, f32))
+        for got, expected in zip(bordered, in_place, strict=True):
+            torch.testing.assert_close(
+                got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max())
+            )
+
     def test_says_which_path_once(self, caplog):
         notes.say_once.cache_clear()
         base = nn.Linear(16, 8)

@@ -542,6 +542,13 @@ def _mm_row_sums(a: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
     return acc[:, :n], acc[:, n]
 
 
+def _in_place_width(codes: Tensor, n: int) -> bool:
+    """Whether a product of width ``n`` may run unbordered into the epilogue's own buffer: on
+    CUDA only at a multiple of 16, the widths cuBLASLt ran at every size tried (:func:`_border`);
+    elsewhere it is bordered by :func:`_mm_row_sums`, which makes the width one."""
+    return not codes.is_cuda or n % 16 == 0
+
+
 def _forward_fast(
     x: QuantizedTensor, w: QuantizedTensor, bias: Tensor | None, out_dtype: torch.dtype
 ) -> Tensor:
@@ -549,7 +556,7 @@ def _forward_fast(
         return _forward(x, w, bias).to(out_dtype)
     f32 = torch.float32
     affine = (x.scale.to(f32), x.bias.to(f32), w.scale.to(f32), w.bias.to(f32))
-    if out_dtype == f32:
+    if out_dtype == f32 and _in_place_width(x.codes, w.codes.shape[0]):
         acc = x.codes.new_empty((x.codes.shape[0], w.codes.shape[0]), dtype=torch.int32)
         torch._int_mm(*_tn(x.codes, w.codes.T), out=acc)
         _compiled_forward_in_place(acc, x.codes, w.codes, *affine, bias)
@@ -566,7 +573,7 @@ def _grad_input_fast(g: QuantizedTensor, w: QuantizedTensor, out_dtype: torch.dt
         return _grad_input(g, w).to(out_dtype)
     f32 = torch.float32
     dtype = out_dtype if g.transform is None else g.scale.dtype
-    if dtype == f32:
+    if dtype == f32 and _in_place_width(g.codes, w.codes.shape[1]):
         acc = g.codes.new_empty((g.codes.shape[0], w.codes.shape[1]), dtype=torch.int32)
         torch._int_mm(*_tn(g.codes, w.codes), out=acc)
         _compiled_grad_input_in_place(
