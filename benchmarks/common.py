@@ -295,11 +295,17 @@ def outside_int_mm(step: Callable[[], Any], device: str, steps: int = 2) -> dict
     events = prof.key_averages()
     if device == "cuda":
         # A kernel's time is its own row's and, again, the launching operator's own device
-        # time, where an operator launched it: summing every row counted most kernels twice. On
-        # an NVIDIA H200 (docs/bench/gpu_h200/profile_rows.py, an int8 Conv2d step): all rows
-        # 3.68 ms, kernel rows 2.01, operator rows 1.67, wall time 5.8 ms. The kernel rows are
-        # the GPU's time; the part under ``_int_mm`` is that operator's device time.
-        total = sum(e.self_device_time_total for e in events if e.device_type == DeviceType.CUDA)
+        # time: summing every row counted such kernels twice (docs/bench/gpu_h200, an int8
+        # Conv2d step on an NVIDIA H200: all rows 3.68 ms = CUDA rows 2.01 + operator rows 1.67).
+        # The CUDA rows are the kernels, less the user annotations (record_function spans,
+        # compiled regions), which kineto also files as CUDA and which span kernels again;
+        # torch's own table leaves them out too. The part under ``_int_mm`` is that operator's
+        # device time.
+        total = sum(
+            e.self_device_time_total
+            for e in events
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        )
         gemm = sum(
             e.device_time_total
             for e in events

@@ -1,32 +1,42 @@
-"""Probe what CUDA's low-precision GEMMs accept and how they round, on the GPU it runs on.
+"""Probe what CUDA's low-precision GEMMs accept and how they round, and where an int8 step's GPU
+time goes, on the GPU it runs on.
 
-Two questions the first GPU run of ``benchmarks/gpu_check.sh`` raised (NVIDIA H200, torch
-2.11.0+cu130):
+Questions the first GPU runs (NVIDIA H200, torch 2.11.0+cu130; docs/performance.md, "On a GPU")
+raised or left open:
 
-1. Which shapes does ``torch._int_mm`` refuse? (The int8 Conv2d's ``grad_input`` of r50_conv2,
-   m 584 n 100352 k 64 in cuBLASLt's terms, raised CUBLAS_STATUS_NOT_SUPPORTED.) Each (rows, k,
-   cols) runs ``a`` row-major (rows, k) times ``b`` column-major (k, cols), the layout ``int_mm``
-   gives it, and is checked exact against a float64 product.
+1. Which shapes does ``torch._int_mm`` refuse? Each (rows, k, width) runs ``a`` row-major
+   (rows, k) times ``b`` column-major (k, width), the layout ``int_mm`` gives it, and is checked
+   exact against a float64 product. The first run found widths of 8 mod 16 refused at k = 64
+   from 32,768 rows; k of 8 mod 16 and widths of 16 mod 32 other than 592 were not tried.
 2. How far is ``torch._scaled_mm`` (FP8, float32 output) from the exact product of its codes?
-   Printed as max |C − ref| / (|a| |b|), the error per unit of absolute sum, against float32's
-   K·2⁻²⁴, for ``use_fast_accum`` off and on.
+   Per pair of element types: max |C − ref| / (|a| |b|), the error per unit of absolute sum,
+   against float32's K·2⁻²⁴, for ``use_fast_accum`` off and on; and the signed mean
+   mean((C − ref) · sign(ref)) / (|a| |b|), which is near 0 unless the accumulation rounds
+   towards zero (truncates), a bias.
+3. Where does an int8 Conv2d step's GPU time go? One r50_conv2 step (batch 32, PSQ5, as
+   ``benchmarks/conv_step.py`` runs it) profiled: the kernels' time (CUDA rows less the user
+   annotations, which span kernels again), the annotations' own, ``_int_mm``'s device time, and
+   the step's wall time.
 
 Usage (on a machine with a CUDA GPU): ``python benchmarks/gpu_probe.py``
 """
 
 from __future__ import annotations
 
+import time
+
 import torch
+from torch import nn
 
 
 def int_mm_shapes() -> None:
     gen = torch.Generator(device="cuda").manual_seed(0)
-    print("torch._int_mm: rows x k x cols -> ok / exact, or the error", flush=True)
-    for rows in (4096, 32768, 65528, 65536, 100352):
-        for k in (64, 576):
-            for cols in (72, 576, 584, 592, 640):
+    print("torch._int_mm: rows x k x width -> ok / exact, or the error", flush=True)
+    for rows in (16384, 65536, 100352):
+        for k in (64, 72, 200, 576):
+            for width in (72, 80, 584, 592):
                 a = torch.randint(-8, 8, (rows, k), generator=gen, device="cuda", dtype=torch.int8)
-                b = torch.randint(-8, 8, (cols, k), generator=gen, device="cuda",
+                b = torch.randint(-8, 8, (width, k), generator=gen, device="cuda",
                                   dtype=torch.int8).T  # fmt: skip
                 try:
                     c = torch._int_mm(a, b)
@@ -35,31 +45,84 @@ def int_mm_shapes() -> None:
                     verdict = f"ok, exact={exact}"
                 except RuntimeError as error:
                     verdict = str(error).splitlines()[0][:60]
-                print(f"  {rows:>6} x {k:>3} x {cols:>3}: {verdict}", flush=True)
+                print(f"  {rows:>6} x {k:>3} x {width:>3}: {verdict}", flush=True)
 
 
 def scaled_mm_rounding() -> None:
     gen = torch.Generator(device="cuda").manual_seed(1)
-    print("torch._scaled_mm e4m3 x e5m2 -> float32: max |C - ref| / (|a||b|)", flush=True)
     one = torch.ones((), device="cuda")
-    for k in (48, 64, 256, 4096, 16384):
-        a = (torch.randn(256, k, generator=gen, device="cuda") * 3).to(torch.float8_e4m3fn)
-        b = (torch.randn(256, k, generator=gen, device="cuda")).to(torch.float8_e5m2).T
-        ref = a.double() @ b.double()
-        scale = a.double().abs() @ b.double().abs()
-        row = []
-        for fast in (False, True):
-            c = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32,
-                                 use_fast_accum=fast)  # fmt: skip
-            row.append(float(((c.double() - ref).abs() / scale).max()))
-        f32 = a.float() @ b.float()
-        row.append(float(((f32.double() - ref).abs() / scale).max()))
-        print(f"  k={k:>5}: fast_accum off {row[0]:.2e}, on {row[1]:.2e}, float32 matmul "
-              f"{row[2]:.2e}; float32 bound K·2^-24 = {k * 2**-24:.2e}, 2^-14 = {2**-14:.2e}",
-              flush=True)  # fmt: skip
+    pairs = [(torch.float8_e4m3fn, torch.float8_e5m2), (torch.float8_e4m3fn, torch.float8_e4m3fn)]
+    for left, right in pairs:
+        print(f"torch._scaled_mm {left} x {right} -> float32, per unit of |a||b|: max error "
+              "(signed mean)", flush=True)  # fmt: skip
+        for k in (48, 64, 256, 4096, 16384):
+            a = (torch.randn(256, k, generator=gen, device="cuda") * 3).to(left)
+            b = torch.randn(256, k, generator=gen, device="cuda").to(right).T
+            ref = a.double() @ b.double()
+            scale = a.double().abs() @ b.double().abs()
+            row = []
+            for fast in (False, True):
+                c = torch._scaled_mm(a, b, scale_a=one, scale_b=one, out_dtype=torch.float32,
+                                     use_fast_accum=fast).double()  # fmt: skip
+                err = (c - ref) / scale
+                row.append(
+                    f"{float(err.abs().max()):.2e} ({float((err * ref.sign()).mean()):+.1e})"
+                )
+            f32 = ((a.float() @ b.float()).double() - ref) / scale
+            print(f"  k={k:>5}: fast_accum off {row[0]}, on {row[1]}, float32 matmul "
+                  f"{float(f32.abs().max()):.1e}; K·2^-24 = {k * 2**-24:.1e}",
+                  flush=True)  # fmt: skip
+
+
+def conv_step_profile() -> None:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    from fqtorch import FQTConfig, quantize_model
+
+    base = nn.Conv2d(64, 64, 3, padding=1, bias=False).cuda()
+    layer = quantize_model(base, FQTConfig.preset("psq5", backend="int8"))
+    x = torch.randn(32, 64, 56, 56, device="cuda").relu().requires_grad_(True)
+    grad = torch.randn(32, 64, 56, 56, device="cuda")
+
+    def step() -> None:
+        layer(x).backward(grad)
+
+    for _ in range(3):
+        step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(2):
+            step()
+        torch.cuda.synchronize()
+    events = prof.key_averages()
+
+    def ms(keep) -> float:
+        return sum(e.self_device_time_total for e in events if keep(e)) / 2e3
+
+    def cuda(e) -> bool:
+        return e.device_type == DeviceType.CUDA
+
+    def annotation(e) -> bool:
+        return getattr(e, "is_user_annotation", False)
+
+    kernels = ms(lambda e: cuda(e) and not annotation(e))
+    spans = ms(lambda e: cuda(e) and annotation(e))
+    operators = ms(lambda e: not cuda(e))
+    int_mm = sum(e.device_time_total for e in events
+                 if e.device_type == DeviceType.CPU and e.key == "aten::_int_mm") / 2e3  # fmt: skip
+    start = time.perf_counter()
+    for _ in range(5):
+        step()
+    torch.cuda.synchronize()
+    wall = (time.perf_counter() - start) / 5e-3
+    print(f"int8 PSQ5 r50_conv2 step, ms: wall {wall:.2f}; kernels {kernels:.2f} (of which "
+          f"_int_mm {int_mm:.2f}); annotations {spans:.2f}; operator rows {operators:.2f}",
+          flush=True)  # fmt: skip
 
 
 if __name__ == "__main__":
     print(torch.__version__, torch.cuda.get_device_name(), flush=True)
     scaled_mm_rounding()
     int_mm_shapes()
+    conv_step_profile()

@@ -135,21 +135,27 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
 def int_mm_share(step: Callable[[], None], device: str) -> float:
     """Fraction of one step's op time spent in ``aten::_int_mm``, from ``torch.profiler``:
     the GEMM-only limit measured inside the step itself, free of run-to-run drift."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with profile(activities=activities) as prof:
+    if device == "cuda":  # the GPU's kernel time (outside_int_mm says how it is counted)
+        parts = outside_int_mm(step, device, steps=1)
+        total = parts["int_mm"] + parts["outside_int_mm"]
+        return parts["int_mm"] / total if total else float("nan")
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
         step()
     events = prof.key_averages()
-    if device == "cuda":  # device time: every kernel's own, and the kernels under _int_mm
-        total = sum(e.self_device_time_total for e in events)
-        gemm = sum(e.device_time_total for e in events if e.key == "aten::_int_mm")
-    else:
-        total = sum(e.self_cpu_time_total for e in events)
-        gemm = sum(e.self_cpu_time_total for e in events if e.key == "aten::_int_mm")
+    total = sum(e.self_cpu_time_total for e in events)
+    gemm = sum(e.self_cpu_time_total for e in events if e.key == "aten::_int_mm")
     return gemm / total if total else float("nan")
 
 
 def run_shape(
-    m: int, k: int, n: int, device: str, repeats: int, names: list[str], top_ops: int = 0
+    m: int,
+    k: int,
+    n: int,
+    device: str,
+    repeats: int,
+    names: list[str],
+    top_ops: int = 0,
+    parts: bool = True,
 ) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(k, n).to(device)
@@ -177,9 +183,11 @@ def run_shape(
         t["peak_bytes"] = peak_memory(device)
         results[name] = t
         print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms{fallback_note(fell_back)}", flush=True)
-    parts = breakdown(m, k, n, device, repeats)
-    results["int_mm_only"] = {"median": parts["int_mm_only"], "saved_bytes": 0}
-    return {"variants": results, "breakdown_int8": parts}
+    if not parts:
+        return {"variants": results, "breakdown_int8": None}
+    split = breakdown(m, k, n, device, repeats)
+    results["int_mm_only"] = {"median": split["int_mm_only"], "saved_bytes": 0}
+    return {"variants": results, "breakdown_int8": split}
 
 
 def print_overhead(variants: dict) -> None:
@@ -240,6 +248,12 @@ def main() -> None:
     parser.add_argument(
         "--top-ops", type=int, default=0, help="print the N ops with the most time (int8, CPU)"
     )
+    parser.add_argument(
+        "--no-breakdown",
+        action="store_true",
+        help="skip the int8 step's parts (GEMM alone, quantizers, BHQ transform): they compile "
+        "kernels of their own, slow on a first run",
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     check_args(args)
@@ -250,10 +264,13 @@ def main() -> None:
     report = {"environment": env, "args": vars(args), "shapes": {}}
     for m, k, n in shapes:
         print(f"\nLinear step M={m}, {k} -> {n}, median of {args.repeats}", flush=True)
-        res = run_shape(m, k, n, args.device, args.repeats, names, args.top_ops)
+        res = run_shape(
+            m, k, n, args.device, args.repeats, names, args.top_ops, not args.no_breakdown
+        )
         report["shapes"][f"{m}x{k}x{n}"] = res
         print_table(res["variants"], memory_key="saved_bytes")
-        print_breakdown(res["variants"], res["breakdown_int8"])
+        if res["breakdown_int8"] is not None:
+            print_breakdown(res["variants"], res["breakdown_int8"])
         print_overhead(res["variants"])
         write_json(args.json, report)  # after every shape: a long run keeps what it measured
 

@@ -61,7 +61,7 @@ def report(path: Path) -> str:
         for name, entry in data.get(group, {}).items():
             variants = entry.get("variants", entry)
             out += ["", f"**{name}**", "", variant_table(variants)]
-            if "breakdown_int8" in entry:
+            if entry.get("breakdown_int8"):
                 parts = ", ".join(_part(k, v) for k, v in entry["breakdown_int8"].items())
                 out += ["", f"int8 step parts: {parts}"]
     return "\n".join(out)

@@ -110,6 +110,39 @@ def test_every_operand_layout_gives_the_exact_product_and_sums(
     assert torch.equal(b_cols.to(torch.int64), b64.sum(0))
 
 
+@pytest.mark.parametrize("k", [8, 64, 72, 1000])
+@pytest.mark.parametrize("n", [13, 24, 64, 584])
+def test_the_cuda_border_reaches_every_bordered_product(n, k, monkeypatch):
+    """CUDA's border rule (the width a multiple of 16: ``int8._border``), forced on the CPU:
+    every product that ``_int_mm`` (one product, padded, chunked) and ``_mm_row_sums`` send to
+    ``int_mm`` is that wide, and the products and sums stay exact."""
+    monkeypatch.setattr(int8, "_border", lambda b: 16 - b.shape[1] % 16)
+    widths = []
+    real = int8.int_mm
+
+    def recording(a, b):
+        widths.append(b.shape[1])
+        return real(a, b)
+
+    monkeypatch.setattr(int8, "int_mm", recording)
+    gen = torch.Generator().manual_seed(n + k)
+    a = torch.randint(-128, 128, (19, k), generator=gen, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=gen, dtype=torch.int8).T  # column-major
+    a64, b64 = a.to(torch.int64), b.to(torch.int64)
+    for chunk in (None, 16):
+        if chunk is not None:
+            monkeypatch.setattr(int8, "chunk_length", lambda a_bits, b_bits, c=chunk: c)
+        for left in (a, a.T.contiguous().T):  # one product; bordered (and chunked) copies
+            prod, a_rows, b_cols = _int_mm(left, 8, b, 8)
+            assert torch.equal(prod.to(torch.int64), a64 @ b64)
+            assert torch.equal(a_rows.to(torch.int64), a64.sum(1))
+            assert torch.equal(b_cols.to(torch.int64), b64.sum(0))
+    prod, a_rows = int8._mm_row_sums(a, b.T)
+    assert torch.equal(prod.to(torch.int64), a64 @ b64)
+    assert torch.equal(a_rows.to(torch.int64), a64.sum(1))
+    assert widths and all(width % 16 == 0 for width in widths), widths
+
+
 def test_row_major_chunks_take_b_as_it_is(monkeypatch):
     """Past the chunk length a row-major ``b`` (the unfolded input codes of a long weight
     gradient) goes to the kernel chunk by chunk as views of itself, never transposed whole (a

@@ -196,10 +196,10 @@ def chunk_length(a_bits: int, b_bits: int) -> int:
 
 def _border(b: Tensor) -> int:
     """How many columns of ones border the right operand ``b`` (k, n): 8 on the CPU; on CUDA as
-    many (8 or 16) as make the width a multiple of 16. cuBLASLt refused widths of 8 mod 16 at
-    k = 64 and 32,768 rows or more (CUBLAS_STATUS_NOT_SUPPORTED: ResNet's 64-channel
-    ``grad_input``), and ran every multiple of 16 tried, exactly (NVIDIA H200, torch 2.11.0+cu130,
-    ``benchmarks/gpu_probe.py``)."""
+    many (8 or 16) as make the width a multiple of 16. On an NVIDIA H200 (torch 2.11.0+cu130,
+    ``benchmarks/gpu_probe.py``) cuBLASLt refused widths of 8 mod 16 at k = 64 (584 from 32,768
+    rows, 72 from 65,528; CUBLAS_STATUS_NOT_SUPPORTED: ResNet's 64-channel ``grad_input``) and
+    ran every multiple of 16 tried, exactly."""
     return 16 - b.shape[1] % 16 if b.is_cuda else 8
 
 

@@ -419,9 +419,9 @@ def _cuda_shapes(input: Tensor, weight: Tensor, ops: ConvOps) -> str | None:
     """``None`` where CUDA's ``torch._int_mm`` runs all three of the layer's GEMMs, else why not.
     Its kernels need m > 16 and k, n multiples of 8; :func:`~fqtorch.backends.int8._int_mm` pads
     the reduction, so the output channels O and the unfolded width C·kh·kw (the GEMMs' n, which
-    are bordered by 8 columns of ones) must be multiples of 8, N·L (the forward's and
-    ``grad_input``'s m) above 16, and O at least 16 (``grad_weight``'s m is O plus a bordering
-    row of ones)."""
+    are bordered by 8 or 16 columns of ones to a multiple of 16) must be multiples of 8, N·L
+    (the forward's and ``grad_input``'s m) above 16, and O at least 16 (``grad_weight``'s m is
+    O plus a bordering row of ones)."""
     n, c = input.shape[:2]
     o, _, kh, kw = weight.shape
     ho, wo = _out_size(input.shape[2:], _pads(ops), (kh, kw), ops)
