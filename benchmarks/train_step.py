@@ -158,11 +158,15 @@ def main() -> None:
         for variant, t in results.items():
             if "outside_integer_kernels" in t:
                 packing = t.get("onednn::qconv_prepack", 0.0)
+                how = (
+                    f"of which oneDNN's weight packing {packing * 1e3:.1f} ms; profiler"
+                    if args.device == "cpu"
+                    else "GPU kernel time, profiler"
+                )
                 print(
                     f"{variant}: outside the integer kernels "
                     f"{t['outside_integer_kernels'] * 1e3:.1f} ms, inside "
-                    f"{t['integer_kernels'] * 1e3:.1f} ms (of which oneDNN's weight packing "
-                    f"{packing * 1e3:.1f} ms; profiler); outside / fp32 step = "
+                    f"{t['integer_kernels'] * 1e3:.1f} ms ({how}); outside / fp32 step = "
                     f"{t['outside_integer_kernels'] / fp32:.3f}"
                 )
                 if "ceiling" in t:
