@@ -7,16 +7,17 @@ raised or left open:
 1. Which shapes does ``torch._int_mm`` refuse? Each (rows, k, width) runs ``a`` row-major
    (rows, k) times ``b`` column-major (k, width), the layout ``int_mm`` gives it, and is checked
    exact against a float64 product. The first run found widths of 8 mod 16 refused at k = 64
-   from 32,768 rows; k of 8 mod 16 and widths of 16 mod 32 other than 592 were not tried.
+   (584 from 32,768 rows, 72 from 65,528); k of 8 mod 16 and widths of 16 mod 32 other than 592
+   were not tried.
 2. How far is ``torch._scaled_mm`` (FP8, float32 output) from the exact product of its codes?
    Per pair of element types: max |C − ref| / (|a| |b|), the error per unit of absolute sum,
    against float32's K·2⁻²⁴, for ``use_fast_accum`` off and on; and the signed mean
    mean((C − ref) · sign(ref)) / (|a| |b|), which is near 0 unless the accumulation rounds
    towards zero (truncates), a bias.
-3. Where does an int8 Conv2d step's GPU time go? One r50_conv2 step (batch 32, PSQ5, as
-   ``benchmarks/conv_step.py`` runs it) profiled: the kernels' time (CUDA rows less the user
-   annotations, which span kernels again), the annotations' own, ``_int_mm``'s device time, and
-   the step's wall time.
+3. Where does an int8 Conv2d step's GPU time go? One r50_conv2 step (batch 32, PSQ5 fused, as
+   ``benchmarks/conv_step.py`` runs ``fqt_int8_psq5_fused``) profiled: the kernels' time (CUDA
+   rows less the user annotations, which span kernels again), the annotations' own,
+   ``_int_mm``'s device time, and the step's wall time.
 
 Usage (on a machine with a CUDA GPU): ``python benchmarks/gpu_probe.py``
 """

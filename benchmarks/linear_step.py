@@ -134,7 +134,8 @@ def breakdown(m: int, k: int, n: int, device: str, repeats: int) -> dict[str, fl
 
 def int_mm_share(step: Callable[[], None], device: str) -> float:
     """Fraction of one step's op time spent in ``aten::_int_mm``, from ``torch.profiler``:
-    the GEMM-only limit measured inside the step itself, free of run-to-run drift."""
+    the GEMM-only limit measured inside the step itself, free of run-to-run drift. On CUDA the
+    fraction of the GPU's kernel time, which leaves out the host."""
     if device == "cuda":  # the GPU's kernel time (outside_int_mm says how it is counted)
         parts = outside_int_mm(step, device, steps=1)
         total = parts["int_mm"] + parts["outside_int_mm"]
@@ -155,7 +156,7 @@ def run_shape(
     repeats: int,
     names: list[str],
     top_ops: int = 0,
-    parts: bool = True,
+    with_parts: bool = True,
 ) -> dict:
     torch.manual_seed(0)
     base = nn.Linear(k, n).to(device)
@@ -173,7 +174,8 @@ def run_shape(
         t["fell_back_to_simulate"] = fell_back
         t["saved_bytes"] = saved_bytes(layer, x, autocast, device)
         if name.startswith(("fqt_int8", "fqt_auto")):
-            t["int_mm_share"] = int_mm_share(lambda layer=layer: step(layer, False), device)
+            if with_parts:  # printed with the parts only
+                t["int_mm_share"] = int_mm_share(lambda layer=layer: step(layer, False), device)
             t.update(outside_int_mm(lambda layer=layer: step(layer, False), device))
             if top_ops and device == "cpu":
                 parts = integer_breakdown(lambda layer=layer: step(layer, False), top=top_ops)
@@ -183,7 +185,7 @@ def run_shape(
         t["peak_bytes"] = peak_memory(device)
         results[name] = t
         print(f"  {name:<26}{t['median'] * 1e3:>10.1f} ms{fallback_note(fell_back)}", flush=True)
-    if not parts:
+    if not with_parts:
         return {"variants": results, "breakdown_int8": None}
     split = breakdown(m, k, n, device, repeats)
     results["int_mm_only"] = {"median": split["int_mm_only"], "saved_bytes": 0}
@@ -233,7 +235,7 @@ def print_breakdown(variants: dict, parts: dict) -> None:
                 f"{parts[part] * 1e3:.1f} + transform {extra * 1e3:.1f} + other "
                 f"{other * 1e3:.1f}; GEMM-only limit / step = {gemm / total:.2f} (separate "
                 f"runs), _int_mm share of the step = {variants[name]['int_mm_share']:.3f} "
-                "(profiler, same run)"
+                "(profiler, same run; on CUDA of the GPU's kernel time)"
             )
 
 

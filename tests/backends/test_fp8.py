@@ -74,10 +74,12 @@ def tolerances(base, x, g, cfg, per_abs_sum=0.0):
     ``|Q(g)| ≤ (1 + 2⁻²)|g| + 2⁻¹⁶ max|g|``. Stochastic rounding lands on one of the two grid
     points around a value; among normal numbers they are at most 2⁻ᵐ of it apart (m = 2 for
     E5M2, 3 for E4M3), and below them the subnormal step is ``2^(emin − m)`` of the scale, which
-    puts the group maximum in the format's top binade: 2⁻¹⁷ of it for E4M3, 2⁻³¹ for E5M2. The
-    envelope is per entry, so small rows keep bounds of their own size (a per-row scale's
-    error there is seen). ``per_abs_sum`` adds that fraction of ``|a| |b|`` to each GEMM's
-    bound (a GPU's FP8 units that accumulate in less than float32)."""
+    puts the group maximum in the format's top binade (one binade higher at most under the
+    no-clip rule of stochastic rounding): under 2^-16.8 of it for E4M3, 2^-30.8 for E5M2. That
+    holds while the scale's exponent is not clamped (group maxima above about 2⁻¹¹⁹; these
+    tests' are far above). The envelope is per entry, so small rows keep bounds of their own
+    size (a per-row scale's error there is seen). ``per_abs_sum`` adds that fraction of
+    ``|a| |b|`` to each GEMM's bound (a GPU's FP8 units that accumulate in less than float32)."""
     q = cfg.build_quantizers()
     x2 = x.reshape(-1, x.shape[-1])
     g2 = g.reshape(-1, g.shape[-1])

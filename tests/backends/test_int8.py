@@ -317,7 +317,9 @@ def test_cuda_int8_matches_simulate(fused):
 def test_cuda_int8_linear_at_a_width_of_8_mod_16(monkeypatch):
     """72 output features over 65,536 tokens with k = 64: the forward's unbordered product at this
     width was refused by cuBLASLt on an NVIDIA H200 (``benchmarks/gpu_probe.py``), so the compiled
-    path borders it to 80 columns (``int8._in_place_width``)."""
+    path borders it to 80 columns (``int8._in_place_width``). ``grad_input`` here is
+    (65536, 72) × (72, 64) in place, k = 72: a reduction of 8 mod 16 the first probe did not
+    try."""
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     torch.manual_seed(0)
     base = nn.Linear(64, 72).cuda()

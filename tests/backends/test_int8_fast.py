@@ -190,16 +190,32 @@ class TestCompiledPath:
             torch.randn(24, 40, generator=gen(2)) + 0.7
         )
         assert float(w.bias.abs()) > 0
-        g = get_quantizer("psq", 5).encode(torch.randn(48, 24, generator=gen(3)), gen(4))
         bias = torch.randn(24, generator=gen(6))
         f32 = torch.float32
-        in_place = (int8._forward_fast(x, w, bias, f32), int8._grad_input_fast(g, w, f32))
-        monkeypatch.setattr(int8, "_in_place_width", lambda codes, n: False)
-        bordered = (int8._forward_fast(x, w, bias, f32), int8._grad_input_fast(g, w, f32))
-        for got, expected in zip(bordered, in_place, strict=True):
-            torch.testing.assert_close(
-                got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max())
-            )
+        seen = []
+        real = int8._in_place_width
+
+        def recording(codes, n):
+            seen.append(n)
+            return real(codes, n)
+
+        monkeypatch.setattr(int8, "_in_place_width", recording)
+        for name in ("psq", "bhq"):  # BHQ: its inverse transform after the bordered product
+            g = get_quantizer(name, 5).encode(torch.randn(48, 24, generator=gen(3)), gen(4))
+            assert (g.transform is not None) == (name == "bhq")
+            seen.clear()
+            in_place = (int8._forward_fast(x, w, bias, f32), int8._grad_input_fast(g, w, f32))
+            assert seen == [24, 40]  # the forward's width is O, grad_input's is K
+            with monkeypatch.context() as forced:
+                forced.setattr(int8, "_in_place_width", lambda codes, n: False)
+                bordered = (
+                    int8._forward_fast(x, w, bias, f32),
+                    int8._grad_input_fast(g, w, f32),
+                )
+            for got, expected in zip(bordered, in_place, strict=True):
+                torch.testing.assert_close(
+                    got, expected, rtol=1e-6, atol=1e-6 * float(expected.abs().max())
+                )
 
     def test_says_which_path_once(self, caplog):
         notes.say_once.cache_clear()

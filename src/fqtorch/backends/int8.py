@@ -545,7 +545,8 @@ def _mm_row_sums(a: Tensor, bt: Tensor) -> tuple[Tensor, Tensor]:
 def _in_place_width(codes: Tensor, n: int) -> bool:
     """Whether a product of width ``n`` may run unbordered into the epilogue's own buffer: on
     CUDA only at a multiple of 16, the widths cuBLASLt ran at every size tried (:func:`_border`);
-    elsewhere it is bordered by :func:`_mm_row_sums`, which makes the width one."""
+    any other width there goes through :func:`_mm_row_sums`, whose border makes it a multiple
+    of 16."""
     return not codes.is_cuda or n % 16 == 0
 
 
