@@ -339,3 +339,51 @@ def test_rounding_ab_times_both_formulas():
     assert done.returncode == 0, done.stderr[-2000:]
     rows = [x for x in done.stdout.splitlines() if x.startswith(("rounding alone", "8-bit"))]
     assert len(rows) == 3 and all(x.count("[") == 2 for x in rows), done.stdout
+
+
+def test_gpu_check_fits_a_lease_and_names_real_options(tmp_path):
+    """``gpu_check.sh`` runs once on a lent GPU, where a wrong option or variant costs the lease:
+    run here with ``timeout`` replaced by a recorder, every benchmark it calls takes the options
+    it is given and every variant pattern matches a variant; its steps' limits fit the 570 s
+    its header asks of the run (with each step's 10 s kill grace); at most 8 files come back."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    log = tmp_path / "calls"
+    (fake / "timeout").write_text(
+        f"#!/usr/bin/env bash\nprintf '%s\\037' \"$@\" >> {log}\nprintf '\\n' >> {log}\n"
+    )
+    (fake / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'name, driver_version'\n")
+    for tool in fake.iterdir():
+        tool.chmod(0o755)
+    out = tmp_path / "out"
+    env = {**os.environ, "PATH": f"{fake}:{os.environ['PATH']}", "OUT": str(out)}
+    done = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh")], env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines()]
+    assert len(calls) >= 4
+    limits = [int(call[1]) for call in calls]
+    assert sum(limits) + 10 * len(calls) <= 570 - 10, limits  # 10 s for nvidia-smi and torch
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        from common import select
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    returned = {p.name for p in out.iterdir()}  # status.txt and each step's text
+    for call in calls:
+        command = call[2:]
+        if command[1:3] == ["-m", "pytest"]:
+            continue
+        script = command[1]
+        assert (BENCHMARKS.parent / script).exists(), script
+        usage = _run("--help", script=Path(script).name).stdout
+        for option in (arg for arg in command[2:] if arg.startswith("--")):
+            assert option.split("=")[0] in usage, (script, option)
+        if "--variants" in command:
+            for pattern in command[command.index("--variants") + 1].split(","):
+                assert select(pattern), (script, pattern)
+        if "--json" in command:
+            returned.add(Path(command[command.index("--json") + 1]).name)
+    assert len(returned) <= 8, sorted(returned)
