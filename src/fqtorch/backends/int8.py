@@ -60,6 +60,7 @@ from .base import PlanSource, Unsupported, check_finite, refuse_second_derivativ
 from .notes import compile_disabled, say_once
 
 __all__ = [
+    "CUDA_SPEED_NOTE",
     "INT8_CPU_FLAGS",
     "chunk_length",
     "cpu_flags",
@@ -146,12 +147,24 @@ def cpu_speed_note(flags: frozenset[str] | None) -> str | None:
     )
 
 
-def say_cpu_speed(device: torch.device) -> None:
-    """Say :func:`cpu_speed_note` once per process for a layer call on ``device``."""
+# What the one GPU measured says (docs/performance.md, "On a GPU: NVIDIA H200").
+CUDA_SPEED_NOTE = (
+    "fqtorch int8 backend on cuda: exact, but slower than float on the one GPU measured (an "
+    "NVIDIA H200: int8 training steps 0.06-0.14x fp32, int8 Conv2d steps 0.07-0.12x, the GPU "
+    "idle most of each step; docs/performance.md, 'On a GPU: NVIDIA H200')"
+)
+
+
+def say_speed(device: torch.device) -> None:
+    """Say once per process, for a layer call on ``device``, what this backend costs there where
+    it is slow: :func:`cpu_speed_note` on a CPU without int8 units, :data:`CUDA_SPEED_NOTE` on
+    CUDA."""
     if device.type == "cpu":
         note = cpu_speed_note(cpu_flags())
         if note is not None:
             say_once(note)
+    elif device.type == "cuda":
+        say_once(CUDA_SPEED_NOTE)
 
 
 def int_mm_supported(m: int, k: int, n: int, device: torch.device) -> bool:
@@ -752,5 +765,5 @@ def linear(
             f"torch._int_mm cannot run shape {tuple(input.shape)} x {tuple(weight.shape)} "
             f"on {input.device}"
         )
-    say_cpu_speed(input.device)
+    say_speed(input.device)
     return _Int8Linear.apply(input, weight, bias, source, name)

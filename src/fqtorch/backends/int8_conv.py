@@ -66,7 +66,7 @@ from .int8 import (
     _per_tensor,
     int_mm_verdict,
     refuse_float64,
-    say_cpu_speed,
+    say_speed,
 )
 from .notes import say_once
 
@@ -460,7 +460,7 @@ def conv(input: Tensor, weight: Tensor, bias: Tensor | None, ops: ConvOps, sourc
         w = plan.weight.encode(weight)
     _per_tensor(x, "input")
     _per_tensor(w, "weight")
-    say_cpu_speed(input.device)
+    say_speed(input.device)
     if device == "cpu":
         # Integer convolution kernels where they are exact here; int8_qconv builds on this
         # module.
