@@ -341,16 +341,50 @@ def test_rounding_ab_times_both_formulas():
     assert len(rows) == 3 and all(x.count("[") == 2 for x in rows), done.stdout
 
 
+def _benchmark_module(name: str):
+    """A benchmark script imported under a name of its own (its ``common`` too), leaving
+    ``sys.modules`` and ``sys.path`` as they were."""
+    import importlib.util
+
+    saved = dict(sys.modules)
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        spec = importlib.util.spec_from_file_location(f"_bench_{name}", BENCHMARKS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+        for added in set(sys.modules) - set(saved):
+            del sys.modules[added]
+
+
+def _declared_options(script: str) -> set[str]:
+    """The options ``script``'s parser declares: the option lines of its ``--help``, not its
+    description (whose prose names options too)."""
+    usage = _run("--help", script=script).stdout
+    section = usage.split("options:", 1)[1]
+    return {
+        token.rstrip(",")
+        for line in section.splitlines()
+        if line.startswith("  -")
+        for token in line.split()
+        if token.startswith("-")
+    }
+
+
+@pytest.mark.slow
 def test_gpu_check_fits_a_lease_and_names_real_options(tmp_path):
-    """``gpu_check.sh`` runs once on a lent GPU, where a wrong option or variant costs the lease:
-    run here with ``timeout`` replaced by a recorder, every benchmark it calls takes the options
-    it is given and every variant pattern matches a variant; its steps' limits fit the 570 s
-    its header asks of the run (with each step's 10 s kill grace); at most 8 files come back."""
+    """``gpu_check.sh`` runs once on a lent GPU, where a wrong option or value costs the lease:
+    run here with ``timeout`` replaced by a recorder, every benchmark it calls declares the
+    options it is given, every variant pattern, layer, model and shape is one the script knows,
+    and every JSON is written under ``$OUT``; its steps' limits with their kill grace fit the
+    570 s its header asks of the run; at most 8 files come back."""
     fake = tmp_path / "bin"
     fake.mkdir()
     log = tmp_path / "calls"
     (fake / "timeout").write_text(
-        f"#!/usr/bin/env bash\nprintf '%s\\037' \"$@\" >> {log}\nprintf '\\n' >> {log}\n"
+        f"#!/usr/bin/env bash\nprintf '%s\\037' \"$@\" >> '{log}'\nprintf '\\n' >> '{log}'\n"
     )
     (fake / "nvidia-smi").write_text("#!/usr/bin/env bash\necho 'name, driver_version'\n")
     for tool in fake.iterdir():
@@ -364,13 +398,14 @@ def test_gpu_check_fits_a_lease_and_names_real_options(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     calls = [line.split("\x1f")[:-1] for line in log.read_text().splitlines()]
     assert len(calls) >= 4
+    grace = [int(call[0].removeprefix("--kill-after=")) for call in calls]
     limits = [int(call[1]) for call in calls]
-    assert sum(limits) + 10 * len(calls) <= 570 - 10, limits  # 10 s for nvidia-smi and torch
-    sys.path.insert(0, str(BENCHMARKS))
-    try:
-        from common import select
-    finally:
-        sys.path.remove(str(BENCHMARKS))
+    assert sum(limits) + sum(grace) <= 570 - 10, (limits, grace)  # 10 s: nvidia-smi, versions
+    common = _benchmark_module("common")
+    known = {
+        "--layers": set(_benchmark_module("conv_step").LAYERS),
+        "--models": {"char_gpt", *_benchmark_module("train_step").IMAGES},
+    }
     returned = {p.name for p in out.iterdir()}  # status.txt and each step's text
     for call in calls:
         command = call[2:]
@@ -378,12 +413,19 @@ def test_gpu_check_fits_a_lease_and_names_real_options(tmp_path):
             continue
         script = command[1]
         assert (BENCHMARKS.parent / script).exists(), script
-        usage = _run("--help", script=Path(script).name).stdout
-        for option in (arg for arg in command[2:] if arg.startswith("--")):
-            assert option.split("=")[0] in usage, (script, option)
-        if "--variants" in command:
-            for pattern in command[command.index("--variants") + 1].split(","):
-                assert select(pattern), (script, pattern)
-        if "--json" in command:
-            returned.add(Path(command[command.index("--json") + 1]).name)
+        flags = [arg for arg in command[2:] if arg.startswith("--")]
+        declared = _declared_options(Path(script).name) if flags else set()
+        assert set(flags) <= declared, (script, set(flags) - declared)
+        options = {arg: value for arg, value in zip(command, [*command[1:], ""], strict=True)}
+        for pattern in options.get("--variants", "fp32").split(","):
+            assert common.select(pattern), (script, pattern)  # SystemExit if none matches
+        for option, names in known.items():
+            if option in options:
+                assert set(options[option].split(",")) <= names, (script, options[option])
+        if "--shapes" in options:
+            assert common.matrix_shapes(options["--shapes"], "MxKxN")
+        if "--json" in options:
+            path = Path(options["--json"])
+            assert path.parent == out, path  # else it does not come back
+            returned.add(path.name)
     assert len(returned) <= 8, sorted(returned)
