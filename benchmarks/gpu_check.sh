@@ -36,19 +36,19 @@ step cuda_tests 150 $py -m pytest -q -m cuda tests -p no:cacheprovider --duratio
 step probe 40 $py benchmarks/gpu_probe.py
 # int8 Conv2d on CUDA (issue 16): im2col + torch._int_mm; shapes _int_mm cannot run fall back to
 # simulate, and the rows say so. Simulate beside it: backend="auto" keeps CUDA convolutions there.
-conv='fp32,bf16*,fqt_simulate_psq5,fqt_int8_psq5,fqt_int8_psq5_fused'
+conv='fp32,bf16*,fqt_simulate_psq5,fqt_simulate_psq5_fused,fqt_int8_psq5_fused'
 step conv_step 80 $py benchmarks/conv_step.py --device cuda --repeats 5 \
     --layers r50_conv2,r50_stage3 --variants "$conv" --json "$out/conv_step.json"
-# A few variants, not the full sweep: the first compiled step alone takes 12-50 s. Simulate is
-# the alternative backend="auto" weighs int8 against on CUDA (it picks int8 for Linear layers).
-# The Linear step's table is its text (no JSON: at most 8 files come back), without the int8
-# parts, whose own compiles outran the first run's limit. Each backend at its default (simulate
-# unfused, int8 fused): eight variants outran 100 s in run 5, five took 77 s in run 6.
-variants='fp32,bf16*,qat,fqt_simulate_psq5,fqt_int8_psq5_fused,fqt_fp8_e4m3'
+# A few variants, not the full sweep: the first compiled step alone takes 12-50 s. backend="auto"
+# (fused, as its default is) against simulate fused: the choice auto makes on CUDA, where it picks
+# int8 for Linear layers. The Linear step's table is its text (no JSON: at most 8 files come
+# back), without the int8 parts, whose own compiles outran the first run's limit. Eight variants
+# outran 100 s in run 5; five took 77 s in run 6.
+variants='fp32,bf16*,fqt_simulate_psq5_fused,fqt_auto_psq5,fqt_simulate_bhq5_fused,fqt_auto_bhq5'
 step linear_step 140 $py benchmarks/linear_step.py --device cuda --repeats 5 --no-breakdown \
-    --shapes 8192x4096x1024 --variants "$variants,fqt_int8_bhq5"
+    --shapes 8192x4096x1024 --variants "$variants,fqt_fp8_e4m3"
 # Whole models with fewer variants: ResNet-18 alone took 120 s for six in the first runs.
 step train_step 100 $py benchmarks/train_step.py --device cuda --repeats 5 \
-    --models char_gpt,resnet18 --variants 'fp32,bf16*,fqt_simulate_psq5,fqt_int8_psq5_fused' \
+    --models char_gpt,resnet18 --variants 'fp32,bf16*,fqt_simulate_psq5_fused,fqt_int8_psq5_fused' \
     --json "$out/train_step.json"
 cat "$out/status.txt"

@@ -212,5 +212,5 @@ def test_int8_on_cuda_says_its_measured_speed_once(fresh_memo, caplog, monkeypat
             int8.say_speed(torch.device("cuda"))
     said = [r.getMessage() for r in caplog.records]
     assert said == [int8.CUDA_SPEED_NOTE]
-    assert "0.06-0.14x fp32" in said[0] and "docs/performance.md" in said[0]
-    assert "faster on Linear layers with PSQ" in said[0] and "BHQ (1.27x)" in said[0]
+    assert "0.05-0.14x fp32" in said[0] and "docs/performance.md" in said[0]
+    assert "0.63-1.27x simulate's step time on Linear layers" in said[0]

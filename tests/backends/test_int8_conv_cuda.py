@@ -58,18 +58,26 @@ CUDA_CONVS = {
 }
 
 
-def _in_float64(gemm):
-    """A :class:`ConvOps` product run in float64 and rounded once to the operands' dtype: on
-    simulate's quantized operands (exact in float32) it is the exact product of the codes."""
+def _in_float64(gemm, calls):
+    """A :class:`ConvOps` product run in float64 and rounded once to the operands' dtype (each
+    call appended to ``calls``): on simulate's dequantized operands, exact in float32, it is their
+    exact product, rounded once."""
 
-    def run(self, *tensors):
+    def run(self, *tensors, **options):
+        calls.append(gemm.__name__)
         wide = [t if t is None else t.double() for t in tensors]
-        return gemm(self, *wide).to(tensors[0].dtype)
+        result = gemm(self, *wide, **options)
+        if isinstance(result, tuple):
+            return tuple(r.to(tensors[0].dtype) for r in result)
+        return result.to(tensors[0].dtype)
 
     return run
 
 
-def _results(make, x, cfg, exact_simulate=True):
+FLOAT64_GEMMS = ("output", "grad_input", "grad_weight", "grad_bias", "grad_weight_and_bias")
+
+
+def _results(make, x, cfg, exact_simulate=False):
     """Each backend's output and gradients from the same layer, input and codes. With
     ``exact_simulate`` simulate's products run in float64: the reference for long reductions,
     where its float32 sums drift further from the exact product than int8's one rounding."""
@@ -82,13 +90,16 @@ def _results(make, x, cfg, exact_simulate=True):
         torch.manual_seed(0)
         layer = quantize_model(copy.deepcopy(base), cfg.replace(backend=backend))
         xi = x.clone().requires_grad_(True)
+        calls = []
         with pytest.MonkeyPatch.context() as patch:
             if exact_simulate and backend == "simulate":
-                for gemm in ("output", "grad_input", "grad_weight", "grad_bias"):
-                    patch.setattr(ConvOps, gemm, _in_float64(getattr(ConvOps, gemm)))
+                for gemm in FLOAT64_GEMMS:
+                    patch.setattr(ConvOps, gemm, _in_float64(getattr(ConvOps, gemm), calls))
             y = layer(xi)
             g = torch.randn(y.shape, generator=torch.Generator().manual_seed(9)).to(x.device)
             y.backward(g)
+        if exact_simulate and backend == "simulate":  # every product, none left in float32
+            assert sorted(calls) == ["grad_bias", "grad_input", "grad_weight", "output"], calls
         out[backend] = (y.detach(), xi.grad, *[p.grad for p in layer.parameters()])
     return out
 
@@ -129,7 +140,8 @@ def test_cuda_stem_falls_back_to_simulate_with_the_reason():
 
 def test_auto_keeps_cuda_convolutions_on_simulate(caplog):
     """``backend="auto"`` picks int8 for CUDA GEMMs but keeps convolutions on simulate there
-    (the int8 path took 1.6× its step time on an H200), saying so once; the CPU keeps its choice."""
+    (the int8 path took 1.5–1.75× its step time on an H200), saying so once; the CPU keeps
+    its choice."""
     from fqtorch.backends import auto
     from fqtorch.backends.notes import say_once
 
@@ -145,14 +157,22 @@ def test_auto_keeps_cuda_convolutions_on_simulate(caplog):
     assert auto.conv_backend("simulate", "cuda") == "simulate"
 
 
-@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
-def test_int8_conv_at_resnet_width(device):
+@pytest.mark.parametrize(
+    "path", ["cpu-qconv", "cpu-im2col", pytest.param("cuda", marks=pytest.mark.cuda)]
+)
+def test_int8_conv_at_resnet_width(path, monkeypatch):
     """A 64-channel 3×3 layer over 37,632 positions: its ``grad_input`` multiplies that many rows
     of k = 64 by the bordered weight, a shape cuBLASLt refused with a width of 8 mod 16 (576 + 8;
     NVIDIA H200, ``benchmarks/gpu_probe.py``). The border now makes it 592. The reference is
     simulate with float64 products: its float32 weight gradient, summed over the 37,632
-    positions, was off int8's by up to 2.3e-5 of its largest entry (H200, 2026-12-04; 6e-6 on
-    a Zen 4 CPU, which runs the same check on its own integer convolution)."""
+    positions, was off int8's by up to 2.3e-5 of its largest entry (H200, 2026-12-04; 6-9e-6 on
+    a Zen 4 CPU, by thread count). The CPU runs it on oneDNN's integer convolutions and, with
+    those refused, on CUDA's im2col + ``_int_mm`` path (its border 8 wide: 584)."""
+    device = path.split("-")[0]
+    if path == "cpu-im2col":
+        from fqtorch.backends import int8_qconv
+
+        monkeypatch.setattr(int8_qconv, "conv", lambda *args: None)
     x = torch.randn(12, 64, 56, 56, generator=torch.Generator().manual_seed(4)).to(device) + 0.3
     cfg = FQTConfig.preset("psq5", weight_quantizer="ptq", fused=False)
     with warnings.catch_warnings(record=True) as caught:

@@ -109,14 +109,14 @@ def resolve(plan: FQTPlan, device: torch.device) -> str:
 def conv_backend(resolved: str, device_type: str) -> str:
     """The backend ``backend="auto"`` runs a convolution on, given what :func:`resolve` chose:
     on CUDA, simulate (cuDNN's float convolutions) rather than int8, whose CUDA Conv2d path
-    (im2col + ``torch._int_mm``) took 1.6× simulate's step time on the one GPU measured (an
-    NVIDIA H200: docs/performance.md, "On a GPU: NVIDIA H200"); ``backend="int8"`` opts in.
-    Said once."""
+    (im2col + ``torch._int_mm``) took 1.5–1.75× simulate's step time on the one GPU measured
+    (an NVIDIA H200, in the same process: docs/performance.md, "On a GPU: NVIDIA H200");
+    ``backend="int8"`` opts in. Said once."""
     if resolved == "int8" and device_type == "cuda":
         say_once(
             "fqtorch backend='auto' on cuda: Conv2d layers stay on simulate (cuDNN); the int8 "
-            "im2col + torch._int_mm path took 1.6x its step time on the one GPU measured (an "
-            "NVIDIA H200; backend='int8' runs it)"
+            "im2col + torch._int_mm path took 1.5-1.75x its step time on the one GPU measured "
+            "(an NVIDIA H200; backend='int8' runs it)"
         )
         return "simulate"
     return resolved
