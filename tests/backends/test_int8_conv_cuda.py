@@ -168,17 +168,25 @@ def test_int8_conv_at_resnet_width(path, monkeypatch):
     positions, was off int8's by up to 2.3e-5 of its largest entry (H200, 2026-12-04; 6-9e-6 on
     a Zen 4 CPU, by thread count). The CPU runs it on oneDNN's integer convolutions and, with
     those refused, on CUDA's im2col + ``_int_mm`` path (its border 8 wide: 584)."""
-    device = path.split("-")[0]
-    if path == "cpu-im2col":
-        from fqtorch.backends import int8_qconv
+    from fqtorch.backends import int8_qconv
 
-        monkeypatch.setattr(int8_qconv, "conv", lambda *args: None)
+    device, ran, offer = path.split("-")[0], [], int8_qconv.conv
+    if path == "cpu-qconv" and int8_qconv.qconv_verdict() is not None:
+        pytest.skip(f"integer convolutions refused here: {int8_qconv.qconv_verdict()}")
+
+    def offered(*args):  # the CPU offers each layer to oneDNN first: record whether it took it
+        out = None if path == "cpu-im2col" else offer(*args)
+        ran.append(out is not None)
+        return out
+
+    monkeypatch.setattr(int8_qconv, "conv", offered)
     x = torch.randn(12, 64, 56, 56, generator=torch.Generator().manual_seed(4)).to(device) + 0.3
     cfg = FQTConfig.preset("psq5", weight_quantizer="ptq", fused=False)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         results = _results(lambda: nn.Conv2d(64, 64, 3, padding=1), x, cfg, exact_simulate=True)
     assert not [w for w in caught if "using the simulate backend" in str(w.message)]
+    assert ran == {"cpu-qconv": [True], "cpu-im2col": [False], "cuda": []}[path]
     for a, b in zip(results["simulate"], results["int8"], strict=True):
         torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6 * float(a.abs().max()))
 

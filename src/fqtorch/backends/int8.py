@@ -150,10 +150,10 @@ def cpu_speed_note(flags: frozenset[str] | None) -> str | None:
 # What the one GPU measured says (docs/performance.md, "On a GPU: NVIDIA H200").
 CUDA_SPEED_NOTE = (
     "fqtorch int8 backend on cuda: exact, but slower than float on the one GPU measured (an "
-    "NVIDIA H200: int8 training steps 0.05-0.14x fp32, int8 Conv2d steps 0.07-0.12x, the GPU "
-    "idle most of each step); against simulate, in the same process, it took 0.63-1.27x "
-    "simulate's step time on Linear layers (PSQ faster, fused BHQ slower) and 1.5-1.75x on "
-    "Conv2d; docs/performance.md, 'On a GPU: NVIDIA H200'"
+    "NVIDIA H200: whole-model int8 training steps 0.05-0.14x fp32, int8 Conv2d steps "
+    "0.07-0.12x, the GPU idle most of each step); against simulate (unfused) in the same "
+    "process it took 0.63-1.27x simulate's step time on Linear layers and 1.5-1.75x on Conv2d; "
+    "docs/performance.md, 'On a GPU: NVIDIA H200'"
 )
 
 
