@@ -101,6 +101,7 @@ def _resolve(device: torch.device, refusal: str | None) -> str:
     return backend
 
 
+@torch.compiler.disable  # host-side memo: traced, dynamo would skip its cache and ask again
 def resolve(plan: FQTPlan, device: torch.device) -> str:
     """The backend ``backend="auto"`` runs ``plan``'s layer calls on, on ``device``."""
     return _resolve(device, _plan_refusal(plan))

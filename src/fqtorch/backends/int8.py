@@ -77,6 +77,7 @@ __all__ = [
 INT8_CPU_FLAGS = ("amx_int8", "avx512_vnni")
 
 
+@torch.compiler.disable  # host-side memo: traced, dynamo would skip the cache and rerun the probe
 def int_mm_verdict(device_type: str = "cpu") -> str | None:
     """``None`` where ``torch._int_mm`` sums exactly on this machine's ``device_type`` devices,
     else why not: every int8 GEMM of this backend (Linear, and Conv2d on either path) would be
@@ -157,6 +158,7 @@ CUDA_SPEED_NOTE = (
 )
 
 
+@torch.compiler.disable  # host-side: read /proc/cpuinfo, log; nothing for a traced graph
 def say_speed(device: torch.device) -> None:
     """Say once per process, for a layer call on ``device``, what this backend costs there where
     it is slow: :func:`cpu_speed_note` on a CPU without int8 units, :data:`CUDA_SPEED_NOTE` on
@@ -703,6 +705,7 @@ class _Int8Linear(torch.autograd.Function):
         return grad_input, grad_weight, grad_bias, None, None
 
 
+@torch.compiler.disable  # host-side (the log line); called once per layer call
 def _compiled_path(plan: Any) -> bool:
     """Whether this layer call takes the compiled path: its quantizers are fused (``fused=True``,
     the default of ``backend="int8"``); said once per process, with why."""

@@ -120,6 +120,7 @@ def _qconv_raw(
     )  # fmt: skip
 
 
+@torch.compiler.disable  # host-side memo: traced, dynamo would skip the cache and probe again
 @functools.cache
 def qconv_verdict() -> str | None:
     """``None`` where oneDNN's int8 convolution sums exactly on this machine, else why not.
@@ -163,6 +164,7 @@ def fits_float32(w: Tensor, a_bits: int) -> bool:
     return 2 ** (a_bits - 1) * int(sums.max()) <= _EXACT_FLOAT32
 
 
+@torch.compiler.disable  # a memo of geometry: traced, dynamo would skip the cache and warn
 @functools.cache
 def window_in_padding(size: int, k: int, s: int, d: int, pad: int) -> bool:
     """Whether some output of a convolution along one axis (``size`` real positions, ``pad`` of
@@ -220,6 +222,7 @@ def _kernel(w: Tensor, sums: bool) -> Tensor:
     return out
 
 
+@torch.compiler.disable  # a host-side read: traced, it breaks the graph with a warning
 def has_zero_point(bias: Tensor) -> bool:
     """Whether the weight's per-tensor bias ``b_w`` is not zero: its receptive-field sums are
     needed. Read on the CPU (this module's kernels run there), where it costs no device wait."""
@@ -337,6 +340,7 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     return terms(main, sums, const, s_x * s_w, s_x * b_w)
 
 
+@torch.compiler.disable  # host-side, as window_in_padding
 @functools.cache  # every backward of a strided layer asks the same few geometries
 def axis_phases(
     k: int, s: int, d: int, pad: int, size: int, out: int

@@ -19,6 +19,15 @@ __all__ = ["compile_disabled", "say_once", "warn_once"]
 logger = logging.getLogger("fqtorch.backends")
 
 
+def _outside_tracing(memo):
+    """``memo`` (a :func:`functools.cache`) run eagerly when a compiled model calls it: traced,
+    dynamo would skip the cache and log or warn from inside the graph. ``cache_clear`` kept."""
+    run = torch.compiler.disable(memo)
+    run.cache_clear = memo.cache_clear
+    return run
+
+
+@_outside_tracing
 @functools.cache
 def say_once(message: str) -> None:
     """Log ``message`` at INFO the first time it is asked for: a process-wide memo of what was
@@ -27,6 +36,7 @@ def say_once(message: str) -> None:
     logger.info(message)
 
 
+@_outside_tracing
 @functools.cache
 def warn_once(message: str, category: type[Warning] = FQTWarning) -> None:
     """Warn ``message`` the first time it is asked for, attributed to the user's line. Python's
