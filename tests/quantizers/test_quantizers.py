@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -530,3 +531,17 @@ def test_transformed_bound_on_cuda_equals_cpu(inner, transform):
     cpu, cuda = q.variance_bound(x), q.variance_bound(x.cuda())
     assert cuda.device.type == "cuda"
     torch.testing.assert_close(cuda.cpu(), cpu, rtol=1e-9, atol=0)
+
+
+def test_decode_dtype_rule_is_result_type():
+    """``_decode`` decides in place or not from ``_result_dtype``, a traceable copy of
+    ``torch.result_type`` for floating tensors: the same dtype for every pair of float dtypes
+    and of 0-, 1- and 2-dim operands (a 0-dim float64 bias keeps float32 values float32).
+    Planted: ``promote_types`` alone fails."""
+    from fqtorch.quantizers.base import _result_dtype
+
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    for a_dtype, b_dtype, a_dim, b_dim in itertools.product(dtypes, dtypes, range(3), range(3)):
+        a = torch.zeros([2] * a_dim, dtype=a_dtype)
+        b = torch.zeros([2] * b_dim, dtype=b_dtype)
+        assert _result_dtype(a, b) == torch.result_type(a, b), (a_dtype, b_dtype, a_dim, b_dim)

@@ -87,9 +87,18 @@ def _decode(codes: Tensor, scale: Tensor, bias: Tensor) -> Tensor:
     # where scale or bias would widen the result's shape or dtype (the same values either way).
     values = codes.to(scale.dtype, copy=True)
     widens = torch.broadcast_shapes(codes.shape, scale.shape, bias.shape) != codes.shape
-    if widens or torch.result_type(values, bias) != values.dtype:
+    if widens or _result_dtype(values, bias) != values.dtype:
         return values * scale + bias
     return values.mul_(scale).add_(bias)
+
+
+def _result_dtype(a: Tensor, b: Tensor) -> torch.dtype:
+    """``torch.result_type(a, b)`` for floating tensors, from their dtypes and dimensions alone:
+    traceable (``torch.compile`` breaks its graph on ``result_type``). A 0-dim tensor beside a
+    dimensioned one of the same category takes the other's dtype."""
+    if (a.dim() == 0) == (b.dim() == 0):
+        return torch.promote_types(a.dtype, b.dtype)
+    return a.dtype if b.dim() == 0 else b.dtype
 
 
 _decode_fused = LazyCompiled(_decode)
