@@ -77,7 +77,7 @@ from .int8_conv import (
     encode_samples,
     taps_first_pays,
 )
-from .notes import say_once, warn_once
+from .notes import outside_tracing, say_once, warn_once
 
 __all__ = [
     "channel_chunk",
@@ -120,7 +120,7 @@ def _qconv_raw(
     )  # fmt: skip
 
 
-@torch.compiler.disable  # host-side memo: traced, dynamo would skip the cache and probe again
+@outside_tracing  # traced, dynamo would skip the cache and probe again
 @functools.cache
 def qconv_verdict() -> str | None:
     """``None`` where oneDNN's int8 convolution sums exactly on this machine, else why not.
@@ -164,7 +164,7 @@ def fits_float32(w: Tensor, a_bits: int) -> bool:
     return 2 ** (a_bits - 1) * int(sums.max()) <= _EXACT_FLOAT32
 
 
-@torch.compiler.disable  # a memo of geometry: traced, dynamo would skip the cache and warn
+@outside_tracing  # a memo of geometry: traced, dynamo would skip the cache and warn
 @functools.cache
 def window_in_padding(size: int, k: int, s: int, d: int, pad: int) -> bool:
     """Whether some output of a convolution along one axis (``size`` real positions, ``pad`` of
@@ -340,7 +340,7 @@ def _forward(x: QuantizedTensor, codes: Tensor, wc: Tensor, w: QuantizedTensor, 
     return terms(main, sums, const, s_x * s_w, s_x * b_w)
 
 
-@torch.compiler.disable  # host-side, as window_in_padding
+@outside_tracing  # as window_in_padding
 @functools.cache  # every backward of a strided layer asks the same few geometries
 def axis_phases(
     k: int, s: int, d: int, pad: int, size: int, out: int

@@ -14,20 +14,21 @@ import torch
 
 from ..quantizers.callers import FQTWarning, user_stacklevel
 
-__all__ = ["compile_disabled", "say_once", "warn_once"]
+__all__ = ["compile_disabled", "outside_tracing", "say_once", "warn_once"]
 
 logger = logging.getLogger("fqtorch.backends")
 
 
-def _outside_tracing(memo):
+def outside_tracing(memo):
     """``memo`` (a :func:`functools.cache`) run eagerly when a compiled model calls it: traced,
-    dynamo would skip the cache and log or warn from inside the graph. ``cache_clear`` kept."""
+    dynamo would skip the cache (warning about it) and log, warn or probe from inside the graph.
+    ``cache_clear`` and ``cache_info`` kept."""
     run = torch.compiler.disable(memo)
-    run.cache_clear = memo.cache_clear
+    run.cache_clear, run.cache_info = memo.cache_clear, memo.cache_info
     return run
 
 
-@_outside_tracing
+@outside_tracing
 @functools.cache
 def say_once(message: str) -> None:
     """Log ``message`` at INFO the first time it is asked for: a process-wide memo of what was
@@ -36,7 +37,7 @@ def say_once(message: str) -> None:
     logger.info(message)
 
 
-@_outside_tracing
+@outside_tracing
 @functools.cache
 def warn_once(message: str, category: type[Warning] = FQTWarning) -> None:
     """Warn ``message`` the first time it is asked for, attributed to the user's line. Python's
