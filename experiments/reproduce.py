@@ -136,8 +136,8 @@ TASKS = {
             "The char-GPT on 4 epochs of 250 steps, the schedule through commit 726aaeb, run as "
             "task `text` (the summaries' commands name that run directory). Superseded by the "
             "8-epoch `text` above: on 4 epochs QAT's curve had not flattened, and QAT seed 0 on "
-            "8 epochs ended 6.2% lower. Kept because its rows have more seeds than the 8-epoch "
-            "grid so far; its comparisons are of runs stopped while QAT was still improving."
+            "8 epochs ended 6.2% lower. Kept for the record (the plans were first compared "
+            "there); its comparisons are of runs stopped while QAT was still improving."
         ),
         plan_note=(
             "This is the char-GPT's second plan: the first (through commit 247c00d) had BHQ "
