@@ -724,7 +724,7 @@ def claim_lines(
 
     def runs_of(name: str) -> str:
         n = seeds.get(name, 3)
-        return f" ({n} seeds so far)" if n < 3 else ""
+        return f" ({n} seeds)" if n < 3 else ""
 
     by_name = {c.name: c for c in configs()}
     uniform = {

@@ -432,7 +432,7 @@ def test_the_comparison_and_the_claim(reproduce, monkeypatch):
     )
     grid["bhq3_w3"] = grid["bhq3_w3"][:2]  # two seeds: the claim says so
     text = "\n".join(reproduce.comparison(task, grid, plan))
-    assert "smallest matching is bhq3_w3 at 3.00 bits (2 seeds so far);" in text
+    assert "smallest matching is bhq3_w3 at 3.00 bits (2 seeds);" in text
     markdown = "\n".join(reproduce.planned(task, grid))
     assert "| b | 300 | psq5 |" in markdown
     assert (reproduce.FIGURES / "digits_adaptive_bits.png").stat().st_size > 0
